@@ -1,0 +1,25 @@
+"""w4a16moe: fast Mixture-of-Experts layers with 4-bit integer expert weights."""
+
+from .layout import (
+    PackedExperts,
+    PackedWeights,
+    load_packed,
+    pack_int4,
+    save_packed,
+    unpack_int4,
+)
+from .quantize import quantize_experts, quantize_weights, random_experts
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PackedExperts",
+    "PackedWeights",
+    "load_packed",
+    "pack_int4",
+    "quantize_experts",
+    "quantize_weights",
+    "random_experts",
+    "save_packed",
+    "unpack_int4",
+]

@@ -1,0 +1,162 @@
+"""Routing: top-k expert selection and the token -> expert sort used by the prefill kernel.
+
+Everything here runs on the tensors' device with no host synchronisation (no ``.item()``,
+no data-dependent shapes), so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+SCORINGS = ("softmax", "sigmoid")
+
+
+def fused_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool = True,
+    scoring: str = "softmax",
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select ``top_k`` experts per token.
+
+    Args:
+        router_logits: ``[M, E]`` router outputs.
+        top_k: experts per token.
+        renormalize: rescale the selected weights to sum to 1.
+        scoring: ``"softmax"`` (Mixtral, Qwen, DeepSeek-V2) or ``"sigmoid"`` (DeepSeek-V3).
+        num_expert_group, topk_group: grouped top-k (DeepSeek-V2/V3): experts are split into
+            ``num_expert_group`` groups, only the best ``topk_group`` groups are eligible.
+            A group's score is its best expert, or the sum of its best two when
+            ``correction_bias`` is given (DeepSeek-V3).
+        correction_bias: ``[E]`` added to the scores for *choosing* experts only; the returned
+            weights are the unbiased scores (DeepSeek-V3 ``e_score_correction_bias``).
+        routed_scaling_factor: multiplies the final weights.
+
+    Returns:
+        ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``.
+    """
+    if router_logits.dim() != 2:
+        raise ValueError(f"router_logits has shape {tuple(router_logits.shape)}; "
+                         "expected [M, E]")
+    m, e = router_logits.shape
+    if not 1 <= top_k <= e:
+        raise ValueError(f"top_k is {top_k}; expected 1 <= top_k <= E={e}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring is {scoring!r}; expected one of {SCORINGS}")
+    logits = router_logits.float()
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores
+    if correction_bias is not None:
+        if correction_bias.shape != (e,):
+            raise ValueError(f"correction_bias has shape {tuple(correction_bias.shape)}; "
+                             f"expected ({e},)")
+        choice = scores + correction_bias.to(scores.device, torch.float32)
+    if num_expert_group is not None and num_expert_group > 1:
+        if topk_group is None or not 1 <= topk_group <= num_expert_group:
+            raise ValueError(f"topk_group is {topk_group}; expected 1..{num_expert_group} "
+                             "with grouped top-k")
+        if e % num_expert_group:
+            raise ValueError(f"E={e} is not divisible by num_expert_group={num_expert_group}")
+        grouped = choice.view(m, num_expert_group, e // num_expert_group)
+        if correction_bias is not None:
+            group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(m, e)
+        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
+    topk_ids = choice.topk(top_k, dim=-1).indices
+    topk_weights = scores.gather(1, topk_ids)
+    if renormalize:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    if routed_scaling_factor != 1.0:
+        topk_weights = topk_weights * routed_scaling_factor
+    return topk_weights, topk_ids.to(torch.int32)
+
+
+class AlignedBlocks(NamedTuple):
+    """Output of :func:`align_block_size`.
+
+    sorted_token_ids: int32 ``[max_num_tokens_padded]``: flat (token, k) slot indices grouped
+        by expert, each expert's run padded to a multiple of ``block_size`` with the sentinel
+        ``M * top_k``.
+    expert_ids: int32 ``[max_num_blocks]``: the (local) expert of each block; -1 for a block
+        past the end or of an expert not on this rank.
+    num_tokens_post_padded: int32 ``[1]``: how many entries of ``sorted_token_ids`` are used.
+    """
+
+    sorted_token_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_tokens_post_padded: torch.Tensor
+
+
+def max_num_tokens_padded(num_slots: int, block_size: int, num_experts: int) -> int:
+    """Upper bound of the padded slot count: every expert may waste ``block_size - 1`` slots."""
+    bound = num_slots + num_experts * (block_size - 1)
+    return -(-bound // block_size) * block_size
+
+
+def align_block_size(
+    topk_ids: torch.Tensor,
+    block_size: int,
+    num_experts: int,
+    expert_map: torch.Tensor | None = None,
+) -> AlignedBlocks:
+    """Sort (token, k) slots by expert and pad each expert's run to ``block_size``.
+
+    Args:
+        topk_ids: ``[M, top_k]`` global expert ids.
+        block_size: rows per block of the grouped GEMM.
+        num_experts: number of global experts (ids are in ``[0, num_experts)``).
+        expert_map: optional int32 ``[num_experts]``: global id -> local id, -1 if the expert
+            is not on this rank (its blocks get expert id -1).
+
+    Shapes depend only on ``topk_ids.numel()``, ``block_size`` and ``num_experts``; nothing
+    is read back to the host.
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}; expected [M, top_k]")
+    if block_size <= 0:
+        raise ValueError(f"block_size is {block_size}; expected a positive int")
+    if expert_map is not None and expert_map.shape != (num_experts,):
+        raise ValueError(f"expert_map has shape {tuple(expert_map.shape)}; "
+                         f"expected ({num_experts},)")
+    device = topk_ids.device
+    num_slots = topk_ids.numel()
+    max_padded = max_num_tokens_padded(num_slots, block_size, num_experts)
+    max_blocks = max_padded // block_size
+
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_size - 1) // block_size * block_size
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    start = counts.cumsum(0) - counts
+
+    order = torch.sort(flat, stable=True).indices
+    sorted_experts = flat[order]
+    rank = torch.arange(num_slots, device=device, dtype=torch.int64)
+    dest = padded_start[sorted_experts] + (rank - start[sorted_experts])
+    sorted_token_ids = torch.full((max_padded,), num_slots, dtype=torch.int32, device=device)
+    sorted_token_ids.scatter_(0, dest, order.to(torch.int32))
+
+    block_starts = torch.arange(max_blocks, device=device, dtype=torch.int64) * block_size
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True)
+    used = block_starts < padded_end[-1] if num_experts else torch.zeros_like(block_starts, dtype=torch.bool)
+    block_expert = block_expert.clamp(max=max(num_experts - 1, 0))
+    if expert_map is not None:
+        local = expert_map.to(device=device, dtype=torch.int64)[block_expert]
+    else:
+        local = block_expert
+    expert_ids = torch.where(used, local, torch.full_like(local, -1)).to(torch.int32)
+    total = padded_end[-1:].to(torch.int32) if num_experts else torch.zeros(1, dtype=torch.int32,
+                                                                              device=device)
+    return AlignedBlocks(sorted_token_ids, expert_ids, total)

@@ -5,6 +5,7 @@ from .layout import (
     PackedWeights,
     load_packed,
     pack_int4,
+    packed_file_metadata,
     save_packed,
     unpack_int4,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "PackedWeights",
     "load_packed",
     "pack_int4",
+    "packed_file_metadata",
     "quantize_experts",
     "quantize_weights",
     "random_experts",

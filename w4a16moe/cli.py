@@ -10,6 +10,7 @@ import sys
 #: ``func(args) -> int`` runs the command. Modules import torch lazily inside ``func``.
 COMMAND_MODULES = (
     "w4a16moe.info",
+    "w4a16moe.formats.cli",
 )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -31,46 +32,64 @@ SHUFFLE_SHIFTS = tuple((j // 2) * 4 + (j % 2) * 16 for j in range(PACK_FACTOR))
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 FORMAT_VERSION = "1"
+#: metadata keys that :func:`save_packed` owns (``extra_metadata`` may not set them)
+RESERVED_METADATA_KEYS = ("format", "format_version", "layers")
+_DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _checks_values(*tensors: torch.Tensor | None) -> bool:
+    """Whether value checks (which read data back to the host) may run on these tensors:
+    not on the ``meta`` device and not while a CUDA graph is being captured."""
+    if any(t is not None and t.device.type == "meta" for t in tensors):
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def pack_int4(values: torch.Tensor) -> torch.Tensor:
     """Pack unsigned 4-bit values ``[..., N, K]`` (any integer dtype, 0..15) into int32
-    ``[..., N, K/8]`` in ExLlama shuffle order."""
-    if values.dtype.is_floating_point or values.dtype == torch.bool:
+    ``[..., N, K/8]`` in ExLlama shuffle order (value ``j`` of a word at bit
+    ``(j // 2) * 4 + (j % 2) * 16``)."""
+    if not isinstance(values, torch.Tensor):
+        raise ValueError(f"values is a {type(values).__name__}; expected a torch.Tensor")
+    if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
         raise ValueError(f"values has dtype {values.dtype}; expected an integer dtype")
     if values.dim() < 1 or values.shape[-1] % PACK_FACTOR != 0:
         raise ValueError(
             f"values has shape {_shape(values)}; expected the last dimension (K) to be a "
             f"multiple of {PACK_FACTOR}"
         )
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) > 15):
-        raise ValueError(
-            f"values range over [{int(values.min())}, {int(values.max())}]; expected 0..15"
-        )
-    v = values.to(torch.int64).reshape(*values.shape[:-1], -1, PACK_FACTOR)
+    if values.numel() and _checks_values(values):
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi > 15:
+            raise ValueError(f"values range over [{lo}, {hi}]; expected 0..15 (4 bits)")
+    words = values.shape[-1] // PACK_FACTOR
+    v = values.to(torch.int64).reshape(*values.shape[:-1], words, PACK_FACTOR)
     word = torch.zeros(v.shape[:-1], dtype=torch.int64, device=values.device)
     for j, shift in enumerate(SHUFFLE_SHIFTS):
         word |= v[..., j] << shift
-    # reinterpret the unsigned 32-bit word as int32
+    # reinterpret the unsigned 32-bit word as int32 (two's complement)
     word = torch.where(word >= 2**31, word - 2**32, word)
     return word.to(torch.int32)
 
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int32 ``[..., N, K/8]`` -> uint8 ``[..., N, K]``."""
-    if qweight.dtype != torch.int32:
-        raise ValueError(f"qweight has dtype {qweight.dtype}; expected torch.int32")
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32:
+        found = getattr(qweight, "dtype", type(qweight).__name__)
+        raise ValueError(f"qweight has dtype {found}; expected torch.int32")
+    if qweight.dim() < 1:
+        raise ValueError(f"qweight has shape {_shape(qweight)}; expected at least 1 dim")
     w = qweight.to(torch.int64) & 0xFFFFFFFF
     parts = [(w >> shift) & 0xF for shift in SHUFFLE_SHIFTS]
     out = torch.stack(parts, dim=-1)
     return out.reshape(*qweight.shape[:-1], qweight.shape[-1] * PACK_FACTOR).to(torch.uint8)
 
 
-@dataclass
+@dataclass(eq=False)
 class PackedWeights:
     """One int4 projection for all experts: ``y[e] = x @ W[e].T`` with ``W[e]`` ``[N, K]``.
 
@@ -80,6 +99,12 @@ class PackedWeights:
         zeros: optional uint8 ``[E, N, K/G]`` zero points (0..15); None means symmetric (8).
         perm: optional int32 ``[E, K]`` act-order permutation of the activations.
         group_size: G; equal to K for per-channel quantization.
+        name: used in error messages (``w13``, ``w2``); not part of the data.
+
+    Construction validates shapes, dtypes and devices, and (except on the ``meta`` device or
+    during CUDA graph capture) that ``zeros`` are in 0..15 and each ``perm[e]`` is a
+    permutation of ``0..K-1``; every error is a ``ValueError`` naming the tensor.
+    Equality is identity (tensors have no single truth value).
     """
 
     qweight: torch.Tensor
@@ -136,8 +161,10 @@ class PackedWeights:
             )
         e, rows, words = self.qweight.shape
         k = words * PACK_FACTOR
+        if k == 0:
+            raise ValueError(f"{n}.qweight has shape {_shape(self.qweight)}; expected K/8 >= 1")
         g = self.group_size
-        if not isinstance(g, int) or g <= 0:
+        if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
             raise ValueError(f"{n}.group_size is {g!r}; expected a positive int")
         if g != k and g not in SUPPORTED_GROUP_SIZES:
             raise ValueError(
@@ -153,13 +180,15 @@ class PackedWeights:
         if _shape(self.scales) != expected:
             raise ValueError(f"{n}.scales has shape {_shape(self.scales)}; expected {expected}")
         if self.zeros is not None:
-            if self.zeros.dtype != torch.uint8:
-                raise ValueError(f"{n}.zeros has dtype {self.zeros.dtype}; expected torch.uint8")
+            if not isinstance(self.zeros, torch.Tensor) or self.zeros.dtype != torch.uint8:
+                found = getattr(self.zeros, "dtype", type(self.zeros).__name__)
+                raise ValueError(f"{n}.zeros has dtype {found}; expected torch.uint8")
             if _shape(self.zeros) != expected:
                 raise ValueError(f"{n}.zeros has shape {_shape(self.zeros)}; expected {expected}")
         if self.perm is not None:
-            if self.perm.dtype != torch.int32:
-                raise ValueError(f"{n}.perm has dtype {self.perm.dtype}; expected torch.int32")
+            if not isinstance(self.perm, torch.Tensor) or self.perm.dtype != torch.int32:
+                found = getattr(self.perm, "dtype", type(self.perm).__name__)
+                raise ValueError(f"{n}.perm has dtype {found}; expected torch.int32")
             if _shape(self.perm) != (e, k):
                 raise ValueError(f"{n}.perm has shape {_shape(self.perm)}; expected {(e, k)}")
         for t_name in ("scales", "zeros", "perm"):
@@ -168,6 +197,20 @@ class PackedWeights:
                 raise ValueError(
                     f"{n}.{t_name} is on {t.device}; expected {self.qweight.device} "
                     "(the device of qweight)"
+                )
+        if not _checks_values(self.qweight):
+            return
+        if self.zeros is not None and self.zeros.numel():
+            zmax = int(self.zeros.max())
+            if zmax > 15:
+                raise ValueError(f"{n}.zeros has a value {zmax}; expected 0..15 (4 bits)")
+        if self.perm is not None and self.perm.numel():
+            ident = torch.arange(k, dtype=torch.int32, device=self.perm.device)
+            bad = (self.perm.sort(dim=-1).values != ident).any(dim=-1)
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"{n}.perm[{first}] is not a permutation of 0..{k - 1} (K={k})"
                 )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
@@ -189,7 +232,10 @@ class PackedWeights:
                        perm=c(self.perm))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Float ``[E, N, K]`` weights in the activations' (unpermuted) K order."""
+        """Float ``[E, N, K]`` weights in the activations' (unpermuted) K order:
+        ``W[e, n, perm[e, k]] = (q[e, n, k] - z[e, n, k // G]) * s[e, n, k // G]``."""
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype is {dtype}; expected a floating-point dtype")
         q = unpack_int4(self.qweight).to(dtype)
         g = self.group_size
         scales = self.scales.to(dtype).repeat_interleave(g, dim=-1)
@@ -222,11 +268,13 @@ class PackedWeights:
         return out
 
 
-@dataclass
+@dataclass(eq=False)
 class PackedExperts:
     """All experts of one MoE layer in the packed layout.
 
-    ``w13``: ``[E, 2*I, H/8]`` (gate rows first, then up); ``w2``: ``[E, H, I/8]``.
+    ``w13``: ``[E, 2*I, H/8]`` (gate rows first, then up); ``w2``: ``[E, H, I/8]``; both with
+    scales of ``dtype`` (the activations' dtype) and on one device. Validated on construction
+    (``ValueError`` naming the tensor, the expected and the found value). Equality is identity.
     """
 
     w13: PackedWeights
@@ -237,26 +285,38 @@ class PackedExperts:
     dtype: torch.dtype = torch.bfloat16
 
     def __post_init__(self) -> None:
+        for name in ("w13", "w2"):
+            if not isinstance(getattr(self, name), PackedWeights):
+                raise ValueError(f"{name} is a {type(getattr(self, name)).__name__}; "
+                                 "expected PackedWeights")
         self.w13.name = "w13"
         self.w2.name = "w2"
         self.validate()
 
     def validate(self) -> None:
+        for attr in ("num_experts", "hidden_size", "intermediate_size"):
+            v = getattr(self, attr)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{attr} is {v!r}; expected a non-negative int")
+        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+        if h <= 0 or i <= 0 or h % PACK_FACTOR or i % PACK_FACTOR:
+            raise ValueError(
+                f"hidden_size={h} and intermediate_size={i}; expected positive multiples of "
+                f"{PACK_FACTOR}"
+            )
         self.w13.validate()
         self.w2.validate()
-        e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
         exp13 = (e, 2 * i, h // PACK_FACTOR)
         exp2 = (e, h, i // PACK_FACTOR)
-        if h % PACK_FACTOR or i % PACK_FACTOR:
-            raise ValueError(
-                f"hidden_size={h} and intermediate_size={i} must be multiples of {PACK_FACTOR}"
-            )
         if _shape(self.w13.qweight) != exp13:
             raise ValueError(
-                f"w13.qweight has shape {_shape(self.w13.qweight)}; expected {exp13}"
+                f"w13.qweight has shape {_shape(self.w13.qweight)}; expected {exp13} "
+                "[E, 2*I, H/8]"
             )
         if _shape(self.w2.qweight) != exp2:
-            raise ValueError(f"w2.qweight has shape {_shape(self.w2.qweight)}; expected {exp2}")
+            raise ValueError(
+                f"w2.qweight has shape {_shape(self.w2.qweight)}; expected {exp2} [E, H, I/8]"
+            )
         if self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype is {self.dtype}; expected torch.float16 or torch.bfloat16")
         for p in (self.w13, self.w2):
@@ -324,7 +384,11 @@ class PackedExperts:
             )
 
         try:
-            dtype = getattr(torch, str(meta["dtype"]))
+            dtype_name = str(meta["dtype"])
+            if dtype_name not in _DTYPE_NAMES:
+                raise ValueError(f"packed experts metadata has dtype {dtype_name!r}; expected "
+                                 f"one of {tuple(_DTYPE_NAMES)}")
+            dtype = _DTYPE_NAMES[dtype_name]
             return cls(w13=weights("w13"), w2=weights("w2"), num_experts=int(meta["num_experts"]),
                        hidden_size=int(meta["hidden_size"]),
                        intermediate_size=int(meta["intermediate_size"]), dtype=dtype)
@@ -332,25 +396,58 @@ class PackedExperts:
             raise ValueError(f"packed experts metadata lacks {exc.args[0]!r}") from None
 
 
+def _tensor_names(prefix: str, experts: PackedExperts) -> list[str]:
+    return list(experts.state_dict(prefix))
+
+
 def save_packed(path: str | os.PathLike, layers: dict[int, PackedExperts],
                 extra_metadata: dict[str, str] | None = None) -> None:
     """Write MoE layers (layer index -> experts) to one safetensors file with metadata.
 
-    Written to a temporary name and renamed, so an interrupted save leaves nothing behind.
+    Tensors are named ``layers.{idx}.w13.qweight`` (``.scales``, ``.zeros``, ``.perm``) and
+    likewise for ``w2``; the file metadata holds ``format="w4a16moe"``, ``format_version``
+    and ``layers`` (JSON: per layer sizes, dtype, group sizes) plus ``extra_metadata``
+    (str -> str; may not use the keys in ``RESERVED_METADATA_KEYS``). Tensors may live on any
+    device, be non-contiguous, or share memory (the same experts saved under two indices).
+    Written to a temporary name in the same folder and renamed, so an interrupted save leaves
+    no file behind (and an existing file at ``path`` untouched).
     """
     from safetensors.torch import save_file
 
+    if not isinstance(layers, dict):
+        raise ValueError(f"layers is a {type(layers).__name__}; expected a dict "
+                         "{layer index: PackedExperts}")
+    for idx, experts in layers.items():
+        if isinstance(idx, bool) or not isinstance(idx, int) or idx < 0:
+            raise ValueError(f"layers has key {idx!r}; expected a non-negative int layer index")
+        if not isinstance(experts, PackedExperts):
+            raise ValueError(f"layers[{idx}] is a {type(experts).__name__}; "
+                             "expected PackedExperts")
+    extra = dict(extra_metadata or {})
+    for key, value in extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"extra_metadata has {key!r}: {value!r}; expected str -> str")
+        if key in RESERVED_METADATA_KEYS:
+            raise ValueError(f"extra_metadata sets {key!r}; the keys {RESERVED_METADATA_KEYS} "
+                             "belong to the file format")
+
     tensors: dict[str, torch.Tensor] = {}
+    seen_storage: set[tuple[str, int]] = set()
     layer_meta: dict[str, object] = {}
     for idx, experts in sorted(layers.items()):
-        tensors.update({k: v.contiguous().cpu()
-                        for k, v in experts.state_dict(f"layers.{idx}.").items()})
+        for name, t in experts.state_dict(f"layers.{idx}.").items():
+            t = t.detach().to("cpu").contiguous()
+            key = (str(t.device), t.untyped_storage().data_ptr())
+            if key in seen_storage and t.numel():
+                t = t.clone()  # safetensors refuses tensors that share memory
+            seen_storage.add(key)
+            tensors[name] = t
         layer_meta[str(idx)] = experts.metadata()
     meta = {"format": "w4a16moe", "format_version": FORMAT_VERSION,
             "layers": json.dumps(layer_meta)}
-    meta.update(extra_metadata or {})
+    meta.update(extra)
     path = os.fspath(path)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
@@ -359,27 +456,64 @@ def save_packed(path: str | os.PathLike, layers: dict[int, PackedExperts],
             os.remove(tmp)
 
 
+def _read_metadata(f: Any, path: str) -> dict[str, str]:
+    meta = f.metadata() or {}
+    if meta.get("format") != "w4a16moe":
+        raise ValueError(
+            f"{path} is not a w4a16moe packed file (metadata format={meta.get('format')!r}; "
+            "expected 'w4a16moe')"
+        )
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {meta.get('format_version')!r}; this "
+                         f"version of w4a16moe reads {FORMAT_VERSION!r}")
+    return dict(meta)
+
+
+def packed_file_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a file written by :func:`save_packed` (format keys and
+    ``extra_metadata``), without reading tensors. ``ValueError`` for other files."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return _read_metadata(f, path)
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as exc:  # safetensors raises its own error type for corrupt files
+        raise ValueError(f"cannot read packed experts from {path}: {exc}") from exc
+
+
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu"
                 ) -> dict[int, PackedExperts]:
-    """Read a file written by :func:`save_packed`."""
+    """Read a file written by :func:`save_packed` onto ``device``.
+
+    Raises ``FileNotFoundError`` if ``path`` does not exist and ``ValueError`` naming the file
+    if it is truncated or corrupt, not a w4a16moe file, or holds inconsistent tensors.
+    """
     from safetensors import safe_open
 
     path = os.fspath(path)
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != "w4a16moe":
-                raise ValueError(
-                    f"{path} is not a w4a16moe packed file (metadata format="
-                    f"{meta.get('format')!r}; expected 'w4a16moe')"
-                )
+            meta = _read_metadata(f, path)
             layer_meta = json.loads(meta["layers"])
+            if not isinstance(layer_meta, dict):
+                raise ValueError("metadata 'layers' is not a JSON object")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        out: dict[int, PackedExperts] = {}
+        used: set[str] = set()
+        for idx, m in layer_meta.items():
+            prefix = f"layers.{int(idx)}."
+            out[int(idx)] = experts = PackedExperts.from_state_dict(tensors, m, prefix=prefix)
+            used.update(_tensor_names(prefix, experts))
+        unknown = sorted(set(tensors) - used)
+        if unknown:
+            raise ValueError(f"tensors {unknown[:5]} belong to no layer in the metadata")
+        return out
     except FileNotFoundError:
         raise
-    except ValueError:
-        raise
     except Exception as exc:  # safetensors raises its own error type for corrupt files
+        if isinstance(exc, ValueError) and path in str(exc):
+            raise
         raise ValueError(f"cannot read packed experts from {path}: {exc}") from exc
-    return {int(idx): PackedExperts.from_state_dict(tensors, m, prefix=f"layers.{idx}.")
-            for idx, m in layer_meta.items()}

@@ -36,33 +36,45 @@ def fused_topk(
             ``correction_bias`` is given (DeepSeek-V3).
         correction_bias: ``[E]`` added to the scores for *choosing* experts only; the returned
             weights are the unbiased scores (DeepSeek-V3 ``e_score_correction_bias``).
+            Experts of groups that were not chosen are never selected.
         routed_scaling_factor: multiplies the final weights.
 
     Returns:
         ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``.
     """
-    if router_logits.dim() != 2:
-        raise ValueError(f"router_logits has shape {tuple(router_logits.shape)}; "
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+        raise ValueError(f"router_logits has shape {tuple(getattr(router_logits, 'shape', ()))}; "
                          "expected [M, E]")
     m, e = router_logits.shape
-    if not 1 <= top_k <= e:
-        raise ValueError(f"top_k is {top_k}; expected 1 <= top_k <= E={e}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= e:
+        raise ValueError(f"top_k is {top_k!r}; expected an int with 1 <= top_k <= E={e}")
     if scoring not in SCORINGS:
         raise ValueError(f"scoring is {scoring!r}; expected one of {SCORINGS}")
-    logits = router_logits.float()
-    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
-    choice = scores
-    if correction_bias is not None:
-        if correction_bias.shape != (e,):
-            raise ValueError(f"correction_bias has shape {tuple(correction_bias.shape)}; "
-                             f"expected ({e},)")
-        choice = scores + correction_bias.to(scores.device, torch.float32)
-    if num_expert_group is not None and num_expert_group > 1:
+    grouped_topk = num_expert_group is not None and num_expert_group > 1
+    if num_expert_group is not None and num_expert_group < 1:
+        raise ValueError(f"num_expert_group is {num_expert_group}; expected >= 1 or None")
+    if grouped_topk:
         if topk_group is None or not 1 <= topk_group <= num_expert_group:
             raise ValueError(f"topk_group is {topk_group}; expected 1..{num_expert_group} "
                              "with grouped top-k")
         if e % num_expert_group:
             raise ValueError(f"E={e} is not divisible by num_expert_group={num_expert_group}")
+        eligible = topk_group * (e // num_expert_group)
+        if top_k > eligible:
+            raise ValueError(f"top_k is {top_k}; expected <= topk_group * E / num_expert_group "
+                             f"= {eligible} (the experts of the chosen groups)")
+    logits = router_logits.float()
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores
+    if correction_bias is not None:
+        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (e,):
+            found = tuple(getattr(correction_bias, "shape", ()))
+            raise ValueError(f"correction_bias has shape {found}; expected ({e},)")
+        if correction_bias.device != router_logits.device:
+            raise ValueError(f"correction_bias is on {correction_bias.device}; expected "
+                             f"{router_logits.device} (the device of router_logits)")
+        choice = scores + correction_bias.to(torch.float32)
+    if grouped_topk:
         grouped = choice.view(m, num_expert_group, e // num_expert_group)
         if correction_bias is not None:
             group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)
@@ -115,19 +127,38 @@ def align_block_size(
         topk_ids: ``[M, top_k]`` global expert ids.
         block_size: rows per block of the grouped GEMM.
         num_experts: number of global experts (ids are in ``[0, num_experts)``).
-        expert_map: optional int32 ``[num_experts]``: global id -> local id, -1 if the expert
-            is not on this rank (its blocks get expert id -1).
+        expert_map: optional int32/int64 ``[num_experts]`` on ``topk_ids``' device: global id
+            -> local id, -1 if the expert is not on this rank (its blocks get expert id -1;
+            its slots are still listed in ``sorted_token_ids``).
+
+    Returns:
+        :class:`AlignedBlocks`; within an expert the slots keep their flat (token-major)
+        order. ``sorted_token_ids`` has ``max_num_tokens_padded(M * top_k, block_size,
+        num_experts)`` entries and ``expert_ids`` that divided by ``block_size``.
 
     Shapes depend only on ``topk_ids.numel()``, ``block_size`` and ``num_experts``; nothing
-    is read back to the host.
+    is read back to the host (ids outside ``[0, num_experts)`` are not checked: on CPU they
+    raise in ``scatter_add_``, on a GPU they are undefined behaviour).
     """
-    if topk_ids.dim() != 2:
-        raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}; expected [M, top_k]")
-    if block_size <= 0:
-        raise ValueError(f"block_size is {block_size}; expected a positive int")
-    if expert_map is not None and expert_map.shape != (num_experts,):
-        raise ValueError(f"expert_map has shape {tuple(expert_map.shape)}; "
-                         f"expected ({num_experts},)")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids has shape {tuple(getattr(topk_ids, 'shape', ()))}; "
+                         "expected [M, top_k]")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids has dtype {topk_ids.dtype}; expected torch.int32 or int64")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size is {block_size!r}; expected a positive int")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
+        raise ValueError(f"num_experts is {num_experts!r}; expected a positive int")
+    if expert_map is not None:
+        if not isinstance(expert_map, torch.Tensor) or expert_map.shape != (num_experts,):
+            raise ValueError(f"expert_map has shape {tuple(getattr(expert_map, 'shape', ()))}; "
+                             f"expected ({num_experts},)")
+        if expert_map.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"expert_map has dtype {expert_map.dtype}; expected torch.int32 "
+                             "or int64")
+        if expert_map.device != topk_ids.device:
+            raise ValueError(f"expert_map is on {expert_map.device}; expected "
+                             f"{topk_ids.device} (the device of topk_ids)")
     device = topk_ids.device
     num_slots = topk_ids.numel()
     max_padded = max_num_tokens_padded(num_slots, block_size, num_experts)
@@ -150,13 +181,12 @@ def align_block_size(
 
     block_starts = torch.arange(max_blocks, device=device, dtype=torch.int64) * block_size
     block_expert = torch.searchsorted(padded_end, block_starts, right=True)
-    used = block_starts < padded_end[-1] if num_experts else torch.zeros_like(block_starts, dtype=torch.bool)
-    block_expert = block_expert.clamp(max=max(num_experts - 1, 0))
+    used = block_starts < padded_end[-1]
+    block_expert = block_expert.clamp(max=num_experts - 1)
     if expert_map is not None:
-        local = expert_map.to(device=device, dtype=torch.int64)[block_expert]
+        local = expert_map.to(torch.int64)[block_expert]
     else:
         local = block_expert
     expert_ids = torch.where(used, local, torch.full_like(local, -1)).to(torch.int32)
-    total = padded_end[-1:].to(torch.int32) if num_experts else torch.zeros(1, dtype=torch.int32,
-                                                                              device=device)
+    total = padded_end[-1:].to(torch.int32)
     return AlignedBlocks(sorted_token_ids, expert_ids, total)

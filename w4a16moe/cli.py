@@ -11,6 +11,7 @@ import sys
 COMMAND_MODULES = (
     "w4a16moe.info",
     "w4a16moe.formats.cli",
+    "w4a16moe.bench.cli",
 )
 
 

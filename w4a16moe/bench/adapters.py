@@ -1,0 +1,35 @@
+"""Adapters giving library entry points the benchmark path signature
+``fn(hidden_states, experts, topk_weights, topk_ids, *, activation) -> [M, H]``.
+
+Importing this module imports :mod:`w4a16moe.experts`; when that fails, the paths that use it
+are reported unavailable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..experts import HybridW4A16MoEExperts
+from ..layout import PackedExperts
+
+#: one module per (weights, top_k, activation), so workspaces are reused across calls and
+#: allocated in the warm-up before CUDA graph capture; emptied by :func:`clear_caches`
+_HYBRID: dict[tuple[int, int, str], tuple[PackedExperts, HybridW4A16MoEExperts]] = {}
+
+
+def hybrid_moe(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights: torch.Tensor,
+               topk_ids: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
+    """:class:`~w4a16moe.experts.HybridW4A16MoEExperts` (decode or prefill kernel chosen by
+    the token count) as a benchmark path."""
+    key = (id(experts), topk_ids.shape[1], activation)
+    entry = _HYBRID.get(key)
+    if entry is None or entry[0] is not experts:
+        entry = (experts, HybridW4A16MoEExperts(experts, topk_ids.shape[1],
+                                                activation=activation))
+        _HYBRID[key] = entry
+    return entry[1](hidden_states, topk_weights, topk_ids)
+
+
+def clear_caches() -> None:
+    """Drop the cached modules (and with them their weights and workspaces)."""
+    _HYBRID.clear()

@@ -9,11 +9,13 @@ from .layout import (
     save_packed,
     unpack_int4,
 )
+from .experts import HybridW4A16MoEExperts
 from .quantize import quantize_experts, quantize_weights, random_experts
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HybridW4A16MoEExperts",
     "PackedExperts",
     "PackedWeights",
     "load_packed",

@@ -12,6 +12,9 @@ COMMAND_MODULES = (
     "w4a16moe.info",
     "w4a16moe.formats.cli",
     "w4a16moe.bench.cli",
+    "w4a16moe.profiling.cli",
+    "w4a16moe.profile",
+    "w4a16moe.kernels.tune",
 )
 
 

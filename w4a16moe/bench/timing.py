@@ -258,4 +258,12 @@ def measure_device(device: str | torch.device | None = None, refresh: bool = Fal
         gbps, read_method = measure_read_bandwidth(device)
         tflops, mm_method = measure_matmul_rate(device, dtype=dtype)
         _RATES[key] = DeviceRates(device_name(device), gbps, tflops, read_method, mm_method)
+        if device.type == "cuda":
+            # remembered for `w4a16moe profile-bandwidth`'s "% of peak" column
+            from ..profiling.bandwidth import save_peak_bandwidth
+
+            try:
+                save_peak_bandwidth(device_name(device), gbps)
+            except OSError:
+                pass  # a read-only home directory only loses the default peak
     return _RATES[key]

@@ -1,0 +1,170 @@
+"""HybridW4A16MoEExperts: both paths against the reference, threshold choice, annotations."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+from w4a16moe import HybridW4A16MoEExperts, random_experts
+from w4a16moe import experts as experts_mod
+from w4a16moe.reference import moe_reference
+from w4a16moe.routing import fused_topk
+
+DTYPES = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def _layer(e=5, h=64, i=96, g=32, symmetric=True, act_order=False, dtype=torch.float16,
+           seed=0):
+    return random_experts(e, h, i, group_size=g, symmetric=symmetric, act_order=act_order,
+                          dtype=dtype, device=DEVICE, seed=seed)
+
+
+def _routing(m, e, top_k):
+    logits = torch.randn(m, e, device=DEVICE)
+    return fused_topk(logits, top_k)
+
+
+def _check(out, ref, dtype):
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs().max().item()
+    scale = ref.abs().max().item() + 1e-6
+    tol = 2e-2 if dtype == torch.float16 else 4e-2
+    assert err <= tol * scale, f"max abs err {err} vs scale {scale}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric,act_order", [(True, False), (False, True)])
+@pytest.mark.parametrize("m", [1, 5])
+def test_forced_paths_agree_with_reference(dtype, symmetric, act_order, m):
+    ex = _layer(symmetric=symmetric, act_order=act_order, dtype=dtype)
+    moe = HybridW4A16MoEExperts(ex, top_k=2)
+    x = torch.randn(m, ex.hidden_size, device=DEVICE, dtype=dtype)
+    tw, ti = _routing(m, ex.num_experts, 2)
+    ref = moe_reference(x, ex, tw, ti, round_intermediate=True)
+    outs = {}
+    for path in ("decode", "prefill"):
+        outs[path] = moe(x, tw, ti, path=path)
+        _check(outs[path], ref, dtype)
+    _check(outs["decode"], outs["prefill"].float(), dtype)
+
+
+def test_threshold_picks_path_and_argument_overrides():
+    ex = _layer()
+    moe = HybridW4A16MoEExperts(ex, top_k=2, decode_threshold=3)
+    assert moe.choose_path(1) == "decode"
+    assert moe.choose_path(3) == "decode"
+    assert moe.choose_path(4) == "prefill"
+    default = HybridW4A16MoEExperts(ex, top_k=2)
+    if not ON_GPU:  # no measured threshold exists for a CPU
+        assert default.decode_threshold == experts_mod.DEFAULT_DECODE_THRESHOLD
+
+
+def test_hybrid_auto_path_matches_reference_on_both_sides():
+    ex = _layer(e=4, h=64, i=64)
+    moe = HybridW4A16MoEExperts(ex, top_k=2, decode_threshold=2, activation="gelu")
+    for m in (2, 3):
+        x = torch.randn(m, 64, device=DEVICE, dtype=torch.float16)
+        tw, ti = _routing(m, 4, 2)
+        ref = moe_reference(x, ex, tw, ti, activation="gelu", round_intermediate=True)
+        out = torch.full((m, 64), float("nan"), device=DEVICE, dtype=torch.float16)
+        moe(x, tw, ti, out=out)
+        _check(out, ref, torch.float16)
+
+
+def test_forward_logits_routes_like_fused_topk():
+    ex = _layer(e=4)
+    moe = HybridW4A16MoEExperts(ex, top_k=2)
+    x = torch.randn(3, 64, device=DEVICE, dtype=torch.float16)
+    logits = torch.randn(3, 4, device=DEVICE)
+    tw, ti = fused_topk(logits, 2, renormalize=False)
+    ref = moe_reference(x, ex, tw, ti, round_intermediate=True)
+    _check(moe.forward_logits(x, logits, renormalize=False), ref, torch.float16)
+
+
+def test_expert_map_and_router_weight_on_input():
+    ex = _layer(e=3)
+    # 6 global experts; this rank holds globals 1, 3, 4 as locals 0, 1, 2
+    emap = torch.tensor([-1, 0, -1, 1, 2, -1], dtype=torch.int32, device=DEVICE)
+    moe = HybridW4A16MoEExperts(ex, top_k=1, expert_map=emap, apply_router_weight_on_input=True)
+    x = torch.randn(6, 64, device=DEVICE, dtype=torch.float16)
+    tw, ti = _routing(6, 6, 1)
+    ref = moe_reference(x, ex, tw, ti, expert_map=emap, apply_router_weight_on_input=True,
+                        round_intermediate=True)
+    for path in ("decode", "prefill"):
+        _check(moe(x, tw, ti, path=path), ref, torch.float16)
+
+
+def test_zero_tokens():
+    moe = HybridW4A16MoEExperts(_layer(), top_k=2)
+    x = torch.empty(0, 64, device=DEVICE, dtype=torch.float16)
+    ti = torch.empty(0, 2, dtype=torch.int32, device=DEVICE)
+    tw = torch.empty(0, 2, device=DEVICE)
+    assert moe(x, tw, ti).shape == (0, 64)
+
+
+def test_workspaces_are_reused():
+    moe = HybridW4A16MoEExperts(_layer(), top_k=2, decode_threshold=2)
+    moe.reserve(6)
+    dws, pws = moe._decode_ws, moe._prefill_ws
+    for m in (1, 2, 4, 6):
+        x = torch.randn(m, 64, device=DEVICE, dtype=torch.float16)
+        tw, ti = _routing(m, 5, 2)
+        moe(x, tw, ti)
+    assert moe._decode_ws is dws and moe._prefill_ws is pws
+
+
+def test_module_to_rebuilds_packed_experts():
+    ex = random_experts(3, 64, 64, group_size=32, dtype=torch.float16, seed=1)
+    moe = HybridW4A16MoEExperts(ex, top_k=1)
+    moe = moe.to(DEVICE)
+    assert moe.experts.device.type == torch.device(DEVICE).type
+    assert moe.experts.w13.qweight is moe.w13_qweight
+    names = {n for n, _ in moe.named_buffers()}
+    assert {"w13_qweight", "w13_scales", "w2_qweight", "w2_scales"} <= names
+
+
+def test_bad_arguments():
+    ex = _layer()
+    with pytest.raises(ValueError, match="activation"):
+        HybridW4A16MoEExperts(ex, top_k=2, activation="relu")
+    with pytest.raises(ValueError, match="top_k"):
+        HybridW4A16MoEExperts(ex, top_k=9)
+    with pytest.raises(ValueError, match="PackedExperts"):
+        HybridW4A16MoEExperts(object(), top_k=1)
+    moe = HybridW4A16MoEExperts(ex, top_k=2)
+    x = torch.randn(2, 64, device=DEVICE, dtype=torch.float16)
+    tw, ti = _routing(2, 5, 2)
+    with pytest.raises(ValueError, match="path"):
+        moe(x, tw, ti, path="gpu")
+
+
+def test_thresholds_file_read_and_malformed_file_warns(tmp_path, monkeypatch):
+    good = tmp_path / "good.json"
+    key = experts_mod.threshold_key(5, 64, 96, 2, 32)
+    good.write_text(json.dumps({key: 12, "_comment": "measured"}))
+    experts_mod._read_thresholds.cache_clear()
+    assert experts_mod._read_thresholds(str(good)) == {key: 12}
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert experts_mod._read_thresholds(str(bad)) == {}
+    assert any("bad.json" in str(w.message) for w in caught)
+    assert experts_mod._read_thresholds(str(tmp_path / "missing.json")) == {}
+
+
+@pytest.mark.parametrize("m,path,name", [(1, "decode", "fused_moe_wvsplitk_int4"),
+                                         (3, "prefill", "hybrid_triton_moe")])
+def test_every_gemm_is_annotated(m, path, name):
+    ex = _layer(e=5, h=64, i=96)
+    moe = HybridW4A16MoEExperts(ex, top_k=2)
+    x = torch.randn(m, 64, device=DEVICE, dtype=torch.float16)
+    tw, ti = _routing(m, 5, 2)
+    with torch.profiler.profile() as prof:
+        moe(x, tw, ti, path=path)
+    names = [evt.name for evt in prof.events()]
+    assert f"{name} {m}x192x64 E=5 top_k=2" in names  # GEMM1: N = 2I, K = H
+    assert f"{name} {m}x64x96 E=5 top_k=2" in names   # GEMM2: N = H, K = I

@@ -1,0 +1,291 @@
+"""Prefill kernel (grouped int4 GEMM over aligned blocks) against the reference MoE.
+
+On a CPU machine these run under the Triton interpreter (fp16 only: the interpreter's bf16
+arithmetic is wrong); on a GPU the bf16 cases run too. Shapes stay tiny: each interpreted
+(program x K step) costs ~5 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+from w4a16moe.kernels import configs as cfgmod
+from w4a16moe.kernels import prefill as prefill_mod
+from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill, prefill_gemm
+from w4a16moe.quantize import random_experts
+from w4a16moe.reference import moe_reference
+from w4a16moe.routing import align_block_size, fused_topk
+
+DTYPES = [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not ON_GPU, reason="bf16 arithmetic is wrong under the Triton interpreter"))]
+TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# a config whose BLOCK_SIZE_K (64) spans two groups of 32 (the per-column group path)
+WIDE_K = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 2,
+          "num_warps": 4, "num_stages": 2}
+
+
+def make_case(m, h, i, e, top_k, *, group_size=32, symmetric=True, act_order=False,
+              dtype=torch.float16, seed=0):
+    experts = random_experts(e, h, i, group_size=group_size, symmetric=symmetric,
+                             act_order=act_order, dtype=dtype, device=DEVICE, seed=seed)
+    x = torch.randn(m, h, dtype=dtype, device=DEVICE)
+    weights, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    return experts, x, weights, ids
+
+
+def run_and_compare(experts, x, weights, ids, *, dtype=torch.float16, expert_map=None,
+                    activation="silu", on_input=False, configs=None, atomic=False,
+                    workspace=None):
+    m, h = x.shape
+    out = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
+    got = fused_moe_prefill(x, experts, weights, ids, activation=activation,
+                            apply_router_weight_on_input=on_input, expert_map=expert_map,
+                            out=out, configs=configs, atomic_topk_sum=atomic,
+                            workspace=workspace)
+    assert got.data_ptr() == out.data_ptr()
+    ref = moe_reference(x, experts, weights, ids, activation=activation,
+                        apply_router_weight_on_input=on_input, expert_map=expert_map,
+                        round_intermediate=True)
+    assert torch.isfinite(got).all(), "unwritten (NaN) output rows"
+    err = ((got.float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[dtype], f"relative error {err:.2e}"
+    return got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("e,top_k", [(1, 1), (3, 2), (5, 3)])
+def test_basic(m, e, top_k, dtype):
+    experts, x, w, ids = make_case(m, 64, 32, e, top_k, dtype=dtype, seed=m * 10 + e)
+    run_and_compare(experts, x, w, ids, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size,h,i", [(32, 96, 64), (64, 64, 64), (128, 128, 128),
+                                            (-1, 72, 40), (-1, 96, 80)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_group_sizes(group_size, h, i, symmetric, dtype):
+    experts, x, w, ids = make_case(9, h, i, 3, 2, group_size=group_size, symmetric=symmetric,
+                                   dtype=dtype, seed=group_size + h)
+    run_and_compare(experts, x, w, ids, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order(symmetric, dtype):
+    experts, x, w, ids = make_case(11, 64, 64, 4, 2, act_order=True, symmetric=symmetric,
+                                   dtype=dtype, seed=3)
+    run_and_compare(experts, x, w, ids, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_activations(activation, dtype):
+    experts, x, w, ids = make_case(10, 64, 32, 3, 2, dtype=dtype, seed=5)
+    run_and_compare(experts, x, w, ids, dtype=dtype, activation=activation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_router_weight_on_input(top_k, dtype):
+    experts, x, w, ids = make_case(8, 64, 32, 4, top_k, dtype=dtype, seed=6)
+    run_and_compare(experts, x, w, ids, dtype=dtype, on_input=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_map(dtype):
+    """Expert parallel: 6 global experts, 3 on this rank; remote ones contribute zero."""
+    m, h, i = 13, 64, 32
+    local = random_experts(3, h, i, group_size=32, dtype=dtype, device=DEVICE, seed=7)
+    expert_map = torch.tensor([-1, 0, -1, 1, 2, -1], dtype=torch.int32, device=DEVICE)
+    x = torch.randn(m, h, dtype=dtype, device=DEVICE)
+    w, ids = fused_topk(torch.randn(m, 6, device=DEVICE), 2)
+    got = run_and_compare(local, x, w, ids, dtype=dtype, expert_map=expert_map)
+    # tokens routed only to remote experts get exactly zero
+    remote = (expert_map[ids.long()] < 0).all(dim=1)
+    assert torch.equal(got[remote], torch.zeros_like(got[remote]))
+
+
+def test_all_experts_remote():
+    experts, x, w, ids = make_case(5, 64, 32, 2, 1, seed=8)
+    expert_map = torch.tensor([-1, -1], dtype=torch.int32, device=DEVICE)
+    out = torch.full_like(x, float("nan"))
+    fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, out=out)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_duplicate_experts():
+    """The same expert twice in one token's top-k: both slots count."""
+    experts, x, w, _ = make_case(6, 64, 32, 3, 2, seed=9)
+    ids = torch.tensor([[1, 1], [0, 0], [2, 1], [2, 2], [0, 1], [1, 1]], dtype=torch.int32,
+                       device=DEVICE)
+    run_and_compare(experts, x, w, ids)
+
+
+@pytest.mark.parametrize("config", [
+    WIDE_K,
+    {**WIDE_K, "SWAP_AB": False},
+    {**cfgmod.INTERPRETER_CONFIG, "DEQUANT": 0},
+    {**cfgmod.INTERPRETER_CONFIG, "SWAP_AB": False, "DEQUANT": 1},
+], ids=["wide-k", "no-swap", "int-convert", "no-swap-exp"])
+def test_configs(config):
+    experts, x, w, ids = make_case(9, 96, 64, 3, 2, symmetric=False, seed=10)
+    run_and_compare(experts, x, w, ids, configs=(config, config))
+
+
+def test_ragged_k_per_channel_wide_block():
+    """Per-channel groups with K=72 not a multiple of BLOCK_SIZE_K=64 (masked K tail)."""
+    experts, x, w, ids = make_case(7, 72, 40, 3, 2, group_size=-1, symmetric=False, seed=11)
+    run_and_compare(experts, x, w, ids, configs=(WIDE_K, WIDE_K))
+
+
+def test_atomic_topk_sum():
+    experts, x, w, ids = make_case(9, 64, 32, 3, 3, seed=12)
+    run_and_compare(experts, x, w, ids, atomic=True)
+
+
+def test_workspace_reuse():
+    experts, x, w, ids = make_case(33, 64, 32, 3, 2, seed=13)
+    ws = PrefillWorkspace.allocate(33, experts, top_k=2)
+    run_and_compare(experts, x, w, ids, workspace=ws)
+    inter_ptr = ws.intermediate.data_ptr()
+    run_and_compare(experts, x[:7], w[:7], ids[:7], workspace=ws)
+    assert ws.intermediate.data_ptr() == inter_ptr
+    with pytest.raises(ValueError, match="workspace.intermediate"):
+        small = PrefillWorkspace.allocate(4, experts, top_k=2)
+        fused_moe_prefill(x, experts, w, ids, workspace=small)
+
+
+def test_empty_batch_launches_nothing(monkeypatch):
+    experts, x, w, ids = make_case(0, 64, 32, 3, 2, seed=14)
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("kernel launched for M=0")
+
+    monkeypatch.setattr(prefill_mod, "_prefill_kernel", NoLaunch())
+    out = fused_moe_prefill(x, experts, w, ids)
+    assert out.shape == (0, 64)
+    blocks = align_block_size(ids, 16, 3)
+    got = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2)
+    assert got.shape == (0, 64)
+
+
+def test_prefill_gemm_slots_and_remote_rows():
+    """GEMM2 alone: rows indexed by slot, routed weight on the output, remote rows zero."""
+    m, top_k, e, k = 10, 2, 4, 64
+    experts = random_experts(e, 96, k, group_size=32, dtype=torch.float16, device=DEVICE,
+                             seed=15)
+    w2 = experts.w2  # [E, 96, 64]
+    n = w2.n
+    a = torch.randn(m * top_k, k, dtype=torch.float16, device=DEVICE)
+    weights, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    expert_map = torch.tensor([0, -1, 1, 2], dtype=torch.int32, device=DEVICE)
+    local = w2.select_experts(torch.tensor([0, 2, 3]))
+    # no config given: BLOCK_SIZE_M follows the blocks (32), whatever the table says
+    blocks = align_block_size(ids, 32, e, expert_map)
+    out = torch.full((m * top_k, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    prefill_gemm(a, local, blocks, ids, weights, top_k=top_k, mul_routed_weight=True,
+                 a_is_slots=True, out=out)
+    dense = w2.dequantize(torch.float32)
+    flat_ids = ids.reshape(-1).long()
+    ref = torch.einsum("sk,snk->sn", a.float(), dense[flat_ids]) * weights.reshape(-1, 1)
+    ref[flat_ids == 1] = 0
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, rtol=2e-3, atol=2e-3)
+    assert torch.equal(out[flat_ids == 1], torch.zeros_like(out[flat_ids == 1]))
+
+
+def test_validation_errors():
+    experts, x, w, ids = make_case(4, 64, 32, 3, 2, seed=16)
+    blocks = align_block_size(ids, 16, 3)
+    with pytest.raises(ValueError, match="a has dtype"):
+        prefill_gemm(x.float(), experts.w13, blocks, ids, w, top_k=2)
+    with pytest.raises(ValueError, match=r"a has shape \(4, 32\)"):
+        prefill_gemm(x[:, :32], experts.w13, blocks, ids, w, top_k=2)
+    with pytest.raises(ValueError, match="BLOCK_SIZE_M=32"):
+        cfg = {**cfgmod.INTERPRETER_CONFIG, "BLOCK_SIZE_M": 32}
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, config=cfg)
+    with pytest.raises(ValueError, match="topk_weights has shape"):
+        prefill_gemm(x, experts.w13, blocks, ids, None, top_k=2, mul_routed_weight=True)
+    with pytest.raises(ValueError, match="out has shape"):
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2,
+                     out=torch.empty(8, 5, dtype=x.dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="activation is"):
+        fused_moe_prefill(x, experts, w, ids, activation="relu")
+    with pytest.raises(ValueError, match="hidden_states has dtype"):
+        fused_moe_prefill(x.float(), experts, w, ids)
+    with pytest.raises(ValueError, match="config lacks"):
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, config={"BLOCK_SIZE_M": 16})
+
+
+# -- config loader ------------------------------------------------------------------------
+GOOD = {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 8,
+        "num_warps": 4, "num_stages": 3}
+
+
+def test_interpreter_or_cpu_gets_the_small_config():
+    cfg = cfgmod.get_prefill_config(100, 256, 128, 8, 2, torch.float16, "cpu")
+    assert cfg == cfgmod.INTERPRETER_CONFIG
+
+
+def test_lookup_nearest_bucket(tmp_path):
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({"_meta": {"x": 1}, "256,128": {
+        "16": {**GOOD, "BLOCK_SIZE_M": 16}, "1024": {**GOOD, "SWAP_AB": False, "DEQUANT": 1}}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cfgmod.lookup_config(path, 20, 256, 128, 8, 2)["BLOCK_SIZE_M"] == 16
+        big = cfgmod.lookup_config(path, 5000, 256, 128, 8, 2)
+        assert big["SWAP_AB"] is False and big["DEQUANT"] == 1
+        # shape not in the file: heuristic, silently
+        assert cfgmod.lookup_config(path, 20, 512, 128, 8, 2) == cfgmod.heuristic_config(
+            20, 512, 128, 8, 2)
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("{not json", "Expecting"),
+    (json.dumps([1, 2]), "top level"),
+    (json.dumps({"256": {"16": GOOD}}), "not 'N,K'"),
+    (json.dumps({"256,128": {"16": {**GOOD, "BLOCK_SIZE_N": 100}}}), "power of two"),
+    (json.dumps({"256,128": {"16": {**GOOD, "num_warps": "4"}}}), "positive int"),
+    (json.dumps({"256,128": {"x": GOOD}}), "not an integer M"),
+    (json.dumps({"256,128": {"16": {"BLOCK_SIZE_M": 16}}}), "lacks"),
+    (json.dumps({"256,128": {"16": {**GOOD, "DEQUANT": 5}}}), "DEQUANT"),
+])
+def test_malformed_file_warns_and_falls_back(tmp_path, text, problem):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.warns(RuntimeWarning, match=problem) as rec:
+        cfg = cfgmod.lookup_config(path, 64, 256, 128, 8, 2)
+    assert str(path) in str(rec[0].message)
+    assert cfg == cfgmod.heuristic_config(64, 256, 128, 8, 2)
+
+
+def test_unknown_gpu_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cfgmod, "_interpreted", lambda device: False)
+    monkeypatch.setattr(cfgmod, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(cfgmod, "device_config_filename", lambda device=None: "Mystery_GPU.json")
+    cfgmod._warn_missing.cache_clear()
+    with pytest.warns(RuntimeWarning, match="Mystery_GPU.json"):
+        cfg = cfgmod.get_prefill_config(4096, 1536, 2048, 128, 8, torch.bfloat16, DEVICE)
+    assert cfg == cfgmod.heuristic_config(4096, 1536, 2048, 128, 8)
+
+
+@pytest.mark.parametrize("m,top_k,e", [(1, 8, 128), (64, 8, 128), (4096, 8, 128),
+                                       (4096, 2, 8), (100000, 6, 64)])
+def test_heuristic_configs_are_valid(m, top_k, e):
+    cfg = cfgmod.heuristic_config(m, 1536, 2048, e, top_k)
+    assert cfgmod.validate_config(cfg) == cfg
+
+
+def test_shipped_config_files_parse():
+    files = sorted(cfgmod.CONFIG_DIR.glob("*.json"))
+    for f in files:
+        table = cfgmod.parse_table(json.loads(f.read_text()))
+        assert table, f"{f.name} holds no shapes"

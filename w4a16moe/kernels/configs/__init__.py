@@ -1,0 +1,194 @@
+"""Tuned launch configurations of the prefill kernel, one JSON file per GPU name.
+
+File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this directory::
+
+    {
+      "_meta": {...},                           # optional, ignored (keys starting with "_")
+      "N,K": {                                  # weight rows N (2I for w13) and reduction K
+        "256": {"BLOCK_SIZE_M": 64, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64,
+                "GROUP_SIZE_M": 8, "num_warps": 4, "num_stages": 4},
+        "4096": {...}                           # keyed by the token count M (nearest wins)
+      }
+    }
+
+Entries may also hold ``"SWAP_AB"`` (boolean) and ``"DEQUANT"`` (0, 1 or 2). A missing file, an
+unknown shape or a malformed file (which warns, naming the file and the problem) fall back to
+:func:`heuristic_config`; nothing here raises for a bad file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent
+CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps",
+               "num_stages")
+#: optional keys and their allowed values: SWAP_AB puts the weight tile on the wgmma M side;
+#: DEQUANT 0 int->float conversion, 1 exponent trick in Triton ops, 2 the same in PTX
+OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2)}
+
+#: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
+INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
+                      "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 1}
+
+
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def validate_config(config: object) -> dict:
+    """Check one config entry; return a clean copy or raise ValueError saying what is wrong."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config is {type(config).__name__}; expected an object")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config lacks {missing}")
+    unknown = [k for k in config if k not in CONFIG_KEYS and k not in OPTIONAL_KEYS]
+    if unknown:
+        raise ValueError(f"config has unknown keys {unknown}")
+    out: dict = {}
+    for key in CONFIG_KEYS:
+        v = config[key]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{key} is {v!r}; expected a positive int")
+        out[key] = v
+    for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps"):
+        if not _is_pow2(out[key]):
+            raise ValueError(f"{key} is {out[key]}; expected a power of two")
+    if out["BLOCK_SIZE_K"] < 16:
+        raise ValueError(f"BLOCK_SIZE_K is {out['BLOCK_SIZE_K']}; expected >= 16")
+    for key, allowed in OPTIONAL_KEYS.items():
+        if key in config:
+            v = config[key]
+            if type(v) is not type(allowed[0]) or v not in allowed:
+                raise ValueError(f"{key} is {v!r}; expected one of {list(allowed)}")
+            out[key] = v
+    return out
+
+
+def parse_table(data: object) -> dict[tuple[int, int], dict[int, dict]]:
+    """Parse a config file's JSON object into ``{(N, K): {M: config}}``; ValueError if bad."""
+    if not isinstance(data, dict):
+        raise ValueError(f"top level is {type(data).__name__}; expected an object")
+    table: dict[tuple[int, int], dict[int, dict]] = {}
+    for shape, buckets in data.items():
+        if shape.startswith("_"):
+            continue
+        parts = shape.split(",")
+        try:
+            n, k = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"key {shape!r} is not 'N,K'") from None
+        if not isinstance(buckets, dict) or not buckets:
+            raise ValueError(f"entry {shape!r} is not a non-empty object of M buckets")
+        parsed: dict[int, dict] = {}
+        for m, cfg in buckets.items():
+            try:
+                m_int = int(m)
+            except ValueError:
+                raise ValueError(f"entry {shape!r}: bucket {m!r} is not an integer M") from None
+            try:
+                parsed[m_int] = validate_config(cfg)
+            except ValueError as exc:
+                raise ValueError(f"entry {shape!r}, bucket {m!r}: {exc}") from None
+        table[(n, k)] = parsed
+    return table
+
+
+@functools.lru_cache(maxsize=32)
+def _load_table(path: str, mtime_ns: int) -> dict[tuple[int, int], dict[int, dict]]:
+    """Read and parse ``path`` (cached per file version); warn and return {} when bad."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return parse_table(data)
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        warnings.warn(f"ignoring prefill config file {path}: {exc}; using heuristic configs",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+
+
+def device_config_filename(device: torch.device | str | int | None = None) -> str:
+    """``NVIDIA_H100_80GB_HBM3.json`` for the GPU ``device``."""
+    name = torch.cuda.get_device_name(device)
+    return name.replace(" ", "_").replace("/", "_") + ".json"
+
+
+def _interpreted(device: torch.device) -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda"
+
+
+def heuristic_config(m: int, n: int, k: int, num_experts: int, top_k: int) -> dict:
+    """Config for shapes without a tuned entry, from the rows per expert ``m*top_k/E``.
+
+    From the H100 tuning (benchmarks/notes_prefill.md): BLOCK_SIZE_M 32 up to ~24 rows per
+    expert, 64 up to 64 rows, then 128; the weight tile on the wgmma M side (SWAP_AB) with
+    BLOCK_SIZE_N 64, BLOCK_SIZE_K 64, 4 warps, 4 stages won GEMM1 (w13, fused activation) at
+    every size. GEMM2 prefers 128x128 tiles with 8 warps at large M; a tuned file knows.
+    """
+    rows = m * top_k / max(num_experts, 1)
+    if rows <= 4:
+        bm = 16
+    elif rows <= 24:
+        bm = 32
+    elif rows <= 64:
+        bm = 64
+    else:
+        bm = 128
+    return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64,
+            "GROUP_SIZE_M": 1 if rows <= 64 else 8, "num_warps": 4, "num_stages": 4,
+            "SWAP_AB": True}
+
+
+@functools.lru_cache(maxsize=32)
+def _warn_missing(path: str) -> None:
+    warnings.warn(f"no tuned prefill configs for this GPU (no file {path}); using heuristic "
+                  "configs. Run 'w4a16moe tune --model NAME' to make one.", RuntimeWarning,
+                  stacklevel=4)
+
+
+def lookup_config(path: str | os.PathLike, m: int, n: int, k: int, num_experts: int,
+                  top_k: int) -> dict:
+    """The entry of ``"n,k"`` in the config file ``path`` whose M bucket is nearest ``m``
+    (ties: the smaller bucket); :func:`heuristic_config` when the file is missing (warns once
+    per file), malformed (warns once per file version) or lacks the shape."""
+    path = Path(path)
+    table: dict = {}
+    if path.exists():
+        table = _load_table(str(path), path.stat().st_mtime_ns)
+    else:
+        _warn_missing(str(path))
+    buckets = table.get((n, k))
+    if buckets:
+        best = min(buckets, key=lambda b: (abs(b - m), b))
+        return dict(buckets[best])
+    return heuristic_config(m, n, k, num_experts, top_k)
+
+
+def get_prefill_config(m: int, n: int, k: int, num_experts: int, top_k: int,
+                       dtype: torch.dtype, device: torch.device | str,
+                       config_file: str | os.PathLike | None = None) -> dict:
+    """Launch config of one prefill GEMM: ``m`` tokens, weights ``[num_experts, n, k]``.
+
+    Under the Triton interpreter (or on a CPU tensor) returns :data:`INTERPRETER_CONFIG`.
+    Otherwise :func:`lookup_config` in ``config_file`` (default: this directory's file for
+    the GPU's name). ``dtype`` is accepted for future per-dtype tables (fp16 and bf16 share
+    one today).
+    """
+    device = torch.device(device)
+    if _interpreted(device):
+        return dict(INTERPRETER_CONFIG)
+    if config_file is None:
+        config_file = CONFIG_DIR / device_config_filename(device)
+    return lookup_config(config_file, m, n, k, num_experts, top_k)
+
+
+__all__ = ["CONFIG_DIR", "CONFIG_KEYS", "INTERPRETER_CONFIG", "device_config_filename",
+           "get_prefill_config", "heuristic_config", "lookup_config", "parse_table",
+           "validate_config"]

@@ -1,0 +1,709 @@
+"""Prefill kernel: a grouped int4 x 16-bit GEMM over the blocks of :func:`align_block_size`.
+
+The (token, k) *slots* of a batch are sorted by expert and padded per expert to multiples of
+``BLOCK_SIZE_M`` (see :class:`w4a16moe.routing.AlignedBlocks`). One program computes a
+``[BLOCK_SIZE_M, BLOCK_SIZE_N]`` tile of the output for one block of slots, all of one expert:
+
+* the activation rows are gathered through ``sorted_token_ids`` (row ``slot // top_k`` of the
+  ``[M, K]`` input for GEMM1, row ``slot`` of the ``[M * top_k, K]`` input for GEMM2);
+* the weight tile is read straight from the packed layout (``qweight`` int32 ``[E, N, K/8]``,
+  ExLlama shuffle order, see :mod:`w4a16moe.layout`), unpacked with shifts, dequantized per
+  group in registers (``(q - z) * s``) and fed to ``tl.dot`` with fp32 accumulation;
+* blocks whose expert id is -1 (padding past the end, or experts not on this rank under an
+  ``expert_map``) write zero rows; blocks past ``num_tokens_post_padded`` exit at once.
+
+Options (all compile-time): zero points, act-order ``perm`` (the activation columns are
+gathered through ``perm[e]``), the router weight multiplied on the output (or, for GEMM1 with
+the weight applied on the input, on GEMM1's output, which is the same product), a fused
+``act(gate) * up`` epilogue for GEMM1 (the program computes the gate and the up tile of the
+same columns), and an fp32 atomic top-k reduction for GEMM2.
+
+Public functions: :func:`prefill_gemm` (one GEMM), :func:`fused_moe_prefill` (the whole
+experts layer: GEMM1 -> activation -> GEMM2 -> top-k sum) and :class:`PrefillWorkspace`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import PACK_FACTOR, PackedExperts, PackedWeights
+from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
+from ..reference import ACTIVATIONS, check_routing
+from ..routing import AlignedBlocks, align_block_size
+from .configs import CONFIG_KEYS, get_prefill_config
+
+#: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
+ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+
+#: int4 values per int32 word, as a constexpr the kernels can read
+_PACK = tl.constexpr(PACK_FACTOR)
+_SWAP_AB_DEFAULT = True
+
+
+# --------------------------------------------------------------------------------------------
+# Triton helpers
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _load_group_params(s_base, z_base, rows, n_mask, group, stride_sn, stride_sg,
+                       stride_zn, stride_zg, HAS_ZEROS: tl.constexpr):
+    """Scales (as stored) ``[BLOCK_N, 1]`` and zero points (int32; 8 when symmetric) of
+    ``rows`` [BLOCK_N] in the scalar group ``group``."""
+    s = tl.load(s_base + rows * stride_sn + group * stride_sg, mask=n_mask, other=0.0)
+    s = s[:, None]
+    if HAS_ZEROS:
+        z = tl.load(z_base + rows * stride_zn + group * stride_zg, mask=n_mask,
+                    other=8).to(tl.int32)
+        z = z[:, None]
+    else:
+        z = tl.full((1, 1), 8, tl.int32)
+    return s, z
+
+
+@triton.jit
+def _load_column_group_params(s_base, z_base, rows, n_mask, groups, stride_sn, stride_sg,
+                              stride_zn, stride_zg, HAS_ZEROS: tl.constexpr):
+    """Like :func:`_load_group_params` with one group index per column: ``groups``
+    [BLOCK_K] -> scales and zero points [BLOCK_N, BLOCK_K]."""
+    offs = rows[:, None] * stride_sn + groups[None, :] * stride_sg
+    s = tl.load(s_base + offs, mask=n_mask[:, None], other=0.0)
+    if HAS_ZEROS:
+        z = tl.load(z_base + rows[:, None] * stride_zn + groups[None, :] * stride_zg,
+                    mask=n_mask[:, None], other=8).to(tl.int32)
+    else:
+        z = tl.full((1, 1), 8, tl.int32)
+    return s, z
+
+
+@triton.jit
+def _unpack_dequant(words, s, z, BLOCK_K: tl.constexpr, DEQUANT: tl.constexpr,
+                    IS_FP16: tl.constexpr):
+    """int32 words [BLOCK_N, BLOCK_K/8] (shuffle order) -> dequantized [BLOCK_N, BLOCK_K] in
+    the scales' dtype, with Triton ops (DEQUANT 0 or 1). ``s``/``z`` broadcast against
+    [BLOCK_N, BLOCK_K]."""
+    # each word repeated 8 times along K, then value j of the word picked by its shift
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)
+    words = tl.interleave(words, words)
+    j = tl.arange(0, BLOCK_K) % _PACK
+    shifts = (j // 2) * 4 + (j % 2) * 16
+    q = (words >> shifts[None, :]) & 0xF
+    if DEQUANT == 1:
+        # exponent trick: OR the code into the mantissa of 1024.0 (fp16) / 128.0 (bf16), so
+        # the float is (bias + q) exactly with no int->float conversion; subtract (bias + z).
+        if IS_FP16:
+            qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            zf = (z + 1024).to(tl.float16)
+        else:
+            qf = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            zf = (z + 128).to(tl.bfloat16)
+        w = (qf - zf) * s
+    else:
+        w = (q - z).to(tl.float32) * s.to(tl.float32)
+        w = w.to(s.dtype)
+    return w
+
+
+@triton.jit
+def _dequant_asm(words, s, z, IS_FP16: tl.constexpr):
+    """DEQUANT 2 (GPU only): the exponent trick on two values at once in packed 16-bit PTX.
+
+    The shuffle order puts values 2i and 2i+1 of a word at bits 4i and 16+4i, so
+    ``(word >> 4i) & 0x000F000F | bias`` is the pair (bias+v[2i], bias+v[2i+1]); a packed
+    subtract of (bias+z) and a packed multiply by the scale finish it. ``words``, ``s`` and
+    ``z`` (int32 zero points) share one shape [BLOCK_N, BLOCK_K/8]; returns
+    [BLOCK_N, BLOCK_K].
+    """
+    if IS_FP16:
+        zb = (z + 1024).to(tl.float16)
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, w, zz, ss;
+            mov.b32 zz, {$10, $10};
+            mov.b32 ss, {$9, $9};
+            lop3.b32 t0, $8, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 w, $8, 4;
+            lop3.b32 t1, w, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 w, $8, 8;
+            lop3.b32 t2, w, 0x000F000F, 0x64006400, 0xEA;
+            shr.u32 w, $8, 12;
+            lop3.b32 t3, w, 0x000F000F, 0x64006400, 0xEA;
+            sub.f16x2 t0, t0, zz;
+            sub.f16x2 t1, t1, zz;
+            sub.f16x2 t2, t2, zz;
+            sub.f16x2 t3, t3, zz;
+            mul.f16x2 t0, t0, ss;
+            mul.f16x2 t1, t1, ss;
+            mul.f16x2 t2, t2, ss;
+            mul.f16x2 t3, t3, ss;
+            mov.b32 {$0, $1}, t0;
+            mov.b32 {$2, $3}, t1;
+            mov.b32 {$4, $5}, t2;
+            mov.b32 {$6, $7}, t3;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+            args=[words, s, zb], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        zb = (z + 128).to(tl.bfloat16)
+        # bf16x2 subtract and multiply written as fma: sm_80 has only fma.rn.bf16x2
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, t2, t3, w, nz, ss, one, n0;
+            mov.b32 one, 0x3F803F80;
+            mov.b32 n0, 0x80008000;
+            mov.b32 nz, {$10, $10};
+            xor.b32 nz, nz, 0x80008000;
+            mov.b32 ss, {$9, $9};
+            lop3.b32 t0, $8, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 w, $8, 4;
+            lop3.b32 t1, w, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 w, $8, 8;
+            lop3.b32 t2, w, 0x000F000F, 0x43004300, 0xEA;
+            shr.u32 w, $8, 12;
+            lop3.b32 t3, w, 0x000F000F, 0x43004300, 0xEA;
+            fma.rn.bf16x2 t0, t0, one, nz;
+            fma.rn.bf16x2 t1, t1, one, nz;
+            fma.rn.bf16x2 t2, t2, one, nz;
+            fma.rn.bf16x2 t3, t3, one, nz;
+            fma.rn.bf16x2 t0, t0, ss, n0;
+            fma.rn.bf16x2 t1, t1, ss, n0;
+            fma.rn.bf16x2 t2, t2, ss, n0;
+            fma.rn.bf16x2 t3, t3, ss, n0;
+            mov.b32 {$0, $1}, t0;
+            mov.b32 {$2, $3}, t1;
+            mov.b32 {$4, $5}, t2;
+            mov.b32 {$6, $7}, t3;
+            }""",
+            constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+            args=[words, s, zb], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    # back to K order: interleaving (0,4) with (2,6), (1,5) with (3,7), then the two halves
+    even = tl.interleave(tl.interleave(v0, v4), tl.interleave(v2, v6))
+    odd = tl.interleave(tl.interleave(v1, v5), tl.interleave(v3, v7))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _weight_tile(qw_base, s_base, z_base, rows, n_mask, k_start, K, stride_qn, stride_qk,
+                 stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
+                 GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr, DEQUANT: tl.constexpr,
+                 IS_FP16: tl.constexpr):
+    """Dequantized weight tile [BLOCK_N, BLOCK_K] of ``rows`` for K columns from ``k_start``.
+
+    GROUP_MODE 0: one group per row (per channel; ``s_pc``/``z_pc`` preloaded);
+    DEQUANT 0: int->float conversion, 1: exponent trick in Triton ops, 2: the same in PTX.
+    1: BLOCK_K divides G (one group per tile); 2: G divides BLOCK_K (a group per column).
+    """
+    offs_w = k_start // _PACK + tl.arange(0, BLOCK_K // _PACK)
+    w_ptrs = qw_base + rows[:, None] * stride_qn + offs_w[None, :] * stride_qk
+    if EVEN_K:
+        words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+    else:
+        words = tl.load(w_ptrs, mask=n_mask[:, None] & (offs_w[None, :] < K // _PACK),
+                        other=0)
+    if DEQUANT == 2:
+        if GROUP_MODE == 0:
+            s = s_pc
+            z = z_pc
+        elif GROUP_MODE == 1:
+            s, z = _load_group_params(s_base, z_base, rows, n_mask, k_start // GROUP_SIZE,
+                                      stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+        else:
+            # G >= 32 > 8: each word lies in one group
+            offs_kw = k_start + tl.arange(0, BLOCK_K // _PACK) * _PACK
+            groups = tl.where(offs_kw < K, offs_kw // GROUP_SIZE, 0)
+            s, z = _load_column_group_params(s_base, z_base, rows, n_mask, groups, stride_sn,
+                                             stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+        s = tl.broadcast_to(s, words.shape)
+        z = tl.broadcast_to(z, words.shape)
+        return _dequant_asm(words, s, z, IS_FP16)
+    if GROUP_MODE == 0:
+        s = s_pc
+        z = z_pc
+    elif GROUP_MODE == 1:
+        s, z = _load_group_params(s_base, z_base, rows, n_mask, k_start // GROUP_SIZE,
+                                  stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+    else:
+        offs_k = k_start + tl.arange(0, BLOCK_K)
+        # masked-off columns (k >= K) read group 0: harmless, their activations are zero
+        groups = tl.where(offs_k < K, offs_k // GROUP_SIZE, 0)
+        s, z = _load_column_group_params(s_base, z_base, rows, n_mask, groups, stride_sn,
+                                         stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+    return _unpack_dequant(words, s, z, BLOCK_K, DEQUANT, IS_FP16)
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    """act(x) in fp32: 1 silu, 2 gelu (erf), 3 gelu (tanh approximation)."""
+    if ACTIVATION == 1:
+        y = x / (1.0 + tl.exp(-x))
+    elif ACTIVATION == 2:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        # tanh(t) = 1 - 2 / (exp(2t) + 1), safe for large |t|
+        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+        y = 0.5 * x * (1.0 + t)
+    return y
+
+
+@triton.jit
+def _prefill_kernel(
+    a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, c_ptr, topk_weights_ptr,
+    sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+    N, K, EM, num_valid_slots, top_k, up_offset,
+    stride_am, stride_ak,
+    stride_qe, stride_qn, stride_qk,
+    stride_se, stride_sn, stride_sg,
+    stride_ze, stride_zn, stride_zg,
+    stride_pe,
+    stride_cm, stride_cn,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_MODE: tl.constexpr,
+    A_IS_SLOTS: tl.constexpr,
+    MUL_ROUTED_WEIGHT: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    ATOMIC_TOPK_SUM: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    DEQUANT: tl.constexpr,
+    IS_FP16: tl.constexpr,
+    BLOCK_SIZE_M: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr,
+    BLOCK_SIZE_K: tl.constexpr,
+    GROUP_SIZE_M: tl.constexpr,
+):
+    """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] for the slots of one sorted block.
+
+    Shapes: A ``[M, K]`` (rows ``slot // top_k``) or ``[M*top_k, K]`` (``A_IS_SLOTS``);
+    qweight int32 ``[E, N_w, K/8]``; scales ``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``;
+    perm int32 ``[E, K]``; C ``[M*top_k, N]``, or fp32 ``[M, N]`` with ``ATOMIC_TOPK_SUM``
+    (added into, so it must start zeroed). With ``ACTIVATION`` != 0 the program computes the
+    gate tile (rows ``n``) and the up tile (rows ``n + up_offset``) and stores
+    ``act(gate) * up``; ``N`` is then the intermediate size. Grid: ``cdiv(EM, BLOCK_SIZE_M) *
+    cdiv(N, BLOCK_SIZE_N)`` with ``EM = len(sorted_token_ids)``.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
+    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_SIZE_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    num_post_padded = tl.load(num_post_padded_ptr)
+    if pid_m * BLOCK_SIZE_M >= num_post_padded:
+        return
+
+    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
+    slots = tl.load(sorted_ids_ptr + offs_m).to(tl.int64)
+    slot_mask = slots < num_valid_slots
+    offs_n = pid_n * BLOCK_SIZE_N + tl.arange(0, BLOCK_SIZE_N)
+    n_mask = offs_n < N
+    if ATOMIC_TOPK_SUM:
+        c_rows = slots // top_k
+    else:
+        c_rows = slots
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = slot_mask[:, None] & n_mask[None, :]
+
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    if expert == -1:
+        # padding block or an expert on another rank: these slots contribute nothing
+        if not ATOMIC_TOPK_SUM:
+            zero = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=c_ptr.dtype.element_ty)
+            tl.store(c_ptrs, zero, mask=c_mask)
+        return
+
+    if A_IS_SLOTS:
+        a_rows = slots
+    else:
+        a_rows = slots // top_k
+    offs_kb = tl.arange(0, BLOCK_SIZE_K)
+    qw_base = qw_ptr + expert * stride_qe
+    s_base = s_ptr + expert * stride_se
+    z_base = z_ptr + expert * stride_ze
+    up_rows = offs_n + up_offset
+
+    s_pc = tl.zeros((BLOCK_SIZE_N, 1), dtype=s_ptr.dtype.element_ty)
+    z_pc = tl.full((1, 1), 8, tl.int32)
+    s_pc_up = s_pc
+    z_pc_up = z_pc
+    if GROUP_MODE == 0:
+        s_pc, z_pc = _load_group_params(s_base, z_base, offs_n, n_mask, 0, stride_sn,
+                                        stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+        if ACTIVATION != 0:
+            s_pc_up, z_pc_up = _load_group_params(s_base, z_base, up_rows, n_mask, 0,
+                                                  stride_sn, stride_sg, stride_zn, stride_zg,
+                                                  HAS_ZEROS)
+
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
+    acc_up = acc
+
+    for k_start in range(0, K, BLOCK_SIZE_K):
+        offs_k = k_start + offs_kb
+        if EVEN_K:
+            a_mask = slot_mask[:, None]
+        else:
+            a_mask = slot_mask[:, None] & (offs_k[None, :] < K)
+        if HAS_PERM:
+            if EVEN_K:
+                a_cols = tl.load(perm_ptr + expert * stride_pe + offs_k)
+            else:
+                a_cols = tl.load(perm_ptr + expert * stride_pe + offs_k, mask=offs_k < K,
+                                 other=0)
+        else:
+            a_cols = offs_k
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
+                    mask=a_mask, other=0.0)
+        w = _weight_tile(qw_base, s_base, z_base, offs_n, n_mask, k_start, K, stride_qn,
+                         stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
+                         GROUP_SIZE, GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT,
+                         IS_FP16)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+        if ACTIVATION != 0:
+            w_up = _weight_tile(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
+                                stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
+                                stride_zg, s_pc_up, z_pc_up, GROUP_SIZE, GROUP_MODE,
+                                HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
+            if SWAP_AB:
+                acc_up = tl.dot(w_up, tl.trans(a), acc_up)
+            else:
+                acc_up = tl.dot(a, tl.trans(w_up), acc_up)
+
+    if SWAP_AB:
+        acc = tl.trans(acc)
+        acc_up = tl.trans(acc_up)
+    if MUL_ROUTED_WEIGHT:
+        rw = tl.load(topk_weights_ptr + slots, mask=slot_mask, other=0.0).to(tl.float32)
+        acc = acc * rw[:, None]
+        if ACTIVATION != 0:
+            acc_up = acc_up * rw[:, None]
+    if ACTIVATION != 0:
+        acc = _activation(acc, ACTIVATION) * acc_up
+    if ATOMIC_TOPK_SUM:
+        tl.atomic_add(c_ptrs, acc, mask=c_mask)
+    else:
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------
+def _group_mode(group_size: int, k: int, block_k: int) -> int:
+    if group_size == k:
+        return 0
+    if group_size % block_k == 0:
+        return 1
+    if block_k % group_size == 0:
+        return 2
+    raise ValueError(f"BLOCK_SIZE_K={block_k} and group_size={group_size}: one must divide "
+                     "the other")
+
+
+def _dequant_mode(config: dict, device: torch.device) -> int:
+    """The config's DEQUANT (default 2 on a GPU); inline PTX (2) becomes 1 under the
+    interpreter, which cannot run it."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or device.type != "cuda"
+    mode = int(config.get("DEQUANT", 1 if interpreted else 2))
+    if mode not in (0, 1, 2):
+        raise ValueError(f"config DEQUANT is {mode}; expected 0, 1 or 2")
+    return 1 if interpreted and mode == 2 else mode
+
+
+def _check_config(config: dict) -> dict:
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"config lacks {missing}; expected keys {list(CONFIG_KEYS)}")
+    bk = config["BLOCK_SIZE_K"]
+    if bk < 16 or bk & (bk - 1):
+        raise ValueError(f"config BLOCK_SIZE_K is {bk}; expected a power of two >= 16")
+    for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N"):
+        v = config[key]
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"config {key} is {v}; expected a power of two")
+    return config
+
+
+def prefill_gemm(
+    a: torch.Tensor,
+    weights: PackedWeights,
+    blocks: AlignedBlocks,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    *,
+    top_k: int,
+    mul_routed_weight: bool = False,
+    a_is_slots: bool = False,
+    activation: str | None = None,
+    atomic_topk_sum: bool = False,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """One grouped int4 GEMM over aligned blocks.
+
+    Args:
+        a: activations, ``[M, K]`` indexed by token (``a_is_slots=False``, GEMM1) or
+            ``[M*top_k, K]`` indexed by slot (``a_is_slots=True``, GEMM2); fp16/bf16 in the
+            weights' dtype; any strides.
+        weights: packed ``[E, N, K/8]`` weights (local experts; ``blocks`` carries local ids,
+            i.e. any ``expert_map`` was applied by :func:`align_block_size`).
+        blocks: :func:`align_block_size` output made with ``block_size ==
+            config["BLOCK_SIZE_M"]``.
+        topk_ids: ``[M, top_k]`` (only its shape is used: ``M*top_k`` valid slots).
+        topk_weights: ``[M, top_k]`` router weights; required with ``mul_routed_weight``.
+        mul_routed_weight: multiply output row ``slot`` by ``topk_weights.flatten()[slot]``.
+        activation: None, or ``"silu"``/``"gelu"``/``"gelu_tanh"``: ``weights`` are w13
+            (gate rows ``[0, N/2)``, up rows ``[N/2, N)``) and the output is
+            ``act(gate) * up``, ``[M*top_k, N/2]``.
+        atomic_topk_sum: add each slot's row into row ``slot // top_k`` of a float32
+            ``[M, N]`` output instead (the top-k sum fused in; ``out`` is zeroed here).
+        out: optional output tensor of the result's shape and dtype.
+        config: kernel config (keys ``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``,
+            ``num_stages``; optional ``SWAP_AB``, ``DEQUANT``); default from
+            :func:`get_prefill_config` with ``BLOCK_SIZE_M`` taken from ``blocks``.
+
+    Returns:
+        ``[M*top_k, N]`` (``[M*top_k, N/2]`` with ``activation``, ``[M, N]`` float32 with
+        ``atomic_topk_sum``) in ``a``'s dtype. Rows of slots whose expert is -1 are zero.
+    """
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation is {activation!r}; expected None or one of {ACTIVATIONS}")
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}; expected [M, top_k]")
+    m, tk = topk_ids.shape
+    if tk != top_k:
+        raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}; expected [M, {top_k}] "
+                         f"(top_k={top_k})")
+    slots = m * top_k
+    e, n_w, k = weights.num_experts, weights.n, weights.k
+    if a.dim() != 2:
+        raise ValueError(f"a has shape {tuple(a.shape)}; expected 2 dims")
+    rows = slots if a_is_slots else m
+    if tuple(a.shape) != (rows, k):
+        raise ValueError(f"a has shape {tuple(a.shape)}; expected {(rows, k)}")
+    if a.dtype != weights.dtype:
+        raise ValueError(f"a has dtype {a.dtype}; expected {weights.dtype} (the dtype of "
+                         f"{weights.name}.scales)")
+    if a.device != weights.device:
+        raise ValueError(f"a is on {a.device}; expected {weights.device} (the weights' device)")
+    if activation is not None and n_w % 2:
+        raise ValueError(f"{weights.name} has N={n_w} rows; expected an even count (gate and "
+                         "up) with an activation")
+    if atomic_topk_sum and activation is not None:
+        raise ValueError("atomic_topk_sum and activation cannot be combined")
+    n_out = n_w // 2 if activation is not None else n_w
+    if mul_routed_weight:
+        if topk_weights is None or tuple(topk_weights.shape) != (m, top_k):
+            found = None if topk_weights is None else tuple(topk_weights.shape)
+            raise ValueError(f"topk_weights has shape {found}; expected {(m, top_k)} with "
+                             "mul_routed_weight")
+        topk_weights = topk_weights.contiguous()
+    if atomic_topk_sum:
+        out_shape, out_dtype = (m, n_out), torch.float32
+    else:
+        out_shape, out_dtype = (slots, n_out), a.dtype
+    if out is not None:
+        if tuple(out.shape) != out_shape or out.dtype != out_dtype or out.device != a.device:
+            raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on "
+                             f"{out.device}; expected {out_shape}, {out_dtype} on {a.device}")
+    else:
+        out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
+    if atomic_topk_sum:
+        out.zero_()
+    if slots == 0:
+        return out
+
+    sorted_ids, expert_ids, num_post_padded = blocks
+    for name, t in (("blocks.sorted_token_ids", sorted_ids), ("blocks.expert_ids", expert_ids),
+                    ("blocks.num_tokens_post_padded", num_post_padded)):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.device != a.device or t.stride(0) != 1:
+            raise ValueError(f"{name} has dtype {t.dtype}, shape {tuple(t.shape)} on "
+                             f"{t.device}; expected a contiguous 1-D int32 tensor on "
+                             f"{a.device}")
+    em = sorted_ids.numel()
+    if config is None:
+        # the blocks fix BLOCK_SIZE_M; the rest comes from the tuned table / heuristic
+        block_m = em // max(expert_ids.numel(), 1)
+        config = {**get_prefill_config(m, n_w, k, e, top_k, a.dtype, a.device),
+                  "BLOCK_SIZE_M": block_m}
+    config = _check_config(dict(config))
+    bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    if em % bm or expert_ids.numel() != em // bm:
+        raise ValueError(f"blocks have {em} sorted slots and {expert_ids.numel()} expert ids; "
+                         f"expected a multiple of BLOCK_SIZE_M={bm} slots and one id per "
+                         f"block (align_block_size(..., block_size={bm}))")
+    group_mode = _group_mode(weights.group_size, k, bk)
+    q, s = weights.qweight, weights.scales
+    z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
+    p = weights.perm if weights.perm is not None else q
+    tw = topk_weights if mul_routed_weight else s
+    grid = (triton.cdiv(em, bm) * triton.cdiv(n_out, bn),)
+    _prefill_kernel[grid](
+        a, q, s, z, p, out, tw, sorted_ids, expert_ids, num_post_padded,
+        n_out, k, em, slots, top_k, n_w // 2 if activation is not None else 0,
+        a.stride(0), a.stride(1),
+        q.stride(0), q.stride(1), q.stride(2),
+        s.stride(0), s.stride(1), s.stride(2),
+        z.stride(0), z.stride(1), z.stride(2),
+        p.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP_SIZE=weights.group_size,
+        GROUP_MODE=group_mode,
+        A_IS_SLOTS=a_is_slots,
+        MUL_ROUTED_WEIGHT=mul_routed_weight,
+        HAS_ZEROS=weights.zeros is not None,
+        HAS_PERM=weights.perm is not None,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        ATOMIC_TOPK_SUM=atomic_topk_sum,
+        EVEN_K=k % bk == 0,
+        SWAP_AB=bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT)),
+        DEQUANT=_dequant_mode(config, a.device),
+        IS_FP16=a.dtype == torch.float16,
+        BLOCK_SIZE_M=bm,
+        BLOCK_SIZE_N=bn,
+        BLOCK_SIZE_K=bk,
+        GROUP_SIZE_M=config["GROUP_SIZE_M"],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    return out
+
+
+@dataclass
+class PrefillWorkspace:
+    """Reusable buffers of :func:`fused_moe_prefill` for up to ``max_slots = max_tokens *
+    top_k`` slots: ``intermediate`` ``[max_slots, I]`` (GEMM1 output after the activation)
+    and ``gemm2_out`` ``[max_slots, H]`` (per-slot GEMM2 output before the top-k sum)."""
+
+    intermediate: torch.Tensor
+    gemm2_out: torch.Tensor
+
+    @classmethod
+    def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
+                 device: torch.device | str | None = None) -> PrefillWorkspace:
+        device = experts.device if device is None else device
+        slots = max_tokens * top_k
+        kw = {"dtype": experts.dtype, "device": device}
+        return cls(intermediate=torch.empty(slots, experts.intermediate_size, **kw),
+                   gemm2_out=torch.empty(slots, experts.hidden_size, **kw))
+
+    def views(self, slots: int, experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
+        i, h = experts.intermediate_size, experts.hidden_size
+        for name, t, cols in (("intermediate", self.intermediate, i),
+                              ("gemm2_out", self.gemm2_out, h)):
+            if (t.dim() != 2 or t.shape[0] < slots or t.shape[1] != cols
+                    or t.dtype != experts.dtype or t.device != experts.device
+                    or not t.is_contiguous()):
+                raise ValueError(f"workspace.{name} has shape {tuple(t.shape)}, dtype {t.dtype} "
+                                 f"on {t.device}; expected at least ({slots}, {cols}), "
+                                 f"{experts.dtype} on {experts.device}, contiguous")
+        return self.intermediate[:slots], self.gemm2_out[:slots]
+
+
+def fused_moe_prefill(
+    hidden_states: torch.Tensor,
+    experts: PackedExperts,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    expert_map: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    workspace: PrefillWorkspace | None = None,
+    configs: tuple[dict, dict] | None = None,
+    atomic_topk_sum: bool = False,
+) -> torch.Tensor:
+    """MoE experts layer with the prefill kernel: ``out[m] = sum_k w[m,k] * W2[e] @
+    act(W13[e] @ x[m])``, ``e = topk_ids[m, k]`` (through ``expert_map``; -1 contributes 0).
+
+    Args:
+        hidden_states: ``[M, H]`` fp16/bf16 (the experts' dtype).
+        experts: packed experts (local experts when ``expert_map`` is given).
+        topk_weights: ``[M, top_k]`` router weights; topk_ids: ``[M, top_k]`` global ids.
+        activation: ``"silu"``, ``"gelu"`` or ``"gelu_tanh"``; fused into GEMM1's epilogue.
+        apply_router_weight_on_input: scale GEMM1's input (equivalently its output, before
+            the activation) instead of GEMM2's output.
+        expert_map: optional int32 ``[num_global_experts]`` global -> local id (-1: remote).
+        out: optional ``[M, H]`` output in the experts' dtype.
+        workspace: optional :class:`PrefillWorkspace` sized for at least ``M`` tokens; with
+            it the GEMMs allocate nothing (the routing sort still allocates its own tensors).
+        configs: optional (GEMM1 config, GEMM2 config); GEMM2's BLOCK_SIZE_M is forced to
+            GEMM1's (both walk the same blocks).
+        atomic_topk_sum: sum the top-k slots with fp32 atomics in GEMM2's epilogue instead of
+            a separate reduction (order-nondeterministic rounding).
+
+    Returns:
+        ``[M, H]`` in the experts' dtype.
+    """
+    num_global = check_routing(hidden_states, experts, topk_weights, topk_ids, expert_map)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation is {activation!r}; expected one of {ACTIVATIONS}")
+    if hidden_states.dtype != experts.dtype:
+        raise ValueError(f"hidden_states has dtype {hidden_states.dtype}; expected "
+                         f"{experts.dtype} (the experts' dtype)")
+    m, h = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    i = experts.intermediate_size
+    if out is not None and (tuple(out.shape) != (m, h) or out.dtype != experts.dtype
+                            or out.device != hidden_states.device):
+        raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}; "
+                         f"expected {(m, h)}, {experts.dtype} on {hidden_states.device}")
+    if out is None:
+        out = torch.empty(m, h, dtype=experts.dtype, device=hidden_states.device)
+    if m == 0:
+        return out
+    slots = m * top_k
+    if workspace is not None:
+        inter, c2 = workspace.views(slots, experts)
+    else:
+        inter = torch.empty(slots, i, dtype=experts.dtype, device=hidden_states.device)
+        c2 = None if atomic_topk_sum else torch.empty(slots, h, dtype=experts.dtype,
+                                                      device=hidden_states.device)
+    if configs is None:
+        cfg1 = get_prefill_config(m, 2 * i, h, experts.num_experts, top_k, experts.dtype,
+                                  hidden_states.device)
+        cfg2 = get_prefill_config(m, h, i, experts.num_experts, top_k, experts.dtype,
+                                  hidden_states.device)
+    else:
+        cfg1, cfg2 = (dict(c) for c in configs)
+    cfg2 = {**cfg2, "BLOCK_SIZE_M": cfg1["BLOCK_SIZE_M"]}
+    blocks = align_block_size(topk_ids, cfg1["BLOCK_SIZE_M"], num_global, expert_map)
+    with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
+        prefill_gemm(hidden_states, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
+                     mul_routed_weight=apply_router_weight_on_input, activation=activation,
+                     out=inter, config=cfg1)
+    mul2 = not apply_router_weight_on_input
+    if atomic_topk_sum:
+        with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
+            acc = prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
+                               mul_routed_weight=mul2, a_is_slots=True, atomic_topk_sum=True,
+                               config=cfg2)
+        out.copy_(acc)
+        return out
+    with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
+        prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
+                     mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2)
+    if top_k == 1:
+        out.copy_(c2)
+    else:
+        torch.sum(c2.view(m, top_k, h), dim=1, out=out)
+    return out
+
+
+__all__ = ["PrefillWorkspace", "fused_moe_prefill", "prefill_gemm"]

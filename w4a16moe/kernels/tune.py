@@ -1,0 +1,325 @@
+"""Tuning the prefill kernel on the running GPU, and the ``w4a16moe tune`` command.
+
+:func:`tune_prefill` times every candidate config of both GEMMs of each model shape (GEMM1
+with the fused activation, GEMM2) at each token count, under CUDA graphs, and picks per M the
+``BLOCK_SIZE_M`` (shared by both GEMMs: they walk the same sorted blocks) with the smallest
+GEMM1 + GEMM2 time and, for it, the fastest config of each GEMM. The result is the JSON table
+read by :mod:`w4a16moe.kernels.configs`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The MoE shape of one model: experts, top-k, hidden size H, expert intermediate size I,
+    quantization group size G."""
+
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    group_size: int = 128
+
+
+MODEL_SHAPES: dict[str, ModelShape] = {
+    "qwen3-30b-a3b": ModelShape(128, 8, 2048, 768),
+    "mixtral-8x7b": ModelShape(8, 2, 4096, 14336),
+    "deepseek-v2-lite": ModelShape(64, 6, 2048, 1408),
+    "qwen3-235b-a22b": ModelShape(128, 8, 4096, 1536),
+    "olmoe-1b-7b": ModelShape(64, 8, 2048, 1024),
+}
+
+DEFAULT_TOKENS = (64, 256, 1024, 4096)
+
+#: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps,
+#: num_stages) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the configs that
+#: won the H100 sweeps in benchmarks/notes_prefill.md) for short device sessions
+SPACES: dict[str, list[tuple[bool, int, int, int, int]]] = {
+    "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
+                                      (3, 4))),
+    "quick": [(True, 64, 64, 4, 4), (True, 128, 64, 8, 4), (False, 128, 64, 8, 3),
+              (True, 64, 64, 8, 4), (False, 64, 64, 4, 4)],
+}
+#: skip candidates whose fp32 accumulators alone would need more registers per thread
+MAX_ACC_REGS = 128
+
+
+def block_m_candidates(rows_per_expert: float, count: int = 2) -> tuple[int, ...]:
+    """The ``count`` largest BLOCK_SIZE_M values worth trying when each expert gets
+    ``rows_per_expert`` slots (at most twice that, at least 16)."""
+    cands = [bm for bm in (16, 32, 64, 128, 256) if bm <= max(16, 2 * rows_per_expert)]
+    return tuple(cands[-count:])
+
+
+def candidate_configs(block_m: int, rows_per_expert: float, space: str = "default",
+                      fused_activation: bool = False) -> list[dict]:
+    """Configs of ``space`` at ``block_m`` whose accumulators fit :data:`MAX_ACC_REGS`
+    (GEMM1 with the fused activation holds two)."""
+    if space not in SPACES:
+        raise ValueError(f"space is {space!r}; expected one of {sorted(SPACES)}")
+    out = []
+    for swap, bn, bk, warps, stages in SPACES[space]:
+        acc_regs = block_m * bn * (2 if fused_activation else 1) / (32 * warps)
+        if acc_regs > MAX_ACC_REGS:
+            continue
+        out.append({"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
+                    "GROUP_SIZE_M": 1 if rows_per_expert <= 64 else 8, "num_warps": warps,
+                    "num_stages": stages, "SWAP_AB": swap})
+    return out
+
+
+def random_packed_weights(num_experts: int, n: int, k: int, group_size: int, dtype, device,
+                          generator=None):
+    """Random :class:`PackedWeights` made directly on ``device`` (any int32 word is a valid
+    packing of 8 codes), scales ~ 1/(4 sqrt(K))."""
+    import torch
+
+    from ..layout import PackedWeights
+
+    qweight = torch.randint(-2**31, 2**31 - 1, (num_experts, n, k // 8), dtype=torch.int32,
+                            device=device, generator=generator)
+    scales = (torch.rand(num_experts, n, k // group_size, device=device, generator=generator)
+              * 0.5 + 0.75) / (4 * math.sqrt(k))
+    return PackedWeights(qweight=qweight, scales=scales.to(dtype), group_size=group_size)
+
+
+def random_packed_experts(shape: ModelShape, dtype, device, seed: int = 0):
+    """Random :class:`PackedExperts` of ``shape`` on ``device`` (fast for large models)."""
+    import torch
+
+    from ..layout import PackedExperts
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    e, h, i, g = shape.num_experts, shape.hidden_size, shape.intermediate_size, shape.group_size
+    return PackedExperts(w13=random_packed_weights(e, 2 * i, h, g, dtype, device, gen),
+                         w2=random_packed_weights(e, h, i, g, dtype, device, gen),
+                         num_experts=e, hidden_size=h, intermediate_size=i, dtype=dtype)
+
+
+def time_cuda_graph(fn: Callable[[], object], rep_ms: float = 20.0) -> float:
+    """Median time of ``fn`` in microseconds, replayed in a CUDA graph."""
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def random_routing(m: int, shape: ModelShape, device, seed: int = 0):
+    """Softmax top-k routing of ``m`` tokens over random logits: (weights, ids)."""
+    import torch
+
+    from ..routing import fused_topk
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    logits = torch.randn(m, shape.num_experts, device=device, generator=gen)
+    return fused_topk(logits, shape.top_k)
+
+
+def tune_prefill(
+    models: Iterable[str] | dict[str, ModelShape],
+    tokens: Iterable[int] = DEFAULT_TOKENS,
+    *,
+    dtype=None,
+    space: str = "default",
+    out: str | os.PathLike | None = None,
+    rep_ms: float = 20.0,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Search prefill configs on the current GPU.
+
+    Args:
+        models: names from :data:`MODEL_SHAPES`, or ``{name: ModelShape}``.
+        tokens: token counts M to tune (the JSON's M buckets).
+        dtype: activation dtype (default bfloat16).
+        space: candidate space name in :data:`SPACES`.
+        out: JSON file to write; an existing valid file there is merged into (its other
+            entries kept).
+        rep_ms: timing budget per candidate.
+        on_step: ``on_step(done, total, description)`` after each timed candidate.
+
+    Returns:
+        The table ``{"_meta": ..., "N,K": {"M": config}}`` (also written to ``out``).
+    """
+    import torch
+    import triton
+
+    from ..routing import align_block_size
+    from .configs import parse_table
+    from .prefill import prefill_gemm
+
+    if not torch.cuda.is_available():
+        raise ValueError("tuning needs a CUDA GPU; none is available")
+    dtype = dtype or torch.bfloat16
+    device = torch.device("cuda")
+    if isinstance(models, dict):
+        shapes = dict(models)
+    else:
+        shapes = {}
+        for name in models:
+            if name not in MODEL_SHAPES:
+                raise ValueError(f"model is {name!r}; expected one of {sorted(MODEL_SHAPES)}")
+            shapes[name] = MODEL_SHAPES[name]
+    tokens = tuple(tokens)
+    if not tokens or any(m <= 0 for m in tokens):
+        raise ValueError(f"tokens are {tokens}; expected positive token counts")
+
+    plan = []
+    for name, shape in shapes.items():
+        for m in tokens:
+            rows = m * shape.top_k / shape.num_experts
+            for bm in block_m_candidates(rows):
+                plan.append((name, shape, m, bm,
+                             {"w13": candidate_configs(bm, rows, space, True),
+                              "w2": candidate_configs(bm, rows, space, False)}))
+    total = sum(len(c["w13"]) + len(c["w2"]) for *_, c in plan)
+    done = 0
+
+    table: dict = {}
+    meta_times: dict = {}
+    if out is not None and Path(out).exists():
+        try:
+            with open(out, encoding="utf-8") as f:
+                old = json.load(f)
+            parse_table(old)
+            table = {k: v for k, v in old.items() if not k.startswith("_")}
+            meta_times = dict(old.get("_meta", {}).get("times_us", {}))
+        except (OSError, ValueError):
+            table = {}
+
+    results: dict[tuple[str, int], dict[int, tuple]] = {}
+    experts_cache: dict[str, object] = {}
+    for name, shape, m, bm, cands in plan:
+        if name not in experts_cache:
+            experts_cache.clear()
+            torch.cuda.empty_cache()
+            experts_cache[name] = random_packed_experts(shape, dtype, device)
+        experts = experts_cache[name]
+        e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
+        x = torch.randn(m, h, device=device, dtype=dtype)
+        weights, ids = random_routing(m, shape, device)
+        blocks = align_block_size(ids, bm, e)
+        inter = torch.empty(m * shape.top_k, i, device=device, dtype=dtype)
+        c2 = torch.empty(m * shape.top_k, h, device=device, dtype=dtype)
+        best: dict[str, tuple[float, dict]] = {}
+        for gemm in ("w13", "w2"):
+            for cfg in cands[gemm]:
+                if gemm == "w13":
+                    fn = functools.partial(prefill_gemm, x, experts.w13, blocks, ids, weights,
+                                           top_k=shape.top_k, activation="silu", out=inter,
+                                           config=cfg)
+                else:
+                    fn = functools.partial(prefill_gemm, inter, experts.w2, blocks, ids, weights,
+                                           top_k=shape.top_k, mul_routed_weight=True,
+                                           a_is_slots=True, out=c2, config=cfg)
+                note = ""
+                try:
+                    fn()
+                    t = time_cuda_graph(fn, rep_ms)
+                except Exception as exc:  # out of resources, compile failure: skip it
+                    t = math.inf
+                    note = f" ({type(exc).__name__})"
+                done += 1
+                if t < best.get(gemm, (math.inf, None))[0]:
+                    best[gemm] = (t, cfg)
+                if on_step is not None:
+                    on_step(done, total,
+                            f"{name} M={m} {gemm} BLOCK_M={bm}: {t:.1f} us{note}")
+        if "w13" in best and "w2" in best:
+            results.setdefault((name, m), {})[bm] = (best["w13"], best["w2"])
+
+    for (name, m), per_bm in results.items():
+        shape = shapes[name]
+        bm = min(per_bm, key=lambda b: per_bm[b][0][0] + per_bm[b][1][0])
+        (t1, c1), (t2, c2_) = per_bm[bm]
+        h, i = shape.hidden_size, shape.intermediate_size
+        for (n, k), cfg, t in (((2 * i, h), c1, t1), ((h, i), c2_, t2)):
+            table.setdefault(f"{n},{k}", {})[str(m)] = cfg
+            meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
+
+    result = {"_meta": {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
+                        "space": space, "times_us": meta_times,
+                        "note": "times_us: median kernel time under CUDA graphs, random "
+                                "routing; GEMM1 includes the fused SiLU*up epilogue"}}
+    result.update(dict(sorted(table.items())))
+    if out is not None:
+        path = Path(out)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def _parse_tokens(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--tokens is {text!r}; expected comma-separated integers") from None
+    if not vals:
+        raise ValueError("--tokens is empty")
+    return vals
+
+
+def run(args) -> int:
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .configs import CONFIG_DIR, device_config_filename
+
+    names = [n.strip() for n in args.model.split(",") if n.strip()]
+    if names == ["all"]:
+        names = list(MODEL_SHAPES)
+    for n in names:
+        if n not in MODEL_SHAPES:
+            raise ValueError(f"--model {n!r} is unknown; expected one of "
+                             f"{', '.join(MODEL_SHAPES)} or all")
+    if not torch.cuda.is_available():
+        raise ValueError("w4a16moe tune needs a CUDA GPU; none is available")
+    out = args.out or str(CONFIG_DIR / device_config_filename())
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("tuning", total=None)
+
+        def step(done: int, total: int, desc: str) -> None:
+            bar.update(task, completed=done, total=total, description=desc)
+
+        tune_prefill(names, _parse_tokens(args.tokens), dtype=dtype, space=args.space,
+                     out=out, rep_ms=args.rep_ms, on_step=step)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("tune", help="tune the prefill kernel's configs on this GPU",
+                       description="Time candidate prefill-kernel configs for a model's MoE "
+                                   "shapes on the running GPU and write the JSON config table.")
+    p.add_argument("--model", required=True,
+                   help=f"model name(s), comma-separated, or 'all': {', '.join(MODEL_SHAPES)}")
+    p.add_argument("--out", default=None,
+                   help="JSON file to write or update (default: the package's file for this "
+                        "GPU)")
+    p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)),
+                   help="token counts M to tune, comma-separated (default: %(default)s)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--space", choices=sorted(SPACES), default="default",
+                   help="candidate space (default: %(default)s)")
+    p.add_argument("--rep-ms", type=float, default=20.0,
+                   help="timing budget per candidate in ms (default: %(default)s)")
+    p.set_defaults(func=run)

@@ -8,7 +8,7 @@ import torch
 from w4a16moe.cli import main
 
 TINY = {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
-        "hidden_size": 64, "moe_intermediate_size": 64, "num_hidden_layers": 1,
+        "hidden_size": 128, "moe_intermediate_size": 128, "num_hidden_layers": 1,
         "hidden_act": "silu", "norm_topk_prob": True}
 
 
@@ -24,10 +24,10 @@ def test_profile_writes_trace_and_summarises_both_paths(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)["summaries"]
     names = {(r["kernel"], r["m"], r["n"], r["k"]) for r in rows}
     # M=1 ran the decode kernel, M=3 the prefill kernel; two GEMMs each
-    assert ("fused_moe_wvsplitk_int4", 1, 128, 64) in names
-    assert ("fused_moe_wvsplitk_int4", 1, 64, 64) in names
-    assert ("hybrid_triton_moe", 3, 128, 64) in names
-    assert ("hybrid_triton_moe", 3, 64, 64) in names
+    assert ("fused_moe_wvsplitk_int4", 1, 256, 128) in names
+    assert ("fused_moe_wvsplitk_int4", 1, 128, 128) in names
+    assert ("hybrid_triton_moe", 3, 256, 128) in names
+    assert ("hybrid_triton_moe", 3, 128, 128) in names
     assert all(r["calls"] == 2 for r in rows)
 
 

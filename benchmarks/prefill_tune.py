@@ -4,6 +4,9 @@ baseline, a config sweep, and (``--tune``) filling the GPU's config JSON.
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_tune.py --check --bench \
         --sweep --out $OUT
     PYTHONPATH=. python3 benchmarks/prefill_tune.py --tune qwen3-30b-a3b,... --out $OUT
+    PYTHONPATH=. python3 benchmarks/prefill_tune.py --align --thresholds all \
+        --threshold-sweep qwen3-30b-a3b,mixtral-8x7b --dequant-gmm qwen3-30b-a3b,mixtral-8x7b \
+        --deadline 230 --out $OUT
 
 Everything is timed under CUDA graphs (median of replays). Weights of these shapes exceed the
 50 MB L2 several times over, so one copy is enough (no rotation). FLOPs of one layer:
@@ -22,21 +25,37 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 from w4a16moe.kernels.configs import get_prefill_config
-from w4a16moe.kernels.prefill import fused_moe_prefill, prefill_gemm
+from w4a16moe.kernels.prefill import (
+    PrefillWorkspace,
+    _group_mode,
+    _weight_tile,
+    fused_moe_prefill,
+    prefill_gemm,
+)
 from w4a16moe.kernels.tune import (
+    DEFAULT_THRESHOLD_CANDIDATES,
     MODEL_SHAPES,
+    measure_decode_threshold,
     random_packed_experts,
     random_routing,
+    select_threshold,
+    threshold_costs,
     time_cuda_graph,
     tune_prefill,
+    write_thresholds,
 )
 from w4a16moe.layout import PackedWeights
 from w4a16moe.reference import moe_reference
-from w4a16moe.routing import align_block_size
+from w4a16moe.routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 
-DEV = torch.device("cuda")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: denser token counts for the "best fixed threshold" sweep (contains the default ones)
+DENSE_CANDIDATES = tuple(sorted(set(DEFAULT_THRESHOLD_CANDIDATES)
+                                | {3, 6, 12, 20, 28, 40, 56, 80, 112, 160, 192}))
 
 #: (SWAP_AB, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, DEQUANT) tried at the largest M (the
 #: first sweep's list is in notes_prefill.md; this is the follow-up around its winners)
@@ -233,6 +252,300 @@ def bench(results: dict, models: list[str], tokens: list[int], sweep: bool, rep:
     results["bench"] = rows
 
 
+# --------------------------------------------------------------------------------------------
+# align_block_size: Triton against torch
+# --------------------------------------------------------------------------------------------
+def align_bench(results: dict, rep: float, variants: bool = False) -> None:
+    """Equality of the Triton and torch align_block_size and their CUDA-graph times."""
+    from w4a16moe.kernels.align import scratch_numel
+
+    cases = [(128, 8, 64, 16), (128, 8, 256, 64), (128, 8, 1024, 128), (128, 8, 4096, 128),
+             (8, 2, 256, 64), (8, 2, 4096, 128), (256, 8, 4096, 128), (128, 8, 16384, 128),
+             (512, 8, 8192, 64)]
+    rows = []
+    for e, top_k, m, bs in cases:
+        gen = torch.Generator(device=DEV)
+        gen.manual_seed(m + e)
+        logits = torch.randn(m, e, device=DEV, generator=gen)
+        ids = logits.topk(top_k, dim=-1).indices.to(torch.int32)
+        emap = None
+        if e == 256:      # expert-parallel half: odd experts remote
+            emap = torch.where(torch.arange(e, device=DEV) % 2 == 0,
+                               torch.arange(e, device=DEV) // 2, -1).to(torch.int32)
+        tri = align_block_size(ids, bs, e, emap, backend="triton")
+        ref = align_block_size(ids, bs, e, emap, backend="torch")
+        ok = all(torch.equal(a, b) for a, b in zip(tri, ref, strict=True))
+        slots = m * top_k
+        n = max_num_tokens_padded(slots, bs, e)
+        out = AlignedBlocks(torch.empty(n, dtype=torch.int32, device=DEV),
+                            torch.empty(n // bs, dtype=torch.int32, device=DEV),
+                            torch.empty(1, dtype=torch.int32, device=DEV))
+        scratch = torch.empty(scratch_numel(slots, e), dtype=torch.int32, device=DEV)
+        t_tri = time_cuda_graph(functools.partial(align_block_size, ids, bs, e, emap, out=out,
+                                                  scratch=scratch, backend="triton"), rep)
+        t_tri_alloc = time_cuda_graph(functools.partial(align_block_size, ids, bs, e, emap,
+                                                        backend="triton"), rep)
+        t_torch = time_cuda_graph(functools.partial(align_block_size, ids, bs, e, emap,
+                                                    backend="torch"), rep)
+        row = {"E": e, "top_k": top_k, "M": m, "block": bs, "expert_map": emap is not None,
+               "equal": ok, "triton_us": t_tri, "triton_alloc_us": t_tri_alloc,
+               "torch_us": t_torch}
+        rows.append(row)
+        print(f"align E={e:3d} top_k={top_k} M={m:5d} bs={bs:3d} map={emap is not None}: "
+              f"equal={ok} triton {t_tri:6.1f} us (allocating {t_tri_alloc:6.1f}) | torch "
+              f"{t_torch:6.1f} us", flush=True)
+        if variants and m >= 4096:   # variants: chunk size and scan tile rows
+            from w4a16moe.kernels.align import align_block_size_triton
+
+            found = {}
+            for chunk in (64, 128, 256, 512):
+                for rows_ in (None, max(2, 16384 // max(16, 1 << (e - 1).bit_length()))):
+                    sc = torch.empty(scratch_numel(slots, e, chunk), dtype=torch.int32,
+                                     device=DEV)
+                    fn = functools.partial(align_block_size_triton, ids, bs, e, emap, *out,
+                                           scratch=sc, chunk=chunk, scan_rows=rows_)
+                    fn()
+                    same = all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+                    found[f"chunk{chunk}/rows{rows_}"] = (time_cuda_graph(fn, rep), same)
+            row["variants"] = found
+            print("   variants: " + ", ".join(f"{k} {t:.1f}{'' if ok_ else ' WRONG'}"
+                                            for k, (t, ok_) in found.items()), flush=True)
+    results["align"] = rows
+
+
+# --------------------------------------------------------------------------------------------
+# decode/prefill thresholds
+# --------------------------------------------------------------------------------------------
+def thresholds(results: dict, models: list[str], dense: list[str], rep: float, out_dir: str,
+               deadline: float, t0: float) -> None:
+    """Measure the threshold of each model (dense candidates for ``dense``), write the
+    thresholds JSON into ``out_dir`` and, for the dense ones, compare the threshold chosen
+    from the default candidates with the best fixed threshold over the dense grid."""
+    from w4a16moe.experts import threshold_key
+    from w4a16moe.kernels.configs import device_config_filename
+
+    path = os.path.join(out_dir, device_config_filename().removesuffix(".json")
+                        + "_thresholds.json")
+    rows = results.setdefault("thresholds", [])
+    for name in models:
+        if time.time() - t0 > deadline:
+            print(f"thresholds: deadline reached before {name}", flush=True)
+            break
+        s = MODEL_SHAPES[name]
+        cands = DENSE_CANDIDATES if name in dense else DEFAULT_THRESHOLD_CANDIDATES
+        t1 = time.time()
+        try:
+            r = measure_decode_threshold(s.num_experts, s.top_k, s.hidden_size,
+                                         s.intermediate_size, s.group_size, candidates=cands,
+                                         rep_ms=rep)
+        except Exception as exc:  # noqa: BLE001 - record and go on
+            print(f"thresholds {name}: failed: {type(exc).__name__}: {str(exc)[:300]}",
+                  flush=True)
+            rows.append({"model": name, "error": str(exc)[:500]})
+            continue
+        torch.cuda.empty_cache()
+        key = threshold_key(s.num_experts, s.hidden_size, s.intermediate_size, s.top_k,
+                            s.group_size)
+        row = {"model": name, "key": key, "threshold": r.threshold, "M": list(r.candidates),
+               "decode_us": list(r.decode_us), "prefill_us": list(r.prefill_us),
+               "seconds": time.time() - t1}
+        for m, td, tp in zip(r.candidates, r.decode_us, r.prefill_us, strict=True):
+            print(f"  {name} M={m:4d}: decode {td:8.1f} us  prefill {tp:8.1f} us "
+                  f"{'<- decode' if td <= tp else ''}", flush=True)
+        if name in dense:
+            sub = [i for i, m in enumerate(r.candidates) if m in DEFAULT_THRESHOLD_CANDIDATES]
+            sparse_t = select_threshold([r.candidates[i] for i in sub],
+                                        [r.decode_us[i] for i in sub],
+                                        [r.prefill_us[i] for i in sub])
+            costs = threshold_costs(r.candidates, r.decode_us, r.prefill_us)
+            best_t = min(costs, key=lambda t: (costs[t], t))
+            row.update({"threshold_default_candidates": sparse_t, "best_fixed": best_t,
+                        "cost_chosen": costs[r.threshold],
+                        "cost_default_candidates": costs[sparse_t],
+                        "cost_best_fixed": costs[best_t]})
+            print(f"{name}: chosen (dense) {r.threshold} cost {costs[r.threshold]:.4f}; "
+                  f"from default candidates {sparse_t} cost {costs[sparse_t]:.4f}; best fixed "
+                  f"{best_t} cost {costs[best_t]:.4f}", flush=True)
+        print(f"thresholds {name}: decode up to M={r.threshold} ({row['seconds']:.0f} s)",
+              flush=True)
+        rows.append(row)
+        timings = {key: {"model": name, "M": list(r.candidates),
+                         "decode_us": [round(t, 2) for t in r.decode_us],
+                         "prefill_us": [round(t, 2) for t in r.prefill_us]}}
+        old = {}
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f).get("_meta", {}).get("timings", {})
+        write_thresholds(path, {key: r.threshold}, {
+            "device": torch.cuda.get_device_name(), "triton": triton.__version__,
+            "torch": torch.__version__, "dtype": "bfloat16", "timings": {**old, **timings},
+            "note": "value: largest M that runs the decode kernel (last measured M before "
+                    "prefill first wins); layer times per call under CUDA graphs, random "
+                    "softmax routing rotated over 8 calls; benchmarks/prefill_tune.py "
+                    "--thresholds"})
+    print(f"wrote {path}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# dequantize to bf16 + torch._grouped_mm (measurement for the largest M)
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dequant_dense_kernel(qw_ptr, s_ptr, out_ptr, N, K,
+                          stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sg,
+                          stride_oe, stride_on, stride_ok,
+                          GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DEQUANT: tl.constexpr, IS_FP16: tl.constexpr):
+    """out[e, n, k] = dequantized weight (symmetric, no perm); grid (N/BN, K/BK, E)."""
+    e = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows < N
+    k_start = tl.program_id(1) * BLOCK_K
+    s_pc = tl.zeros((BLOCK_N, 1), dtype=s_ptr.dtype.element_ty)
+    z_pc = tl.full((1, 1), 8, tl.int32)
+    w = _weight_tile(qw_ptr + e * stride_qe, s_ptr + e * stride_se, s_ptr, rows, n_mask,
+                     k_start, K, stride_qn, stride_qk, stride_sn, stride_sg, 0, 0, s_pc, z_pc,
+                     GROUP_SIZE, GROUP_MODE, False, True, BLOCK_K, DEQUANT, IS_FP16)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + e * stride_oe + rows[:, None] * stride_on + offs_k[None, :] * stride_ok,
+             w, mask=n_mask[:, None])
+
+
+def dequant_dense(pw: PackedWeights, out: torch.Tensor, block_n: int = 64,
+                  block_k: int = 128) -> torch.Tensor:
+    """Dequantize symmetric, unpermuted weights into ``out [E, N, K]`` (scales' dtype)."""
+    if pw.zeros is not None or pw.perm is not None or pw.k % block_k:
+        raise ValueError("dequant_dense: symmetric, unpermuted weights with K % BLOCK_K == 0 "
+                         "only")
+    q, s = pw.qweight, pw.scales
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    grid = (triton.cdiv(pw.n, block_n), pw.k // block_k, pw.num_experts)
+    _dequant_dense_kernel[grid](
+        q, s, out, pw.n, pw.k, q.stride(0), q.stride(1), q.stride(2), s.stride(0), s.stride(1),
+        s.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        GROUP_SIZE=pw.group_size, GROUP_MODE=_group_mode(pw.group_size, pw.k, block_k),
+        BLOCK_N=block_n, BLOCK_K=block_k, DEQUANT=1 if interpreted else 2,
+        IS_FP16=s.dtype == torch.float16, num_warps=4)
+    return out
+
+
+def dequant_gmm(results: dict, models: list[str], m: int, rep: float) -> None:
+    """Same run: fused GEMM1+GEMM2 (table configs) vs dequantize-to-bf16 + _grouped_mm."""
+    rows = []
+    for name in models:
+        s = MODEL_SHAPES[name]
+        dtype = torch.bfloat16
+        ex = random_packed_experts(s, dtype, DEV, seed=3)
+        w13d = torch.empty(s.num_experts, 2 * s.intermediate_size, s.hidden_size,
+                           device=DEV, dtype=dtype)
+        w2d = torch.empty(s.num_experts, s.hidden_size, s.intermediate_size, device=DEV,
+                          dtype=dtype)
+        dequant_dense(ex.w13, w13d)
+        dequant_dense(ex.w2, w2d)
+        ref0 = ex.w13.select_experts(slice(0, 1)).dequantize(torch.float32)[0]
+        ok = torch.equal(w13d[0].float(), ref0.to(dtype).float())
+        def dq(ex=ex, a=w13d, b=w2d):
+            dequant_dense(ex.w13, a)
+            dequant_dense(ex.w2, b)
+
+        t_dq = time_cuda_graph(dq, rep)
+        w, ids = random_routing(m, s, DEV, seed=m)
+        bfn, bname = baseline_fn(m, s, w13d, w2d, ids, dtype)
+        t_base = time_cuda_graph(bfn, rep)
+        x = torch.randn(m, s.hidden_size, device=DEV, dtype=dtype)
+        cfg1 = get_prefill_config(m, 2 * s.intermediate_size, s.hidden_size, s.num_experts,
+                                  s.top_k, dtype, DEV)
+        cfg2 = {**get_prefill_config(m, s.hidden_size, s.intermediate_size, s.num_experts,
+                                     s.top_k, dtype, DEV), "BLOCK_SIZE_M": cfg1["BLOCK_SIZE_M"]}
+        blocks = align_block_size(ids, cfg1["BLOCK_SIZE_M"], s.num_experts)
+        inter = torch.empty(m * s.top_k, s.intermediate_size, device=DEV, dtype=dtype)
+        c2o = torch.empty(m * s.top_k, s.hidden_size, device=DEV, dtype=dtype)
+        g1 = functools.partial(prefill_gemm, x, ex.w13, blocks, ids, w, top_k=s.top_k,
+                               activation="silu", out=inter, config=cfg1)
+        g2 = functools.partial(prefill_gemm, inter, ex.w2, blocks, ids, w, top_k=s.top_k,
+                               mul_routed_weight=True, a_is_slots=True, out=c2o, config=cfg2)
+        g1()
+        g2()
+        t1 = time_cuda_graph(g1, rep)
+        t2 = time_cuda_graph(g2, rep)
+        row = {"model": name, "M": m, "dequant_ok": ok, "dequant_us": t_dq,
+               "baseline": bname, "grouped_mm_us": t_base, "fused_gemm1_us": t1,
+               "fused_gemm2_us": t2, "dequant_plus_gmm_us": t_dq + t_base}
+        rows.append(row)
+        print(f"{name} M={m}: fused g1+g2 {t1:.0f}+{t2:.0f}={t1 + t2:.0f} us | dequant "
+              f"{t_dq:.0f} us (ok={ok}) + {bname} {t_base:.0f} us = {t_dq + t_base:.0f} us",
+              flush=True)
+        del ex, w13d, w2d
+        torch.cuda.empty_cache()
+    results["dequant_gmm"] = rows
+
+
+def layer_bench(results: dict, m_list: list[int], rep: float) -> None:
+    """qwen3 layer (align + GEMM1 + GEMM2 + sum) with and without a workspace."""
+    s = MODEL_SHAPES["qwen3-30b-a3b"]
+    ex = random_packed_experts(s, torch.bfloat16, DEV, seed=5)
+    rows = []
+    for m in m_list:
+        x = torch.randn(m, s.hidden_size, device=DEV, dtype=torch.bfloat16)
+        w, ids = random_routing(m, s, DEV, seed=m)
+        y = torch.empty_like(x)
+        ws = PrefillWorkspace.allocate(m, ex, s.top_k)
+        fused_moe_prefill(x, ex, w, ids, out=y, workspace=ws)
+        ref = moe_reference(x, ex, w, ids, round_intermediate=True)
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        t_ws = time_cuda_graph(functools.partial(fused_moe_prefill, x, ex, w, ids, out=y,
+                                                 workspace=ws), rep)
+        t_plain = time_cuda_graph(functools.partial(fused_moe_prefill, x, ex, w, ids, out=y),
+                                  rep)
+        rows.append({"M": m, "rel_err": err, "layer_workspace_us": t_ws,
+                     "layer_us": t_plain})
+        print(f"qwen3 layer M={m}: rel_err {err:.2e}; with workspace {t_ws:.1f} us, without "
+              f"{t_plain:.1f} us", flush=True)
+    results["layer"] = rows
+
+
+def dense_layer_bench(results: dict, models: list[str], m_list: list[int], rep: float) -> None:
+    """fused_moe_prefill with the table configs against the same call forced onto the dense
+    path (dequantize + torch._grouped_mm), both checked against moe_reference."""
+    rows = []
+    for name in models:
+        s = MODEL_SHAPES[name]
+        dtype = torch.bfloat16
+        ex = random_packed_experts(s, dtype, DEV, seed=9)
+        for m in m_list:
+            x = torch.randn(m, s.hidden_size, device=DEV, dtype=dtype)
+            w, ids = random_routing(m, s, DEV, seed=m + 3)
+            cfg1 = get_prefill_config(m, 2 * s.intermediate_size, s.hidden_size,
+                                      s.num_experts, s.top_k, dtype, DEV)
+            cfg2 = get_prefill_config(m, s.hidden_size, s.intermediate_size, s.num_experts,
+                                      s.top_k, dtype, DEV)
+            ws = PrefillWorkspace.allocate(m, ex, s.top_k, dense=True)
+            ref = moe_reference(x, ex, w, ids, round_intermediate=True)
+            res = {}
+            for label, c1 in (("fused", {**cfg1, "DENSE": False}),
+                              ("dense", {**cfg1, "DENSE": True})):
+                y = torch.empty_like(x)
+                fn = functools.partial(fused_moe_prefill, x, ex, w, ids, out=y,
+                                       workspace=ws, configs=(c1, cfg2))
+                fn()
+                torch.cuda.synchronize()
+                err = ((y.float() - ref).norm() / ref.norm()).item()
+                res[label] = (time_cuda_graph(fn, rep), err)
+            del ref
+            row = {"model": name, "M": m, "fused_us": res["fused"][0],
+                   "fused_rel_err": res["fused"][1], "dense_us": res["dense"][0],
+                   "dense_rel_err": res["dense"][1]}
+            rows.append(row)
+            print(f"{name} M={m}: layer fused {res['fused'][0]:.0f} us (err "
+                  f"{res['fused'][1]:.1e}) | dense {res['dense'][0]:.0f} us (err "
+                  f"{res['dense'][1]:.1e})", flush=True)
+            del ws
+            torch.cuda.empty_cache()
+        del ex
+        torch.cuda.empty_cache()
+    results["dense_layer"] = rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
@@ -244,11 +557,49 @@ def main() -> int:
     ap.add_argument("--space", default="quick")
     ap.add_argument("--rep", type=float, default=10.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--align", action="store_true")
+    ap.add_argument("--align-variants", action="store_true")
+    ap.add_argument("--thresholds", default="", help="models, or 'all'")
+    ap.add_argument("--threshold-sweep", default="", help="models timed on the dense grid")
+    ap.add_argument("--dequant-gmm", default="", help="models: dequant + _grouped_mm at M")
+    ap.add_argument("--dequant-m", type=int, default=4096)
+    ap.add_argument("--layer", default="", help="qwen3 layer with/without workspace at M,...")
+    ap.add_argument("--dense", default="", help="models: layer fused vs dense path")
+    ap.add_argument("--dense-m", default="2048,4096")
+    ap.add_argument("--deadline", type=float, default=1e9,
+                    help="seconds after which remaining sections are skipped")
     args = ap.parse_args()
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     t0 = time.time()
     tokens = [int(t) for t in args.tokens.split(",")]
+    def save() -> None:
+        results["elapsed_s"] = time.time() - t0
+        with open(os.path.join(args.out, "prefill_results.json"), "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+    def live() -> bool:
+        return time.time() - t0 < args.deadline
+
     try:
+        if args.align:
+            align_bench(results, args.rep, args.align_variants)
+            save()
+        if args.thresholds and live():
+            names = list(MODEL_SHAPES) if args.thresholds == "all" else \
+                args.thresholds.split(",")
+            dense = [n for n in args.threshold_sweep.split(",") if n]
+            thresholds(results, names, dense, args.rep, args.out, args.deadline, t0)
+            save()
+        if args.dequant_gmm and live():
+            dequant_gmm(results, args.dequant_gmm.split(","), args.dequant_m, args.rep)
+            save()
+        if args.dense and live():
+            dense_layer_bench(results, args.dense.split(","),
+                              [int(v) for v in args.dense_m.split(",")], args.rep)
+            save()
+        if args.layer and live():
+            layer_bench(results, [int(v) for v in args.layer.split(",")], args.rep)
+            save()
         if args.check:
             check(results)
         if args.bench:
@@ -267,9 +618,7 @@ def main() -> int:
                          rep_ms=args.rep, on_step=step)
             print(f"wrote {path}", flush=True)
     finally:
-        results["elapsed_s"] = time.time() - t0
-        with open(os.path.join(args.out, "prefill_results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        save()
     fails = [c for c in results.get("check", []) if not c["ok"]]
     return 1 if fails else 0
 

@@ -16,7 +16,13 @@ from conftest import DEVICE, ON_GPU
 
 from w4a16moe.kernels import configs as cfgmod
 from w4a16moe.kernels import prefill as prefill_mod
-from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill, prefill_gemm
+from w4a16moe.kernels.prefill import (
+    PrefillWorkspace,
+    dense_path_supported,
+    dequantize_dense,
+    fused_moe_prefill,
+    prefill_gemm,
+)
 from w4a16moe.quantize import random_experts
 from w4a16moe.reference import moe_reference
 from w4a16moe.routing import align_block_size, fused_topk
@@ -161,6 +167,39 @@ def test_workspace_reuse():
         fused_moe_prefill(x, experts, w, ids, workspace=small)
 
 
+def test_workspace_holds_the_alignment(monkeypatch):
+    """With a workspace the align_block_size outputs are views of its buffers (no
+    allocation), for local experts under an expert_map too; too-small buffers fall back."""
+    experts, x, w, ids = make_case(20, 64, 32, 6, 2, seed=17)
+    expert_map = torch.tensor([0, -1, 1, 2, -1, -1], dtype=torch.int32, device=DEVICE)
+    local = experts.select_experts(torch.tensor([0, 2, 3], device=DEVICE))
+    ws = PrefillWorkspace.allocate(20, local, top_k=2, num_global_experts=6)
+    for t in (ws.sorted_ids, ws.expert_ids, ws.num_post_padded, ws.align_scratch):
+        t.fill_(-7)
+    seen = []
+    real = prefill_mod.align_block_size
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("out"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prefill_mod, "align_block_size", spy)
+    run_and_compare(local, x, w, ids, expert_map=expert_map, workspace=ws)
+    assert seen[-1] is not None
+    assert seen[-1].sorted_token_ids.data_ptr() == ws.sorted_ids.data_ptr()
+    bm = cfgmod.INTERPRETER_CONFIG["BLOCK_SIZE_M"] if not ON_GPU else None
+    if bm is not None:
+        ref = align_block_size(ids, bm, 6, expert_map)
+        n = ref.sorted_token_ids.numel()
+        assert torch.equal(ws.sorted_ids[:n], ref.sorted_token_ids)
+        assert torch.equal(ws.expert_ids[: n // bm], ref.expert_ids)
+    # sized for the 3 local experts only: the 6 global ones do not fit, it allocates
+    small = PrefillWorkspace.allocate(20, local, top_k=2)
+    assert small.align_views(40, 16, 6) is None and small.align_views(40, 16, 3) is not None
+    run_and_compare(local, x, w, ids, expert_map=expert_map, workspace=small)
+    assert seen[-1] is None
+
+
 def test_empty_batch_launches_nothing(monkeypatch):
     experts, x, w, ids = make_case(0, 64, 32, 3, 2, seed=14)
 
@@ -285,7 +324,79 @@ def test_heuristic_configs_are_valid(m, top_k, e):
 
 
 def test_shipped_config_files_parse():
-    files = sorted(cfgmod.CONFIG_DIR.glob("*.json"))
+    # <gpu>_thresholds.json beside them is the decode threshold table (tests/test_tune.py)
+    files = sorted(f for f in cfgmod.CONFIG_DIR.glob("*.json")
+                   if not f.name.endswith("_thresholds.json"))
+    assert files
     for f in files:
         table = cfgmod.parse_table(json.loads(f.read_text()))
         assert table, f"{f.name} holds no shapes"
+
+
+# --------------------------------------------------------------------------------------------
+# dense path: dequantize + torch._grouped_mm (selected by "DENSE" in GEMM1's config)
+
+DENSE_CFG = {**cfgmod.INTERPRETER_CONFIG, "DENSE": True}
+
+
+@pytest.mark.parametrize("group_size,k,symmetric", [(32, 96, True), (64, 128, False),
+                                                    (128, 256, True), (-1, 72, False)])
+def test_dequantize_dense_matches_layout(group_size, k, symmetric):
+    experts = random_experts(3, k, max(32, group_size), group_size=group_size,
+                             symmetric=symmetric,
+                             dtype=torch.float16, device=DEVICE, seed=k)
+    w = experts.w13                                   # [3, 2I, k]
+    out = torch.full((3, w.n, k), float("nan"), dtype=torch.float16, device=DEVICE)
+    got = dequantize_dense(w, out)
+    assert got is out
+    assert torch.equal(got, w.dequantize(torch.float32).to(torch.float16))
+
+
+def test_dequantize_dense_rejects():
+    experts = random_experts(2, 64, 32, group_size=32, act_order=True, dtype=torch.float16,
+                             device=DEVICE, seed=1)
+    with pytest.raises(ValueError, match="perm; dequantize_dense needs"):
+        dequantize_dense(experts.w13)
+    plain = random_experts(2, 64, 32, group_size=32, dtype=torch.float16, device=DEVICE, seed=1)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 64, 64\).*expected contiguous "
+                                         r"\(2, 64, 64\), torch.float16"):
+        dequantize_dense(plain.w13, torch.empty(2, 64, 64, dtype=torch.float32, device=DEVICE))
+
+
+@pytest.mark.parametrize("m,e,top_k,on_input,activation", [
+    (9, 3, 2, False, "silu"), (17, 4, 3, True, "gelu"), (5, 2, 1, False, "gelu_tanh"),
+    (1, 4, 2, False, "silu")])
+def test_dense_path_matches_reference(m, e, top_k, on_input, activation, monkeypatch):
+    experts, x, w, ids = make_case(m, 64, 32, e, top_k, symmetric=not on_input, seed=m + 40)
+    assert dense_path_supported(experts, None, x.device)
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the fused GEMM kernel ran on the dense path")
+
+    monkeypatch.setattr(prefill_mod, "_prefill_kernel", NoLaunch())
+    run_and_compare(experts, x, w, ids, on_input=on_input, activation=activation,
+                    configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG))
+    ws = PrefillWorkspace.allocate(m, experts, top_k, dense=True)
+    ws.dense_weights.fill_(float("nan"))
+    run_and_compare(experts, x, w, ids, on_input=on_input, activation=activation,
+                    configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG), workspace=ws)
+    assert not torch.isnan(ws.dense_weights).all()
+
+
+def test_dense_flag_ignored_where_unsupported():
+    """expert_map or act-order: the fused kernel runs despite DENSE."""
+    experts, x, w, ids = make_case(8, 64, 32, 4, 2, act_order=True, seed=50)
+    assert not dense_path_supported(experts, None, x.device)
+    run_and_compare(experts, x, w, ids, configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG))
+    experts, x, w, ids = make_case(8, 64, 32, 4, 2, seed=51)
+    expert_map = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)
+    assert not dense_path_supported(experts, expert_map, x.device)
+    run_and_compare(experts, x, w, ids, expert_map=expert_map,
+                    configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG))
+
+
+def test_dense_key_in_config_table():
+    assert cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "DENSE": True})["DENSE"] is True
+    with pytest.raises(ValueError, match=r"DENSE is 1; expected one of \[True, False\]"):
+        cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "DENSE": 1})

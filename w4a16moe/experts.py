@@ -172,7 +172,8 @@ class HybridW4A16MoEExperts(nn.Module):
             return ws
         ws = self._prefill_ws
         if ws is None or ws.intermediate.shape[0] < m * self.top_k:
-            ws = self._prefill_ws = PrefillWorkspace.allocate(max(m, 1), ex, self.top_k)
+            ws = self._prefill_ws = PrefillWorkspace.allocate(
+                max(m, 1), ex, self.top_k, num_global_experts=self.num_global_experts)
         return ws
 
     # -- forward --------------------------------------------------------------------------

@@ -115,11 +115,18 @@ def max_num_tokens_padded(num_slots: int, block_size: int, num_experts: int) -> 
     return -(-bound // block_size) * block_size
 
 
+ALIGN_BACKENDS = ("auto", "triton", "torch")
+
+
 def align_block_size(
     topk_ids: torch.Tensor,
     block_size: int,
     num_experts: int,
     expert_map: torch.Tensor | None = None,
+    *,
+    out: AlignedBlocks | None = None,
+    scratch: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> AlignedBlocks:
     """Sort (token, k) slots by expert and pad each expert's run to ``block_size``.
 
@@ -130,6 +137,15 @@ def align_block_size(
         expert_map: optional int32/int64 ``[num_experts]`` on ``topk_ids``' device: global id
             -> local id, -1 if the expert is not on this rank (its blocks get expert id -1;
             its slots are still listed in ``sorted_token_ids``).
+        out: optional preallocated outputs (int32, contiguous, of exactly the shapes below,
+            e.g. views of a workspace); they are filled and returned.
+        scratch: optional int32 buffer of at least
+            :func:`w4a16moe.kernels.align.scratch_numel` entries for the Triton kernels
+            (ignored by the torch path).
+        backend: ``"triton"`` (three small kernels, :mod:`w4a16moe.kernels.align`; on CPU
+            tensors only under ``TRITON_INTERPRET=1``), ``"torch"`` (sort/scatter/searchsorted)
+            or ``"auto"``: Triton on CUDA tensors, torch elsewhere. Both give identical
+            outputs.
 
     Returns:
         :class:`AlignedBlocks`; within an expert the slots keep their flat (token-major)
@@ -159,11 +175,57 @@ def align_block_size(
         if expert_map.device != topk_ids.device:
             raise ValueError(f"expert_map is on {expert_map.device}; expected "
                              f"{topk_ids.device} (the device of topk_ids)")
+    if backend not in ALIGN_BACKENDS:
+        raise ValueError(f"backend is {backend!r}; expected one of {ALIGN_BACKENDS}")
     device = topk_ids.device
     num_slots = topk_ids.numel()
     max_padded = max_num_tokens_padded(num_slots, block_size, num_experts)
     max_blocks = max_padded // block_size
+    if out is not None:
+        _check_out_blocks(out, max_padded, max_blocks, device)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "triton":
+        from .kernels.align import align_block_size_triton
 
+        if out is None:
+            out = AlignedBlocks(torch.empty(max_padded, dtype=torch.int32, device=device),
+                                torch.empty(max_blocks, dtype=torch.int32, device=device),
+                                torch.empty(1, dtype=torch.int32, device=device))
+        align_block_size_triton(topk_ids, block_size, num_experts, expert_map, *out,
+                                scratch=scratch)
+        return out
+    result = _align_block_size_torch(topk_ids, block_size, num_experts, expert_map,
+                                     max_padded, max_blocks)
+    if out is None:
+        return result
+    for dst, src in zip(out, result, strict=True):
+        dst.copy_(src)
+    return out
+
+
+def _check_out_blocks(out: AlignedBlocks, max_padded: int, max_blocks: int,
+                      device: torch.device) -> None:
+    """Raise ValueError unless ``out`` holds contiguous int32 buffers of the output shapes."""
+    if not isinstance(out, tuple) or len(out) != 3:
+        raise ValueError(f"out is a {type(out).__name__}; expected AlignedBlocks")
+    for name, t, n in (("sorted_token_ids", out[0], max_padded),
+                       ("expert_ids", out[1], max_blocks),
+                       ("num_tokens_post_padded", out[2], 1)):
+        if (not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1
+                or t.numel() != n or t.device != device or t.stride(0) != 1):
+            found = (f"dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}"
+                     if isinstance(t, torch.Tensor) else type(t).__name__)
+            raise ValueError(f"out.{name} has {found}; expected a contiguous int32 tensor of "
+                             f"shape ({n},) on {device}")
+
+
+def _align_block_size_torch(topk_ids: torch.Tensor, block_size: int, num_experts: int,
+                            expert_map: torch.Tensor | None, max_padded: int,
+                            max_blocks: int) -> AlignedBlocks:
+    """The torch implementation of :func:`align_block_size` (arguments already checked)."""
+    device = topk_ids.device
+    num_slots = topk_ids.numel()
     flat = topk_ids.reshape(-1).to(torch.int64)
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
     counts.scatter_add_(0, flat, torch.ones_like(flat))

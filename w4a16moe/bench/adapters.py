@@ -30,6 +30,11 @@ def hybrid_moe(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights
     return entry[1](hidden_states, topk_weights, topk_ids)
 
 
+def hybrid_choice(experts: PackedExperts, top_k: int, m: int) -> str:
+    """The kernel (``"decode"`` or ``"prefill"``) the hybrid path runs for ``m`` tokens."""
+    return HybridW4A16MoEExperts(experts, top_k).choose_path(m)
+
+
 def clear_caches() -> None:
     """Drop the cached modules (and with them their weights and workspaces)."""
     _HYBRID.clear()

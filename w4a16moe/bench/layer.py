@@ -354,6 +354,11 @@ def bench_layer(
                 rec.update(impl=cand.name, kernel_us=t.median_us, timing=t.method, rel_err=err,
                            error=None, read_gbps=rec["bytes"] / (t.median_us * 1e3),
                            x_floor=t.median_us / floor.us)
+                if spec.name == "hybrid":
+                    from .adapters import hybrid_choice
+
+                    rec["hybrid_kernel"] = rec["impl"] = hybrid_choice(
+                        copies.weights("int4", 0), shape.top_k, m)
                 if layer_time:
                     use = inputs[:n_copies[spec.weights]]
                     lt = _time_path(cand, fn, copies, use, shape.activation, True, device,

@@ -34,7 +34,8 @@ import triton.language as tl
 from ..layout import PACK_FACTOR, PackedExperts, PackedWeights
 from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
 from ..reference import ACTIVATIONS, check_routing
-from ..routing import AlignedBlocks, align_block_size
+from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
+from .align import scratch_numel
 from .configs import CONFIG_KEYS, get_prefill_config
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
@@ -401,6 +402,60 @@ def _prefill_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _dequant_dense_kernel(
+    qw_ptr, s_ptr, z_ptr, out_ptr, N, K,
+    stride_qe, stride_qn, stride_qk,
+    stride_se, stride_sn, stride_sg,
+    stride_ze, stride_zn, stride_zg,
+    stride_oe, stride_on, stride_ok,
+    GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    EVEN_K: tl.constexpr, DEQUANT: tl.constexpr, IS_FP16: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[e, n, k] = (q - z) * s for a [BLOCK_N, BLOCK_K] tile; grid (N/BN, K/BK, E).
+    qweight int32 ``[E, N, K/8]``, scales/zeros ``[E, N, K/G]``, out ``[E, N, K]``."""
+    e = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rows < N
+    k_start = tl.program_id(1) * BLOCK_K
+    s_base = s_ptr + e * stride_se
+    z_base = z_ptr + e * stride_ze
+    s_pc = tl.zeros((BLOCK_N, 1), dtype=s_ptr.dtype.element_ty)
+    z_pc = tl.full((1, 1), 8, tl.int32)
+    if GROUP_MODE == 0:
+        s_pc, z_pc = _load_group_params(s_base, z_base, rows, n_mask, 0, stride_sn, stride_sg,
+                                        stride_zn, stride_zg, HAS_ZEROS)
+    w = _weight_tile(qw_ptr + e * stride_qe, s_base, z_base, rows, n_mask, k_start, K,
+                     stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, s_pc,
+                     z_pc, GROUP_SIZE, GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_K, DEQUANT, IS_FP16)
+    offs_k = k_start + tl.arange(0, BLOCK_K)
+    ptrs = out_ptr + e * stride_oe + rows[:, None] * stride_on + offs_k[None, :] * stride_ok
+    if EVEN_K:
+        tl.store(ptrs, w, mask=n_mask[:, None])
+    else:
+        tl.store(ptrs, w, mask=n_mask[:, None] & (offs_k[None, :] < K))
+
+
+@triton.jit
+def _act_mul_kernel(gu_ptr, out_ptr, w_ptr, I, stride_gm, stride_om,
+                    ACTIVATION: tl.constexpr, MUL_WEIGHT: tl.constexpr, BLOCK_I: tl.constexpr):
+    """out[r, :] = act(w[r] * gate) * (w[r] * up) for gate_up ``[R, 2I]`` (gate ``[:, :I]``,
+    up ``[:, I:]``), in fp32, stored in out's dtype; ``w`` fp32 ``[R]`` only with
+    MUL_WEIGHT. Grid (R, cdiv(I, BLOCK_I))."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    mask = cols < I
+    gate = tl.load(gu_ptr + row * stride_gm + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(gu_ptr + row * stride_gm + I + cols, mask=mask, other=0.0).to(tl.float32)
+    if MUL_WEIGHT:
+        w = tl.load(w_ptr + row)
+        gate = gate * w
+        up = up * w
+    y = _activation(gate, ACTIVATION) * up
+    tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -541,6 +596,7 @@ def prefill_gemm(
         block_m = em // max(expert_ids.numel(), 1)
         config = {**get_prefill_config(m, n_w, k, e, top_k, a.dtype, a.device),
                   "BLOCK_SIZE_M": block_m}
+        config.pop("DENSE", None)
     config = _check_config(dict(config))
     bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     if em % bm or expert_ids.numel() != em // bm:
@@ -584,23 +640,157 @@ def prefill_gemm(
     return out
 
 
+def dequantize_dense(weights: PackedWeights, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize packed weights into a dense ``[E, N, K]`` tensor in the scales' dtype with
+    one Triton kernel (``W[e, n, k] = (q - z) * s``, the same rounding as the prefill
+    kernel's tiles). Weights with an act-order ``perm`` are not supported (ValueError).
+    ``out``: optional contiguous ``[E, N, K]`` destination."""
+    if weights.perm is not None:
+        raise ValueError(f"{weights.name} has an act-order perm; dequantize_dense needs "
+                         "weights without one")
+    e, n, k = weights.num_experts, weights.n, weights.k
+    dtype = weights.scales.dtype
+    if out is None:
+        out = torch.empty(e, n, k, dtype=dtype, device=weights.device)
+    elif (tuple(out.shape) != (e, n, k) or out.dtype != dtype or out.device != weights.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}; "
+                         f"expected contiguous {(e, n, k)}, {dtype} on {weights.device}")
+    if out.numel() == 0:
+        return out
+    block_k = 128 if k >= 128 else max(16, triton.next_power_of_2(k))
+    block_n = 64
+    q, s = weights.qweight, weights.scales
+    z = weights.zeros if weights.zeros is not None else q
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" or out.device.type != "cuda"
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k), e)
+    _dequant_dense_kernel[grid](
+        q, s, z, out, n, k,
+        q.stride(0), q.stride(1), q.stride(2),
+        s.stride(0), s.stride(1), s.stride(2),
+        z.stride(0), z.stride(1), z.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        GROUP_SIZE=weights.group_size, GROUP_MODE=_group_mode(weights.group_size, k, block_k),
+        HAS_ZEROS=weights.zeros is not None, EVEN_K=k % block_k == 0,
+        DEQUANT=1 if interpreted else 2, IS_FP16=dtype == torch.float16,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
+def dense_path_supported(experts: PackedExperts, expert_map: torch.Tensor | None,
+                         device: torch.device) -> bool:
+    """Whether :func:`fused_moe_prefill` can run the dequantize + ``torch._grouped_mm``
+    path: no ``expert_map``, no act-order ``perm``, ``torch._grouped_mm`` present, and on a
+    GPU bf16 activations (its CUDA kernels' dtype)."""
+    if expert_map is not None or experts.w13.perm is not None or experts.w2.perm is not None:
+        return False
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return device.type != "cuda" or experts.dtype == torch.bfloat16
+
+
+def _moe_dense(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights: torch.Tensor,
+               topk_ids: torch.Tensor, activation: str, on_input: bool, out: torch.Tensor,
+               workspace: PrefillWorkspace | None) -> torch.Tensor:
+    """The layer as dequantize-to-dense + ``torch._grouped_mm`` over the slots sorted by
+    expert (``align_block_size`` with block 1: no padding). One dense scratch of the larger
+    projection is reused for both (w13, then w2)."""
+    m, h = hidden_states.shape
+    top_k = topk_ids.shape[1]
+    e, i = experts.num_experts, experts.intermediate_size
+    slots = m * top_k
+    dtype, device = experts.dtype, hidden_states.device
+    ws_align = workspace.align_views(slots, 1, e) if workspace is not None else None
+    if ws_align is not None:
+        blocks = align_block_size(topk_ids, 1, e, out=ws_align[0], scratch=ws_align[1])
+    else:
+        blocks = align_block_size(topk_ids, 1, e)
+    order = blocks.sorted_token_ids.long()                 # [slots]: no padding with block 1
+    flat_ids = topk_ids.reshape(-1).long()
+    counts = torch.zeros(e, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    offs = counts.cumsum(0).to(torch.int32)
+    w_sorted = topk_weights.reshape(-1)[order].to(torch.float32).contiguous()
+
+    need = max(2 * i * h, h * i) * e
+    scratch = workspace.dense_weights if workspace is not None else None
+    if scratch is None or scratch.numel() < need or scratch.dtype != dtype:
+        scratch = torch.empty(need, dtype=dtype, device=device)
+    a = hidden_states.index_select(0, order // top_k)
+    w13 = dequantize_dense(experts.w13, scratch[: e * 2 * i * h].view(e, 2 * i, h))
+    gate_up = torch._grouped_mm(a, w13.transpose(1, 2), offs=offs)
+    inter = torch.empty(slots, i, dtype=dtype, device=device)
+    block_i = min(1024, triton.next_power_of_2(i))
+    _act_mul_kernel[(slots, triton.cdiv(i, block_i))](
+        gate_up, inter, w_sorted, i, gate_up.stride(0), inter.stride(0),
+        ACTIVATION=ACTIVATION_CODES[activation], MUL_WEIGHT=on_input, BLOCK_I=block_i,
+        num_warps=4)
+    w2 = dequantize_dense(experts.w2, scratch[: e * h * i].view(e, h, i))
+    y = torch._grouped_mm(inter, w2.transpose(1, 2), offs=offs)
+    if not on_input:
+        y = (y.float() * w_sorted[:, None]).to(dtype)
+    per_slot = torch.empty(slots, h, dtype=dtype, device=device)
+    per_slot.index_copy_(0, order, y)
+    if top_k == 1:
+        out.copy_(per_slot)
+    else:
+        torch.sum(per_slot.view(m, top_k, h), dim=1, out=out)
+    return out
+
+
+#: BLOCK_SIZE_M values a workspace's alignment buffers are sized for (every power of two a
+#: config may use)
+WORKSPACE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
 @dataclass
 class PrefillWorkspace:
     """Reusable buffers of :func:`fused_moe_prefill` for up to ``max_slots = max_tokens *
     top_k`` slots: ``intermediate`` ``[max_slots, I]`` (GEMM1 output after the activation)
-    and ``gemm2_out`` ``[max_slots, H]`` (per-slot GEMM2 output before the top-k sum)."""
+    and ``gemm2_out`` ``[max_slots, H]`` (per-slot GEMM2 output before the top-k sum).
+
+    With ``num_experts_align`` set (by :meth:`allocate`), also the outputs of
+    :func:`align_block_size` for any ``BLOCK_SIZE_M`` in :data:`WORKSPACE_BLOCK_SIZES` and up
+    to that many (global) experts: int32 ``sorted_ids``, ``expert_ids``,
+    ``num_post_padded [1]`` and the Triton kernels' ``align_scratch``; then a call allocates
+    nothing (given ``out``). ``dense_weights`` (``allocate(..., dense=True)``): the
+    ``E * max(2I*H, H*I)`` scratch of the dense path (``"DENSE"`` configs), which otherwise
+    allocates it per call (that path also allocates its activations).
+    """
 
     intermediate: torch.Tensor
     gemm2_out: torch.Tensor
+    sorted_ids: torch.Tensor | None = None
+    expert_ids: torch.Tensor | None = None
+    num_post_padded: torch.Tensor | None = None
+    align_scratch: torch.Tensor | None = None
+    num_experts_align: int = 0
+    dense_weights: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
-                 device: torch.device | str | None = None) -> PrefillWorkspace:
+                 device: torch.device | str | None = None,
+                 num_global_experts: int | None = None,
+                 dense: bool = False) -> PrefillWorkspace:
+        """Buffers for up to ``max_tokens`` tokens; ``num_global_experts`` (default
+        ``experts.num_experts``) sizes the alignment buffers (pass the global count when an
+        ``expert_map`` is used)."""
         device = experts.device if device is None else device
         slots = max_tokens * top_k
         kw = {"dtype": experts.dtype, "device": device}
+        e = experts.num_experts if num_global_experts is None else num_global_experts
+        sizes = [max_num_tokens_padded(slots, b, e) for b in WORKSPACE_BLOCK_SIZES]
+        blocks = max(n // b for n, b in zip(sizes, WORKSPACE_BLOCK_SIZES, strict=True))
+        ikw = {"dtype": torch.int32, "device": device}
         return cls(intermediate=torch.empty(slots, experts.intermediate_size, **kw),
-                   gemm2_out=torch.empty(slots, experts.hidden_size, **kw))
+                   gemm2_out=torch.empty(slots, experts.hidden_size, **kw),
+                   sorted_ids=torch.empty(max(sizes), **ikw),
+                   expert_ids=torch.empty(blocks, **ikw),
+                   num_post_padded=torch.empty(1, **ikw),
+                   align_scratch=torch.empty(scratch_numel(slots, e), **ikw),
+                   num_experts_align=e,
+                   dense_weights=torch.empty(experts.num_experts * 2 * experts.intermediate_size
+                                             * experts.hidden_size, **kw) if dense else None)
 
     def views(self, slots: int, experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         i, h = experts.intermediate_size, experts.hidden_size
@@ -613,6 +803,21 @@ class PrefillWorkspace:
                                  f"on {t.device}; expected at least ({slots}, {cols}), "
                                  f"{experts.dtype} on {experts.device}, contiguous")
         return self.intermediate[:slots], self.gemm2_out[:slots]
+
+    def align_views(self, slots: int, block_size: int, num_experts: int
+                    ) -> tuple[AlignedBlocks, torch.Tensor] | None:
+        """(outputs, scratch) of :func:`align_block_size` for ``slots`` slots over
+        ``num_experts`` experts, as views of this workspace; None if it has no such buffers
+        or they are too small (the caller then allocates)."""
+        if self.sorted_ids is None or num_experts > self.num_experts_align:
+            return None
+        n = max_num_tokens_padded(slots, block_size, num_experts)
+        need = scratch_numel(slots, num_experts)
+        if (n > self.sorted_ids.numel() or n // block_size > self.expert_ids.numel()
+                or need > self.align_scratch.numel()):
+            return None
+        return (AlignedBlocks(self.sorted_ids[:n], self.expert_ids[: n // block_size],
+                              self.num_post_padded), self.align_scratch[:need])
 
 
 def fused_moe_prefill(
@@ -642,9 +847,13 @@ def fused_moe_prefill(
         expert_map: optional int32 ``[num_global_experts]`` global -> local id (-1: remote).
         out: optional ``[M, H]`` output in the experts' dtype.
         workspace: optional :class:`PrefillWorkspace` sized for at least ``M`` tokens; with
-            it the GEMMs allocate nothing (the routing sort still allocates its own tensors).
+            it (made by :meth:`PrefillWorkspace.allocate` for at least the global expert
+            count) nothing is allocated on a GPU, except with ``atomic_topk_sum``.
         configs: optional (GEMM1 config, GEMM2 config); GEMM2's BLOCK_SIZE_M is forced to
-            GEMM1's (both walk the same blocks).
+            GEMM1's (both walk the same blocks). ``"DENSE": True`` in GEMM1's config (tuned
+            tables set it where it measured faster) runs the layer as
+            :func:`dequantize_dense` + ``torch._grouped_mm`` instead, when
+            :func:`dense_path_supported` (else the flag is ignored).
         atomic_topk_sum: sum the top-k slots with fp32 atomics in GEMM2's epilogue instead of
             a separate reduction (order-nondeterministic rounding).
 
@@ -682,8 +891,18 @@ def fused_moe_prefill(
                                   hidden_states.device)
     else:
         cfg1, cfg2 = (dict(c) for c in configs)
+    if cfg1.get("DENSE", False) and dense_path_supported(experts, expert_map,
+                                                         hidden_states.device):
+        return _moe_dense(hidden_states, experts, topk_weights, topk_ids, activation,
+                          apply_router_weight_on_input, out, workspace)
     cfg2 = {**cfg2, "BLOCK_SIZE_M": cfg1["BLOCK_SIZE_M"]}
-    blocks = align_block_size(topk_ids, cfg1["BLOCK_SIZE_M"], num_global, expert_map)
+    bm = cfg1["BLOCK_SIZE_M"]
+    ws_align = workspace.align_views(slots, bm, num_global) if workspace is not None else None
+    if ws_align is not None:
+        blocks = align_block_size(topk_ids, bm, num_global, expert_map, out=ws_align[0],
+                                  scratch=ws_align[1])
+    else:
+        blocks = align_block_size(topk_ids, bm, num_global, expert_map)
     with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
         prefill_gemm(hidden_states, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
                      mul_routed_weight=apply_router_weight_on_input, activation=activation,
@@ -706,4 +925,5 @@ def fused_moe_prefill(
     return out
 
 
-__all__ = ["PrefillWorkspace", "fused_moe_prefill", "prefill_gemm"]
+__all__ = ["PrefillWorkspace", "dense_path_supported", "dequantize_dense", "fused_moe_prefill",
+           "prefill_gemm"]

@@ -162,14 +162,7 @@ def tune_prefill(
         raise ValueError("tuning needs a CUDA GPU; none is available")
     dtype = dtype or torch.bfloat16
     device = torch.device("cuda")
-    if isinstance(models, dict):
-        shapes = dict(models)
-    else:
-        shapes = {}
-        for name in models:
-            if name not in MODEL_SHAPES:
-                raise ValueError(f"model is {name!r}; expected one of {sorted(MODEL_SHAPES)}")
-            shapes[name] = MODEL_SHAPES[name]
+    shapes = _resolve_models(models)
     tokens = tuple(tokens)
     if not tokens or any(m <= 0 for m in tokens):
         raise ValueError(f"tokens are {tokens}; expected positive token counts")
@@ -244,6 +237,9 @@ def tune_prefill(
         (t1, c1), (t2, c2_) = per_bm[bm]
         h, i = shape.hidden_size, shape.intermediate_size
         for (n, k), cfg, t in (((2 * i, h), c1, t1), ((h, i), c2_, t2)):
+            old_entry = table.get(f"{n},{k}", {}).get(str(m), {})
+            if "DENSE" in old_entry:   # chosen by a layer-level measurement: keep it
+                cfg = {**cfg, "DENSE": old_entry["DENSE"]}
             table.setdefault(f"{n},{k}", {})[str(m)] = cfg
             meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
 
@@ -264,15 +260,259 @@ def tune_prefill(
 
 
 # --------------------------------------------------------------------------------------------
+# decode / prefill threshold
+# --------------------------------------------------------------------------------------------
+DEFAULT_THRESHOLD_CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+@dataclass(frozen=True)
+class ThresholdResult:
+    """Measured layer times (us, per call) of both kernels at each candidate M and the
+    threshold chosen from them by :func:`select_threshold`."""
+
+    threshold: int
+    candidates: tuple[int, ...]
+    decode_us: tuple[float, ...]
+    prefill_us: tuple[float, ...]
+
+
+def select_threshold(candidates: Iterable[int], decode_us: Iterable[float],
+                     prefill_us: Iterable[float]) -> int:
+    """The decode threshold (largest M that runs the decode kernel) from per-M timings.
+
+    The candidates are walked in increasing M; at the first one where the prefill kernel is
+    strictly faster the walk stops and the previous candidate is returned (0 if prefill
+    already wins at the smallest M; the largest candidate if decode wins everywhere). The
+    times are assumed to cross once; if they cross again above the first crossing (noise, or
+    a config change of either kernel) the later candidates are ignored, so the threshold
+    never exceeds a measured M where prefill won. Between two candidates nothing is known:
+    the result is conservative by up to one candidate step.
+    """
+    cands = [int(m) for m in candidates]
+    dec = [float(t) for t in decode_us]
+    pre = [float(t) for t in prefill_us]
+    if not cands or not len(cands) == len(dec) == len(pre):
+        raise ValueError(f"got {len(cands)} candidates, {len(dec)} decode and {len(pre)} "
+                         "prefill times; expected the same non-zero count")
+    if any(b <= a for a, b in zip(cands, cands[1:], strict=False)) or cands[0] < 1:
+        raise ValueError(f"candidates are {cands}; expected strictly increasing M >= 1")
+    if any(math.isnan(t) for t in dec + pre):
+        raise ValueError("timings contain NaN")
+    threshold = 0
+    for m, td, tp in zip(cands, dec, pre, strict=True):
+        if tp < td:
+            break
+        threshold = m
+    return threshold
+
+
+def threshold_costs(candidates: Iterable[int], decode_us: Iterable[float],
+                    prefill_us: Iterable[float]) -> dict[int, float]:
+    """For each fixed threshold T in ``{0} | candidates``: the summed layer time over the
+    measured M (each weighted once) when M <= T runs decode and the rest prefill, divided by
+    the sum of the per-M best (1.0 = no loss)."""
+    cands = [int(m) for m in candidates]
+    dec = [float(t) for t in decode_us]
+    pre = [float(t) for t in prefill_us]
+    best = sum(min(a, b) for a, b in zip(dec, pre, strict=True))
+    out = {}
+    for t in [0, *cands]:
+        total = sum(d if m <= t else p for m, d, p in zip(cands, dec, pre, strict=True))
+        out[t] = total / best
+    return out
+
+
+def measure_decode_threshold(
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    group_size: int = 128,
+    *,
+    dtype=None,
+    candidates: Iterable[int] = DEFAULT_THRESHOLD_CANDIDATES,
+    rotations: int = 8,
+    rep_ms: float = 5.0,
+    seed: int = 0,
+    experts=None,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> ThresholdResult:
+    """Time ``fused_moe_decode`` and ``fused_moe_prefill`` on the current GPU at each
+    candidate token count and pick the threshold with :func:`select_threshold`.
+
+    Each timed call runs ``rotations`` layer calls back to back in one CUDA graph, each with
+    its own random softmax routing, and reports the time per call: consecutive calls touch
+    different experts, so at small M the weights come from HBM, not from the 50 MB L2 (the
+    layer itself, ``E * 3 * H * I / 2`` bytes, is several times the L2 for every shape in
+    :data:`MODEL_SHAPES`; at large M every call reads all experts). Both kernels run with
+    preallocated workspaces and outputs (the alignment pass is included in the prefill time).
+
+    Args:
+        num_experts, top_k, hidden_size, intermediate_size, group_size: the layer shape.
+        dtype: activation dtype (default bfloat16).
+        candidates: increasing token counts to time.
+        rotations: layer calls (distinct routings) per timed graph.
+        rep_ms: timing budget per measurement (``do_bench_cudagraph``'s ``rep``).
+        experts: optional :class:`PackedExperts` of that shape (random ones otherwise).
+        on_step: ``on_step(done, total, description)`` after each timed candidate.
+    """
+    import torch
+
+    from ..routing import fused_topk
+    from .decode import DecodeWorkspace, fused_moe_decode
+    from .prefill import PrefillWorkspace, fused_moe_prefill
+
+    if not torch.cuda.is_available():
+        raise ValueError("measuring the decode threshold needs a CUDA GPU; none is available")
+    cands = tuple(int(m) for m in candidates)
+    if not cands or any(b <= a for a, b in zip(cands, cands[1:], strict=False)) or cands[0] < 1:
+        raise ValueError(f"candidates are {cands}; expected strictly increasing M >= 1")
+    if rotations < 1:
+        raise ValueError(f"rotations is {rotations}; expected >= 1")
+    dtype = dtype or torch.bfloat16
+    device = torch.device("cuda")
+    shape = ModelShape(num_experts, top_k, hidden_size, intermediate_size, group_size)
+    if experts is None:
+        experts = random_packed_experts(shape, dtype, device, seed=seed)
+    max_m = cands[-1]
+    dws = DecodeWorkspace.create(experts, top_k, max_m)
+    pws = PrefillWorkspace.allocate(max_m, experts, top_k)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    x_all = torch.randn(max_m, hidden_size, device=device, dtype=dtype, generator=gen)
+    y_all = torch.empty(max_m, hidden_size, device=device, dtype=dtype)
+    dec_t, pre_t = [], []
+    for step, m in enumerate(cands):
+        x, y = x_all[:m], y_all[:m]
+        routes = [fused_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
+                  for _ in range(rotations)]
+
+        def run_decode(x=x, y=y, routes=routes):
+            for w, ids in routes:
+                fused_moe_decode(x, experts, w, ids, out=y, workspace=dws)
+
+        def run_prefill(x=x, y=y, routes=routes):
+            for w, ids in routes:
+                fused_moe_prefill(x, experts, w, ids, out=y, workspace=pws)
+
+        times = []
+        for fn in (run_decode, run_prefill):
+            fn()
+            times.append(time_cuda_graph(fn, rep_ms) / rotations)
+        dec_t.append(times[0])
+        pre_t.append(times[1])
+        if on_step is not None:
+            on_step(step + 1, len(cands),
+                    f"M={m}: decode {times[0]:.1f} us, prefill {times[1]:.1f} us")
+    return ThresholdResult(select_threshold(cands, dec_t, pre_t), cands, tuple(dec_t),
+                           tuple(pre_t))
+
+
+def write_thresholds(path: str | os.PathLike, thresholds: dict[str, int],
+                     meta: dict | None = None) -> dict:
+    """Merge ``{threshold_key: M}`` (and ``meta`` under ``"_meta"``, merged per key) into the
+    thresholds JSON at ``path`` (created if missing; an unreadable file is replaced);
+    returns the written object."""
+    path = Path(path)
+    data: dict = {}
+    if path.exists():
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+            if isinstance(old, dict):
+                data = old
+        except (OSError, ValueError):
+            data = {}
+    for key, value in thresholds.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"threshold of {key!r} is {value!r}; expected an int >= 0")
+        data[key] = value
+    if meta:
+        old_meta = data.get("_meta") if isinstance(data.get("_meta"), dict) else {}
+        data["_meta"] = {**old_meta, **meta}
+    ordered = {k: data[k] for k in sorted(data, key=lambda k: (not k.startswith("_"), k))}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(ordered, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return ordered
+
+
+def measure_thresholds(
+    models: Iterable[str] | dict[str, ModelShape],
+    *,
+    dtype=None,
+    candidates: Iterable[int] = DEFAULT_THRESHOLD_CANDIDATES,
+    out: str | os.PathLike | None = None,
+    rep_ms: float = 5.0,
+    on_step: Callable[[int, int, str], None] | None = None,
+) -> dict[str, ThresholdResult]:
+    """:func:`measure_decode_threshold` for each model shape; with ``out``, merge the results
+    into that thresholds JSON (keys :func:`w4a16moe.experts.threshold_key`, timings under
+    ``_meta``). Returns ``{model name: ThresholdResult}``."""
+    import torch
+    import triton
+
+    from ..experts import threshold_key
+
+    shapes = _resolve_models(models)
+    results: dict[str, ThresholdResult] = {}
+    for name, s in shapes.items():
+        def step(done, total, desc, name=name):
+            if on_step is not None:
+                on_step(done, total, f"{name} {desc}")
+
+        torch.cuda.empty_cache()
+        results[name] = measure_decode_threshold(
+            s.num_experts, s.top_k, s.hidden_size, s.intermediate_size, s.group_size,
+            dtype=dtype, candidates=candidates, rep_ms=rep_ms, on_step=step)
+    if out is not None:
+        keys = {name: threshold_key(s.num_experts, s.hidden_size, s.intermediate_size,
+                                    s.top_k, s.group_size) for name, s in shapes.items()}
+        timings = {keys[n]: {"model": n, "M": list(r.candidates),
+                             "decode_us": [round(t, 2) for t in r.decode_us],
+                             "prefill_us": [round(t, 2) for t in r.prefill_us]}
+                   for n, r in results.items()}
+        old = {}
+        if Path(out).exists():
+            try:
+                with open(out, encoding="utf-8") as f:
+                    old = json.load(f).get("_meta", {}).get("timings", {})
+            except (OSError, ValueError, AttributeError):
+                old = {}
+        meta = {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+                "torch": torch.__version__,
+                "dtype": str(dtype or torch.bfloat16).removeprefix("torch."),
+                "timings": {**old, **timings},
+                "note": "value: largest M that runs the decode kernel (last candidate before "
+                        "prefill first wins); layer times per call under CUDA graphs, random "
+                        "routing rotated over 8 calls"}
+        write_thresholds(out, {keys[n]: r.threshold for n, r in results.items()}, meta)
+    return results
+
+
+def _resolve_models(models: Iterable[str] | dict[str, ModelShape]) -> dict[str, ModelShape]:
+    if isinstance(models, dict):
+        return dict(models)
+    shapes = {}
+    for name in models:
+        if name not in MODEL_SHAPES:
+            raise ValueError(f"model is {name!r}; expected one of {sorted(MODEL_SHAPES)}")
+        shapes[name] = MODEL_SHAPES[name]
+    return shapes
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
-def _parse_tokens(text: str) -> tuple[int, ...]:
+def _parse_tokens(text: str, flag: str = "--tokens") -> tuple[int, ...]:
     try:
         vals = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--tokens is {text!r}; expected comma-separated integers") from None
+        raise ValueError(f"{flag} is {text!r}; expected comma-separated integers") from None
     if not vals:
-        raise ValueError("--tokens is empty")
+        raise ValueError(f"{flag} is empty")
     return vals
 
 
@@ -291,8 +531,26 @@ def run(args) -> int:
                              f"{', '.join(MODEL_SHAPES)} or all")
     if not torch.cuda.is_available():
         raise ValueError("w4a16moe tune needs a CUDA GPU; none is available")
-    out = args.out or str(CONFIG_DIR / device_config_filename())
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.thresholds:
+        from ..experts import thresholds_path
+
+        out = args.out or thresholds_path(torch.cuda.get_device_name())
+        cands = _parse_tokens(args.candidates, "--candidates")
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}")) as bar:
+            task = bar.add_task("thresholds", total=None)
+
+            def tstep(done: int, total: int, desc: str) -> None:
+                bar.update(task, completed=done, total=total, description=desc)
+
+            res = measure_thresholds(names, dtype=dtype, candidates=cands, out=out,
+                                     rep_ms=min(args.rep_ms, 5.0), on_step=tstep)
+        for name, r in res.items():
+            print(f"{name}: decode up to M={r.threshold}")
+        print(f"wrote {out}")
+        return 0
+    out = args.out or str(CONFIG_DIR / device_config_filename())
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
         task = bar.add_task("tuning", total=None)
@@ -307,7 +565,8 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("tune", help="tune the prefill kernel's configs on this GPU",
+    p = sub.add_parser("tune", help="tune the prefill kernel's configs (or, with "
+                                      "--thresholds, the decode/prefill switch) on this GPU",
                        description="Time candidate prefill-kernel configs for a model's MoE "
                                    "shapes on the running GPU and write the JSON config table.")
     p.add_argument("--model", required=True,
@@ -322,4 +581,10 @@ def register(sub) -> None:
                    help="candidate space (default: %(default)s)")
     p.add_argument("--rep-ms", type=float, default=20.0,
                    help="timing budget per candidate in ms (default: %(default)s)")
+    p.add_argument("--thresholds", action="store_true",
+                   help="instead of tuning configs, measure the decode/prefill switch point "
+                        "of each model and merge it into the thresholds JSON (default "
+                        "--out: the package's <gpu>_thresholds.json)")
+    p.add_argument("--candidates", default=",".join(map(str, DEFAULT_THRESHOLD_CANDIDATES)),
+                   help="with --thresholds: token counts to time (default: %(default)s)")
     p.set_defaults(func=run)

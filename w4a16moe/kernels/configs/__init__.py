@@ -11,9 +11,10 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
       }
     }
 
-Entries may also hold ``"SWAP_AB"`` (boolean) and ``"DEQUANT"`` (0, 1 or 2). A missing file, an
-unknown shape or a malformed file (which warns, naming the file and the problem) fall back to
-:func:`heuristic_config`; nothing here raises for a bad file.
+Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2) and ``"DENSE"``
+(boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the whole layer).
+A missing file, an unknown shape or a malformed file (which warns, naming the file and the
+problem) fall back to :func:`heuristic_config`; nothing here raises for a bad file.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ CONFIG_DIR = Path(__file__).resolve().parent
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps",
                "num_stages")
 #: optional keys and their allowed values: SWAP_AB puts the weight tile on the wgmma M side;
-#: DEQUANT 0 int->float conversion, 1 exponent trick in Triton ops, 2 the same in PTX
-OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2)}
+#: DEQUANT 0 int->float conversion, 1 exponent trick in Triton ops, 2 the same in PTX;
+#: DENSE (GEMM1's entry only) runs the layer as dequantize-to-16-bit + torch._grouped_mm
+#: where that measured faster (few large experts at large M; see kernels/prefill.py)
+OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "DENSE": (True, False)}
 
 #: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
 INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,

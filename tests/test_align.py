@@ -1,0 +1,131 @@
+"""The Triton align_block_size (w4a16moe.kernels.align) against the torch implementation and
+the invariants of test_routing.check_aligned. On CPU the kernels run under the interpreter;
+sizes stay small (one chunk is 128 slots; a few chunks per case)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+from test_routing import check_aligned
+
+from w4a16moe.kernels.align import chunk_size, scratch_numel
+from w4a16moe.routing import AlignedBlocks, align_block_size, max_num_tokens_padded
+
+
+def random_ids(m, top_k, num_experts, skew=False, dtype=torch.int32):
+    if skew:   # most slots on expert 1: one expert's run spans several chunks
+        ids = torch.where(torch.rand(m, top_k) < 0.8, 1,
+                          torch.randint(0, num_experts, (m, top_k)))
+    else:
+        ids = torch.stack([torch.randperm(num_experts)[:top_k] for _ in range(m)])
+    return ids.to(dtype).to(DEVICE)
+
+
+def both(ids, block_size, num_experts, expert_map=None):
+    tri = align_block_size(ids, block_size, num_experts, expert_map, backend="triton")
+    ref = align_block_size(ids, block_size, num_experts, expert_map, backend="torch")
+    for name, a, b in zip(AlignedBlocks._fields, tri, ref, strict=True):
+        assert a.dtype == b.dtype == torch.int32, name
+        assert torch.equal(a.cpu(), b.cpu()), f"{name} differs:\n{a}\n{b}"
+    cpu_map = None if expert_map is None else expert_map.cpu()
+    check_aligned(ids.cpu(), block_size, num_experts, AlignedBlocks(*(t.cpu() for t in tri)),
+                  expert_map=cpu_map)
+    return tri
+
+
+@pytest.mark.parametrize(
+    "m, top_k, num_experts, block_size",
+    [(1, 1, 1, 1), (1, 2, 8, 16), (5, 2, 4, 4), (33, 4, 8, 16), (64, 8, 16, 64),
+     (7, 3, 64, 2), (16, 2, 3, 1), (100, 1, 2, 32), (3, 4, 4, 128), (70, 4, 16, 16),
+     (45, 6, 64, 32), (9, 2, 300, 8)],
+)
+def test_triton_matches_torch(m, top_k, num_experts, block_size):
+    both(random_ids(m, top_k, num_experts), block_size, num_experts)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_skewed_runs_span_chunks(dtype):
+    ids = random_ids(100, 3, 6, skew=True, dtype=dtype)      # 300 slots: 3 chunks of 128
+    assert chunk_size(ids.numel()) < (ids == 1).sum().item()
+    both(ids, 16, 6)
+
+
+def test_duplicate_ids_exact_order():
+    ids = torch.tensor([[3, 3], [3, 0], [3, 3], [0, 3], [3, 3]], dtype=torch.int32,
+                       device=DEVICE)
+    out = both(ids, 4, 6)
+    assert out.sorted_token_ids[:12].tolist() == [3, 6, 10, 10, 0, 1, 2, 4, 5, 7, 8, 9]
+    assert out.expert_ids.tolist() == [0, 3, 3, -1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("map_dtype", [torch.int32, torch.int64])
+def test_expert_map(map_dtype):
+    expert_map = torch.tensor([-1, 0, -1, 1, 2, -1, -1, 3], dtype=map_dtype, device=DEVICE)
+    both(random_ids(40, 3, 8), 8, 8, expert_map)
+
+
+@pytest.mark.parametrize("top_k", [1, 4])
+def test_no_tokens(top_k):
+    out = both(torch.zeros(0, top_k, dtype=torch.int32, device=DEVICE), 16, 4)
+    assert out.num_tokens_post_padded.tolist() == [0]
+    assert (out.sorted_token_ids == 0).all() and (out.expert_ids == -1).all()
+
+
+def test_non_contiguous_ids():
+    ids = random_ids(30, 6, 16)[:, ::2]                      # [30, 3], stride 6
+    assert not ids.is_contiguous()
+    both(ids, 8, 16)
+
+
+def test_writes_into_poisoned_buffers_and_scratch():
+    ids = random_ids(50, 4, 8)
+    slots, bs, e = ids.numel(), 16, 8
+    size = max_num_tokens_padded(slots, bs, e)
+    out = AlignedBlocks(torch.full((size,), -7, dtype=torch.int32, device=DEVICE),
+                        torch.full((size // bs,), -7, dtype=torch.int32, device=DEVICE),
+                        torch.full((1,), -7, dtype=torch.int32, device=DEVICE))
+    scratch = torch.full((scratch_numel(slots, e) + 5,), -7, dtype=torch.int32, device=DEVICE)
+    got = align_block_size(ids, bs, e, out=out, scratch=scratch, backend="triton")
+    assert all(a is b for a, b in zip(got, out, strict=True))
+    ref = align_block_size(ids, bs, e, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+    # a second call into the same (now dirty) buffers gives the same answer
+    ids2 = random_ids(50, 4, 8)
+    align_block_size(ids2, bs, e, out=out, scratch=scratch, backend="triton")
+    ref2 = align_block_size(ids2, bs, e, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(out, ref2, strict=True))
+    # the torch path fills given buffers too
+    poisoned = AlignedBlocks(*(torch.full_like(t, -7) for t in out))
+    align_block_size(ids, bs, e, out=poisoned, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(poisoned, ref, strict=True))
+
+
+def test_rejects_bad_buffers_and_backend():
+    ids = random_ids(4, 2, 4)
+    size = max_num_tokens_padded(8, 16, 4)
+    good = AlignedBlocks(torch.empty(size, dtype=torch.int32, device=DEVICE),
+                         torch.empty(size // 16, dtype=torch.int32, device=DEVICE),
+                         torch.empty(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"backend is 'cuda'; expected one of"):
+        align_block_size(ids, 16, 4, backend="cuda")
+    bad = good._replace(expert_ids=torch.empty(size // 16 + 1, dtype=torch.int32,
+                                                device=DEVICE))
+    with pytest.raises(ValueError, match=rf"out.expert_ids has dtype torch.int32, shape "
+                                         rf"\({size // 16 + 1},\).*expected a contiguous "
+                                         rf"int32 tensor of shape \({size // 16},\)"):
+        align_block_size(ids, 16, 4, out=bad)
+    bad = good._replace(sorted_token_ids=good.sorted_token_ids.long())
+    with pytest.raises(ValueError, match=r"out.sorted_token_ids has dtype torch.int64"):
+        align_block_size(ids, 16, 4, out=bad)
+    small = torch.empty(scratch_numel(8, 4) - 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"scratch has dtype torch.int32, shape .*expected a "
+                                         r"contiguous int32 tensor of at least"):
+        align_block_size(ids, 16, 4, scratch=small, backend="triton")
+
+
+def test_scratch_numel_and_chunks():
+    assert chunk_size(1) == 128 and chunk_size(16384) == 128 and chunk_size(16385) == 256
+    assert chunk_size(262_144) == 256 and chunk_size(262_145) == 512
+    assert scratch_numel(0, 8) == 8 + 16                       # one chunk row + starts + ends
+    assert scratch_numel(300, 8) == 3 * 8 + 16

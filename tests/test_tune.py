@@ -1,0 +1,125 @@
+"""Decode/prefill threshold selection and the thresholds JSON (CPU: timings injected)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from w4a16moe import experts as experts_mod
+from w4a16moe.experts import threshold_key
+from w4a16moe.kernels import tune
+from w4a16moe.kernels.tune import (
+    DEFAULT_THRESHOLD_CANDIDATES,
+    MODEL_SHAPES,
+    select_threshold,
+    threshold_costs,
+    write_thresholds,
+)
+
+CANDS = (1, 2, 4, 8, 16, 32, 64)
+
+
+@pytest.mark.parametrize(
+    "decode, prefill, expected",
+    [
+        # one crossing between 8 and 16, and one between 16 and 32
+        ((10, 11, 12, 14, 20, 40, 80), (50, 50, 51, 52, 18, 35, 45), 8),
+        ((10, 11, 12, 14, 20, 40, 80), (50, 50, 51, 52, 60, 35, 45), 16),
+        # decode wins everywhere: the largest candidate
+        ((1, 1, 1, 1, 1, 1, 1), (2, 2, 2, 2, 2, 2, 2), 64),
+        # prefill wins already at M=1
+        ((5, 5, 5, 5, 5, 5, 5), (4, 9, 9, 9, 9, 9, 9), 0),
+        # a tie keeps decode
+        ((10, 10, 10, 10, 10, 10, 10), (20, 20, 20, 10, 10, 9, 9), 16),
+        # a second crossing back to decode above the first is ignored
+        ((10, 11, 12, 30, 20, 40, 80), (50, 50, 51, 29, 60, 35, 45), 4),
+    ],
+)
+def test_select_threshold(decode, prefill, expected):
+    assert select_threshold(CANDS, decode, prefill) == expected
+
+
+def test_select_threshold_rejects():
+    with pytest.raises(ValueError, match="got 2 candidates, 3 decode and 2 prefill"):
+        select_threshold((1, 2), (1, 2, 3), (1, 2))
+    with pytest.raises(ValueError, match=r"candidates are \[1, 4, 2\]; expected strictly"):
+        select_threshold((1, 4, 2), (1, 1, 1), (2, 2, 2))
+    with pytest.raises(ValueError, match=r"candidates are \[0, 4\]"):
+        select_threshold((0, 4), (1, 1), (2, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        select_threshold((1, 2), (1, float("nan")), (2, 2))
+    with pytest.raises(ValueError, match="non-zero count"):
+        select_threshold((), (), ())
+
+
+def test_threshold_costs():
+    cands, dec, pre = (1, 2, 4, 8), (10, 12, 20, 40), (30, 20, 15, 16)
+    costs = threshold_costs(cands, dec, pre)
+    best = 10 + 12 + 15 + 16
+    assert costs[0] == pytest.approx((30 + 20 + 15 + 16) / best)
+    assert costs[2] == pytest.approx(1.0)                  # the per-M best
+    assert costs[8] == pytest.approx((10 + 12 + 20 + 40) / best)
+    assert min(costs, key=costs.get) == select_threshold(cands, dec, pre) == 2
+
+
+def test_write_thresholds_merges(tmp_path):
+    path = tmp_path / "GPU_thresholds.json"
+    path.write_text(json.dumps({"_meta": {"device": "old", "keep": 1}, "E=1": 4, "E=2": 8}))
+    data = write_thresholds(path, {"E=2": 16, "E=3": 0}, {"device": "new"})
+    on_disk = json.loads(path.read_text())
+    assert on_disk == data
+    assert on_disk["E=1"] == 4 and on_disk["E=2"] == 16 and on_disk["E=3"] == 0
+    assert on_disk["_meta"] == {"device": "new", "keep": 1}
+    assert list(on_disk)[0] == "_meta"
+    # an unreadable file is replaced
+    path.write_text("{not json")
+    assert write_thresholds(path, {"E=9": 1}) == {"E=9": 1}
+    with pytest.raises(ValueError, match=r"threshold of 'E=9' is -1; expected an int >= 0"):
+        write_thresholds(path, {"E=9": -1})
+    with pytest.raises(ValueError, match=r"threshold of 'E=9' is True"):
+        write_thresholds(path, {"E=9": True})
+
+
+def test_written_file_is_what_experts_reads(tmp_path):
+    s = MODEL_SHAPES["qwen3-30b-a3b"]
+    key = threshold_key(s.num_experts, s.hidden_size, s.intermediate_size, s.top_k,
+                        s.group_size)
+    path = tmp_path / "X_thresholds.json"
+    write_thresholds(path, {key: 24}, {"timings": {key: {"M": [1, 2]}}})
+    experts_mod._read_thresholds.cache_clear()
+    assert experts_mod._read_thresholds(str(path)) == {key: 24}
+
+
+def test_shipped_h100_thresholds_cover_the_model_shapes():
+    from w4a16moe.kernels.configs import CONFIG_DIR
+
+    path = CONFIG_DIR / "NVIDIA_H100_80GB_HBM3_thresholds.json"
+    if not path.exists():
+        pytest.skip("no shipped H100 thresholds")
+    data = json.loads(path.read_text())
+    for s in MODEL_SHAPES.values():
+        key = threshold_key(s.num_experts, s.hidden_size, s.intermediate_size, s.top_k,
+                            s.group_size)
+        assert isinstance(data[key], int) and 0 <= data[key] <= max(DEFAULT_THRESHOLD_CANDIDATES)
+        t = data["_meta"]["timings"][key]
+        assert select_threshold(t["M"], t["decode_us"], t["prefill_us"]) == data[key]
+
+
+def test_measure_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        tune.measure_decode_threshold(8, 2, 64, 32)
+
+
+def test_cli_has_thresholds_option():
+    parser = argparse.ArgumentParser()
+    tune.register(parser.add_subparsers())
+    args = parser.parse_args(["tune", "--model", "all", "--thresholds", "--candidates", "1,8"])
+    assert args.thresholds and args.candidates == "1,8"
+    assert tune._parse_tokens(args.candidates, "--candidates") == (1, 8)
+    with pytest.raises(ValueError, match=r"--candidates is 'a'; expected comma-separated"):
+        tune._parse_tokens("a", "--candidates")

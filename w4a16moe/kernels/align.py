@@ -1,0 +1,237 @@
+"""``align_block_size`` on the GPU: three small Triton kernels, no host synchronisation.
+
+The (token, k) *slots* ``s = token * top_k + k`` of ``topk_ids [M, top_k]`` are cut into
+chunks of ``CHUNK`` consecutive slots (one program each):
+
+1. :func:`_align_count_kernel` (grid: chunks): the histogram of the chunk's expert ids,
+   written as row ``c`` of ``counts [chunks, E]``; each program also fills its share of
+   ``sorted_token_ids`` with the sentinel ``M * top_k``.
+2. :func:`_align_scan_kernel` (one program): per expert, the exclusive prefix sum of the
+   counts over chunks (written back in place: where chunk ``c``'s slots of expert ``e``
+   start within that expert's run), the padded run lengths ``ceil(count / block) * block``,
+   their cumulative starts and ends, and ``num_tokens_post_padded``.
+3. :func:`_align_scatter_kernel` (grid: chunks): every slot goes to
+   ``start[e] + prefix[c, e] + rank``, ``rank`` = slots of the same expert earlier in the
+   chunk (a pairwise count), so within an expert the slots keep their flat order, exactly
+   like a stable sort; each program also writes the expert id of its share of the blocks
+   (the number of runs that end at or before the block's first row, mapped through
+   ``expert_map``; -1 past ``num_tokens_post_padded``).
+
+All shapes depend only on ``M * top_k``, the block size and E, so the launches can be
+captured in a CUDA graph; with preallocated outputs and scratch nothing is allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: largest E handled (the scan holds one row of E counts in registers)
+MAX_EXPERTS = 4096
+
+
+def chunk_size(num_slots: int) -> int:
+    """Slots per program: 128 up to 16K slots, 256 up to 256K, then 512 (the pairwise rank
+    costs CHUNK^2 per program; the single-program scan costs chunks * E). H100 sweep
+    (benchmarks/notes_prefill.md): 256 beat 128 and 512 at 32K-128K slots, 64/128 beat 256
+    at 8K slots."""
+    if num_slots <= 16384:
+        return 128
+    if num_slots <= 262144:
+        return 256
+    return 512
+
+
+def scratch_numel(num_slots: int, num_experts: int, chunk: int | None = None) -> int:
+    """int32 entries of the scratch buffer for ``num_slots`` slots over ``num_experts``
+    (chunks of ``chunk`` slots, default :func:`chunk_size`): ``counts [chunks, E]`` then run
+    starts ``[E]`` and ends ``[E]``."""
+    chunks = max(1, triton.cdiv(num_slots, chunk or chunk_size(num_slots)))
+    return chunks * num_experts + 2 * num_experts
+
+
+@triton.jit
+def _align_count_kernel(
+    topk_ids_ptr, counts_ptr, sorted_ids_ptr,
+    num_slots, num_experts, num_sorted, fill_per_program,
+    CHUNK: tl.constexpr, NUM_BINS: tl.constexpr, FILL_BLOCK: tl.constexpr,
+):
+    """counts[c, e] = #slots of chunk ``c`` routed to ``e``; sentinel fill of a share of
+    ``sorted_token_ids``. topk_ids: ``[num_slots]`` (flat), counts: int32 ``[chunks, E]``."""
+    pid = tl.program_id(0)
+    offs = pid * CHUNK + tl.arange(0, CHUNK)
+    # lanes past the end count into bin E, which is never stored
+    ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=num_experts).to(tl.int32)
+    hist = tl.histogram(ids, NUM_BINS)
+    bins = tl.arange(0, NUM_BINS)
+    tl.store(counts_ptr + pid * num_experts + bins, hist, mask=bins < num_experts)
+
+    f_start = pid * fill_per_program
+    f_end = tl.minimum(f_start + fill_per_program, num_sorted)
+    sentinel = tl.full((FILL_BLOCK,), 0, tl.int32) + num_slots
+    for f in range(f_start, f_end, FILL_BLOCK):
+        offs_f = f + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ids_ptr + offs_f, sentinel, mask=offs_f < f_end)
+
+
+@triton.jit
+def _align_scan_kernel(
+    counts_ptr, starts_ptr, ends_ptr, total_ptr,
+    num_chunks, num_experts, block_size,
+    E_POW2: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program: counts[c, e] -> exclusive prefix over c (in place); starts/ends int32
+    ``[E]`` of each expert's padded run; total int32 ``[1]`` = the last end."""
+    offs_e = tl.arange(0, E_POW2)
+    e_mask = offs_e < num_experts
+    carry = tl.zeros((E_POW2,), dtype=tl.int32)
+    for c0 in range(0, num_chunks, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask = (offs_c < num_chunks)[:, None] & e_mask[None, :]
+        ptrs = counts_ptr + offs_c[:, None] * num_experts + offs_e[None, :]
+        cnt = tl.load(ptrs, mask=mask, other=0)
+        inclusive = tl.cumsum(cnt, axis=0)
+        tl.store(ptrs, inclusive - cnt + carry[None, :], mask=mask)
+        carry += tl.sum(cnt, axis=0)
+    padded = (carry + block_size - 1) // block_size * block_size
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(starts_ptr + offs_e, ends - padded, mask=e_mask)
+    tl.store(ends_ptr + offs_e, ends, mask=e_mask)
+    tl.store(total_ptr, tl.sum(padded, axis=0))
+
+
+@triton.jit
+def _align_scatter_kernel(
+    topk_ids_ptr, counts_ptr, starts_ptr, ends_ptr, total_ptr, expert_map_ptr,
+    sorted_ids_ptr, expert_ids_ptr,
+    num_slots, num_experts, block_size, num_blocks, blocks_per_program,
+    HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, BLOCK_J: tl.constexpr,
+    E_POW2: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Scatter the chunk's slots to their sorted positions (stable within an expert) and
+    write ``expert_ids`` of blocks ``[pid * blocks_per_program, ...)``."""
+    pid = tl.program_id(0)
+    base = pid * CHUNK
+    local = tl.arange(0, CHUNK)
+    offs = base + local
+    mask = offs < num_slots
+    ids = tl.load(topk_ids_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    # rank = earlier slots of the chunk with the same expert
+    rank = tl.zeros((CHUNK,), dtype=tl.int32)
+    for j0 in range(0, CHUNK, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        ids_j = tl.load(topk_ids_ptr + base + offs_j, mask=base + offs_j < num_slots,
+                        other=-1).to(tl.int32)
+        same = (ids[:, None] == ids_j[None, :]) & (offs_j[None, :] < local[:, None])
+        rank += tl.sum(same.to(tl.int32), axis=1)
+    safe = tl.where(mask, ids, 0)
+    dest = (tl.load(starts_ptr + safe, mask=mask, other=0)
+            + tl.load(counts_ptr + pid * num_experts + safe, mask=mask, other=0) + rank)
+    tl.store(sorted_ids_ptr + dest, offs.to(tl.int32), mask=mask)
+
+    total = tl.load(total_ptr)
+    offs_e = tl.arange(0, E_POW2)
+    ends = tl.load(ends_ptr + offs_e, mask=offs_e < num_experts, other=2147483647)
+    b_start = pid * blocks_per_program
+    b_end = tl.minimum(b_start + blocks_per_program, num_blocks)
+    for b0 in range(b_start, b_end, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        first_row = offs_b * block_size
+        expert = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
+        expert = tl.minimum(expert, num_experts - 1)
+        if HAS_MAP:
+            expert = tl.load(expert_map_ptr + expert).to(tl.int32)
+        expert = tl.where(first_row < total, expert, -1)
+        tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < b_end)
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _check_buffer(name: str, t: torch.Tensor, numel: int, device: torch.device,
+                  exact: bool = True) -> None:
+    ok = (t.dtype == torch.int32 and t.dim() == 1 and t.device == device and t.stride(0) == 1
+          and (t.numel() == numel if exact else t.numel() >= numel))
+    if not ok:
+        need = f"{numel}" if exact else f"at least {numel}"
+        raise ValueError(f"{name} has dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}; "
+                         f"expected a contiguous int32 tensor of {need} entries on {device}")
+
+
+def align_block_size_triton(
+    topk_ids: torch.Tensor,
+    block_size: int,
+    num_experts: int,
+    expert_map: torch.Tensor | None,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_tokens_post_padded: torch.Tensor,
+    scratch: torch.Tensor | None = None,
+    *,
+    chunk: int | None = None,
+    scan_rows: int | None = None,
+) -> None:
+    """Fill the three outputs of :func:`w4a16moe.routing.align_block_size` in place.
+
+    Args:
+        topk_ids: ``[M, top_k]`` int32/int64 global expert ids (made contiguous if not).
+        block_size, num_experts, expert_map: as for ``align_block_size`` (already checked).
+        sorted_token_ids: int32 ``[max_num_tokens_padded(M*top_k, block_size, E)]``.
+        expert_ids: int32 ``[len(sorted_token_ids) / block_size]``.
+        num_tokens_post_padded: int32 ``[1]``.
+        scratch: optional int32 buffer of at least :func:`scratch_numel` entries (allocated
+            here when None).
+        chunk: slots per program (a power of two >= 16; default :func:`chunk_size`).
+        scan_rows: chunk rows the scan loads per step (power of two; default: all chunks,
+            at most a ``[rows, E]`` tile of 16K entries).
+
+    Three launches on the current stream; nothing is read back to the host.
+    """
+    if num_experts > MAX_EXPERTS:
+        raise ValueError(f"num_experts is {num_experts}; the Triton align kernel handles at "
+                         f"most {MAX_EXPERTS}")
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    num_slots = flat.numel()
+    num_sorted = sorted_token_ids.numel()
+    num_blocks = expert_ids.numel()
+    chunk = chunk or chunk_size(num_slots)
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk is {chunk}; expected a power of two >= 16")
+    chunks = max(1, triton.cdiv(num_slots, chunk))
+    need = scratch_numel(num_slots, num_experts, chunk)
+    if scratch is None:
+        scratch = torch.empty(need, dtype=torch.int32, device=device)
+    else:
+        _check_buffer("scratch", scratch, need, device, exact=False)
+    counts = scratch[: chunks * num_experts]
+    starts = scratch[chunks * num_experts: chunks * num_experts + num_experts]
+    ends = scratch[chunks * num_experts + num_experts: need]
+    e_pow2 = max(16, _next_pow2(num_experts))
+    emap = expert_map if expert_map is not None else starts  # dummy pointer without a map
+
+    _align_count_kernel[(chunks,)](
+        flat, counts, sorted_token_ids, num_slots, num_experts, num_sorted,
+        triton.cdiv(num_sorted, chunks),
+        CHUNK=chunk, NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024,
+        num_warps=4)
+    if scan_rows is None:
+        # the whole [chunks, E] table in one step when it fits ~16K entries (the steps are
+        # serial: each waits for its loads); wider tiles than the table only cost time
+        scan_rows = max(2, min(_next_pow2(chunks), 16384 // e_pow2))
+    _align_scan_kernel[(1,)](
+        counts, starts, ends, num_tokens_post_padded, chunks, num_experts, block_size,
+        E_POW2=e_pow2, BLOCK_C=scan_rows, num_warps=8)
+    _align_scatter_kernel[(chunks,)](
+        flat, counts, starts, ends, num_tokens_post_padded, emap, sorted_token_ids,
+        expert_ids, num_slots, num_experts, block_size, num_blocks,
+        triton.cdiv(num_blocks, chunks),
+        HAS_MAP=expert_map is not None, CHUNK=chunk, BLOCK_J=32, E_POW2=e_pow2,
+        BLOCK_B=max(1, min(128, 8192 // e_pow2)), num_warps=4)
+
+
+__all__ = ["MAX_EXPERTS", "align_block_size_triton", "chunk_size", "scratch_numel"]

@@ -48,7 +48,7 @@ def run_tests(log: Log, out_dir: str, timeout_s: int) -> dict:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)  # the GPU runs the kernels natively
-    cmd = [sys.executable, "-m", "pytest", "-q", "tests", "-x", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,

@@ -367,7 +367,10 @@ def test_dequantize_dense_rejects():
     (9, 3, 2, False, "silu"), (17, 4, 3, True, "gelu"), (5, 2, 1, False, "gelu_tanh"),
     (1, 4, 2, False, "silu")])
 def test_dense_path_matches_reference(m, e, top_k, on_input, activation, monkeypatch):
-    experts, x, w, ids = make_case(m, 64, 32, e, top_k, symmetric=not on_input, seed=m + 40)
+    # the dense path runs torch._grouped_mm, whose CUDA kernels take bf16 only
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    experts, x, w, ids = make_case(m, 64, 32, e, top_k, symmetric=not on_input, seed=m + 40,
+                                   dtype=dtype)
     assert dense_path_supported(experts, None, x.device)
 
     class NoLaunch:
@@ -376,11 +379,11 @@ def test_dense_path_matches_reference(m, e, top_k, on_input, activation, monkeyp
 
     monkeypatch.setattr(prefill_mod, "_prefill_kernel", NoLaunch())
     run_and_compare(experts, x, w, ids, on_input=on_input, activation=activation,
-                    configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG))
+                    configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG), dtype=dtype)
     ws = PrefillWorkspace.allocate(m, experts, top_k, dense=True)
     ws.dense_weights.fill_(float("nan"))
     run_and_compare(experts, x, w, ids, on_input=on_input, activation=activation,
-                    configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG), workspace=ws)
+                    configs=(DENSE_CFG, cfgmod.INTERPRETER_CONFIG), workspace=ws, dtype=dtype)
     assert not torch.isnan(ws.dense_weights).all()
 
 

@@ -1,5 +1,6 @@
 """w4a16moe: fast Mixture-of-Experts layers with 4-bit integer expert weights."""
 
+from .experts import HybridW4A16MoEExperts
 from .layout import (
     PackedExperts,
     PackedWeights,
@@ -9,7 +10,6 @@ from .layout import (
     save_packed,
     unpack_int4,
 )
-from .experts import HybridW4A16MoEExperts
 from .quantize import quantize_experts, quantize_weights, random_experts
 
 __version__ = "0.1.0"

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "w4a16moe.profiling.cli",
     "w4a16moe.profile",
     "w4a16moe.kernels.tune",
+    "w4a16moe.generate",
 )
 
 

@@ -99,6 +99,14 @@ def run(args) -> int:
     from .paths import PATHS, default_paths, get_path
     from .timing import as_device, measure_device
 
+    if args.e2e:
+        from ..integrations.e2e import parse_cases, run_e2e
+
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+        run_e2e(args.config or args.model or DEFAULT_MODEL, args.num_layers,
+                parse_cases(args.cases), out=args.out, as_json=args.json, device=args.device,
+                dtype=dtype)
+        return 0
     err = Console(stderr=True)
     out = Console() if sys.stdout.isatty() else Console(width=130)
     device = as_device(args.device)
@@ -210,6 +218,15 @@ def register(sub) -> None:
     p.add_argument("--cold-warm", metavar="PATH",
                    help="also time PATH at the first M with rotated vs one weight copy "
                         "(shows the L2 rotation works)")
+    e2e = p.add_argument_group("end to end (--e2e)")
+    e2e.add_argument("--e2e", action="store_true",
+                     help="instead of one layer, generate with a whole transformers model of the "
+                          "model's real config and random weights: TTFT and TPOT of bf16 and "
+                          "int4, eager and with CUDA graphs, against the TPOT floor")
+    e2e.add_argument("--cases", default="128/128,512/1",
+                     help="PROMPT/NEW token pairs for --e2e (default: 128/128,512/1)")
+    e2e.add_argument("--num-layers", type=int, default=None,
+                     help="override the layer count for --e2e (a smaller model)")
     p.set_defaults(func=run)
 
 

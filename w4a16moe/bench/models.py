@@ -142,7 +142,10 @@ SUPPORTED_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "de
                          "olmoe", "granitemoe", "granitemoeshared")
 
 
-def _req(cfg: dict, key: str, where: str) -> int:
+def _req(cfg: dict, key: str | tuple[str, ...], where: str) -> int:
+    """The int at ``key`` (or the first present of several spellings) of ``cfg``."""
+    if isinstance(key, tuple):
+        key = next((k for k in key if cfg.get(k) is not None), key[0])
     if key not in cfg or cfg[key] is None:
         raise ValueError(f"{where} lacks {key!r}")
     value = cfg[key]
@@ -198,7 +201,8 @@ def shape_from_config(path: str | os.PathLike, name: str | None = None,
         "activation": _HIDDEN_ACT[act_name], "group_size": group_size, "source": path,
     }
     if model_type in ("qwen3_moe", "qwen2_moe"):
-        fields["num_experts"] = _req(cfg, "num_experts", where)
+        # transformers 5.x writes num_local_experts where 4.x wrote num_experts
+        fields["num_experts"] = _req(cfg, ("num_experts", "num_local_experts"), where)
         fields["intermediate_size"] = _req(cfg, "moe_intermediate_size", where)
         fields["renormalize"] = bool(cfg.get("norm_topk_prob", False))
         fields["num_moe_layers"] = _qwen_moe_layers(cfg, num_layers)
@@ -231,7 +235,8 @@ def shape_from_config(path: str | os.PathLike, name: str | None = None,
         fields["num_shared_experts"] = n_shared
         fields["shared_intermediate_size"] = n_shared * fields["intermediate_size"]
     elif model_type == "olmoe":
-        fields["num_experts"] = _req(cfg, "num_experts", where)
+        # transformers 5.x writes num_local_experts where 4.x wrote num_experts
+        fields["num_experts"] = _req(cfg, ("num_experts", "num_local_experts"), where)
         fields["intermediate_size"] = _req(cfg, "intermediate_size", where)
         fields["renormalize"] = bool(cfg.get("norm_topk_prob", False))
     else:  # granitemoe, granitemoeshared

@@ -120,13 +120,13 @@ _MLP = "model.layers.{layer}.mlp.experts.{expert}"
 _BSM = "model.layers.{layer}.block_sparse_moe.experts.{expert}"
 
 FAMILIES: dict[str, Family] = {
-    "qwen3_moe": Family("qwen3_moe", _MLP, _QWEN_NAMES, ("num_experts",),
+    "qwen3_moe": Family("qwen3_moe", _MLP, _QWEN_NAMES, ("num_experts", "num_local_experts"),
                         ("moe_intermediate_size",), _qwen_layers),
-    "qwen2_moe": Family("qwen2_moe", _MLP, _QWEN_NAMES, ("num_experts",),
+    "qwen2_moe": Family("qwen2_moe", _MLP, _QWEN_NAMES, ("num_experts", "num_local_experts"),
                         ("moe_intermediate_size",), _qwen_layers,
                         shared=("mlp.shared_expert", "mlp.shared_expert_gate")),
-    "olmoe": Family("olmoe", _MLP, _QWEN_NAMES, ("num_experts",), ("intermediate_size",),
-                    _all_layers),
+    "olmoe": Family("olmoe", _MLP, _QWEN_NAMES, ("num_experts", "num_local_experts"),
+                    ("intermediate_size",), _all_layers),
     "deepseek_v2": Family("deepseek_v2", _MLP, _QWEN_NAMES, ("n_routed_experts",),
                           ("moe_intermediate_size",), _deepseek_layers,
                           shared=("mlp.shared_experts",)),

@@ -1,7 +1,8 @@
-"""End-to-end benchmark code (integrations/e2e.py) on the CPU with a tiny Qwen3-MoE config.
+"""End-to-end benchmark code (integrations/e2e.py) with a tiny Qwen3-MoE config.
 
 The CUDA-graph modes and the real 48-layer model run on the GPU (the integrator's benchmark);
-here the same functions run eagerly in fp16 under the Triton interpreter.
+here the eager modes run on ``conftest.DEVICE``: in fp16 under the Triton interpreter on the
+CPU, in bf16 (the benchmark's GPU dtype) with the compiled kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 
 import pytest
 import torch
+from conftest import DEVICE, ON_GPU
 
 pytest.importorskip("transformers")
 
@@ -72,10 +74,11 @@ def test_decode_bytes_counts_active_experts():
     assert b["total"] == b["non_expert"] + b["experts"] + b["kv_cache"]
 
 
-def test_bench_e2e_cpu(tmp_path, capsys):
+def test_bench_e2e_eager(tmp_path, capsys):
     out = tmp_path / "e2e.json"
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
     records = run_e2e(TINY, 2, parse_cases("4/3,5/1"), ("bf16-eager", "int4-eager"),
-                      out=str(out), device="cpu", dtype=torch.float16, group_size=32,
+                      out=str(out), device=DEVICE, dtype=dtype, group_size=32,
                       read_gbps=20.0, decode_threshold=1)
     assert json.loads(out.read_text()) == records
     printed = capsys.readouterr().out

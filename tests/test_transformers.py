@@ -2,7 +2,10 @@
 
 Every supported family is built in code at a tiny size (hidden 64, 4-8 experts, 2 layers,
 I = 32 or 64 so groups of 32 divide everything), in fp16 (the kernels run under the Triton
-interpreter on CPU, where bf16 arithmetic is wrong). The int4 model is compared with the
+interpreter on CPU, where bf16 arithmetic is wrong), on ``conftest.DEVICE``: the GPU when
+present (compiled kernels), else the CPU. Checkpoints are written from CPU copies of the
+tensors; the few tests without kernels (router math, float32 greedy runner, quantize on
+load) stay on the CPU. The int4 model is compared with the
 same transformers model whose experts hold the dequantized int4 weights, so only the
 kernels' rounding differs: logits agree within ``atol = rtol = 1e-2`` (observed ~1e-3 on
 logits of magnitude ~1.5), and the experts' contribution is checked to be far larger than
@@ -19,6 +22,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 transformers = pytest.importorskip("transformers")
 
@@ -76,8 +80,10 @@ def tiny_config(model_type: str):
     return transformers.CONFIG_MAPPING[model_type](**{**COMMON, **TINY[model_type]})
 
 
-def make_model(model_type: str, seed: int = 0, dtype: torch.dtype = DTYPE):
-    """A tiny model with random weights large enough that routing and experts matter."""
+def make_model(model_type: str, seed: int = 0, dtype: torch.dtype = DTYPE,
+               device: str = DEVICE):
+    """A tiny model on ``device`` with random weights large enough that routing and experts
+    matter (drawn on the CPU, so they do not depend on the device)."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type), dtype=dtype)
     with torch.no_grad():
@@ -87,7 +93,13 @@ def make_model(model_type: str, seed: int = 0, dtype: torch.dtype = DTYPE):
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(-0.1, 0.1)
-    return model.eval()
+    return model.to(device).eval()
+
+
+def random_ids(low: int, shape: tuple[int, int], seed: int) -> torch.Tensor:
+    """Token ids in ``[low, VOCAB)`` drawn on the CPU, moved to ``DEVICE``."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(low, VOCAB, shape, generator=gen).to(DEVICE)
 
 
 def use_dequantized_experts(ref, quantized) -> None:
@@ -163,7 +175,7 @@ def test_quantize_model_matches_dequantized_reference(model_type):
     assert not [n for n, _ in model.named_parameters() if n.endswith(("gate_up_proj",
                                                                       "down_proj"))]
     use_dequantized_experts(ref, model)
-    ids = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(1))
+    ids = random_ids(0, (1, 6), 1)
     # the prompt runs the prefill kernel; one family also checks a decode-kernel step
     assert_matches(model, ref, ids, decode=model_type in ("qwen3_moe", "deepseek_v3"))
 
@@ -172,7 +184,7 @@ def test_quantize_model_matches_dequantized_reference(model_type):
 def test_routing_kwargs_reproduce_the_routers(model_type):
     from w4a16moe.routing import fused_topk
 
-    model = make_model(model_type, seed=23, dtype=torch.float32)
+    model = make_model(model_type, seed=23, dtype=torch.float32, device="cpu")
     fam = FAMILIES[model_type]
     x = torch.randn(12, 64, generator=torch.Generator().manual_seed(24))
     for ref in find_moe_blocks(model):
@@ -197,7 +209,7 @@ def test_quantize_model_asymmetric_batch_and_generate():
     assert any(m.packed.w13.zeros is not None for m in model.modules()
                if isinstance(m, W4A16Experts))
     use_dequantized_experts(ref, model)
-    ids = torch.randint(3, VOCAB, (2, 4), generator=torch.Generator().manual_seed(2))
+    ids = random_ids(3, (2, 4), 2)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits.float(), ref(ids).logits.float(), **TOL)
     out = model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="static")
@@ -221,7 +233,7 @@ def test_quantize_model_errors():
 def test_compile_fullgraph():
     model = make_model("qwen3_moe", seed=4)
     quantize_model(model, group_size=G, decode_threshold=1)
-    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(5))
+    ids = random_ids(0, (1, 5), 5)
     graphs = []
 
     def backend(gm, example_inputs):  # record the graph, then AOT-trace it (fake tensors)
@@ -252,9 +264,10 @@ def test_copies_get_their_own_op_handle():
 
 
 def test_greedy_runner_matches_generate():
-    # float32 model, no kernels: the runner's static cache + explicit masks are exact
-    model = make_model("qwen2_moe", seed=6, dtype=torch.float32)
-    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(7))
+    # float32 model on the CPU, no kernels: the runner's static cache + explicit masks are
+    # exact
+    model = make_model("qwen2_moe", seed=6, dtype=torch.float32, device="cpu")
+    ids = random_ids(3, (1, 5), 7).cpu()
     want = model.generate(ids, max_new_tokens=5, do_sample=False)[:, 5:]
     runner = GreedyRunner(model, max_len=10)
     got, timing = runner.generate(ids, 5)
@@ -272,7 +285,7 @@ def test_greedy_runner_int4():
     model = make_model("olmoe", seed=8)
     quantize_model(model, group_size=G, decode_threshold=1)
     assert prepare_for_cuda_graphs(model, 4) == 2
-    ids = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(9))
+    ids = random_ids(3, (1, 4), 9)
     want = model.generate(ids, max_new_tokens=2, do_sample=False)[:, 4:]
     got, _ = GreedyRunner(model, max_len=6).generate(ids, 2)
     assert torch.equal(got, want)
@@ -317,7 +330,7 @@ def write_gptq_checkpoint(path: str, model, *, sym: bool = True, quantize_attent
             with torch.no_grad():
                 ref_params[name].copy_(w)
             continue
-        tensors[_checkpoint_name(mt, name)] = t.detach().clone()
+        tensors[_checkpoint_name(mt, name)] = t.detach().cpu().clone()
     module_fmt, (gate, up, down) = EXPERT_NAMES[mt]
     for layer, r in moe.items():
         e, two_i, h = r.experts.gate_up_proj.shape
@@ -348,12 +361,12 @@ def test_load_quantized_gptq(tmp_path, model_type):
     attn = model_type == "qwen3_moe"  # quantized attention is dequantized on load
     ref, _, _ = write_gptq_checkpoint(path, model, sym=model_type != "olmoe",
                                       quantize_attention=attn, seed=11)
-    loaded = load_quantized(path, device="cpu", dtype=DTYPE, decode_threshold=1)
+    loaded = load_quantized(path, device=DEVICE, dtype=DTYPE, decode_threshold=1)
     assert len(find_moe_blocks(loaded, include_swapped=True)) == len(find_moe_blocks(ref))
     assert all(isinstance(r.experts, W4A16Experts)
                for r in find_moe_blocks(loaded, include_swapped=True))
     assert not any(p.device.type == "meta" for p in loaded.parameters())
-    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(12))
+    ids = random_ids(3, (1, 6), 12)
     assert_matches(loaded, ref, ids, decode=model_type == "qwen3_moe")
     if model_type == "qwen3_moe":
         out = loaded.generate(ids, max_new_tokens=2, do_sample=False)
@@ -364,7 +377,7 @@ def test_load_quantized_tied_embeddings_and_buffers(tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(
         transformers.CONFIG_MAPPING["deepseek_v3"](**{**COMMON, **TINY["deepseek_v3"],
                                                       "tie_word_embeddings": True}),
-        dtype=DTYPE)
+        dtype=DTYPE).to(DEVICE)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -375,12 +388,12 @@ def test_load_quantized_tied_embeddings_and_buffers(tmp_path):
     path = str(tmp_path / "tied")
     ref, tensors, _ = write_gptq_checkpoint(path, model.eval(), seed=13)
     assert "lm_head.weight" not in tensors
-    loaded = load_quantized(path, device="cpu", dtype=DTYPE, decode_threshold=1)
+    loaded = load_quantized(path, device=DEVICE, dtype=DTYPE, decode_threshold=1)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     bias_name = "model.layers.1.mlp.gate.e_score_correction_bias"
-    torch.testing.assert_close(dict(loaded.named_buffers())[bias_name].float(),
+    torch.testing.assert_close(dict(loaded.named_buffers())[bias_name].float().cpu(),
                                tensors[bias_name].float())
-    ids = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(14))
+    ids = random_ids(3, (1, 5), 14)
     assert_matches(loaded, ref, ids)
 
 
@@ -489,7 +502,7 @@ def test_generate_cli(tmp_path, capsys):
     path = str(tmp_path / "mixtral-gptq")
     write_gptq_checkpoint(path, model, seed=20)
     args = _generate_args([path, "--prompt", "w5 w6 w7", "--max-new-tokens", "2",
-                           "--device", "cpu", "--decode-threshold", "1"])
+                           "--device", DEVICE, "--decode-threshold", "1"])
     with pytest.raises(ValueError, match="has no tokenizer"):
         args.func(args)
     save_word_tokenizer(path)
@@ -508,7 +521,7 @@ def test_generate_cli_quantize(tmp_path, capsys):
     with open(os.path.join(path, "config.json")) as fh:
         assert "quantization_config" not in json.load(fh)
     args = _generate_args([path, "--prompt", "w9 w10", "--max-new-tokens", "2", "--device",
-                           "cpu", "--quantize", "--group-size", "32", "--decode-threshold", "1"])
+                           DEVICE, "--quantize", "--group-size", "32", "--decode-threshold", "1"])
     assert args.func(args) == 0
     assert "2 tokens generated" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--cuda-graphs needs a CUDA device"):

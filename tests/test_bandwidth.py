@@ -568,3 +568,34 @@ def test_large_trace_streams_in_bounded_memory(tmp_path):
     assert s.source == "kernels" and out.device == "GPU"
     assert peak < 2 * size, f"peak {peak / 1e6:.0f} MB for a {size / 1e6:.0f} MB trace"
     print(f"{size / 1e6:.0f} MB trace, {n} regions: {elapsed:.1f} s, peak {peak / 1e6:.0f} MB")
+
+
+def test_h100_trace_from_w4a16moe_profile_checked_by_hand():
+    """A trace captured on the H100 by `w4a16moe profile --tokens 1,8,512 --iters 5`
+    (qwen3-30b-a3b shape, bf16). Checked by hand once from the raw events: the five
+    `fused_moe_wvsplitk_int4 1x1536x2048 E=128 top_k=8` regions each launch one
+    `_decode_gemm1_kernel` (cuLaunchKernelEx -> kernel by correlation id) of 9.536, 9.152,
+    9.376, 9.345 and 9.441 us: total 46.85 us, mean 9.37 us. Bytes by DESIGN section 7 with
+    u = 128 * (1 - (1 - 8/128)^1) = 8 experts: 8*1536*2048/2 + 8*1536*(2048/128)*2
+    + 1*2048*2 + 1*8*1536*2 = 12_582_912 + 393_216 + 4_096 + 24_576 = 13_004_800 bytes,
+    i.e. 13_004_800 / 9.37 us = 1388 GB/s."""
+    from pathlib import Path
+
+    from w4a16moe.profiling import summarize_traces
+
+    trace = Path(__file__).parent / "fixtures" / "h100_profile_trace.json.gz"
+    rows = summarize_traces([str(trace)], peak_gbps=3078.0)
+    assert rows.device == "NVIDIA H100 80GB HBM3"
+    by_shape = {(r.kernel, r.m, r.n, r.k): r for r in rows}
+    assert len(by_shape) == 6  # two GEMMs at each of M = 1, 8, 512
+    r = by_shape[("fused_moe_wvsplitk_int4", 1, 1536, 2048)]
+    assert r.source == "kernels"
+    assert r.calls == 5
+    assert r.total_us == pytest.approx(46.85, abs=1e-3)
+    assert r.mean_us == pytest.approx(9.37, abs=1e-3)
+    assert r.bytes_per_call == pytest.approx(13_004_800)
+    assert r.gbps == pytest.approx(13_004_800 / 9.37e3, rel=1e-4)
+    assert r.peak_pct == pytest.approx(100 * r.gbps / 3078.0, rel=1e-6)
+    # M=512 ran the prefill kernel; its second GEMM reads M*top_k rows
+    assert by_shape[("hybrid_triton_moe", 512, 2048, 768)].input_rows == 4096
+    assert rows[0].kernel == "hybrid_triton_moe" and rows[0].m == 512  # largest total first

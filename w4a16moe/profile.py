@@ -98,8 +98,9 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows.to_json(), indent=2))
     else:
-        render_table(rows, console)
-        console.print(f"trace written to {args.trace}")
+        out = Console()
+        render_table(rows, out if out.is_terminal else Console(width=250))
+        out.print(f"trace written to {args.trace}")
     return 0
 
 

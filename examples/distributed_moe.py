@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from w4a16moe.distributed import (  # noqa: E402
     ParallelHybridMoE,
     broadcast_experts,
+    init_distributed,
     shard_experts,
 )
 from w4a16moe.experts import HybridW4A16MoEExperts  # noqa: E402
@@ -127,17 +128,7 @@ def time_us(fn, iters: int, device: torch.device) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    if on_gpu:  # binding the group to this GPU lets barrier() and NCCL pick the right one
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
+    device = init_distributed()
     rank, ws = dist.get_rank(), dist.get_world_size()
     try:
         return run(args, rank, ws, device)

@@ -537,7 +537,24 @@ class ParallelHybridMoE(nn.Module):
         return self.forward(hidden_states, topk_weights, topk_ids, path=path)
 
 
+def init_distributed() -> torch.device:
+    """Start the default process group as ``torchrun`` set it up: NCCL bound to this rank's
+    GPU (``LOCAL_RANK``) when CUDA exists, gloo on the CPU otherwise. Returns the device."""
+    import os
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        # binding the group to this GPU lets barrier() and NCCL pick the right one
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return device
+
+
 __all__ = [
+    "init_distributed",
     "MODES",
     "ParallelHybridMoE",
     "ShardedExperts",

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 SCORINGS = ("softmax", "sigmoid")
+TOPK_BACKENDS = ("auto", "triton", "torch")
 
 
 def fused_topk(
@@ -22,6 +23,7 @@ def fused_topk(
     topk_group: int | None = None,
     correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select ``top_k`` experts per token.
 
@@ -38,6 +40,12 @@ def fused_topk(
             weights are the unbiased scores (DeepSeek-V3 ``e_score_correction_bias``).
             Experts of groups that were not chosen are never selected.
         routed_scaling_factor: multiplies the final weights.
+        backend: ``"triton"`` (one kernel, :mod:`w4a16moe.kernels.router`; not for grouped
+            top-k; on CPU tensors only under ``TRITON_INTERPRET=1``), ``"torch"`` or
+            ``"auto"``: Triton on CUDA tensors without grouped top-k, torch otherwise. Both
+            return the experts in descending score order; they can differ only in which of
+            two exactly equal scores comes first (Triton: the lower expert id) and in the
+            last bit of the weights.
 
     Returns:
         ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``.
@@ -63,9 +71,6 @@ def fused_topk(
         if top_k > eligible:
             raise ValueError(f"top_k is {top_k}; expected <= topk_group * E / num_expert_group "
                              f"= {eligible} (the experts of the chosen groups)")
-    logits = router_logits.float()
-    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
-    choice = scores
     if correction_bias is not None:
         if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (e,):
             found = tuple(getattr(correction_bias, "shape", ()))
@@ -73,6 +78,26 @@ def fused_topk(
         if correction_bias.device != router_logits.device:
             raise ValueError(f"correction_bias is on {correction_bias.device}; expected "
                              f"{router_logits.device} (the device of router_logits)")
+    if backend not in TOPK_BACKENDS:
+        raise ValueError(f"backend is {backend!r}; expected one of {TOPK_BACKENDS}")
+    if not router_logits.is_floating_point():
+        raise ValueError(f"router_logits has dtype {router_logits.dtype}; expected a floating "
+                         "point dtype")
+    if backend == "triton" and grouped_topk:
+        raise ValueError("backend 'triton' does not do grouped top-k (num_expert_group > 1); "
+                         "use backend='torch' or 'auto'")
+    if backend == "triton" or (backend == "auto" and router_logits.is_cuda
+                               and not grouped_topk):
+        from .kernels.router import MAX_EXPERTS, topk_router
+
+        if e <= MAX_EXPERTS or backend == "triton":
+            return topk_router(router_logits, top_k, renormalize=renormalize, scoring=scoring,
+                               correction_bias=correction_bias,
+                               routed_scaling_factor=routed_scaling_factor)
+    logits = router_logits.float()
+    scores = logits.softmax(dim=-1) if scoring == "softmax" else logits.sigmoid()
+    choice = scores
+    if correction_bias is not None:
         choice = scores + correction_bias.to(torch.float32)
     if grouped_topk:
         grouped = choice.view(m, num_expert_group, e // num_expert_group)

@@ -1,0 +1,85 @@
+"""The one-kernel Triton router (``fused_topk(backend="triton")``) against the torch path."""
+
+import pytest
+import torch
+
+from w4a16moe.routing import fused_topk
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _both(logits, top_k, **kw):
+    wt, it = fused_topk(logits, top_k, backend="torch", **kw)
+    wk, ik = fused_topk(logits, top_k, backend="triton", **kw)
+    assert wk.dtype == torch.float32 and ik.dtype == torch.int32
+    assert wk.shape == wt.shape == (logits.shape[0], top_k) and ik.shape == it.shape
+    return (wt, it), (wk, ik)
+
+
+@pytest.mark.parametrize("e,top_k", [(8, 2), (60, 4), (128, 8), (5, 5)])
+@pytest.mark.parametrize("m", [1, 7, 37])
+@pytest.mark.parametrize("scoring,renormalize", [("softmax", True), ("softmax", False),
+                                                 ("sigmoid", True)])
+def test_matches_torch(e, top_k, m, scoring, renormalize):
+    gen = torch.Generator().manual_seed(e * 1000 + m)
+    logits = (3 * torch.randn(m, e, generator=gen)).to(DEV)
+    (wt, it), (wk, ik) = _both(logits, top_k, scoring=scoring, renormalize=renormalize)
+    assert torch.equal(it, ik)
+    torch.testing.assert_close(wk, wt, rtol=2e-6, atol=1e-7)
+
+
+def test_bias_and_scaling():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 64, generator=gen).to(DEV)
+    bias = (0.3 * torch.randn(64, generator=gen)).to(DEV)
+    (wt, it), (wk, ik) = _both(logits, 6, scoring="sigmoid", correction_bias=bias,
+                               routed_scaling_factor=2.5)
+    assert torch.equal(it, ik)
+    torch.testing.assert_close(wk, wt, rtol=2e-6, atol=1e-7)
+    # the bias changes the choice, not the weights: chosen weights are unbiased scores
+    plain = torch.sigmoid(logits.float()).gather(1, ik.long())
+    torch.testing.assert_close(wk, 2.5 * plain / plain.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_and_strides(dtype):
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(40, 6, generator=gen).to(DEV, dtype)
+    logits = base.t()  # [6, 40] with stride (1, 6): not contiguous along E
+    assert not logits.is_contiguous()
+    (wt, it), (wk, ik) = _both(logits, 3)
+    assert torch.equal(it, ik)
+    torch.testing.assert_close(wk, wt, rtol=2e-6, atol=1e-7)
+
+
+def test_ties_take_the_lower_expert_and_order_is_descending():
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, -1.0, 1.0]], device=DEV)
+    w, ids = fused_topk(logits, 4, backend="triton", renormalize=False)
+    assert ids.tolist() == [[1, 3, 2, 5]]
+    assert (w[0, :-1] >= w[0, 1:]).all()
+
+
+def test_empty_batch_and_nan_rows():
+    w, ids = fused_topk(torch.empty(0, 16, device=DEV), 2, backend="triton")
+    assert w.shape == (0, 2) and ids.shape == (0, 2)
+    logits = torch.randn(3, 16, device=DEV)
+    logits[1, 4] = float("nan")
+    w, ids = fused_topk(logits, 3, backend="triton")
+    # a NaN logit poisons its token's softmax: the weights are NaN, never silently finite
+    assert torch.isnan(w[1]).all() and torch.isfinite(w[[0, 2]]).all()
+    assert ((ids >= 0) & (ids < 16)).all() and len(set(ids[1].tolist())) == 3
+    wt, it = fused_topk(logits[[0, 2]], 3, backend="torch")
+    assert torch.equal(ids[[0, 2]], it)
+
+
+def test_errors():
+    logits = torch.randn(2, 8, device=DEV)
+    with pytest.raises(ValueError, match="backend is 'cuda'"):
+        fused_topk(logits, 2, backend="cuda")
+    with pytest.raises(ValueError, match="grouped top-k"):
+        fused_topk(logits, 2, backend="triton", num_expert_group=2, topk_group=1)
+    with pytest.raises(ValueError, match="floating point"):
+        fused_topk(torch.ones(2, 8, dtype=torch.int64, device=DEV), 2)
+    # auto with groups falls back to torch
+    w, ids = fused_topk(logits, 2, num_expert_group=2, topk_group=1)
+    assert ids.shape == (2, 2)

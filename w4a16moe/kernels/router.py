@@ -1,0 +1,133 @@
+"""Top-k routing in one Triton kernel: scores, selection, renormalisation and scaling.
+
+``fused_topk`` in torch is half a dozen small kernels (cast, softmax, topk, gather, sum,
+divide); at decode batch sizes each costs a launch and a round trip through memory, more than
+the experts' own GEMVs. Here one program handles ``ROWS`` tokens: it loads their ``[ROWS, E]``
+logits once, computes the scores in float32 (softmax or sigmoid), adds the optional
+correction bias for the *choice* only, picks the ``top_k`` largest by repeated arg-max
+(descending order, the lowest expert id first among equal scores), gathers the unbiased
+scores of the chosen experts, renormalises them if asked, multiplies by the routed scaling
+factor and stores ``topk_weights`` (float32) and ``topk_ids`` (int32).
+
+Grouped top-k (DeepSeek's ``num_expert_group``) is not handled here; :func:`fused_topk`
+keeps the torch path for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: largest expert count one program holds in registers (one row of logits per token)
+MAX_EXPERTS = 8192
+SCORING_CODES = {"softmax": 0, "sigmoid": 1}
+
+
+@triton.jit
+def _topk_router_kernel(
+    logits_ptr, stride_lm, bias_ptr, weights_ptr, ids_ptr,
+    M, E, scaling,
+    TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
+    SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+):
+    """Rows ``pid*ROWS .. pid*ROWS+ROWS-1`` of ``logits [M, E]`` -> ``weights [M, TOP_K]``
+    float32 and ``ids [M, TOP_K]`` int32 (both contiguous). ``SCORING`` 0 = softmax over E,
+    1 = sigmoid; ``bias_ptr`` ``[E]`` float32 is added to the scores for choosing only."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < M
+    col_ok = cols < E
+    mask = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :],
+                mask=mask, other=float("-inf")).to(tl.float32)
+    if SCORING == 0:
+        peak = tl.where(row_ok, tl.max(x, axis=1), 0.0)  # rows past M: no -inf - -inf
+        p = tl.exp(x - peak[:, None])
+        p = tl.where(col_ok[None, :], p, 0.0)
+        scores = p / tl.sum(p, axis=1)[:, None]
+    else:
+        scores = tl.sigmoid(x)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0)
+        choice = scores + bias[None, :]
+    else:
+        choice = scores
+    kcols = tl.arange(0, TOP_K_P2)
+    top_w = tl.zeros([ROWS, TOP_K_P2], dtype=tl.float32)
+    top_i = tl.zeros([ROWS, TOP_K_P2], dtype=tl.int32)
+    avail = col_ok[None, :] & (rows >= 0)[:, None]  # [ROWS, BLOCK_E]: not picked yet
+    for j in tl.static_range(TOP_K):
+        best = tl.max(tl.where(avail, choice, float("-inf")), axis=1)
+        # the lowest available column holding the maximum; if none matches (the row's
+        # scores are NaN, or all -inf) the lowest available column
+        hit = avail & (choice == best[:, None])
+        idx = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
+        first = tl.min(tl.where(avail, cols[None, :], BLOCK_E), axis=1)
+        idx = tl.where(idx < BLOCK_E, idx, first)
+        idx = tl.minimum(idx, E - 1)
+        sel = cols[None, :] == idx[:, None]
+        w = tl.sum(tl.where(sel, scores, 0.0), axis=1)
+        top_w = tl.where(kcols[None, :] == j, w[:, None], top_w)
+        top_i = tl.where(kcols[None, :] == j, idx[:, None], top_i)
+        avail = avail & (sel == 0)
+    if RENORMALIZE:
+        total = tl.sum(top_w, axis=1)
+        top_w = top_w / tl.maximum(total, 1e-20)[:, None]
+    top_w = top_w * scaling
+    out_mask = row_ok[:, None] & (kcols < TOP_K)[None, :]
+    offs = rows[:, None].to(tl.int64) * TOP_K + kcols[None, :]
+    tl.store(weights_ptr + offs, top_w, mask=out_mask)
+    tl.store(ids_ptr + offs, top_i, mask=out_mask)
+
+
+def rows_per_program(num_experts: int) -> int:
+    """Tokens per program: about 4K logits per program (one row when E >= 4096)."""
+    block_e = triton.next_power_of_2(max(num_experts, 1))
+    return max(1, min(16, 4096 // block_e))
+
+
+def topk_router(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    renormalize: bool = True,
+    scoring: str = "softmax",
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-kernel top-k routing of ``router_logits [M, E]`` (any float dtype, last dim
+    contiguous or not) -> ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``,
+    the same contract as :func:`w4a16moe.routing.fused_topk` without grouped top-k. Arguments
+    are validated by the caller (``fused_topk``); this checks only what the kernel needs."""
+    if scoring not in SCORING_CODES:
+        raise ValueError(f"scoring is {scoring!r}; expected one of {tuple(SCORING_CODES)}")
+    m, e = router_logits.shape
+    if e > MAX_EXPERTS:
+        raise ValueError(f"router_logits has E={e} experts; the Triton router handles at most "
+                         f"{MAX_EXPERTS}")
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    dev = logits.device
+    weights = torch.empty(m, top_k, dtype=torch.float32, device=dev)
+    ids = torch.empty(m, top_k, dtype=torch.int32, device=dev)
+    if m == 0:
+        return weights, ids
+    bias = None
+    if correction_bias is not None:
+        bias = correction_bias.to(device=dev, dtype=torch.float32).contiguous()
+    rows = rows_per_program(e)
+    grid = (triton.cdiv(m, rows),)
+    _topk_router_kernel[grid](
+        logits, logits.stride(0), bias if bias is not None else weights, weights, ids,
+        m, e, float(routed_scaling_factor),
+        TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k),
+        BLOCK_E=triton.next_power_of_2(e), ROWS=rows,
+        SCORING=SCORING_CODES[scoring], HAS_BIAS=bias is not None,
+        RENORMALIZE=bool(renormalize),
+        num_warps=4 if triton.next_power_of_2(e) * rows >= 2048 else 1,
+    )
+    return weights, ids
+
+
+__all__ = ["MAX_EXPERTS", "rows_per_program", "topk_router"]

@@ -8,6 +8,7 @@ CPU, in bf16 (the benchmark's GPU dtype) with the compiled kernels on a GPU.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -16,15 +17,21 @@ from conftest import DEVICE, ON_GPU
 pytest.importorskip("transformers")
 
 from w4a16moe.integrations.e2e import (  # noqa: E402
+    COMPILE_KWARGS,
+    CUDA_ONLY_MODES,
     MODES,
     QWEN3_30B_A3B,
     RECORD_KEYS,
+    GreedyRunner,
     bench_e2e,
     build_random_model,
+    compile_kwargs,
+    compile_options_from_args,
     decode_bytes,
     e2e_config,
     format_records,
     parse_cases,
+    parse_modes,
     run_e2e,
 )
 from w4a16moe.integrations.transformers import W4A16Experts, find_moe_blocks  # noqa: E402
@@ -105,6 +112,136 @@ def test_bench_e2e_rejects():
         bench_e2e(TINY, modes=("int4-graphs",), device="cpu", read_gbps=1.0)
     with pytest.raises(ValueError, match="expected a non-empty subset"):
         bench_e2e(TINY, modes=("int8-eager",), device="cpu", read_gbps=1.0)
-    assert set(MODES) == {"bf16-eager", "bf16-graphs", "int4-eager", "int4-graphs"}
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        bench_e2e(TINY, modes=("int4-compiled",), device="cpu", read_gbps=1.0,
+                  compile_options={"mode": "reduce-overhead"})
+    assert set(MODES) == {f"{p}-{k}" for p in ("bf16", "int4")
+                          for k in ("eager", "graphs", "compiled")}
+    assert set(CUDA_ONLY_MODES) == {"bf16-graphs", "int4-graphs"}
     with pytest.raises(ValueError, match="expected PROMPT/NEW"):
         parse_cases("128x128")
+    assert parse_modes(" int4-compiled,bf16-compiled ") == ["int4-compiled", "bf16-compiled"]
+    with pytest.raises(ValueError, match="comma-separated subset"):
+        parse_modes("int4-compiled,int4-fast")
+
+
+# --------------------------------------------------------------------------------------------
+# -compiled modes
+# --------------------------------------------------------------------------------------------
+#: the runner pipeline under torch.compile without inductor's code generation (fast on the
+#: CPU: no C++ compiler run); the inductor numerics are checked by test_inductor_int4_logits
+FAST_COMPILE = {"backend": "aot_eager"}
+
+
+def test_compile_kwargs():
+    kw = compile_kwargs()
+    assert kw["fullgraph"] is True and kw["dynamic"] is False
+    assert kw.get("options", {}) == COMPILE_KWARGS["options"]
+    assert compile_kwargs({"backend": "aot_eager"})["backend"] == "aot_eager"
+    # a mode and options together: the mode's inductor options are folded in
+    both = compile_kwargs({"mode": "max-autotune-no-cudagraphs"})
+    assert "mode" not in both and both["options"]["max_autotune"] is True
+    assert compile_kwargs({"mode": "default", "options": {"epilogue_fusion": False}}) == {
+        "fullgraph": True, "dynamic": False,
+        "options": {**COMPILE_KWARGS["options"], "epilogue_fusion": False}}
+    for bad, match in (({"mode": "reduce-overhead"}, "captures its own"),
+                       ({"mode": "max-autotune"}, "captures its own"),
+                       ({"options": {"triton.cudagraphs": True}}, "captures its own"),
+                       ({"fullgraph": False}, "fullgraph=True"),
+                       ({"dynamic": True}, "dynamic=False"),
+                       ({"prefill": True}, "compile option 'prefill'")):
+        with pytest.raises(ValueError, match=match):
+            compile_kwargs(bad)
+    assert compile_options_from_args() is None
+    assert compile_options_from_args("max-autotune-no-cudagraphs",
+                                     '{"coordinate_descent_tuning": false}', True) == {
+        "mode": "max-autotune-no-cudagraphs",
+        "options": {"coordinate_descent_tuning": False}, "prefill": True}
+    with pytest.raises(ValueError, match="not JSON"):
+        compile_options_from_args(options_json="{bad")
+    with pytest.raises(ValueError, match="captures its own"):
+        compile_options_from_args("reduce-overhead")
+
+
+@pytest.mark.parametrize("precision", ["int4", "bf16"])
+def test_compiled_runner_matches_eager(precision):
+    # fullgraph=True: any graph break inside the model (our module included) is an error
+    cfg = e2e_config(TINY, num_layers=1)
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    model = build_random_model(cfg, precision, DEVICE, dtype, group_size=32, seed=3,
+                               decode_threshold=1)
+    ids = torch.randint(0, cfg.vocab_size, (1, 4))
+    want, _ = GreedyRunner(model, 7).generate(ids, 3)
+    torch._dynamo.reset()
+    try:
+        for opts, calls in ((FAST_COMPILE, 2), ({**FAST_COMPILE, "prefill": True}, 1)):
+            runner = GreedyRunner(model, 7, cuda_graphs=ON_GPU, compile=True,
+                                  compile_options=opts)
+            for _ in range(calls):  # a second call replays (graphs) / reuses compiled code
+                got, timing = runner.generate(ids, 3)
+                assert torch.equal(got.cpu(), want.cpu()), (opts, got, want)
+                assert timing.decode_steps == 2
+            assert runner.compile_prefill is opts.get("prefill", False)
+    finally:
+        torch._dynamo.reset()
+
+
+def _has_cpp_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not ON_GPU and not _has_cpp_compiler(),
+                    reason="inductor on the CPU needs a C++ compiler (none on PATH)")
+def test_inductor_int4_logits():
+    # the real -compiled pipeline (inductor code generation) once: logits of the compiled
+    # int4 model equal the eager ones within fp16 / bf16 rounding of the fused non-expert ops
+    cfg = e2e_config(TINY, num_layers=1)
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    model = build_random_model(cfg, "int4", DEVICE, dtype, group_size=32, seed=5,
+                               decode_threshold=1)
+    ids = torch.randint(0, cfg.vocab_size, (1, 3), device=DEVICE)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            want = model(ids).logits.float()
+            got = torch.compile(model, **compile_kwargs())(ids).logits.float()
+    finally:
+        torch._dynamo.reset()
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(got, want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+def test_bench_e2e_compiled():
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    records = bench_e2e(TINY, modes=("bf16-compiled", "int4-eager", "int4-compiled"),
+                        num_layers=1, cases=[(4, 3)], device=DEVICE, dtype=dtype,
+                        group_size=32, read_gbps=20.0, decode_threshold=1,
+                        compile_options=FAST_COMPILE)
+    by = {r["mode"]: r for r in records}
+    assert list(by) == ["bf16-compiled", "int4-eager", "int4-compiled"]
+    for mode in ("bf16-compiled", "int4-compiled"):
+        r = by[mode]
+        assert "error" not in r, r
+        assert r["tpot_ms"] > 0 and r["ttft_ms"] > 0 and r["compile_s"] >= 0
+        assert r["compile"]["backend"] == "aot_eager" and r["compile"]["fullgraph"] is True
+        assert r["compile"]["prefill"] is False
+    # the bf16 baseline of a compiled int4 record is the bf16-compiled one of the same run
+    assert by["int4-compiled"]["bf16_tpot_ms"] == by["bf16-compiled"]["tpot_ms"]
+    assert by["int4-eager"]["bf16_tpot_ms"] is None  # bf16-eager was not run
+    assert "compile" not in by["int4-eager"]
+
+
+def test_bench_cli_e2e_options():
+    import argparse
+
+    from w4a16moe.bench.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["bench", "--e2e", "--e2e-modes", "bf16-compiled,int4-compiled",
+                            "--compile-mode", "max-autotune-no-cudagraphs",
+                            "--compile-prefill"])
+    assert ns.e2e and ns.e2e_modes == "bf16-compiled,int4-compiled"
+    assert compile_options_from_args(ns.compile_mode, ns.compile_options,
+                                     ns.compile_prefill) == {
+        "mode": "max-autotune-no-cudagraphs", "prefill": True}

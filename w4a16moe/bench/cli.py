@@ -100,12 +100,22 @@ def run(args) -> int:
     from .timing import as_device, measure_device
 
     if args.e2e:
-        from ..integrations.e2e import parse_cases, run_e2e
+        from ..integrations.e2e import (
+            MODES,
+            compile_options_from_args,
+            parse_cases,
+            parse_modes,
+            run_e2e,
+        )
 
         dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+        modes = parse_modes(args.e2e_modes) if args.e2e_modes else MODES
         run_e2e(args.config or args.model or DEFAULT_MODEL, args.num_layers,
-                parse_cases(args.cases), out=args.out, as_json=args.json, device=args.device,
-                dtype=dtype)
+                parse_cases(args.cases), modes, out=args.out, as_json=args.json,
+                device=args.device, dtype=dtype,
+                compile_options=compile_options_from_args(args.compile_mode,
+                                                          args.compile_options,
+                                                          args.compile_prefill))
         return 0
     err = Console(stderr=True)
     out = Console() if sys.stdout.isatty() else Console(width=130)
@@ -222,11 +232,27 @@ def register(sub) -> None:
     e2e.add_argument("--e2e", action="store_true",
                      help="instead of one layer, generate with a whole transformers model of the "
                           "model's real config and random weights: TTFT and TPOT of bf16 and "
-                          "int4, eager and with CUDA graphs, against the TPOT floor")
+                          "int4, eager, with CUDA graphs and torch.compile + CUDA graphs, "
+                          "against the TPOT floor")
     e2e.add_argument("--cases", default="128/128,512/1",
                      help="PROMPT/NEW token pairs for --e2e (default: 128/128,512/1)")
     e2e.add_argument("--num-layers", type=int, default=None,
                      help="override the layer count for --e2e (a smaller model)")
+    e2e.add_argument("--e2e-modes", metavar="LIST", default=None,
+                     help="modes for --e2e: bf16-eager,bf16-graphs,bf16-compiled,int4-eager,"
+                          "int4-graphs,int4-compiled (default: all). -compiled: torch.compile "
+                          "(fullgraph, static shapes) + CUDA graphs")
+    e2e.add_argument("--compile-mode", default=None,
+                     help="torch.compile mode of the -compiled modes (default: inductor's "
+                          "default with coordinate_descent_tuning; "
+                          "max-autotune-no-cudagraphs is accepted but autotunes every GEMM)")
+    e2e.add_argument("--compile-options", metavar="JSON", default=None,
+                     help='inductor options for -compiled, e.g. '
+                          '\'{"coordinate_descent_tuning": true}\'')
+    e2e.add_argument("--compile-prefill", action="store_true",
+                     help="-compiled modes compile the prefill too (default: the decode step "
+                          "only; the prefill runs the eager forward in a CUDA graph). Each "
+                          "prompt length is one more whole-model compilation")
     p.set_defaults(func=run)
 
 

@@ -14,9 +14,18 @@ generation at batch 1:
 Both run on a static KV cache with explicit 4-D attention masks kept in device buffers, so a
 step reads nothing back to the host. ``-graphs`` modes capture the prefill and one decode step
 in CUDA graphs (``torch.cuda.CUDAGraph``) and replay them; ``-eager`` modes launch every
-kernel from Python. The floor of TPOT is the bytes one decode step must read (every
-non-expert weight but the embedding table, the ``top_k`` active experts of each MoE layer in
-the mode's format, the KV cache at the mean context) over the measured streaming bandwidth.
+kernel from Python; ``-compiled`` modes run the model's decode step (forward + greedy
+choice) through ``torch.compile(fullgraph=True, dynamic=False)`` with inductor, so the small
+non-expert ops (norms, rotary, router softmax / top-k, residual adds) are fused, and on a GPU
+capture prefill and decode step in CUDA graphs exactly like ``-graphs`` (on the CPU they run
+without graphs). The prefill is compiled too with ``compile_options={"prefill": True}``: off
+by default because each prompt length is one more whole-model compilation (about 100 s for
+the 48-layer Qwen3-30B-A3B on an H100 host) for a forward that is bound by its GEMMs. bf16
+and int4 go through the same pipeline; the int4 experts are the opaque custom op
+``w4a16moe::moe_experts``, the bf16 experts transformers' ``grouped_mm`` implementation.
+The floor of TPOT is the bytes one decode step must read (every non-expert weight but the
+embedding table, the ``top_k`` active experts of each MoE layer in the mode's format, the KV
+cache at the mean context) over the measured streaming bandwidth.
 
 :class:`GreedyRunner` is the generation loop; ``w4a16moe generate`` uses it too.
 """
@@ -46,7 +55,20 @@ from .transformers import (
     random_fill,
 )
 
-MODES = ("bf16-eager", "bf16-graphs", "int4-eager", "int4-graphs")
+MODES = ("bf16-eager", "bf16-graphs", "bf16-compiled", "int4-eager", "int4-graphs",
+         "int4-compiled")
+#: modes that need a CUDA device (``-compiled`` also runs on the CPU, without CUDA graphs)
+CUDA_ONLY_MODES = ("bf16-graphs", "int4-graphs")
+#: ``torch.compile`` arguments of the ``-compiled`` modes (inductor; the runner captures its
+#: own CUDA graphs, so no mode that adds cudagraphs). Chosen on an H100 (torch 2.11) with a
+#: 4-layer Qwen3-30B-A3B, decode TPOT at 128/64: inductor default 0.62 ms (int4) / 0.81 ms
+#: (bf16), with ``coordinate_descent_tuning`` 0.53 / 0.72 ms (eager forward in CUDA graphs:
+#: 0.97 / 1.33 ms); ``max-autotune-no-cudagraphs`` spent its time autotuning the bf16
+#: grouped GEMMs (~18 s per shape) and was not completed.
+COMPILE_KWARGS: dict = {"fullgraph": True, "dynamic": False, "mode": None,
+                        "options": {"coordinate_descent_tuning": True}}
+#: ``torch.compile`` modes that capture CUDA graphs themselves: refused (the runner captures)
+_CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 #: (prompt tokens, new tokens) measured by default
 DEFAULT_CASES = ((128, 128), (512, 1))
 RECORD_KEYS = ("model", "mode", "prompt_len", "new_tokens", "ttft_ms", "tpot_ms",
@@ -168,9 +190,9 @@ def build_random_model(config, precision: str, device: str | torch.device,
                                              decode_threshold=decode_threshold)
     materialize(model, device, random_fill(seed=seed), skip=(W4A16Experts,))
     model.requires_grad_(False)
-    if precision == "bf16" and device.type == "cuda" and hasattr(model,
-                                                                 "set_experts_implementation"):
-        try:  # sort + grouped GEMM: no host sync, capturable in a CUDA graph
+    if precision == "bf16" and hasattr(model, "set_experts_implementation"):
+        try:  # sort + grouped GEMM: no host sync, capturable in a CUDA graph, and traceable
+            # by torch.compile(fullgraph=True) (the default loop over hit experts is not)
             model.set_experts_implementation("grouped_mm")
         except (ValueError, KeyError, ImportError):
             pass
@@ -222,9 +244,52 @@ class GenerationTiming:
         return self.decode_ms / self.decode_steps if self.decode_steps else None
 
 
+def compile_kwargs(overrides: dict | None = None) -> dict:
+    """The ``torch.compile`` keyword arguments of the ``-compiled`` modes:
+    :data:`COMPILE_KWARGS` updated by ``overrides`` (e.g. ``{"mode":
+    "max-autotune-no-cudagraphs"}`` or ``{"options": {"coordinate_descent_tuning": True}}``).
+
+    ``fullgraph`` must stay True (a graph break inside the model is an error, not a silent
+    slow path) and ``dynamic`` False (each prompt length and the decode step get their own
+    static-shape graph); modes that capture CUDA graphs themselves (``reduce-overhead``,
+    ``max-autotune``) and ``options={"triton.cudagraphs": True}`` are refused because the
+    runner captures the compiled steps in its own graphs."""
+    kw = {**COMPILE_KWARGS, "options": dict(COMPILE_KWARGS.get("options") or {})}
+    for key, value in (overrides or {}).items():
+        if key == "options":
+            kw["options"].update(value or {})
+        elif key in ("mode", "fullgraph", "dynamic", "backend"):
+            kw[key] = value
+        else:
+            raise ValueError(f"compile option {key!r}; expected mode, options, fullgraph, "
+                             "dynamic or backend")
+    if kw.get("fullgraph") is not True:
+        raise ValueError(f"compile fullgraph is {kw.get('fullgraph')!r}; the -compiled modes "
+                         "need fullgraph=True (no graph break inside the model)")
+    if kw.get("dynamic") is not False:
+        raise ValueError(f"compile dynamic is {kw.get('dynamic')!r}; the -compiled modes need "
+                         "dynamic=False (static shapes per prompt length and decode step)")
+    if kw.get("mode") in _CUDAGRAPH_COMPILE_MODES or kw["options"].get("triton.cudagraphs"):
+        raise ValueError(f"compile mode {kw.get('mode')!r} / options {kw['options']} capture "
+                         "CUDA graphs inside torch.compile; the runner captures its own, so use "
+                         "'default' or 'max-autotune-no-cudagraphs'")
+    if kw.get("mode") is not None and kw["options"]:
+        # torch.compile takes one of the two; fold the mode's inductor options in
+        from torch._inductor import list_mode_options
+
+        kw["options"] = {**list_mode_options(kw["mode"]), **kw["options"]}
+        kw["mode"] = None
+    if kw.get("mode") is None:
+        kw.pop("mode", None)
+    if not kw["options"]:
+        kw.pop("options")
+    return kw
+
+
 class GreedyRunner:
     """Greedy generation with a transformers ``StaticCache``, nothing read back to the host
-    between steps, optionally replayed from CUDA graphs.
+    between steps, optionally compiled with ``torch.compile`` and / or replayed from CUDA
+    graphs.
 
     Every call passes ``position_ids`` and a 4-D additive attention mask held in device
     buffers (transformers returns a 4-D mask as is), so the model's own mask code never
@@ -238,10 +303,20 @@ class GreedyRunner:
         batch_size: rows per call (all prompts of one length).
         cuda_graphs: capture the prefill (per prompt length) and the decode step in CUDA
             graphs on the first :meth:`generate` and replay them afterwards.
+        compile: run the decode step's forward + greedy choice (and the prefill's, see
+            ``compile_options``) through ``torch.compile`` (arguments :func:`compile_kwargs`
+            of ``compile_options``): static-shape graphs compiled on the first
+            :meth:`generate` (before any capture when ``cuda_graphs``). The static cache is
+            filled by one eager forward first (transformers allocates it lazily).
+        compile_options: overrides of :data:`COMPILE_KWARGS`, plus ``"prefill": True`` to
+            compile the prefill forward as well (default: the decode step only; the prefill
+            runs the eager forward, in a CUDA graph when ``cuda_graphs``, which saves one
+            whole-model compilation per prompt length).
     """
 
     def __init__(self, model: nn.Module, max_len: int, batch_size: int = 1,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, compile: bool = False,
+                 compile_options: dict | None = None) -> None:
         from transformers import StaticCache
 
         self.model = model
@@ -253,8 +328,17 @@ class GreedyRunner:
         self.max_len = max_len
         self.batch_size = batch_size
         self.cuda_graphs = cuda_graphs
+        self.compiled = compile
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self._cache_kw = cache_kwarg(model)
+        opts = dict(compile_options or {})
+        self.compile_prefill = bool(opts.pop("prefill", False))
+        self._fwd_prefill = self._fwd_decode = self._forward
+        if compile:
+            self._fwd_decode = torch.compile(self._forward, **compile_kwargs(opts))
+            if self.compile_prefill:
+                self._fwd_prefill = self._fwd_decode
+        self._cache_ready = False
         dev = self.device
         self._neg = torch.finfo(self.dtype).min
         self._tok = torch.zeros(batch_size, 1, dtype=torch.long, device=dev)
@@ -276,12 +360,12 @@ class GreedyRunner:
         return out.logits[:, -1].argmax(dim=-1, keepdim=True)
 
     def _prefill_step(self) -> None:
-        nxt = self._forward(self._prompt, self._prompt_pos, self._prompt_mask)
+        nxt = self._fwd_prefill(self._prompt, self._prompt_pos, self._prompt_mask)
         self._tok.copy_(nxt)
 
     def _decode_step(self) -> None:
         self._mask.index_fill_(3, self._pos[0], 0.0)
-        nxt = self._forward(self._tok, self._pos, self._mask)
+        nxt = self._fwd_decode(self._tok, self._pos, self._mask)
         self._tok.copy_(nxt)
         self._hist.index_copy_(1, self._step, nxt)
         self._step.add_(1)
@@ -312,6 +396,17 @@ class GreedyRunner:
         self._pos.fill_(p)
         self._step.zero_()
 
+    def _prepare_cache(self, p: int) -> None:
+        """One eager prefill, so transformers allocates the static cache's tensors before the
+        compiled code sees them (a compiled graph then takes them as inputs; the lazy
+        allocation itself is never traced)."""
+        if self._cache_ready:
+            return
+        self._reset(p)
+        nxt = self._forward(self._prompt, self._prompt_pos, self._prompt_mask)
+        self._tok.copy_(nxt)
+        self._cache_ready = True
+
     # -- graphs --------------------------------------------------------------------------
     @staticmethod
     def _capture(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
@@ -320,23 +415,30 @@ class GreedyRunner:
             fn()
         return graph
 
-    def _warm_up_and_capture(self, input_ids: torch.Tensor) -> None:
-        """Run prefill + two decode steps eagerly on a side stream (kernels compile, lazy
-        buffers are made), reserve the experts' workspaces, then capture both steps."""
+    def _warm_up_and_capture(self, input_ids: torch.Tensor, decode: bool) -> None:
+        """Run prefill (and, when ``decode``, two decode steps) on a side stream (kernels and
+        compiled graphs are built, lazy buffers are made), reserve the experts' workspaces,
+        then capture the prefill and, when ``decode``, the decode step (a prompt that fills
+        the cache but one position captures no decode step: it never runs one)."""
         p = input_ids.shape[1]
         prepare_for_cuda_graphs(self.model, max(p * self.batch_size, self.batch_size))
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
+            if self.compiled:
+                self._prepare_cache(p)
             self._reset(p)
-            self._prefill_step()
-            if p + 2 < self.max_len:
-                self._decode_step()
-                self._decode_step()
+            if self._graph_prefill is None:
+                self._prefill_step()
+            if decode:
+                for _ in range(min(2, self.max_len - p)):
+                    self._decode_step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
-        self._graph_prefill = self._capture(self._prefill_step)
-        self._graph_decode = self._capture(self._decode_step)
+        if self._graph_prefill is None:
+            self._graph_prefill = self._capture(self._prefill_step)
+        if decode:
+            self._graph_decode = self._capture(self._decode_step)
 
     # -- public --------------------------------------------------------------------------
     @torch.no_grad()
@@ -351,8 +453,12 @@ class GreedyRunner:
             raise ValueError(f"prompt {p} + new tokens {new_tokens} exceed the cache length "
                              f"{self.max_len}")
         self._set_prompt(input_ids.to(self.device))
-        if self.cuda_graphs and (self._graph_prefill is None or self._graph_decode is None):
-            self._warm_up_and_capture(input_ids)
+        steps = new_tokens - 1
+        if self.cuda_graphs and (self._graph_prefill is None
+                                 or (steps and self._graph_decode is None)):
+            self._warm_up_and_capture(input_ids, decode=steps > 0)
+        elif self.compiled:
+            self._prepare_cache(p)
         clock = _Clock(self.device)
         self._reset(p)
         clock.start()
@@ -363,7 +469,6 @@ class GreedyRunner:
         clock.stop()
         ttft = clock.ms()
         first = self._tok.clone()
-        steps = new_tokens - 1
         clock.start()
         for _ in range(steps):
             if self.cuda_graphs:
@@ -449,15 +554,18 @@ def _versions() -> tuple[str, str | None, str | None]:
 
 
 def time_generation(model: nn.Module, prompt_len: int, new_tokens: int, cuda_graphs: bool,
-                    repeats: int = 3, batch_size: int = 1, seed: int = 0
+                    repeats: int = 3, batch_size: int = 1, seed: int = 0,
+                    compile: bool = False, compile_options: dict | None = None
                     ) -> tuple[GenerationTiming, torch.Tensor]:
     """Median TTFT and TPOT of ``repeats`` greedy generations of ``new_tokens`` after a
-    random prompt of ``prompt_len`` tokens (one untimed warm-up run first)."""
+    random prompt of ``prompt_len`` tokens (one untimed warm-up run first: kernels and, with
+    ``compile``, the compiled graphs are built there, graphs captured)."""
     device = next(model.parameters()).device
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed)
     prompt = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen)
-    runner = GreedyRunner(model, prompt_len + new_tokens, batch_size, cuda_graphs)
+    runner = GreedyRunner(model, prompt_len + new_tokens, batch_size, cuda_graphs, compile,
+                          compile_options)
     runner.generate(prompt, new_tokens)  # warm-up (and capture)
     runs = []
     tokens = None
@@ -480,14 +588,16 @@ def bench_e2e(config_path_or_name: str | os.PathLike | dict = "qwen3-30b-a3b",
               device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
               group_size: int = 128, repeats: int | None = None, seed: int = 0,
               read_gbps: float | None = None, decode_threshold: int | None = None,
-              progress: bool = False) -> list[dict]:
+              compile_options: dict | None = None, progress: bool = False) -> list[dict]:
     """Time greedy generation of a random-weight model with bf16 and int4 experts.
 
     Args:
         config_path_or_name: ``"qwen3-30b-a3b"`` (built in), a ``config.json`` path or dict.
         prompt_len, new_tokens: the case measured, unless ``cases`` lists several
             (:data:`DEFAULT_CASES` = (128, 128) and (512, 1)).
-        modes: any of :data:`MODES`; ``-graphs`` modes need a CUDA device.
+        modes: any of :data:`MODES`; ``-graphs`` modes need a CUDA device; ``-compiled``
+            modes run ``torch.compile`` (:func:`compile_kwargs`) and, on a GPU, CUDA graphs
+            (on the CPU inductor needs a C++ compiler).
         num_layers: override ``num_hidden_layers`` (a smaller model of the same shape).
         device: default CUDA if available, else CPU (eager modes, fp16 for the kernels'
             interpreter: pass ``dtype=torch.float16``).
@@ -496,12 +606,18 @@ def bench_e2e(config_path_or_name: str | os.PathLike | dict = "qwen3-30b-a3b",
         repeats: timed runs per case after one warm-up (default 3 on a GPU, 1 on the CPU).
         read_gbps: streaming-read bandwidth for the floor (default: measured here).
         decode_threshold: passed to :class:`W4A16Experts`.
+        compile_options: overrides of :data:`COMPILE_KWARGS` for the ``-compiled`` modes,
+            and ``"prefill": True`` to compile the prefill too (default: the decode step
+            only, see :class:`GreedyRunner`; the TTFT of such records is the eager prefill's
+            in a CUDA graph).
         progress: print a line per measurement.
 
     Returns:
         One record per (mode, case) with :data:`RECORD_KEYS` (``tpot_ms`` is None when only
-        one token is generated; ``bf16_*`` are the bf16 mode of the same eager/graphs kind,
-        None when not run), plus ``read_gbps``, ``decode_bytes``, ``transformers`` and, for
+        one token is generated; ``bf16_*`` are the bf16 mode of the same kind (eager,
+        graphs or compiled), None when not run), plus ``compile`` (the ``torch.compile``
+        arguments) and ``compile_s`` (seconds of the untimed warm-up, compilation included)
+        for ``-compiled`` modes, ``read_gbps``, ``decode_bytes``, ``transformers`` and, for
         a failed measurement, ``error``.
     """
     from ..bench.timing import as_device, device_name, measure_read_bandwidth
@@ -510,9 +626,14 @@ def bench_e2e(config_path_or_name: str | os.PathLike | dict = "qwen3-30b-a3b",
     if bad or not modes:
         raise ValueError(f"modes {list(modes)}; expected a non-empty subset of {MODES}")
     device = as_device(device)
-    if device.type != "cuda" and any(m.endswith("graphs") for m in modes):
-        raise ValueError(f"modes {[m for m in modes if m.endswith('graphs')]} need a CUDA "
+    if device.type != "cuda" and any(m in CUDA_ONLY_MODES for m in modes):
+        raise ValueError(f"modes {[m for m in modes if m in CUDA_ONLY_MODES]} need a CUDA "
                          f"device; running on {device}")
+    ckw = None
+    if any(m.endswith("compiled") for m in modes):
+        opts = dict(compile_options or {})
+        prefill = bool(opts.pop("prefill", False))
+        ckw = {**compile_kwargs(opts), "prefill": prefill}
     cases = list(cases) if cases is not None else [(prompt_len, new_tokens)]
     for p, n in cases:
         if p < 1 or n < 1:
@@ -552,10 +673,17 @@ def bench_e2e(config_path_or_name: str | os.PathLike | dict = "qwen3-30b-a3b",
             for mode in todo:
                 rec: dict = {"decode_bytes": nbytes["total"],
                              "floor_tpot_ms": nbytes["total"] / (read_gbps * 1e9) * 1e3}
+                kind = mode.split("-", 1)[1]
+                graphs = kind == "graphs" or (kind == "compiled" and device.type == "cuda")
                 try:
-                    timing, _ = time_generation(model, p, n, mode.endswith("graphs"), repeats,
-                                                seed=seed)
+                    t0 = time.perf_counter()
+                    timing, _ = time_generation(model, p, n, graphs, repeats, seed=seed,
+                                                compile=kind == "compiled",
+                                                compile_options=compile_options)
                     rec.update(ttft_ms=timing.ttft_ms, tpot_ms=timing.tpot_ms)
+                    if kind == "compiled":
+                        rec.update(compile=_jsonable(ckw), compile_s=round(
+                            time.perf_counter() - t0 - _timed_s(timing, repeats), 1))
                 except Exception as exc:  # keep the other measurements of a long run
                     rec.update(ttft_ms=None, tpot_ms=None,
                                error=f"{type(exc).__name__}: {exc}"[:500])
@@ -565,6 +693,8 @@ def bench_e2e(config_path_or_name: str | os.PathLike | dict = "qwen3-30b-a3b",
                           f"{_fmt(rec['tpot_ms'])} ms (floor {_fmt(rec['floor_tpot_ms'])} ms)"
                           + (f" ERROR {rec['error']}" if "error" in rec else ""), flush=True)
         del model
+        if ckw is not None:
+            torch._dynamo.reset()  # drop the compiled graphs (and their hold on the model)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -578,10 +708,20 @@ def bench_e2e(config_path_or_name: str | os.PathLike | dict = "qwen3-30b-a3b",
                    "floor_tpot_ms": rec["floor_tpot_ms"],
                    "bf16_tpot_ms": base.get("tpot_ms"), "bf16_ttft_ms": base.get("ttft_ms"),
                    **common, "decode_bytes": rec["decode_bytes"]}
-            if "error" in rec:
-                out["error"] = rec["error"]
+            for key in ("compile", "compile_s", "error"):
+                if key in rec:
+                    out[key] = rec[key]
             records.append(out)
     return records
+
+
+def _timed_s(timing: GenerationTiming, repeats: int) -> float:
+    """Seconds the timed runs of :func:`time_generation` took (about: median x repeats)."""
+    return max(1, repeats) * (timing.ttft_ms + timing.decode_ms) / 1e3
+
+
+def _jsonable(kw: dict) -> dict:
+    return json.loads(json.dumps(kw, default=str))
 
 
 def _fmt(v: float | None) -> str:
@@ -654,19 +794,61 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    ap.add_argument("--compile-mode", default=None,
+                    help="torch.compile mode of the -compiled modes (default "
+                         f"{COMPILE_KWARGS['mode']!r}; e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--compile-options", default=None, metavar="JSON",
+                    help='inductor options, e.g. \'{"coordinate_descent_tuning": true}\'')
+    ap.add_argument("--compile-prefill", action="store_true",
+                    help="-compiled modes compile the prefill too (default: decode step only)")
     ap.add_argument("--out", default=None, help="append the records to this JSON list")
     ap.add_argument("--json", action="store_true", help="print the records as JSON")
     args = ap.parse_args(argv)
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = parse_modes(args.modes)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     run_e2e(args.model, args.num_layers, parse_cases(args.cases), modes, args.out, args.json,
-            device=args.device, dtype=dtype, group_size=args.group_size, repeats=args.repeats)
+            device=args.device, dtype=dtype, group_size=args.group_size, repeats=args.repeats,
+            compile_options=compile_options_from_args(args.compile_mode, args.compile_options,
+                                                      args.compile_prefill))
     return 0
+
+
+def parse_modes(text: str) -> list[str]:
+    """``"bf16-graphs,int4-compiled"`` -> the list, each checked against :data:`MODES`."""
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"modes {text!r}; expected a comma-separated subset of "
+                         f"{','.join(MODES)}")
+    return modes
+
+
+def compile_options_from_args(mode: str | None = None, options_json: str | None = None,
+                              prefill: bool = False) -> dict | None:
+    """``compile_options`` of :func:`bench_e2e` from command-line values (None: defaults)."""
+    out: dict = {}
+    if mode:
+        out["mode"] = mode
+    if options_json:
+        try:
+            opts = json.loads(options_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"compile options {options_json!r} are not JSON ({exc})") from None
+        if not isinstance(opts, dict):
+            raise ValueError(f"compile options {options_json!r}: expected a JSON object")
+        out["options"] = opts
+    if prefill:
+        out["prefill"] = True
+    if out:
+        compile_kwargs({k: v for k, v in out.items() if k != "prefill"})  # validate now
+    return out or None
 
 
 __all__ = [
     "DEFAULT_CASES",
     "E2E_CONFIGS",
+    "COMPILE_KWARGS",
+    "CUDA_ONLY_MODES",
     "MODES",
     "QWEN3_30B_A3B",
     "RECORD_KEYS",
@@ -674,11 +856,14 @@ __all__ = [
     "GreedyRunner",
     "bench_e2e",
     "build_random_model",
+    "compile_kwargs",
+    "compile_options_from_args",
     "decode_bytes",
     "e2e_config",
     "format_records",
     "main",
     "parse_cases",
+    "parse_modes",
     "run_e2e",
     "time_generation",
 ]

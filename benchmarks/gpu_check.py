@@ -10,7 +10,12 @@ Sections (each can be turned off):
             a layer whose weights fit the L2 must run clearly faster warm.
   bench     per model: M = 1, 2, 4, 8 with every path that imports (decode, prefill,
             hybrid, bf16); when the hybrid path exists also the sweep M = 1..8192.
-Writes ``$OUT/gpu_check.json`` (all records, rates, test counts), ``$OUT/gpu_check.log`` and
+  robustness  ``benchmarks/robustness_bench.py``: the deterministic mode's cost.
+  e2e       ``w4a16moe bench --e2e`` (Qwen3-30B-A3B config, 48 layers): TTFT / TPOT of
+            bf16 and int4 with CUDA graphs and torch.compile + CUDA graphs (~5 min: a
+            10-minute slot holds it only without the tests, so run it as a second call).
+Writes ``$OUT/gpu_check.json`` (all records, rates, test counts), ``$OUT/gpu_check.log``,
+``$OUT/robustness.json``, ``$OUT/e2e.json`` and
 ``$OUT/layer.png`` (if matplotlib is present), and prints a short table last. Sections past
 ``--budget-s`` seconds are skipped (noted), so the run ends well inside a 10-minute slot.
 """
@@ -75,6 +80,27 @@ def run_tests(log: Log, out_dir: str, timeout_s: int) -> dict:
     return result
 
 
+def run_script(log: Log, name: str, cmd: list[str], timeout_s: int) -> dict:
+    """Run one benchmark script in a subprocess (its own CUDA context), log the end of its
+    output and return ``{"returncode", "seconds"}``."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    t0 = time.perf_counter()
+    log(f"{name}: {' '.join(cmd)}")
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+        text, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        text += f"\nTIMEOUT after {timeout_s} s"
+        rc = -1
+    for line in text.splitlines()[-40:]:
+        log(f"  {line}")
+    return {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -91,7 +117,14 @@ def main(argv: list[str] | None = None) -> int:
                          "hybrid, bf16)")
     ap.add_argument("--budget-s", type=float, default=500.0,
                     help="skip sections that would start after this many seconds")
-    ap.add_argument("--tests-timeout-s", type=int, default=240)
+    ap.add_argument("--tests-timeout-s", type=int, default=420,
+                    help="the suite takes ~150 s with a warm Triton cache, ~400 s cold")
+    ap.add_argument("--no-e2e", action="store_true",
+                    help="skip the end-to-end transformers run (bench --e2e, ~5 min)")
+    ap.add_argument("--e2e-modes", default="bf16-graphs,bf16-compiled,int4-graphs,int4-compiled")
+    ap.add_argument("--e2e-timeout-s", type=int, default=420)
+    ap.add_argument("--no-robustness", action="store_true",
+                    help="skip the deterministic-mode cost benchmark")
     ap.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "out")))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -185,6 +218,18 @@ def main(argv: list[str] | None = None) -> int:
             f"[{elapsed():.0f} s]")
     report["records"] = records
 
+    if not args.no_robustness:
+        report["robustness"] = run_script(
+            log, "robustness", [sys.executable, os.path.join(ROOT, "benchmarks",
+                                                            "robustness_bench.py"),
+                                "--out", os.path.join(args.out, "robustness.json"),
+                                "--target-ms", "50"], 300)
+    if not args.no_e2e:
+        report["e2e"] = run_script(
+            log, "e2e", [sys.executable, "-m", "w4a16moe.bench.cli", "--e2e", "--e2e-modes",
+                         args.e2e_modes, "--out", os.path.join(args.out, "e2e.json")],
+            args.e2e_timeout_s)
+
     with open(os.path.join(args.out, "gpu_check.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=1)
     if records:
@@ -230,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         log(line)
     if report["sections_skipped"]:
         log(f"skipped for time: {report['sections_skipped']}")
+    for name in ("robustness", "e2e"):
+        if name in report:
+            log(f"{name}: rc {report[name]['returncode']} in {report[name]['seconds']} s")
     log(f"done in {elapsed():.0f} s; results in {args.out}")
     log.f.close()
     failed = report.get("tests", {}).get("returncode", 0) not in (0, 5)

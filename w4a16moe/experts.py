@@ -26,6 +26,12 @@ from .routing import fused_topk
 #: the tokens per expert stay small.
 DEFAULT_DECODE_THRESHOLD = 32
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "kernels", "configs")
+#: ``W4A16MOE_CHECK=1`` turns on the value checks of ``topk_ids`` for GPU tensors (a host
+#: sync per forward); CPU tensors are always checked
+CHECK_ENV = "W4A16MOE_CHECK"
+#: the path of the deterministic mode, for every M: the grouped GEMM stays fast at large M,
+#: where the decode kernel (one program per token) would stream the weights once per token
+DETERMINISTIC_PATH = "prefill"
 
 
 def thresholds_path(device_name: str) -> str:
@@ -66,6 +72,22 @@ def measured_decode_threshold(experts: PackedExperts, top_k: int,
     return table.get(key)
 
 
+def _check_expert_map(expert_map: torch.Tensor, num_local: int) -> None:
+    """Shape, dtype and (once, at construction) values of an ``expert_map``."""
+    if not isinstance(expert_map, torch.Tensor):
+        raise ValueError(f"expert_map is a {type(expert_map).__name__}; expected a 1-D int "
+                         "torch.Tensor")
+    if expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expert_map has shape {tuple(expert_map.shape)} and dtype "
+                         f"{expert_map.dtype}; expected a 1-D int32 tensor [num_global_experts]")
+    if expert_map.numel() == 0:
+        raise ValueError("expert_map is empty; expected one entry per global expert")
+    lo, hi = int(expert_map.min()), int(expert_map.max())
+    if lo < -1 or hi >= num_local:
+        raise ValueError(f"expert_map ranges over [{lo}, {hi}]; expected local ids in "
+                         f"[0, {num_local}) or -1")
+
+
 class HybridW4A16MoEExperts(nn.Module):
     """The routed experts of one MoE layer with int4 weights.
 
@@ -79,27 +101,47 @@ class HybridW4A16MoEExperts(nn.Module):
             experts not on this rank (they contribute nothing).
         decode_threshold: the largest token count that runs the decode kernel (default: the
             measured value for this GPU and shape, else ``DEFAULT_DECODE_THRESHOLD``).
+        deterministic: bitwise reproducible, batch-invariant results: no atomics, and one
+            path (``DETERMINISTIC_PATH``, the prefill kernel) with one kernel config per
+            layer shape for every M, so a token's output is bitwise the same alone or inside
+            any batch. Costs time (benchmarks/RESULTS.md). ``forward(..., path="decode")``
+            still works (atomic-free, batch invariant within the decode path) but its bits
+            differ from the prefill path's: do not mix forced paths if you compare bits.
+        validate: check the *values* of ``topk_ids`` (in ``[0, num_global_experts)``) on
+            every forward, which reads them back to the host. Default (None): always for CPU
+            tensors; for GPU tensors only when the environment has ``W4A16MOE_CHECK=1``.
+            Never while a CUDA graph is being captured (a sync is not allowed there).
 
     ``forward(hidden_states [M, H], topk_weights [M, top_k], topk_ids [M, top_k]) -> [M, H]``.
-    Workspaces are allocated on first use and reused; call :meth:`reserve` with the largest M
-    before capturing a CUDA graph so that nothing is allocated inside the capture.
+    Shapes, dtypes and devices of the inputs are always checked (ValueError naming the
+    tensor, the expected and the found value); non-contiguous inputs are accepted (copied to
+    contiguous memory first). NaN/Inf in ``hidden_states`` propagate to the outputs of the
+    affected tokens as in float arithmetic, never to other tokens. Workspaces are allocated
+    on first use and reused; call :meth:`reserve` with the largest M before capturing a CUDA
+    graph so that nothing is allocated inside the capture (pass contiguous inputs and
+    ``out`` there too).
     """
 
     def __init__(self, experts: PackedExperts, top_k: int, *, activation: str = "silu",
                  apply_router_weight_on_input: bool = False,
                  expert_map: torch.Tensor | None = None,
-                 decode_threshold: int | None = None) -> None:
+                 decode_threshold: int | None = None, deterministic: bool = False,
+                 validate: bool | None = None) -> None:
         super().__init__()
         if not isinstance(experts, PackedExperts):
             raise ValueError(f"experts is a {type(experts).__name__}; expected PackedExperts")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation is {activation!r}; expected one of {ACTIVATIONS}")
+        if expert_map is not None:
+            _check_expert_map(expert_map, experts.num_experts)
         num_global = experts.num_experts if expert_map is None else expert_map.shape[0]
         if not 1 <= top_k <= num_global:
             raise ValueError(f"top_k is {top_k}; expected 1 <= top_k <= {num_global} experts")
         if decode_threshold is not None and decode_threshold < 0:
             raise ValueError(f"decode_threshold is {decode_threshold}; expected >= 0")
         self.top_k = top_k
+        self.deterministic = bool(deterministic)
+        self.validate = validate
         self.activation = activation
         self.apply_router_weight_on_input = apply_router_weight_on_input
         self._threshold_arg = decode_threshold
@@ -150,12 +192,19 @@ class HybridW4A16MoEExperts(nn.Module):
         m = self._meta
         return (f"num_experts={m['num_experts']}, hidden_size={m['hidden_size']}, "
                 f"intermediate_size={m['intermediate_size']}, top_k={self.top_k}, "
-                f"group_size={self._group_sizes[0]}, activation={self.activation!r}")
+                f"group_size={self._group_sizes[0]}, activation={self.activation!r}"
+                + (", deterministic=True" if self.deterministic else ""))
 
     # -- workspaces -----------------------------------------------------------------------
     def reserve(self, max_tokens: int) -> None:
         """Allocate the workspaces for up to ``max_tokens`` tokens now (e.g. before graph
-        capture), so later calls with at most that many tokens allocate nothing."""
+        capture), so later calls with at most that many tokens allocate nothing (deterministic mode:
+        the prefill workspace only)."""
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens is {max_tokens}; expected >= 0")
+        if self.deterministic:
+            self._workspace(DETERMINISTIC_PATH, max(max_tokens, 1))
+            return
         self._workspace("decode", min(max_tokens, max(self.decode_threshold, 1)))
         if max_tokens > self.decode_threshold:
             self._workspace("prefill", max_tokens)
@@ -178,8 +227,65 @@ class HybridW4A16MoEExperts(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def choose_path(self, num_tokens: int) -> str:
-        """``"decode"`` or ``"prefill"``: the kernel ``forward`` runs for ``num_tokens``."""
+        """``"decode"`` or ``"prefill"``: the kernel ``forward`` runs for ``num_tokens``
+        (always ``DETERMINISTIC_PATH`` in the deterministic mode)."""
+        if self.deterministic:
+            return DETERMINISTIC_PATH
         return "decode" if num_tokens <= self.decode_threshold else "prefill"
+
+    def check_inputs(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor) -> None:
+        """Raise ValueError (naming the tensor, the expected and the found value) unless
+        ``hidden_states [M, H]`` (the experts' dtype), ``topk_weights [M, top_k]`` (float)
+        and ``topk_ids [M, top_k]`` (int32/int64) fit this layer and are on its device; then,
+        when :meth:`checks_values` for their device, that every id is in
+        ``[0, num_global_experts)``."""
+        named = (("hidden_states", hidden_states), ("topk_weights", topk_weights),
+                 ("topk_ids", topk_ids))
+        for name, t in named:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} is a {type(t).__name__}; expected a torch.Tensor")
+        device = self.w13_qweight.device
+        for name, t in named:
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device}; expected {device} (the experts' "
+                                 "device)")
+        h, dtype = self._meta["hidden_size"], self.w13_scales.dtype
+        if hidden_states.dim() != 2 or hidden_states.shape[1] != h:
+            raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}; expected "
+                             f"[M, {h}]")
+        if hidden_states.dtype != dtype:
+            raise ValueError(f"hidden_states has dtype {hidden_states.dtype}; expected {dtype} "
+                             "(the experts' dtype)")
+        m = hidden_states.shape[0]
+        if tuple(topk_ids.shape) != (m, self.top_k):
+            raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}; expected "
+                             f"[{m}, {self.top_k}] (M, top_k)")
+        if topk_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"topk_ids has dtype {topk_ids.dtype}; expected torch.int32 or "
+                             "torch.int64")
+        if tuple(topk_weights.shape) != (m, self.top_k):
+            raise ValueError(f"topk_weights has shape {tuple(topk_weights.shape)}; expected "
+                             f"[{m}, {self.top_k}] (M, top_k)")
+        if not topk_weights.dtype.is_floating_point:
+            raise ValueError(f"topk_weights has dtype {topk_weights.dtype}; expected a "
+                             "floating-point dtype")
+        if topk_ids.numel() and self.checks_values(topk_ids.device):
+            lo, hi = (int(v) for v in torch.stack(torch.aminmax(topk_ids)).tolist())
+            num_global = self.num_global_experts
+            if lo < 0 or hi >= num_global:
+                raise ValueError(f"topk_ids range over [{lo}, {hi}]; expected ids in "
+                                 f"[0, {num_global})")
+
+    def checks_values(self, device: torch.device) -> bool:
+        """Whether :meth:`check_inputs` reads ``topk_ids`` back to check their range on
+        ``device`` (see ``validate``); never during CUDA graph capture."""
+        if (device.type == "cuda" and torch.cuda.is_available()
+                and torch.cuda.is_current_stream_capturing()):
+            return False
+        if self.validate is not None:
+            return bool(self.validate)
+        return device.type == "cpu" or os.environ.get(CHECK_ENV, "") == "1"
 
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, *, path: str | None = None,
@@ -188,16 +294,22 @@ class HybridW4A16MoEExperts(nn.Module):
         from .kernels.decode import fused_moe_decode
         from .kernels.prefill import fused_moe_prefill
 
-        m = hidden_states.shape[0] if hidden_states.dim() == 2 else -1
-        path = path or self.choose_path(m)
-        if path not in ("decode", "prefill"):
+        if path is not None and path not in ("decode", "prefill"):
             raise ValueError(f"path is {path!r}; expected 'decode' or 'prefill'")
+        self.check_inputs(hidden_states, topk_weights, topk_ids)
+        # no copies for contiguous inputs (the graph-capture case)
+        hidden_states = hidden_states.contiguous()
+        topk_weights = topk_weights.contiguous()
+        topk_ids = topk_ids.contiguous()
+        m = hidden_states.shape[0]
+        path = path or self.choose_path(m)
         run = fused_moe_decode if path == "decode" else fused_moe_prefill
         return run(hidden_states, self.experts, topk_weights, topk_ids,
                    activation=self.activation,
                    apply_router_weight_on_input=self.apply_router_weight_on_input,
                    expert_map=self.expert_map, out=out,
-                   workspace=self._workspace(path, max(m, 1)))
+                   workspace=self._workspace(path, max(m, 1)),
+                   deterministic=self.deterministic)
 
     def forward_logits(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
                        renormalize: bool = True, scoring: str = "softmax",

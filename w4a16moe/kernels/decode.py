@@ -37,7 +37,7 @@ host sync) and read memory outside the weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -483,6 +483,31 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
                         num_warps=num_warps, topk_inner=1)
 
 
+def deterministic_decode_configs(intermediate_size: int, hidden_size: int, num_experts: int,
+                                 top_k: int, num_sms: int) -> tuple[DecodeConfig, DecodeConfig]:
+    """(GEMM1, GEMM2) configs of the deterministic mode, the same for every M.
+
+    No atomics: GEMM1 without split-K, GEMM2 without split-K and with all ``top_k`` slots of
+    a token summed in one program in ascending order (``NUM_SPLITS == 1``: no fp32 atomic
+    accumulator, no arrival counter). The block sizes are those the heuristics pick for one
+    token, fixed for every M: a program's K order depends on ``block_kw`` only, and each
+    program computes one slot (GEMM1) or one token (GEMM2), so a token's result does not
+    depend on the other tokens.
+    """
+    cfg1 = pick_config_gemm1(1, intermediate_size, hidden_size, num_experts, top_k, num_sms)
+    cfg2 = pick_config_gemm2(1, hidden_size, intermediate_size, num_experts, top_k, num_sms)
+    return (replace(cfg1, split_k=1),
+            replace(cfg2, split_k=1, topk_inner=max(top_k, cfg2.topk_inner)))
+
+
+def _deterministic(cfg: DecodeConfig, top_k: int | None = None) -> DecodeConfig:
+    """``cfg`` without anything that adds with atomics (split-K; for GEMM2 split top-k)."""
+    cfg = replace(cfg, split_k=1)
+    if top_k is not None and cfg.topk_inner < top_k:
+        cfg = replace(cfg, topk_inner=top_k)
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------
 # workspace
 # --------------------------------------------------------------------------------------------
@@ -806,6 +831,7 @@ def fused_moe_decode(
     workspace: DecodeWorkspace | None = None,
     gemm1_config: DecodeConfig | None = None,
     gemm2_config: DecodeConfig | None = None,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """W4A16 MoE layer for few tokens: ``[M, H]`` in ``hidden_states.dtype``.
 
@@ -818,6 +844,10 @@ def fused_moe_decode(
     :class:`DecodeWorkspace`) and ``out`` are given: safe to capture in a CUDA graph.
     M=0 returns an empty tensor without launching. Out-of-range ``topk_ids`` are the
     caller's bug (not checked on the device).
+
+    ``deterministic``: no atomics (:func:`deterministic_decode_configs` by default; given
+    configs lose their split-K and GEMM2 sums all top-k slots in one program), so the result
+    is bitwise reproducible and the same for a token whatever the batch.
     """
     _check_float(hidden_states, "hidden_states", 2)
     if not isinstance(experts, PackedExperts):
@@ -841,6 +871,14 @@ def fused_moe_decode(
     else:
         inter = None
     num_global = experts.num_experts if expert_map is None else expert_map.shape[0]
+    if deterministic:
+        if gemm1_config is None or gemm2_config is None:
+            d1, d2 = deterministic_decode_configs(i, h, experts.num_experts, top_k,
+                                                  _num_sms(device))
+            gemm1_config = gemm1_config or d1
+            gemm2_config = gemm2_config or d2
+        gemm1_config = _deterministic(gemm1_config)
+        gemm2_config = _deterministic(gemm2_config, top_k)
     with annotate_gemm(DECODE_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
         inter = decode_gemm1(hidden_states, experts.w13, topk_ids, topk_weights,
                              activation=activation,
@@ -860,6 +898,7 @@ __all__ = [
     "DecodeWorkspace",
     "decode_gemm1",
     "decode_gemm2",
+    "deterministic_decode_configs",
     "fused_moe_decode",
     "pick_config_gemm1",
     "pick_config_gemm2",

@@ -456,6 +456,24 @@ def _act_mul_kernel(gu_ptr, out_ptr, w_ptr, I, stride_gm, stride_om,
     tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_om, BLOCK_N: tl.constexpr):
+    """out[m, n] = sum_k c[m * top_k + k, n] in fp32, k ascending, rounded once to out's
+    dtype. c ``[M * top_k, N]``, out ``[M, N]``; grid ``(M, cdiv(N, BLOCK_N))``.
+
+    The order of the additions is fixed (slot 0, 1, ... of the token) and every element is
+    computed on its own, so the result of a token depends neither on the batch size nor on
+    the other tokens (the deterministic mode's top-k sum)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k in range(top_k):
+        acc += tl.load(c_ptr + (row * top_k + k) * stride_cm + offs, mask=mask,
+                       other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
@@ -820,6 +838,59 @@ class PrefillWorkspace:
                               self.num_post_padded), self.align_scratch[:need])
 
 
+#: deterministic mode: the tuned config of this token count is used for *every* M, so the
+#: kernels a token goes through do not change with the batch (see
+#: :func:`deterministic_prefill_configs`)
+DETERMINISTIC_REFERENCE_M = 256
+
+
+def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
+                                  device: torch.device | str | None = None,
+                                  reference_m: int = DETERMINISTIC_REFERENCE_M
+                                  ) -> tuple[dict, dict]:
+    """(GEMM1, GEMM2) configs of the deterministic mode for one layer shape, independent of M.
+
+    The configs tuned for ``reference_m`` tokens (:func:`get_prefill_config`), without the
+    dense path (``torch._grouped_mm`` picks its algorithm by shape) and with GEMM2's
+    ``BLOCK_SIZE_M`` equal to GEMM1's. Each row of a ``tl.dot`` tile is computed from its own
+    activation row with a K order fixed by the config, so with one config for every M the
+    result of a token does not depend on the other tokens of the batch.
+    """
+    device = torch.device(device) if device is not None else experts.device
+    i, h, e = experts.intermediate_size, experts.hidden_size, experts.num_experts
+    cfg1 = get_prefill_config(reference_m, 2 * i, h, e, top_k, experts.dtype, device)
+    cfg2 = get_prefill_config(reference_m, h, i, e, top_k, experts.dtype, device)
+    cfg1.pop("DENSE", None)
+    cfg2.pop("DENSE", None)
+    cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]
+    return cfg1, cfg2
+
+
+def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[m] = sum_k per_slot[m * top_k + k]`` in fp32, in ascending k, one kernel.
+
+    ``per_slot`` ``[M * top_k, N]`` and ``out`` ``[M, N]``, both with a contiguous last dim.
+    Unlike ``torch.sum`` (whose reduction strategy may change with the shape), the order of
+    the additions is fixed: bitwise the same for a token whatever the batch."""
+    slots, n = per_slot.shape
+    m = out.shape[0]
+    if slots != m * top_k or tuple(out.shape) != (m, n):
+        raise ValueError(f"per_slot has shape {tuple(per_slot.shape)} and out "
+                         f"{tuple(out.shape)}; expected [{m * top_k}, N] and [{m}, N] "
+                         f"(top_k={top_k})")
+    for name, t in (("per_slot", per_slot), ("out", out)):
+        if n > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} has strides {t.stride()}; expected the last dim "
+                             "contiguous")
+    if m == 0 or n == 0:
+        return out
+    block_n = min(1024, triton.next_power_of_2(n))
+    _topk_sum_kernel[(m, triton.cdiv(n, block_n))](
+        per_slot, out, n, top_k, per_slot.stride(0), out.stride(0), BLOCK_N=block_n,
+        num_warps=4)
+    return out
+
+
 def fused_moe_prefill(
     hidden_states: torch.Tensor,
     experts: PackedExperts,
@@ -833,6 +904,7 @@ def fused_moe_prefill(
     workspace: PrefillWorkspace | None = None,
     configs: tuple[dict, dict] | None = None,
     atomic_topk_sum: bool = False,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """MoE experts layer with the prefill kernel: ``out[m] = sum_k w[m,k] * W2[e] @
     act(W13[e] @ x[m])``, ``e = topk_ids[m, k]`` (through ``expert_map``; -1 contributes 0).
@@ -856,6 +928,10 @@ def fused_moe_prefill(
             :func:`dense_path_supported` (else the flag is ignored).
         atomic_topk_sum: sum the top-k slots with fp32 atomics in GEMM2's epilogue instead of
             a separate reduction (order-nondeterministic rounding).
+        deterministic: bitwise reproducible and batch invariant: the configs of
+            :func:`deterministic_prefill_configs` (the same for every M, never the dense
+            path) unless ``configs`` are given (then only ``"DENSE"`` is dropped), and the
+            top-k sum in a fixed order (:func:`topk_sum`). Rejects ``atomic_topk_sum``.
 
     Returns:
         ``[M, H]`` in the experts' dtype.
@@ -866,6 +942,9 @@ def fused_moe_prefill(
     if hidden_states.dtype != experts.dtype:
         raise ValueError(f"hidden_states has dtype {hidden_states.dtype}; expected "
                          f"{experts.dtype} (the experts' dtype)")
+    if deterministic and atomic_topk_sum:
+        raise ValueError("atomic_topk_sum=True with deterministic=True; expected at most one "
+                         "(the atomic top-k sum adds in a nondeterministic order)")
     m, h = hidden_states.shape
     top_k = topk_ids.shape[1]
     i = experts.intermediate_size
@@ -884,13 +963,17 @@ def fused_moe_prefill(
         inter = torch.empty(slots, i, dtype=experts.dtype, device=hidden_states.device)
         c2 = None if atomic_topk_sum else torch.empty(slots, h, dtype=experts.dtype,
                                                       device=hidden_states.device)
-    if configs is None:
+    if configs is None and deterministic:
+        cfg1, cfg2 = deterministic_prefill_configs(experts, top_k, hidden_states.device)
+    elif configs is None:
         cfg1 = get_prefill_config(m, 2 * i, h, experts.num_experts, top_k, experts.dtype,
                                   hidden_states.device)
         cfg2 = get_prefill_config(m, h, i, experts.num_experts, top_k, experts.dtype,
                                   hidden_states.device)
     else:
         cfg1, cfg2 = (dict(c) for c in configs)
+    if deterministic:
+        cfg1.pop("DENSE", None)
     if cfg1.get("DENSE", False) and dense_path_supported(experts, expert_map,
                                                          hidden_states.device):
         return _moe_dense(hidden_states, experts, topk_weights, topk_ids, activation,
@@ -920,10 +1003,13 @@ def fused_moe_prefill(
                      mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2)
     if top_k == 1:
         out.copy_(c2)
+    elif deterministic:
+        topk_sum(c2, top_k, out)
     else:
         torch.sum(c2.view(m, top_k, h), dim=1, out=out)
     return out
 
 
-__all__ = ["PrefillWorkspace", "dense_path_supported", "dequantize_dense", "fused_moe_prefill",
-           "prefill_gemm"]
+__all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "dense_path_supported",
+           "dequantize_dense", "deterministic_prefill_configs", "fused_moe_prefill",
+           "prefill_gemm", "topk_sum"]

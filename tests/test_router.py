@@ -72,6 +72,27 @@ def test_empty_batch_and_nan_rows():
     assert torch.equal(ids[[0, 2]], it)
 
 
+@pytest.mark.parametrize("wdt", [torch.float16, torch.bfloat16])
+def test_output_dtypes(wdt):
+    """Scores stored in the logits' dtype and int64 ids (what transformers routers return)."""
+    from w4a16moe.kernels.router import topk_router
+
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(11, 24, generator=gen).to(DEV)
+    wt, it = fused_topk(logits, 4, backend="torch")
+    w, ids = topk_router(logits, 4, weights_dtype=wdt, ids_dtype=torch.int64)
+    assert w.dtype == wdt and ids.dtype == torch.int64
+    assert torch.equal(ids, it.long())
+    if DEV == "cpu" and wdt == torch.bfloat16:
+        # the interpreter's float32 -> bf16 store truncates (TESTING_FACTS: bf16 under the
+        # interpreter): one bf16 ulp; on a GPU the store rounds to nearest, bit for bit
+        torch.testing.assert_close(w.float(), wt, rtol=2.0**-7, atol=0.0)
+    else:
+        assert torch.equal(w, wt.to(wdt))
+    with pytest.raises(ValueError, match="ids_dtype"):
+        topk_router(logits, 4, ids_dtype=torch.int16)
+
+
 def test_errors():
     logits = torch.randn(2, 8, device=DEV)
     with pytest.raises(ValueError, match="backend is 'cuda'"):

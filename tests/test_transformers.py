@@ -37,6 +37,8 @@ from w4a16moe.integrations.e2e import GreedyRunner  # noqa: E402
 from w4a16moe.integrations.transformers import (  # noqa: E402
     _MODULES,
     FAMILIES,
+    FUSABLE_ROUTERS,
+    FusedTopKRouter,
     W4A16Experts,
     cache_kwarg,
     find_moe_blocks,
@@ -162,7 +164,8 @@ def test_quantize_model_matches_dequantized_reference(model_type):
     ref = copy.deepcopy(model)
     blocks = find_moe_blocks(model)
     fam = FAMILIES[model_type]
-    kept = {r.layer: [id(getattr(r.block, a)) for a in (fam.router, *fam.kept)] for r in blocks}
+    kept = {r.layer: [id(getattr(r.block, a)) for a in fam.kept] for r in blocks}
+    routers = {r.layer: getattr(r.block, fam.router) for r in blocks}
     # decode_threshold=1: the one-token step runs the decode kernel, the prompt the prefill one
     quantize_model(model, group_size=G, decode_threshold=1)
     after = find_moe_blocks(model, include_swapped=True)
@@ -171,7 +174,14 @@ def test_quantize_model_matches_dequantized_reference(model_type):
         assert isinstance(r.experts, W4A16Experts)
         assert r.experts.moe.choose_path(1) == "decode"
         assert r.experts.moe.choose_path(6) == "prefill"
-        assert [id(getattr(r.block, a)) for a in (fam.router, *fam.kept)] == kept[r.layer]
+        assert [id(getattr(r.block, a)) for a in fam.kept] == kept[r.layer]
+        # the router is kept, or (softmax top-k families) computed by one kernel with the
+        # same weight
+        old, new = routers[r.layer], getattr(r.block, fam.router)
+        if type(old).__name__ in FUSABLE_ROUTERS:
+            assert isinstance(new, FusedTopKRouter) and new.weight is old.weight
+        else:
+            assert new is old
     assert not [n for n, _ in model.named_parameters() if n.endswith(("gate_up_proj",
                                                                       "down_proj"))]
     use_dequantized_experts(ref, model)
@@ -200,6 +210,38 @@ def test_routing_kwargs_reproduce_the_routers(model_type):
         torch.testing.assert_close(got_w.gather(1, got_order.indices),
                                    weights.float().gather(1, order.indices),
                                    atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_router_reproduces_the_router(model_type, dtype):
+    """fuse_routers swaps exactly the softmax top-k routers; the fused one returns the same
+    logits, indices (int64, same order) and scores (same dtype) as the original."""
+    from w4a16moe.integrations.transformers import fuse_routers
+
+    model = make_model(model_type, seed=31, dtype=dtype, device=DEVICE)
+    fam = FAMILIES[model_type]
+    refs = find_moe_blocks(model)
+    originals = [getattr(r.block, fam.router) for r in refs]
+    keys = set(model.state_dict())
+    n = fuse_routers(model)
+    fusable = type(originals[0]).__name__ in FUSABLE_ROUTERS
+    assert n == (len(refs) if fusable else 0)
+    assert set(model.state_dict()) == keys  # same parameter names: checkpoints still load
+    x = torch.randn(12, 64, generator=torch.Generator().manual_seed(32)).to(DEVICE, dtype)
+    for ref, old in zip(refs, originals, strict=True):
+        new = getattr(ref.block, fam.router)
+        if not fusable:
+            assert new is old
+            continue
+        assert isinstance(new, FusedTopKRouter) and new.weight is old.weight
+        with torch.no_grad():
+            lo, so, io = old(x)
+            ln, sn, i_n = new(x)
+        assert torch.equal(ln, lo) and sn.dtype == so.dtype and i_n.dtype == io.dtype
+        assert torch.equal(i_n, io)
+        torch.testing.assert_close(sn, so, atol=1e-6, rtol=1e-5 if dtype == torch.float32
+                                   else 1e-3)
 
 
 def test_quantize_model_asymmetric_batch_and_generate():

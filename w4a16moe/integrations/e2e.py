@@ -50,6 +50,7 @@ from .transformers import (
     build_empty_model,
     cache_kwarg,
     find_moe_blocks,
+    fuse_routers,
     materialize,
     prepare_for_cuda_graphs,
     random_fill,
@@ -189,6 +190,8 @@ def build_random_model(config, precision: str, device: str | torch.device,
                                              activation=activation,
                                              decode_threshold=decode_threshold)
     materialize(model, device, random_fill(seed=seed), skip=(W4A16Experts,))
+    if precision == "int4":
+        fuse_routers(model)  # as quantize_model and load_quantized do
     model.requires_grad_(False)
     if precision == "bf16" and hasattr(model, "set_experts_implementation"):
         try:  # sort + grouped GEMM: no host sync, capturable in a CUDA graph, and traceable

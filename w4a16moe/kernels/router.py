@@ -32,7 +32,8 @@ def _topk_router_kernel(
     SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
 ):
     """Rows ``pid*ROWS .. pid*ROWS+ROWS-1`` of ``logits [M, E]`` -> ``weights [M, TOP_K]``
-    float32 and ``ids [M, TOP_K]`` int32 (both contiguous). ``SCORING`` 0 = softmax over E,
+    (computed in float32, stored in the buffer's dtype) and ``ids [M, TOP_K]`` (int32 or
+    int64), both contiguous. ``SCORING`` 0 = softmax over E,
     1 = sigmoid; ``bias_ptr`` ``[E]`` float32 is added to the scores for choosing only."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -78,8 +79,8 @@ def _topk_router_kernel(
     top_w = top_w * scaling
     out_mask = row_ok[:, None] & (kcols < TOP_K)[None, :]
     offs = rows[:, None].to(tl.int64) * TOP_K + kcols[None, :]
-    tl.store(weights_ptr + offs, top_w, mask=out_mask)
-    tl.store(ids_ptr + offs, top_i, mask=out_mask)
+    tl.store(weights_ptr + offs, top_w.to(weights_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(ids_ptr + offs, top_i.to(ids_ptr.dtype.element_ty), mask=out_mask)
 
 
 def rows_per_program(num_experts: int) -> int:
@@ -96,21 +97,31 @@ def topk_router(
     scoring: str = "softmax",
     correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
+    weights_dtype: torch.dtype = torch.float32,
+    ids_dtype: torch.dtype = torch.int32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One-kernel top-k routing of ``router_logits [M, E]`` (any float dtype, last dim
-    contiguous or not) -> ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``,
-    the same contract as :func:`w4a16moe.routing.fused_topk` without grouped top-k. Arguments
-    are validated by the caller (``fused_topk``); this checks only what the kernel needs."""
+    contiguous or not) -> ``(topk_weights [M, top_k], topk_ids [M, top_k])``, the contract of
+    :func:`w4a16moe.routing.fused_topk` without grouped top-k. The weights are computed in
+    float32 and stored as ``weights_dtype`` (float32, bf16 or fp16: a transformers router
+    that casts its scores to the logits' dtype gets them without another kernel); ids are
+    ``ids_dtype`` (int32 or int64). Other arguments are validated by the caller
+    (``fused_topk``); this checks only what the kernel needs."""
     if scoring not in SCORING_CODES:
         raise ValueError(f"scoring is {scoring!r}; expected one of {tuple(SCORING_CODES)}")
+    if weights_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"weights_dtype is {weights_dtype}; expected torch.float32, "
+                         "torch.bfloat16 or torch.float16")
+    if ids_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids_dtype is {ids_dtype}; expected torch.int32 or torch.int64")
     m, e = router_logits.shape
     if e > MAX_EXPERTS:
         raise ValueError(f"router_logits has E={e} experts; the Triton router handles at most "
                          f"{MAX_EXPERTS}")
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     dev = logits.device
-    weights = torch.empty(m, top_k, dtype=torch.float32, device=dev)
-    ids = torch.empty(m, top_k, dtype=torch.int32, device=dev)
+    weights = torch.empty(m, top_k, dtype=weights_dtype, device=dev)
+    ids = torch.empty(m, top_k, dtype=ids_dtype, device=dev)
     if m == 0:
         return weights, ids
     bias = None

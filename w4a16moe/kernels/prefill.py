@@ -846,15 +846,21 @@ DETERMINISTIC_REFERENCE_M = 256
 
 def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
                                   device: torch.device | str | None = None,
-                                  reference_m: int = DETERMINISTIC_REFERENCE_M
-                                  ) -> tuple[dict, dict]:
-    """(GEMM1, GEMM2) configs of the deterministic mode for one layer shape, independent of M.
+                                  reference_m: int = DETERMINISTIC_REFERENCE_M,
+                                  num_tokens: int | None = None) -> tuple[dict, dict]:
+    """(GEMM1, GEMM2) configs of the deterministic mode for one layer shape.
 
     The configs tuned for ``reference_m`` tokens (:func:`get_prefill_config`), without the
     dense path (``torch._grouped_mm`` picks its algorithm by shape) and with GEMM2's
     ``BLOCK_SIZE_M`` equal to GEMM1's. Each row of a ``tl.dot`` tile is computed from its own
-    activation row with a K order fixed by the config, so with one config for every M the
-    result of a token does not depend on the other tokens of the batch.
+    activation row with a K order fixed by the config, so the result of a token does not
+    depend on the other tokens of the batch.
+
+    Only ``BLOCK_SIZE_M`` (and ``GROUP_SIZE_M``, the program order) may follow
+    ``num_tokens``, and only when both reference configs are ``SWAP_AB``: there the tokens
+    are the N side of the MMA (the weight rows its M side), so a larger token tile issues the
+    same MMA instructions along K per output element. Without ``SWAP_AB`` the tokens are the
+    MMA's M side, where the tile size can change the instruction, so it stays fixed.
     """
     device = torch.device(device) if device is not None else experts.device
     i, h, e = experts.intermediate_size, experts.hidden_size, experts.num_experts
@@ -862,6 +868,12 @@ def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
     cfg2 = get_prefill_config(reference_m, h, i, e, top_k, experts.dtype, device)
     cfg1.pop("DENSE", None)
     cfg2.pop("DENSE", None)
+    if (num_tokens is not None and cfg1.get("SWAP_AB", False)
+            and cfg2.get("SWAP_AB", False)):
+        at_m = get_prefill_config(num_tokens, 2 * i, h, e, top_k, experts.dtype, device)
+        cfg1["BLOCK_SIZE_M"] = at_m["BLOCK_SIZE_M"]
+        cfg1["GROUP_SIZE_M"] = at_m["GROUP_SIZE_M"]
+        cfg2["GROUP_SIZE_M"] = at_m["GROUP_SIZE_M"]
     cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]
     return cfg1, cfg2
 
@@ -964,7 +976,8 @@ def fused_moe_prefill(
         c2 = None if atomic_topk_sum else torch.empty(slots, h, dtype=experts.dtype,
                                                       device=hidden_states.device)
     if configs is None and deterministic:
-        cfg1, cfg2 = deterministic_prefill_configs(experts, top_k, hidden_states.device)
+        cfg1, cfg2 = deterministic_prefill_configs(experts, top_k, hidden_states.device,
+                                                   num_tokens=m)
     elif configs is None:
         cfg1 = get_prefill_config(m, 2 * i, h, experts.num_experts, top_k, experts.dtype,
                                   hidden_states.device)

@@ -54,7 +54,7 @@ sys.path.insert(0, ROOT)
 from w4a16moe.bench.floors import expected_experts  # noqa: E402
 from w4a16moe.bench.layer import fast_random_experts  # noqa: E402
 from w4a16moe.bench.models import MoEShape, get_shape  # noqa: E402
-from w4a16moe.bench.timing import copies_for, device_name  # noqa: E402
+from w4a16moe.bench.timing import copies_for, device_name, percentile  # noqa: E402
 from w4a16moe.distributed import (  # noqa: E402
     ParallelHybridMoE,
     ShardedExperts,
@@ -215,12 +215,8 @@ def time_calls(calls, device: torch.device, reps: int, graph: bool, collective: 
         torch.cuda.synchronize()
         samples = [a.elapsed_time(b) * 1e3 / n for a, b in events]
         del g
-    ordered = sorted(samples)
-
-    def pct(q):
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-    return {"median_us": statistics.median(samples), "p10_us": pct(0.1), "p90_us": pct(0.9),
+    return {"median_us": statistics.median(samples), "p10_us": percentile(samples, 0.1),
+            "p90_us": percentile(samples, 0.9),
             "reps": reps, "calls_per_rep": n, "method": method}
 
 

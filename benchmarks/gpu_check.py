@@ -49,20 +49,27 @@ class Log:
         self.f.flush()
 
 
-def run_tests(log: Log, out_dir: str, timeout_s: int) -> dict:
+def run_subprocess(cmd: list[str], timeout_s: int) -> tuple[str, int, float]:
+    """Run ``cmd`` from the repo root with the package importable and the kernels compiled
+    (not interpreted): ``(stdout + stderr, returncode (-1 on timeout), seconds)``."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                PYTHONUNBUFFERED="1")
     env.pop("TRITON_INTERPRET", None)  # the GPU runs the kernels natively
-    cmd = [sys.executable, "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider"]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout_s)
         text, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as exc:
-        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
         text += f"\nTIMEOUT after {timeout_s} s"
         rc = -1
+    return text, rc, round(time.perf_counter() - t0, 1)
+
+
+def run_tests(log: Log, out_dir: str, timeout_s: int) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "tests", "-p", "no:cacheprovider"]
+    text, rc, seconds = run_subprocess(cmd, timeout_s)
     with open(os.path.join(out_dir, "pytest.log"), "w", encoding="utf-8") as f:
         f.write(text)
     counts = {k: 0 for k in ("passed", "failed", "skipped", "error", "xfailed", "xpassed")}
@@ -72,7 +79,7 @@ def run_tests(log: Log, out_dir: str, timeout_s: int) -> dict:
                                   summary[-1]):
             counts["error" if word.startswith("error") else word] += int(n)
     failures = [ln for ln in text.splitlines() if ln.startswith(("FAILED", "ERROR"))]
-    result = {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1), **counts,
+    result = {"returncode": rc, "seconds": seconds, **counts,
               "failures": failures[:20], "summary": summary[-1] if summary else text[-300:]}
     log(f"tests: rc={rc} {result['summary']}")
     for ln in failures[:10]:
@@ -83,22 +90,11 @@ def run_tests(log: Log, out_dir: str, timeout_s: int) -> dict:
 def run_script(log: Log, name: str, cmd: list[str], timeout_s: int) -> dict:
     """Run one benchmark script in a subprocess (its own CUDA context), log the end of its
     output and return ``{"returncode", "seconds"}``."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               PYTHONUNBUFFERED="1")
-    env.pop("TRITON_INTERPRET", None)
-    t0 = time.perf_counter()
     log(f"{name}: {' '.join(cmd)}")
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
-        text, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        text = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        text += f"\nTIMEOUT after {timeout_s} s"
-        rc = -1
+    text, rc, seconds = run_subprocess(cmd, timeout_s)
     for line in text.splitlines()[-40:]:
         log(f"  {line}")
-    return {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1)}
+    return {"returncode": rc, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:

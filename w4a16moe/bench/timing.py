@@ -93,7 +93,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _percentile(values: Sequence[float], q: float) -> float:
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values``: the nearest sample, no interpolation."""
     ordered = sorted(values)
     idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[idx]
@@ -131,8 +132,8 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
             t0 = time.perf_counter()
             run_all()
             samples.append((time.perf_counter() - t0) * 1e6 / n)
-        return Timing(statistics.median(samples), _percentile(samples, 0.1),
-                      _percentile(samples, 0.9), reps, n, "cpu")
+        return Timing(statistics.median(samples), percentile(samples, 0.1),
+                      percentile(samples, 0.9), reps, n, "cpu")
 
     with torch.cuda.device(device):
         stream = torch.cuda.Stream()
@@ -172,8 +173,8 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
         torch.cuda.synchronize()
         samples = [a.elapsed_time(b) * 1e3 / n for a, b in events]
         del graph
-    return Timing(statistics.median(samples), _percentile(samples, 0.1),
-                  _percentile(samples, 0.9), reps, n, method)
+    return Timing(statistics.median(samples), percentile(samples, 0.1),
+                  percentile(samples, 0.9), reps, n, method)
 
 
 # -- device rates -----------------------------------------------------------------------------

@@ -18,8 +18,6 @@ tens of percent.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU
@@ -419,92 +417,3 @@ def test_cuda_graph_replay_with_new_routing(dtype):
         ref = moe_reference(x, experts, weights, ids, compute_dtype=torch.float64,
                             round_intermediate=True)
         _assert_close(out, ref, dtype)
-
-
-# ------------------------------------------------------------------------------------------
-# expert-grouped kernels (DecodeConfig.group_rows > 0)
-# ------------------------------------------------------------------------------------------
-def _grouped(cfg: DecodeConfig, rows: int, **kw) -> DecodeConfig:
-    return replace(cfg, group_rows=rows, **kw)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("split", [1, 2])
-def test_grouped_matches_reference(dtype, rows, split):
-    """9 tokens x top-2 over 4 experts: ~4-5 slots per expert, so groups take several passes
-    of ``rows`` slots (and partial last passes); asymmetric G=32, ragged N (I = 96 against
-    64-row GEMM1 tiles)."""
-    experts = random_experts(4, 64, 96, group_size=32, symmetric=False, dtype=dtype,
-                             device=DEVICE, seed=21)
-    x = torch.randn(9, 64, dtype=dtype, device=DEVICE)
-    weights, ids = _routing(9, 4, 2)
-    ws = DecodeWorkspace.create(experts, top_k=2, max_tokens=9)
-    cfg1 = _grouped(DecodeConfig(block_n=64, block_kw=4), rows, split_k=split)
-    cfg2 = _grouped(DecodeConfig(block_n=32, block_kw=4), rows, split_k=split)
-    _assert_close(*_run(experts, x, weights, ids, cfg1=cfg1, cfg2=cfg2, workspace=ws), dtype)
-    for name in ("acc1", "acc2", "cnt1", "cnt2"):
-        assert torch.count_nonzero(getattr(ws, name)) == 0, name
-    # GEMM1 alone gives the per-slot kernel's rows exactly (same K order per row)
-    a = decode_gemm1(x, experts.w13, ids, weights, config=cfg1, workspace=ws)
-    b = decode_gemm1(x, experts.w13, ids, weights, config=replace(cfg1, group_rows=0))
-    if split == 1:
-        assert torch.equal(a, b)
-    else:
-        _assert_close(a.double(), b.double(), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_grouped_options(dtype):
-    """act-order, router weight on input, GELU, repeated expert within a token."""
-    experts = random_experts(3, 64, 32, group_size=32, act_order=True, dtype=dtype,
-                             device=DEVICE, seed=22)
-    x = torch.randn(5, 64, dtype=dtype, device=DEVICE)
-    weights = torch.rand(5, 2, device=DEVICE)
-    ids = torch.tensor([[2, 1], [2, 0], [1, 1], [0, 2], [2, 1]], dtype=torch.int32,
-                       device=DEVICE)
-    cfg1 = _grouped(SMALL, 2)
-    cfg2 = _grouped(DecodeConfig(block_n=32, block_kw=8), 4)
-    for kw in ({}, {"apply_router_weight_on_input": True}, {"activation": "gelu"}):
-        _assert_close(*_run(experts, x, weights, ids, cfg1=cfg1, cfg2=cfg2, **kw), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("split", [1, 2])
-def test_grouped_expert_map(dtype, split):
-    """Slots routed off this rank: their GEMM1 rows are zero and a token with no local
-    expert gets a zero output (written by the extra row of programs)."""
-    local = random_experts(3, 64, 32, group_size=32, dtype=dtype, device=DEVICE, seed=23)
-    expert_map = torch.full((8,), -1, dtype=torch.int32, device=DEVICE)
-    expert_map[torch.tensor([5, 1, 6])] = torch.arange(3, dtype=torch.int32, device=DEVICE)
-    x = torch.randn(6, 64, dtype=dtype, device=DEVICE)
-    weights, ids = _routing(6, 8, 3)
-    ids[0] = torch.tensor([0, 2, 3], dtype=torch.int32)
-    ids[1] = torch.tensor([5, 1, 6], dtype=torch.int32)
-    cfg1 = _grouped(SMALL, 2, split_k=split, block_kw=4)
-    cfg2 = _grouped(DecodeConfig(block_n=32, block_kw=4), 2, split_k=split)
-    res, ref = _run(local, x, weights, ids, expert_map=expert_map, cfg1=cfg1, cfg2=cfg2)
-    _assert_close(res, ref, dtype)
-    assert torch.all(res[0] == 0)
-    inter = torch.full((18, 32), float("nan"), dtype=dtype, device=DEVICE)
-    decode_gemm1(x, local.w13, ids, weights, expert_map=expert_map, config=cfg1, out=inter)
-    off = (expert_map[ids.long()] < 0).flatten()
-    assert torch.all(inter[off] == 0) and torch.isfinite(inter).all()
-
-
-def test_grouped_falls_back_past_max_slots(monkeypatch):
-    """Above MAX_GROUPED_SLOTS slots the per-slot kernel runs (same result)."""
-    experts = random_experts(4, 64, 32, group_size=32, dtype=torch.float16, device=DEVICE,
-                             seed=24)
-    x = torch.randn(3, 64, dtype=torch.float16, device=DEVICE)
-    weights, ids = _routing(3, 4, 2)
-    monkeypatch.setattr(decode, "MAX_GROUPED_SLOTS", 4)
-    called = []
-    monkeypatch.setattr(decode, "_decode_gemm1_grouped_kernel", called)
-    _assert_close(*_run(experts, x, weights, ids, cfg1=_grouped(SMALL, 2)), torch.float16)
-    assert called == []
-
-
-def test_group_rows_validated():
-    with pytest.raises(ValueError, match="group_rows is 3"):
-        DecodeConfig(group_rows=3)

@@ -45,8 +45,6 @@ import triton.language as tl
 
 from ..layout import PACK_FACTOR, PackedExperts, PackedWeights
 from ..profiling.annotate import DECODE_KERNEL_NAME, annotate_gemm
-from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
-from .align import scratch_numel
 from .common import (
     ONE_F32_BITS,
     unit_float_chunk_dots,
@@ -59,11 +57,6 @@ CHUNK_WORDS = tl.constexpr(4)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 #: smallest BLOCK_N any config uses: sizes the arrival counters of a workspace
 MIN_BLOCK_N = 4
-#: most slots (M * top_k) the expert-grouped kernels take (their expert_map programs hold
-#: all slot ids)
-MAX_GROUPED_SLOTS = 1024
-#: the ``DecodeConfig.group_rows`` values of the expert-grouped kernels
-GROUP_ROWS = (1, 2, 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,9 +239,43 @@ def _decode_gemm1_kernel(
     acc = tl.sum(_stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start,
                               kw_end, num_groups, one_bits, 2 * BLOCK_N, GROUP_SIZE, BLOCK_KW,
                               HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K), axis=1)
-    _gemm1_tile_epilogue(acc, slot, True, pid_n, out_ptr, stride_om, tw_ptr, acc_ptr, cnt_ptr,
-                         N_HALF, tl.num_programs(1), WEIGHT_ON_INPUT, ACTIVATION, BLOCK_N,
-                         SPLIT_K)
+    # de-interleave with a masked row sum, not tl.split: the interpreter hands tl.split's
+    # strided views to tl.atomic_add as if they were contiguous
+    pair = tl.reshape(acc, [BLOCK_N, 2])
+    is_up = (tl.arange(0, 2) == 1)[None, :]
+    gate = tl.sum(tl.where(is_up, 0.0, pair), axis=1)
+    up = tl.sum(tl.where(is_up, pair, 0.0), axis=1)
+
+    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_o = offs_o < N_HALF
+    out_ptrs = out_ptr + slot * stride_om + offs_o
+    if SPLIT_K == 1:
+        if WEIGHT_ON_INPUT:
+            rw = tl.load(tw_ptr + slot).to(tl.float32)
+            gate *= rw
+            up *= rw
+        y = _activation_and_mul(gate, up, ACTIVATION)
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_o)
+    else:
+        accg_ptrs = acc_ptr + slot * (2 * N_HALF) + offs_o
+        accu_ptrs = accg_ptrs + N_HALF
+        tl.atomic_add(accg_ptrs, gate, mask=mask_o, sem="relaxed")
+        tl.atomic_add(accu_ptrs, up, mask=mask_o, sem="relaxed")
+        tl.debug_barrier()
+        cnt = cnt_ptr + slot * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            g = tl.load(accg_ptrs, mask=mask_o, other=0.0, cache_modifier=".cg")
+            u = tl.load(accu_ptrs, mask=mask_o, other=0.0, cache_modifier=".cg")
+            tl.store(accg_ptrs, tl.zeros_like(g), mask=mask_o)
+            tl.store(accu_ptrs, tl.zeros_like(u), mask=mask_o)
+            tl.store(cnt, 0)
+            if WEIGHT_ON_INPUT:
+                rw = tl.load(tw_ptr + slot).to(tl.float32)
+                g *= rw
+                u *= rw
+            y = _activation_and_mul(g, u, ACTIVATION)
+            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_o)
 
 
 @triton.jit
@@ -332,363 +359,6 @@ def _decode_gemm2_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# expert-grouped variants: the slots of one expert share each streamed weight tile
-# --------------------------------------------------------------------------------------------
-@triton.jit
-def _block_slot(sorted_ptr, b, r: tl.constexpr, num_slots, NROWS: tl.constexpr):
-    """Slot ``r`` of block ``b`` of ``sorted_token_ids`` (``NROWS`` per block) and whether it
-    is a real slot (not the padding sentinel, not past the block); invalid slots read 0."""
-    if r < NROWS:
-        slot = tl.load(sorted_ptr + b * NROWS + r)
-        valid = slot < num_slots
-    else:
-        slot = num_slots
-        valid = False
-    return tl.where(valid, slot, 0), valid
-
-
-@triton.jit
-def _chunk_terms(f, x, s, z, ROWS: tl.constexpr, CHUNKS: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """``scale * (sum(q x) - zero * sum(x))`` per 32-value chunk ``[ROWS, CHUNKS]`` of one K
-    step (zero = 8 for symmetric weights)."""
-    qx, xs = unit_float_chunk_dots(f, x.to(tl.float32), ROWS, CHUNKS)
-    if HAS_ZEROS:
-        return s * (qx - z * xs)
-    else:
-        return s * (qx - 8.0 * xs)
-
-
-@triton.jit
-def _load_x(x_row, perm_row, kw0, kw_end, valid, BLOCK_KW: tl.constexpr,
-            HAS_PERM: tl.constexpr):
-    """Activations ``[8 * BLOCK_KW]`` of one K step for an extra row of a block, in their
-    own 16-bit dtype (half the registers while prefetched; :func:`_chunk_terms` converts):
-    zero past ``kw_end`` and everywhere when ``valid`` is false (no memory is read then)."""
-    offs_k = kw0 * 8 + tl.arange(0, BLOCK_KW * 8)
-    mask_k = offs_k < tl.where(valid, kw_end * 8, 0)
-    if HAS_PERM:
-        idx = tl.load(perm_row + offs_k, mask=mask_k, other=0)
-    else:
-        idx = offs_k
-    return tl.load(x_row + idx, mask=mask_k, other=0.0)
-
-
-@triton.jit
-def _stream_rows_grouped(w_rows, s_rows, z_rows, mask_r, x0, x1, x2, x3, v1, v2, v3, perm_row,
-                         kw_start, kw_end, num_groups, one_bits, ROWS: tl.constexpr,
-                         NROWS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                         BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                         HAS_PERM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """:func:`_stream_rows` for ``NROWS`` (1, 2 or 4) activation rows that share the weights.
-
-    Each K step loads and dequantizes the ``[ROWS, 8 * BLOCK_KW]`` weight tile once and
-    applies it to the rows ``x0 .. x3`` (row 0 is always real; rows 1..3 read zeros unless
-    ``v1 .. v3``, and are computed regardless: no branch in the loop). Returns four
-    ``[ROWS, BLOCK_KW / 4]`` partial-sum tensors (zeros for rows past ``NROWS``).
-    """
-    CHUNKS: tl.constexpr = BLOCK_KW // CHUNK_WORDS
-    BLOCK_K: tl.constexpr = BLOCK_KW * 8
-    a0 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    a1 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    a2 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    a3 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    if EVEN_K:
-        last = tl.maximum(kw_end - BLOCK_KW, kw_start)
-    else:
-        last = kw_end
-    w, xa, s, z = _load_step(w_rows, s_rows, z_rows, mask_r, x0, perm_row, kw_start, kw_end,
-                             num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM, EVEN_N,
-                             EVEN_K)
-    if NROWS > 1:
-        xb = _load_x(x1, perm_row, kw_start, kw_end, v1, BLOCK_KW, HAS_PERM)
-    if NROWS > 2:
-        xc = _load_x(x2, perm_row, kw_start, kw_end, v2, BLOCK_KW, HAS_PERM)
-        xd = _load_x(x3, perm_row, kw_start, kw_end, v3, BLOCK_KW, HAS_PERM)
-    for kw0 in range(kw_start, kw_end, BLOCK_KW):
-        nxt = tl.minimum(kw0 + BLOCK_KW, last)
-        w_n, xa_n, s_n, z_n = _load_step(w_rows, s_rows, z_rows, mask_r, x0, perm_row, nxt,
-                                         kw_end, num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS,
-                                         HAS_PERM, EVEN_N, EVEN_K)
-        if NROWS > 1:
-            xb_n = _load_x(x1, perm_row, nxt, kw_end, v1, BLOCK_KW, HAS_PERM)
-        if NROWS > 2:
-            xc_n = _load_x(x2, perm_row, nxt, kw_end, v2, BLOCK_KW, HAS_PERM)
-            xd_n = _load_x(x3, perm_row, nxt, kw_end, v3, BLOCK_KW, HAS_PERM)
-        f = unpack_int4_to_unit_float(w, BLOCK_K, one_bits)
-        a0 += _chunk_terms(f, xa, s, z, ROWS, CHUNKS, HAS_ZEROS)
-        if NROWS > 1:
-            a1 += _chunk_terms(f, xb, s, z, ROWS, CHUNKS, HAS_ZEROS)
-            xb = xb_n
-        if NROWS > 2:
-            a2 += _chunk_terms(f, xc, s, z, ROWS, CHUNKS, HAS_ZEROS)
-            a3 += _chunk_terms(f, xd, s, z, ROWS, CHUNKS, HAS_ZEROS)
-            xc = xc_n
-            xd = xd_n
-        w, xa, s, z = w_n, xa_n, s_n, z_n
-    return a0, a1, a2, a3
-
-
-@triton.jit
-def _gemm1_tile_epilogue(acc, slot, valid, pid_n, out_ptr, stride_om, tw_ptr, acc_ptr, cnt_ptr,
-                         N_HALF, n_tiles, WEIGHT_ON_INPUT: tl.constexpr,
-                         ACTIVATION: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLIT_K: tl.constexpr):
-    """Finish a GEMM1 tile of one slot from its ``[2 * BLOCK_N]`` interleaved gate/up sums:
-    router weight (on input), ``act(gate) * up`` and the store -- directly, or through the
-    split-K arrival protocol (the last of ``SPLIT_K`` programs stores). Nothing when
-    ``valid`` is false."""
-    # de-interleave with a masked row sum, not tl.split: the interpreter hands tl.split's
-    # strided views to tl.atomic_add as if they were contiguous
-    pair = tl.reshape(acc, [BLOCK_N, 2])
-    is_up = (tl.arange(0, 2) == 1)[None, :]
-    gate = tl.sum(tl.where(is_up, 0.0, pair), axis=1)
-    up = tl.sum(tl.where(is_up, pair, 0.0), axis=1)
-    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_o = (offs_o < N_HALF) & valid
-    out_ptrs = out_ptr + slot * stride_om + offs_o
-    if SPLIT_K == 1:
-        if WEIGHT_ON_INPUT:
-            rw = tl.load(tw_ptr + slot).to(tl.float32)
-            gate *= rw
-            up *= rw
-        y = _activation_and_mul(gate, up, ACTIVATION)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_o)
-    elif valid:
-        accg_ptrs = acc_ptr + slot * (2 * N_HALF) + offs_o
-        accu_ptrs = accg_ptrs + N_HALF
-        tl.atomic_add(accg_ptrs, gate, mask=mask_o, sem="relaxed")
-        tl.atomic_add(accu_ptrs, up, mask=mask_o, sem="relaxed")
-        tl.debug_barrier()
-        cnt = cnt_ptr + slot * n_tiles + pid_n
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            g = tl.load(accg_ptrs, mask=mask_o, other=0.0, cache_modifier=".cg")
-            u = tl.load(accu_ptrs, mask=mask_o, other=0.0, cache_modifier=".cg")
-            tl.store(accg_ptrs, tl.zeros_like(g), mask=mask_o)
-            tl.store(accu_ptrs, tl.zeros_like(u), mask=mask_o)
-            tl.store(cnt, 0)
-            if WEIGHT_ON_INPUT:
-                rw = tl.load(tw_ptr + slot).to(tl.float32)
-                g *= rw
-                u *= rw
-            y = _activation_and_mul(g, u, ACTIVATION)
-            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_o)
-
-
-@triton.jit
-def _decode_gemm1_grouped_kernel(
-    x_ptr, stride_xm,
-    qw_ptr, s_ptr, z_ptr, perm_ptr,
-    ids_ptr, tw_ptr, emap_ptr,
-    sorted_ptr, bexp_ptr, npost_ptr,
-    out_ptr, stride_om,
-    acc_ptr, cnt_ptr,
-    N_HALF, K, KW, num_groups, top_k, one_bits, num_slots,
-    GROUP_SIZE: tl.constexpr,
-    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_EMAP: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    NROWS: tl.constexpr, SLOTS: tl.constexpr,
-):
-    """GEMM1 of the decode MoE over expert blocks: the output of :func:`_decode_gemm1_kernel`,
-    but the ``NROWS`` slots of a block (one expert) share each streamed weight tile.
-
-    Shapes as for :func:`_decode_gemm1_kernel`, plus the output of ``align_block_size`` with
-    block size ``NROWS``: ``sorted_token_ids`` (``sorted_ptr``), ``expert_ids`` (``bexp_ptr``,
-    local ids, -1 = not on this rank) and ``num_tokens_post_padded`` (``npost_ptr``); and
-    ``num_slots = M * top_k``. Grid ``(max blocks [+ 1 with expert_map], cdiv(N_HALF,
-    BLOCK_N), SPLIT_K)``: program ``(b, j, p)`` computes tile ``j`` over the p-th K range for
-    the slots of block ``b`` (blocks past the used ones and of other ranks return at once).
-    With an expert_map the extra last row of programs writes the zero rows of the slots
-    mapped to -1 (``SLOTS``: a power of two >= num_slots).
-    """
-    b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    n_tiles = tl.num_programs(1)
-    if HAS_EMAP:
-        if b == tl.num_programs(0) - 1:
-            if pid_k == 0:
-                offs_s = tl.arange(0, SLOTS)
-                in_range = offs_s < num_slots
-                e = tl.load(ids_ptr + offs_s, mask=in_range, other=0)
-                e = tl.load(emap_ptr + e, mask=in_range, other=0)
-                offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                mask = (in_range & (e < 0))[:, None] & (offs_o < N_HALF)[None, :]
-                ptrs = out_ptr + offs_s[:, None] * stride_om + offs_o[None, :]
-                tl.store(ptrs, tl.zeros([SLOTS, BLOCK_N], out_ptr.dtype.element_ty),
-                         mask=mask)
-            return
-    if b * NROWS >= tl.load(npost_ptr):
-        return
-    expert = tl.load(bexp_ptr + b)
-    if expert < 0:
-        return
-    s0, v0 = _block_slot(sorted_ptr, b, 0, num_slots, NROWS)
-    s1, v1 = _block_slot(sorted_ptr, b, 1, num_slots, NROWS)
-    s2, v2 = _block_slot(sorted_ptr, b, 2, num_slots, NROWS)
-    s3, v3 = _block_slot(sorted_ptr, b, 3, num_slots, NROWS)
-    kw_start = pid_k * KW_PER_SPLIT
-    kw_end = tl.minimum(kw_start + KW_PER_SPLIT, KW)
-    expert = expert.to(tl.int64)
-    offs_r = tl.arange(0, 2 * BLOCK_N)
-    offs_n = pid_n * BLOCK_N + offs_r // 2
-    mask_r = offs_n < N_HALF
-    rows = offs_n + (offs_r % 2) * N_HALF
-    w_rows = qw_ptr + expert * (2 * N_HALF * KW) + (rows * KW)[:, None]
-    s_rows = s_ptr + expert * (2 * N_HALF * num_groups) + (rows * num_groups)[:, None]
-    z_rows = z_ptr + expert * (2 * N_HALF * num_groups) + (rows * num_groups)[:, None]
-    a0, a1, a2, a3 = _stream_rows_grouped(
-        w_rows, s_rows, z_rows, mask_r, x_ptr + (s0 // top_k) * stride_xm,
-        x_ptr + (s1 // top_k) * stride_xm, x_ptr + (s2 // top_k) * stride_xm,
-        x_ptr + (s3 // top_k) * stride_xm, v1, v2, v3, perm_ptr + expert * K, kw_start, kw_end,
-        num_groups, one_bits, 2 * BLOCK_N, NROWS, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM,
-        EVEN_N, EVEN_K)
-    _gemm1_tile_epilogue(tl.sum(a0, axis=1), s0, v0, pid_n, out_ptr, stride_om, tw_ptr, acc_ptr,
-                         cnt_ptr, N_HALF, n_tiles, WEIGHT_ON_INPUT, ACTIVATION, BLOCK_N,
-                         SPLIT_K)
-    if NROWS > 1:
-        _gemm1_tile_epilogue(tl.sum(a1, axis=1), s1, v1, pid_n, out_ptr, stride_om, tw_ptr,
-                             acc_ptr, cnt_ptr, N_HALF, n_tiles, WEIGHT_ON_INPUT, ACTIVATION,
-                             BLOCK_N, SPLIT_K)
-    if NROWS > 2:
-        _gemm1_tile_epilogue(tl.sum(a2, axis=1), s2, v2, pid_n, out_ptr, stride_om, tw_ptr,
-                             acc_ptr, cnt_ptr, N_HALF, n_tiles, WEIGHT_ON_INPUT, ACTIVATION,
-                             BLOCK_N, SPLIT_K)
-        _gemm1_tile_epilogue(tl.sum(a3, axis=1), s3, v3, pid_n, out_ptr, stride_om, tw_ptr,
-                             acc_ptr, cnt_ptr, N_HALF, n_tiles, WEIGHT_ON_INPUT, ACTIVATION,
-                             BLOCK_N, SPLIT_K)
-
-
-@triton.jit
-def _token_slots(ids_ptr, emap_ptr, token, top_k, TOPK: tl.constexpr, HAS_EMAP: tl.constexpr):
-    """Slots of ``token`` whose expert is on this rank (all ``top_k`` without expert_map)."""
-    if HAS_EMAP:
-        offs = tl.arange(0, TOPK)
-        e = tl.load(ids_ptr + token * top_k + offs, mask=offs < top_k, other=0)
-        e = tl.load(emap_ptr + e, mask=offs < top_k, other=-1)
-        return tl.sum((e >= 0).to(tl.int32))
-    else:
-        return top_k
-
-
-@triton.jit
-def _gemm2_tile_epilogue(acc, slot, valid, pid_n, ids_ptr, tw_ptr, emap_ptr, out_ptr,
-                         stride_om, acc_ptr, cnt_ptr, N, n_tiles, top_k,
-                         WEIGHT_ON_INPUT: tl.constexpr, HAS_EMAP: tl.constexpr,
-                         BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, TOPK: tl.constexpr):
-    """Add one slot's ``[BLOCK_N]`` GEMM2 tile (times its router weight) into its token's
-    fp32 sum; the last of the token's ``slots on this rank * SPLIT_K`` arrivals stores the
-    output and clears the sum and the counter. Nothing when ``valid`` is false."""
-    if valid:
-        token = slot // top_k
-        if not WEIGHT_ON_INPUT:
-            acc = acc * tl.load(tw_ptr + slot).to(tl.float32)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        acc_ptrs = acc_ptr + token * N + offs_n
-        tl.atomic_add(acc_ptrs, acc, mask=mask_n, sem="relaxed")
-        tl.debug_barrier()
-        cnt = cnt_ptr + token * n_tiles + pid_n
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
-        arrivals = _token_slots(ids_ptr, emap_ptr, token, top_k, TOPK, HAS_EMAP) * SPLIT_K
-        if arrived == arrivals - 1:
-            y = tl.load(acc_ptrs, mask=mask_n, other=0.0, cache_modifier=".cg")
-            tl.store(acc_ptrs, tl.zeros_like(y), mask=mask_n)
-            tl.store(cnt, 0)
-            tl.store(out_ptr + token * stride_om + offs_n, y.to(out_ptr.dtype.element_ty),
-                     mask=mask_n)
-
-
-@triton.jit
-def _decode_gemm2_grouped_kernel(
-    x_ptr, stride_xm,
-    qw_ptr, s_ptr, z_ptr, perm_ptr,
-    ids_ptr, tw_ptr, emap_ptr,
-    sorted_ptr, bexp_ptr, npost_ptr,
-    out_ptr, stride_om,
-    acc_ptr, cnt_ptr,
-    N, K, KW, num_groups, top_k, one_bits, num_slots, num_tokens,
-    GROUP_SIZE: tl.constexpr,
-    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_EMAP: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    NROWS: tl.constexpr, SLOTS: tl.constexpr, TOPK: tl.constexpr,
-):
-    """GEMM2 + top-k sum of the decode MoE over expert blocks: the output of
-    :func:`_decode_gemm2_kernel`, the ``NROWS`` slots of a block sharing each weight tile.
-
-    Shapes as for :func:`_decode_gemm2_kernel` plus the ``align_block_size`` output (see
-    :func:`_decode_gemm1_grouped_kernel`), ``num_slots``, ``num_tokens`` (M), ``SLOTS``
-    (power of two >= M) and ``TOPK`` (power of two >= top_k). Grid ``(max blocks [+ 1 with
-    expert_map], cdiv(N, BLOCK_N), SPLIT_K)``: program ``(b, j, p)`` computes tile ``j`` over
-    the p-th K range for every slot of block ``b`` and adds each into its token's sum (the
-    fp32 workspace and arrival counters are always used). With an expert_map the extra last
-    row of programs writes the zero outputs of tokens with no slot on this rank.
-    """
-    b = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    n_tiles = tl.num_programs(1)
-    if HAS_EMAP:
-        if b == tl.num_programs(0) - 1:
-            if pid_k == 0:
-                offs_t = tl.arange(0, SLOTS)
-                offs_j = tl.arange(0, TOPK)
-                in_range = (offs_t < num_tokens)[:, None] & (offs_j < top_k)[None, :]
-                e = tl.load(ids_ptr + offs_t[:, None] * top_k + offs_j[None, :],
-                            mask=in_range, other=0)
-                e = tl.load(emap_ptr + e, mask=in_range, other=-1)
-                none = tl.sum((e >= 0).to(tl.int32), axis=1) == 0
-                offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                mask = ((offs_t < num_tokens) & none)[:, None] & (offs_n < N)[None, :]
-                ptrs = out_ptr + offs_t[:, None] * stride_om + offs_n[None, :]
-                tl.store(ptrs, tl.zeros([SLOTS, BLOCK_N], out_ptr.dtype.element_ty),
-                         mask=mask)
-            return
-    if b * NROWS >= tl.load(npost_ptr):
-        return
-    expert = tl.load(bexp_ptr + b)
-    if expert < 0:
-        return
-    s0, v0 = _block_slot(sorted_ptr, b, 0, num_slots, NROWS)
-    s1, v1 = _block_slot(sorted_ptr, b, 1, num_slots, NROWS)
-    s2, v2 = _block_slot(sorted_ptr, b, 2, num_slots, NROWS)
-    s3, v3 = _block_slot(sorted_ptr, b, 3, num_slots, NROWS)
-    kw_start = pid_k * KW_PER_SPLIT
-    kw_end = tl.minimum(kw_start + KW_PER_SPLIT, KW)
-    expert = expert.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    w_rows = qw_ptr + expert * (N * KW) + (offs_n * KW)[:, None]
-    s_rows = s_ptr + expert * (N * num_groups) + (offs_n * num_groups)[:, None]
-    z_rows = z_ptr + expert * (N * num_groups) + (offs_n * num_groups)[:, None]
-    a0, a1, a2, a3 = _stream_rows_grouped(
-        w_rows, s_rows, z_rows, mask_n, x_ptr + s0 * stride_xm, x_ptr + s1 * stride_xm,
-        x_ptr + s2 * stride_xm, x_ptr + s3 * stride_xm, v1, v2, v3, perm_ptr + expert * K,
-        kw_start, kw_end, num_groups, one_bits, BLOCK_N, NROWS, GROUP_SIZE, BLOCK_KW,
-        HAS_ZEROS, HAS_PERM, EVEN_N, EVEN_K)
-    _gemm2_tile_epilogue(tl.sum(a0, axis=1), s0, v0, pid_n, ids_ptr, tw_ptr, emap_ptr, out_ptr,
-                         stride_om, acc_ptr, cnt_ptr, N, n_tiles, top_k, WEIGHT_ON_INPUT,
-                         HAS_EMAP, BLOCK_N, SPLIT_K, TOPK)
-    if NROWS > 1:
-        _gemm2_tile_epilogue(tl.sum(a1, axis=1), s1, v1, pid_n, ids_ptr, tw_ptr, emap_ptr,
-                             out_ptr, stride_om, acc_ptr, cnt_ptr, N, n_tiles, top_k,
-                             WEIGHT_ON_INPUT, HAS_EMAP, BLOCK_N, SPLIT_K, TOPK)
-    if NROWS > 2:
-        _gemm2_tile_epilogue(tl.sum(a2, axis=1), s2, v2, pid_n, ids_ptr, tw_ptr, emap_ptr,
-                             out_ptr, stride_om, acc_ptr, cnt_ptr, N, n_tiles, top_k,
-                             WEIGHT_ON_INPUT, HAS_EMAP, BLOCK_N, SPLIT_K, TOPK)
-        _gemm2_tile_epilogue(tl.sum(a3, axis=1), s3, v3, pid_n, ids_ptr, tw_ptr, emap_ptr,
-                             out_ptr, stride_om, acc_ptr, cnt_ptr, N, n_tiles, top_k,
-                             WEIGHT_ON_INPUT, HAS_EMAP, BLOCK_N, SPLIT_K, TOPK)
-
-
-# --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -702,11 +372,6 @@ class DecodeConfig:
         num_warps: warps per program.
         topk_inner: GEMM2 only: slots one program sums (1, or top_k: any value >= top_k).
         prefetch: K steps the loads run ahead of the arithmetic (1 or 2).
-        group_rows: 0 = one program per slot (``M * top_k`` rows of programs); 1, 2 or 4 =
-            the expert-grouped kernels: one program row per distinct expert, streaming its
-            weights once for every ``group_rows`` of its slots (slots that share an expert
-            then read it once instead of once each). Used up to ``MAX_GROUPED_SLOTS``
-            slots; ``prefetch`` is 1 there.
 
     The kernels prefetch one K step ahead themselves (Triton's software pipeliner only
     pipelines loads that feed ``tl.dot``), so there is no ``num_stages``.
@@ -718,7 +383,6 @@ class DecodeConfig:
     num_warps: int = 4
     topk_inner: int = 1
     prefetch: int = 1
-    group_rows: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_kw", "num_warps"):
@@ -733,9 +397,6 @@ class DecodeConfig:
                              f"{MIN_BLOCK_N}")
         if self.prefetch not in (1, 2):
             raise ValueError(f"DecodeConfig.prefetch is {self.prefetch}; expected 1 or 2")
-        if self.group_rows not in (0, *GROUP_ROWS):
-            raise ValueError(f"DecodeConfig.group_rows is {self.group_rows}; expected 0, 1, 2 "
-                             "or 4")
         if self.split_k < 1 or self.topk_inner < 1:
             raise ValueError(f"DecodeConfig has split_k={self.split_k} and topk_inner="
                              f"{self.topk_inner}; expected >= 1")
@@ -835,12 +496,13 @@ def deterministic_decode_configs(intermediate_size: int, hidden_size: int, num_e
     """
     cfg1 = pick_config_gemm1(1, intermediate_size, hidden_size, num_experts, top_k, num_sms)
     cfg2 = pick_config_gemm2(1, hidden_size, intermediate_size, num_experts, top_k, num_sms)
-    return _deterministic(cfg1), _deterministic(cfg2, top_k)
+    return (replace(cfg1, split_k=1),
+            replace(cfg2, split_k=1, topk_inner=max(top_k, cfg2.topk_inner)))
 
 
 def _deterministic(cfg: DecodeConfig, top_k: int | None = None) -> DecodeConfig:
     """``cfg`` without anything that adds with atomics (split-K; for GEMM2 split top-k)."""
-    cfg = replace(cfg, split_k=1, group_rows=0)
+    cfg = replace(cfg, split_k=1)
     if top_k is not None and cfg.topk_inner < top_k:
         cfg = replace(cfg, topk_inner=top_k)
     return cfg
@@ -862,11 +524,6 @@ class DecodeWorkspace:
         inter: ``[max_tokens * top_k, I]`` activation dtype: the GEMM1 output.
         acc1: fp32 ``[max_tokens * top_k, 2 * I]``; acc2: fp32 ``[max_tokens, H]``.
         cnt1, cnt2: int32 arrival counters for split GEMM1 / GEMM2 tiles.
-        num_global_experts: the expert count ``topk_ids`` refer to (the ``expert_map``
-            length under expert parallelism), which sizes the next buffers.
-        block_ids, block_experts, block_count, align_scratch: int32 buffers of the expert
-            blocks (``align_block_size`` with ``group_rows`` rows, any of 1, 2, 4) that the
-            expert-grouped kernels read (see :attr:`DecodeConfig.group_rows`).
     """
 
     max_tokens: int
@@ -880,23 +537,13 @@ class DecodeWorkspace:
     acc2: torch.Tensor
     cnt1: torch.Tensor
     cnt2: torch.Tensor
-    num_global_experts: int = 0
-    block_ids: torch.Tensor | None = None
-    block_experts: torch.Tensor | None = None
-    block_count: torch.Tensor | None = None
-    align_scratch: torch.Tensor | None = None
 
     @classmethod
     def create(cls, experts: PackedExperts, top_k: int, max_tokens: int,
                dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None,
-               num_global_experts: int | None = None) -> DecodeWorkspace:
+               device: torch.device | str | None = None) -> DecodeWorkspace:
         if max_tokens < 1 or top_k < 1:
             raise ValueError(f"max_tokens={max_tokens} and top_k={top_k}; expected >= 1")
-        num_global = num_global_experts or experts.num_experts
-        if num_global < experts.num_experts:
-            raise ValueError(f"num_global_experts is {num_global_experts}; expected >= "
-                             f"{experts.num_experts} (the local experts)")
         device = torch.device(device) if device is not None else experts.device
         dtype = dtype or experts.dtype
         h, i = experts.hidden_size, experts.intermediate_size
@@ -911,28 +558,7 @@ class DecodeWorkspace:
             cnt1=torch.zeros(slots * triton.cdiv(i, MIN_BLOCK_N), dtype=i32, device=device),
             cnt2=torch.zeros(max_tokens * triton.cdiv(h, MIN_BLOCK_N), dtype=i32,
                              device=device),
-            num_global_experts=num_global,
-            block_ids=torch.empty(max(max_num_tokens_padded(slots, r, num_global)
-                                      for r in GROUP_ROWS), dtype=i32, device=device),
-            block_experts=torch.empty(max(max_num_tokens_padded(slots, r, num_global) // r
-                                          for r in GROUP_ROWS), dtype=i32, device=device),
-            block_count=torch.empty(1, dtype=i32, device=device),
-            align_scratch=torch.empty(scratch_numel(slots, num_global), dtype=i32,
-                                      device=device),
         )
-
-    def blocks_for(self, num_slots: int, rows: int, num_global_experts: int
-                   ) -> tuple[AlignedBlocks | None, torch.Tensor | None]:
-        """Views of the block buffers sized for ``align_block_size(topk_ids [num_slots],
-        rows, num_global_experts)`` and its scratch; ``(None, None)`` when this workspace was
-        made for another expert count or fewer slots (the caller then allocates)."""
-        if (self.block_ids is None or num_global_experts != self.num_global_experts
-                or num_slots > self.max_tokens * self.top_k):
-            return None, None
-        padded = max_num_tokens_padded(num_slots, rows, num_global_experts)
-        blocks = AlignedBlocks(self.block_ids[:padded], self.block_experts[:padded // rows],
-                               self.block_count)
-        return blocks, self.align_scratch
 
     @property
     def key(self) -> tuple:
@@ -1055,7 +681,6 @@ def decode_gemm1(
     out: torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
     config: DecodeConfig | None = None,
-    blocks: AlignedBlocks | None = None,
 ) -> torch.Tensor:
     """GEMM1 + activation of the decode MoE: ``[M * top_k, I]`` with row ``m * top_k + k``
     = ``act(gate) * up`` of token ``m`` through expert ``topk_ids[m, k]``.
@@ -1072,9 +697,6 @@ def decode_gemm1(
         out: optional ``[M * top_k, I]`` output in ``x.dtype``.
         workspace: buffers for split-K (allocated per call when None and needed).
         config: launch parameters (default: :func:`pick_config_gemm1`).
-        blocks: with an expert-grouped config, ``align_block_size(topk_ids,
-            config.group_rows, num_global_experts, expert_map)`` if already computed
-            (computed here otherwise).
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation is {activation!r}; expected one of {tuple(ACTIVATIONS)}")
@@ -1096,26 +718,6 @@ def decode_gemm1(
     n_tiles = triton.cdiv(i, cfg.block_n)
     acc, cnt = _split_buffers(workspace, split, (m * top_k, 2 * i), m * top_k * n_tiles,
                               "acc1", "cnt1", device)
-    if _grouped(cfg, m * top_k):
-        blocks = _expert_blocks(topk_ids, cfg.group_rows, w13.num_experts, expert_map, blocks,
-                                workspace)
-        grid = (blocks.expert_ids.numel() + (expert_map is not None), n_tiles, split)
-        _decode_gemm1_grouped_kernel[grid](
-            x, x.stride(0), ids_ptr=topk_ids, tw_ptr=topk_weights,
-            emap_ptr=expert_map if expert_map is not None else topk_ids,
-            sorted_ptr=blocks.sorted_token_ids, bexp_ptr=blocks.expert_ids,
-            npost_ptr=blocks.num_tokens_post_padded, out_ptr=out, stride_om=out.stride(0),
-            acc_ptr=acc, cnt_ptr=cnt,
-            N_HALF=i, K=h, KW=h // PACK_FACTOR, top_k=top_k, one_bits=int(ONE_F32_BITS),
-            num_slots=m * top_k, HAS_EMAP=expert_map is not None,
-            WEIGHT_ON_INPUT=apply_router_weight_on_input, ACTIVATION=ACTIVATIONS[activation],
-            BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, SPLIT_K=split, KW_PER_SPLIT=per,
-            EVEN_N=i % cfg.block_n == 0, EVEN_K=(h // PACK_FACTOR) % cfg.block_kw == 0,
-            NROWS=cfg.group_rows, SLOTS=triton.next_power_of_2(m * top_k),
-            num_warps=cfg.num_warps, num_stages=1,
-            **_weight_args(w13),
-        )
-        return out
     grid = (m * top_k, n_tiles, split)
     _decode_gemm1_kernel[grid](
         x, x.stride(0), ids_ptr=topk_ids, tw_ptr=topk_weights,
@@ -1144,7 +746,6 @@ def decode_gemm2(
     out: torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
     config: DecodeConfig | None = None,
-    blocks: AlignedBlocks | None = None,
 ) -> torch.Tensor:
     """GEMM2 + top-k weighted sum of the decode MoE: ``[M, H]``,
     ``out[m] = sum_k topk_weights[m, k] * W2[topk_ids[m, k]] @ inter[m * top_k + k]``
@@ -1156,8 +757,7 @@ def decode_gemm2(
         w2: packed ``[E, H, I/8]``, scales in ``inter.dtype``.
         topk_ids, topk_weights, expert_map: as for :func:`decode_gemm1`.
         out: optional ``[M, H]`` output in ``inter.dtype``.
-        workspace, config, blocks: as for :func:`decode_gemm1` (default
-            :func:`pick_config_gemm2`).
+        workspace, config: as for :func:`decode_gemm1` (default :func:`pick_config_gemm2`).
     """
     _check_float(inter, "inter", 2)
     slots, i = inter.shape
@@ -1181,29 +781,6 @@ def decode_gemm2(
     per, split = _kw_per_split(i, cfg)
     num_splits = (top_k // topk_inner) * split
     n_tiles = triton.cdiv(h, cfg.block_n)
-    if _grouped(cfg, m * top_k):
-        # the grouped kernel always sums through the fp32 buffer and the arrival counters
-        acc, cnt = _split_buffers(workspace, 2, (m, h), m * n_tiles, "acc2", "cnt2", device)
-        blocks = _expert_blocks(topk_ids, cfg.group_rows, w2.num_experts, expert_map, blocks,
-                                workspace)
-        grid = (blocks.expert_ids.numel() + (expert_map is not None), n_tiles, split)
-        _decode_gemm2_grouped_kernel[grid](
-            inter, inter.stride(0), ids_ptr=topk_ids, tw_ptr=topk_weights,
-            emap_ptr=expert_map if expert_map is not None else topk_ids,
-            sorted_ptr=blocks.sorted_token_ids, bexp_ptr=blocks.expert_ids,
-            npost_ptr=blocks.num_tokens_post_padded, out_ptr=out, stride_om=out.stride(0),
-            acc_ptr=acc, cnt_ptr=cnt,
-            N=h, K=i, KW=i // PACK_FACTOR, top_k=top_k, one_bits=int(ONE_F32_BITS),
-            num_slots=m * top_k, num_tokens=m, HAS_EMAP=expert_map is not None,
-            WEIGHT_ON_INPUT=apply_router_weight_on_input,
-            BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, SPLIT_K=split, KW_PER_SPLIT=per,
-            EVEN_N=h % cfg.block_n == 0, EVEN_K=(i // PACK_FACTOR) % cfg.block_kw == 0,
-            NROWS=cfg.group_rows, SLOTS=triton.next_power_of_2(m),
-            TOPK=triton.next_power_of_2(top_k),
-            num_warps=cfg.num_warps, num_stages=1,
-            **_weight_args(w2),
-        )
-        return out
     acc, cnt = _split_buffers(workspace, num_splits, (m, h), m * n_tiles, "acc2", "cnt2",
                               device)
     grid = (m * top_k // topk_inner, n_tiles, split)
@@ -1222,34 +799,6 @@ def decode_gemm2(
         **_weight_args(w2),
     )
     return out
-
-
-def _grouped(cfg: DecodeConfig, num_slots: int) -> bool:
-    """Whether ``cfg`` runs the expert-grouped kernels for ``num_slots`` slots."""
-    return cfg.group_rows > 0 and num_slots <= MAX_GROUPED_SLOTS
-
-
-def _expert_blocks(topk_ids: torch.Tensor, rows: int, num_local: int,
-                   expert_map: torch.Tensor | None, blocks: AlignedBlocks | None,
-                   workspace: DecodeWorkspace | None) -> AlignedBlocks:
-    """The slots sorted by expert in blocks of ``rows`` (``align_block_size``): ``blocks``
-    when given (checked), else computed on the device into the workspace's buffers (or new
-    ones)."""
-    num_global = num_local if expert_map is None else expert_map.shape[0]
-    padded = max_num_tokens_padded(topk_ids.numel(), rows, num_global)
-    if blocks is not None:
-        if (not isinstance(blocks, tuple) or len(blocks) != 3
-                or blocks.sorted_token_ids.numel() != padded
-                or blocks.expert_ids.numel() != padded // rows):
-            found = tuple(tuple(t.shape) for t in blocks) if isinstance(blocks, tuple) else blocks
-            raise ValueError(f"blocks has shapes {found}; expected align_block_size(topk_ids, "
-                             f"block_size={rows}, num_experts={num_global}) output "
-                             f"([{padded}], [{padded // rows}], [1])")
-        return blocks
-    out = scratch = None
-    if workspace is not None:
-        out, scratch = workspace.blocks_for(topk_ids.numel(), rows, num_global)
-    return align_block_size(topk_ids, rows, num_global, expert_map, out=out, scratch=scratch)
 
 
 def _split_buffers(workspace: DecodeWorkspace | None, splits: int, acc_shape: tuple[int, int],
@@ -1330,25 +879,17 @@ def fused_moe_decode(
             gemm2_config = gemm2_config or d2
         gemm1_config = _deterministic(gemm1_config)
         gemm2_config = _deterministic(gemm2_config, top_k)
-    sms = _num_sms(device)
-    cfg1 = gemm1_config or pick_config_gemm1(m, i, h, experts.num_experts, top_k, sms)
-    cfg2 = gemm2_config or pick_config_gemm2(m, h, i, experts.num_experts, top_k, sms)
     with annotate_gemm(DECODE_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
-        blocks = None
-        if _grouped(cfg1, m * top_k) and cfg1.group_rows == cfg2.group_rows:
-            # one alignment serves both GEMMs
-            blocks = _expert_blocks(topk_ids, cfg1.group_rows, experts.num_experts,
-                                    expert_map, None, workspace)
         inter = decode_gemm1(hidden_states, experts.w13, topk_ids, topk_weights,
                              activation=activation,
                              apply_router_weight_on_input=apply_router_weight_on_input,
                              expert_map=expert_map, out=inter, workspace=workspace,
-                             config=cfg1, blocks=blocks)
+                             config=gemm1_config)
     with annotate_gemm(DECODE_KERNEL_NAME, m, h, i, num_global, top_k):
         return decode_gemm2(inter, experts.w2, topk_ids, topk_weights,
                             apply_router_weight_on_input=apply_router_weight_on_input,
                             expert_map=expert_map, out=out, workspace=workspace,
-                            config=cfg2, blocks=blocks)
+                            config=gemm2_config)
 
 
 __all__ = [

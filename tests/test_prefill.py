@@ -144,6 +144,29 @@ def test_configs(config):
     run_and_compare(experts, x, w, ids, configs=(config, config))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size,h,i,symmetric,act_order,config", [
+    (32, 96, 64, False, False, {**cfgmod.INTERPRETER_CONFIG, "FRAG_K": True}),
+    (32, 96, 64, True, False, {**WIDE_K, "SWAP_AB": True, "FRAG_K": True}),
+    (64, 128, 128, False, False, {**WIDE_K, "BLOCK_SIZE_K": 128, "FRAG_K": True}),
+    (128, 128, 128, True, True, {**WIDE_K, "FRAG_K": True}),
+    (-1, 72, 40, False, False, {**WIDE_K, "FRAG_K": True}),
+    (32, 96, 64, False, False, {**WIDE_K, "SWAP_AB": False, "FRAG_K": True}),
+], ids=["g32-bk32", "g32-bk64-sym", "g64-bk128", "g128-act-order", "per-channel-ragged",
+        "no-swap-ignored"])
+def test_fragment_order_tiles(group_size, h, i, symmetric, act_order, config, dtype):
+    """FRAG_K (weight tiles and activations both read in fragment order) against the
+    reference: every group mode, zeros, act-order, a ragged K tail."""
+    experts, x, w, ids = make_case(9, h, i, 3, 2, group_size=group_size, symmetric=symmetric,
+                                   act_order=act_order, dtype=dtype, seed=12)
+    run_and_compare(experts, x, w, ids, dtype=dtype, configs=(config, config))
+
+
+def test_fragment_order_needs_wide_k():
+    with pytest.raises(ValueError, match="FRAG_K needs BLOCK_SIZE_K >= 32"):
+        cfgmod.validate_config({**WIDE_K, "BLOCK_SIZE_K": 16, "FRAG_K": True})
+
+
 def test_ragged_k_per_channel_wide_block():
     """Per-channel groups with K=72 not a multiple of BLOCK_SIZE_K=64 (masked K tail)."""
     experts, x, w, ids = make_case(7, 72, 40, 3, 2, group_size=-1, symmetric=False, seed=11)

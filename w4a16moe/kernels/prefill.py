@@ -110,14 +110,14 @@ def _unpack_dequant(words, s, z, BLOCK_K: tl.constexpr, DEQUANT: tl.constexpr,
 
 
 @triton.jit
-def _dequant_asm(words, s, z, IS_FP16: tl.constexpr):
+def _dequant_asm_values(words, s, z, IS_FP16: tl.constexpr):
     """DEQUANT 2 (GPU only): the exponent trick on two values at once in packed 16-bit PTX.
 
     The shuffle order puts values 2i and 2i+1 of a word at bits 4i and 16+4i, so
     ``(word >> 4i) & 0x000F000F | bias`` is the pair (bias+v[2i], bias+v[2i+1]); a packed
     subtract of (bias+z) and a packed multiply by the scale finish it. ``words``, ``s`` and
-    ``z`` (int32 zero points) share one shape [BLOCK_N, BLOCK_K/8]; returns
-    [BLOCK_N, BLOCK_K].
+    ``z`` (int32 zero points) share one shape; returns the eight values of each word
+    (``v0`` .. ``v7``: value j of the word, K offset j) in that shape.
     """
     if IS_FP16:
         zb = (z + 1024).to(tl.float16)
@@ -181,6 +181,14 @@ def _dequant_asm(words, s, z, IS_FP16: tl.constexpr):
             }""",
             constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
             args=[words, s, zb], dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@triton.jit
+def _dequant_asm(words, s, z, IS_FP16: tl.constexpr):
+    """:func:`_dequant_asm_values` put back in K order: [BLOCK_N, BLOCK_K/8] -> [BLOCK_N,
+    BLOCK_K]."""
+    v0, v1, v2, v3, v4, v5, v6, v7 = _dequant_asm_values(words, s, z, IS_FP16)
     # back to K order: interleaving (0,4) with (2,6), (1,5) with (3,7), then the two halves
     even = tl.interleave(tl.interleave(v0, v4), tl.interleave(v2, v6))
     odd = tl.interleave(tl.interleave(v1, v5), tl.interleave(v3, v7))
@@ -238,6 +246,96 @@ def _weight_tile(qw_base, s_base, z_base, rows, n_mask, k_start, K, stride_qn, s
 
 
 @triton.jit
+def _dequant_value_ops(words, j: tl.constexpr, s, z, DEQUANT: tl.constexpr,
+                       IS_FP16: tl.constexpr):
+    """Value ``j`` (0..7) of every word, dequantized with Triton ops (DEQUANT 0 or 1) in the
+    scales' dtype; ``s``/``z`` broadcast against ``words``."""
+    q = (words >> ((j // 2) * 4 + (j % 2) * 16)) & 0xF
+    if DEQUANT == 1:
+        if IS_FP16:
+            qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            zf = (z + 1024).to(tl.float16)
+        else:
+            qf = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            zf = (z + 128).to(tl.bfloat16)
+        return (qf - zf) * s
+    else:
+        w = (q - z).to(tl.float32) * s.to(tl.float32)
+        return w.to(s.dtype)
+
+
+@triton.jit
+def fragment_order(k):
+    """The K column that position ``k`` of a fragment-order tile holds (an involution).
+
+    Within each run of 32 columns, position ``8i + 2c + p`` holds column ``8c + 2i + p``
+    (``i, c`` in 0..3, ``p`` in 0..1): the two 2-bit fields swap. Word ``c`` of a run (8
+    columns) then holds exactly the 8 values that lane ``c`` of a quad owns in the register
+    operand of a 16-bit ``wgmma``/``mma`` (columns ``2c, 2c+1, 2c+8, 2c+9, ...`` of the
+    run), so a tile dequantized word by word is already in the operand layout.
+    """
+    return (k // 32) * 32 + ((k // 2) % 4) * 8 + ((k // 8) % 4) * 2 + k % 2
+
+
+@triton.jit
+def _weight_tile_frag(qw_base, s_base, z_base, rows, n_mask, k_start, K, stride_qn, stride_qk,
+                      stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
+                      GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr,
+                      HAS_ZEROS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DEQUANT: tl.constexpr, IS_FP16: tl.constexpr):
+    """:func:`_weight_tile` in fragment order: position ``k`` of the [BLOCK_N, BLOCK_K] tile
+    holds K column ``k_start + fragment_order(k)`` (the caller reads the activations in the
+    same order). The words are loaded as [BLOCK_N, 4, BLOCK_K/32] (word ``c`` of each
+    32-column run) and each word's eight values stay in the thread that dequantizes them, so
+    the compiler can give the tile the ``tl.dot`` operand layout directly instead of a
+    round trip through shared memory."""
+    T: tl.constexpr = BLOCK_K // 32
+    offs_c = tl.arange(0, 4)
+    offs_t = tl.arange(0, T)
+    offs_w = k_start // _PACK + offs_c[None, :, None] + 4 * offs_t[None, None, :]  # [1, 4, T]
+    w_ptrs = qw_base + rows[:, None, None] * stride_qn + offs_w * stride_qk
+    if EVEN_K:
+        words = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+    else:
+        words = tl.load(w_ptrs, mask=n_mask[:, None, None] & (offs_w < K // _PACK), other=0)
+    if GROUP_MODE == 0:
+        s = s_pc[:, :, None]
+        z = z_pc[:, :, None]
+    elif GROUP_MODE == 1:
+        s, z = _load_group_params(s_base, z_base, rows, n_mask, k_start // GROUP_SIZE,
+                                  stride_sn, stride_sg, stride_zn, stride_zg, HAS_ZEROS)
+        s = s[:, :, None]
+        z = z[:, :, None]
+    else:
+        # G >= 32: each word lies in one group
+        groups = tl.where(offs_w < K // _PACK, (offs_w * _PACK) // GROUP_SIZE, 0)
+        s = tl.load(s_base + rows[:, None, None] * stride_sn + groups * stride_sg,
+                    mask=n_mask[:, None, None], other=0.0)
+        if HAS_ZEROS:
+            z = tl.load(z_base + rows[:, None, None] * stride_zn + groups * stride_zg,
+                        mask=n_mask[:, None, None], other=8).to(tl.int32)
+        else:
+            z = tl.full((1, 1, 1), 8, tl.int32)
+    if DEQUANT == 2:
+        v0, v1, v2, v3, v4, v5, v6, v7 = _dequant_asm_values(
+            words, tl.broadcast_to(s, words.shape), tl.broadcast_to(z, words.shape), IS_FP16)
+    else:
+        v0 = _dequant_value_ops(words, 0, s, z, DEQUANT, IS_FP16)
+        v1 = _dequant_value_ops(words, 1, s, z, DEQUANT, IS_FP16)
+        v2 = _dequant_value_ops(words, 2, s, z, DEQUANT, IS_FP16)
+        v3 = _dequant_value_ops(words, 3, s, z, DEQUANT, IS_FP16)
+        v4 = _dequant_value_ops(words, 4, s, z, DEQUANT, IS_FP16)
+        v5 = _dequant_value_ops(words, 5, s, z, DEQUANT, IS_FP16)
+        v6 = _dequant_value_ops(words, 6, s, z, DEQUANT, IS_FP16)
+        v7 = _dequant_value_ops(words, 7, s, z, DEQUANT, IS_FP16)
+    # value j = 2i + p of word c in run t goes to position 32t + 8i + 2c + p
+    pairs = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)),
+                    tl.join(tl.join(v4, v5), tl.join(v6, v7)))  # [BN, c, t, p, i_lo, i_hi]
+    pairs = tl.permute(pairs, (0, 2, 5, 4, 1, 3))  # [BN, t, i_hi, i_lo, c, p]
+    return tl.reshape(pairs, (rows.shape[0], BLOCK_K))
+
+
+@triton.jit
 def _activation(x, ACTIVATION: tl.constexpr):
     """act(x) in fp32: 1 silu, 2 gelu (erf), 3 gelu (tanh approximation)."""
     if ACTIVATION == 1:
@@ -275,6 +373,7 @@ def _prefill_kernel(
     SWAP_AB: tl.constexpr,
     DEQUANT: tl.constexpr,
     IS_FP16: tl.constexpr,
+    FRAG_K: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
@@ -329,6 +428,9 @@ def _prefill_kernel(
     else:
         a_rows = slots // top_k
     offs_kb = tl.arange(0, BLOCK_SIZE_K)
+    if FRAG_K:
+        # weight tiles in fragment order: the activations are read in the same column order
+        offs_kb = fragment_order(offs_kb)
     qw_base = qw_ptr + expert * stride_qe
     s_base = s_ptr + expert * stride_se
     z_base = z_ptr + expert * stride_ze
@@ -368,19 +470,32 @@ def _prefill_kernel(
             a_cols = offs_k
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
                     mask=a_mask, other=0.0)
-        w = _weight_tile(qw_base, s_base, z_base, offs_n, n_mask, k_start, K, stride_qn,
-                         stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
-                         GROUP_SIZE, GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT,
-                         IS_FP16)
+        if FRAG_K:
+            w = _weight_tile_frag(qw_base, s_base, z_base, offs_n, n_mask, k_start, K,
+                                  stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
+                                  stride_zg, s_pc, z_pc, GROUP_SIZE, GROUP_MODE, HAS_ZEROS,
+                                  EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
+        else:
+            w = _weight_tile(qw_base, s_base, z_base, offs_n, n_mask, k_start, K, stride_qn,
+                             stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
+                             GROUP_SIZE, GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT,
+                             IS_FP16)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(a), acc)
         else:
             acc = tl.dot(a, tl.trans(w), acc)
         if ACTIVATION != 0:
-            w_up = _weight_tile(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
-                                stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
-                                stride_zg, s_pc_up, z_pc_up, GROUP_SIZE, GROUP_MODE,
-                                HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
+            if FRAG_K:
+                w_up = _weight_tile_frag(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
+                                         stride_qn, stride_qk, stride_sn, stride_sg,
+                                         stride_zn, stride_zg, s_pc_up, z_pc_up, GROUP_SIZE,
+                                         GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT,
+                                         IS_FP16)
+            else:
+                w_up = _weight_tile(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
+                                    stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
+                                    stride_zg, s_pc_up, z_pc_up, GROUP_SIZE, GROUP_MODE,
+                                    HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
             if SWAP_AB:
                 acc_up = tl.dot(w_up, tl.trans(a), acc_up)
             else:
@@ -509,6 +624,9 @@ def _check_config(config: dict) -> dict:
         v = config[key]
         if v < 1 or v & (v - 1):
             raise ValueError(f"config {key} is {v}; expected a power of two")
+    if config.get("FRAG_K") and bk < 32:
+        raise ValueError(f"config has FRAG_K with BLOCK_SIZE_K={bk}; expected >= 32 (the "
+                         "fragment order works on runs of 32 columns)")
     return config
 
 
@@ -547,7 +665,9 @@ def prefill_gemm(
             ``[M, N]`` output instead (the top-k sum fused in; ``out`` is zeroed here).
         out: optional output tensor of the result's shape and dtype.
         config: kernel config (keys ``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``,
-            ``num_stages``; optional ``SWAP_AB``, ``DEQUANT``); default from
+            ``num_stages``; optional ``SWAP_AB``, ``DEQUANT``, ``FRAG_K``: with SWAP_AB,
+            weight tiles in :func:`fragment_order`, which spares the dequantized tile a trip
+            through shared memory on the way to ``tl.dot``); default from
             :func:`get_prefill_config` with ``BLOCK_SIZE_M`` taken from ``blocks``.
 
     Returns:
@@ -626,6 +746,7 @@ def prefill_gemm(
     z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
     p = weights.perm if weights.perm is not None else q
     tw = topk_weights if mul_routed_weight else s
+    swap_ab = bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
     grid = (triton.cdiv(em, bm) * triton.cdiv(n_out, bn),)
     _prefill_kernel[grid](
         a, q, s, z, p, out, tw, sorted_ids, expert_ids, num_post_padded,
@@ -645,9 +766,12 @@ def prefill_gemm(
         ACTIVATION=ACTIVATION_CODES[activation],
         ATOMIC_TOPK_SUM=atomic_topk_sum,
         EVEN_K=k % bk == 0,
-        SWAP_AB=bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT)),
+        SWAP_AB=swap_ab,
         DEQUANT=_dequant_mode(config, a.device),
         IS_FP16=a.dtype == torch.float16,
+        # with the weights as the shared-memory operand (no SWAP_AB) there is no register
+        # round trip to spare, and Triton 3.6 failed to compile such a config: ignored there
+        FRAG_K=bool(config.get("FRAG_K", False)) and swap_ab,
         BLOCK_SIZE_M=bm,
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,

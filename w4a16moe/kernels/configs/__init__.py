@@ -11,7 +11,8 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
       }
     }
 
-Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2) and ``"DENSE"``
+Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
+(boolean: weight tiles in fragment order, see ``prefill.fragment_order``) and ``"DENSE"``
 (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the
 problem) fall back to :func:`heuristic_config`; nothing here raises for a bad file.
@@ -32,9 +33,11 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
                "num_stages")
 #: optional keys and their allowed values: SWAP_AB puts the weight tile on the wgmma M side;
 #: DEQUANT 0 int->float conversion, 1 exponent trick in Triton ops, 2 the same in PTX;
+#: FRAG_K builds the weight tile in fragment order (BLOCK_SIZE_K >= 32);
 #: DENSE (GEMM1's entry only) runs the layer as dequantize-to-16-bit + torch._grouped_mm
 #: where that measured faster (few large experts at large M; see kernels/prefill.py)
-OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "DENSE": (True, False)}
+OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
+                 "DENSE": (True, False)}
 
 #: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
 INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
@@ -66,6 +69,8 @@ def validate_config(config: object) -> dict:
             raise ValueError(f"{key} is {out[key]}; expected a power of two")
     if out["BLOCK_SIZE_K"] < 16:
         raise ValueError(f"BLOCK_SIZE_K is {out['BLOCK_SIZE_K']}; expected >= 16")
+    if config.get("FRAG_K") is True and out["BLOCK_SIZE_K"] < 32:
+        raise ValueError(f"FRAG_K needs BLOCK_SIZE_K >= 32; found {out['BLOCK_SIZE_K']}")
     for key, allowed in OPTIONAL_KEYS.items():
         if key in config:
             v = config[key]

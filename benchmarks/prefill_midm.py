@@ -42,6 +42,12 @@ def main() -> int:
     ap.add_argument("--tokens", default="64,128,256")
     ap.add_argument("--ncu", action="store_true")
     ap.add_argument("--rep", type=float, default=20.0)
+    ap.add_argument("--frag", action="store_true",
+                    help="also time every config with FRAG_K (weight tiles in fragment order)")
+    ap.add_argument("--no-sweep", action="store_true", help="only the table config")
+    ap.add_argument("--stages", default="4,6",
+                    help="num_stages values of the SWAP_AB sweep (1 = no software pipelining: "
+                         "the weight words load straight into registers)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     s = MODEL_SHAPES[args.model]
@@ -64,12 +70,13 @@ def main() -> int:
         t2 = get_prefill_config(m, s.hidden_size, s.intermediate_size, s.num_experts, s.top_k,
                                 dtype, DEV)
         rows = slots / touched
-        bm_table = 16 if rows <= 16 else 32
+        bm_table = 16 if rows <= 16 else 32 if rows <= 64 else t1["BLOCK_SIZE_M"]
         variants = [("table", {**t1, "BLOCK_SIZE_M": bm_table},
                      {**t2, "BLOCK_SIZE_M": bm_table})]
-        if not args.ncu:
+        if not args.ncu and not args.no_sweep:
+            stages = tuple(int(v) for v in args.stages.split(","))
             for swap, bn, bk, wp, st in itertools.product((True,), (32, 64, 128), (64, 128, 256),
-                                                         (4,), (4, 6)):
+                                                         (4,), stages):
                 if bn * bk > 8192:  # the dequantized gate+up tiles would not fit registers
                     continue
                 c = {"BLOCK_SIZE_M": bm_table, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
@@ -79,12 +86,18 @@ def main() -> int:
                 c = {"BLOCK_SIZE_M": bm_table, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
                      "GROUP_SIZE_M": 1, "num_warps": wp, "num_stages": st, "SWAP_AB": False}
                 variants.append((f"sw0 {bm_table}x{bn}x{bk} w{wp} s{st}", c, c))
+        if args.frag:
+            variants += [(f"{name} frag", {**c1, "FRAG_K": True}, {**c2, "FRAG_K": True})
+                         for name, c1, c2 in variants
+                         if c1["BLOCK_SIZE_K"] >= 32 and c2["BLOCK_SIZE_K"] >= 32
+                         and c1.get("SWAP_AB") and c2.get("SWAP_AB")]
         blocks = align_block_size(ids, bm_table, s.num_experts)
         inter = torch.empty(slots, s.intermediate_size, device=DEV, dtype=dtype)
         c2o = torch.empty(slots, s.hidden_size, device=DEV, dtype=dtype)
         print(f"{args.model} M={m}: {touched} experts touched, {rows:.1f} rows/expert, "
               f"GEMM1 floor {b1 / bw * 1e6:.1f} us ({b1 / 1e6:.0f} MB), GEMM2 floor "
               f"{b2 / bw * 1e6:.1f} us ({b2 / 1e6:.0f} MB) at 3.0 TB/s; table {t1} / {t2}")
+        ref1 = None
         for name, c1, c2 in variants:
             g1 = functools.partial(prefill_gemm, x, ex.w13, blocks, ids, w, top_k=s.top_k,
                                    activation="silu", out=inter, config=c1)
@@ -99,6 +112,11 @@ def main() -> int:
             for which, fn, b in (("gemm1", g1, b1), ("gemm2", g2, b2)):
                 try:
                     fn()
+                    if which == "gemm1":
+                        if name == "table":
+                            ref1 = inter.clone()
+                        res["gemm1_diff"] = ((inter.float() - ref1.float()).abs().max()
+                                             / ref1.float().abs().max()).item()
                     us = time_cuda_graph(fn, args.rep)
                     res[which] = us
                     res[which + "_gbs"] = b / us / 1e3
@@ -111,14 +129,15 @@ def main() -> int:
             f = lambda v: f"{v:7.1f}" if v else "   fail"  # noqa: E731
             print(f"  {name:28s} gemm1 {f(res.get('gemm1'))} us "
                   f"({res.get('gemm1_gbs') or 0:6.0f} GB/s)  gemm2 {f(res.get('gemm2'))} us "
-                  f"({res.get('gemm2_gbs') or 0:6.0f} GB/s)", flush=True)
+                  f"({res.get('gemm2_gbs') or 0:6.0f} GB/s)  vs table "
+                  f"{res.get('gemm1_diff', float('nan')):.1e}", flush=True)
         if not args.ncu:
             for which in ("gemm1", "gemm2"):
                 ok = [r for r in records if r["M"] == m and r.get(which)]
                 best = min(ok, key=lambda r: r[which])
                 print(f"  best {which}: {best['variant']} {best[which]:.1f} us")
     if not args.ncu:
-        with open(os.path.join(args.out, "prefill_midm.json"), "w") as fh:
+        with open(os.path.join(args.out, f"prefill_midm_{args.model}.json"), "w") as fh:
             json.dump(records, fh, indent=1)
     return 0
 

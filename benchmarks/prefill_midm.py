@@ -19,7 +19,7 @@ import os
 import torch
 
 from w4a16moe.kernels.configs import get_prefill_config
-from w4a16moe.kernels.prefill import prefill_gemm
+from w4a16moe.kernels.prefill import fragment_order_columns, prefill_gemm
 from w4a16moe.kernels.tune import (
     MODEL_SHAPES,
     random_packed_experts,
@@ -71,8 +71,8 @@ def main() -> int:
                                 dtype, DEV)
         rows = slots / touched
         bm_table = 16 if rows <= 16 else 32 if rows <= 64 else t1["BLOCK_SIZE_M"]
-        variants = [("table", {**t1, "BLOCK_SIZE_M": bm_table},
-                     {**t2, "BLOCK_SIZE_M": bm_table})]
+        variants = [("table", {**t1, "BLOCK_SIZE_M": bm_table, "FRAG_K": False},
+                     {**t2, "BLOCK_SIZE_M": bm_table, "FRAG_K": False})]
         if not args.ncu and not args.no_sweep:
             stages = tuple(int(v) for v in args.stages.split(","))
             for swap, bn, bk, wp, st in itertools.product((True,), (32, 64, 128), (64, 128, 256),
@@ -98,11 +98,17 @@ def main() -> int:
               f"GEMM1 floor {b1 / bw * 1e6:.1f} us ({b1 / 1e6:.0f} MB), GEMM2 floor "
               f"{b2 / bw * 1e6:.1f} us ({b2 / 1e6:.0f} MB) at 3.0 TB/s; table {t1} / {t2}")
         ref1 = None
+        x_frag = fragment_order_columns(x)
         for name, c1, c2 in variants:
-            g1 = functools.partial(prefill_gemm, x, ex.w13, blocks, ids, w, top_k=s.top_k,
-                                   activation="silu", out=inter, config=c1)
+            # "frag" variants run as fused_moe_prefill does: the input and the intermediate
+            # stored in fragment order, so the activation tiles stay 16-byte copies
+            frag = name.endswith("frag")
+            g1 = functools.partial(prefill_gemm, x_frag if frag else x, ex.w13, blocks, ids, w,
+                                   top_k=s.top_k, activation="silu", out=inter, config=c1,
+                                   a_fragment_order=frag, out_fragment_order=frag)
             g2 = functools.partial(prefill_gemm, inter, ex.w2, blocks, ids, w, top_k=s.top_k,
-                                   mul_routed_weight=True, a_is_slots=True, out=c2o, config=c2)
+                                   mul_routed_weight=True, a_is_slots=True, out=c2o, config=c2,
+                                   a_fragment_order=frag)
             if args.ncu:
                 g1()
                 g2()
@@ -115,7 +121,8 @@ def main() -> int:
                     if which == "gemm1":
                         if name == "table":
                             ref1 = inter.clone()
-                        res["gemm1_diff"] = ((inter.float() - ref1.float()).abs().max()
+                        got1 = fragment_order_columns(inter) if frag else inter
+                        res["gemm1_diff"] = ((got1.float() - ref1.float()).abs().max()
                                              / ref1.float().abs().max()).item()
                     us = time_cuda_graph(fn, args.rep)
                     res[which] = us

@@ -20,6 +20,7 @@ from w4a16moe.kernels.prefill import (
     PrefillWorkspace,
     dense_path_supported,
     dequantize_dense,
+    fragment_order_columns,
     fused_moe_prefill,
     prefill_gemm,
 )
@@ -160,6 +161,42 @@ def test_fragment_order_tiles(group_size, h, i, symmetric, act_order, config, dt
     experts, x, w, ids = make_case(9, h, i, 3, 2, group_size=group_size, symmetric=symmetric,
                                    act_order=act_order, dtype=dtype, seed=12)
     run_and_compare(experts, x, w, ids, dtype=dtype, configs=(config, config))
+
+
+def test_fragment_order_columns_is_its_own_inverse():
+    x = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
+    y = fragment_order_columns(x)
+    # position 8i + 2c + p holds column 8c + 2i + p: position 2 (i=0, c=1) holds column 8
+    assert y[0, 2].item() == 8 and y[0, 8].item() == 2 and y[0, 33].item() == 33
+    assert torch.equal(fragment_order_columns(y), x)
+    with pytest.raises(ValueError, match="multiple of 32 columns"):
+        fragment_order_columns(torch.zeros(2, 48))
+
+
+@pytest.mark.parametrize("frag", [True, False])
+def test_activations_and_output_in_fragment_order(frag):
+    """prefill_gemm reading ``a`` stored in fragment order, and writing its output that way,
+    gives the plain result (with or without fragment-order weight tiles)."""
+    experts, x, w, ids = make_case(6, 128, 64, 4, 2, symmetric=False, seed=13)
+    blocks = align_block_size(ids, 16, 4)
+    cfg = {**cfgmod.INTERPRETER_CONFIG, "FRAG_K": frag}
+    ref = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu",
+                       config={**cfg, "FRAG_K": False})
+    got = prefill_gemm(fragment_order_columns(x), experts.w13, blocks, ids, w, top_k=2,
+                       activation="silu", config=cfg, a_fragment_order=True)
+    torch.testing.assert_close(got.float(), ref.float(), atol=2e-3, rtol=2e-3)
+    out = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu",
+                       config=cfg, out_fragment_order=True)
+    torch.testing.assert_close(fragment_order_columns(out).float(), ref.float(), atol=2e-3,
+                               rtol=2e-3)
+    with pytest.raises(ValueError, match="a_fragment_order=True with K=72"):
+        e2, x2, w2_, ids2 = make_case(6, 72, 64, 4, 2, group_size=-1, seed=14)
+        prefill_gemm(x2, e2.w13, align_block_size(ids2, 16, 4), ids2, w2_, top_k=2,
+                     config=cfg, a_fragment_order=True)
+    with pytest.raises(ValueError, match="out_fragment_order=True with 40 output columns"):
+        e3, x3, w3, ids3 = make_case(6, 64, 40, 4, 2, group_size=-1, seed=15)
+        prefill_gemm(x3, e3.w13, align_block_size(ids3, 16, 4), ids3, w3, top_k=2,
+                     activation="silu", config=cfg, out_fragment_order=True)
 
 
 def test_fragment_order_needs_wide_k():

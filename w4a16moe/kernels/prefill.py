@@ -374,6 +374,8 @@ def _prefill_kernel(
     DEQUANT: tl.constexpr,
     IS_FP16: tl.constexpr,
     FRAG_K: tl.constexpr,
+    A_FRAG: tl.constexpr,
+    OUT_FRAG: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
@@ -412,7 +414,11 @@ def _prefill_kernel(
         c_rows = slots // top_k
     else:
         c_rows = slots
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if OUT_FRAG:
+        # the output's columns stored in fragment order (the next GEMM reads them as is)
+        c_ptrs = c_ptr + c_rows[:, None] * stride_cm + fragment_order(offs_n)[None, :] * stride_cn
+    else:
+        c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :] * stride_cn
     c_mask = slot_mask[:, None] & n_mask[None, :]
 
     expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -427,10 +433,12 @@ def _prefill_kernel(
         a_rows = slots
     else:
         a_rows = slots // top_k
+    # tile position p holds K column L(p): fragment_order(p) with FRAG_K, else p; A stores
+    # column c at fragment_order(c) with A_FRAG (an involution), else at c
     offs_kb = tl.arange(0, BLOCK_SIZE_K)
     if FRAG_K:
-        # weight tiles in fragment order: the activations are read in the same column order
         offs_kb = fragment_order(offs_kb)
+    A_CONTIGUOUS: tl.constexpr = FRAG_K and A_FRAG and not HAS_PERM
     qw_base = qw_ptr + expert * stride_qe
     s_base = s_ptr + expert * stride_se
     z_base = z_ptr + expert * stride_ze
@@ -460,7 +468,10 @@ def _prefill_kernel(
             a_mask = slot_mask[:, None]
         else:
             a_mask = slot_mask[:, None] & (offs_k[None, :] < K)
-        if HAS_PERM:
+        if A_CONTIGUOUS:
+            # both orders cancel: a plain contiguous tile (K % 32 == 0, so no ragged run)
+            a_cols = k_start + tl.arange(0, BLOCK_SIZE_K)
+        elif HAS_PERM:
             if EVEN_K:
                 a_cols = tl.load(perm_ptr + expert * stride_pe + offs_k)
             else:
@@ -468,6 +479,8 @@ def _prefill_kernel(
                                  other=0)
         else:
             a_cols = offs_k
+        if A_FRAG and not A_CONTIGUOUS:
+            a_cols = fragment_order(a_cols)
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
                     mask=a_mask, other=0.0)
         if FRAG_K:
@@ -630,6 +643,23 @@ def _check_config(config: dict) -> dict:
     return config
 
 
+def _fragment_tiles(config: dict) -> bool:
+    """Whether ``config`` runs fragment-order weight tiles (``FRAG_K``, used with SWAP_AB)."""
+    return bool(config.get("FRAG_K", False)) and bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
+
+
+def fragment_order_columns(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K]`` (K a multiple of 32) with column ``c`` moved to ``fragment_order(c)``:
+    within each run of 32 columns, ``8i + 2c + p`` <-> ``8c + 2i + p``. Its own inverse."""
+    m, k = x.shape
+    if k % 32:
+        raise ValueError(f"x has shape {tuple(x.shape)}; expected a multiple of 32 columns")
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out.view(m, k // 32, 4, 4, 2).copy_(x.reshape(m, k // 32, 4, 4, 2).transpose(2, 3))
+    return out
+
+
 def prefill_gemm(
     a: torch.Tensor,
     weights: PackedWeights,
@@ -644,6 +674,8 @@ def prefill_gemm(
     atomic_topk_sum: bool = False,
     out: torch.Tensor | None = None,
     config: dict | None = None,
+    a_fragment_order: bool = False,
+    out_fragment_order: bool = False,
 ) -> torch.Tensor:
     """One grouped int4 GEMM over aligned blocks.
 
@@ -669,6 +701,12 @@ def prefill_gemm(
             weight tiles in :func:`fragment_order`, which spares the dequantized tile a trip
             through shared memory on the way to ``tl.dot``); default from
             :func:`get_prefill_config` with ``BLOCK_SIZE_M`` taken from ``blocks``.
+        a_fragment_order: ``a`` holds column ``c`` at column ``fragment_order(c)`` (e.g.
+            written by a previous call with ``out_fragment_order``); K must be a multiple of
+            32. With a ``FRAG_K`` config the activation tiles are then plain contiguous
+            loads.
+        out_fragment_order: store the output's columns in fragment order (output width a
+            multiple of 32; not with ``atomic_topk_sum``).
 
     Returns:
         ``[M*top_k, N]`` (``[M*top_k, N/2]`` with ``activation``, ``[M, N]`` float32 with
@@ -741,6 +779,13 @@ def prefill_gemm(
         raise ValueError(f"blocks have {em} sorted slots and {expert_ids.numel()} expert ids; "
                          f"expected a multiple of BLOCK_SIZE_M={bm} slots and one id per "
                          f"block (align_block_size(..., block_size={bm}))")
+    if a_fragment_order and k % 32:
+        raise ValueError(f"a_fragment_order=True with K={k}; expected a multiple of 32 (the "
+                         "fragment order works on runs of 32 columns)")
+    if out_fragment_order and (n_out % 32 or atomic_topk_sum):
+        raise ValueError(f"out_fragment_order=True with {n_out} output columns and "
+                         f"atomic_topk_sum={atomic_topk_sum}; expected a multiple of 32 and "
+                         "no atomic top-k sum")
     group_mode = _group_mode(weights.group_size, k, bk)
     q, s = weights.qweight, weights.scales
     z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
@@ -772,6 +817,8 @@ def prefill_gemm(
         # with the weights as the shared-memory operand (no SWAP_AB) there is no register
         # round trip to spare, and Triton 3.6 failed to compile such a config: ignored there
         FRAG_K=bool(config.get("FRAG_K", False)) and swap_ab,
+        A_FRAG=a_fragment_order,
+        OUT_FRAG=out_fragment_order,
         BLOCK_SIZE_M=bm,
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,
@@ -897,7 +944,9 @@ class PrefillWorkspace:
     ``num_post_padded [1]`` and the Triton kernels' ``align_scratch``; then a call allocates
     nothing (given ``out``). ``dense_weights`` (``allocate(..., dense=True)``): the
     ``E * max(2I*H, H*I)`` scratch of the dense path (``"DENSE"`` configs), which otherwise
-    allocates it per call (that path also allocates its activations).
+    allocates it per call (that path also allocates its activations). ``hidden_fragment``
+    ``[max_tokens, H]``: the input with its columns in fragment order, for a GEMM1 config
+    with ``FRAG_K`` (see :func:`fused_moe_prefill`).
     """
 
     intermediate: torch.Tensor
@@ -908,6 +957,7 @@ class PrefillWorkspace:
     align_scratch: torch.Tensor | None = None
     num_experts_align: int = 0
     dense_weights: torch.Tensor | None = None
+    hidden_fragment: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
@@ -932,7 +982,8 @@ class PrefillWorkspace:
                    align_scratch=torch.empty(scratch_numel(slots, e), **ikw),
                    num_experts_align=e,
                    dense_weights=torch.empty(experts.num_experts * 2 * experts.intermediate_size
-                                             * experts.hidden_size, **kw) if dense else None)
+                                             * experts.hidden_size, **kw) if dense else None,
+                   hidden_fragment=torch.empty(max_tokens, experts.hidden_size, **kw))
 
     def views(self, slots: int, experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         i, h = experts.intermediate_size, experts.hidden_size
@@ -1116,6 +1167,18 @@ def fused_moe_prefill(
         return _moe_dense(hidden_states, experts, topk_weights, topk_ids, activation,
                           apply_router_weight_on_input, out, workspace)
     cfg2 = {**cfg2, "BLOCK_SIZE_M": cfg1["BLOCK_SIZE_M"]}
+    # fragment-order weight tiles (FRAG_K with SWAP_AB) read their activations as plain
+    # 16-byte copies when the activations are stored in fragment order: GEMM1's input is
+    # permuted here (one copy), GEMM1 writes the intermediate that way for GEMM2
+    a_frag1 = (_fragment_tiles(cfg1) and h % 32 == 0 and experts.w13.perm is None)
+    a_frag2 = (_fragment_tiles(cfg2) and i % 32 == 0 and experts.w2.perm is None
+               and not atomic_topk_sum)
+    x1 = hidden_states
+    if a_frag1:
+        buf = workspace.hidden_fragment if workspace is not None else None
+        if buf is None or buf.shape[0] < m or buf.shape[1] != h or buf.dtype != x1.dtype:
+            buf = torch.empty(m, h, dtype=x1.dtype, device=x1.device)
+        x1 = fragment_order_columns(hidden_states, out=buf[:m])
     bm = cfg1["BLOCK_SIZE_M"]
     ws_align = workspace.align_views(slots, bm, num_global) if workspace is not None else None
     if ws_align is not None:
@@ -1124,9 +1187,10 @@ def fused_moe_prefill(
     else:
         blocks = align_block_size(topk_ids, bm, num_global, expert_map)
     with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
-        prefill_gemm(hidden_states, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
+        prefill_gemm(x1, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
                      mul_routed_weight=apply_router_weight_on_input, activation=activation,
-                     out=inter, config=cfg1)
+                     out=inter, config=cfg1, a_fragment_order=a_frag1,
+                     out_fragment_order=a_frag2)
     mul2 = not apply_router_weight_on_input
     if atomic_topk_sum:
         with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
@@ -1137,7 +1201,8 @@ def fused_moe_prefill(
         return out
     with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
         prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
-                     mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2)
+                     mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
+                     a_fragment_order=a_frag2)
     if top_k == 1:
         out.copy_(c2)
     elif deterministic:
@@ -1148,5 +1213,5 @@ def fused_moe_prefill(
 
 
 __all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "dense_path_supported",
-           "dequantize_dense", "deterministic_prefill_configs", "fused_moe_prefill",
-           "prefill_gemm", "topk_sum"]
+           "dequantize_dense", "deterministic_prefill_configs", "fragment_order_columns",
+           "fused_moe_prefill", "prefill_gemm", "topk_sum"]

@@ -52,8 +52,8 @@ SPACES: dict[str, list[tuple]] = {
     "quick": [(True, 64, 64, 4, 4), (True, 128, 64, 8, 4), (False, 128, 64, 8, 3),
               (True, 64, 64, 8, 4), (False, 64, 64, 4, 4)],
     "midm": [(True, 64, 64, 4, 3), (True, 64, 128, 4, 3), (True, 128, 64, 4, 3),
-             (True, 64, 64, 4, 4), (True, 64, 64, 4, 3, True), (True, 128, 64, 4, 3, True),
-             (False, 128, 64, 8, 3)],
+             (True, 64, 64, 4, 4), (True, 64, 64, 4, 3, True), (True, 64, 128, 4, 3, True),
+             (True, 128, 64, 4, 3, True), (False, 128, 64, 8, 3)],
 }
 #: skip candidates whose fp32 accumulators alone would need more registers per thread
 MAX_ACC_REGS = 128
@@ -164,7 +164,7 @@ def tune_prefill(
 
     from ..routing import align_block_size
     from .configs import parse_table
-    from .prefill import prefill_gemm
+    from .prefill import _fragment_tiles, fragment_order_columns, prefill_gemm
 
     if not torch.cuda.is_available():
         raise ValueError("tuning needs a CUDA GPU; none is available")
@@ -208,6 +208,7 @@ def tune_prefill(
         experts = experts_cache[name]
         e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
         x = torch.randn(m, h, device=device, dtype=dtype)
+        x_frag = fragment_order_columns(x)
         weights, ids = random_routing(m, shape, device)
         blocks = align_block_size(ids, bm, e)
         inter = torch.empty(m * shape.top_k, i, device=device, dtype=dtype)
@@ -215,14 +216,19 @@ def tune_prefill(
         best: dict[str, tuple[float, dict]] = {}
         for gemm in ("w13", "w2"):
             for cfg in cands[gemm]:
+                # fragment-order tiles read their activations stored in that order, as
+                # fused_moe_prefill arranges it
+                frag = _fragment_tiles(cfg)
                 if gemm == "w13":
-                    fn = functools.partial(prefill_gemm, x, experts.w13, blocks, ids, weights,
-                                           top_k=shape.top_k, activation="silu", out=inter,
-                                           config=cfg)
+                    fn = functools.partial(prefill_gemm, x_frag if frag else x, experts.w13,
+                                           blocks, ids, weights, top_k=shape.top_k,
+                                           activation="silu", out=inter, config=cfg,
+                                           a_fragment_order=frag)
                 else:
                     fn = functools.partial(prefill_gemm, inter, experts.w2, blocks, ids, weights,
                                            top_k=shape.top_k, mul_routed_weight=True,
-                                           a_is_slots=True, out=c2, config=cfg)
+                                           a_is_slots=True, out=c2, config=cfg,
+                                           a_fragment_order=frag)
                 note = ""
                 try:
                     fn()

@@ -93,6 +93,13 @@ def _unpack_dequant(words, s, z, BLOCK_K: tl.constexpr, DEQUANT: tl.constexpr,
     j = tl.arange(0, BLOCK_K) % _PACK
     shifts = (j // 2) * 4 + (j % 2) * 16
     q = (words >> shifts[None, :]) & 0xF
+    return _dequant_codes(q, s, z, DEQUANT, IS_FP16)
+
+
+@triton.jit
+def _dequant_codes(q, s, z, DEQUANT: tl.constexpr, IS_FP16: tl.constexpr):
+    """``(q - z) * s`` in the scales' dtype for int32 codes ``q`` (0..15), with Triton ops:
+    DEQUANT 1 the exponent trick, 0 an int->float conversion."""
     if DEQUANT == 1:
         # exponent trick: OR the code into the mantissa of 1024.0 (fp16) / 128.0 (bf16), so
         # the float is (bias + q) exactly with no int->float conversion; subtract (bias + z).
@@ -102,11 +109,10 @@ def _unpack_dequant(words, s, z, BLOCK_K: tl.constexpr, DEQUANT: tl.constexpr,
         else:
             qf = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
             zf = (z + 128).to(tl.bfloat16)
-        w = (qf - zf) * s
+        return (qf - zf) * s
     else:
         w = (q - z).to(tl.float32) * s.to(tl.float32)
-        w = w.to(s.dtype)
-    return w
+        return w.to(s.dtype)
 
 
 @triton.jit
@@ -251,17 +257,7 @@ def _dequant_value_ops(words, j: tl.constexpr, s, z, DEQUANT: tl.constexpr,
     """Value ``j`` (0..7) of every word, dequantized with Triton ops (DEQUANT 0 or 1) in the
     scales' dtype; ``s``/``z`` broadcast against ``words``."""
     q = (words >> ((j // 2) * 4 + (j % 2) * 16)) & 0xF
-    if DEQUANT == 1:
-        if IS_FP16:
-            qf = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            zf = (z + 1024).to(tl.float16)
-        else:
-            qf = (q | 0x4300).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            zf = (z + 128).to(tl.bfloat16)
-        return (qf - zf) * s
-    else:
-        w = (q - z).to(tl.float32) * s.to(tl.float32)
-        return w.to(s.dtype)
+    return _dequant_codes(q, s, z, DEQUANT, IS_FP16)
 
 
 @triton.jit

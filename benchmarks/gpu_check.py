@@ -18,6 +18,13 @@ Writes ``$OUT/gpu_check.json`` (all records, rates, test counts), ``$OUT/gpu_che
 ``$OUT/robustness.json``, ``$OUT/e2e.json`` and
 ``$OUT/layer.png`` (if matplotlib is present), and prints a short table last. Sections past
 ``--budget-s`` seconds are skipped (noted), so the run ends well inside a 10-minute slot.
+
+On a freshly started machine (empty Triton cache) compiling every kernel the tests use takes
+longer than the tests' default slot (it ran past 420 s on the H100 once the config table had
+its mid-M buckets; 80 s with a warm cache), so use three calls there: the tests alone
+(``--no-rotation --no-bench --no-robustness --no-e2e --tests-timeout-s 560``), then
+``--no-tests --no-e2e``, then the e2e section (``--no-tests --no-rotation --no-bench
+--no-robustness``).
 """
 
 from __future__ import annotations

@@ -54,7 +54,12 @@ sys.path.insert(0, ROOT)
 from w4a16moe.bench.floors import expected_experts  # noqa: E402
 from w4a16moe.bench.layer import fast_random_experts  # noqa: E402
 from w4a16moe.bench.models import MoEShape, get_shape  # noqa: E402
-from w4a16moe.bench.timing import copies_for, device_name, percentile  # noqa: E402
+from w4a16moe.bench.timing import (  # noqa: E402
+    copies_for,
+    device_name,
+    event_samples,
+    percentile,
+)
 from w4a16moe.distributed import (  # noqa: E402
     ParallelHybridMoE,
     ShardedExperts,
@@ -206,14 +211,7 @@ def time_calls(calls, device: torch.device, reps: int, graph: bool, collective: 
         torch.cuda.synchronize()
         if collective:
             dist.barrier()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for a, b in events:
-            a.record()
-            replay()
-            b.record()
-        torch.cuda.synchronize()
-        samples = [a.elapsed_time(b) * 1e3 / n for a, b in events]
+        samples = event_samples(replay, reps, n)
         del g
     return {"median_us": statistics.median(samples), "p10_us": percentile(samples, 0.1),
             "p90_us": percentile(samples, 0.9),

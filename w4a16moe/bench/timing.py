@@ -100,6 +100,19 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[idx]
 
 
+def event_samples(replay: Callable[[], object], reps: int, calls_per_rep: int) -> list[float]:
+    """Microseconds per call of ``reps`` back-to-back runs of ``replay`` (each running
+    ``calls_per_rep`` calls), each bracketed by CUDA events; one synchronisation at the end."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for a, b in events:
+        a.record()
+        replay()
+        b.record()
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) * 1e3 / calls_per_rep for a, b in events]
+
+
 def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device | None = None,
                *, use_graph: bool = True, target_ms: float = 200.0, min_reps: int = 5,
                max_reps: int = 500, warmup: int = 2) -> Timing:
@@ -164,14 +177,7 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
         torch.cuda.synchronize()
         first_ms = start.elapsed_time(end)
         reps = int(min(max_reps, max(min_reps, target_ms / max(first_ms, 1e-6))))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for a, b in events:
-            a.record()
-            replay()
-            b.record()
-        torch.cuda.synchronize()
-        samples = [a.elapsed_time(b) * 1e3 / n for a, b in events]
+        samples = event_samples(replay, reps, n)
         del graph
     return Timing(statistics.median(samples), percentile(samples, 0.1),
                   percentile(samples, 0.9), reps, n, method)

@@ -134,6 +134,16 @@ def random_routing(m: int, shape: ModelShape, device, seed: int = 0):
     return fused_topk(logits, shape.top_k)
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Write ``data`` to ``path`` (indent 1, trailing newline) through a temporary file and
+    a rename, so a reader never sees half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def tune_prefill(
     models: Iterable[str] | dict[str, ModelShape],
     tokens: Iterable[int] = DEFAULT_TOKENS,
@@ -264,12 +274,7 @@ def tune_prefill(
                                 "routing; GEMM1 includes the fused SiLU*up epilogue"}}
     result.update(dict(sorted(table.items())))
     if out is not None:
-        path = Path(out)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
+        _write_json(Path(out), result)
     return result
 
 
@@ -445,11 +450,7 @@ def write_thresholds(path: str | os.PathLike, thresholds: dict[str, int],
         old_meta = data.get("_meta") if isinstance(data.get("_meta"), dict) else {}
         data["_meta"] = {**old_meta, **meta}
     ordered = {k: data[k] for k in sorted(data, key=lambda k: (not k.startswith("_"), k))}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(ordered, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    _write_json(path, ordered)
     return ordered
 
 

@@ -163,6 +163,33 @@ def test_fragment_order_tiles(group_size, h, i, symmetric, act_order, config, dt
     run_and_compare(experts, x, w, ids, dtype=dtype, configs=(config, config))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size,h,i,symmetric,act_order,config", [
+    (32, 96, 64, False, False, {**cfgmod.INTERPRETER_CONFIG, "GATE_UP_TILE": True}),
+    (32, 96, 64, True, False, {**WIDE_K, "SWAP_AB": True, "GATE_UP_TILE": True}),
+    (32, 96, 64, False, False, {**WIDE_K, "SWAP_AB": False, "GATE_UP_TILE": True}),
+    (64, 128, 128, False, False, {**WIDE_K, "BLOCK_SIZE_K": 128, "FRAG_K": True,
+                                  "GATE_UP_TILE": True}),
+    (128, 128, 128, True, True, {**WIDE_K, "FRAG_K": True, "GATE_UP_TILE": True}),
+    (-1, 72, 40, False, False, {**WIDE_K, "GATE_UP_TILE": True}),
+    (-1, 64, 40, True, False, {**cfgmod.INTERPRETER_CONFIG, "BLOCK_SIZE_N": 16,
+                                "GATE_UP_TILE": True}),
+], ids=["g32", "g32-bk64-sym", "no-swap", "g64-frag", "g128-act-order-frag",
+        "per-channel-ragged", "ragged-n"])
+def test_gate_up_tile(group_size, h, i, symmetric, act_order, config, dtype):
+    """GATE_UP_TILE (gate and up rows interleaved in runs of 8 in one tile, one dot) against
+    the reference: both operand orders, fragment order, every group mode, I not a multiple
+    of the tile (masked gate/up rows)."""
+    experts, x, w, ids = make_case(9, h, i, 3, 2, group_size=group_size, symmetric=symmetric,
+                                   act_order=act_order, dtype=dtype, seed=13)
+    run_and_compare(experts, x, w, ids, dtype=dtype, configs=(config, config))
+
+
+def test_gate_up_tile_needs_eight_rows():
+    with pytest.raises(ValueError, match="GATE_UP_TILE needs BLOCK_SIZE_N >= 8"):
+        cfgmod.validate_config({**WIDE_K, "BLOCK_SIZE_N": 4, "GATE_UP_TILE": True})
+
+
 def test_fragment_order_columns_is_its_own_inverse():
     x = torch.arange(2 * 64, dtype=torch.float32).view(2, 64)
     y = fragment_order_columns(x)

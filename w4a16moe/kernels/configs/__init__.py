@@ -34,10 +34,11 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: optional keys and their allowed values: SWAP_AB puts the weight tile on the wgmma M side;
 #: DEQUANT 0 int->float conversion, 1 exponent trick in Triton ops, 2 the same in PTX;
 #: FRAG_K builds the weight tile in fragment order (BLOCK_SIZE_K >= 32);
+#: GATE_UP_TILE (GEMM1 with an activation) puts gate and up rows in one tile, one tl.dot;
 #: DENSE (GEMM1's entry only) runs the layer as dequantize-to-16-bit + torch._grouped_mm
 #: where that measured faster (few large experts at large M; see kernels/prefill.py)
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
-                 "DENSE": (True, False)}
+                 "GATE_UP_TILE": (True, False), "DENSE": (True, False)}
 
 #: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
 INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
@@ -71,6 +72,9 @@ def validate_config(config: object) -> dict:
         raise ValueError(f"BLOCK_SIZE_K is {out['BLOCK_SIZE_K']}; expected >= 16")
     if config.get("FRAG_K") is True and out["BLOCK_SIZE_K"] < 32:
         raise ValueError(f"FRAG_K needs BLOCK_SIZE_K >= 32; found {out['BLOCK_SIZE_K']}")
+    if config.get("GATE_UP_TILE") is True and out["BLOCK_SIZE_N"] < 8:
+        raise ValueError("GATE_UP_TILE needs BLOCK_SIZE_N >= 8 (gate and up rows alternate in "
+                         f"runs of 8); found {out['BLOCK_SIZE_N']}")
     for key, allowed in OPTIONAL_KEYS.items():
         if key in config:
             v = config[key]

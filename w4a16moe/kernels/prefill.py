@@ -36,7 +36,7 @@ from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
 from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
-from .configs import CONFIG_KEYS, get_prefill_config
+from .configs import CONFIG_KEYS, MAX_FRAG_WARPS, get_prefill_config
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
 ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -372,7 +372,6 @@ def _prefill_kernel(
     FRAG_K: tl.constexpr,
     A_FRAG: tl.constexpr,
     OUT_FRAG: tl.constexpr,
-    GU_TILE: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr,
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
@@ -385,15 +384,8 @@ def _prefill_kernel(
     perm int32 ``[E, K]``; C ``[M*top_k, N]``, or fp32 ``[M, N]`` with ``ATOMIC_TOPK_SUM``
     (added into, so it must start zeroed). With ``ACTIVATION`` != 0 the program computes the
     gate tile (rows ``n``) and the up tile (rows ``n + up_offset``) and stores
-    ``act(gate) * up``; ``N`` is then the intermediate size. With ``GU_TILE`` (and an
-    activation) the gate and up rows form one weight tile of ``2 * BLOCK_SIZE_N`` rows, runs
-    of 8 gate rows alternating with the 8 matching up rows, and one ``tl.dot`` per K step:
-    with 8 warps each warpgroup then dequantizes only its own half of the tile (two
-    separate dots of 64 rows would have both warpgroups dequantize the same rows), and a
-    thread's accumulator holds the gate and up value of the same column (the wgmma layout
-    gives a thread rows ``r`` and ``r + 8``), so the epilogue needs no data exchange.
-    Grid: ``cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N)`` with
-    ``EM = len(sorted_token_ids)``.
+    ``act(gate) * up``; ``N`` is then the intermediate size. Grid: ``cdiv(EM, BLOCK_SIZE_M) *
+    cdiv(N, BLOCK_SIZE_N)`` with ``EM = len(sorted_token_ids)``.
     """
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
@@ -460,25 +452,10 @@ def _prefill_kernel(
                                                   stride_sn, stride_sg, stride_zn, stride_zg,
                                                   HAS_ZEROS)
 
-    ONE_TILE: tl.constexpr = GU_TILE and ACTIVATION != 0
-    if ONE_TILE:
-        # tile row r: column n(r) of gate (r % 16 < 8) or of up (r % 16 >= 8)
-        offs_r = tl.arange(0, 2 * BLOCK_SIZE_N)
-        offs_n_r = pid_n * BLOCK_SIZE_N + (offs_r // 16) * 8 + offs_r % 8
-        tile_rows = offs_n_r + ((offs_r // 8) % 2) * up_offset
-        tile_mask = offs_n_r < N
-        TILE_N: tl.constexpr = 2 * BLOCK_SIZE_N
-    else:
-        tile_rows = offs_n
-        tile_mask = n_mask
-        TILE_N: tl.constexpr = BLOCK_SIZE_N
-    if ONE_TILE and GROUP_MODE == 0:
-        s_pc, z_pc = _load_group_params(s_base, z_base, tile_rows, tile_mask, 0, stride_sn,
-                                        stride_sg, stride_zn, stride_zg, HAS_ZEROS)
     if SWAP_AB:
-        acc = tl.zeros((TILE_N, BLOCK_SIZE_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_SIZE_N, BLOCK_SIZE_M), dtype=tl.float32)
     else:
-        acc = tl.zeros((BLOCK_SIZE_M, TILE_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_up = acc
 
     for k_start in range(0, K, BLOCK_SIZE_K):
@@ -503,20 +480,20 @@ def _prefill_kernel(
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
                     mask=a_mask, other=0.0)
         if FRAG_K:
-            w = _weight_tile_frag(qw_base, s_base, z_base, tile_rows, tile_mask, k_start, K,
+            w = _weight_tile_frag(qw_base, s_base, z_base, offs_n, n_mask, k_start, K,
                                   stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
                                   stride_zg, s_pc, z_pc, GROUP_SIZE, GROUP_MODE, HAS_ZEROS,
                                   EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
         else:
-            w = _weight_tile(qw_base, s_base, z_base, tile_rows, tile_mask, k_start, K,
-                             stride_qn, stride_qk, stride_sn, stride_sg, stride_zn, stride_zg,
-                             s_pc, z_pc, GROUP_SIZE, GROUP_MODE, HAS_ZEROS, EVEN_K,
-                             BLOCK_SIZE_K, DEQUANT, IS_FP16)
+            w = _weight_tile(qw_base, s_base, z_base, offs_n, n_mask, k_start, K, stride_qn,
+                             stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
+                             GROUP_SIZE, GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT,
+                             IS_FP16)
         if SWAP_AB:
             acc = tl.dot(w, tl.trans(a), acc)
         else:
             acc = tl.dot(a, tl.trans(w), acc)
-        if ACTIVATION != 0 and not ONE_TILE:
+        if ACTIVATION != 0:
             if FRAG_K:
                 w_up = _weight_tile_frag(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
                                          stride_qn, stride_qk, stride_sn, stride_sg,
@@ -533,21 +510,7 @@ def _prefill_kernel(
             else:
                 acc_up = tl.dot(a, tl.trans(w_up), acc_up)
 
-    if ONE_TILE:
-        # split the runs of 8 gate / 8 up rows (register-local in the wgmma layout)
-        if SWAP_AB:
-            t = tl.permute(tl.reshape(acc, [BLOCK_SIZE_N // 8, 2, 8, BLOCK_SIZE_M]),
-                           (0, 2, 3, 1))
-            gate, up = tl.split(t)
-            acc = tl.trans(tl.reshape(gate, [BLOCK_SIZE_N, BLOCK_SIZE_M]))
-            acc_up = tl.trans(tl.reshape(up, [BLOCK_SIZE_N, BLOCK_SIZE_M]))
-        else:
-            t = tl.permute(tl.reshape(acc, [BLOCK_SIZE_M, BLOCK_SIZE_N // 8, 2, 8]),
-                           (0, 1, 3, 2))
-            gate, up = tl.split(t)
-            acc = tl.reshape(gate, [BLOCK_SIZE_M, BLOCK_SIZE_N])
-            acc_up = tl.reshape(up, [BLOCK_SIZE_M, BLOCK_SIZE_N])
-    elif SWAP_AB:
+    if SWAP_AB:
         acc = tl.trans(acc)
         acc_up = tl.trans(acc_up)
     if MUL_ROUTED_WEIGHT:
@@ -670,12 +633,14 @@ def _check_config(config: dict) -> dict:
         v = config[key]
         if v < 1 or v & (v - 1):
             raise ValueError(f"config {key} is {v}; expected a power of two")
-    if config.get("GATE_UP_TILE") and config["BLOCK_SIZE_N"] < 8:
-        raise ValueError(f"config has GATE_UP_TILE with BLOCK_SIZE_N={config['BLOCK_SIZE_N']}; "
-                         "expected >= 8 (gate and up rows alternate in runs of 8)")
     if config.get("FRAG_K") and bk < 32:
         raise ValueError(f"config has FRAG_K with BLOCK_SIZE_K={bk}; expected >= 32 (the "
                          "fragment order works on runs of 32 columns)")
+    if config.get("FRAG_K") and config["num_warps"] > MAX_FRAG_WARPS:
+        # two warpgroups reading fragment-order tiles: Triton 3.6's pipelined wgmma loop gave
+        # sporadic wrong elements on the H100 (notes_prefill.md, session 5)
+        raise ValueError(f"config has FRAG_K with num_warps={config['num_warps']}; expected "
+                         f"<= {MAX_FRAG_WARPS}")
     return config
 
 
@@ -735,9 +700,7 @@ def prefill_gemm(
         config: kernel config (keys ``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``,
             ``num_stages``; optional ``SWAP_AB``, ``DEQUANT``, ``FRAG_K``: with SWAP_AB,
             weight tiles in :func:`fragment_order`, which spares the dequantized tile a trip
-            through shared memory on the way to ``tl.dot``; ``GATE_UP_TILE``: with an
-            activation, gate and up rows in one tile and one ``tl.dot``, see
-            ``_prefill_kernel``); default from
+            through shared memory on the way to ``tl.dot``); default from
             :func:`get_prefill_config` with ``BLOCK_SIZE_M`` taken from ``blocks``.
         a_fragment_order: ``a`` holds column ``c`` at column ``fragment_order(c)`` (e.g.
             written by a previous call with ``out_fragment_order``); K must be a multiple of
@@ -857,7 +820,6 @@ def prefill_gemm(
         FRAG_K=bool(config.get("FRAG_K", False)) and swap_ab,
         A_FRAG=a_fragment_order,
         OUT_FRAG=out_fragment_order,
-        GU_TILE=bool(config.get("GATE_UP_TILE", False)) and activation is not None,
         BLOCK_SIZE_M=bm,
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,

@@ -36,7 +36,7 @@ from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
 from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
-from .configs import CONFIG_KEYS, MAX_FRAG_WARPS, get_prefill_config
+from .configs import get_prefill_config, validate_config
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
 ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -622,28 +622,6 @@ def _dequant_mode(config: dict, device: torch.device) -> int:
     return 1 if interpreted and mode == 2 else mode
 
 
-def _check_config(config: dict) -> dict:
-    missing = [k for k in CONFIG_KEYS if k not in config]
-    if missing:
-        raise ValueError(f"config lacks {missing}; expected keys {list(CONFIG_KEYS)}")
-    bk = config["BLOCK_SIZE_K"]
-    if bk < 16 or bk & (bk - 1):
-        raise ValueError(f"config BLOCK_SIZE_K is {bk}; expected a power of two >= 16")
-    for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N"):
-        v = config[key]
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"config {key} is {v}; expected a power of two")
-    if config.get("FRAG_K") and bk < 32:
-        raise ValueError(f"config has FRAG_K with BLOCK_SIZE_K={bk}; expected >= 32 (the "
-                         "fragment order works on runs of 32 columns)")
-    if config.get("FRAG_K") and config["num_warps"] > MAX_FRAG_WARPS:
-        # two warpgroups reading fragment-order tiles: Triton 3.6's pipelined wgmma loop gave
-        # sporadic wrong elements on the H100 (notes_prefill.md, session 5)
-        raise ValueError(f"config has FRAG_K with num_warps={config['num_warps']}; expected "
-                         f"<= {MAX_FRAG_WARPS}")
-    return config
-
-
 def _fragment_tiles(config: dict) -> bool:
     """Whether ``config`` runs fragment-order weight tiles (``FRAG_K``, used with SWAP_AB)."""
     return bool(config.get("FRAG_K", False)) and bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
@@ -774,7 +752,7 @@ def prefill_gemm(
         config = {**get_prefill_config(m, n_w, k, e, top_k, a.dtype, a.device),
                   "BLOCK_SIZE_M": block_m}
         config.pop("DENSE", None)
-    config = _check_config(dict(config))
+    config = validate_config(config)
     bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     if em % bm or expert_ids.numel() != em // bm:
         raise ValueError(f"blocks have {em} sorted slots and {expert_ids.numel()} expert ids; "

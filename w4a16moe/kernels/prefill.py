@@ -37,7 +37,6 @@ from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
 from .configs import get_prefill_config, validate_config
-from .prefill_ws import launch_prefill_ws, ws_unsupported
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
 ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -771,21 +770,6 @@ def prefill_gemm(
     z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
     p = weights.perm if weights.perm is not None else q
     tw = topk_weights if mul_routed_weight else s
-    if config.get("WS"):
-        reason = ws_unsupported(
-            device=a.device, k=k, n_out=n_out, group_size=weights.group_size, config=config,
-            has_perm=weights.perm is not None, a_fragment_order=a_fragment_order,
-            out_fragment_order=out_fragment_order, atomic_topk_sum=atomic_topk_sum,
-            activation=activation is not None, a_numel=a.numel(), out_numel=out.numel())
-        if reason is None and a.stride(1) == 1 and out.stride(1) == 1:
-            launch_prefill_ws(
-                a, q, weights.scales, weights.zeros, out,
-                topk_weights if mul_routed_weight else None, sorted_ids, expert_ids,
-                num_post_padded, n_out=n_out, k=k, slots=slots, top_k=top_k,
-                up_offset=n_w // 2 if activation is not None else 0,
-                group_size=weights.group_size, a_is_slots=a_is_slots,
-                activation_code=ACTIVATION_CODES[activation], config=config)
-            return out
     swap_ab = bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
     grid = (triton.cdiv(em, bm) * triton.cdiv(n_out, bn),)
     _prefill_kernel[grid](

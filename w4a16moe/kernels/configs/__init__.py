@@ -38,17 +38,8 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: see benchmarks/notes_prefill.md, session 5);
 #: DENSE (GEMM1's entry only) runs the layer as dequantize-to-16-bit + torch._grouped_mm
 #: where that measured faster (few large experts at large M; see kernels/prefill.py)
-#: WS runs the warp-specialised Gluon kernel on Hopper (kernels/prefill_ws.py; other GPUs
-#: and unsupported options fall back to the Triton kernel with the same tiles); there
-#: num_stages is the depth of its copy ring, W_STAGES that of its dequantized-weight ring,
-#: PRODUCER_WARPS/PRODUCER_REGS size its dequantizing partition and MAXNREG caps registers
-#: per thread (128 lets two programs share an SM); its programs are persistent,
-#: PROGRAMS_PER_SM per SM, unless PERSISTENT is false (one program per output tile)
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
-                 "DENSE": (True, False), "WS": (True, False), "W_STAGES": (2, 3, 4),
-                 "PRODUCER_WARPS": (4, 8), "PRODUCER_REGS": tuple(range(24, 257, 8)),
-                 "MAXNREG": tuple(range(64, 257, 8)), "PROGRAMS_PER_SM": (1, 2),
-                 "PERSISTENT": (True, False), "DEBUG": (0, 1, 2)}
+                 "DENSE": (True, False)}
 
 #: FRAG_K configs run on one warpgroup (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4

@@ -37,6 +37,7 @@ from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
 from .configs import get_prefill_config, validate_config
+from .prefill_rs import launch_prefill_rs, rs_unsupported
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
 ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -678,7 +679,10 @@ def prefill_gemm(
         config: kernel config (keys ``BLOCK_SIZE_M/N/K``, ``GROUP_SIZE_M``, ``num_warps``,
             ``num_stages``; optional ``SWAP_AB``, ``DEQUANT``, ``FRAG_K``: with SWAP_AB,
             weight tiles in :func:`fragment_order`, which spares the dequantized tile a trip
-            through shared memory on the way to ``tl.dot``); default from
+            through shared memory on the way to ``tl.dot``; ``RS``: the Gluon kernel of
+            :mod:`~w4a16moe.kernels.prefill_rs` on Hopper where
+            :func:`~w4a16moe.kernels.prefill_rs.rs_unsupported` allows, else these tiles on
+            the Triton kernel); default from
             :func:`get_prefill_config` with ``BLOCK_SIZE_M`` taken from ``blocks``.
         a_fragment_order: ``a`` holds column ``c`` at column ``fragment_order(c)`` (e.g.
             written by a previous call with ``out_fragment_order``); K must be a multiple of
@@ -770,6 +774,22 @@ def prefill_gemm(
     z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
     p = weights.perm if weights.perm is not None else q
     tw = topk_weights if mul_routed_weight else s
+    if config.get("RS"):
+        reason = rs_unsupported(
+            device=a.device, k=k, n_out=n_out, group_size=weights.group_size, config=config,
+            has_perm=weights.perm is not None, a_fragment_order=a_fragment_order,
+            atomic_topk_sum=atomic_topk_sum, activation=activation is not None, a=a, out=out,
+            qweight=q)
+        if reason is None:
+            launch_prefill_rs(
+                a, q, s, weights.zeros, out, topk_weights if mul_routed_weight else None,
+                sorted_ids, expert_ids, num_post_padded, n_out=n_out, k=k, slots=slots,
+                top_k=top_k, up_offset=n_w // 2 if activation is not None else 0,
+                group_size=weights.group_size, a_is_slots=a_is_slots,
+                activation_code=ACTIVATION_CODES[activation],
+                out_fragment_order=out_fragment_order, config=config)
+            return out
+        # else the same tiles on the Triton kernel
     swap_ab = bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
     grid = (triton.cdiv(em, bm) * triton.cdiv(n_out, bn),)
     _prefill_kernel[grid](
@@ -1022,6 +1042,10 @@ def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
     cfg2 = get_prefill_config(reference_m, h, i, e, top_k, experts.dtype, device)
     cfg1.pop("DENSE", None)
     cfg2.pop("DENSE", None)
+    for cfg in (cfg1, cfg2):
+        # one kernel for every batch: the Gluon kernel's constraints are not part of the
+        # batch-invariance checks, so its tiles run on the Triton kernel here
+        cfg.pop("RS", None)
     if (num_tokens is not None and cfg1.get("SWAP_AB", False)
             and cfg2.get("SWAP_AB", False)):
         at_m = get_prefill_config(num_tokens, 2 * i, h, e, top_k, experts.dtype, device)

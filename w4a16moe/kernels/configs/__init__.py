@@ -12,7 +12,8 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
     }
 
 Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
-(boolean: weight tiles in fragment order, see ``prefill.fragment_order``) and ``"DENSE"``
+(boolean: weight tiles in fragment order, see ``prefill.fragment_order``), ``"RS"``
+(boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper) and ``"DENSE"``
 (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the
 problem) fall back to :func:`heuristic_config`; nothing here raises for a bad file.
@@ -38,11 +39,17 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: see benchmarks/notes_prefill.md, session 5);
 #: DENSE (GEMM1's entry only) runs the layer as dequantize-to-16-bit + torch._grouped_mm
 #: where that measured faster (few large experts at large M; see kernels/prefill.py)
+#: RS runs the register-operand Gluon kernel on Hopper (kernels/prefill_rs.py): SWAP_AB
+#: tiles on two warpgroups (num_warps 8), activations in natural order (no FRAG_K); where
+#: that kernel does not apply (other GPUs, no Gluon, unsupported options) the same tiles run
+#: on the Triton kernel
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
-                 "DENSE": (True, False)}
+                 "DENSE": (True, False), "RS": (True, False)}
 
-#: FRAG_K configs run on one warpgroup (see OPTIONAL_KEYS)
+#: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
+#: RS configs: the Gluon kernel's two consumer warpgroups
+RS_WARPS = 8
 
 #: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
 INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
@@ -76,6 +83,12 @@ def validate_config(config: object) -> dict:
         raise ValueError(f"BLOCK_SIZE_K is {out['BLOCK_SIZE_K']}; expected >= 16")
     if config.get("FRAG_K") is True and out["BLOCK_SIZE_K"] < 32:
         raise ValueError(f"FRAG_K needs BLOCK_SIZE_K >= 32; found {out['BLOCK_SIZE_K']}")
+    rs = config.get("RS") is True
+    if rs and (config.get("FRAG_K") is True or config.get("SWAP_AB", True) is not True
+               or out["num_warps"] != RS_WARPS):
+        raise ValueError(f"RS needs SWAP_AB, num_warps={RS_WARPS} and no FRAG_K; found "
+                         f"SWAP_AB={config.get('SWAP_AB', True)}, num_warps="
+                         f"{out['num_warps']}, FRAG_K={config.get('FRAG_K')}")
     if config.get("FRAG_K") is True and out["num_warps"] > MAX_FRAG_WARPS:
         raise ValueError(f"FRAG_K needs num_warps <= {MAX_FRAG_WARPS} (one warpgroup); found "
                          f"{out['num_warps']}: with more warps the compiled kernel gave wrong "

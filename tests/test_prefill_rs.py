@@ -1,0 +1,183 @@
+"""The register-operand Gluon prefill kernel (``RS`` configs, kernels/prefill_rs.py).
+
+The kernel itself runs only on a Hopper GPU with Gluon (the Triton interpreter cannot run
+Gluon): there it is checked against the Triton kernel with the same tiles and against the
+float32 reference, repeated bit for bit into NaN-poisoned outputs. On any other machine the
+config rules and the fallback (the same tiles on the Triton kernel) are checked.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+from w4a16moe.kernels import configs as cfgmod
+from w4a16moe.kernels import prefill_rs
+from w4a16moe.kernels.prefill import fused_moe_prefill, prefill_gemm
+from w4a16moe.quantize import random_experts
+from w4a16moe.reference import moe_reference
+from w4a16moe.routing import align_block_size, fused_topk
+
+ON_HOPPER = (ON_GPU and prefill_rs.HAVE_GLUON
+             and torch.cuda.get_device_capability()[0] == 9)
+hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel needs an sm_90 GPU")
+
+
+def rs_config(bm=128, bn=128, bk=64, stages=6):
+    return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 8,
+            "num_warps": 8, "num_stages": stages, "SWAP_AB": True, "RS": True}
+
+
+def triton_tiles(cfg):
+    """The same tiles on the Triton kernel (what the launcher falls back to)."""
+    return {k: v for k, v in cfg.items() if k != "RS"}
+
+
+def make_case(m, h, i, e, top_k, *, symmetric=True, dtype=torch.bfloat16, seed=0):
+    experts = random_experts(e, h, i, group_size=128, symmetric=symmetric, dtype=dtype,
+                             device=DEVICE, seed=seed)
+    x = torch.randn(m, h, dtype=dtype, device=DEVICE)
+    weights, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    return experts, x, weights, ids
+
+
+def test_rs_config_rules():
+    base = rs_config()
+    assert cfgmod.validate_config(base)["RS"] is True
+    for bad in ({**base, "FRAG_K": True}, {**base, "num_warps": 4},
+                {**base, "SWAP_AB": False}):
+        with pytest.raises(ValueError, match="RS needs SWAP_AB, num_warps=8 and no FRAG_K"):
+            cfgmod.validate_config(bad)
+
+
+def test_rs_unsupported_names_the_reason():
+    experts, x, w, ids = make_case(4, 256, 128, 2, 1, dtype=torch.float16)
+    out = torch.empty(4, 128, dtype=x.dtype, device=DEVICE)
+    kw = dict(device=x.device, k=256, n_out=128, group_size=128, has_perm=False,
+              atomic_topk_sum=False, activation=True, a=x, out=out,
+              qweight=experts.w13.qweight)
+    if not ON_HOPPER:
+        assert prefill_rs.rs_unsupported(config=rs_config(bn=64), a_fragment_order=False,
+                                         **kw) is not None
+        return
+    assert prefill_rs.rs_unsupported(config=rs_config(bn=64), a_fragment_order=False,
+                                     **kw) is None
+    assert "natural order" in prefill_rs.rs_unsupported(config=rs_config(bn=64),
+                                                        a_fragment_order=True, **kw)
+    assert "tiles" in prefill_rs.rs_unsupported(config=rs_config(bn=64, bk=128),
+                                                a_fragment_order=False, **kw)
+
+
+@pytest.mark.skipif(ON_HOPPER, reason="checks the fallback off Hopper")
+def test_rs_config_falls_back_to_the_triton_kernel():
+    """Off Hopper an RS config runs its tiles on the Triton kernel: the same bits as that
+    config without RS."""
+    dtype = torch.float16
+    experts, x, w, ids = make_case(5, 128, 128, 3, 2, dtype=dtype)
+    cfg = rs_config(bm=16, bn=32, bk=32, stages=1)
+    blocks = align_block_size(ids, 16, 3)
+    got = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu", config=cfg)
+    want = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu",
+                        config=triton_tiles(cfg))
+    assert torch.equal(got, want)
+
+
+def repeat_runs(runs, like, **kwargs):
+    outs = []
+    for _ in range(runs):
+        out = torch.full_like(like, float("nan"))
+        prefill_gemm(out=out, **kwargs)
+        outs.append(out)
+    return outs
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("tiles", [(128, 128, 64, 6), (64, 128, 64, 4), (128, 256, 32, 8)])
+@pytest.mark.parametrize("m", [1, 37, 300])
+def test_rs_gemms_match_the_triton_kernel(dtype, symmetric, tiles, m):
+    """GEMM1 (fused SiLU*up, its output also in fragment order) and GEMM2 (router weight,
+    rows by slot) on the Gluon kernel: equal to the Triton kernel's same tiles within
+    rounding, and the same bits on every run."""
+    e, h, i, top_k = 8, 512, 384, 2
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
+                                   seed=m)
+    bm, bn, bk, stages = tiles
+    blocks = align_block_size(ids, bm, e)
+    inter = torch.randn(m * top_k, i, dtype=dtype, device=DEVICE)
+    for gemm in ("gemm1", "gemm1 out frag", "gemm2"):
+        cfg = rs_config(bm, bn if gemm == "gemm2" else bn // 2, bk, stages)
+        if gemm.startswith("gemm1"):
+            kw = dict(a=x, weights=experts.w13, activation="silu",
+                      out_fragment_order=gemm.endswith("frag"))
+            like = torch.empty(m * top_k, i, dtype=dtype, device=DEVICE)
+        else:
+            kw = dict(a=inter, weights=experts.w2, a_is_slots=True, mul_routed_weight=True)
+            like = torch.empty(m * top_k, h, dtype=dtype, device=DEVICE)
+        assert prefill_rs.rs_unsupported(
+            device=x.device, k=kw["weights"].k, n_out=like.shape[1], group_size=128,
+            config=cfg, has_perm=False, a_fragment_order=False, atomic_topk_sum=False,
+            activation=gemm.startswith("gemm1"), a=kw["a"], out=like,
+            qweight=kw["weights"].qweight) is None
+        common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k, **kw)
+        runs = repeat_runs(3, like, config=cfg, **common)
+        want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
+        assert torch.isfinite(runs[0]).all(), f"{gemm}: unwritten output"
+        for r in runs[1:]:
+            assert torch.equal(r, runs[0]), f"{gemm} {cfg}: runs differ"
+        err = ((runs[0].float() - want.float()).abs().max()
+               / want.float().abs().max().clamp_min(1e-30)).item()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), f"{gemm}: {err:.2e}"
+
+
+@hopper_only
+@pytest.mark.parametrize("on_input", [False, True])
+def test_rs_layer_with_expert_map(on_input):
+    """The whole prefill layer with an RS GEMM2 (and an RS GEMM1) against the float32
+    reference, with experts of another rank (-1 blocks write zero rows)."""
+    e, h, i, top_k, m = 8, 512, 256, 2, 200
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=False, seed=3)
+    expert_map = torch.tensor([0, 1, 2, 3, -1, -1, 4, 5], dtype=torch.int32, device=DEVICE)
+    local = random_experts(6, h, i, group_size=128, symmetric=False, dtype=torch.bfloat16,
+                           device=DEVICE, seed=4)
+    cfg1, cfg2 = rs_config(128, 64, 64, 6), rs_config(128, 128, 64, 6)
+    out = torch.full((m, h), float("nan"), dtype=x.dtype, device=DEVICE)
+    got = fused_moe_prefill(x, local, w, ids, expert_map=expert_map, out=out,
+                            configs=(cfg1, cfg2), apply_router_weight_on_input=on_input)
+    ref = moe_reference(x, local, w, ids, expert_map=expert_map,
+                        apply_router_weight_on_input=on_input, round_intermediate=True)
+    assert torch.isfinite(got).all()
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"relative error {err:.2e}"
+
+
+@hopper_only
+def test_shipped_rs_configs_repeat_bit_for_bit():
+    """Every RS entry of the shipped H100 table, run 8 times on NaN-poisoned outputs at a
+    shape with many blocks (GEMM1 and GEMM2 paths), gives the same bits each time and matches
+    the Triton kernel's same tiles within rounding."""
+    table = json.loads((cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
+    seen = {tuple(sorted(cfg.items())) for shape, buckets in table.items()
+            if not shape.startswith("_") for cfg in buckets.values() if cfg.get("RS")}
+    assert seen, "the shipped table has RS entries"
+    e, h, i, top_k, m = 16, 1024, 512, 4, 512
+    experts, x, w, ids = make_case(m, h, i, e, top_k, seed=21)
+    inter = torch.randn(m * top_k, i, dtype=x.dtype, device=DEVICE)
+    for items in sorted(seen):
+        cfg = dict(items)
+        blocks = align_block_size(ids, cfg["BLOCK_SIZE_M"], e)
+        for kw, width in ((dict(a=x, weights=experts.w13, activation="silu"), i),
+                          (dict(a=inter, weights=experts.w2, a_is_slots=True,
+                                mul_routed_weight=True), h)):
+            like = torch.empty(m * top_k, width, dtype=x.dtype, device=DEVICE)
+            common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k, **kw)
+            runs = repeat_runs(8, like, config=cfg, **common)
+            want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
+            for r in runs[1:]:
+                assert torch.equal(r, runs[0]), f"{cfg}: runs differ"
+            err = (runs[0].float() - want.float()).abs().max() / want.float().abs().max()
+            assert err.item() < 2e-2, f"{cfg}: {err.item():.2e} from the Triton kernel"

@@ -1,0 +1,478 @@
+"""Register-operand prefill GEMM for Hopper (sm_90), written in Gluon.
+
+The same grouped int4 GEMM as the Triton kernel of :mod:`w4a16moe.kernels.prefill` (same
+packed weights, same aligned blocks, same outputs), chosen by an ``RS`` config entry. The
+weight tile is dequantized straight into the register A operand of a 16-bit ``wgmma`` and
+never goes through shared memory; the activations stay in natural K order. A program has
+
+* a **loader** warp (worker partition): for every K step it cp.asyncs the gathered activation
+  rows ``[BLOCK_T, BLOCK_K]`` and the tile's packed words ``[BLOCK_N, BLOCK_K/8]`` into stage
+  ``step % STAGES`` of a shared-memory ring, as far ahead as the ring allows; each lane's
+  copies arrive on the stage's barrier when they land (32 arrivals);
+* two **consumer** warpgroups (the default partition, 8 warps, BLOCK_N/2 weight rows each):
+  per step they wait for the stage and build their A operand: in it, lane ``c`` of a quad
+  holds columns ``2c, 2c+1`` of each 8-column word of a 32-column run, which the ExLlama
+  shuffle keeps at bits ``4c`` and ``16+4c`` of the word, so the quad's lanes read the same
+  four words (one 16-byte load) and each dequantizes its own pair with one shift, one LOP3
+  and two packed 16-bit ops (PTX). They issue the register-A wgmma against the activation
+  tile, release the previous step's stage once its wgmma is done, and after the K loop run
+  the epilogue (router weight, ``act(gate) * up``) and the store.
+
+Race freedom: a wgmma reads its register operand while it runs, so the loop is unrolled by two
+with one set of A registers per parity; step ``i``'s registers are rewritten only after the
+wait that retires step ``i``'s wgmma (checked in the SASS: the two sets alternate and neither
+is written inside the other's window; the GPU tests repeat every shipped config bit for bit).
+
+One program walks output tiles ``pid, pid + num_programs, ...``; a tile is one aligned block of
+``BLOCK_T`` slots x ``BLOCK_N_OUT`` output columns. With ``ACTIVATION`` the weight tile holds
+``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each accumulator thread
+holds a column's gate and up values. Shapes: A ``[M, K]`` (rows ``slot // top_k``) or
+``[M*top_k, K]`` (``A_IS_SLOTS``); qweight int32 ``[E, N_w, K/8]``; scales ``[E, N_w, K/G]``;
+zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` (columns in fragment order with
+``OUT_FRAG``, for a next GEMM that reads them so).
+
+:func:`rs_unsupported` says which calls qualify (``prefill_gemm`` runs the same tiles on the
+Triton kernel otherwise). Gluon does not run under the Triton interpreter: the CPU tests
+cover the config rules and the fallback; the numerical tests of this kernel are GPU tests
+(``tests/test_prefill_rs.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everything
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        async_copy,
+        fence_async_shared,
+        mbarrier,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed triton
+    HAVE_GLUON = False
+
+#: registers per thread of the loader warp (setmaxnreg)
+LOADER_REGS = 64
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _act(x, ACTIVATION: gl.constexpr):
+        """act(x) in fp32: 1 silu, 2 gelu (erf), 3 gelu (tanh approximation)."""
+        if ACTIVATION == 1:
+            y = x / (1.0 + gl.exp(-x))
+        elif ACTIVATION == 2:
+            y = 0.5 * x * (1.0 + gl.erf(x * 0.7071067811865476))
+        else:
+            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+            t = 1.0 - 2.0 / (gl.exp(2.0 * inner) + 1.0)
+            y = 0.5 * x * (1.0 + t)
+        return y
+
+    @gluon.jit
+    def _rs_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M: gl.constexpr):
+        """(pid_m, pid_n) of output tile ``tile``: GROUP_SIZE_M token blocks side by side per
+        column band, so programs running at the same time share weight tiles in L2."""
+        num_pid_in_group = GROUP_SIZE_M * num_pid_n
+        group_id = tile // num_pid_in_group
+        first_pid_m = group_id * GROUP_SIZE_M
+        group_size_m = gl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
+        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+        pid_n = (tile % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @gluon.jit
+    def _rs_tile_rows(n0, up_offset, BLOCK_N: gl.constexpr, ACTIVATION: gl.constexpr,
+                      layout: gl.constexpr):
+        """Weight rows of a tile: ``n0 + r``, or with ACTIVATION gate and up rows interleaved
+        in runs of 8 (tile rows 16b + j: gate row n0 + 8b + j; 16b + 8 + j: the up row
+        ``+ up_offset``), so a wgmma accumulator thread holds a column's gate and up values."""
+        r = gl.arange(0, BLOCK_N, layout=layout)
+        if ACTIVATION != 0:
+            rows = n0 + (r // 16) * 8 + r % 8 + gl.where((r // 8) % 2 == 1, up_offset, 0)
+        else:
+            rows = n0 + r
+        return rows
+
+    @gluon.jit
+    def _rs_loader(a_ptr, qw_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+                   x_bufs, wd_bufs, empty_bars, x_ready_bars, N, K, EM, num_valid_slots,
+                   top_k, up_offset, stride_am, stride_qe, stride_qn,
+                   A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr,
+                   BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                   GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr):
+        """Worker partition (one warp): cp.async of each K step's gathered activation rows
+        and packed words into the copy ring, as far ahead as the ring allows; each lane's
+        copies arrive on the stage's barrier when they land."""
+        WORDS: gl.constexpr = BLOCK_K // 8
+        # 16-byte chunks: a row's BLOCK_K activations over BLOCK_K / 8 lanes, 4 words a lane
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
+        wc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4],
+                                                   [1, 1], [1, 0])
+        num_pid_m = gl.cdiv(EM, BLOCK_T)
+        num_pid_n = N // BLOCK_N_OUT
+        num_post_padded = gl.load(num_post_padded_ptr)
+        num_steps = K // BLOCK_K
+        ring = 0  # K steps this program has put through the ring so far
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _rs_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
+            row0 = pid_m * BLOCK_T
+            expert = gl.load(expert_ids_ptr + pid_m, mask=row0 < num_post_padded, other=-1)
+            if expert != -1:
+                wc_rows = _rs_tile_rows(pid_n * BLOCK_N_OUT, up_offset, BLOCK_N, ACTIVATION,
+                                        gl.SliceLayout(1, wc_layout))
+                qw_base = qw_ptr + expert.to(gl.int64) * stride_qe
+                w_offs = wc_rows[:, None] * stride_qn + gl.arange(
+                    0, WORDS, layout=gl.SliceLayout(0, wc_layout))[None, :]
+                t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, x_layout))
+                slots = gl.load(sorted_ids_ptr + row0 + t)
+                if A_IS_SLOTS:
+                    a_rows = slots
+                else:
+                    a_rows = slots // top_k
+                # slots past the end (padding) read row 0: their results are never stored
+                a_rows = gl.where(slots < num_valid_slots, a_rows, 0)
+                x_offs = a_rows[:, None] * stride_am + gl.arange(
+                    0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))[None, :]
+                for i in range(num_steps):
+                    stage = (ring + i) % STAGES
+                    mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
+                    k0 = i * BLOCK_K
+                    async_copy.async_copy_global_to_shared(x_bufs.index(stage),
+                                                           a_ptr + (x_offs + k0))
+                    async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
+                                                           qw_base + (w_offs + k0 // 8))
+                    async_copy.mbarrier_arrive(x_ready_bars.index(stage),
+                                               increment_count=False)
+                ring += num_steps
+
+    @gluon.jit
+    def _rs_pairs_layout(BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, a_layout: gl.constexpr):
+        """The layout of the [BLOCK_N, BLOCK_K/32, 4 (quad lane c), 4 (word j)] value pairs
+        that assemble into the wgmma A operand: a probe tensor in the operand layout taken
+        back through the inverse of that assembly (see :func:`_rs_step_operand`)."""
+        T: gl.constexpr = BLOCK_K // 32
+        probe = gl.full([BLOCK_N, BLOCK_K], 0, gl.bfloat16, a_layout)
+        p6 = gl.reshape(probe, [BLOCK_N, T, 2, 2, 4, 2])  # (row, run, j_hi, j_lo, c, q)
+        p6 = gl.permute(p6, (0, 1, 4, 2, 3, 5))  # (row, run, c, j_hi, j_lo, q)
+        p5 = gl.reshape(p6, [BLOCK_N, T, 4, 4, 2])  # (row, run, c, j, q)
+        p4, _other = gl.split(p5)
+        return p4
+
+    @gluon.jit
+    def _rs_dequant_pair(words, shift, ss, zz, IS_FP16: gl.constexpr):
+        """Values ``2c`` and ``2c+1`` of each word (``shift`` = 4c: ExLlama order keeps them
+        at bits 4c and 16+4c) as (bias + v) packed in one 32-bit op, then minus the packed
+        (bias + z) and times the packed scale ``ss``; ``zz`` is (bias + z) packed (fp16) or
+        its negation (bf16, whose packed ops are fma only)."""
+        if IS_FP16:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t;
+                shr.u32 t, $2, $3;
+                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+                sub.f16x2 t, t, $5;
+                mul.f16x2 t, t, $4;
+                mov.b32 {$0, $1}, t;
+                }""",
+                constraints="=h,=h,r,r,r,r", args=[words, shift, ss, zz],
+                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, one, n0;
+                mov.b32 one, 0x3F803F80;
+                mov.b32 n0, 0x80008000;
+                shr.u32 t, $2, $3;
+                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 t, t, one, $5;
+                fma.rn.bf16x2 t, t, $4, n0;
+                mov.b32 {$0, $1}, t;
+                }""",
+                constraints="=h,=h,r,r,r,r", args=[words, shift, ss, zz],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        return lo, hi
+
+    @gluon.jit
+    def _packed_pair(v):
+        """A 16-bit tensor as int32 holding the value twice (the operand of a packed op)."""
+        bits = v.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return bits | (bits << 16)
+
+    @gluon.jit
+    def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, s_base, z_base, s_offs, z_offs,
+                         stride_sg, stride_zg, bias, vdtype: gl.constexpr,
+                         HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr,
+                         GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
+                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                         pairs_layout: gl.constexpr, row_layout: gl.constexpr,
+                         a_layout: gl.constexpr):
+        """Step ``i``'s weight tile in the wgmma A-operand registers, once its words and
+        activations have landed; fences the activation tile for wgmma.
+
+        In the operand a thread (lane ``c`` of its quad) holds, per row and 32-column run,
+        columns ``2c, 2c+1`` of each of the run's four 8-column words, i.e. value pair ``c``
+        of each word: the quad's four lanes read the same four words (one 16-byte load) and
+        each dequantizes its own pair, so the activations stay in natural K order."""
+        T: gl.constexpr = BLOCK_K // 32
+        g = (i * BLOCK_K) // GROUP_SIZE
+        sc = gl.load(s_base + (s_offs + g * stride_sg))
+        if HAS_ZEROS:
+            zb = (gl.load(z_base + (z_offs + g * stride_zg)).to(gl.int32) + bias).to(vdtype)
+        else:
+            zb = gl.full([BLOCK_N], bias + 8, vdtype, layout=row_layout)
+        if IS_FP16:
+            zz = _packed_pair(zb)
+        else:
+            zz = _packed_pair(-zb)
+        ss = _packed_pair(sc)
+        stage = (ring + i) % STAGES
+        mbarrier.wait(x_ready_bars.index(stage), ((ring + i) // STAGES) & 1)
+        # words (row, run, j), the same for the four lanes c of a quad
+        words = wd_bufs.index(stage).reshape([BLOCK_N, T, 4]).load(
+            gl.SliceLayout(2, pairs_layout))
+        c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
+            3, pairs_layout))))
+        words4, shift = gl.broadcast(gl.expand_dims(words, 2), (c * 4)[None, None, :, None])
+        ss4 = gl.broadcast(ss[:, None, None, None], words4)[0]
+        zz4 = gl.broadcast(zz[:, None, None, None], words4)[0]
+        lo, hi = _rs_dequant_pair(words4, shift, ss4, zz4, IS_FP16)
+        v = gl.reshape(gl.join(lo, hi), [BLOCK_N, T, 4, 2, 2, 2])  # (row, run, c, jh, jl, q)
+        v = gl.permute(v, (0, 1, 3, 4, 2, 5))  # (row, run, j_hi, j_lo, c, q): column order
+        a = gl.convert_layout(gl.reshape(v, [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True)
+        fence_async_shared()
+        return a
+
+    @gluon.jit
+    def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
+                     topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+                     N, K, EM, num_valid_slots, up_offset, stride_cm, stride_se, stride_sn,
+                     stride_sg, stride_ze, stride_zn, stride_zg,
+                     GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                     ACTIVATION: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
+                     OUT_FRAG: gl.constexpr,
+                     IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
+                     BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
+                     STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """Default partition: dequantize each step's words straight into the wgmma A-operand
+        registers (fragment order), wgmma against the staged activation tile, epilogue."""
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
+                                                     k_width=2)
+        pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
+        row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, pairs_layout)))
+        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
+        if IS_FP16:
+            bias = 1024
+            vdtype: gl.constexpr = gl.float16
+        else:
+            bias = 128
+            vdtype: gl.constexpr = gl.bfloat16
+
+        num_pid_m = gl.cdiv(EM, BLOCK_T)
+        num_pid_n = N // BLOCK_N_OUT
+        num_post_padded = gl.load(num_post_padded_ptr)
+        num_steps = K // BLOCK_K
+        ring = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _rs_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
+            row0 = pid_m * BLOCK_T
+            if row0 < num_post_padded:
+                expert = gl.load(expert_ids_ptr + pid_m)
+                n0 = pid_n * BLOCK_N_OUT
+                t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
+                slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
+                col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
+                if OUT_FRAG:
+                    # the output's columns in fragment order (the next GEMM reads them as is)
+                    col = ((col // 32) * 32 + ((col // 2) % 4) * 8 + ((col // 8) % 4) * 2
+                           + col % 2)
+                c_ptrs = c_ptr + slots_o[None, :] * stride_cm + col[:, None]
+                c_mask = (slots_o < num_valid_slots)[None, :]
+                if expert == -1:
+                    gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
+                                              out_layout), mask=c_mask)
+                else:
+                    e64 = expert.to(gl.int64)
+                    w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
+                    s_base = s_ptr + e64 * stride_se
+                    z_base = z_ptr + e64 * stride_ze
+                    s_offs = w_rows * stride_sn
+                    z_offs = w_rows * stride_zn
+                    acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+                    a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
+                    # two steps per iteration, each with its own A registers: a wgmma reads
+                    # its register operand while it runs, so step i + 1 must not dequantize
+                    # into the registers step i's wgmma may still be reading
+                    for i in range(0, num_steps, 2):
+                        a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, s_base, z_base,
+                                              s_offs, z_offs, stride_sg, stride_zg, bias,
+                                              vdtype, HAS_ZEROS, IS_FP16, GROUP_SIZE, BLOCK_N,
+                                              BLOCK_K, STAGES, pairs_layout, row_layout,
+                                              a_layout)
+                        acc = warpgroup_mma(a0, x_bufs.index((ring + i) % STAGES).permute(
+                            (1, 0)), acc, is_async=True)
+                        acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+                        mbarrier.arrive(empty_bars.index((ring + i + STAGES - 1) % STAGES),
+                                        count=1, pred=i > 0)
+                        a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, s_base,
+                                              z_base, s_offs, z_offs, stride_sg, stride_zg,
+                                              bias, vdtype, HAS_ZEROS, IS_FP16, GROUP_SIZE,
+                                              BLOCK_N, BLOCK_K, STAGES, pairs_layout,
+                                              row_layout, a_layout)
+                        acc = warpgroup_mma(a1, x_bufs.index((ring + i + 1) % STAGES).permute(
+                            (1, 0)), acc, is_async=True)
+                        acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
+                        mbarrier.arrive(empty_bars.index((ring + i) % STAGES), count=1)
+                    acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+                    last = ring + num_steps - 1
+                    mbarrier.arrive(empty_bars.index(last % STAGES), count=1)
+                    ring += num_steps
+                    if MUL_ROUTED_WEIGHT:
+                        t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
+                        slots = gl.load(sorted_ids_ptr + row0 + t)
+                        rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
+                                     other=0.0).to(gl.float32)
+                        acc = acc * rw[None, :]
+                    if ACTIVATION != 0:
+                        # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
+                        acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
+                                          (0, 2, 3, 1))
+                        gate, up = gl.split(acc4)
+                        h = _act(gate, ACTIVATION) * up
+                        res = gl.convert_layout(
+                            gl.reshape(h, [BLOCK_N_OUT, BLOCK_T]).to(c_ptr.dtype.element_ty),
+                            out_layout)
+                    else:
+                        res = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
+                    gl.store(c_ptrs, res, mask=c_mask)
+
+    @gluon.jit
+    def _prefill_rs_kernel(
+        a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
+        sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+        N, K, EM, num_valid_slots, top_k, up_offset,
+        stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
+        stride_ze, stride_zn, stride_zg, stride_cm,
+        GROUP_SIZE: gl.constexpr, A_IS_SLOTS: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
+        HAS_ZEROS: gl.constexpr, ACTIVATION: gl.constexpr, OUT_FRAG: gl.constexpr,
+        IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
+        BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
+        LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
+        program (see the module docstring); grid ``min(tiles, SMs)``, 8 warps + the loader."""
+        if ACTIVATION != 0:
+            BLOCK_N: gl.constexpr = 2 * BLOCK_N_OUT
+        else:
+            BLOCK_N: gl.constexpr = BLOCK_N_OUT
+        dtype: gl.constexpr = c_ptr.dtype.element_ty
+        x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K],
+                                                                           dtype)
+        x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, BLOCK_K], x_smem_layout)
+        wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+        wd_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], wd_layout)
+        empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        x_ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1],
+                                                 mbarrier.MBarrierLayout())
+        for s in gl.static_range(STAGES):
+            mbarrier.init(empty_bars.index(s), count=1)
+            mbarrier.init(x_ready_bars.index(s), count=32)
+        gl.warp_specialize([
+            (_rs_consumer, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
+                            topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+                            num_post_padded_ptr, N, K, EM, num_valid_slots, up_offset,
+                            stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                            stride_zg, GROUP_SIZE, HAS_ZEROS, ACTIVATION, MUL_ROUTED_WEIGHT,
+                            OUT_FRAG, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M,
+                            STAGES, num_warps)),
+            (_rs_loader, (a_ptr, qw_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+                          x_bufs, wd_bufs, empty_bars, x_ready_bars, N, K, EM,
+                          num_valid_slots, top_k, up_offset, stride_am, stride_qe, stride_qn,
+                          A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
+                          GROUP_SIZE_M, STAGES)),
+        ], [1], [LOADER_REGS])
+
+
+
+# --------------------------------------------------------------------------------------------
+# launcher
+# --------------------------------------------------------------------------------------------
+#: the tiles this kernel is built for (rows: weight rows per tile, gate + up with activation)
+RS_BLOCK_T = (64, 128)
+RS_BLOCK_K = (32, 64)
+RS_ROWS = (128, 256)
+
+
+def rs_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int, config: dict,
+                   has_perm: bool, a_fragment_order: bool, atomic_topk_sum: bool,
+                   activation: bool, a: torch.Tensor, out: torch.Tensor,
+                   qweight: torch.Tensor) -> str | None:
+    """Why an ``RS`` config cannot run this call on the Gluon kernel (the caller then runs the
+    Triton kernel with the same tiles on one warpgroup), or None when it can."""
+    bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    rows = 2 * bn if activation else bn
+    if not HAVE_GLUON:
+        return "triton.experimental.gluon is not available"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return f"{device} is not a compute capability 9.x GPU"
+    if bt not in RS_BLOCK_T or bk not in RS_BLOCK_K or rows not in RS_ROWS:
+        return (f"tiles {bt}x{bn}x{bk}: expected BLOCK_SIZE_M in {RS_BLOCK_T}, BLOCK_SIZE_K in "
+                f"{RS_BLOCK_K} and {rows} weight rows in {RS_ROWS}")
+    if k % (2 * bk) or group_size % bk:
+        return f"K={k} must be a multiple of 2*BLOCK_SIZE_K and G={group_size} of BLOCK_SIZE_K"
+    if n_out % bn:
+        return f"the output width {n_out} is not a multiple of BLOCK_SIZE_N={bn}"
+    if a_fragment_order or has_perm or atomic_topk_sum:
+        return ("it needs activations in natural order, no act-order perm and no atomic "
+                "top-k sum")
+    if (a.stride(1) != 1 or out.stride(1) != 1 or qweight.stride(2) != 1 or a.stride(0) % 8
+            or qweight.stride(1) % 4):
+        return "a, out and qweight need unit column strides and 16-byte aligned rows"
+    if max(a.numel(), out.numel()) >= 2**31:
+        return "tensors of 2**31 elements or more (int32 offsets)"
+    return None
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      zeros: torch.Tensor | None, out: torch.Tensor,
+                      topk_weights: torch.Tensor | None, sorted_ids: torch.Tensor,
+                      expert_ids: torch.Tensor, num_post_padded: torch.Tensor, *, n_out: int,
+                      k: int, slots: int, top_k: int, up_offset: int, group_size: int,
+                      a_is_slots: bool, activation_code: int, out_fragment_order: bool,
+                      config: dict) -> None:
+    """Run :func:`_prefill_rs_kernel`; inputs already validated by ``prefill_gemm`` and
+    :func:`rs_unsupported`."""
+    bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    em = sorted_ids.numel()
+    z = zeros if zeros is not None else qweight  # dummy pointer when absent
+    tw = topk_weights if topk_weights is not None else scales
+    tiles = -(-em // bt) * (n_out // bn)
+    index = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    grid = (min(tiles, _sm_count(index)),)
+    _prefill_rs_kernel[grid](
+        a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
+        n_out, k, em, slots, top_k, up_offset,
+        a.stride(0), qweight.stride(0), qweight.stride(1),
+        scales.stride(0), scales.stride(1), scales.stride(2),
+        z.stride(0), z.stride(1), z.stride(2), out.stride(0),
+        GROUP_SIZE=group_size, A_IS_SLOTS=a_is_slots,
+        MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_ZEROS=zeros is not None,
+        ACTIVATION=activation_code, OUT_FRAG=out_fragment_order,
+        IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn, BLOCK_K=bk,
+        GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
+        LOADER_REGS=LOADER_REGS, num_warps=8)

@@ -42,10 +42,12 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 DEFAULT_TOKENS = (64, 256, 1024, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps,
-#: num_stages[, FRAG_K]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the
+#: num_stages[, FRAG_K[, RS]]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the
 #: configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short device
 #: sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
-#: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert
+#: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
+#: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
+#: before, session 7 of the notes) for large experts at M >= 1024
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -54,6 +56,10 @@ SPACES: dict[str, list[tuple]] = {
     "midm": [(True, 64, 64, 4, 3), (True, 64, 128, 4, 3), (True, 128, 64, 4, 3),
              (True, 64, 64, 4, 4), (True, 64, 64, 4, 3, True), (True, 64, 128, 4, 3, True),
              (True, 128, 64, 4, 3, True), (False, 128, 64, 8, 3)],
+    "rs": [(True, 128, 64, 8, 6, False, True), (True, 128, 64, 8, 8, False, True),
+           (True, 256, 32, 8, 8, False, True), (True, 256, 32, 8, 12, False, True),
+           (True, 64, 64, 8, 6, False, True), (True, 64, 64, 4, 4, True),
+           (True, 128, 64, 8, 4), (False, 128, 64, 8, 3)],
 }
 #: skip candidates whose fp32 accumulators alone would need more registers per thread
 MAX_ACC_REGS = 128
@@ -73,15 +79,17 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
     if space not in SPACES:
         raise ValueError(f"space is {space!r}; expected one of {sorted(SPACES)}")
     out = []
-    for swap, bn, bk, warps, stages, *frag in SPACES[space]:
+    for swap, bn, bk, warps, stages, *flags in SPACES[space]:
         acc_regs = block_m * bn * (2 if fused_activation else 1) / (32 * warps)
         if acc_regs > MAX_ACC_REGS:
             continue
         cfg = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
                "GROUP_SIZE_M": 1 if rows_per_expert <= 64 else 8, "num_warps": warps,
                "num_stages": stages, "SWAP_AB": swap}
-        if frag and frag[0]:
+        if flags and flags[0]:
             cfg["FRAG_K"] = True
+        if len(flags) > 1 and flags[1]:
+            cfg["RS"] = True
         out.append(cfg)
     return out
 

@@ -135,6 +135,22 @@ def test_rs_gemms_match_the_triton_kernel(dtype, symmetric, tiles, m):
 
 
 @hopper_only
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_rs_gemm1_activations(activation):
+    """The other fused activations of GEMM1 on the Gluon kernel against the Triton kernel."""
+    e, h, i, top_k, m = 8, 512, 384, 2, 100
+    experts, x, w, ids = make_case(m, h, i, e, top_k, seed=5)
+    cfg = rs_config(128, 64, 64, 6)
+    blocks = align_block_size(ids, 128, e)
+    got = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=top_k, activation=activation,
+                       config=cfg)
+    want = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=top_k, activation=activation,
+                        config=triton_tiles(cfg))
+    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    assert err < 2e-2, f"{activation}: {err:.2e}"
+
+
+@hopper_only
 @pytest.mark.parametrize("on_input", [False, True])
 def test_rs_layer_with_expert_map(on_input):
     """The whole prefill layer with an RS GEMM2 (and an RS GEMM1) against the float32

@@ -132,7 +132,24 @@ def unit_float_chunk_dots(f, x, ROWS: tl.constexpr, CHUNKS: tl.constexpr):
     return qx, tl.sum(s_x, axis=2)
 
 
+@triton.jit
+def activation(x, ACTIVATION: tl.constexpr):
+    """act(x) in fp32 (the prefill kernels' fused epilogue): 1 silu, 2 gelu (erf), 3 gelu
+    (tanh approximation). Plain Triton ops, so the Gluon kernel wraps the same function."""
+    if ACTIVATION == 1:
+        y = x / (1.0 + tl.exp(-x))
+    elif ACTIVATION == 2:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        # tanh(t) = 1 - 2 / (exp(2t) + 1), safe for large |t|
+        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
+        y = 0.5 * x * (1.0 + t)
+    return y
+
+
 __all__ = [
+    "activation",
     "ONE_F32_BITS",
     "PACK_FACTOR",
     "dequantize",
@@ -142,3 +159,4 @@ __all__ = [
     "unpack_int4",
     "unpack_int4_to_unit_float",
 ]
+

@@ -36,6 +36,7 @@ from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
 from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
+from .common import activation
 from .configs import get_prefill_config, validate_config
 from .prefill_rs import launch_prefill_rs, rs_unsupported
 
@@ -333,21 +334,6 @@ def _weight_tile_frag(qw_base, s_base, z_base, rows, n_mask, k_start, K, stride_
 
 
 @triton.jit
-def _activation(x, ACTIVATION: tl.constexpr):
-    """act(x) in fp32: 1 silu, 2 gelu (erf), 3 gelu (tanh approximation)."""
-    if ACTIVATION == 1:
-        y = x / (1.0 + tl.exp(-x))
-    elif ACTIVATION == 2:
-        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-    else:
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        # tanh(t) = 1 - 2 / (exp(2t) + 1), safe for large |t|
-        t = 1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)
-        y = 0.5 * x * (1.0 + t)
-    return y
-
-
-@triton.jit
 def _prefill_kernel(
     a_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, c_ptr, topk_weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
@@ -520,7 +506,7 @@ def _prefill_kernel(
         if ACTIVATION != 0:
             acc_up = acc_up * rw[:, None]
     if ACTIVATION != 0:
-        acc = _activation(acc, ACTIVATION) * acc_up
+        acc = activation(acc, ACTIVATION) * acc_up
     if ATOMIC_TOPK_SUM:
         tl.atomic_add(c_ptrs, acc, mask=c_mask)
     else:
@@ -577,7 +563,7 @@ def _act_mul_kernel(gu_ptr, out_ptr, w_ptr, I, stride_gm, stride_om,
         w = tl.load(w_ptr + row)
         gate = gate * w
         up = up * w
-    y = _activation(gate, ACTIVATION) * up
+    y = activation(gate, ACTIVATION) * up
     tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

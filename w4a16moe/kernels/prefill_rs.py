@@ -43,6 +43,8 @@ import functools
 
 import torch
 
+from .common import activation
+
 try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everything
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -63,18 +65,8 @@ LOADER_REGS = 64
 
 if HAVE_GLUON:
 
-    @gluon.jit
-    def _act(x, ACTIVATION: gl.constexpr):
-        """act(x) in fp32: 1 silu, 2 gelu (erf), 3 gelu (tanh approximation)."""
-        if ACTIVATION == 1:
-            y = x / (1.0 + gl.exp(-x))
-        elif ACTIVATION == 2:
-            y = 0.5 * x * (1.0 + gl.erf(x * 0.7071067811865476))
-        else:
-            inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-            t = 1.0 - 2.0 / (gl.exp(2.0 * inner) + 1.0)
-            y = 0.5 * x * (1.0 + t)
-        return y
+    # the Triton kernel's epilogue activation, compiled as a Gluon function
+    _act = gluon.jit(activation.fn)
 
     @gluon.jit
     def _rs_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M: gl.constexpr):

@@ -135,7 +135,8 @@ def unit_float_chunk_dots(f, x, ROWS: tl.constexpr, CHUNKS: tl.constexpr):
 @triton.jit
 def activation(x, ACTIVATION: tl.constexpr):
     """act(x) in fp32 (the prefill kernels' fused epilogue): 1 silu, 2 gelu (erf), 3 gelu
-    (tanh approximation). Plain Triton ops, so the Gluon kernel wraps the same function."""
+    (tanh approximation). This helper and the two below use plain Triton ops only, so the
+    Gluon kernel of ``prefill_rs`` wraps the same functions."""
     if ACTIVATION == 1:
         y = x / (1.0 + tl.exp(-x))
     elif ACTIVATION == 2:
@@ -148,8 +149,36 @@ def activation(x, ACTIVATION: tl.constexpr):
     return y
 
 
+@triton.jit
+def fragment_order(k):
+    """The K column that position ``k`` of a fragment-order tile holds (an involution).
+
+    Within each run of 32 columns, position ``8i + 2c + p`` holds column ``8c + 2i + p``
+    (``i, c`` in 0..3, ``p`` in 0..1): the two 2-bit fields swap. Word ``c`` of a run (8
+    columns) then holds exactly the 8 values that lane ``c`` of a quad owns in the register
+    operand of a 16-bit ``wgmma``/``mma`` (columns ``2c, 2c+1, 2c+8, 2c+9, ...`` of the
+    run), so a tile dequantized word by word is already in the operand layout.
+    """
+    return (k // 32) * 32 + ((k // 2) % 4) * 8 + ((k // 8) % 4) * 2 + k % 2
+
+
+@triton.jit
+def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile ``tile`` of a grouped GEMM: GROUP_SIZE_M row blocks
+    side by side per column band, so programs running at the same time share the column
+    band's weight tiles in L2."""
+    num_pid_in_group = GROUP_SIZE_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_SIZE_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
+    pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
 __all__ = [
     "activation",
+    "fragment_order",
+    "grouped_tile",
     "ONE_F32_BITS",
     "PACK_FACTOR",
     "dequantize",
@@ -159,4 +188,3 @@ __all__ = [
     "unpack_int4",
     "unpack_int4_to_unit_float",
 ]
-

@@ -36,7 +36,7 @@ from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
 from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
-from .common import activation
+from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
 from .prefill_rs import launch_prefill_rs, rs_unsupported
 
@@ -263,19 +263,6 @@ def _dequant_value_ops(words, j: tl.constexpr, s, z, DEQUANT: tl.constexpr,
 
 
 @triton.jit
-def fragment_order(k):
-    """The K column that position ``k`` of a fragment-order tile holds (an involution).
-
-    Within each run of 32 columns, position ``8i + 2c + p`` holds column ``8c + 2i + p``
-    (``i, c`` in 0..3, ``p`` in 0..1): the two 2-bit fields swap. Word ``c`` of a run (8
-    columns) then holds exactly the 8 values that lane ``c`` of a quad owns in the register
-    operand of a 16-bit ``wgmma``/``mma`` (columns ``2c, 2c+1, 2c+8, 2c+9, ...`` of the
-    run), so a tile dequantized word by word is already in the operand layout.
-    """
-    return (k // 32) * 32 + ((k // 2) % 4) * 8 + ((k // 8) % 4) * 2 + k % 2
-
-
-@triton.jit
 def _weight_tile_frag(qw_base, s_base, z_base, rows, n_mask, k_start, K, stride_qn, stride_qk,
                       stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
                       GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr,
@@ -374,15 +361,8 @@ def _prefill_kernel(
     ``act(gate) * up``; ``N`` is then the intermediate size. Grid: ``cdiv(EM, BLOCK_SIZE_M) *
     cdiv(N, BLOCK_SIZE_N)`` with ``EM = len(sorted_token_ids)``.
     """
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(EM, BLOCK_SIZE_M)
-    num_pid_n = tl.cdiv(N, BLOCK_SIZE_N)
-    num_pid_in_group = GROUP_SIZE_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_SIZE_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_SIZE_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(EM, BLOCK_SIZE_M),
+                                tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
 
     num_post_padded = tl.load(num_post_padded_ptr)
     if pid_m * BLOCK_SIZE_M >= num_post_padded:

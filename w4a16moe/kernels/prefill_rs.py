@@ -43,7 +43,7 @@ import functools
 
 import torch
 
-from .common import activation
+from .common import activation, fragment_order, grouped_tile
 
 try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everything
     from triton.experimental import gluon
@@ -65,20 +65,10 @@ LOADER_REGS = 64
 
 if HAVE_GLUON:
 
-    # the Triton kernel's epilogue activation, compiled as a Gluon function
+    # the Triton kernel's helpers, compiled as Gluon functions
     _act = gluon.jit(activation.fn)
-
-    @gluon.jit
-    def _rs_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M: gl.constexpr):
-        """(pid_m, pid_n) of output tile ``tile``: GROUP_SIZE_M token blocks side by side per
-        column band, so programs running at the same time share weight tiles in L2."""
-        num_pid_in_group = GROUP_SIZE_M * num_pid_n
-        group_id = tile // num_pid_in_group
-        first_pid_m = group_id * GROUP_SIZE_M
-        group_size_m = gl.minimum(num_pid_m - first_pid_m, GROUP_SIZE_M)
-        pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
-        pid_n = (tile % num_pid_in_group) // group_size_m
-        return pid_m, pid_n
+    _fragment_order = gluon.jit(fragment_order.fn)
+    _tile = gluon.jit(grouped_tile.fn)
 
     @gluon.jit
     def _rs_tile_rows(n0, up_offset, BLOCK_N: gl.constexpr, ACTIVATION: gl.constexpr,
@@ -114,7 +104,7 @@ if HAVE_GLUON:
         num_steps = K // BLOCK_K
         ring = 0  # K steps this program has put through the ring so far
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _rs_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
+            pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
             row0 = pid_m * BLOCK_T
             expert = gl.load(expert_ids_ptr + pid_m, mask=row0 < num_post_padded, other=-1)
             if expert != -1:
@@ -276,7 +266,7 @@ if HAVE_GLUON:
         num_steps = K // BLOCK_K
         ring = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _rs_tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
+            pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
             row0 = pid_m * BLOCK_T
             if row0 < num_post_padded:
                 expert = gl.load(expert_ids_ptr + pid_m)
@@ -286,8 +276,7 @@ if HAVE_GLUON:
                 col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
                 if OUT_FRAG:
                     # the output's columns in fragment order (the next GEMM reads them as is)
-                    col = ((col // 32) * 32 + ((col // 2) % 4) * 8 + ((col // 8) % 4) * 2
-                           + col % 2)
+                    col = _fragment_order(col)
                 c_ptrs = c_ptr + slots_o[None, :] * stride_cm + col[:, None]
                 c_mask = (slots_o < num_valid_slots)[None, :]
                 if expert == -1:

@@ -12,7 +12,7 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
     }
 
 Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
-(boolean: weight tiles in fragment order, see ``prefill.fragment_order``), ``"RS"``
+(boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper) and ``"DENSE"``
 (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the

@@ -252,7 +252,12 @@ if HAVE_GLUON:
         pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
         row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
             3, pairs_layout)))
-        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, num_warps], [0, 1])
+        # stores: 8 rows x 1 slot per thread, warps across the slots (fewer for narrow tiles,
+        # so no two threads store the same element)
+        OUT_WARPS_T: gl.constexpr = min(num_warps, BLOCK_T // 4)
+        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4],
+                                                    [num_warps // OUT_WARPS_T, OUT_WARPS_T],
+                                                    [0, 1])
         if IS_FP16:
             bias = 1024
             vdtype: gl.constexpr = gl.float16
@@ -389,9 +394,24 @@ if HAVE_GLUON:
 # launcher
 # --------------------------------------------------------------------------------------------
 #: the tiles this kernel is built for (rows: weight rows per tile, gate + up with activation)
-RS_BLOCK_T = (64, 128)
-RS_BLOCK_K = (32, 64)
+RS_BLOCK_T = (16, 32, 64, 128)
+RS_BLOCK_K = (32, 64, 128)
 RS_ROWS = (128, 256)
+
+
+def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
+    """Why the tiles of an ``RS`` config are not ones the Gluon kernel is built for (whatever
+    the GPU and tensors), or None. ``activation``: GEMM1 with the fused activation (twice
+    ``BLOCK_SIZE_N`` weight rows)."""
+    bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    rows = 2 * bn if activation else bn
+    if bt not in RS_BLOCK_T or bk not in RS_BLOCK_K or rows not in RS_ROWS:
+        return (f"tiles {bt}x{bn}x{bk}: expected BLOCK_SIZE_M in {RS_BLOCK_T}, BLOCK_SIZE_K in "
+                f"{RS_BLOCK_K} and {rows} weight rows in {RS_ROWS}")
+    if bk == 128 and (bt > 64 or rows * bt > 8192):
+        return (f"tiles {bt}x{bn}x{bk}: BLOCK_SIZE_K=128 needs BLOCK_SIZE_M <= 64 and "
+                f"{rows} weight rows x BLOCK_SIZE_M <= 8192 (registers)")
+    return None
 
 
 def rs_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int, config: dict,
@@ -400,15 +420,14 @@ def rs_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int,
                    qweight: torch.Tensor) -> str | None:
     """Why an ``RS`` config cannot run this call on the Gluon kernel (the caller then runs the
     Triton kernel with the same tiles on one warpgroup), or None when it can."""
-    bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
-    rows = 2 * bn if activation else bn
+    bn, bk = config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     if not HAVE_GLUON:
         return "triton.experimental.gluon is not available"
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
         return f"{device} is not a compute capability 9.x GPU"
-    if bt not in RS_BLOCK_T or bk not in RS_BLOCK_K or rows not in RS_ROWS:
-        return (f"tiles {bt}x{bn}x{bk}: expected BLOCK_SIZE_M in {RS_BLOCK_T}, BLOCK_SIZE_K in "
-                f"{RS_BLOCK_K} and {rows} weight rows in {RS_ROWS}")
+    reason = rs_tiles_unsupported(config, activation)
+    if reason is not None:
+        return reason
     if k % (2 * bk) or group_size % bk:
         return f"K={k} must be a multiple of 2*BLOCK_SIZE_K and G={group_size} of BLOCK_SIZE_K"
     if n_out % bn:

@@ -123,3 +123,24 @@ def test_cli_has_thresholds_option():
     assert tune._parse_tokens(args.candidates, "--candidates") == (1, 8)
     with pytest.raises(ValueError, match=r"--candidates is 'a'; expected comma-separated"):
         tune._parse_tokens("a", "--candidates")
+
+
+def test_rs_candidates_only_with_tiles_the_gluon_kernel_has():
+    """Every RS candidate of every space is one the Gluon kernel runs as such (an RS entry
+    whose tiles it lacks would be timed on the Triton fallback under the RS name); the
+    rsmidm space offers 16- and 32-token RS tiles for both GEMMs."""
+    from w4a16moe.kernels.prefill_rs import rs_tiles_unsupported
+
+    for space in tune.SPACES:
+        for bm in (16, 32, 64, 128):
+            for fused in (True, False):
+                for cfg in tune.candidate_configs(bm, 4.0, space, fused):
+                    if cfg.get("RS"):
+                        assert rs_tiles_unsupported(cfg, fused) is None, (space, cfg)
+    for bm in (16, 32):
+        for fused in (True, False):
+            rs = [c for c in tune.candidate_configs(bm, 4.0, "rsmidm", fused) if c.get("RS")]
+            assert len(rs) >= 2, (bm, fused)
+    # 512 weight rows (GEMM1 with BLOCK_SIZE_N=256) are not a Gluon tile: skipped there
+    g1 = tune.candidate_configs(16, 4.0, "rsmidm", True)
+    assert not any(c.get("RS") and c["BLOCK_SIZE_N"] == 256 for c in g1)

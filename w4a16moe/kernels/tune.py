@@ -47,7 +47,8 @@ DEFAULT_TOKENS = (64, 256, 1024, 4096)
 #: sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
 #: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
 #: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
-#: before, session 7 of the notes) for large experts at M >= 1024
+#: before, session 7 of the notes) for large experts at M >= 1024, "rsmidm" (the "midm"
+#: space plus the Gluon kernel with 16/32-token tiles, session 8) for M = 16-256
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -61,6 +62,10 @@ SPACES: dict[str, list[tuple]] = {
            (True, 64, 64, 8, 6, False, True), (True, 64, 64, 4, 4, True),
            (True, 128, 64, 8, 4), (False, 128, 64, 8, 3)],
 }
+SPACES["rsmidm"] = SPACES["midm"] + [
+    (True, 128, 128, 8, 4, False, True), (True, 128, 64, 8, 6, False, True),
+    (True, 256, 128, 8, 4, False, True), (True, 256, 64, 8, 6, False, True),
+    (True, 64, 128, 8, 6, False, True)]
 #: skip candidates whose fp32 accumulators alone would need more registers per thread
 MAX_ACC_REGS = 128
 
@@ -75,7 +80,10 @@ def block_m_candidates(rows_per_expert: float, count: int = 2) -> tuple[int, ...
 def candidate_configs(block_m: int, rows_per_expert: float, space: str = "default",
                       fused_activation: bool = False) -> list[dict]:
     """Configs of ``space`` at ``block_m`` whose accumulators fit :data:`MAX_ACC_REGS`
-    (GEMM1 with the fused activation holds two)."""
+    (GEMM1 with the fused activation holds two); ``RS`` candidates only with tiles the Gluon
+    kernel is built for (else they would time its Triton fallback under the RS name)."""
+    from .prefill_rs import rs_tiles_unsupported
+
     if space not in SPACES:
         raise ValueError(f"space is {space!r}; expected one of {sorted(SPACES)}")
     out = []
@@ -89,6 +97,8 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
         if flags and flags[0]:
             cfg["FRAG_K"] = True
         if len(flags) > 1 and flags[1]:
+            if rs_tiles_unsupported(cfg, fused_activation) is not None:
+                continue
             cfg["RS"] = True
         out.append(cfg)
     return out
@@ -206,6 +216,7 @@ def tune_prefill(
 
     table: dict = {}
     meta_times: dict = {}
+    old_space = None
     if out is not None and Path(out).exists():
         try:
             with open(out, encoding="utf-8") as f:
@@ -213,6 +224,7 @@ def tune_prefill(
             parse_table(old)
             table = {k: v for k, v in old.items() if not k.startswith("_")}
             meta_times = dict(old.get("_meta", {}).get("times_us", {}))
+            old_space = old.get("_meta", {}).get("space")
         except (OSError, ValueError):
             table = {}
 
@@ -275,9 +287,13 @@ def tune_prefill(
             table.setdefault(f"{n},{k}", {})[str(m)] = cfg
             meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
 
+    # where the entries came from: a merge keeps the earlier runs' account
+    provenance = f"{space} ({', '.join(shapes)}; M {', '.join(str(m) for m in tokens)})"
+    if old_space:
+        provenance = f"{old_space}; then {provenance}"
     result = {"_meta": {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
                         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
-                        "space": space, "times_us": meta_times,
+                        "space": provenance, "times_us": meta_times,
                         "note": "times_us: median kernel time under CUDA graphs, random "
                                 "routing; GEMM1 includes the fused SiLU*up epilogue"}}
     result.update(dict(sorted(table.items())))

@@ -61,6 +61,28 @@ CANDIDATES = {
 }
 
 
+def reference(x, w13d, w2d, w, ids):
+    """float32 reference of the layer on the dequantized weights: GEMM1's output (silu(gate)
+    * up, float32), the same rounded to ``x``'s dtype (GEMM2's input), GEMM2's output per
+    slot (router weight applied) and the layer output ``[M, H]``."""
+    m, k = ids.shape
+    i, h = w2d.shape[2], w2d.shape[1]
+    e_of = ids.flatten().long()
+    xs = x.float().repeat_interleave(k, dim=0)
+    inter_ref = torch.empty(m * k, i, device=x.device)
+    out2_ref = torch.empty(m * k, h, device=x.device)
+    for ex_id in e_of.unique().tolist():
+        sel = (e_of == ex_id).nonzero().flatten()
+        gu = xs[sel] @ w13d[ex_id].float().t()
+        inter_ref[sel] = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
+    inter_b = inter_ref.to(x.dtype)
+    for ex_id in e_of.unique().tolist():
+        sel = (e_of == ex_id).nonzero().flatten()
+        out2_ref[sel] = ((inter_b[sel].float() @ w2d[ex_id].float().t())
+                         * w.flatten()[sel, None].float())
+    return inter_ref, inter_b, out2_ref, out2_ref.view(m, k, h).sum(1)
+
+
 def best_of_two(fn_a, fn_b, rep):
     ta = [time_cuda_graph(fn_a, rep)]
     tb = [time_cuda_graph(fn_b, rep)]
@@ -108,21 +130,7 @@ def main() -> int:
         slots = m * k
         x = torch.randn(m, h, device=DEV, dtype=dtype)
         w, ids = random_routing(m, s, DEV, seed=m)
-        # float32 reference of the same dequantized weights
-        e_of = ids.flatten().long()
-        xs = x.float().repeat_interleave(k, dim=0)
-        inter_ref = torch.empty(slots, i, device=DEV)
-        out2_ref = torch.empty(slots, h, device=DEV)
-        for ex_id in e_of.unique().tolist():
-            sel = (e_of == ex_id).nonzero().flatten()
-            gu = xs[sel] @ w13d[ex_id].float().t()
-            inter_ref[sel] = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
-        inter_b = inter_ref.to(dtype)
-        for ex_id in e_of.unique().tolist():
-            sel = (e_of == ex_id).nonzero().flatten()
-            out2_ref[sel] = ((inter_b[sel].float() @ w2d[ex_id].float().t())
-                             * w.flatten()[sel, None].float())
-        layer_ref = out2_ref.view(m, k, h).sum(1)
+        _inter_ref, inter_b, out2_ref, layer_ref = reference(x, w13d, w2d, w, ids)
 
         # the candidate pair of the bucket nearest m (ties: the smaller), as the table lookup
         per_bucket = CANDIDATES[f"{h},{i}"]

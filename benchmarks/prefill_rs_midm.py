@@ -1,0 +1,206 @@
+"""Device A/B at mid M (a few to ~32 slots per expert): the register-operand Gluon kernel
+(kernels/prefill_rs.py) with 16- and 32-token tiles against the table's Triton configs, per
+GEMM and for the whole prefill layer.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_rs_midm.py --out $OUT
+
+At these M the GEMMs are bound by the weight bytes (each expert's words read once per
+aligned block), so every row also gives the byte floor (touched experts' words + scales at
+``--gbps``) and the achieved rate. Every variant first runs 3 times into a NaN-poisoned output
+and must match the float32 reference of the same dequantized weights (max |diff| / max |ref|)
+and repeat bit for bit; a variant that fails is reported and not timed. The table config is
+timed before and after the candidates and the faster of its two times is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import check, reference  # noqa: E402
+
+from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
+from w4a16moe.kernels.prefill import (  # noqa: E402
+    PrefillWorkspace,
+    fragment_order_columns,
+    fused_moe_prefill,
+    prefill_gemm,
+)
+from w4a16moe.kernels.prefill_rs import rs_unsupported  # noqa: E402
+from w4a16moe.kernels.tune import (  # noqa: E402
+    MODEL_SHAPES,
+    random_packed_experts,
+    random_routing,
+    time_cuda_graph,
+)
+from w4a16moe.routing import align_block_size  # noqa: E402
+
+DEV = torch.device("cuda")
+#: RS candidates (BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages); GEMM1's BLOCK_SIZE_N counts output
+#: columns (twice as many gate + up weight rows)
+GEMM1_RS = [(128, 64, 6), (64, 64, 8), (64, 128, 6), (128, 128, 4)]
+GEMM2_RS = [(256, 64, 6), (128, 64, 8), (128, 128, 6), (256, 128, 4)]
+BLOCK_T = (16, 32)
+
+
+def rs_config(bt: int, bn: int, bk: int, stages: int) -> dict:
+    return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 1,
+            "num_warps": 8, "num_stages": stages, "SWAP_AB": True, "RS": True}
+
+
+def frag(cfg: dict) -> bool:
+    return bool(cfg.get("FRAG_K")) and bool(cfg.get("SWAP_AB"))
+
+
+def byte_floor_us(weights, ids, gbps: float) -> float:
+    """Words + scales of the experts the routing touches, at ``gbps``."""
+    touched = ids.unique().numel()
+    per_expert = (weights.qweight[0].numel() * 4 + weights.scales[0].numel()
+                  * weights.scales.element_size())
+    return touched * per_expert / (gbps * 1e3)
+
+
+def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
+    """GEMM1, GEMM2 and the layer of ``model`` at ``m`` tokens: the table's configs against
+    the RS candidates; prints a summary and returns the record."""
+    dtype = torch.bfloat16
+    s = MODEL_SHAPES[model]
+    h, i, e, k = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k
+    slots = m * k
+    x = torch.randn(m, h, device=DEV, dtype=dtype)
+    w, ids = random_routing(m, s, DEV, seed=m)
+    inter_ref, inter_b, out2_ref, layer_ref = reference(x, w13d, w2d, w, ids)
+    table = (get_prefill_config(m, 2 * i, h, e, k, dtype, DEV),
+             get_prefill_config(m, h, i, e, k, dtype, DEV))
+    rec = {"model": model, "M": m, "table": list(table),
+           "floor_us": [byte_floor_us(ex.w13, ids, args.gbps),
+                        byte_floor_us(ex.w2, ids, args.gbps)]}
+    inter = torch.empty(slots, i, device=DEV, dtype=dtype)
+    out2 = torch.empty(slots, h, device=DEV, dtype=dtype)
+    blocks = {}
+
+    def gemm_fn(which, cfg):
+        bm = cfg["BLOCK_SIZE_M"]
+        if bm not in blocks:
+            blocks[bm] = align_block_size(ids, bm, e)
+        if which == 0:
+            return functools.partial(
+                prefill_gemm, fragment_order_columns(x) if frag(cfg) else x, ex.w13,
+                blocks[bm], ids, w, top_k=k, activation="silu", out=inter, config=cfg,
+                a_fragment_order=frag(cfg)), inter, inter_ref
+        return functools.partial(
+            prefill_gemm, fragment_order_columns(inter_b) if frag(cfg) else inter_b,
+            ex.w2, blocks[bm], ids, w, top_k=k, mul_routed_weight=True, a_is_slots=True,
+            out=out2, config=cfg, a_fragment_order=frag(cfg)), out2, out2_ref
+
+    best = {}  # (gemm, bt) -> (us, config)
+    for which, cands in ((0, GEMM1_RS), (1, GEMM2_RS)):
+        rows = []
+        fn_t, out_t, ref_t = gemm_fn(which, table[which])
+        err, same = check(fn_t, out_t, ref_t)
+        t_table = time_cuda_graph(fn_t, args.rep)
+        for bt in BLOCK_T:
+            for bn, bk, stages in cands:
+                cfg = rs_config(bt, bn, bk, stages)
+                fn, out_c, ref_c = gemm_fn(which, cfg)
+                row = {"config": cfg}
+                a_in, w_in = (x, ex.w13) if which == 0 else (inter_b, ex.w2)
+                reason = rs_unsupported(
+                    device=DEV, k=w_in.k, n_out=out_c.shape[1], group_size=w_in.group_size,
+                    config=cfg, has_perm=False, a_fragment_order=False, atomic_topk_sum=False,
+                    activation=which == 0, a=a_in, out=out_c, qweight=w_in.qweight)
+                if reason is not None:  # it would time the Triton fallback: skip
+                    row["error"] = f"not on the Gluon kernel: {reason}"
+                    rows.append(row)
+                    continue
+                try:
+                    row["err"], row["same"] = check(fn, out_c, ref_c)
+                except Exception as exc:  # a candidate that does not compile is reported
+                    row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    rows.append(row)
+                    continue
+                if row["err"] < 2e-2 and row["same"]:
+                    row["us"] = time_cuda_graph(fn, args.rep)
+                    key = (which, bt)
+                    if key not in best or row["us"] < best[key][0]:
+                        best[key] = (row["us"], cfg)
+                rows.append(row)
+        t_table = min(t_table, time_cuda_graph(fn_t, args.rep))
+        rec[f"gemm{which + 1}"] = {"table_us": t_table, "table_err": err,
+                                   "table_same": same, "rs": rows}
+        fl = rec["floor_us"][which]
+        line = ", ".join(f"{r['config']['BLOCK_SIZE_M']}x{r['config']['BLOCK_SIZE_N']}x"
+                         f"{r['config']['BLOCK_SIZE_K']}s{r['config']['num_stages']} "
+                         + (f"{r['us']:.1f}" if "us" in r else
+                            r.get("error", f"err {r.get('err', 0):.1e} same "
+                                           f"{r.get('same')}"))
+                         for r in rows)
+        print(f"{model} M={m} GEMM{which + 1}: floor {fl:.1f} us; table {t_table:.1f} us "
+              f"({fl / t_table * args.gbps:.0f} GB/s, err {err:.1e}); RS: {line}",
+              flush=True)
+
+    # the layer: the table against the best RS pair of each token tile
+    ws = PrefillWorkspace.allocate(m, ex, k)
+    y = torch.empty(m, h, device=DEV, dtype=dtype)
+    variants = {"table": table}
+    for bt in BLOCK_T:
+        if (0, bt) in best and (1, bt) in best:
+            variants[f"rs{bt}"] = (best[(0, bt)][1], best[(1, bt)][1])
+        if (1, bt) in best and table[0]["BLOCK_SIZE_M"] == bt:
+            variants[f"table+rs{bt}"] = (table[0], best[(1, bt)][1])
+    layer = {}
+    for name, cfgs in variants.items():
+        fn = functools.partial(fused_moe_prefill, x, ex, w, ids, out=y, workspace=ws,
+                               configs=cfgs)
+        err, same = check(fn, y, layer_ref)
+        layer[name] = {"configs": list(cfgs), "err": err, "same": same,
+                       "us": time_cuda_graph(fn, args.rep)}
+    layer["table"]["us"] = min(layer["table"]["us"],
+                               time_cuda_graph(functools.partial(
+                                   fused_moe_prefill, x, ex, w, ids, out=y, workspace=ws,
+                                   configs=table), args.rep))
+    rec["layer"] = layer
+    print(f"{model} M={m} layer (floor {sum(rec['floor_us']):.1f} us): "
+          + ", ".join(f"{n} {v['us']:.1f} us (err {v['err']:.1e}, same {v['same']})"
+                      for n, v in layer.items()), flush=True)
+    return rec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="mixtral-8x7b:16,mixtral-8x7b:64,mixtral-8x7b:128,"
+                    "qwen3-30b-a3b:32,qwen3-30b-a3b:64,qwen3-30b-a3b:256")
+    ap.add_argument("--rep", type=float, default=20.0)
+    ap.add_argument("--gbps", type=float, default=3078.0,
+                    help="read bandwidth for the byte floor (RESULTS.md's measured value)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    records = []
+    cache: dict = {}
+    for case in args.cases.split(","):
+        model, m = case.split(":")
+        if model not in cache:
+            cache.clear()
+            torch.cuda.empty_cache()
+            ex = random_packed_experts(MODEL_SHAPES[model], dtype, DEV, seed=11)
+            cache[model] = (ex, *ex.dequantize(torch.bfloat16))
+        records.append(run_case(model, int(m), *cache[model], args))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "prefill_rs_midm.json")
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "gbps": args.gbps, "records": records}, f, indent=1)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

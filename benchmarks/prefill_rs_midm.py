@@ -50,6 +50,20 @@ GEMM2_RS = [(256, 64, 6), (128, 64, 8), (128, 128, 6), (256, 128, 4)]
 BLOCK_T = (16, 32)
 
 
+def parse_candidates(text: str) -> list[tuple[int, int, int]]:
+    """``"128x128s4,64x64s8"`` -> [(BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages), ...]"""
+    out = []
+    for item in text.split(","):
+        try:
+            tiles, stages = item.split("s")
+            bn, bk = tiles.split("x")
+            out.append((int(bn), int(bk), int(stages)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"candidate {item!r}: expected BNxBKsSTAGES, e.g. 128x128s4") from None
+    return out
+
+
 def rs_config(bt: int, bn: int, bk: int, stages: int) -> dict:
     return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 1,
             "num_warps": 8, "num_stages": stages, "SWAP_AB": True, "RS": True}
@@ -101,12 +115,12 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
             out=out2, config=cfg, a_fragment_order=frag(cfg)), out2, out2_ref
 
     best = {}  # (gemm, bt) -> (us, config)
-    for which, cands in ((0, GEMM1_RS), (1, GEMM2_RS)):
+    for which, cands in ((0, args.gemm1_rs), (1, args.gemm2_rs)):
         rows = []
         fn_t, out_t, ref_t = gemm_fn(which, table[which])
         err, same = check(fn_t, out_t, ref_t)
         t_table = time_cuda_graph(fn_t, args.rep)
-        for bt in BLOCK_T:
+        for bt in args.block_t:
             for bn, bk, stages in cands:
                 cfg = rs_config(bt, bn, bk, stages)
                 fn, out_c, ref_c = gemm_fn(which, cfg)
@@ -146,11 +160,13 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
               f"({fl / t_table * args.gbps:.0f} GB/s, err {err:.1e}); RS: {line}",
               flush=True)
 
+    if args.no_layer:
+        return rec
     # the layer: the table against the best RS pair of each token tile
     ws = PrefillWorkspace.allocate(m, ex, k)
     y = torch.empty(m, h, device=DEV, dtype=dtype)
     variants = {"table": table}
-    for bt in BLOCK_T:
+    for bt in args.block_t:
         if (0, bt) in best and (1, bt) in best:
             variants[f"rs{bt}"] = (best[(0, bt)][1], best[(1, bt)][1])
         if (1, bt) in best and table[0]["BLOCK_SIZE_M"] == bt:
@@ -177,6 +193,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="mixtral-8x7b:16,mixtral-8x7b:64,mixtral-8x7b:128,"
                     "qwen3-30b-a3b:32,qwen3-30b-a3b:64,qwen3-30b-a3b:256")
+    ap.add_argument("--gemm1-rs", type=parse_candidates, default=GEMM1_RS,
+                    help="GEMM1 RS candidates, e.g. 128x128s4,64x64s8 (BLOCK_SIZE_N counts "
+                         "output columns)")
+    ap.add_argument("--gemm2-rs", type=parse_candidates, default=GEMM2_RS)
+    ap.add_argument("--block-t", type=lambda t: tuple(int(v) for v in t.split(",")),
+                    default=BLOCK_T, help="token tiles (BLOCK_SIZE_M) to try, e.g. 16,32")
+    ap.add_argument("--no-layer", action="store_true", help="time the GEMMs only")
     ap.add_argument("--rep", type=float, default=20.0)
     ap.add_argument("--gbps", type=float, default=3078.0,
                     help="read bandwidth for the byte floor (RESULTS.md's measured value)")

@@ -1,0 +1,62 @@
+"""Run one prefill GEMM of a built-in model shape a few times, for a profiler to catch.
+
+    ncu -k regex:prefill --launch-skip 2 --launch-count 1 --section SpeedOfLight \\
+        --section MemoryWorkloadAnalysis python3 benchmarks/ncu_prefill_gemm.py \\
+        --model mixtral-8x7b --tokens 16 --gemm 1 --config '{"RS": true, ...}'
+
+Without ``--config`` the table's config for the shape and M is used. The first runs compile;
+``--runs`` launches follow (the default 3 lets ``--launch-skip 2`` skip warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from w4a16moe.kernels.configs import get_prefill_config
+from w4a16moe.kernels.prefill import _fragment_tiles, fragment_order_columns, prefill_gemm
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_packed_experts, random_routing
+from w4a16moe.routing import align_block_size
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODEL_SHAPES), required=True)
+    ap.add_argument("--tokens", type=int, required=True)
+    ap.add_argument("--gemm", type=int, choices=(1, 2), required=True,
+                    help="1: gate/up with the fused SiLU*up, 2: down with the router weight")
+    ap.add_argument("--config", type=json.loads, default=None,
+                    help="kernel config as JSON (default: the shipped table's)")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    s = MODEL_SHAPES[args.model]
+    h, i, e, k, m = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, args.tokens
+    n, kk = (2 * i, h) if args.gemm == 1 else (h, i)
+    cfg = args.config or get_prefill_config(m, n, kk, e, k, dtype, dev)
+    ex = random_packed_experts(s, dtype, dev, seed=11)
+    w, ids = random_routing(m, s, dev, seed=m)
+    blocks = align_block_size(ids, cfg["BLOCK_SIZE_M"], e)
+    frag = _fragment_tiles(cfg)
+    if args.gemm == 1:
+        a = torch.randn(m, h, device=dev, dtype=dtype)
+        kw = dict(activation="silu")
+        weights = ex.w13
+    else:
+        a = torch.randn(m * k, i, device=dev, dtype=dtype)
+        kw = dict(mul_routed_weight=True, a_is_slots=True)
+        weights = ex.w2
+    if frag:
+        a = fragment_order_columns(a)
+    for _ in range(args.runs):
+        prefill_gemm(a, weights, blocks, ids, w, top_k=k, config=cfg, a_fragment_order=frag,
+                     **kw)
+    torch.cuda.synchronize()
+    print(f"{args.model} M={m} GEMM{args.gemm} config {json.dumps(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

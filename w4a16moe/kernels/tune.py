@@ -104,6 +104,25 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
     return out
 
 
+def rs_skip_reason(config: dict, gemm_call) -> str | None:
+    """Why an ``RS`` candidate would not run on the Gluon kernel for ``gemm_call`` (a
+    ``functools.partial`` of ``prefill_gemm`` with its tensors bound), so that timing it
+    would time the Triton fallback: the reason, or None (also for configs without RS)."""
+    if not config.get("RS"):
+        return None
+    from .prefill_rs import rs_unsupported
+
+    a, weights = gemm_call.args[0], gemm_call.args[1]
+    kw = gemm_call.keywords
+    activation = kw.get("activation") is not None
+    return rs_unsupported(
+        device=a.device, k=weights.k, n_out=weights.n // 2 if activation else weights.n,
+        group_size=weights.group_size, config=config, has_perm=weights.perm is not None,
+        a_fragment_order=kw.get("a_fragment_order", False),
+        atomic_topk_sum=kw.get("atomic_topk_sum", False), activation=activation, a=a,
+        out=kw["out"], qweight=weights.qweight)
+
+
 def random_packed_weights(num_experts: int, n: int, k: int, group_size: int, dtype, device,
                           generator=None):
     """Random :class:`PackedWeights` made directly on ``device`` (any int32 word is a valid
@@ -260,12 +279,17 @@ def tune_prefill(
                                            a_is_slots=True, out=c2, config=cfg,
                                            a_fragment_order=frag)
                 note = ""
-                try:
-                    fn()
-                    t = time_cuda_graph(fn, rep_ms)
-                except Exception as exc:  # out of resources, compile failure: skip it
+                skip = rs_skip_reason(cfg, fn)
+                if skip is not None:  # it would time the Triton fallback under the RS name
                     t = math.inf
-                    note = f" ({type(exc).__name__})"
+                    note = f" (skipped: {skip})"
+                else:
+                    try:
+                        fn()
+                        t = time_cuda_graph(fn, rep_ms)
+                    except Exception as exc:  # out of resources, compile failure: skip it
+                        t = math.inf
+                        note = f" ({type(exc).__name__})"
                 done += 1
                 if t < best.get(gemm, (math.inf, None))[0]:
                     best[gemm] = (t, cfg)

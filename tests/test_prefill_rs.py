@@ -8,6 +8,7 @@ config rules and the fallback (the same tiles on the Triton kernel) are checked.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -199,3 +200,37 @@ def test_shipped_rs_configs_repeat_bit_for_bit():
                 assert torch.equal(r, runs[0]), f"{cfg}: runs differ"
             err = (runs[0].float() - want.float()).abs().max() / want.float().abs().max()
             assert err.item() < 2e-2, f"{cfg}: {err.item():.2e} from the Triton kernel"
+
+
+@hopper_only
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_rs_scale_loads_for_every_group_size(group_size):
+    """The three ways the kernel loads a loop iteration's scales (one load when both K steps
+    share a group, one 32-bit load of two adjacent groups when G == BLOCK_SIZE_K, two loads
+    otherwise: here a sliced, odd-strided scale tensor), asymmetric, against the Triton
+    kernel's same tiles."""
+    e, h, i, top_k, m = 8, 512, 256, 2, 37
+    experts = random_experts(e, h, i, group_size=group_size, symmetric=False,
+                             dtype=torch.bfloat16, device=DEVICE, seed=5)
+    x = torch.randn(m, h, dtype=torch.bfloat16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    bk = min(group_size, 64)
+    cfg = rs_config(16, 128, bk, 4)
+    blocks = align_block_size(ids, 16, e)
+    like = torch.empty(m * top_k, i, dtype=torch.bfloat16, device=DEVICE)
+    w13 = experts.w13
+    variants = [w13]
+    if group_size == bk:   # the same scales in a wider buffer: rows no longer 4-byte paired
+        wide = torch.zeros(e, w13.n, w13.scales.shape[2] + 1, dtype=w13.scales.dtype,
+                           device=DEVICE)
+        wide[:, :, :-1] = w13.scales
+        variants.append(dataclasses.replace(w13, scales=wide[:, :, :-1]))
+    for weights in variants:
+        common = dict(a=x, weights=weights, activation="silu", blocks=blocks, topk_ids=ids,
+                      topk_weights=w, top_k=top_k)
+        runs = repeat_runs(2, like, config=cfg, **common)
+        want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
+        assert torch.equal(runs[0], runs[1])
+        err = ((runs[0].float() - want.float()).abs().max()
+               / want.float().abs().max()).item()
+        assert err < 2e-2, f"G={group_size} strides {weights.scales.stride()}: {err:.2e}"

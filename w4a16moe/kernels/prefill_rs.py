@@ -189,25 +189,54 @@ if HAVE_GLUON:
         return bits | (bits << 16)
 
     @gluon.jit
-    def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, s_base, z_base, s_offs, z_offs,
-                         stride_sg, stride_zg, bias, vdtype: gl.constexpr,
+    def _rs_pair_scales(i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
+                        stride_zg, vdtype: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                        SCALE_PAIRS: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                        BLOCK_K: gl.constexpr):
+        """Scales (and raw uint8 zeros; the scales again when there are none, never read) of
+        steps ``i`` and ``i + 1`` (``i`` even) for the tile's rows, with as few loads as the
+        group size allows: one load when both steps are in one group (G >= 2 BLOCK_K); with
+        ``SCALE_PAIRS`` (G == BLOCK_K, scales 4-byte aligned per pair) one 32-bit load of the
+        two adjacent groups; else one load per step."""
+        g0 = (i * BLOCK_K) // GROUP_SIZE
+        if GROUP_SIZE >= 2 * BLOCK_K:
+            sc0 = gl.load(s_base + (s_offs + g0 * stride_sg))
+            sc1 = sc0
+        elif SCALE_PAIRS:
+            v = gl.load(s32_base + (s32_offs + g0 // 2))  # groups g0 (low half), g0 + 1
+            sc0 = (v & 0xFFFF).to(gl.int16).to(vdtype, bitcast=True)
+            sc1 = (v >> 16).to(gl.int16).to(vdtype, bitcast=True)
+        else:
+            sc0 = gl.load(s_base + (s_offs + g0 * stride_sg))
+            sc1 = gl.load(s_base + (s_offs + (g0 + 1) * stride_sg))
+        if HAS_ZEROS:
+            zr0 = gl.load(z_base + (z_offs + g0 * stride_zg))
+            if GROUP_SIZE >= 2 * BLOCK_K:
+                zr1 = zr0
+            else:
+                zr1 = gl.load(z_base + (z_offs + (g0 + 1) * stride_zg))
+        else:
+            zr0 = sc0
+            zr1 = sc1
+        return sc0, zr0, sc1, zr1
+
+    @gluon.jit
+    def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc, zr, bias, vdtype: gl.constexpr,
                          HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr,
-                         GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                         BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                          pairs_layout: gl.constexpr, row_layout: gl.constexpr,
                          a_layout: gl.constexpr):
         """Step ``i``'s weight tile in the wgmma A-operand registers, once its words and
-        activations have landed; fences the activation tile for wgmma.
+        activations have landed; fences the activation tile for wgmma. ``sc``/``zr``: the
+        step's scales and raw zeros per row (:func:`_rs_pair_scales`).
 
         In the operand a thread (lane ``c`` of its quad) holds, per row and 32-column run,
         columns ``2c, 2c+1`` of each of the run's four 8-column words, i.e. value pair ``c``
         of each word: the quad's four lanes read the same four words (one 16-byte load) and
         each dequantizes its own pair, so the activations stay in natural K order."""
         T: gl.constexpr = BLOCK_K // 32
-        g = (i * BLOCK_K) // GROUP_SIZE
-        sc = gl.load(s_base + (s_offs + g * stride_sg))
         if HAS_ZEROS:
-            zb = (gl.load(z_base + (z_offs + g * stride_zg)).to(gl.int32) + bias).to(vdtype)
+            zb = (zr.to(gl.int32) + bias).to(vdtype)
         else:
             zb = gl.full([BLOCK_N], bias + 8, vdtype, layout=row_layout)
         if IS_FP16:
@@ -238,6 +267,7 @@ if HAVE_GLUON:
                      N, K, EM, num_valid_slots, up_offset, stride_cm, stride_se, stride_sn,
                      stride_sg, stride_ze, stride_zn, stride_zg,
                      GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                     SCALE_PAIRS: gl.constexpr,
                      ACTIVATION: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
                      OUT_FRAG: gl.constexpr,
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
@@ -294,27 +324,31 @@ if HAVE_GLUON:
                     z_base = z_ptr + e64 * stride_ze
                     s_offs = w_rows * stride_sn
                     z_offs = w_rows * stride_zn
+                    # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
+                    s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
+                        stride_se // 2)
+                    s32_offs = w_rows * (stride_sn // 2)
                     acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
                     a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
                     # two steps per iteration, each with its own A registers: a wgmma reads
                     # its register operand while it runs, so step i + 1 must not dequantize
                     # into the registers step i's wgmma may still be reading
                     for i in range(0, num_steps, 2):
-                        a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, s_base, z_base,
-                                              s_offs, z_offs, stride_sg, stride_zg, bias,
-                                              vdtype, HAS_ZEROS, IS_FP16, GROUP_SIZE, BLOCK_N,
-                                              BLOCK_K, STAGES, pairs_layout, row_layout,
-                                              a_layout)
+                        sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                            i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
+                            stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
+                        a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
+                                              vdtype, HAS_ZEROS, IS_FP16, BLOCK_N, BLOCK_K,
+                                              STAGES, pairs_layout, row_layout, a_layout)
                         acc = warpgroup_mma(a0, x_bufs.index((ring + i) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
                         mbarrier.arrive(empty_bars.index((ring + i + STAGES - 1) % STAGES),
                                         count=1, pred=i > 0)
-                        a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, s_base,
-                                              z_base, s_offs, z_offs, stride_sg, stride_zg,
-                                              bias, vdtype, HAS_ZEROS, IS_FP16, GROUP_SIZE,
-                                              BLOCK_N, BLOCK_K, STAGES, pairs_layout,
-                                              row_layout, a_layout)
+                        a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1,
+                                              bias, vdtype, HAS_ZEROS, IS_FP16, BLOCK_N,
+                                              BLOCK_K, STAGES, pairs_layout, row_layout,
+                                              a_layout)
                         acc = warpgroup_mma(a1, x_bufs.index((ring + i + 1) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
@@ -350,7 +384,8 @@ if HAVE_GLUON:
         stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
         stride_ze, stride_zn, stride_zg, stride_cm,
         GROUP_SIZE: gl.constexpr, A_IS_SLOTS: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
-        HAS_ZEROS: gl.constexpr, ACTIVATION: gl.constexpr, OUT_FRAG: gl.constexpr,
+        HAS_ZEROS: gl.constexpr, SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
+        OUT_FRAG: gl.constexpr,
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
         LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -378,7 +413,8 @@ if HAVE_GLUON:
                             topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
                             num_post_padded_ptr, N, K, EM, num_valid_slots, up_offset,
                             stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                            stride_zg, GROUP_SIZE, HAS_ZEROS, ACTIVATION, MUL_ROUTED_WEIGHT,
+                            stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
+                            MUL_ROUTED_WEIGHT,
                             OUT_FRAG, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M,
                             STAGES, num_warps)),
             (_rs_loader, (a_ptr, qw_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
@@ -471,6 +507,9 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         scales.stride(0), scales.stride(1), scales.stride(2),
         z.stride(0), z.stride(1), z.stride(2), out.stride(0),
         GROUP_SIZE=group_size, A_IS_SLOTS=a_is_slots,
+        # two adjacent groups' scales as one 32-bit load (G == BLOCK_K, pairs 4-byte aligned)
+        SCALE_PAIRS=(group_size == bk and scales.stride(2) == 1 and scales.stride(1) % 2 == 0
+                     and scales.stride(0) % 2 == 0 and scales.data_ptr() % 4 == 0),
         MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_ZEROS=zeros is not None,
         ACTIVATION=activation_code, OUT_FRAG=out_fragment_order,
         IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn, BLOCK_K=bk,

@@ -27,6 +27,7 @@ from prefill_tune import baseline_fn  # noqa: E402
 from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
 from w4a16moe.kernels.prefill import (  # noqa: E402
     PrefillWorkspace,
+    _fragment_tiles,
     fragment_order_columns,
     fused_moe_prefill,
     prefill_gemm,
@@ -59,6 +60,17 @@ CANDIDATES = {
                 "num_warps": 8, "num_stages": 3, "SWAP_AB": False}, RS256),
     },
 }
+
+
+def experts_of(model: str, cache: dict, dtype=torch.bfloat16):
+    """(random packed experts of ``model``, their dequantized w13 and w2) on the GPU, kept in
+    ``cache`` for the next case of the same model (one model held at a time)."""
+    if model not in cache:
+        cache.clear()
+        torch.cuda.empty_cache()
+        ex = random_packed_experts(MODEL_SHAPES[model], dtype, DEV, seed=11)
+        cache[model] = (ex, *ex.dequantize(dtype))
+    return cache[model]
 
 
 def reference(x, w13d, w2d, w, ids):
@@ -120,12 +132,7 @@ def main() -> int:
         model, m = case.split(":")
         m = int(m)
         s = MODEL_SHAPES[model]
-        if model not in cache:
-            cache.clear()
-            torch.cuda.empty_cache()
-            ex = random_packed_experts(s, dtype, DEV, seed=11)
-            cache[model] = (ex, *ex.dequantize(torch.bfloat16))
-        ex, w13d, w2d = cache[model]
+        ex, w13d, w2d = experts_of(model, cache, dtype)
         h, i, e, k = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k
         slots = m * k
         x = torch.randn(m, h, device=DEV, dtype=dtype)
@@ -145,7 +152,7 @@ def main() -> int:
         fns = {}
         for name, c in (("old", old2), ("new", new2)):
             c = {**c, "BLOCK_SIZE_M": bm}
-            frag = bool(c.get("FRAG_K")) and bool(c.get("SWAP_AB"))
+            frag = _fragment_tiles(c)
             fns[name] = functools.partial(
                 prefill_gemm, fragment_order_columns(inter_b) if frag else inter_b, ex.w2,
                 blocks, ids, w, top_k=k, mul_routed_weight=True, a_is_slots=True, out=out2,

@@ -4,12 +4,14 @@ GEMM and for the whole prefill layer.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_rs_midm.py --out $OUT
 
-At these M the GEMMs are bound by the weight bytes (each expert's words read once per
-aligned block), so every row also gives the byte floor (touched experts' words + scales at
-``--gbps``) and the achieved rate. Every variant first runs 3 times into a NaN-poisoned output
-and must match the float32 reference of the same dequantized weights (max |diff| / max |ref|)
-and repeat bit for bit; a variant that fails is reported and not timed. The table config is
-timed before and after the candidates and the faster of its two times is kept.
+At these M the GEMMs are bound by the weight bytes (each expert's words read once per aligned
+block), so every row also gives the byte floor (``bench.floors.gemm_bytes``: the touched
+experts' words + scales and the GEMM's input and output, at ``--gbps``; the records in
+results/h100_prefill_rs_midm*.json counted the words + scales only) and the achieved rate.
+Every variant first runs 3 times into a NaN-poisoned output and must match the float32
+reference of the same dequantized weights (max |diff| / max |ref|) and repeat bit for bit; a
+variant that fails is reported and not timed. The table config is timed before and after the
+candidates and the faster of its two times is kept.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import check, reference  # noqa: E402
+from prefill_rs_ab import check, experts_of, reference  # noqa: E402
 
+from w4a16moe.bench.floors import distinct_experts, gemm_bytes  # noqa: E402
 from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
 from w4a16moe.kernels.prefill import (  # noqa: E402
     PrefillWorkspace,
+    _fragment_tiles,
     fragment_order_columns,
     fused_moe_prefill,
     prefill_gemm,
@@ -36,7 +40,6 @@ from w4a16moe.kernels.prefill import (  # noqa: E402
 from w4a16moe.kernels.prefill_rs import rs_unsupported  # noqa: E402
 from w4a16moe.kernels.tune import (  # noqa: E402
     MODEL_SHAPES,
-    random_packed_experts,
     random_routing,
     time_cuda_graph,
 )
@@ -69,18 +72,6 @@ def rs_config(bt: int, bn: int, bk: int, stages: int) -> dict:
             "num_warps": 8, "num_stages": stages, "SWAP_AB": True, "RS": True}
 
 
-def frag(cfg: dict) -> bool:
-    return bool(cfg.get("FRAG_K")) and bool(cfg.get("SWAP_AB"))
-
-
-def byte_floor_us(weights, ids, gbps: float) -> float:
-    """Words + scales of the experts the routing touches, at ``gbps``."""
-    touched = ids.unique().numel()
-    per_expert = (weights.qweight[0].numel() * 4 + weights.scales[0].numel()
-                  * weights.scales.element_size())
-    return touched * per_expert / (gbps * 1e3)
-
-
 def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
     """GEMM1, GEMM2 and the layer of ``model`` at ``m`` tokens: the table's configs against
     the RS candidates; prints a summary and returns the record."""
@@ -93,9 +84,11 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
     inter_ref, inter_b, out2_ref, layer_ref = reference(x, w13d, w2d, w, ids)
     table = (get_prefill_config(m, 2 * i, h, e, k, dtype, DEV),
              get_prefill_config(m, h, i, e, k, dtype, DEV))
+    # byte floors: the touched experts' weights + scales, the GEMM's input and output
+    u, g = distinct_experts(ids), ex.w13.group_size
     rec = {"model": model, "M": m, "table": list(table),
-           "floor_us": [byte_floor_us(ex.w13, ids, args.gbps),
-                        byte_floor_us(ex.w2, ids, args.gbps)]}
+           "floor_us": [gemm_bytes(u, 2 * i, h, g, m, slots, i) / (args.gbps * 1e3),
+                        gemm_bytes(u, h, i, g, slots, slots) / (args.gbps * 1e3)]}
     inter = torch.empty(slots, i, device=DEV, dtype=dtype)
     out2 = torch.empty(slots, h, device=DEV, dtype=dtype)
     blocks = {}
@@ -106,13 +99,13 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
             blocks[bm] = align_block_size(ids, bm, e)
         if which == 0:
             return functools.partial(
-                prefill_gemm, fragment_order_columns(x) if frag(cfg) else x, ex.w13,
+                prefill_gemm, fragment_order_columns(x) if _fragment_tiles(cfg) else x, ex.w13,
                 blocks[bm], ids, w, top_k=k, activation="silu", out=inter, config=cfg,
-                a_fragment_order=frag(cfg)), inter, inter_ref
+                a_fragment_order=_fragment_tiles(cfg)), inter, inter_ref
         return functools.partial(
-            prefill_gemm, fragment_order_columns(inter_b) if frag(cfg) else inter_b,
+            prefill_gemm, fragment_order_columns(inter_b) if _fragment_tiles(cfg) else inter_b,
             ex.w2, blocks[bm], ids, w, top_k=k, mul_routed_weight=True, a_is_slots=True,
-            out=out2, config=cfg, a_fragment_order=frag(cfg)), out2, out2_ref
+            out=out2, config=cfg, a_fragment_order=_fragment_tiles(cfg)), out2, out2_ref
 
     best = {}  # (gemm, bt) -> (us, config)
     for which, cands in ((0, args.gemm1_rs), (1, args.gemm2_rs)):
@@ -205,17 +198,11 @@ def main() -> int:
                     help="read bandwidth for the byte floor (RESULTS.md's measured value)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    dtype = torch.bfloat16
     records = []
     cache: dict = {}
     for case in args.cases.split(","):
         model, m = case.split(":")
-        if model not in cache:
-            cache.clear()
-            torch.cuda.empty_cache()
-            ex = random_packed_experts(MODEL_SHAPES[model], dtype, DEV, seed=11)
-            cache[model] = (ex, *ex.dequantize(torch.bfloat16))
-        records.append(run_case(model, int(m), *cache[model], args))
+        records.append(run_case(model, int(m), *experts_of(model, cache), args))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "prefill_rs_midm.json")
     with open(path, "w") as f:

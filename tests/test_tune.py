@@ -150,23 +150,16 @@ def test_rs_skip_reason_names_why_a_candidate_is_not_timed():
     """The tuner skips an RS candidate the Gluon kernel cannot run for the call (here: not a
     Hopper GPU; on one, e.g. a K that is not a multiple of 2 x BLOCK_SIZE_K), instead of
     timing the Triton fallback under the RS name; other configs are never skipped."""
-    import functools
-
-    from w4a16moe.kernels.prefill import prefill_gemm
     from w4a16moe.kernels.prefill_rs import HAVE_GLUON
     from w4a16moe.quantize import random_experts
-    from w4a16moe.routing import align_block_size, fused_topk
 
     experts = random_experts(4, 256, 128, group_size=128, dtype=torch.float16, seed=0)
     x = torch.randn(3, 256, dtype=torch.float16)
-    w, ids = fused_topk(torch.randn(3, 4), 2)
-    blocks = align_block_size(ids, 16, 4)
     inter = torch.empty(6, 128, dtype=torch.float16)
     cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
            "num_warps": 8, "num_stages": 4, "SWAP_AB": True}
-    call = functools.partial(prefill_gemm, x, experts.w13, blocks, ids, w, top_k=2,
-                             activation="silu", out=inter, config=cfg, a_fragment_order=False)
-    assert tune.rs_skip_reason(cfg, call) is None
-    reason = tune.rs_skip_reason({**cfg, "RS": True}, call)   # tensors on the CPU
+    call = dict(a=x, weights=experts.w13, out=inter, activation=True)
+    assert tune.rs_skip_reason(cfg, **call) is None
+    reason = tune.rs_skip_reason({**cfg, "RS": True}, **call)   # tensors on the CPU
     assert reason is not None
     assert ("compute capability 9.x" if HAVE_GLUON else "gluon") in reason, reason

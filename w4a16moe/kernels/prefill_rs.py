@@ -274,7 +274,7 @@ if HAVE_GLUON:
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, num_warps: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
-        registers (fragment order), wgmma against the staged activation tile, epilogue."""
+        registers, wgmma against the staged activation tile, epilogue."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,

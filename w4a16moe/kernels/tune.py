@@ -104,23 +104,21 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
     return out
 
 
-def rs_skip_reason(config: dict, gemm_call) -> str | None:
-    """Why an ``RS`` candidate would not run on the Gluon kernel for ``gemm_call`` (a
-    ``functools.partial`` of ``prefill_gemm`` with its tensors bound), so that timing it
-    would time the Triton fallback: the reason, or None (also for configs without RS)."""
+def rs_skip_reason(config: dict, a, weights, out, *, activation: bool,
+                   a_fragment_order: bool = False) -> str | None:
+    """Why an ``RS`` candidate would not run on the Gluon kernel for the ``prefill_gemm``
+    call on ``a``, ``weights`` (packed) and ``out`` (GEMM1 with the fused activation or
+    not), so that timing it would time the Triton fallback: the reason, or None (also for
+    configs without RS)."""
     if not config.get("RS"):
         return None
     from .prefill_rs import rs_unsupported
 
-    a, weights = gemm_call.args[0], gemm_call.args[1]
-    kw = gemm_call.keywords
-    activation = kw.get("activation") is not None
     return rs_unsupported(
         device=a.device, k=weights.k, n_out=weights.n // 2 if activation else weights.n,
         group_size=weights.group_size, config=config, has_perm=weights.perm is not None,
-        a_fragment_order=kw.get("a_fragment_order", False),
-        atomic_topk_sum=kw.get("atomic_topk_sum", False), activation=activation, a=a,
-        out=kw["out"], qweight=weights.qweight)
+        a_fragment_order=a_fragment_order, atomic_topk_sum=False, activation=activation,
+        a=a, out=out, qweight=weights.qweight)
 
 
 def random_packed_weights(num_experts: int, n: int, k: int, group_size: int, dtype, device,
@@ -269,17 +267,17 @@ def tune_prefill(
                 # fused_moe_prefill arranges it
                 frag = _fragment_tiles(cfg)
                 if gemm == "w13":
-                    fn = functools.partial(prefill_gemm, x_frag if frag else x, experts.w13,
-                                           blocks, ids, weights, top_k=shape.top_k,
-                                           activation="silu", out=inter, config=cfg,
-                                           a_fragment_order=frag)
+                    a, packed, out_t = x_frag if frag else x, experts.w13, inter
+                    kw = dict(activation="silu")
                 else:
-                    fn = functools.partial(prefill_gemm, inter, experts.w2, blocks, ids, weights,
-                                           top_k=shape.top_k, mul_routed_weight=True,
-                                           a_is_slots=True, out=c2, config=cfg,
-                                           a_fragment_order=frag)
+                    a, packed, out_t = inter, experts.w2, c2
+                    kw = dict(mul_routed_weight=True, a_is_slots=True)
+                fn = functools.partial(prefill_gemm, a, packed, blocks, ids, weights,
+                                       top_k=shape.top_k, out=out_t, config=cfg,
+                                       a_fragment_order=frag, **kw)
                 note = ""
-                skip = rs_skip_reason(cfg, fn)
+                skip = rs_skip_reason(cfg, a, packed, out_t, activation=gemm == "w13",
+                                      a_fragment_order=frag)
                 if skip is not None:  # it would time the Triton fallback under the RS name
                     t = math.inf
                     note = f" (skipped: {skip})"

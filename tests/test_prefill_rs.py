@@ -234,3 +234,64 @@ def test_rs_scale_loads_for_every_group_size(group_size):
         err = ((runs[0].float() - want.float()).abs().max()
                / want.float().abs().max()).item()
         assert err < 2e-2, f"G={group_size} strides {weights.scales.stride()}: {err:.2e}"
+
+
+def test_weight_tma_rules_and_descriptor():
+    """TMA reads the words only from a 16-byte aligned base with 16-byte strides; the
+    descriptor's box is one K step of a tile in the kernel's row order."""
+    if not prefill_rs.HAVE_GLUON:
+        pytest.skip("triton.experimental.gluon is not available")
+    q = torch.zeros(4, 64, 32, dtype=torch.int32)  # E=4, N_w=64 (gate 32 + up 32), K=256
+    assert prefill_rs.weight_tma_unsupported(q) is None
+    shifted = torch.zeros(q.numel() + 1, dtype=torch.int32)[1:].view_as(q)
+    assert "aligned" in prefill_rs.weight_tma_unsupported(shifted)
+    odd = torch.zeros(4, 64, 33, dtype=torch.int32)[:, :, :32]  # rows 132 bytes apart
+    assert "strides" in prefill_rs.weight_tma_unsupported(odd)
+    d = prefill_rs.weight_descriptor(q, n_out=32, up_offset=32, activation=True,
+                                     block_n_out=16, block_k=128)
+    assert list(d.shape) == [4, 4, 2, 8, 32] and list(d.block_shape) == [1, 2, 2, 8, 16]
+    assert list(d.strides) == [2048, 256, 1024, 32, 1]
+    # element (e, b, h, j, w) of the view is word w of weight row 8b + j + h * up_offset
+    view = q.as_strided(d.shape, d.strides)
+    q.copy_(torch.arange(q.numel(), dtype=torch.int32).view_as(q))
+    assert view[2, 3, 1, 5, 7].item() == q[2, 8 * 3 + 5 + 32, 7].item()
+    d2 = prefill_rs.weight_descriptor(q, n_out=64, up_offset=0, activation=False,
+                                      block_n_out=32, block_k=64)
+    assert list(d2.shape) == [4, 8, 1, 8, 32] and list(d2.block_shape) == [1, 4, 1, 8, 8]
+
+
+@hopper_only
+@pytest.mark.parametrize("tiles", [(16, 128, 128, 4), (32, 256, 64, 6), (128, 128, 64, 6),
+                                   (64, 128, 32, 8)])
+def test_rs_weight_tma_matches_cp_async(tiles, monkeypatch):
+    """The words read with TMA (the default) or cp.asynced by the loader warp: the same bits,
+    for GEMM1 (gate and up rows interleaved by the descriptor's view) and GEMM2, with zeros;
+    a qweight whose base is not 16-byte aligned falls back to cp.async."""
+    bm, bn, bk, stages = tiles
+    e, h, i, top_k, m = 8, 512, 512, 2, 200
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=False, seed=11)
+    blocks = align_block_size(ids, bm, e)
+    inter = torch.randn(m * top_k, i, dtype=x.dtype, device=DEVICE)
+    # the same words at a base 4 bytes past a 16-byte boundary (TMA not allowed)
+    w13 = experts.w13
+    buf = torch.empty(w13.qweight.numel() + 1, dtype=torch.int32, device=DEVICE)
+    shifted = buf[1:].view_as(w13.qweight)
+    shifted.copy_(w13.qweight)
+    assert prefill_rs.weight_tma_unsupported(shifted)
+    for name, kw, width in (
+            ("gemm1", dict(a=x, weights=w13, activation="silu"), i),
+            ("gemm1 unaligned", dict(a=x, weights=dataclasses.replace(w13, qweight=shifted),
+                                     activation="silu"), i),
+            ("gemm2", dict(a=inter, weights=experts.w2, a_is_slots=True,
+                           mul_routed_weight=True), h)):
+        cfg = rs_config(bm, bn // 2 if name.startswith("gemm1") else bn, bk, stages)
+        like = torch.empty(m * top_k, width, dtype=x.dtype, device=DEVICE)
+        common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k, config=cfg,
+                      **kw)
+        monkeypatch.setattr(prefill_rs, "WEIGHT_TMA", True)
+        with_tma = repeat_runs(2, like, **common)
+        monkeypatch.setattr(prefill_rs, "WEIGHT_TMA", False)
+        cp_async = repeat_runs(1, like, **common)[0]
+        assert torch.isfinite(with_tma[0]).all(), f"{name}: unwritten output"
+        assert torch.equal(with_tma[0], with_tma[1]), f"{name} {cfg}: runs differ"
+        assert torch.equal(with_tma[0], cp_async), f"{name} {cfg}: TMA != cp.async"

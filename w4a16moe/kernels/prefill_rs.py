@@ -6,9 +6,11 @@ weight tile is dequantized straight into the register A operand of a 16-bit ``wg
 never goes through shared memory; the activations stay in natural K order. A program has
 
 * a **loader** warp (worker partition): for every K step it cp.asyncs the gathered activation
-  rows ``[BLOCK_T, BLOCK_K]`` and the tile's packed words ``[BLOCK_N, BLOCK_K/8]`` into stage
-  ``step % STAGES`` of a shared-memory ring, as far ahead as the ring allows; each lane's
-  copies arrive on the stage's barrier when they land (32 arrivals);
+  rows ``[BLOCK_T, BLOCK_K]`` into stage ``step % STAGES`` of a shared-memory ring, as far
+  ahead as the ring allows, each lane's copies arriving on the stage's barrier when they land
+  (32 arrivals), and reads the tile's packed words ``[BLOCK_N, BLOCK_K/8]`` into the stage
+  with one TMA copy (``W_TMA``; the barrier also expects its bytes) or, where the strides do
+  not allow TMA, with the same cp.asyncs;
 * two **consumer** warpgroups (the default partition, 8 warps, BLOCK_N/2 weight rows each):
   per step they wait for the stage and build their A operand: in it, lane ``c`` of a quad
   holds columns ``2c, 2c+1`` of each 8-column word of a 32-column run, which the ExLlama
@@ -52,15 +54,20 @@ try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everyt
         async_copy,
         fence_async_shared,
         mbarrier,
+        tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
 #: registers per thread of the loader warp (setmaxnreg)
 LOADER_REGS = 64
+#: read the packed words with TMA (one bulk copy per K step) where the strides allow; False:
+#: the loader warp cp.asyncs them in 16-byte pieces (benchmarks flip this for A/Bs)
+WEIGHT_TMA = True
 
 
 if HAVE_GLUON:
@@ -84,15 +91,17 @@ if HAVE_GLUON:
         return rows
 
     @gluon.jit
-    def _rs_loader(a_ptr, qw_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
-                   x_bufs, wd_bufs, empty_bars, x_ready_bars, N, K, EM, num_valid_slots,
-                   top_k, up_offset, stride_am, stride_qe, stride_qn,
+    def _rs_loader(a_ptr, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+                   x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM,
+                   num_valid_slots, top_k, up_offset, stride_am, stride_qe, stride_qn,
                    A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr,
                    BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                   GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr):
+                   GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr):
         """Worker partition (one warp): cp.async of each K step's gathered activation rows
-        and packed words into the copy ring, as far ahead as the ring allows; each lane's
-        copies arrive on the stage's barrier when they land."""
+        into the copy ring, as far ahead as the ring allows, each lane's copies arriving on the
+        stage's barrier when they land; the packed words the same way, or with ``W_TMA`` as one
+        TMA copy of the tile (``w_desc``: see :func:`weight_descriptor`) whose bytes the
+        barrier expects."""
         WORDS: gl.constexpr = BLOCK_K // 8
         # 16-byte chunks: a row's BLOCK_K activations over BLOCK_K / 8 lanes, 4 words a lane
         x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
@@ -129,8 +138,14 @@ if HAVE_GLUON:
                     k0 = i * BLOCK_K
                     async_copy.async_copy_global_to_shared(x_bufs.index(stage),
                                                            a_ptr + (x_offs + k0))
-                    async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
-                                                           qw_base + (w_offs + k0 // 8))
+                    if W_TMA:
+                        mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * BLOCK_K // 2)
+                        tma.async_copy_global_to_shared(
+                            w_desc, [expert, pid_n * (BLOCK_N_OUT // 8), 0, 0, k0 // 8],
+                            x_ready_bars.index(stage), wd_tma.index(stage))
+                    else:
+                        async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
+                                                               qw_base + (w_offs + k0 // 8))
                     async_copy.mbarrier_arrive(x_ready_bars.index(stage),
                                                increment_count=False)
                 ring += num_steps
@@ -378,7 +393,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _prefill_rs_kernel(
-        a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
+        a_ptr, qw_ptr, w_desc, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
         sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
         N, K, EM, num_valid_slots, top_k, up_offset,
         stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
@@ -388,7 +403,7 @@ if HAVE_GLUON:
         OUT_FRAG: gl.constexpr,
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
-        LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        W_TMA: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, 8 warps + the loader."""
@@ -401,13 +416,24 @@ if HAVE_GLUON:
                                                                            dtype)
         x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, BLOCK_K], x_smem_layout)
         wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-        wd_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], wd_layout)
+        if W_TMA:
+            # the TMA box [1, rows/8 (b), 1 or 2 (gate/up), 8 (j), words] lands unswizzled and
+            # dense: row 16b + 8h + j (with activation) or 8b + j, the loader's row order
+            wd_tma = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape,
+                                               w_desc.layout)
+            wd_bufs = wd_tma._reinterpret(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], wd_layout)
+            READY_ARRIVALS: gl.constexpr = 33  # 32 lanes' cp.async + the expect-tx arrival
+        else:
+            wd_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8],
+                                                wd_layout)
+            wd_tma = wd_bufs
+            READY_ARRIVALS: gl.constexpr = 32
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         x_ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1],
                                                  mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
             mbarrier.init(empty_bars.index(s), count=1)
-            mbarrier.init(x_ready_bars.index(s), count=32)
+            mbarrier.init(x_ready_bars.index(s), count=READY_ARRIVALS)
         gl.warp_specialize([
             (_rs_consumer, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
                             topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
@@ -417,11 +443,11 @@ if HAVE_GLUON:
                             MUL_ROUTED_WEIGHT,
                             OUT_FRAG, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M,
                             STAGES, num_warps)),
-            (_rs_loader, (a_ptr, qw_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
-                          x_bufs, wd_bufs, empty_bars, x_ready_bars, N, K, EM,
-                          num_valid_slots, top_k, up_offset, stride_am, stride_qe, stride_qn,
-                          A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
-                          GROUP_SIZE_M, STAGES)),
+            (_rs_loader, (a_ptr, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                          num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
+                          x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
+                          stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT,
+                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA)),
         ], [1], [LOADER_REGS])
 
 
@@ -479,6 +505,33 @@ def rs_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int,
     return None
 
 
+def weight_tma_unsupported(qweight: torch.Tensor) -> str | None:
+    """Why the packed words cannot be read with TMA (the loader then cp.asyncs them), or None:
+    TMA needs a 16-byte aligned base and 16-byte multiples as expert and row strides (and so
+    as the gate-to-up stride, ``up_offset`` rows)."""
+    if qweight.data_ptr() % 16:
+        return "qweight's base address is not 16-byte aligned"
+    if qweight.stride(0) % 4 or qweight.stride(1) % 4 or qweight.stride(2) != 1:
+        return f"qweight strides {tuple(qweight.stride())} are not multiples of 16 bytes"
+    return None
+
+
+def weight_descriptor(qweight: torch.Tensor, *, n_out: int, up_offset: int, activation: bool,
+                      block_n_out: int, block_k: int) -> TensorDescriptor:
+    """The TMA descriptor of the packed words ``[E, N_w, K/8]`` as the 5-D view
+    ``[E, n_out/8 (b), 2 or 1 (gate/up), 8 (j), K/8]`` whose box ``[1, BLOCK_N_OUT/8, 2 or 1,
+    8, BLOCK_K/8]`` is one K step of a tile in the kernel's row order: with the activation,
+    gate row ``8b + j`` at tile row ``16b + j`` and its up row (``+ up_offset``) at
+    ``16b + 8 + j``; without, weight row ``8b + j``. Unswizzled, so the box lands dense."""
+    e, _, words = qweight.shape
+    se, sn = qweight.stride(0), qweight.stride(1)
+    halves = 2 if activation else 1
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=5)
+    return TensorDescriptor(qweight, [e, n_out // 8, halves, 8, words],
+                            [se, 8 * sn, (up_offset if activation else 8) * sn, sn, 1],
+                            [1, block_n_out // 8, halves, 8, block_k // 8], layout)
+
+
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -490,9 +543,10 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                       expert_ids: torch.Tensor, num_post_padded: torch.Tensor, *, n_out: int,
                       k: int, slots: int, top_k: int, up_offset: int, group_size: int,
                       a_is_slots: bool, activation_code: int, out_fragment_order: bool,
-                      config: dict) -> None:
+                      config: dict, weight_tma: bool | None = None) -> None:
     """Run :func:`_prefill_rs_kernel`; inputs already validated by ``prefill_gemm`` and
-    :func:`rs_unsupported`."""
+    :func:`rs_unsupported`. ``weight_tma`` (default :data:`WEIGHT_TMA`): read the packed words
+    with TMA where :func:`weight_tma_unsupported` allows, else with cp.async."""
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
@@ -500,8 +554,15 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tiles = -(-em // bt) * (n_out // bn)
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     grid = (min(tiles, _sm_count(index)),)
+    activation = activation_code != 0
+    w_desc = None
+    if weight_tma is None:
+        weight_tma = WEIGHT_TMA
+    if weight_tma and weight_tma_unsupported(qweight) is None:
+        w_desc = weight_descriptor(qweight, n_out=n_out, up_offset=up_offset,
+                                   activation=activation, block_n_out=bn, block_k=bk)
     _prefill_rs_kernel[grid](
-        a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
+        a, qweight, w_desc, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
         n_out, k, em, slots, top_k, up_offset,
         a.stride(0), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), scales.stride(2),
@@ -514,4 +575,4 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         ACTIVATION=activation_code, OUT_FRAG=out_fragment_order,
         IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn, BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
-        LOADER_REGS=LOADER_REGS, num_warps=8)
+        W_TMA=w_desc is not None, LOADER_REGS=LOADER_REGS, num_warps=8)

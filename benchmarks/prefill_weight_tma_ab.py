@@ -1,0 +1,176 @@
+"""Device A/B: the Gluon kernel's packed words read with one TMA copy per K step
+(``prefill_rs.WEIGHT_TMA = True``, the default) against the loader warp's 16-byte cp.asyncs,
+per GEMM and for the whole prefill layer, in one run.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_weight_tma_ab.py --out $OUT
+
+Per case (``model:M``) each GEMM runs its table config and the ``--gemm1-rs``/``--gemm2-rs``
+candidates (tiles ``BNxBKsSTAGES`` with the table's token tile); every RS config is checked
+both ways (3 runs into a NaN-poisoned output against the float32 reference, bit-identical
+repeats, and TMA == cp.async bit for bit) and then timed on, off, on, off (CUDA-graph
+medians; the faster of each pair is kept). A config the Gluon kernel does not run (a Triton
+entry) is timed once. The layer runs the table's pair both ways. Byte floors as in
+prefill_rs_midm.py (``bench.floors.gemm_bytes`` at ``--gbps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import check, experts_of, reference  # noqa: E402
+from prefill_rs_midm import parse_candidates, rs_config  # noqa: E402
+
+from w4a16moe.bench.floors import distinct_experts, gemm_bytes  # noqa: E402
+from w4a16moe.kernels import prefill_rs  # noqa: E402
+from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
+from w4a16moe.kernels.prefill import (  # noqa: E402
+    PrefillWorkspace,
+    _fragment_tiles,
+    fragment_order_columns,
+    fused_moe_prefill,
+    prefill_gemm,
+)
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing, time_cuda_graph  # noqa: E402
+from w4a16moe.routing import align_block_size  # noqa: E402
+
+DEV = torch.device("cuda")
+CASES = ("mixtral-8x7b:16,mixtral-8x7b:64,mixtral-8x7b:256,qwen3-30b-a3b:64,"
+         "qwen3-30b-a3b:256,mixtral-8x7b:1024,mixtral-8x7b:4096")
+
+
+def on_gluon(cfg: dict, which: int, a, weights, out) -> bool:
+    """Whether ``cfg`` runs this GEMM on the Gluon kernel (else TMA changes nothing)."""
+    return bool(cfg.get("RS")) and prefill_rs.rs_unsupported(
+        device=DEV, k=weights.k, n_out=out.shape[1], group_size=weights.group_size,
+        config=cfg, has_perm=False, a_fragment_order=False, atomic_topk_sum=False,
+        activation=which == 0, a=a, out=out, qweight=weights.qweight) is None
+
+
+def ab(fn, out, ref, rep: float, both: bool) -> dict:
+    """Check ``fn`` with TMA on (and off), then time it on, off, on, off."""
+    row = {}
+    outs = {}
+    for tma in (True, False) if both else (True,):
+        prefill_rs.WEIGHT_TMA = tma
+        err, same = check(fn, out, ref)
+        outs[tma] = out.clone()
+        row[f"err_{'tma' if tma else 'cp'}"] = err
+        row[f"same_{'tma' if tma else 'cp'}"] = same
+    if both:
+        row["tma_equals_cp"] = torch.equal(outs[True], outs[False])
+    ok = all(v < 2e-2 for k, v in row.items() if k.startswith("err")) and all(
+        v for k, v in row.items() if k.startswith("same") or k == "tma_equals_cp")
+    if ok:
+        times = {True: [], False: []}
+        for _ in range(2):
+            for tma in (True, False) if both else (True,):
+                prefill_rs.WEIGHT_TMA = tma
+                times[tma].append(time_cuda_graph(fn, rep))
+        row["us_tma" if both else "us"] = min(times[True])
+        if both:
+            row["us_cp"] = min(times[False])
+    prefill_rs.WEIGHT_TMA = True
+    return row
+
+
+def fmt(row: dict) -> str:
+    if "us_tma" in row:
+        return f"cp {row['us_cp']:.1f} -> tma {row['us_tma']:.1f} us"
+    if "us" in row:
+        return f"{row['us']:.1f} us (Triton)"
+    return "FAILED " + json.dumps(row)
+
+
+def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
+    dtype = torch.bfloat16
+    s = MODEL_SHAPES[model]
+    h, i, e, k = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k
+    slots = m * k
+    x = torch.randn(m, h, device=DEV, dtype=dtype)
+    w, ids = random_routing(m, s, DEV, seed=m)
+    inter_ref, inter_b, out2_ref, layer_ref = reference(x, w13d, w2d, w, ids)
+    table = (get_prefill_config(m, 2 * i, h, e, k, dtype, DEV),
+             get_prefill_config(m, h, i, e, k, dtype, DEV))
+    u, g = distinct_experts(ids), ex.w13.group_size
+    rec = {"model": model, "M": m, "table": list(table),
+           "floor_us": [gemm_bytes(u, 2 * i, h, g, m, slots, i) / (args.gbps * 1e3),
+                        gemm_bytes(u, h, i, g, slots, slots) / (args.gbps * 1e3)]}
+    inter = torch.empty(slots, i, device=DEV, dtype=dtype)
+    out2 = torch.empty(slots, h, device=DEV, dtype=dtype)
+    blocks = {}
+    for which, cands in ((0, args.gemm1_rs), (1, args.gemm2_rs)):
+        a_in, w_in, out_c, ref_c = ((x, ex.w13, inter, inter_ref) if which == 0 else
+                                    (inter_b, ex.w2, out2, out2_ref))
+        bt = table[which]["BLOCK_SIZE_M"]
+        rows = []
+        for cfg in [table[which]] + [rs_config(bt, bn, bk, st) for bn, bk, st in cands]:
+            bm = cfg["BLOCK_SIZE_M"]
+            if bm not in blocks:
+                blocks[bm] = align_block_size(ids, bm, e)
+            frag = _fragment_tiles(cfg)
+            a = fragment_order_columns(a_in) if frag else a_in
+            kw = (dict(activation="silu") if which == 0 else
+                  dict(mul_routed_weight=True, a_is_slots=True))
+            fn = functools.partial(prefill_gemm, a, w_in, blocks[bm], ids, w, top_k=k,
+                                   out=out_c, config=cfg, a_fragment_order=frag, **kw)
+            gluon = on_gluon(cfg, which, a_in, w_in, out_c)
+            if cfg is not table[which] and not gluon:
+                continue  # a candidate the Gluon kernel does not run: nothing to compare
+            row = {"config": cfg, "table": cfg is table[which],
+                   **ab(fn, out_c, ref_c, args.rep, gluon)}
+            rows.append(row)
+            print(f"{model} M={m} GEMM{which + 1} {'table ' if row['table'] else ''}"
+                  f"{bm}x{cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']}s{cfg['num_stages']}"
+                  f"{' RS' if cfg.get('RS') else ''}: {fmt(row)} "
+                  f"(floor {rec['floor_us'][which]:.1f} us)", flush=True)
+        rec[f"gemm{which + 1}"] = rows
+    if not args.no_layer:
+        ws = PrefillWorkspace.allocate(m, ex, k)
+        y = torch.empty(m, h, device=DEV, dtype=dtype)
+        fn = functools.partial(fused_moe_prefill, x, ex, w, ids, out=y, workspace=ws,
+                               configs=table)
+        any_gluon = any(r["table"] and "us_tma" in r
+                        for r in rec["gemm1"] + rec["gemm2"])
+        rec["layer"] = ab(fn, y, layer_ref, args.rep, any_gluon)
+        print(f"{model} M={m} layer (table, floor {sum(rec['floor_us']):.1f} us): "
+              f"{fmt(rec['layer'])}", flush=True)
+    return rec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default=CASES, help="model:M,... (default: %(default)s)")
+    ap.add_argument("--gemm1-rs", type=parse_candidates, default=[],
+                    help="extra GEMM1 RS tiles, e.g. 128x128s4 (BLOCK_SIZE_N counts output "
+                         "columns)")
+    ap.add_argument("--gemm2-rs", type=parse_candidates, default=[])
+    ap.add_argument("--no-layer", action="store_true", help="time the GEMMs only")
+    ap.add_argument("--rep", type=float, default=20.0)
+    ap.add_argument("--gbps", type=float, default=3078.0,
+                    help="read bandwidth for the byte floor (RESULTS.md's measured value)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    records = []
+    cache: dict = {}
+    for case in args.cases.split(","):
+        model, m = case.split(":")
+        records.append(run_case(model, int(m), *experts_of(model, cache), args))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "prefill_weight_tma_ab.json")
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "gbps": args.gbps, "records": records}, f, indent=1)
+    print("wrote", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

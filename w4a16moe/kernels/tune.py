@@ -48,7 +48,8 @@ DEFAULT_TOKENS = (64, 256, 1024, 4096)
 #: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
 #: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
 #: before, session 7 of the notes) for large experts at M >= 1024, "rsmidm" (the "midm"
-#: space plus the Gluon kernel with 16/32-token tiles, session 8) for M = 16-256
+#: space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
+#: since its words come by TMA, session 9) for M = 16-256
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -63,7 +64,8 @@ SPACES: dict[str, list[tuple]] = {
            (True, 128, 64, 8, 4), (False, 128, 64, 8, 3)],
 }
 SPACES["rsmidm"] = SPACES["midm"] + [
-    (True, 128, 128, 8, 4, False, True), (True, 128, 64, 8, 6, False, True),
+    (True, 128, 128, 8, 4, False, True), (True, 128, 128, 8, 6, False, True),
+    (True, 128, 64, 8, 6, False, True),
     (True, 256, 128, 8, 4, False, True), (True, 256, 64, 8, 6, False, True),
     (True, 64, 128, 8, 6, False, True)]
 #: skip candidates whose fp32 accumulators alone would need more registers per thread

@@ -1,0 +1,72 @@
+"""Per-kernel GPU time of one prefill layer call (no CUDA graph, so each kernel shows up):
+where the time between the two GEMMs goes (alignment, top-k sum, copies).
+
+    PYTHONPATH=. python3 benchmarks/prefill_layer_kernels.py --cases qwen3-30b-a3b:64
+
+Prints, per case, every kernel's name (shortened) and mean time over ``--iters`` calls, and
+their sum; writes ``$OUT/prefill_layer_kernels.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import experts_of  # noqa: E402
+
+from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill  # noqa: E402
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def breakdown(model: str, m: int, iters: int, cache: dict) -> dict:
+    ex, _, _ = experts_of(model, cache)
+    s = MODEL_SHAPES[model]
+    x = torch.randn(m, s.hidden_size, device=DEV, dtype=torch.bfloat16)
+    w, ids = random_routing(m, s, DEV, seed=m)
+    ws = PrefillWorkspace.allocate(m, ex, s.top_k)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        fused_moe_prefill(x, ex, w, ids, out=y, workspace=ws)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fused_moe_prefill(x, ex, w, ids, out=y, workspace=ws)
+        torch.cuda.synchronize()
+    per = collections.defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per[ev.name[:60]] += ev.device_time / iters
+    kernels = sorted(per.items(), key=lambda kv: -kv[1])
+    print(f"{model} M={m}: {sum(per.values()):.1f} us in {len(per)} kernels")
+    for name, us in kernels:
+        print(f"  {us:8.1f} us  {name}")
+    return {"model": model, "M": m, "kernels_us": dict(kernels)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="mixtral-8x7b:16,mixtral-8x7b:64,qwen3-30b-a3b:64,"
+                    "qwen3-30b-a3b:256")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    cache: dict = {}
+    recs = [breakdown(c.split(":")[0], int(c.split(":")[1]), args.iters, cache)
+            for c in args.cases.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "prefill_layer_kernels.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "records": recs}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

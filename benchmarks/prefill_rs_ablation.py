@@ -10,8 +10,9 @@ Variants: ``full`` (the kernel as shipped, through the patch path, as a control)
 ``no-word-loads`` (a constant operand word instead of the shared-memory loads; the loader, its
 TMA/cp.async copies and the barriers unchanged), ``no-loader-words`` (the loader skips the
 words' copies and their expected bytes; the consumer reads stale shared memory) and
-``cp-async`` (the words cp.asynced instead of TMA). Per case (``model:M``, the table's
-configs), GEMM1 and GEMM2 in CUDA graphs, the same variants in one run.
+``cp-async`` (the words cp.asynced instead of TMA), ``tma-unswizzled`` (the TMA words without
+the bank swizzle). Per case (``model:M``, the table's configs), GEMM1 and GEMM2 in CUDA
+graphs, the same variants in one run.
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ PATCHES = {
         "        lo = words4.to(gl.int16).to(vdtype, bitcast=True)\n"
         "        hi = (words4 >> 16).to(gl.int16).to(vdtype, bitcast=True)\n")],
     "no-word-loads": [(
-        "        words = wd_bufs.index(stage).reshape([BLOCK_N, T, 4]).load(\n"
-        "            gl.SliceLayout(2, pairs_layout))\n",
+        "        words = gl.convert_layout(\n"
+        "            gl.reshape(wd_bufs.index(stage).load(words2d_layout), [BLOCK_N, T, 4]),\n"
+        "            words_layout, assert_trivial=True)\n",
         "        words = gl.full([BLOCK_N, T, 4], 0x12345678, gl.int32,\n"
-        "                        layout=gl.SliceLayout(2, pairs_layout)) + i\n")],
+        "                        layout=words_layout) + i\n")],
     "no-loader-words": [(
         "                        mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * BLOCK_K // 2)\n"  # noqa: E501
         "                        tma.async_copy_global_to_shared(\n"
@@ -57,6 +59,10 @@ PATCHES = {
         "                            x_ready_bars.index(stage), wd_tma.index(stage))\n",
         "                        mbarrier.arrive(x_ready_bars.index(stage), count=1)\n")],
     "cp-async": [("WEIGHT_TMA = True\n", "WEIGHT_TMA = False\n")],
+    "tma-unswizzled": [
+        ("            if ROW_BYTES >= 32:\n", "            if ROW_BYTES >= 4096:\n"),
+        ("swizzle_byte_width=row_bytes if row_bytes >= 32 else 0,",
+         "swizzle_byte_width=0,")],
 }
 
 

@@ -164,6 +164,14 @@ if HAVE_GLUON:
         return p4
 
     @gluon.jit
+    def _rs_words2d_layout(BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                           words_layout: gl.constexpr):
+        """The layout of the [BLOCK_N, BLOCK_K/8] word tile that reshapes to the [BLOCK_N,
+        BLOCK_K/32, 4] word layout of the pairs: a probe taken through the reshape."""
+        probe = gl.full([BLOCK_N, BLOCK_K // 32, 4], 0, gl.int32, words_layout)
+        return gl.reshape(probe, [BLOCK_N, BLOCK_K // 8])
+
+    @gluon.jit
     def _rs_dequant_pair(words, shift, ss, zz, IS_FP16: gl.constexpr):
         """Values ``2c`` and ``2c+1`` of each word (``shift`` = 4c: ExLlama order keeps them
         at bits 4c and 16+4c) as (bias + v) packed in one 32-bit op, then minus the packed
@@ -261,9 +269,15 @@ if HAVE_GLUON:
         ss = _packed_pair(sc)
         stage = (ring + i) % STAGES
         mbarrier.wait(x_ready_bars.index(stage), ((ring + i) // STAGES) & 1)
-        # words (row, run, j), the same for the four lanes c of a quad
-        words = wd_bufs.index(stage).reshape([BLOCK_N, T, 4]).load(
-            gl.SliceLayout(2, pairs_layout))
+        # words (row, run, j), the same for the four lanes c of a quad: loaded as the 2-D
+        # [row, word] tile (the ring's layout may be swizzled) in the layout that reshapes to
+        # the pairs' word layout without moving data
+        words_layout: gl.constexpr = gl.SliceLayout(2, pairs_layout)
+        words2d_layout: gl.constexpr = _rs_words2d_layout(BLOCK_N, BLOCK_K,
+                                                          words_layout).type.layout
+        words = gl.convert_layout(
+            gl.reshape(wd_bufs.index(stage).load(words2d_layout), [BLOCK_N, T, 4]),
+            words_layout, assert_trivial=True)
         c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
             3, pairs_layout))))
         words4, shift = gl.broadcast(gl.expand_dims(words, 2), (c * 4)[None, None, :, None])
@@ -415,15 +429,24 @@ if HAVE_GLUON:
         x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K],
                                                                            dtype)
         x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, BLOCK_K], x_smem_layout)
-        wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
         if W_TMA:
-            # the TMA box [1, rows/8 (b), 1 or 2 (gate/up), 8 (j), words] lands unswizzled and
-            # dense: row 16b + 8h + j (with activation) or 8b + j, the loader's row order
+            # the TMA box [1, rows/8 (b), 1 or 2 (gate/up), 8 (j), words] lands as dense rows
+            # 16b + 8h + j (with activation) or 8b + j, the loader's row order, with the
+            # descriptor's swizzle (see weight_descriptor): 16-byte chunk c of row r at chunk
+            # c ^ ((r // PER_PHASE) % MAX_PHASE), so the 8 rows a warp's quads read at once
+            # fall in different banks
+            ROW_BYTES: gl.constexpr = BLOCK_K // 2
+            if ROW_BYTES >= 32:
+                wd_layout: gl.constexpr = gl.SwizzledSharedLayout(4, 128 // ROW_BYTES,
+                                                                  ROW_BYTES // 16, [1, 0])
+            else:
+                wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
             wd_tma = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape,
                                                w_desc.layout)
             wd_bufs = wd_tma._reinterpret(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], wd_layout)
             READY_ARRIVALS: gl.constexpr = 33  # 32 lanes' cp.async + the expect-tx arrival
         else:
+            wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
             wd_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8],
                                                 wd_layout)
             wd_tma = wd_bufs
@@ -522,11 +545,14 @@ def weight_descriptor(qweight: torch.Tensor, *, n_out: int, up_offset: int, acti
     ``[E, n_out/8 (b), 2 or 1 (gate/up), 8 (j), K/8]`` whose box ``[1, BLOCK_N_OUT/8, 2 or 1,
     8, BLOCK_K/8]`` is one K step of a tile in the kernel's row order: with the activation,
     gate row ``8b + j`` at tile row ``16b + j`` and its up row (``+ up_offset``) at
-    ``16b + 8 + j``; without, weight row ``8b + j``. Unswizzled, so the box lands dense."""
+    ``16b + 8 + j``; without, weight row ``8b + j``. Swizzled by the row's width (32 or 64
+    bytes; BLOCK_K=32 rows of 16 bytes are not), which the kernel's view of the ring matches."""
     e, _, words = qweight.shape
     se, sn = qweight.stride(0), qweight.stride(1)
     halves = 2 if activation else 1
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=5)
+    row_bytes = block_k // 2
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=row_bytes if row_bytes >= 32 else 0,
+                                  element_bitwidth=32, rank=5)
     return TensorDescriptor(qweight, [e, n_out // 8, halves, 8, words],
                             [se, 8 * sn, (up_offset if activation else 8) * sn, sn, 1],
                             [1, block_n_out // 8, halves, 8, block_k // 8], layout)

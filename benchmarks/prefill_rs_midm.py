@@ -53,23 +53,26 @@ GEMM2_RS = [(256, 64, 6), (128, 64, 8), (128, 128, 6), (256, 128, 4)]
 BLOCK_T = (16, 32)
 
 
-def parse_candidates(text: str) -> list[tuple[int, int, int]]:
-    """``"128x128s4,64x64s8"`` -> [(BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages), ...]"""
+def parse_candidates(text: str) -> list[tuple[int, ...]]:
+    """``"128x128s4,256x128s4w16"`` -> [(BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages[, num_warps]),
+    ...] (``wN``: the consumer warps, 8 when absent)"""
     out = []
     for item in text.split(","):
         try:
-            tiles, stages = item.split("s")
+            tiles, rest = item.split("s")
+            stages, _, warps = rest.partition("w")
             bn, bk = tiles.split("x")
-            out.append((int(bn), int(bk), int(stages)))
+            out.append((int(bn), int(bk), int(stages)) + ((int(warps),) if warps else ()))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"candidate {item!r}: expected BNxBKsSTAGES, e.g. 128x128s4") from None
+                f"candidate {item!r}: expected BNxBKsSTAGES[wWARPS], e.g. 128x128s4 or "
+                "256x128s4w16") from None
     return out
 
 
-def rs_config(bt: int, bn: int, bk: int, stages: int) -> dict:
+def rs_config(bt: int, bn: int, bk: int, stages: int, warps: int = 8) -> dict:
     return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 1,
-            "num_warps": 8, "num_stages": stages, "SWAP_AB": True, "RS": True}
+            "num_warps": warps, "num_stages": stages, "SWAP_AB": True, "RS": True}
 
 
 def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
@@ -114,8 +117,8 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
         err, same = check(fn_t, out_t, ref_t)
         t_table = time_cuda_graph(fn_t, args.rep)
         for bt in args.block_t:
-            for bn, bk, stages in cands:
-                cfg = rs_config(bt, bn, bk, stages)
+            for cand in cands:
+                cfg = rs_config(bt, *cand)
                 fn, out_c, ref_c = gemm_fn(which, cfg)
                 row = {"config": cfg}
                 a_in, w_in = (x, ex.w13) if which == 0 else (inter_b, ex.w2)

@@ -85,7 +85,8 @@ def fmt(row: dict) -> str:
     if "us_tma" in row:
         return f"cp {row['us_cp']:.1f} -> tma {row['us_tma']:.1f} us"
     if "us" in row:
-        return f"{row['us']:.1f} us (Triton)"
+        triton = not row.get("config", {"RS": True}).get("RS")
+        return f"{row['us']:.1f} us" + (" (Triton)" if triton else "")
     return "FAILED " + json.dumps(row)
 
 
@@ -111,7 +112,7 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
                                     (inter_b, ex.w2, out2, out2_ref))
         bt = table[which]["BLOCK_SIZE_M"]
         rows = []
-        for cfg in [table[which]] + [rs_config(bt, bn, bk, st) for bn, bk, st in cands]:
+        for cfg in [table[which]] + [rs_config(bt, *cand) for cand in cands]:
             bm = cfg["BLOCK_SIZE_M"]
             if bm not in blocks:
                 blocks[bm] = align_block_size(ids, bm, e)
@@ -125,10 +126,11 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
             if cfg is not table[which] and not gluon:
                 continue  # a candidate the Gluon kernel does not run: nothing to compare
             row = {"config": cfg, "table": cfg is table[which],
-                   **ab(fn, out_c, ref_c, args.rep, gluon)}
+                   **ab(fn, out_c, ref_c, args.rep, gluon and not args.tma_only)}
             rows.append(row)
             print(f"{model} M={m} GEMM{which + 1} {'table ' if row['table'] else ''}"
                   f"{bm}x{cfg['BLOCK_SIZE_N']}x{cfg['BLOCK_SIZE_K']}s{cfg['num_stages']}"
+                  f"w{cfg['num_warps']}"
                   f"{' RS' if cfg.get('RS') else ''}: {fmt(row)} "
                   f"(floor {rec['floor_us'][which]:.1f} us)", flush=True)
         rec[f"gemm{which + 1}"] = rows
@@ -139,7 +141,7 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
                                configs=table)
         any_gluon = any(r["table"] and "us_tma" in r
                         for r in rec["gemm1"] + rec["gemm2"])
-        rec["layer"] = ab(fn, y, layer_ref, args.rep, any_gluon)
+        rec["layer"] = ab(fn, y, layer_ref, args.rep, any_gluon and not args.tma_only)
         print(f"{model} M={m} layer (table, floor {sum(rec['floor_us']):.1f} us): "
               f"{fmt(rec['layer'])}", flush=True)
     return rec
@@ -153,6 +155,8 @@ def main() -> int:
                          "columns)")
     ap.add_argument("--gemm2-rs", type=parse_candidates, default=[])
     ap.add_argument("--no-layer", action="store_true", help="time the GEMMs only")
+    ap.add_argument("--tma-only", action="store_true",
+                    help="time every config only as shipped (TMA words): to compare tiles")
     ap.add_argument("--rep", type=float, default=20.0)
     ap.add_argument("--gbps", type=float, default=3078.0,
                     help="read bandwidth for the byte floor (RESULTS.md's measured value)")

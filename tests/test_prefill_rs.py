@@ -27,9 +27,9 @@ ON_HOPPER = (ON_GPU and prefill_rs.HAVE_GLUON
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel needs an sm_90 GPU")
 
 
-def rs_config(bm=128, bn=128, bk=64, stages=6):
+def rs_config(bm=128, bn=128, bk=64, stages=6, warps=8):
     return {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 8,
-            "num_warps": 8, "num_stages": stages, "SWAP_AB": True, "RS": True}
+            "num_warps": warps, "num_stages": stages, "SWAP_AB": True, "RS": True}
 
 
 def triton_tiles(cfg):
@@ -50,8 +50,16 @@ def test_rs_config_rules():
     assert cfgmod.validate_config(base)["RS"] is True
     for bad in ({**base, "FRAG_K": True}, {**base, "num_warps": 4},
                 {**base, "SWAP_AB": False}):
-        with pytest.raises(ValueError, match="RS needs SWAP_AB, num_warps=8 and no FRAG_K"):
+        with pytest.raises(ValueError, match=r"RS needs SWAP_AB, num_warps in \(8, 16\) and no"):
             cfgmod.validate_config(bad)
+
+
+def test_rs_tiles_for_sixteen_warps():
+    """Four consumer warpgroups need 64 weight rows each."""
+    assert prefill_rs.rs_tiles_unsupported(rs_config(16, 256, 128, 4, 16), False) is None
+    assert prefill_rs.rs_tiles_unsupported(rs_config(16, 128, 128, 4, 16), True) is None
+    assert "16 consumer warps" in prefill_rs.rs_tiles_unsupported(
+        rs_config(16, 128, 64, 4, 16), False)
 
 
 def test_rs_unsupported_names_the_reason():
@@ -99,13 +107,15 @@ def repeat_runs(runs, like, **kwargs):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("tiles", [(128, 128, 64, 6), (64, 128, 64, 4), (128, 256, 32, 8),
-                                   (16, 128, 128, 4), (32, 256, 64, 6)])
+                                   (16, 128, 128, 4), (32, 256, 64, 6), (16, 256, 128, 4, 16),
+                                   (64, 256, 64, 6, 16)])
 @pytest.mark.parametrize("m", [1, 37, 300])
 def test_rs_gemms_match_the_triton_kernel(dtype, symmetric, tiles, m):
     """GEMM1 (fused SiLU*up, its output also in fragment order) and GEMM2 (router weight,
     rows by slot) on the Gluon kernel: equal to the Triton kernel's same tiles within
     rounding, and the same bits on every run."""
-    bm, bn, bk, stages = tiles
+    bm, bn, bk, stages, *warps = tiles
+    warps = warps[0] if warps else 8
     # K of both GEMMs a multiple of 2 * BLOCK_SIZE_K (GEMM2's K = i)
     e, h, i, top_k = 8, 512, 512 if bk == 128 else 384, 2
     experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
@@ -113,7 +123,7 @@ def test_rs_gemms_match_the_triton_kernel(dtype, symmetric, tiles, m):
     blocks = align_block_size(ids, bm, e)
     inter = torch.randn(m * top_k, i, dtype=dtype, device=DEVICE)
     for gemm in ("gemm1", "gemm1 out frag", "gemm2"):
-        cfg = rs_config(bm, bn if gemm == "gemm2" else bn // 2, bk, stages)
+        cfg = rs_config(bm, bn if gemm == "gemm2" else bn // 2, bk, stages, warps)
         if gemm.startswith("gemm1"):
             kw = dict(a=x, weights=experts.w13, activation="silu",
                       out_fragment_order=gemm.endswith("frag"))

@@ -11,7 +11,8 @@ never goes through shared memory; the activations stay in natural K order. A pro
   (32 arrivals), and reads the tile's packed words ``[BLOCK_N, BLOCK_K/8]`` into the stage
   with one TMA copy (``W_TMA``; the barrier also expects its bytes) or, where the strides do
   not allow TMA, with the same cp.asyncs;
-* two **consumer** warpgroups (the default partition, 8 warps, BLOCK_N/2 weight rows each):
+* two or four **consumer** warpgroups (the default partition, ``num_warps`` 8 or 16, BLOCK_N/2
+  or BLOCK_N/4 weight rows each):
   per step they wait for the stage and build their A operand: in it, lane ``c`` of a quad
   holds columns ``2c, 2c+1`` of each 8-column word of a 32-column run, which the ExLlama
   shuffle keeps at bits ``4c`` and ``16+4c`` of the word, so the quad's lanes read the same
@@ -420,7 +421,7 @@ if HAVE_GLUON:
         W_TMA: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
-        program (see the module docstring); grid ``min(tiles, SMs)``, 8 warps + the loader."""
+        program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader."""
         if ACTIVATION != 0:
             BLOCK_N: gl.constexpr = 2 * BLOCK_N_OUT
         else:
@@ -493,6 +494,10 @@ def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
     if bt not in RS_BLOCK_T or bk not in RS_BLOCK_K or rows not in RS_ROWS:
         return (f"tiles {bt}x{bn}x{bk}: expected BLOCK_SIZE_M in {RS_BLOCK_T}, BLOCK_SIZE_K in "
                 f"{RS_BLOCK_K} and {rows} weight rows in {RS_ROWS}")
+    warps = config.get("num_warps", 8)
+    if rows < 16 * warps:
+        return (f"tiles {bt}x{bn}x{bk}: {warps} consumer warps need at least {16 * warps} "
+                f"weight rows (64 per warpgroup); found {rows}")
     if bk == 128 and (bt > 64 or rows * bt > 8192):
         return (f"tiles {bt}x{bn}x{bk}: BLOCK_SIZE_K=128 needs BLOCK_SIZE_M <= 64 and "
                 f"{rows} weight rows x BLOCK_SIZE_M <= 8192 (registers)")
@@ -601,4 +606,4 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         ACTIVATION=activation_code, OUT_FRAG=out_fragment_order,
         IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn, BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
-        W_TMA=w_desc is not None, LOADER_REGS=LOADER_REGS, num_warps=8)
+        W_TMA=w_desc is not None, LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])

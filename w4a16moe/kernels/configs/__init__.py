@@ -48,8 +48,8 @@ OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
-#: RS configs: the Gluon kernel's two consumer warpgroups
-RS_WARPS = 8
+#: RS configs: the Gluon kernel's two or four consumer warpgroups
+RS_WARPS = (8, 16)
 
 #: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
 INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
@@ -85,8 +85,8 @@ def validate_config(config: object) -> dict:
         raise ValueError(f"FRAG_K needs BLOCK_SIZE_K >= 32; found {out['BLOCK_SIZE_K']}")
     rs = config.get("RS") is True
     if rs and (config.get("FRAG_K") is True or config.get("SWAP_AB", True) is not True
-               or out["num_warps"] != RS_WARPS):
-        raise ValueError(f"RS needs SWAP_AB, num_warps={RS_WARPS} and no FRAG_K; found "
+               or out["num_warps"] not in RS_WARPS):
+        raise ValueError(f"RS needs SWAP_AB, num_warps in {RS_WARPS} and no FRAG_K; found "
                          f"SWAP_AB={config.get('SWAP_AB', True)}, num_warps="
                          f"{out['num_warps']}, FRAG_K={config.get('FRAG_K')}")
     if config.get("FRAG_K") is True and out["num_warps"] > MAX_FRAG_WARPS:

@@ -47,7 +47,8 @@ DEFAULT_TOKENS = (64, 256, 1024, 4096)
 #: sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
 #: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
 #: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
-#: before, session 7 of the notes) for large experts at M >= 1024, "rsmidm" (the "midm"
+#: before, session 7 of the notes; four consumer warpgroups on 256-row tiles since session
+#: 9) for large experts at M >= 1024, "rsmidm" (the "midm"
 #: space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
 #: since its words come by TMA, session 9) for M = 16-256
 SPACES: dict[str, list[tuple]] = {
@@ -60,7 +61,9 @@ SPACES: dict[str, list[tuple]] = {
              (True, 128, 64, 4, 3, True), (False, 128, 64, 8, 3)],
     "rs": [(True, 128, 64, 8, 6, False, True), (True, 128, 64, 8, 8, False, True),
            (True, 256, 32, 8, 8, False, True), (True, 256, 32, 8, 12, False, True),
-           (True, 64, 64, 8, 6, False, True), (True, 64, 64, 4, 4, True),
+           (True, 64, 64, 8, 6, False, True), (True, 128, 64, 16, 6, False, True),
+           (True, 128, 64, 16, 4, False, True), (True, 256, 64, 16, 6, False, True),
+           (True, 64, 64, 4, 4, True),
            (True, 128, 64, 8, 4), (False, 128, 64, 8, 3)],
 }
 SPACES["rsmidm"] = SPACES["midm"] + [

@@ -1,0 +1,93 @@
+"""Device A/B of config tables at the layer level: the prefill layer (``fused_moe_prefill``,
+dense path included where a table's GEMM1 entry sets ``DENSE``) with each table's configs, and
+the bf16 GEMM1 + GEMM2 of prefill_tune.py (``torch._grouped_mm`` on expert-sorted rows, no
+routing, no activation: a lower bound of the bf16 layer), in one run.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_table_ab.py \\
+        --table shipped --table $OUT/new.json --cases mixtral-8x7b:1024,mixtral-8x7b:4096
+
+``--table shipped`` is the package's table for the GPU; any other value is a JSON file in
+the same format (``w4a16moe tune --out``). Per case every table's layer runs 3 times into a
+NaN-poisoned output against the float32 reference of the same dequantized weights and must
+repeat bit for bit (the dense path's cuBLAS GEMMs need not: reported), then all tables are
+timed in turn twice (CUDA-graph medians; the faster of each pair is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import check, experts_of, reference  # noqa: E402
+from prefill_tune import baseline_fn  # noqa: E402
+
+from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
+from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill  # noqa: E402
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing, time_cuda_graph  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--table", action="append", required=True,
+                    help="'shipped' or a config JSON file; repeat for each table")
+    ap.add_argument("--cases", default="mixtral-8x7b:1024,mixtral-8x7b:2048,mixtral-8x7b:4096")
+    ap.add_argument("--rep", type=float, default=20.0)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dtype = torch.bfloat16
+    cache: dict = {}
+    records = []
+    for case in args.cases.split(","):
+        model, m = case.split(":")
+        m = int(m)
+        s = MODEL_SHAPES[model]
+        h, i, e, k = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k
+        ex, w13d, w2d = experts_of(model, cache, dtype)
+        x = torch.randn(m, h, device=DEV, dtype=dtype)
+        w, ids = random_routing(m, s, DEV, seed=m)
+        layer_ref = reference(x, w13d, w2d, w, ids)[3]
+        ws = PrefillWorkspace.allocate(m, ex, k)
+        y = torch.empty(m, h, device=DEV, dtype=dtype)
+        fns, rec = {}, {"model": model, "M": m, "tables": {}}
+        for t in args.table:
+            file = None if t == "shipped" else t
+            cfgs = (get_prefill_config(m, 2 * i, h, e, k, dtype, DEV, config_file=file),
+                    get_prefill_config(m, h, i, e, k, dtype, DEV, config_file=file))
+            fn = functools.partial(fused_moe_prefill, x, ex, w, ids, out=y, workspace=ws,
+                                   configs=cfgs)
+            err, same = check(fn, y, layer_ref)
+            rec["tables"][t] = {"configs": list(cfgs), "err": err, "same": same}
+            if err < 2e-2:
+                fns[t] = fn
+        base, base_name = baseline_fn(m, s, w13d, w2d, ids, dtype)
+        fns["bf16 GEMMs"] = base
+        times: dict = {}
+        for _ in range(2):
+            for name, fn in fns.items():
+                t_us = time_cuda_graph(fn, args.rep)
+                times[name] = min(times.get(name, t_us), t_us)
+        for name, t_us in times.items():
+            rec["tables"].setdefault(name, {})["us"] = t_us
+        rec["bf16_impl"] = base_name
+        records.append(rec)
+        print(f"{model} M={m}: " + ", ".join(
+            f"{n} {v['us']:.1f} us" + (f" (err {v['err']:.1e}, same {v['same']})"
+                                       if "err" in v else "")
+            for n, v in rec["tables"].items() if "us" in v), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "prefill_table_ab.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "records": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -5,7 +5,8 @@ ablated variants are wrong by construction and only timed.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_rs_ablation.py --out $OUT
 
-Variants: ``full`` (the kernel as shipped, through the patch path, as a control),
+Variants: ``full`` (the kernel as shipped, through the patch path, as a control; ``--source``
+adds another version of the kernel file, e.g. the previous commit's, for an A/B),
 ``no-dequant`` (the words' halves bit-cast into the operand: no shift/LOP3/packed math),
 ``no-word-loads`` (a constant operand word instead of the shared-memory loads; the loader, its
 TMA/cp.async copies and the barriers unchanged), ``no-loader-words`` (the loader skips the
@@ -48,7 +49,8 @@ PATCHES = {
         "        hi = (words4 >> 16).to(gl.int16).to(vdtype, bitcast=True)\n")],
     "no-word-loads": [(
         "        words = gl.convert_layout(\n"
-        "            gl.reshape(wd_bufs.index(stage).load(words2d_layout), [BLOCK_N, T, 4]),\n"
+        "            gl.reshape(wd_bufs.index(stage).slice(ROW0, BLOCK_N).load(words2d_layout),\n"
+        "                       [BLOCK_N, T, 4]),\n"
         "            words_layout, assert_trivial=True)\n",
         "        words = gl.full([BLOCK_N, T, 4], 0x12345678, gl.int32,\n"
         "                        layout=words_layout) + i\n")],
@@ -66,10 +68,11 @@ PATCHES = {
 }
 
 
-def load_variant(name: str, tmpdir: str):
-    """The kernel module with ``PATCHES[name]`` applied, imported as a sibling module."""
-    src = open(prefill_rs.__file__).read()
-    for old, new in PATCHES[name]:
+def load_variant(name: str, tmpdir: str, source: str | None = None):
+    """The kernel module with ``PATCHES[name]`` applied (or the kernel source file ``source``
+    as is), imported as a sibling module."""
+    src = open(source or prefill_rs.__file__).read()
+    for old, new in ([] if source else PATCHES[name]):
         if src.count(old) != 1:
             raise RuntimeError(f"variant {name}: patch target not found once: {old[:60]!r}")
         src = src.replace(old, new)
@@ -88,11 +91,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default="mixtral-8x7b:16,qwen3-30b-a3b:64")
     ap.add_argument("--variants", default=",".join(PATCHES))
+    ap.add_argument("--source", action="append", default=[],
+                    help="NAME=PATH: also time another version of kernels/prefill_rs.py (e.g. "
+                         "the previous commit's, from git show) under NAME")
     ap.add_argument("--rep", type=float, default=15.0)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     tmpdir = tempfile.mkdtemp()
-    mods = {v: load_variant(v, tmpdir) for v in args.variants.split(",")}
+    mods = {v: load_variant(v, tmpdir) for v in args.variants.split(",") if v}
+    for item in args.source:
+        name, _, path = item.partition("=")
+        mods[name] = load_variant(name, tmpdir, source=path)
     real_launch = prefill_mod.launch_prefill_rs
     cache: dict = {}
     records = []

@@ -49,8 +49,7 @@ PATCHES = {
         "        hi = (words4 >> 16).to(gl.int16).to(vdtype, bitcast=True)\n")],
     "no-word-loads": [(
         "        words = gl.convert_layout(\n"
-        "            gl.reshape(wd_bufs.index(stage).slice(ROW0, BLOCK_N).load(words2d_layout),\n"
-        "                       [BLOCK_N, T, 4]),\n"
+        "            gl.reshape(wd_bufs.index(stage).load(words2d_layout), [BLOCK_N, T, 4]),\n"
         "            words_layout, assert_trivial=True)\n",
         "        words = gl.full([BLOCK_N, T, 4], 0x12345678, gl.int32,\n"
         "                        layout=words_layout) + i\n")],

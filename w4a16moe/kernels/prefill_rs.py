@@ -11,9 +11,8 @@ never goes through shared memory; the activations stay in natural K order. A pro
   (32 arrivals), and reads the tile's packed words ``[BLOCK_N, BLOCK_K/8]`` into the stage
   with one TMA copy (``W_TMA``; the barrier also expects its bytes) or, where the strides do
   not allow TMA, with the same cp.asyncs;
-* two or four **consumer** warpgroups (config ``num_warps`` 8 or 16), each its own partition
-  (the default one and workers) with BLOCK_N/2 or BLOCK_N/4 weight rows, so that the barriers
-  the compiler puts around a partition's mbarrier operations sync one warpgroup, not all:
+* two or four **consumer** warpgroups (the default partition, ``num_warps`` 8 or 16, BLOCK_N/2
+  or BLOCK_N/4 weight rows each):
   per step they wait for the stage and build their A operand: in it, lane ``c`` of a quad
   holds columns ``2c, 2c+1`` of each 8-column word of a 32-column run, which the ExLlama
   shuffle keeps at bits ``4c`` and ``16+4c`` of the word, so the quad's lanes read the same
@@ -67,9 +66,6 @@ except ImportError:  # pragma: no cover - depends on the installed triton
 
 #: registers per thread of the loader warp (setmaxnreg)
 LOADER_REGS = 64
-#: registers per thread of a worker consumer warpgroup (setmaxnreg), by the number of
-#: consumer warpgroups (the default one gets what is left, about as many)
-CONSUMER_REGS = {2: 232, 4: 104}
 #: read the packed words with TMA (one bulk copy per K step) where the strides allow; False:
 #: the loader warp cp.asyncs them in 16-byte pieces (benchmarks flip this for A/Bs)
 WEIGHT_TMA = True
@@ -249,16 +245,14 @@ if HAVE_GLUON:
         return sc0, zr0, sc1, zr1
 
     @gluon.jit
-    def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc, zr, bias, ROW0: gl.constexpr,
-                         vdtype: gl.constexpr,
+    def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc, zr, bias, vdtype: gl.constexpr,
                          HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                          pairs_layout: gl.constexpr, row_layout: gl.constexpr,
                          a_layout: gl.constexpr):
         """Step ``i``'s weight tile in the wgmma A-operand registers, once its words and
         activations have landed; fences the activation tile for wgmma. ``sc``/``zr``: the
-        step's scales and raw zeros per row (:func:`_rs_pair_scales`); the rows are the stage's
-        ``ROW0 .. ROW0 + BLOCK_N`` (this warpgroup's).
+        step's scales and raw zeros per row (:func:`_rs_pair_scales`).
 
         In the operand a thread (lane ``c`` of its quad) holds, per row and 32-column run,
         columns ``2c, 2c+1`` of each of the run's four 8-column words, i.e. value pair ``c``
@@ -283,8 +277,7 @@ if HAVE_GLUON:
         words2d_layout: gl.constexpr = _rs_words2d_layout(BLOCK_N, BLOCK_K,
                                                           words_layout).type.layout
         words = gl.convert_layout(
-            gl.reshape(wd_bufs.index(stage).slice(ROW0, BLOCK_N).load(words2d_layout),
-                       [BLOCK_N, T, 4]),
+            gl.reshape(wd_bufs.index(stage).load(words2d_layout), [BLOCK_N, T, 4]),
             words_layout, assert_trivial=True)
         c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
             3, pairs_layout))))
@@ -309,13 +302,9 @@ if HAVE_GLUON:
                      OUT_FRAG: gl.constexpr,
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
-                     STAGES: gl.constexpr, TILE_N_OUT: gl.constexpr, WG: gl.constexpr,
-                     num_warps: gl.constexpr):
-        """One consumer warpgroup (partition ``WG`` of the kernel's NUM_WG): for its
-        ``BLOCK_N`` rows of each ``TILE_N_OUT``-wide tile (output columns ``WG * BLOCK_N_OUT``
-        on) dequantize each step's words straight into the wgmma A-operand registers, wgmma
-        against the staged activation tile, release the stage (one arrival per warpgroup),
-        epilogue."""
+                     STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """Default partition: dequantize each step's words straight into the wgmma A-operand
+        registers, wgmma against the staged activation tile, epilogue."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
@@ -337,8 +326,7 @@ if HAVE_GLUON:
             vdtype: gl.constexpr = gl.bfloat16
 
         num_pid_m = gl.cdiv(EM, BLOCK_T)
-        ROW0: gl.constexpr = WG * BLOCK_N  # this warpgroup's first row in a stage
-        num_pid_n = N // TILE_N_OUT
+        num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
         num_steps = K // BLOCK_K
         ring = 0
@@ -347,7 +335,7 @@ if HAVE_GLUON:
             row0 = pid_m * BLOCK_T
             if row0 < num_post_padded:
                 expert = gl.load(expert_ids_ptr + pid_m)
-                n0 = pid_n * TILE_N_OUT + WG * BLOCK_N_OUT
+                n0 = pid_n * BLOCK_N_OUT
                 t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
                 slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
                 col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
@@ -380,18 +368,17 @@ if HAVE_GLUON:
                             i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
                             stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
                         a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
-                                              ROW0, vdtype, HAS_ZEROS, IS_FP16, BLOCK_N,
-                                              BLOCK_K, STAGES, pairs_layout, row_layout,
-                                              a_layout)
+                                              vdtype, HAS_ZEROS, IS_FP16, BLOCK_N, BLOCK_K,
+                                              STAGES, pairs_layout, row_layout, a_layout)
                         acc = warpgroup_mma(a0, x_bufs.index((ring + i) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
                         mbarrier.arrive(empty_bars.index((ring + i + STAGES - 1) % STAGES),
                                         count=1, pred=i > 0)
                         a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1,
-                                              bias, ROW0, vdtype, HAS_ZEROS, IS_FP16,
-                                              BLOCK_N, BLOCK_K, STAGES, pairs_layout,
-                                              row_layout, a_layout)
+                                              bias, vdtype, HAS_ZEROS, IS_FP16, BLOCK_N,
+                                              BLOCK_K, STAGES, pairs_layout, row_layout,
+                                              a_layout)
                         acc = warpgroup_mma(a1, x_bufs.index((ring + i + 1) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
@@ -431,12 +418,10 @@ if HAVE_GLUON:
         OUT_FRAG: gl.constexpr,
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
-        W_TMA: gl.constexpr, NUM_WG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-        LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        W_TMA: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
-        program (see the module docstring); grid ``min(tiles, SMs)``; ``NUM_WG`` consumer
-        partitions of ``num_warps`` (4) warps each, + the loader."""
+        program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader."""
         if ACTIVATION != 0:
             BLOCK_N: gl.constexpr = 2 * BLOCK_N_OUT
         else:
@@ -471,74 +456,23 @@ if HAVE_GLUON:
         x_ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1],
                                                  mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
-            mbarrier.init(empty_bars.index(s), count=NUM_WG)  # one arrival per warpgroup
+            mbarrier.init(empty_bars.index(s), count=1)
             mbarrier.init(x_ready_bars.index(s), count=READY_ARRIVALS)
-        # one partition per consumer warpgroup (the default one and NUM_WG - 1 workers), each
-        # with its BLOCK_N / NUM_WG rows of the tile: a partition's barriers then sync its own
-        # 128 threads only, so the warpgroups do not wait for each other every K step
-        # (the partitions' argument tuples are written out: a tuple built in a variable
-        # would turn the constexprs in it into tensors)
-        WG_N_OUT: gl.constexpr = BLOCK_N_OUT // NUM_WG
-        WG_N: gl.constexpr = BLOCK_N // NUM_WG
-        if NUM_WG == 2:
-            gl.warp_specialize([
-                (_rs_consumer, (
-                x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr, topk_weights_ptr,
-                sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, K, EM, num_valid_slots,
-                up_offset, stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
-                OUT_FRAG, IS_FP16, BLOCK_T, WG_N_OUT, WG_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                BLOCK_N_OUT, 0, num_warps)),
-                (_rs_consumer, (
-                x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr, topk_weights_ptr,
-                sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, K, EM, num_valid_slots,
-                up_offset, stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
-                OUT_FRAG, IS_FP16, BLOCK_T, WG_N_OUT, WG_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                BLOCK_N_OUT, 1, num_warps)),
-                (_rs_loader, (
-                a_ptr, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
-                x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM, num_valid_slots,
-                top_k, up_offset, stride_am, stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION,
-                BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA)),
-            ], [num_warps, 1], [CONSUMER_REGS, LOADER_REGS])
-        else:
-            gl.warp_specialize([
-                (_rs_consumer, (
-                x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr, topk_weights_ptr,
-                sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, K, EM, num_valid_slots,
-                up_offset, stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
-                OUT_FRAG, IS_FP16, BLOCK_T, WG_N_OUT, WG_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                BLOCK_N_OUT, 0, num_warps)),
-                (_rs_consumer, (
-                x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr, topk_weights_ptr,
-                sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, K, EM, num_valid_slots,
-                up_offset, stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
-                OUT_FRAG, IS_FP16, BLOCK_T, WG_N_OUT, WG_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                BLOCK_N_OUT, 1, num_warps)),
-                (_rs_consumer, (
-                x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr, topk_weights_ptr,
-                sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, K, EM, num_valid_slots,
-                up_offset, stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
-                OUT_FRAG, IS_FP16, BLOCK_T, WG_N_OUT, WG_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                BLOCK_N_OUT, 2, num_warps)),
-                (_rs_consumer, (
-                x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr, topk_weights_ptr,
-                sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, N, K, EM, num_valid_slots,
-                up_offset, stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
-                OUT_FRAG, IS_FP16, BLOCK_T, WG_N_OUT, WG_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                BLOCK_N_OUT, 3, num_warps)),
-                (_rs_loader, (
-                a_ptr, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
-                x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM, num_valid_slots,
-                top_k, up_offset, stride_am, stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION,
-                BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA)),
-            ], [num_warps, num_warps, num_warps, 1],
-                [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGS])
+        gl.warp_specialize([
+            (_rs_consumer, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
+                            topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+                            num_post_padded_ptr, N, K, EM, num_valid_slots, up_offset,
+                            stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                            stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
+                            MUL_ROUTED_WEIGHT,
+                            OUT_FRAG, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M,
+                            STAGES, num_warps)),
+            (_rs_loader, (a_ptr, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                          num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
+                          x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
+                          stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT,
+                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA)),
+        ], [1], [LOADER_REGS])
 
 
 
@@ -672,6 +606,4 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         ACTIVATION=activation_code, OUT_FRAG=out_fragment_order,
         IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn, BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
-        W_TMA=w_desc is not None, NUM_WG=config["num_warps"] // 4,
-        CONSUMER_REGS=CONSUMER_REGS[config["num_warps"] // 4], LOADER_REGS=LOADER_REGS,
-        num_warps=4)
+        W_TMA=w_desc is not None, LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])

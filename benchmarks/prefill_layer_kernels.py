@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import sys
 
@@ -19,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import experts_of  # noqa: E402
+from prefill_rs_ab import experts_of, write_records  # noqa: E402
 
 from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill  # noqa: E402
 from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing  # noqa: E402
@@ -62,9 +61,7 @@ def main() -> int:
     cache: dict = {}
     recs = [breakdown(c.split(":")[0], int(c.split(":")[1]), args.iters, cache)
             for c in args.cases.split(",")]
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prefill_layer_kernels.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "records": recs}, f, indent=1)
+    print("wrote", write_records(args.out, "prefill_layer_kernels.json", recs))
     return 0
 
 

@@ -103,6 +103,29 @@ def best_of_two(fn_a, fn_b, rep):
     return min(ta), min(tb)
 
 
+def write_records(out_dir: str, name: str, records: list, **meta) -> str:
+    """``{"device", "torch", **meta, "records"}`` as ``out_dir/name``; returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, **meta,
+                   "records": records}, f, indent=1)
+    return path
+
+
+def run_cases(run_case, args, name: str) -> int:
+    """``run_case(model, M, experts, w13 dequantized, w2 dequantized, args)`` for every
+    ``model:M`` of ``args.cases`` (one model's experts held at a time), records written to
+    ``args.out/name`` with ``args.gbps``."""
+    records: list = []
+    cache: dict = {}
+    for case in args.cases.split(","):
+        model, m = case.split(":")
+        records.append(run_case(model, int(m), *experts_of(model, cache), args))
+    print("wrote", write_records(args.out, name, records, gbps=args.gbps))
+    return 0
+
+
 def check(fn, out, ref):
     """3 runs into a poisoned ``out``: (max rel. error against ``ref``, repeats identical)."""
     first, same, err = None, True, 0.0
@@ -184,12 +207,7 @@ def main() -> int:
               f"{rec['layer_new_err']:.1e}, same {rec['layer_new_same']}); bf16 GEMMs "
               f"{rec['bf16_gemms_us']:.1f} us"
               + (f"; dense layer {rec['layer_dense_us']:.1f} us" if dense else ""), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "prefill_rs_ab.json")
-    with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "records": records}, f, indent=1)
-    print("wrote", path)
+    print("wrote", write_records(args.out, "prefill_rs_ab.json", records))
     return 0
 
 

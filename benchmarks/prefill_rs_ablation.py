@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import experts_of  # noqa: E402
+from prefill_rs_ab import experts_of, write_records  # noqa: E402
 
 import w4a16moe.kernels.prefill as prefill_mod  # noqa: E402
 from w4a16moe.kernels import prefill_rs  # noqa: E402
@@ -139,9 +138,7 @@ def main() -> int:
             print(f"{model} M={m} GEMM{which + 1} {cfg['BLOCK_SIZE_M']}x{cfg['BLOCK_SIZE_N']}x"
                   f"{cfg['BLOCK_SIZE_K']}s{cfg['num_stages']}: "
                   + ", ".join(f"{v} {t:.1f}" for v, t in times.items()), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prefill_rs_ablation.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "records": records}, f, indent=1)
+    print("wrote", write_records(args.out, "prefill_rs_ablation.json", records))
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -26,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import check, experts_of, reference  # noqa: E402
+from prefill_rs_ab import check, reference, run_cases  # noqa: E402
 
 from w4a16moe.bench.floors import distinct_experts, gemm_bytes  # noqa: E402
 from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
@@ -200,19 +199,7 @@ def main() -> int:
     ap.add_argument("--gbps", type=float, default=3078.0,
                     help="read bandwidth for the byte floor (RESULTS.md's measured value)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = ap.parse_args()
-    records = []
-    cache: dict = {}
-    for case in args.cases.split(","):
-        model, m = case.split(":")
-        records.append(run_case(model, int(m), *experts_of(model, cache), args))
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "prefill_rs_midm.json")
-    with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "gbps": args.gbps, "records": records}, f, indent=1)
-    print("wrote", path)
-    return 0
+    return run_cases(run_case, ap.parse_args(), "prefill_rs_midm.json")
 
 
 if __name__ == "__main__":

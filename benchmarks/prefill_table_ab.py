@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import check, experts_of, reference  # noqa: E402
+from prefill_rs_ab import check, experts_of, reference, write_records  # noqa: E402
 from prefill_tune import baseline_fn  # noqa: E402
 
 from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
@@ -83,9 +82,7 @@ def main() -> int:
             f"{n} {v['us']:.1f} us" + (f" (err {v['err']:.1e}, same {v['same']})"
                                        if "err" in v else "")
             for n, v in rec["tables"].items() if "us" in v), flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prefill_table_ab.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "records": records}, f, indent=1)
+    print("wrote", write_records(args.out, "prefill_table_ab.json", records))
     return 0
 
 

@@ -163,3 +163,19 @@ def test_rs_skip_reason_names_why_a_candidate_is_not_timed():
     reason = tune.rs_skip_reason({**cfg, "RS": True}, **call)   # tensors on the CPU
     assert reason is not None
     assert ("compute capability 9.x" if HAVE_GLUON else "gluon") in reason, reason
+
+
+def test_auto_space_per_token_count(monkeypatch):
+    """``--space auto`` (the default): the Gluon tiles on Hopper (rsmidm up to 256 tokens, rs
+    above), the broad Triton space elsewhere; named spaces pass through, unknown ones fail."""
+    parser = argparse.ArgumentParser()
+    tune.register(parser.add_subparsers())
+    assert parser.parse_args(["tune", "--model", "all"]).space == "auto"
+    monkeypatch.setattr(tune, "_gluon_hopper", lambda: True)
+    assert [tune.resolve_space("auto", m) for m in (16, 256, 257, 4096)] == [
+        "rsmidm", "rsmidm", "rs", "rs"]
+    monkeypatch.setattr(tune, "_gluon_hopper", lambda: False)
+    assert {tune.resolve_space("auto", m) for m in (16, 4096)} == {"default"}
+    assert tune.resolve_space("midm", 4096) == "midm"
+    with pytest.raises(ValueError, match=r"space is 'bogus'; expected 'auto' or one of"):
+        tune.resolve_space("bogus", 64)

@@ -71,6 +71,10 @@ SPACES["rsmidm"] = SPACES["midm"] + [
     (True, 128, 64, 8, 6, False, True),
     (True, 256, 128, 8, 4, False, True), (True, 256, 64, 8, 6, False, True),
     (True, 64, 128, 8, 6, False, True)]
+#: "auto" (the default of ``w4a16moe tune``): per M, the space that won such buckets on the
+#: H100 (benchmarks/notes_prefill.md, session 9): on a Hopper GPU with Gluon "rsmidm" up to
+#: this many tokens and "rs" above; on any other GPU "default" (the broadest Triton space)
+AUTO_SPLIT_TOKENS = 256
 #: skip candidates whose fp32 accumulators alone would need more registers per thread
 MAX_ACC_REGS = 128
 
@@ -107,6 +111,28 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
             cfg["RS"] = True
         out.append(cfg)
     return out
+
+
+def _gluon_hopper() -> bool:
+    """Whether the register-operand Gluon kernel can run here (Gluon, a 9.x CUDA GPU)."""
+    import torch
+
+    from .prefill_rs import HAVE_GLUON
+
+    return (HAVE_GLUON and torch.cuda.is_available()
+            and torch.cuda.get_device_capability()[0] == 9)
+
+
+def resolve_space(space: str, m: int) -> str:
+    """The candidate space to search at ``m`` tokens: ``space`` itself, or for ``"auto"``
+    the one :data:`AUTO_SPLIT_TOKENS` and the GPU select."""
+    if space == "auto":
+        if _gluon_hopper():
+            return "rsmidm" if m <= AUTO_SPLIT_TOKENS else "rs"
+        return "default"
+    if space not in SPACES:
+        raise ValueError(f"space is {space!r}; expected 'auto' or one of {sorted(SPACES)}")
+    return space
 
 
 def rs_skip_reason(config: dict, a, weights, out, *, activation: bool,
@@ -189,7 +215,7 @@ def tune_prefill(
     tokens: Iterable[int] = DEFAULT_TOKENS,
     *,
     dtype=None,
-    space: str = "default",
+    space: str = "auto",
     out: str | os.PathLike | None = None,
     rep_ms: float = 20.0,
     on_step: Callable[[int, int, str], None] | None = None,
@@ -200,7 +226,8 @@ def tune_prefill(
         models: names from :data:`MODEL_SHAPES`, or ``{name: ModelShape}``.
         tokens: token counts M to tune (the JSON's M buckets).
         dtype: activation dtype (default bfloat16).
-        space: candidate space name in :data:`SPACES`.
+        space: candidate space name in :data:`SPACES`, or ``"auto"`` (per M, see
+            :func:`resolve_space`).
         out: JSON file to write; an existing valid file there is merged into (its other
             entries kept).
         rep_ms: timing budget per candidate.
@@ -225,14 +252,15 @@ def tune_prefill(
     if not tokens or any(m <= 0 for m in tokens):
         raise ValueError(f"tokens are {tokens}; expected positive token counts")
 
+    spaces = {m: resolve_space(space, m) for m in tokens}
     plan = []
     for name, shape in shapes.items():
         for m in tokens:
             rows = m * shape.top_k / shape.num_experts
             for bm in block_m_candidates(rows):
                 plan.append((name, shape, m, bm,
-                             {"w13": candidate_configs(bm, rows, space, True),
-                              "w2": candidate_configs(bm, rows, space, False)}))
+                             {"w13": candidate_configs(bm, rows, spaces[m], True),
+                              "w2": candidate_configs(bm, rows, spaces[m], False)}))
     total = sum(len(c["w13"]) + len(c["w2"]) for *_, c in plan)
     done = 0
 
@@ -315,7 +343,12 @@ def tune_prefill(
             meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
 
     # where the entries came from: a merge keeps the earlier runs' account
-    provenance = f"{space} ({', '.join(shapes)}; M {', '.join(str(m) for m in tokens)})"
+    by_space: dict[str, list[int]] = {}
+    for m, sp in spaces.items():
+        by_space.setdefault(sp, []).append(m)
+    provenance = ("auto: " if space == "auto" else "") + ", ".join(
+        f"{sp} ({', '.join(shapes)}; M {', '.join(str(m) for m in ms)})"
+        for sp, ms in by_space.items())
     if old_space:
         provenance = f"{old_space}; then {provenance}"
     result = {"_meta": {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
@@ -643,8 +676,10 @@ def register(sub) -> None:
     p.add_argument("--tokens", default=",".join(map(str, DEFAULT_TOKENS)),
                    help="token counts M to tune, comma-separated (default: %(default)s)")
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    p.add_argument("--space", choices=sorted(SPACES), default="default",
-                   help="candidate space (default: %(default)s)")
+    p.add_argument("--space", choices=["auto", *sorted(SPACES)], default="auto",
+                   help="candidate space (default: %(default)s: on a Hopper GPU the "
+                        "register-operand Gluon tiles with the Triton winners, 'rsmidm' up to "
+                        f"{AUTO_SPLIT_TOKENS} tokens and 'rs' above; elsewhere 'default')")
     p.add_argument("--rep-ms", type=float, default=20.0,
                    help="timing budget per candidate in ms (default: %(default)s)")
     p.add_argument("--thresholds", action="store_true",

@@ -20,6 +20,7 @@ import argparse
 import functools
 import os
 import sys
+from typing import NamedTuple
 
 import torch
 
@@ -74,25 +75,56 @@ def rs_config(bt: int, bn: int, bk: int, stages: int, warps: int = 8) -> dict:
             "num_warps": warps, "num_stages": stages, "SWAP_AB": True, "RS": True}
 
 
-def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
-    """GEMM1, GEMM2 and the layer of ``model`` at ``m`` tokens: the table's configs against
-    the RS candidates; prints a summary and returns the record."""
+class CaseInputs(NamedTuple):
+    """One ``model:M`` case of the mid-M A/Bs (see :func:`case_inputs`)."""
+
+    dtype: torch.dtype
+    h: int
+    i: int
+    e: int
+    k: int
+    slots: int
+    x: torch.Tensor
+    w: torch.Tensor
+    ids: torch.Tensor
+    inter_ref: torch.Tensor
+    inter_b: torch.Tensor
+    out2_ref: torch.Tensor
+    layer_ref: torch.Tensor
+    table: tuple
+    rec: dict
+    inter: torch.Tensor
+    out2: torch.Tensor
+
+
+def case_inputs(model: str, m: int, ex, w13d, w2d, gbps: float) -> CaseInputs:
+    """Random bf16 inputs and routing of ``model`` at ``m`` tokens, the float32 references
+    (:func:`prefill_rs_ab.reference`), the table's (GEMM1, GEMM2) configs, the record started
+    with the byte floors (the touched experts' weights + scales, the GEMM's input and output,
+    at ``gbps``) and the two GEMMs' output buffers."""
     dtype = torch.bfloat16
     s = MODEL_SHAPES[model]
     h, i, e, k = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k
     slots = m * k
     x = torch.randn(m, h, device=DEV, dtype=dtype)
     w, ids = random_routing(m, s, DEV, seed=m)
-    inter_ref, inter_b, out2_ref, layer_ref = reference(x, w13d, w2d, w, ids)
+    refs = reference(x, w13d, w2d, w, ids)
     table = (get_prefill_config(m, 2 * i, h, e, k, dtype, DEV),
              get_prefill_config(m, h, i, e, k, dtype, DEV))
-    # byte floors: the touched experts' weights + scales, the GEMM's input and output
     u, g = distinct_experts(ids), ex.w13.group_size
     rec = {"model": model, "M": m, "table": list(table),
-           "floor_us": [gemm_bytes(u, 2 * i, h, g, m, slots, i) / (args.gbps * 1e3),
-                        gemm_bytes(u, h, i, g, slots, slots) / (args.gbps * 1e3)]}
-    inter = torch.empty(slots, i, device=DEV, dtype=dtype)
-    out2 = torch.empty(slots, h, device=DEV, dtype=dtype)
+           "floor_us": [gemm_bytes(u, 2 * i, h, g, m, slots, i) / (gbps * 1e3),
+                        gemm_bytes(u, h, i, g, slots, slots) / (gbps * 1e3)]}
+    return CaseInputs(dtype, h, i, e, k, slots, x, w, ids, *refs, table, rec,
+                      torch.empty(slots, i, device=DEV, dtype=dtype),
+                      torch.empty(slots, h, device=DEV, dtype=dtype))
+
+
+def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
+    """GEMM1, GEMM2 and the layer of ``model`` at ``m`` tokens: the table's configs against
+    the RS candidates; prints a summary and returns the record."""
+    (dtype, h, i, e, k, slots, x, w, ids, inter_ref, inter_b, out2_ref, layer_ref, table, rec,
+     inter, out2) = case_inputs(model, m, ex, w13d, w2d, args.gbps)
     blocks = {}
 
     def gemm_fn(which, cfg):

@@ -25,12 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import check, reference, run_cases  # noqa: E402
-from prefill_rs_midm import parse_candidates, rs_config  # noqa: E402
+from prefill_rs_ab import check, run_cases  # noqa: E402
+from prefill_rs_midm import case_inputs, parse_candidates, rs_config  # noqa: E402
 
-from w4a16moe.bench.floors import distinct_experts, gemm_bytes  # noqa: E402
 from w4a16moe.kernels import prefill_rs  # noqa: E402
-from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
 from w4a16moe.kernels.prefill import (  # noqa: E402
     PrefillWorkspace,
     _fragment_tiles,
@@ -38,7 +36,7 @@ from w4a16moe.kernels.prefill import (  # noqa: E402
     fused_moe_prefill,
     prefill_gemm,
 )
-from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing, time_cuda_graph  # noqa: E402
+from w4a16moe.kernels.tune import time_cuda_graph  # noqa: E402
 from w4a16moe.routing import align_block_size  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -91,21 +89,10 @@ def fmt(row: dict) -> str:
 
 
 def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
-    dtype = torch.bfloat16
-    s = MODEL_SHAPES[model]
-    h, i, e, k = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k
-    slots = m * k
-    x = torch.randn(m, h, device=DEV, dtype=dtype)
-    w, ids = random_routing(m, s, DEV, seed=m)
-    inter_ref, inter_b, out2_ref, layer_ref = reference(x, w13d, w2d, w, ids)
-    table = (get_prefill_config(m, 2 * i, h, e, k, dtype, DEV),
-             get_prefill_config(m, h, i, e, k, dtype, DEV))
-    u, g = distinct_experts(ids), ex.w13.group_size
-    rec = {"model": model, "M": m, "table": list(table),
-           "floor_us": [gemm_bytes(u, 2 * i, h, g, m, slots, i) / (args.gbps * 1e3),
-                        gemm_bytes(u, h, i, g, slots, slots) / (args.gbps * 1e3)]}
-    inter = torch.empty(slots, i, device=DEV, dtype=dtype)
-    out2 = torch.empty(slots, h, device=DEV, dtype=dtype)
+    """GEMM1, GEMM2 (table config and candidates) and the layer of ``model`` at ``m`` tokens,
+    TMA words against cp.async; prints a summary and returns the record."""
+    (dtype, h, i, e, k, slots, x, w, ids, inter_ref, inter_b, out2_ref, layer_ref, table, rec,
+     inter, out2) = case_inputs(model, m, ex, w13d, w2d, args.gbps)
     blocks = {}
     for which, cands in ((0, args.gemm1_rs), (1, args.gemm2_rs)):
         a_in, w_in, out_c, ref_c = ((x, ex.w13, inter, inter_ref) if which == 0 else

@@ -37,10 +37,10 @@ from w4a16moe.kernels.prefill import (  # noqa: E402
     fused_moe_prefill,
     prefill_gemm,
 )
-from w4a16moe.kernels.prefill_rs import rs_unsupported  # noqa: E402
 from w4a16moe.kernels.tune import (  # noqa: E402
     MODEL_SHAPES,
     random_routing,
+    rs_skip_reason,
     time_cuda_graph,
 )
 from w4a16moe.routing import align_block_size  # noqa: E402
@@ -153,10 +153,7 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
                 fn, out_c, ref_c = gemm_fn(which, cfg)
                 row = {"config": cfg}
                 a_in, w_in = (x, ex.w13) if which == 0 else (inter_b, ex.w2)
-                reason = rs_unsupported(
-                    device=DEV, k=w_in.k, n_out=out_c.shape[1], group_size=w_in.group_size,
-                    config=cfg, has_perm=False, a_fragment_order=False, atomic_topk_sum=False,
-                    activation=which == 0, a=a_in, out=out_c, qweight=w_in.qweight)
+                reason = rs_skip_reason(cfg, a_in, w_in, out_c, activation=which == 0)
                 if reason is not None:  # it would time the Triton fallback: skip
                     row["error"] = f"not on the Gluon kernel: {reason}"
                     rows.append(row)

@@ -36,20 +36,12 @@ from w4a16moe.kernels.prefill import (  # noqa: E402
     fused_moe_prefill,
     prefill_gemm,
 )
-from w4a16moe.kernels.tune import time_cuda_graph  # noqa: E402
+from w4a16moe.kernels.tune import rs_skip_reason, time_cuda_graph  # noqa: E402
 from w4a16moe.routing import align_block_size  # noqa: E402
 
 DEV = torch.device("cuda")
 CASES = ("mixtral-8x7b:16,mixtral-8x7b:64,mixtral-8x7b:256,qwen3-30b-a3b:64,"
          "qwen3-30b-a3b:256,mixtral-8x7b:1024,mixtral-8x7b:4096")
-
-
-def on_gluon(cfg: dict, which: int, a, weights, out) -> bool:
-    """Whether ``cfg`` runs this GEMM on the Gluon kernel (else TMA changes nothing)."""
-    return bool(cfg.get("RS")) and prefill_rs.rs_unsupported(
-        device=DEV, k=weights.k, n_out=out.shape[1], group_size=weights.group_size,
-        config=cfg, has_perm=False, a_fragment_order=False, atomic_topk_sum=False,
-        activation=which == 0, a=a, out=out, qweight=weights.qweight) is None
 
 
 def ab(fn, out, ref, rep: float, both: bool) -> dict:
@@ -109,7 +101,8 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
                   dict(mul_routed_weight=True, a_is_slots=True))
             fn = functools.partial(prefill_gemm, a, w_in, blocks[bm], ids, w, top_k=k,
                                    out=out_c, config=cfg, a_fragment_order=frag, **kw)
-            gluon = on_gluon(cfg, which, a_in, w_in, out_c)
+            gluon = bool(cfg.get("RS")) and rs_skip_reason(
+                cfg, a_in, w_in, out_c, activation=which == 0) is None
             if cfg is not table[which] and not gluon:
                 continue  # a candidate the Gluon kernel does not run: nothing to compare
             row = {"config": cfg, "table": cfg is table[which],

@@ -504,18 +504,24 @@ def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
     return None
 
 
+def gluon_unsupported(device: torch.device) -> str | None:
+    """Why the Gluon kernel cannot run on ``device`` at all (no Gluon, not a 9.x CUDA GPU),
+    or None."""
+    if not HAVE_GLUON:
+        return "triton.experimental.gluon is not available"
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return f"{device} is not a compute capability 9.x GPU"
+    return None
+
+
 def rs_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int, config: dict,
                    has_perm: bool, a_fragment_order: bool, atomic_topk_sum: bool,
                    activation: bool, a: torch.Tensor, out: torch.Tensor,
                    qweight: torch.Tensor) -> str | None:
     """Why an ``RS`` config cannot run this call on the Gluon kernel (the caller then runs the
-    Triton kernel with the same tiles on one warpgroup), or None when it can."""
+    Triton kernel with the same tiles), or None when it can."""
     bn, bk = config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
-    if not HAVE_GLUON:
-        return "triton.experimental.gluon is not available"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return f"{device} is not a compute capability 9.x GPU"
-    reason = rs_tiles_unsupported(config, activation)
+    reason = gluon_unsupported(device) or rs_tiles_unsupported(config, activation)
     if reason is not None:
         return reason
     if k % (2 * bk) or group_size % bk:

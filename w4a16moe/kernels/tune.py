@@ -114,13 +114,13 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
 
 
 def _gluon_hopper() -> bool:
-    """Whether the register-operand Gluon kernel can run here (Gluon, a 9.x CUDA GPU)."""
+    """Whether the register-operand Gluon kernel can run on this GPU."""
     import torch
 
-    from .prefill_rs import HAVE_GLUON
+    from .prefill_rs import gluon_unsupported
 
-    return (HAVE_GLUON and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] == 9)
+    return (torch.cuda.is_available()
+            and gluon_unsupported(torch.device("cuda", torch.cuda.current_device())) is None)
 
 
 def resolve_space(space: str, m: int) -> str:

@@ -40,9 +40,9 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: DENSE (GEMM1's entry only) runs the layer as dequantize-to-16-bit + torch._grouped_mm
 #: where that measured faster (few large experts at large M; see kernels/prefill.py)
 #: RS runs the register-operand Gluon kernel on Hopper (kernels/prefill_rs.py): SWAP_AB
-#: tiles on two warpgroups (num_warps 8), activations in natural order (no FRAG_K); where
-#: that kernel does not apply (other GPUs, no Gluon, unsupported options) the same tiles run
-#: on the Triton kernel
+#: tiles on two or four consumer warpgroups (num_warps 8 or 16), activations in natural
+#: order (no FRAG_K); where that kernel does not apply (other GPUs, no Gluon, unsupported
+#: options) the same tiles run on the Triton kernel
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False)}
 

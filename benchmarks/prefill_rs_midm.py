@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 import sys
 from typing import NamedTuple
 
@@ -54,25 +55,29 @@ BLOCK_T = (16, 32)
 
 
 def parse_candidates(text: str) -> list[tuple[int, ...]]:
-    """``"128x128s4,256x128s4w16"`` -> [(BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages[, num_warps]),
-    ...] (``wN``: the consumer warps, 8 when absent)"""
+    """``"128x128s4,256x128s4w16,64x64s4t256g8"`` -> [(BLOCK_SIZE_N, BLOCK_SIZE_K,
+    num_stages, num_warps, BLOCK_SIZE_M or None, GROUP_SIZE_M), ...] (``wN``: the consumer
+    warps, 8 when absent; ``tN``: the token tile, the table's when absent; ``gN``:
+    GROUP_SIZE_M, 1 when absent)"""
     out = []
     for item in text.split(","):
-        try:
-            tiles, rest = item.split("s")
-            stages, _, warps = rest.partition("w")
-            bn, bk = tiles.split("x")
-            out.append((int(bn), int(bk), int(stages)) + ((int(warps),) if warps else ()))
-        except ValueError:
+        m = re.fullmatch(r"(\d+)x(\d+)s(\d+)(?:w(\d+))?(?:t(\d+))?(?:g(\d+))?", item.strip())
+        if m is None:
             raise argparse.ArgumentTypeError(
-                f"candidate {item!r}: expected BNxBKsSTAGES[wWARPS], e.g. 128x128s4 or "
-                "256x128s4w16") from None
+                f"candidate {item!r}: expected BNxBKsSTAGES[wWARPS][tTOKENS][gGROUP], e.g. "
+                "128x128s4, 256x128s4w16 or 64x64s4t256g8")
+        bn, bk, stages, warps, bt, group = m.groups()
+        out.append((int(bn), int(bk), int(stages), int(warps or 8),
+                    int(bt) if bt else None, int(group or 1)))
     return out
 
 
-def rs_config(bt: int, bn: int, bk: int, stages: int, warps: int = 8) -> dict:
-    return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 1,
-            "num_warps": warps, "num_stages": stages, "SWAP_AB": True, "RS": True}
+def rs_config(bt: int, bn: int, bk: int, stages: int, warps: int = 8, tokens: int | None = None,
+              group: int = 1) -> dict:
+    """An RS config; ``tokens`` (when given) overrides the token tile ``bt``."""
+    return {"BLOCK_SIZE_M": tokens or bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
+            "GROUP_SIZE_M": group, "num_warps": warps, "num_stages": stages, "SWAP_AB": True,
+            "RS": True}
 
 
 class CaseInputs(NamedTuple):

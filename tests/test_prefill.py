@@ -22,6 +22,7 @@ from w4a16moe.kernels.prefill import (
     dequantize_dense,
     fragment_order_columns,
     fused_moe_prefill,
+    gather_sorted_rows,
     prefill_gemm,
 )
 from w4a16moe.quantize import random_experts
@@ -197,6 +198,111 @@ def test_activations_and_output_in_fragment_order(frag):
         e3, x3, w3, ids3 = make_case(6, 64, 40, 4, 2, group_size=-1, seed=15)
         prefill_gemm(x3, e3.w13, align_block_size(ids3, 16, 4), ids3, w3, top_k=2,
                      activation="silu", config=cfg, out_fragment_order=True)
+
+
+def test_gather_sorted_rows():
+    """Row p of the gather is the activation of slot sorted_token_ids[p] (by token, or by
+    slot); padding positions in the blocks are zero; rows after the used blocks are left as
+    they are."""
+    experts, x, w, ids = make_case(11, 64, 32, 4, 3, seed=31)
+    blocks = align_block_size(ids, 16, 4)
+    sorted_ids = blocks.sorted_token_ids.long()
+    em = sorted_ids.numel()
+    out = torch.full((em + 5, 64), 7.0, dtype=x.dtype, device=DEVICE)
+    got = gather_sorted_rows(x, blocks, top_k=3, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    valid = sorted_ids < 33
+    npp = int(blocks.num_tokens_post_padded.item())
+    assert npp < em and torch.equal(out[:em][valid], x[sorted_ids[valid] // 3])
+    pad = out[:npp][~valid[:npp]]
+    assert pad.numel() and torch.equal(pad, torch.zeros_like(pad))
+    assert (out[npp:] == 7).all()
+    slots = torch.randn(33, 64, dtype=x.dtype, device=DEVICE)
+    by_slot = gather_sorted_rows(slots, blocks, top_k=3, a_is_slots=True)
+    assert torch.equal(by_slot[valid], slots[sorted_ids[valid]])
+    with pytest.raises(ValueError, match=r"out has shape \(4, 64\)"):
+        gather_sorted_rows(x, blocks, top_k=3, out=out[:4])
+
+
+@pytest.mark.parametrize("frag", [False, True])
+def test_sorted_rows_match_the_gathered_gemms(frag):
+    """prefill_gemm on activations in sorted order (a_sorted) and writing its output so
+    (out_sorted) gives, position for position, the gathered result bit for bit; remote
+    experts' rows stay zero."""
+    m, top_k, e = 10, 2, 4
+    experts, x, w, ids = make_case(m, 64, 32, e, top_k, symmetric=False, seed=32)
+    expert_map = torch.tensor([0, -1, 1, 2], dtype=torch.int32, device=DEVICE)
+    local = experts.select_experts(torch.tensor([0, 2, 3], device=DEVICE))
+    blocks = align_block_size(ids, 16, e, expert_map)
+    cfg = {**cfgmod.INTERPRETER_CONFIG, "FRAG_K": frag}
+    xa = fragment_order_columns(x) if frag else x
+    sorted_ids = blocks.sorted_token_ids.long()
+    em, slots = sorted_ids.numel(), m * top_k
+    pos = (sorted_ids < slots).nonzero().flatten()
+    # GEMM1: gathered vs sorted in, sorted out
+    ref1 = prefill_gemm(xa, local.w13, blocks, ids, w, top_k=top_k, activation="silu",
+                        config=cfg, a_fragment_order=frag)
+    x_sorted = gather_sorted_rows(xa, blocks, top_k=top_k)
+    out1 = torch.full((em, 32), float("nan"), dtype=x.dtype, device=DEVICE)
+    prefill_gemm(x_sorted, local.w13, blocks, ids, w, top_k=top_k, activation="silu",
+                 config=cfg, a_fragment_order=frag, a_sorted=True, out_sorted=True, out=out1)
+    assert torch.equal(out1[pos], ref1[sorted_ids[pos]])
+    # GEMM2: its sorted input from GEMM1's sorted output
+    ref2 = prefill_gemm(ref1, local.w2, blocks, ids, w, top_k=top_k, a_is_slots=True,
+                        mul_routed_weight=True, config=cfg)
+    got2 = prefill_gemm(out1, local.w2, blocks, ids, w, top_k=top_k, a_is_slots=True,
+                        mul_routed_weight=True, config=cfg, a_sorted=True)
+    assert torch.equal(got2, ref2)
+    remote = expert_map[ids.reshape(-1).long()] < 0
+    assert remote.any() and torch.equal(got2[remote], torch.zeros_like(got2[remote]))
+
+
+@pytest.mark.parametrize("sorted1,sorted2,atomic", [
+    (True, False, False), (False, True, False), (True, True, False), (True, True, True)])
+def test_sorted_rows_layer(sorted1, sorted2, atomic):
+    """SORTED_ROWS on GEMM1's and/or GEMM2's config: the layer against the reference, with
+    and without a workspace (whose buffers then hold the sorted rows)."""
+    experts, x, w, ids = make_case(13, 64, 32, 3, 2, symmetric=False, seed=33)
+    cfg1 = {**cfgmod.INTERPRETER_CONFIG, "SORTED_ROWS": sorted1}
+    cfg2 = {**cfgmod.INTERPRETER_CONFIG, "SORTED_ROWS": sorted2}
+    plain = run_and_compare(experts, x, w, ids, atomic=atomic,
+                            configs=(cfgmod.INTERPRETER_CONFIG, cfgmod.INTERPRETER_CONFIG))
+    got = run_and_compare(experts, x, w, ids, configs=(cfg1, cfg2), atomic=atomic)
+    if not atomic:
+        assert torch.equal(got, plain)
+    em = align_block_size(ids, 16, 3).sorted_token_ids.numel()
+    for sorted_block in (0, 16):
+        ws = PrefillWorkspace.allocate(13, experts, top_k=2, sorted_block=sorted_block)
+        ptrs = (ws.intermediate.data_ptr(), ws.gemm2_out.data_ptr())
+        got_ws = run_and_compare(experts, x, w, ids, configs=(cfg1, cfg2), atomic=atomic,
+                                 workspace=ws)
+        if not atomic:
+            assert torch.equal(got_ws, plain)
+        # sized for the blocks: nothing replaced; else the first call grew the buffers
+        assert ws.intermediate.shape[0] >= em and ws.gemm2_out.shape[0] >= em
+        same = ptrs == (ws.intermediate.data_ptr(), ws.gemm2_out.data_ptr())
+        assert same == (sorted_block == 16)
+        again = run_and_compare(experts, x, w, ids, configs=(cfg1, cfg2), atomic=atomic,
+                                workspace=ws)
+        assert ws.intermediate.shape[0] >= em
+        if not atomic:
+            assert torch.equal(again, plain)
+
+
+def test_sorted_rows_validation():
+    experts, x, w, ids = make_case(4, 64, 32, 3, 2, seed=34)
+    blocks = align_block_size(ids, 16, 3)
+    em = blocks.sorted_token_ids.numel()
+    with pytest.raises(ValueError, match=rf"expected at least \({em}, 64\) with a_sorted"):
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, a_sorted=True)
+    with pytest.raises(ValueError, match="atomic_topk_sum and out_sorted"):
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2,
+                     atomic_topk_sum=True, out_sorted=True)
+    with pytest.raises(ValueError, match=rf"expected at least \({em}, 32\)"):
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu",
+                     out_sorted=True, out=torch.empty(8, 32, dtype=x.dtype, device=DEVICE))
+    with pytest.raises(ValueError, match="SORTED_ROWS is 1"):
+        cfgmod.validate_config({**WIDE_K, "SORTED_ROWS": 1})
 
 
 def test_fragment_order_needs_wide_k():

@@ -17,7 +17,7 @@ from conftest import DEVICE, ON_GPU
 
 from w4a16moe.kernels import configs as cfgmod
 from w4a16moe.kernels import prefill_rs
-from w4a16moe.kernels.prefill import fused_moe_prefill, prefill_gemm
+from w4a16moe.kernels.prefill import fused_moe_prefill, gather_sorted_rows, prefill_gemm
 from w4a16moe.quantize import random_experts
 from w4a16moe.reference import moe_reference
 from w4a16moe.routing import align_block_size, fused_topk
@@ -60,6 +60,17 @@ def test_rs_tiles_for_sixteen_warps():
     assert prefill_rs.rs_tiles_unsupported(rs_config(16, 128, 128, 4, 16), True) is None
     assert "16 consumer warps" in prefill_rs.rs_tiles_unsupported(
         rs_config(16, 128, 64, 4, 16), False)
+
+
+def test_rs_tiles_for_256_tokens():
+    """256-token tiles: one 64x256 accumulator per warpgroup (8 warps, 128 weight rows),
+    BLOCK_SIZE_K at most 64."""
+    assert prefill_rs.rs_tiles_unsupported(rs_config(256, 128, 64, 5), False) is None
+    assert prefill_rs.rs_tiles_unsupported(rs_config(256, 64, 32, 8), True) is None
+    for cfg, act in ((rs_config(256, 256, 64, 4), False), (rs_config(256, 128, 128, 4), False),
+                     (rs_config(256, 256, 64, 4, 16), False), (rs_config(256, 128, 64, 4), True)):
+        assert "BLOCK_SIZE_M=256 needs 8 consumer warps" in prefill_rs.rs_tiles_unsupported(
+            cfg, act)
 
 
 def test_rs_unsupported_names_the_reason():
@@ -108,7 +119,7 @@ def repeat_runs(runs, like, **kwargs):
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("tiles", [(128, 128, 64, 6), (64, 128, 64, 4), (128, 256, 32, 8),
                                    (16, 128, 128, 4), (32, 256, 64, 6), (16, 256, 128, 4, 16),
-                                   (64, 256, 64, 6, 16)])
+                                   (64, 256, 64, 6, 16), (256, 128, 64, 5)])
 @pytest.mark.parametrize("m", [1, 37, 300])
 def test_rs_gemms_match_the_triton_kernel(dtype, symmetric, tiles, m):
     """GEMM1 (fused SiLU*up, its output also in fragment order) and GEMM2 (router weight,
@@ -148,6 +159,50 @@ def test_rs_gemms_match_the_triton_kernel(dtype, symmetric, tiles, m):
 
 
 @hopper_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight_tma", [True, False])
+@pytest.mark.parametrize("tiles", [(128, 128, 64, 6), (64, 256, 64, 6, 16), (16, 128, 128, 4),
+                                   (128, 256, 32, 8), (256, 128, 64, 5), (256, 128, 32, 8)])
+def test_rs_sorted_rows_equal_the_gathered_gemms(dtype, weight_tma, tiles, monkeypatch):
+    """Activations in sorted order read by TMA (a_sorted) and the output written in sorted
+    order (out_sorted), with the words by TMA or by cp.async: the same bits, position for
+    position, as the gathered GEMMs on the Gluon kernel; remote experts' rows zero."""
+    monkeypatch.setattr(prefill_rs, "WEIGHT_TMA", weight_tma)
+    bm, bn, bk, stages, *warps = tiles
+    warps = warps[0] if warps else 8
+    e, h, i, top_k, m = 8, 512, 512 if bk == 128 else 384, 2, 300
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=False, dtype=dtype, seed=41)
+    expert_map = torch.tensor([0, 1, 2, 3, -1, -1, 4, 5], dtype=torch.int32, device=DEVICE)
+    local = experts.select_experts(torch.tensor([0, 1, 2, 3, 6, 7], device=DEVICE))
+    blocks = align_block_size(ids, bm, e, expert_map)
+    sorted_ids = blocks.sorted_token_ids.long()
+    em, slots = sorted_ids.numel(), m * top_k
+    pos = (sorted_ids < slots).nonzero().flatten()
+    cfg1, cfg2 = rs_config(bm, bn // 2, bk, stages, warps), rs_config(bm, bn, bk, stages, warps)
+    x_sorted = gather_sorted_rows(x, blocks, top_k=top_k)
+    assert prefill_rs.sorted_rows_unsupported(x_sorted, rows=em) is None
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
+    ref1 = prefill_gemm(x, local.w13, activation="silu", config=cfg1, **common)
+    for _ in range(2):
+        out1 = torch.full((em, i), float("nan"), dtype=dtype, device=DEVICE)
+        prefill_gemm(x_sorted, local.w13, activation="silu", config=cfg1, a_sorted=True,
+                     out_sorted=True, out=out1, **common)
+        assert torch.equal(out1[pos], ref1[sorted_ids[pos]])
+    want = prefill_gemm(x, local.w13, activation="silu", config=triton_tiles(cfg1), **common)
+    err = ((ref1.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), f"GEMM1 {err:.2e}"
+    ref2 = prefill_gemm(ref1, local.w2, a_is_slots=True, mul_routed_weight=True, config=cfg2,
+                        **common)
+    for _ in range(2):
+        got2 = torch.full((slots, h), float("nan"), dtype=dtype, device=DEVICE)
+        prefill_gemm(out1, local.w2, a_is_slots=True, mul_routed_weight=True, config=cfg2,
+                     a_sorted=True, out=got2, **common)
+        assert torch.equal(got2, ref2)
+    remote = expert_map[ids.reshape(-1).long()] < 0
+    assert remote.any() and torch.equal(got2[remote], torch.zeros_like(got2[remote]))
+
+
+@hopper_only
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 def test_rs_gemm1_activations(activation):
     """The other fused activations of GEMM1 on the Gluon kernel against the Triton kernel."""
@@ -164,16 +219,20 @@ def test_rs_gemm1_activations(activation):
 
 
 @hopper_only
-@pytest.mark.parametrize("on_input", [False, True])
-def test_rs_layer_with_expert_map(on_input):
+@pytest.mark.parametrize("on_input,sorted_rows", [(False, False), (True, False),
+                                                  (False, True), (True, True)])
+def test_rs_layer_with_expert_map(on_input, sorted_rows):
     """The whole prefill layer with an RS GEMM2 (and an RS GEMM1) against the float32
-    reference, with experts of another rank (-1 blocks write zero rows)."""
+    reference, with experts of another rank (-1 blocks write zero rows); with
+    ``sorted_rows`` both GEMMs read their activations in sorted order (SORTED_ROWS)."""
     e, h, i, top_k, m = 8, 512, 256, 2, 200
     experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=False, seed=3)
     expert_map = torch.tensor([0, 1, 2, 3, -1, -1, 4, 5], dtype=torch.int32, device=DEVICE)
     local = random_experts(6, h, i, group_size=128, symmetric=False, dtype=torch.bfloat16,
                            device=DEVICE, seed=4)
     cfg1, cfg2 = rs_config(128, 64, 64, 6), rs_config(128, 128, 64, 6)
+    if sorted_rows:
+        cfg1, cfg2 = {**cfg1, "SORTED_ROWS": True}, {**cfg2, "SORTED_ROWS": True}
     out = torch.full((m, h), float("nan"), dtype=x.dtype, device=DEVICE)
     got = fused_moe_prefill(x, local, w, ids, expert_map=expert_map, out=out,
                             configs=(cfg1, cfg2), apply_router_weight_on_input=on_input)
@@ -244,6 +303,16 @@ def test_rs_scale_loads_for_every_group_size(group_size):
         err = ((runs[0].float() - want.float()).abs().max()
                / want.float().abs().max()).item()
         assert err < 2e-2, f"G={group_size} strides {weights.scales.stride()}: {err:.2e}"
+
+
+def test_sorted_rows_rules():
+    """TMA reads sorted rows only from a 2-D tensor with enough rows, unit columns and a
+    16-byte aligned base and row stride (else prefill_gemm runs the Triton kernel)."""
+    a = torch.zeros(64, 256, dtype=torch.bfloat16)
+    assert prefill_rs.sorted_rows_unsupported(a, rows=64) is None
+    assert "at least 65 rows" in prefill_rs.sorted_rows_unsupported(a, rows=65)
+    assert "16-byte" in prefill_rs.sorted_rows_unsupported(a[:, 1:], rows=8)
+    assert "16-byte" in prefill_rs.sorted_rows_unsupported(a[:, ::2], rows=8)
 
 
 def test_weight_tma_rules_and_descriptor():

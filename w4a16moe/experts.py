@@ -222,8 +222,21 @@ class HybridW4A16MoEExperts(nn.Module):
         ws = self._prefill_ws
         if ws is None or ws.intermediate.shape[0] < m * self.top_k:
             ws = self._prefill_ws = PrefillWorkspace.allocate(
-                max(m, 1), ex, self.top_k, num_global_experts=self.num_global_experts)
+                max(m, 1), ex, self.top_k, num_global_experts=self.num_global_experts,
+                sorted_block=self._sorted_block(max(m, 1)))
         return ws
+
+    def _sorted_block(self, m: int) -> int:
+        """BLOCK_SIZE_M of the prefill configs for ``m`` tokens when they read sorted rows
+        (``SORTED_ROWS``: the workspace then makes room for them), else 0."""
+        from .kernels.configs import get_prefill_config
+
+        ex, i, h = self.experts, self.experts.intermediate_size, self.experts.hidden_size
+        cfgs = [get_prefill_config(m, n, k, ex.num_experts, self.top_k, ex.dtype, ex.device)
+                for n, k in ((2 * i, h), (h, i))]
+        if any(c.get("SORTED_ROWS") for c in cfgs):
+            return cfgs[0]["BLOCK_SIZE_M"]
+        return 0
 
     # -- forward --------------------------------------------------------------------------
     def choose_path(self, num_tokens: int) -> str:

@@ -38,7 +38,7 @@ from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
 from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
-from .prefill_rs import launch_prefill_rs, rs_unsupported
+from .prefill_rs import launch_prefill_rs, rs_unsupported, sorted_rows_unsupported
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
 ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -334,6 +334,8 @@ def _prefill_kernel(
     GROUP_SIZE: tl.constexpr,
     GROUP_MODE: tl.constexpr,
     A_IS_SLOTS: tl.constexpr,
+    A_SORTED: tl.constexpr,
+    C_SORTED: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_PERM: tl.constexpr,
@@ -353,13 +355,15 @@ def _prefill_kernel(
 ):
     """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] for the slots of one sorted block.
 
-    Shapes: A ``[M, K]`` (rows ``slot // top_k``) or ``[M*top_k, K]`` (``A_IS_SLOTS``);
+    Shapes: A ``[M, K]`` (rows ``slot // top_k``) or ``[M*top_k, K]`` (``A_IS_SLOTS``), or
+    with ``A_SORTED`` ``[EM, K]`` (row ``p`` for sorted position ``p``);
     qweight int32 ``[E, N_w, K/8]``; scales ``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``;
-    perm int32 ``[E, K]``; C ``[M*top_k, N]``, or fp32 ``[M, N]`` with ``ATOMIC_TOPK_SUM``
-    (added into, so it must start zeroed). With ``ACTIVATION`` != 0 the program computes the
-    gate tile (rows ``n``) and the up tile (rows ``n + up_offset``) and stores
-    ``act(gate) * up``; ``N`` is then the intermediate size. Grid: ``cdiv(EM, BLOCK_SIZE_M) *
-    cdiv(N, BLOCK_SIZE_N)`` with ``EM = len(sorted_token_ids)``.
+    perm int32 ``[E, K]``; C ``[M*top_k, N]``, ``[EM, N]`` with ``C_SORTED`` (row ``p``
+    for sorted position ``p``; padding rows not written), or fp32 ``[M, N]`` with
+    ``ATOMIC_TOPK_SUM`` (added into, so it must start zeroed). With ``ACTIVATION`` != 0
+    the program computes the gate tile (rows ``n``) and the up tile (rows ``n + up_offset``)
+    and stores ``act(gate) * up``; ``N`` is then the intermediate size. Grid:
+    ``cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N)`` with ``EM = len(sorted_token_ids)``.
     """
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(EM, BLOCK_SIZE_M),
                                 tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
@@ -375,6 +379,8 @@ def _prefill_kernel(
     n_mask = offs_n < N
     if ATOMIC_TOPK_SUM:
         c_rows = slots // top_k
+    elif C_SORTED:
+        c_rows = offs_m.to(tl.int64)
     else:
         c_rows = slots
     if OUT_FRAG:
@@ -392,7 +398,9 @@ def _prefill_kernel(
             tl.store(c_ptrs, zero, mask=c_mask)
         return
 
-    if A_IS_SLOTS:
+    if A_SORTED:
+        a_rows = offs_m.to(tl.int64)
+    elif A_IS_SLOTS:
         a_rows = slots
     else:
         a_rows = slots // top_k
@@ -594,6 +602,64 @@ def _fragment_tiles(config: dict) -> bool:
     return bool(config.get("FRAG_K", False)) and bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
 
 
+@triton.jit
+def _gather_sorted_rows_kernel(a_ptr, sorted_ids_ptr, num_post_padded_ptr, out_ptr, K, EM,
+                               num_valid_slots, top_k, stride_am, stride_om,
+                               A_IS_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                               BLOCK_K: tl.constexpr):
+    """out[p] = a[row(sorted_ids[p])] for the positions ``p < num_post_padded`` of one
+    ``[BLOCK_ROWS, BLOCK_K]`` tile (grid: position tiles x column tiles), ``row(s) = s //
+    top_k`` (or ``s`` with ``A_IS_SLOTS``); padding positions get zeros."""
+    offs_p = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    num_post_padded = tl.load(num_post_padded_ptr)
+    if tl.program_id(0) * BLOCK_ROWS >= num_post_padded:
+        return
+    p_mask = offs_p < tl.minimum(EM, num_post_padded)
+    slots = tl.load(sorted_ids_ptr + offs_p, mask=p_mask, other=num_valid_slots).to(tl.int64)
+    valid = slots < num_valid_slots
+    if A_IS_SLOTS:
+        rows = slots
+    else:
+        rows = slots // top_k
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    v = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+                mask=valid[:, None] & k_mask[None, :], other=0.0)
+    tl.store(out_ptr + offs_p.to(tl.int64)[:, None] * stride_om + offs_k[None, :], v,
+             mask=p_mask[:, None] & k_mask[None, :])
+
+
+def gather_sorted_rows(a: torch.Tensor, blocks: AlignedBlocks, *, top_k: int,
+                       a_is_slots: bool = False, out: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """The activations of :func:`prefill_gemm` in sorted order, its ``a_sorted`` input:
+    ``out[p] = a[blocks.sorted_token_ids[p] // top_k]`` (``a`` ``[M, K]`` by token; by slot
+    with ``a_is_slots``) for every position ``p`` before ``blocks.num_tokens_post_padded``;
+    padding positions get zeros, later rows are left as they are. One Triton kernel, no host
+    sync. ``out``: optional ``[EM, K]`` (or more rows), ``EM = sorted_token_ids.numel()``."""
+    sorted_ids, _, num_post_padded = blocks
+    if a.dim() != 2 or a.stride(1) != 1:
+        raise ValueError(f"a has shape {tuple(a.shape)}, strides {tuple(a.stride())}; expected "
+                         "2 dims with unit column stride")
+    em, k = sorted_ids.numel(), a.shape[1]
+    if out is None:
+        out = torch.empty(em, k, dtype=a.dtype, device=a.device)
+    elif (out.dim() != 2 or out.shape[0] < em or out.shape[1] != k or out.dtype != a.dtype
+          or out.device != a.device or out.stride(1) != 1):
+        raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}; "
+                         f"expected at least ({em}, {k}), {a.dtype} on {a.device}, unit "
+                         "column stride")
+    if em == 0 or k == 0:
+        return out
+    block_rows, block_k = 16, min(512, triton.next_power_of_2(k))
+    grid = (triton.cdiv(em, block_rows), triton.cdiv(k, block_k))
+    _gather_sorted_rows_kernel[grid](
+        a, sorted_ids, num_post_padded, out, k, em, a.shape[0] * (1 if a_is_slots else top_k),
+        top_k, a.stride(0), out.stride(0), A_IS_SLOTS=a_is_slots, BLOCK_ROWS=block_rows,
+        BLOCK_K=block_k, num_warps=4)
+    return out
+
+
 def fragment_order_columns(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K]`` (K a multiple of 32) with column ``c`` moved to ``fragment_order(c)``:
     within each run of 32 columns, ``8i + 2c + p`` <-> ``8c + 2i + p``. Its own inverse."""
@@ -622,6 +688,8 @@ def prefill_gemm(
     config: dict | None = None,
     a_fragment_order: bool = False,
     out_fragment_order: bool = False,
+    a_sorted: bool = False,
+    out_sorted: bool = False,
 ) -> torch.Tensor:
     """One grouped int4 GEMM over aligned blocks.
 
@@ -656,10 +724,19 @@ def prefill_gemm(
             loads.
         out_fragment_order: store the output's columns in fragment order (output width a
             multiple of 32; not with ``atomic_topk_sum``).
+        a_sorted: ``a`` holds one row per sorted position instead: ``[EM, K]`` with ``EM =
+            blocks.sorted_token_ids.numel()`` (more rows are allowed), row ``p`` the
+            activations of slot ``blocks.sorted_token_ids[p]`` (rows of padding positions
+            are read but never affect a stored value). The Gluon kernel then reads a tile's
+            rows with one TMA copy per K step instead of gathering them row by row.
+        out_sorted: write the output that way too: ``[EM, N]``, row ``p`` for sorted
+            position ``p`` (padding rows are left as they are); the input of a next call
+            with ``a_sorted`` on the same blocks. Not with ``atomic_topk_sum``.
 
     Returns:
         ``[M*top_k, N]`` (``[M*top_k, N/2]`` with ``activation``, ``[M, N]`` float32 with
-        ``atomic_topk_sum``) in ``a``'s dtype. Rows of slots whose expert is -1 are zero.
+        ``atomic_topk_sum``, ``[EM, ...]`` with ``out_sorted``) in ``a``'s dtype. Rows of
+        slots whose expert is -1 are zero.
     """
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation is {activation!r}; expected None or one of {ACTIVATIONS}")
@@ -673,9 +750,22 @@ def prefill_gemm(
     e, n_w, k = weights.num_experts, weights.n, weights.k
     if a.dim() != 2:
         raise ValueError(f"a has shape {tuple(a.shape)}; expected 2 dims")
-    rows = slots if a_is_slots else m
-    if tuple(a.shape) != (rows, k):
-        raise ValueError(f"a has shape {tuple(a.shape)}; expected {(rows, k)}")
+    sorted_ids, expert_ids, num_post_padded = blocks
+    for name, t in (("blocks.sorted_token_ids", sorted_ids), ("blocks.expert_ids", expert_ids),
+                    ("blocks.num_tokens_post_padded", num_post_padded)):
+        if t.dtype != torch.int32 or t.dim() != 1 or t.device != a.device or t.stride(0) != 1:
+            raise ValueError(f"{name} has dtype {t.dtype}, shape {tuple(t.shape)} on "
+                             f"{t.device}; expected a contiguous 1-D int32 tensor on "
+                             f"{a.device}")
+    em = sorted_ids.numel()
+    if a_sorted:
+        if a.shape[0] < em or a.shape[1] != k:
+            raise ValueError(f"a has shape {tuple(a.shape)}; expected at least ({em}, {k}) "
+                             f"with a_sorted (one row per sorted position)")
+    else:
+        rows = slots if a_is_slots else m
+        if tuple(a.shape) != (rows, k):
+            raise ValueError(f"a has shape {tuple(a.shape)}; expected {(rows, k)}")
     if a.dtype != weights.dtype:
         raise ValueError(f"a has dtype {a.dtype}; expected {weights.dtype} (the dtype of "
                          f"{weights.name}.scales)")
@@ -686,6 +776,9 @@ def prefill_gemm(
                          "up) with an activation")
     if atomic_topk_sum and activation is not None:
         raise ValueError("atomic_topk_sum and activation cannot be combined")
+    if atomic_topk_sum and out_sorted:
+        raise ValueError("atomic_topk_sum and out_sorted cannot be combined (the atomic sum "
+                         "writes one row per token)")
     n_out = n_w // 2 if activation is not None else n_w
     if mul_routed_weight:
         if topk_weights is None or tuple(topk_weights.shape) != (m, top_k):
@@ -695,27 +788,23 @@ def prefill_gemm(
         topk_weights = topk_weights.contiguous()
     if atomic_topk_sum:
         out_shape, out_dtype = (m, n_out), torch.float32
+    elif out_sorted:
+        out_shape, out_dtype = (em, n_out), a.dtype
     else:
         out_shape, out_dtype = (slots, n_out), a.dtype
     if out is not None:
-        if tuple(out.shape) != out_shape or out.dtype != out_dtype or out.device != a.device:
+        bad_rows = (out.shape[0] < em) if out_sorted else (out.shape[0] != out_shape[0])
+        if (out.dim() != 2 or bad_rows or out.shape[1] != out_shape[1]
+                or out.dtype != out_dtype or out.device != a.device):
+            expected = (f"at least {out_shape}" if out_sorted else f"{out_shape}")
             raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on "
-                             f"{out.device}; expected {out_shape}, {out_dtype} on {a.device}")
+                             f"{out.device}; expected {expected}, {out_dtype} on {a.device}")
     else:
         out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
     if atomic_topk_sum:
         out.zero_()
     if slots == 0:
         return out
-
-    sorted_ids, expert_ids, num_post_padded = blocks
-    for name, t in (("blocks.sorted_token_ids", sorted_ids), ("blocks.expert_ids", expert_ids),
-                    ("blocks.num_tokens_post_padded", num_post_padded)):
-        if t.dtype != torch.int32 or t.dim() != 1 or t.device != a.device or t.stride(0) != 1:
-            raise ValueError(f"{name} has dtype {t.dtype}, shape {tuple(t.shape)} on "
-                             f"{t.device}; expected a contiguous 1-D int32 tensor on "
-                             f"{a.device}")
-    em = sorted_ids.numel()
     if config is None:
         # the blocks fix BLOCK_SIZE_M; the rest comes from the tuned table / heuristic
         block_m = em // max(expert_ids.numel(), 1)
@@ -746,6 +835,8 @@ def prefill_gemm(
             has_perm=weights.perm is not None, a_fragment_order=a_fragment_order,
             atomic_topk_sum=atomic_topk_sum, activation=activation is not None, a=a, out=out,
             qweight=q)
+        if reason is None and a_sorted:
+            reason = sorted_rows_unsupported(a, rows=em)
         if reason is None:
             launch_prefill_rs(
                 a, q, s, weights.zeros, out, topk_weights if mul_routed_weight else None,
@@ -753,7 +844,8 @@ def prefill_gemm(
                 top_k=top_k, up_offset=n_w // 2 if activation is not None else 0,
                 group_size=weights.group_size, a_is_slots=a_is_slots,
                 activation_code=ACTIVATION_CODES[activation],
-                out_fragment_order=out_fragment_order, config=config)
+                out_fragment_order=out_fragment_order, config=config, a_sorted=a_sorted,
+                out_sorted=out_sorted)
             return out
         # else the same tiles on the Triton kernel
     swap_ab = bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
@@ -770,6 +862,8 @@ def prefill_gemm(
         GROUP_SIZE=weights.group_size,
         GROUP_MODE=group_mode,
         A_IS_SLOTS=a_is_slots,
+        A_SORTED=a_sorted,
+        C_SORTED=out_sorted,
         MUL_ROUTED_WEIGHT=mul_routed_weight,
         HAS_ZEROS=weights.zeros is not None,
         HAS_PERM=weights.perm is not None,
@@ -912,6 +1006,12 @@ class PrefillWorkspace:
     allocates it per call (that path also allocates its activations). ``hidden_fragment``
     ``[max_tokens, H]``: the input with its columns in fragment order, for a GEMM1 config
     with ``FRAG_K`` (see :func:`fused_moe_prefill`).
+
+    With ``SORTED_ROWS`` configs ``intermediate`` and ``gemm2_out`` also hold the
+    intermediate and the hidden states in sorted order, one row per position of the aligned
+    blocks (padding included, so more rows than ``max_slots``): ``allocate(...,
+    sorted_block=B)`` makes room for blocks up to ``B``, else the first such call grows them
+    (:meth:`sorted_views`).
     """
 
     intermediate: torch.Tensor
@@ -928,10 +1028,11 @@ class PrefillWorkspace:
     def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
                  device: torch.device | str | None = None,
                  num_global_experts: int | None = None,
-                 dense: bool = False) -> PrefillWorkspace:
+                 dense: bool = False, sorted_block: int = 0) -> PrefillWorkspace:
         """Buffers for up to ``max_tokens`` tokens; ``num_global_experts`` (default
         ``experts.num_experts``) sizes the alignment buffers (pass the global count when an
-        ``expert_map`` is used)."""
+        ``expert_map`` is used); ``sorted_block``: room for the sorted rows of blocks up to
+        that ``BLOCK_SIZE_M`` (``SORTED_ROWS`` configs; 0: none)."""
         device = experts.device if device is None else device
         slots = max_tokens * top_k
         kw = {"dtype": experts.dtype, "device": device}
@@ -939,8 +1040,9 @@ class PrefillWorkspace:
         sizes = [max_num_tokens_padded(slots, b, e) for b in WORKSPACE_BLOCK_SIZES]
         blocks = max(n // b for n, b in zip(sizes, WORKSPACE_BLOCK_SIZES, strict=True))
         ikw = {"dtype": torch.int32, "device": device}
-        return cls(intermediate=torch.empty(slots, experts.intermediate_size, **kw),
-                   gemm2_out=torch.empty(slots, experts.hidden_size, **kw),
+        rows = max(slots, max_num_tokens_padded(slots, sorted_block, e) if sorted_block else 0)
+        return cls(intermediate=torch.empty(rows, experts.intermediate_size, **kw),
+                   gemm2_out=torch.empty(rows, experts.hidden_size, **kw),
                    sorted_ids=torch.empty(max(sizes), **ikw),
                    expert_ids=torch.empty(blocks, **ikw),
                    num_post_padded=torch.empty(1, **ikw),
@@ -961,6 +1063,21 @@ class PrefillWorkspace:
                                  f"on {t.device}; expected at least ({slots}, {cols}), "
                                  f"{experts.dtype} on {experts.device}, contiguous")
         return self.intermediate[:slots], self.gemm2_out[:slots]
+
+    def sorted_views(self, em: int, experts: PackedExperts
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([em, I], [em, H])`` views of ``intermediate`` and ``gemm2_out`` for the sorted
+        rows of ``em`` positions (``SORTED_ROWS``: the sorted intermediate, and the hidden
+        states in sorted order, which GEMM2's output may overwrite once GEMM1 has read
+        them). Buffers with fewer rows are replaced by larger ones first (an allocation:
+        size the workspace with ``allocate(..., sorted_block=...)`` before a CUDA-graph
+        capture)."""
+        self.views(0, experts)  # shape, dtype and device checks
+        if self.intermediate.shape[0] < em:
+            self.intermediate = self.intermediate.new_empty(em, self.intermediate.shape[1])
+        if self.gemm2_out.shape[0] < em:
+            self.gemm2_out = self.gemm2_out.new_empty(em, self.gemm2_out.shape[1])
+        return self.intermediate[:em], self.gemm2_out[:em]
 
     def align_views(self, slots: int, block_size: int, num_experts: int
                     ) -> tuple[AlignedBlocks, torch.Tensor] | None:
@@ -1078,7 +1195,11 @@ def fused_moe_prefill(
             it (made by :meth:`PrefillWorkspace.allocate` for at least the global expert
             count) nothing is allocated on a GPU, except with ``atomic_topk_sum``.
         configs: optional (GEMM1 config, GEMM2 config); GEMM2's BLOCK_SIZE_M is forced to
-            GEMM1's (both walk the same blocks). ``"DENSE": True`` in GEMM1's config (tuned
+            GEMM1's (both walk the same blocks). ``"SORTED_ROWS": True`` in a GEMM's config
+            feeds that GEMM its activations in sorted order (one row per position of the
+            aligned blocks; the Gluon kernel then reads them by TMA): for GEMM1 the hidden
+            states are first copied so (:func:`gather_sorted_rows`), for GEMM2 GEMM1 writes
+            its output so. ``"DENSE": True`` in GEMM1's config (tuned
             tables set it where it measured faster) runs the layer as
             :func:`dequantize_dense` + ``torch._grouped_mm`` instead, when
             :func:`dense_path_supported` (else the flag is ignored).
@@ -1155,23 +1276,39 @@ def fused_moe_prefill(
                                   scratch=ws_align[1])
     else:
         blocks = align_block_size(topk_ids, bm, num_global, expert_map)
+    # SORTED_ROWS: activations as rows in sorted order (read by TMA on the Gluon kernel)
+    sorted1, sorted2 = bool(cfg1.get("SORTED_ROWS")), bool(cfg2.get("SORTED_ROWS"))
+    if sorted1 or sorted2:
+        em = blocks.sorted_token_ids.numel()
+        if workspace is not None:
+            rows = workspace.sorted_views(em, experts)
+            if c2 is not None:  # the buffer may have grown: GEMM2's output in the new one
+                c2 = workspace.gemm2_out[:slots]
+        else:
+            rows = (torch.empty(em, i, dtype=experts.dtype, device=hidden_states.device),
+                    torch.empty(em, h, dtype=experts.dtype, device=hidden_states.device))
+        if sorted2:
+            inter = rows[0]
+        if sorted1:
+            # in the buffer of GEMM2's output, which is written only after GEMM1 read it
+            x1 = gather_sorted_rows(x1, blocks, top_k=top_k, out=rows[1])
     with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
         prefill_gemm(x1, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
                      mul_routed_weight=apply_router_weight_on_input, activation=activation,
                      out=inter, config=cfg1, a_fragment_order=a_frag1,
-                     out_fragment_order=a_frag2)
+                     out_fragment_order=a_frag2, a_sorted=sorted1, out_sorted=sorted2)
     mul2 = not apply_router_weight_on_input
     if atomic_topk_sum:
         with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
             acc = prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
                                mul_routed_weight=mul2, a_is_slots=True, atomic_topk_sum=True,
-                               config=cfg2)
+                               config=cfg2, a_sorted=sorted2)
         out.copy_(acc)
         return out
     with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
         prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
                      mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
-                     a_fragment_order=a_frag2)
+                     a_fragment_order=a_frag2, a_sorted=sorted2)
     if top_k == 1:
         out.copy_(c2)
     elif deterministic:
@@ -1183,4 +1320,4 @@ def fused_moe_prefill(
 
 __all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "dense_path_supported",
            "dequantize_dense", "deterministic_prefill_configs", "fragment_order_columns",
-           "fused_moe_prefill", "prefill_gemm", "topk_sum"]
+           "fused_moe_prefill", "gather_sorted_rows", "prefill_gemm", "topk_sum"]

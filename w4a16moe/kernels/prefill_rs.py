@@ -30,9 +30,12 @@ One program walks output tiles ``pid, pid + num_programs, ...``; a tile is one a
 ``BLOCK_T`` slots x ``BLOCK_N_OUT`` output columns. With ``ACTIVATION`` the weight tile holds
 ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each accumulator thread
 holds a column's gate and up values. Shapes: A ``[M, K]`` (rows ``slot // top_k``) or
-``[M*top_k, K]`` (``A_IS_SLOTS``); qweight int32 ``[E, N_w, K/8]``; scales ``[E, N_w, K/G]``;
-zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` (columns in fragment order with
-``OUT_FRAG``, for a next GEMM that reads them so).
+``[M*top_k, K]`` (``A_IS_SLOTS``), or ``[EM, K]`` with ``A_SORTED`` (row ``p`` for sorted
+position ``p``: a tile's rows are contiguous, so the loader reads them with one TMA copy per K
+step instead of gathering them row by row); qweight int32 ``[E, N_w, K/8]``; scales
+``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` or ``[EM, N_out]``
+with ``C_SORTED`` (columns in fragment order with ``OUT_FRAG``, for a next GEMM that reads
+them so).
 
 :func:`rs_unsupported` says which calls qualify (``prefill_gemm`` runs the same tiles on the
 Triton kernel otherwise). Gluon does not run under the Triton interpreter: the CPU tests
@@ -92,17 +95,20 @@ if HAVE_GLUON:
         return rows
 
     @gluon.jit
-    def _rs_loader(a_ptr, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+    def _rs_loader(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                   num_post_padded_ptr,
                    x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM,
                    num_valid_slots, top_k, up_offset, stride_am, stride_qe, stride_qn,
                    A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr,
                    BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                   GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr):
+                   GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
+                   A_SORTED: gl.constexpr):
         """Worker partition (one warp): cp.async of each K step's gathered activation rows
         into the copy ring, as far ahead as the ring allows, each lane's copies arriving on the
         stage's barrier when they land; the packed words the same way, or with ``W_TMA`` as one
         TMA copy of the tile (``w_desc``: see :func:`weight_descriptor`) whose bytes the
-        barrier expects."""
+        barrier expects. With ``A_SORTED`` the activation rows of a tile are the contiguous
+        rows ``row0 ...`` of ``a_desc`` and come as one TMA copy too."""
         WORDS: gl.constexpr = BLOCK_K // 8
         # 16-byte chunks: a row's BLOCK_K activations over BLOCK_K / 8 lanes, 4 words a lane
         x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
@@ -137,18 +143,27 @@ if HAVE_GLUON:
                     stage = (ring + i) % STAGES
                     mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
                     k0 = i * BLOCK_K
-                    async_copy.async_copy_global_to_shared(x_bufs.index(stage),
-                                                           a_ptr + (x_offs + k0))
+                    if A_SORTED:
+                        mbarrier.expect(x_ready_bars.index(stage),
+                                        BLOCK_T * BLOCK_K * 2 + W_TMA * (BLOCK_N * BLOCK_K // 2))
+                        tma.async_copy_global_to_shared(a_desc, [row0, k0],
+                                                        x_ready_bars.index(stage),
+                                                        x_bufs.index(stage))
+                    else:
+                        async_copy.async_copy_global_to_shared(x_bufs.index(stage),
+                                                               a_ptr + (x_offs + k0))
                     if W_TMA:
-                        mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * BLOCK_K // 2)
+                        if not A_SORTED:
+                            mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * BLOCK_K // 2)
                         tma.async_copy_global_to_shared(
                             w_desc, [expert, pid_n * (BLOCK_N_OUT // 8), 0, 0, k0 // 8],
                             x_ready_bars.index(stage), wd_tma.index(stage))
                     else:
                         async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
                                                                qw_base + (w_offs + k0 // 8))
-                    async_copy.mbarrier_arrive(x_ready_bars.index(stage),
-                                               increment_count=False)
+                    if not (A_SORTED and W_TMA):
+                        async_copy.mbarrier_arrive(x_ready_bars.index(stage),
+                                                   increment_count=False)
                 ring += num_steps
 
     @gluon.jit
@@ -246,7 +261,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc, zr, bias, vdtype: gl.constexpr,
-                         HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr,
+                         HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                          pairs_layout: gl.constexpr, row_layout: gl.constexpr,
                          a_layout: gl.constexpr):
@@ -257,7 +272,8 @@ if HAVE_GLUON:
         In the operand a thread (lane ``c`` of its quad) holds, per row and 32-column run,
         columns ``2c, 2c+1`` of each of the run's four 8-column words, i.e. value pair ``c``
         of each word: the quad's four lanes read the same four words (one 16-byte load) and
-        each dequantizes its own pair, so the activations stay in natural K order."""
+        each dequantizes its own pair, so the activations stay in natural K order. The proxy
+        fence is only needed for activations that came by cp.async (not ``A_SORTED``'s TMA)."""
         T: gl.constexpr = BLOCK_K // 32
         if HAS_ZEROS:
             zb = (zr.to(gl.int32) + bias).to(vdtype)
@@ -288,7 +304,8 @@ if HAVE_GLUON:
         v = gl.reshape(gl.join(lo, hi), [BLOCK_N, T, 4, 2, 2, 2])  # (row, run, c, jh, jl, q)
         v = gl.permute(v, (0, 1, 3, 4, 2, 5))  # (row, run, j_hi, j_lo, c, q): column order
         a = gl.convert_layout(gl.reshape(v, [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True)
-        fence_async_shared()
+        if not A_SORTED:
+            fence_async_shared()
         return a
 
     @gluon.jit
@@ -299,12 +316,13 @@ if HAVE_GLUON:
                      GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
                      SCALE_PAIRS: gl.constexpr,
                      ACTIVATION: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
-                     OUT_FRAG: gl.constexpr,
+                     OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, num_warps: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
-        registers, wgmma against the staged activation tile, epilogue."""
+        registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
+        row ``row0 + t``, the sorted position, instead of row ``slot``)."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
@@ -342,7 +360,11 @@ if HAVE_GLUON:
                 if OUT_FRAG:
                     # the output's columns in fragment order (the next GEMM reads them as is)
                     col = _fragment_order(col)
-                c_ptrs = c_ptr + slots_o[None, :] * stride_cm + col[:, None]
+                if C_SORTED:
+                    c_rows = row0 + t_o.to(gl.int64)
+                else:
+                    c_rows = slots_o
+                c_ptrs = c_ptr + c_rows[None, :] * stride_cm + col[:, None]
                 c_mask = (slots_o < num_valid_slots)[None, :]
                 if expert == -1:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
@@ -368,17 +390,18 @@ if HAVE_GLUON:
                             i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
                             stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
                         a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
-                                              vdtype, HAS_ZEROS, IS_FP16, BLOCK_N, BLOCK_K,
-                                              STAGES, pairs_layout, row_layout, a_layout)
+                                              vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
+                                              BLOCK_K, STAGES, pairs_layout, row_layout,
+                                              a_layout)
                         acc = warpgroup_mma(a0, x_bufs.index((ring + i) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
                         mbarrier.arrive(empty_bars.index((ring + i + STAGES - 1) % STAGES),
                                         count=1, pred=i > 0)
                         a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1,
-                                              bias, vdtype, HAS_ZEROS, IS_FP16, BLOCK_N,
-                                              BLOCK_K, STAGES, pairs_layout, row_layout,
-                                              a_layout)
+                                              bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
+                                              BLOCK_N, BLOCK_K, STAGES, pairs_layout,
+                                              row_layout, a_layout)
                         acc = warpgroup_mma(a1, x_bufs.index((ring + i + 1) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
@@ -408,14 +431,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _prefill_rs_kernel(
-        a_ptr, qw_ptr, w_desc, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
+        a_ptr, a_desc, qw_ptr, w_desc, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
         sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
         N, K, EM, num_valid_slots, top_k, up_offset,
         stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
         stride_ze, stride_zn, stride_zg, stride_cm,
         GROUP_SIZE: gl.constexpr, A_IS_SLOTS: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
         HAS_ZEROS: gl.constexpr, SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
-        OUT_FRAG: gl.constexpr,
+        OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
         W_TMA: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
@@ -445,13 +468,15 @@ if HAVE_GLUON:
             wd_tma = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape,
                                                w_desc.layout)
             wd_bufs = wd_tma._reinterpret(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], wd_layout)
-            READY_ARRIVALS: gl.constexpr = 33  # 32 lanes' cp.async + the expect-tx arrival
         else:
             wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
             wd_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8],
                                                 wd_layout)
             wd_tma = wd_bufs
-            READY_ARRIVALS: gl.constexpr = 32
+        # arrivals per stage: the 32 lanes' cp.asyncs (unless everything comes by TMA) and
+        # one expect-tx arrival when anything does
+        READY_ARRIVALS: gl.constexpr = (0 if A_SORTED and W_TMA else 32) + (
+            1 if A_SORTED or W_TMA else 0)
         empty_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         x_ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1],
                                                  mbarrier.MBarrierLayout())
@@ -465,13 +490,13 @@ if HAVE_GLUON:
                             stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
                             stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                             MUL_ROUTED_WEIGHT,
-                            OUT_FRAG, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M,
-                            STAGES, num_warps)),
-            (_rs_loader, (a_ptr, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                            OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT,
+                            BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, num_warps)),
+            (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                           num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                           x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
                           stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT,
-                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA)),
+                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED)),
         ], [1], [LOADER_REGS])
 
 
@@ -480,7 +505,7 @@ if HAVE_GLUON:
 # launcher
 # --------------------------------------------------------------------------------------------
 #: the tiles this kernel is built for (rows: weight rows per tile, gate + up with activation)
-RS_BLOCK_T = (16, 32, 64, 128)
+RS_BLOCK_T = (16, 32, 64, 128, 256)
 RS_BLOCK_K = (32, 64, 128)
 RS_ROWS = (128, 256)
 
@@ -498,6 +523,10 @@ def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
     if rows < 16 * warps:
         return (f"tiles {bt}x{bn}x{bk}: {warps} consumer warps need at least {16 * warps} "
                 f"weight rows (64 per warpgroup); found {rows}")
+    if bt == 256 and (warps != 8 or rows != 128 or bk > 64):
+        return (f"tiles {bt}x{bn}x{bk}: BLOCK_SIZE_M=256 needs 8 consumer warps, 128 weight "
+                f"rows (one 64x256 wgmma accumulator per warpgroup) and BLOCK_SIZE_K <= 64; "
+                f"found {warps} warps, {rows} rows, BLOCK_SIZE_K={bk}")
     if bk == 128 and (bt > 64 or rows * bt > 8192):
         return (f"tiles {bt}x{bn}x{bk}: BLOCK_SIZE_K=128 needs BLOCK_SIZE_M <= 64 and "
                 f"{rows} weight rows x BLOCK_SIZE_M <= 8192 (registers)")
@@ -550,6 +579,17 @@ def weight_tma_unsupported(qweight: torch.Tensor) -> str | None:
     return None
 
 
+def sorted_rows_unsupported(a: torch.Tensor, *, rows: int) -> str | None:
+    """Why ``a`` cannot be read by TMA as ``rows`` activation rows in sorted order (the
+    ``a_sorted`` mode of :func:`launch_prefill_rs`), or None."""
+    if a.dim() != 2 or a.shape[0] < rows:
+        return (f"a must be 2-D with at least {rows} rows (one per sorted position); found "
+                f"{tuple(a.shape)}")
+    if a.stride(1) != 1 or (a.stride(0) * a.element_size()) % 16 or a.data_ptr() % 16:
+        return f"a (strides {tuple(a.stride())}) needs unit columns and 16-byte aligned rows"
+    return None
+
+
 def weight_descriptor(qweight: torch.Tensor, *, n_out: int, up_offset: int, activation: bool,
                       block_n_out: int, block_k: int) -> TensorDescriptor:
     """The TMA descriptor of the packed words ``[E, N_w, K/8]`` as the 5-D view
@@ -580,10 +620,14 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                       expert_ids: torch.Tensor, num_post_padded: torch.Tensor, *, n_out: int,
                       k: int, slots: int, top_k: int, up_offset: int, group_size: int,
                       a_is_slots: bool, activation_code: int, out_fragment_order: bool,
-                      config: dict, weight_tma: bool | None = None) -> None:
+                      config: dict, weight_tma: bool | None = None, a_sorted: bool = False,
+                      out_sorted: bool = False) -> None:
     """Run :func:`_prefill_rs_kernel`; inputs already validated by ``prefill_gemm`` and
     :func:`rs_unsupported`. ``weight_tma`` (default :data:`WEIGHT_TMA`): read the packed words
-    with TMA where :func:`weight_tma_unsupported` allows, else with cp.async."""
+    with TMA where :func:`weight_tma_unsupported` allows, else with cp.async. ``a_sorted``:
+    ``a`` holds one row per position of ``sorted_ids`` (padding included), read by TMA (see
+    :func:`sorted_rows_unsupported`); ``out_sorted``: write ``out`` so (row ``i`` for position
+    ``i``, ``out`` with ``sorted_ids.numel()`` rows) instead of one row per slot."""
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
@@ -598,8 +642,13 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if weight_tma and weight_tma_unsupported(qweight) is None:
         w_desc = weight_descriptor(qweight, n_out=n_out, up_offset=up_offset,
                                    activation=activation, block_n_out=bn, block_k=bk)
+    a_desc = None
+    if a_sorted:
+        gdtype = gl.float16 if a.dtype == torch.float16 else gl.bfloat16
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bt, bk],
+                                  gl.NVMMASharedLayout.get_default_for([bt, bk], gdtype))
     _prefill_rs_kernel[grid](
-        a, qweight, w_desc, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
+        a, a_desc, qweight, w_desc, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
         n_out, k, em, slots, top_k, up_offset,
         a.stride(0), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), scales.stride(2),
@@ -609,7 +658,8 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         SCALE_PAIRS=(group_size == bk and scales.stride(2) == 1 and scales.stride(1) % 2 == 0
                      and scales.stride(0) % 2 == 0 and scales.data_ptr() % 4 == 0),
         MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_ZEROS=zeros is not None,
-        ACTIVATION=activation_code, OUT_FRAG=out_fragment_order,
-        IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn, BLOCK_K=bk,
+        ACTIVATION=activation_code, OUT_FRAG=out_fragment_order, A_SORTED=a_sorted,
+        C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn,
+        BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=w_desc is not None, LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])

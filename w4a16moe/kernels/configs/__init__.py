@@ -43,8 +43,12 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: tiles on two or four consumer warpgroups (num_warps 8 or 16), activations in natural
 #: order (no FRAG_K); where that kernel does not apply (other GPUs, no Gluon, unsupported
 #: options) the same tiles run on the Triton kernel
+#: SORTED_ROWS: this GEMM reads its activations as rows in sorted order (``prefill_gemm``'s
+#: a_sorted), which the Gluon kernel loads with one TMA copy per K step instead of gathering
+#: them row by row: on GEMM1's entry the layer first copies the hidden states into that order
+#: (``gather_sorted_rows``), on GEMM2's GEMM1 writes its output so (see fused_moe_prefill)
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
-                 "DENSE": (True, False), "RS": (True, False)}
+                 "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4

@@ -12,6 +12,8 @@ Per case (``model:M``), with the table's configs (which must be RS configs):
 * GEMM2 gathered vs GEMM2 on the sorted intermediate (``a_sorted``);
 * the pair: gathered GEMM1 + GEMM2 vs gather + sorted GEMM1 + sorted GEMM2, one CUDA graph
   each;
+* the sorted GEMM1 + GEMM2 without the gather against the bf16 pair of prefill_tune.py
+  (``torch._grouped_mm`` on dequantized weights, rows pre-sorted by expert, no activation);
 * ``--gemm1-rs``/``--gemm2-rs`` candidate tiles (``BNxBKsSTAGES[wWARPS][tTOKENS][gGROUP]``,
   e.g. ``64x64s4t256g8``), each on its own blocks, sorted only (GEMM1 with its gather),
   checked against the reference and timed after the table's sorted GEMM.
@@ -35,10 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prefill_rs_ab import check, run_cases  # noqa: E402
 from prefill_rs_midm import case_inputs, parse_candidates, rs_config  # noqa: E402
+from prefill_tune import baseline_fn  # noqa: E402
 
 from w4a16moe.kernels.prefill import ACTIVATION_CODES  # noqa: E402
 from w4a16moe.kernels.prefill_rs import launch_prefill_rs  # noqa: E402
-from w4a16moe.kernels.tune import rs_skip_reason, time_cuda_graph  # noqa: E402
+from w4a16moe.kernels.tune import MODEL_SHAPES, rs_skip_reason, time_cuda_graph  # noqa: E402
 from w4a16moe.routing import align_block_size  # noqa: E402
 
 DEV = torch.device("cuda")
@@ -78,9 +81,9 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
     inter_sorted = torch.empty(em, i, device=DEV, dtype=dtype)
     g = ex.w13.group_size
 
-    def gemm1(sorted_rows: bool):
+    def gemm1(sorted_rows: bool, gather: bool = True):
         def fn():
-            if sorted_rows:
+            if sorted_rows and gather:
                 torch.index_select(x, 0, x_rows, out=x_sorted)
             launch_prefill_rs(
                 x_sorted if sorted_rows else x, ex.w13.qweight, ex.w13.scales, ex.w13.zeros,
@@ -142,6 +145,18 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
         return fn
 
     rec["pair_us"] = timed_pair(pair(False), pair(True), args.rep)
+    # the M=4096 comparison: the two GEMMs on rows already in order (the gather
+    # left out, as the bf16 baseline's sort is) against bf16 torch._grouped_mm on
+    # dequantized weights, rows pre-sorted by expert
+    gather()
+    base, base_name = baseline_fn(m, MODEL_SHAPES[model], w13d, w2d, ids, dtype)
+
+    def sorted_gemms():
+        gemm1(True, gather=False)()
+        gemm2(True)()
+
+    rec["sorted_gemms_vs_bf16_us"] = timed_pair(sorted_gemms, base, args.rep)
+    rec["bf16_baseline"] = base_name
     rec["candidates"] = []
     for which, cands in ((0, args.gemm1_rs), (1, args.gemm2_rs)):
         for cand in cands:
@@ -189,7 +204,9 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
     print(f"{model} M={m} bt={bt}: gather {rec['gather_us']:.1f} us; GEMM1 "
           f"{rec['gemm1_us'][0]:.1f} -> {rec['gemm1_us'][1]:.1f} us (incl. gather); GEMM2 "
           f"{rec['gemm2_us'][0]:.1f} -> {rec['gemm2_us'][1]:.1f} us; pair "
-          f"{rec['pair_us'][0]:.1f} -> {rec['pair_us'][1]:.1f} us", flush=True)
+          f"{rec['pair_us'][0]:.1f} -> {rec['pair_us'][1]:.1f} us; sorted GEMMs without the "
+          f"gather {rec['sorted_gemms_vs_bf16_us'][0]:.1f} us vs bf16 {base_name} "
+          f"{rec['sorted_gemms_vs_bf16_us'][1]:.1f} us", flush=True)
     return rec
 
 

@@ -132,7 +132,7 @@ def test_rs_candidates_only_with_tiles_the_gluon_kernel_has():
     from w4a16moe.kernels.prefill_rs import rs_tiles_unsupported
 
     for space in tune.SPACES:
-        for bm in (16, 32, 64, 128):
+        for bm in (16, 32, 64, 128, 256):
             for fused in (True, False):
                 for cfg in tune.candidate_configs(bm, 4.0, space, fused):
                     if cfg.get("RS"):
@@ -163,6 +163,56 @@ def test_rs_skip_reason_names_why_a_candidate_is_not_timed():
     reason = tune.rs_skip_reason({**cfg, "RS": True}, **call)   # tensors on the CPU
     assert reason is not None
     assert ("compute capability 9.x" if HAVE_GLUON else "gluon") in reason, reason
+
+
+def test_rs_space_has_256_token_tiles():
+    """The rs space offers 256-token Gluon tiles (128 weight rows) for both GEMMs."""
+    for fused in (True, False):
+        rs = [c for c in tune.candidate_configs(256, 1024.0, "rs", fused) if c.get("RS")]
+        assert rs, fused
+
+
+def test_candidate_runs_time_rs_configs_on_sorted_rows_too():
+    """An RS candidate is timed gathered and with SORTED_ROWS (GEMM1 with its gather, writing
+    sorted rows; GEMM2 reading them); both compute the gathered result (here on the CPU,
+    where the same tiles run on the Triton kernel). Other configs: one run."""
+    from w4a16moe.kernels.prefill import gather_sorted_rows
+    from w4a16moe.quantize import random_experts
+    from w4a16moe.routing import align_block_size, fused_topk
+
+    m, h, i, e, top_k = 9, 64, 64, 4, 2
+    experts = random_experts(e, h, i, group_size=32, dtype=torch.float16, seed=3)
+    x = torch.randn(m, h, dtype=torch.float16)
+    w, ids = fused_topk(torch.randn(m, e), top_k)
+    rs = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
+          "num_warps": 8, "num_stages": 2, "SWAP_AB": True, "RS": True}
+    blocks = align_block_size(ids, 16, e)
+    em, slots = blocks.sorted_token_ids.numel(), m * top_k
+    pos = (blocks.sorted_token_ids < slots).nonzero().flatten()
+    slot_of = blocks.sorted_token_ids[pos].long()
+    inter = torch.empty(slots, i, dtype=torch.float16)
+    x_sorted = torch.empty(em, h, dtype=torch.float16)
+    inter_sorted = torch.full((em, i), float("nan"), dtype=torch.float16)
+    kw = dict(experts=experts, x=x, blocks=blocks, topk_ids=ids, topk_weights=w,
+              top_k=top_k, x_sorted=x_sorted, inter_sorted=inter_sorted)
+    g1 = tune.candidate_runs("w13", rs, inter=inter, out=inter, **kw)
+    assert [bool(c.get("SORTED_ROWS")) for c, _ in g1] == [False, True]
+    g1[0][1]()
+    g1[1][1]()
+    assert torch.equal(inter_sorted[pos], inter[slot_of])
+    out = torch.empty(slots, h, dtype=torch.float16)
+    g2 = tune.candidate_runs("w2", {**rs, "BLOCK_SIZE_N": 128}, inter=inter, out=out, **kw)
+    assert [bool(c.get("SORTED_ROWS")) for c, _ in g2] == [False, True]
+    g2[0][1]()
+    want = out.clone()
+    out.fill_(float("nan"))
+    g2[1][1]()
+    assert torch.equal(out, want)
+    assert torch.equal(gather_sorted_rows(x, blocks, top_k=top_k)[pos], x[slot_of // top_k])
+    plain = {k: v for k, v in rs.items() if k != "RS"}
+    assert len(tune.candidate_runs("w13", plain, inter=inter, out=inter, **kw)) == 1
+    with pytest.raises(ValueError, match="gemm is 'w3'"):
+        tune.candidate_runs("w3", rs, inter=inter, out=inter, **kw)
 
 
 def test_auto_space_per_token_count(monkeypatch):

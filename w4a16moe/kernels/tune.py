@@ -3,8 +3,10 @@
 :func:`tune_prefill` times every candidate config of both GEMMs of each model shape (GEMM1
 with the fused activation, GEMM2) at each token count, under CUDA graphs, and picks per M the
 ``BLOCK_SIZE_M`` (shared by both GEMMs: they walk the same sorted blocks) with the smallest
-GEMM1 + GEMM2 time and, for it, the fastest config of each GEMM. The result is the JSON table
-read by :mod:`w4a16moe.kernels.configs`.
+GEMM1 + GEMM2 time and, for it, the fastest config of each GEMM. An ``RS`` candidate (the
+Gluon kernel) is timed twice: on gathered activations and on rows in sorted order
+(``SORTED_ROWS``, GEMM1 with the gather of its input; see :func:`candidate_runs`). The result
+is the JSON table read by :mod:`w4a16moe.kernels.configs`.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ DEFAULT_TOKENS = (64, 256, 1024, 4096)
 #: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
 #: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
 #: before, session 7 of the notes; four consumer warpgroups on 256-row tiles since session
-#: 9) for large experts at M >= 1024, "rsmidm" (the "midm"
+#: 9; the 128-row tiles that won with 256 tokens in session 10) for large experts at
+#: M >= 1024, "rsmidm" (the "midm"
 #: space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
 #: since its words come by TMA, session 9) for M = 16-256
 SPACES: dict[str, list[tuple]] = {
@@ -64,7 +67,8 @@ SPACES: dict[str, list[tuple]] = {
            (True, 64, 64, 8, 6, False, True), (True, 128, 64, 16, 6, False, True),
            (True, 128, 64, 16, 4, False, True), (True, 256, 64, 16, 6, False, True),
            (True, 64, 64, 4, 4, True),
-           (True, 128, 64, 8, 4), (False, 128, 64, 8, 3)],
+           (True, 128, 64, 8, 4), (False, 128, 64, 8, 3),
+           (True, 64, 64, 8, 4, False, True), (True, 128, 64, 8, 5, False, True)],
 }
 SPACES["rsmidm"] = SPACES["midm"] + [
     (True, 128, 128, 8, 4, False, True), (True, 128, 128, 8, 6, False, True),
@@ -150,6 +154,53 @@ def rs_skip_reason(config: dict, a, weights, out, *, activation: bool,
         group_size=weights.group_size, config=config, has_perm=weights.perm is not None,
         a_fragment_order=a_fragment_order, atomic_topk_sum=False, activation=activation,
         a=a, out=out, qweight=weights.qweight)
+
+
+def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, topk_ids,
+                   topk_weights, top_k: int, x_sorted=None, inter_sorted=None
+                   ) -> list[tuple[dict, Callable[[], object]]]:
+    """The ``(config, fn)`` pairs the tuner times for one candidate of GEMM ``gemm``
+    (``"w13"``: GEMM1 with the fused SiLU on ``x`` into ``out``; ``"w2"``: GEMM2 on ``inter``
+    by slot, router weight applied, into ``out``), as :func:`fused_moe_prefill` would run
+    it: activations in fragment order for ``FRAG_K`` tiles; and for an ``RS`` config, when
+    ``x_sorted``/``inter_sorted`` (``[EM, H]``/``[EM, I]`` buffers for the blocks' positions)
+    are given, also the same tiles with ``SORTED_ROWS``: GEMM1 timed with the gather of its
+    input (:func:`~w4a16moe.kernels.prefill.gather_sorted_rows`) and writing sorted rows,
+    GEMM2 reading ``inter_sorted``."""
+    from .prefill import (
+        _fragment_tiles,
+        fragment_order_columns,
+        gather_sorted_rows,
+        prefill_gemm,
+    )
+
+    if gemm not in ("w13", "w2"):
+        raise ValueError(f"gemm is {gemm!r}; expected 'w13' or 'w2'")
+    frag = _fragment_tiles(config)
+    common = dict(blocks=blocks, topk_ids=topk_ids, topk_weights=topk_weights, top_k=top_k,
+                  config=config)
+    if gemm == "w13":
+        a = fragment_order_columns(x) if frag else x
+        runs = [(config, functools.partial(prefill_gemm, a, experts.w13, activation="silu",
+                                           out=out, a_fragment_order=frag, **common))]
+    else:
+        a = fragment_order_columns(inter) if frag else inter
+        runs = [(config, functools.partial(prefill_gemm, a, experts.w2, a_is_slots=True,
+                                           mul_routed_weight=True, out=out,
+                                           a_fragment_order=frag, **common))]
+    if not config.get("RS") or x_sorted is None or inter_sorted is None:
+        return runs
+    sorted_cfg = {**config, "SORTED_ROWS": True}
+    if gemm == "w13":
+        def run_sorted():
+            gather_sorted_rows(x, blocks, top_k=top_k, out=x_sorted)
+            prefill_gemm(x_sorted, experts.w13, activation="silu", out=inter_sorted,
+                         a_sorted=True, out_sorted=True, **common)
+    else:
+        def run_sorted():
+            prefill_gemm(inter_sorted, experts.w2, a_is_slots=True, mul_routed_weight=True,
+                         out=out, a_sorted=True, **common)
+    return runs + [(sorted_cfg, run_sorted)]
 
 
 def random_packed_weights(num_experts: int, n: int, k: int, group_size: int, dtype, device,
@@ -241,7 +292,8 @@ def tune_prefill(
 
     from ..routing import align_block_size
     from .configs import parse_table
-    from .prefill import _fragment_tiles, fragment_order_columns, prefill_gemm
+    from .prefill import _fragment_tiles
+    from .prefill_rs import sorted_rows_unsupported
 
     if not torch.cuda.is_available():
         raise ValueError("tuning needs a CUDA GPU; none is available")
@@ -261,7 +313,9 @@ def tune_prefill(
                 plan.append((name, shape, m, bm,
                              {"w13": candidate_configs(bm, rows, spaces[m], True),
                               "w2": candidate_configs(bm, rows, spaces[m], False)}))
-    total = sum(len(c["w13"]) + len(c["w2"]) for *_, c in plan)
+    # an RS candidate is timed twice: gathered and on sorted rows (see candidate_runs)
+    total = sum(len(c) + sum(1 for cfg in c if cfg.get("RS"))
+                for *_, cands in plan for c in cands.values())
     done = 0
 
     table: dict = {}
@@ -288,45 +342,46 @@ def tune_prefill(
         experts = experts_cache[name]
         e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
         x = torch.randn(m, h, device=device, dtype=dtype)
-        x_frag = fragment_order_columns(x)
         weights, ids = random_routing(m, shape, device)
         blocks = align_block_size(ids, bm, e)
-        inter = torch.empty(m * shape.top_k, i, device=device, dtype=dtype)
+        inter = torch.randn(m * shape.top_k, i, device=device, dtype=dtype)
         c2 = torch.empty(m * shape.top_k, h, device=device, dtype=dtype)
+        em = blocks.sorted_token_ids.numel()
+        x_sorted = torch.empty(em, h, device=device, dtype=dtype)
+        inter_sorted = torch.randn(em, i, device=device, dtype=dtype)
         best: dict[str, tuple[float, dict]] = {}
         for gemm in ("w13", "w2"):
-            for cfg in cands[gemm]:
-                # fragment-order tiles read their activations stored in that order, as
-                # fused_moe_prefill arranges it
-                frag = _fragment_tiles(cfg)
-                if gemm == "w13":
-                    a, packed, out_t = x_frag if frag else x, experts.w13, inter
-                    kw = dict(activation="silu")
-                else:
-                    a, packed, out_t = inter, experts.w2, c2
-                    kw = dict(mul_routed_weight=True, a_is_slots=True)
-                fn = functools.partial(prefill_gemm, a, packed, blocks, ids, weights,
-                                       top_k=shape.top_k, out=out_t, config=cfg,
-                                       a_fragment_order=frag, **kw)
-                note = ""
-                skip = rs_skip_reason(cfg, a, packed, out_t, activation=gemm == "w13",
-                                      a_fragment_order=frag)
-                if skip is not None:  # it would time the Triton fallback under the RS name
-                    t = math.inf
-                    note = f" (skipped: {skip})"
-                else:
-                    try:
-                        fn()
-                        t = time_cuda_graph(fn, rep_ms)
-                    except Exception as exc:  # out of resources, compile failure: skip it
+            for cand in cands[gemm]:
+                a, packed, out_t = (x, experts.w13, inter) if gemm == "w13" else (
+                    inter, experts.w2, c2)
+                skip = rs_skip_reason(cand, a, packed, out_t, activation=gemm == "w13",
+                                      a_fragment_order=_fragment_tiles(cand))
+                runs = candidate_runs(gemm, cand, experts=experts, x=x, inter=inter,
+                                      out=out_t, blocks=blocks, topk_ids=ids,
+                                      topk_weights=weights, top_k=shape.top_k,
+                                      x_sorted=x_sorted, inter_sorted=inter_sorted)
+                for cfg, fn in runs:
+                    note, why = "", skip
+                    if cfg.get("SORTED_ROWS"):
+                        note = " sorted rows"
+                        why = why or sorted_rows_unsupported(
+                            x_sorted if gemm == "w13" else inter_sorted, rows=em)
+                    if why is not None:  # it would time the Triton fallback as RS
                         t = math.inf
-                        note = f" ({type(exc).__name__})"
-                done += 1
-                if t < best.get(gemm, (math.inf, None))[0]:
-                    best[gemm] = (t, cfg)
-                if on_step is not None:
-                    on_step(done, total,
-                            f"{name} M={m} {gemm} BLOCK_M={bm}: {t:.1f} us{note}")
+                        note += f" (skipped: {why})"
+                    else:
+                        try:
+                            fn()
+                            t = time_cuda_graph(fn, rep_ms)
+                        except Exception as exc:  # out of resources, compile failure
+                            t = math.inf
+                            note += f" ({type(exc).__name__})"
+                    done += 1
+                    if t < best.get(gemm, (math.inf, None))[0]:
+                        best[gemm] = (t, cfg)
+                    if on_step is not None:
+                        on_step(done, total,
+                                f"{name} M={m} {gemm} BLOCK_M={bm}: {t:.1f} us{note}")
         if "w13" in best and "w2" in best:
             results.setdefault((name, m), {})[bm] = (best["w13"], best["w2"])
 
@@ -339,6 +394,7 @@ def tune_prefill(
             old_entry = table.get(f"{n},{k}", {}).get(str(m), {})
             if "DENSE" in old_entry:   # chosen by a layer-level measurement: keep it
                 cfg = {**cfg, "DENSE": old_entry["DENSE"]}
+
             table.setdefault(f"{n},{k}", {})[str(m)] = cfg
             meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
 

@@ -116,6 +116,32 @@ def test_workspaces_are_reused():
     assert moe._decode_ws is dws and moe._prefill_ws is pws
 
 
+def test_reserve_makes_room_for_sorted_rows(monkeypatch):
+    """With SORTED_ROWS configs (the rows of the aligned blocks, padding included, live in the
+    prefill workspace) reserve() sizes the workspace for them: later calls replace no
+    buffer, and the results match the reference."""
+    from w4a16moe.kernels import configs as cfgmod
+    from w4a16moe.kernels import prefill as prefill_mod
+
+    def sorted_config(*args, **kwargs):
+        return {**cfgmod.INTERPRETER_CONFIG, "SORTED_ROWS": True}
+
+    monkeypatch.setattr(cfgmod, "get_prefill_config", sorted_config)
+    monkeypatch.setattr(prefill_mod, "get_prefill_config", sorted_config)
+    moe = HybridW4A16MoEExperts(_layer(), top_k=2, decode_threshold=2)
+    moe.reserve(6)
+    pws = moe._prefill_ws
+    ptrs = (pws.intermediate.data_ptr(), pws.gemm2_out.data_ptr())
+    assert pws.intermediate.shape[0] > 12   # room for the padded positions, not just slots
+    for m in (3, 6):
+        x = torch.randn(m, 64, device=DEVICE, dtype=torch.float16)
+        tw, ti = _routing(m, 5, 2)
+        ref = moe_reference(x, moe.experts, tw, ti, round_intermediate=True)
+        _check(moe(x, tw, ti), ref, torch.float16)
+    assert moe._prefill_ws is pws
+    assert (pws.intermediate.data_ptr(), pws.gemm2_out.data_ptr()) == ptrs
+
+
 def test_module_to_rebuilds_packed_experts():
     ex = random_experts(3, 64, 64, group_size=32, dtype=torch.float16, seed=1)
     moe = HybridW4A16MoEExperts(ex, top_k=1)

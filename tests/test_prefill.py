@@ -220,6 +220,8 @@ def test_gather_sorted_rows():
     slots = torch.randn(33, 64, dtype=x.dtype, device=DEVICE)
     by_slot = gather_sorted_rows(slots, blocks, top_k=3, a_is_slots=True)
     assert torch.equal(by_slot[valid], slots[sorted_ids[valid]])
+    xt = x.t().contiguous().t()   # column-major: any strides are read
+    assert torch.equal(gather_sorted_rows(xt, blocks, top_k=3)[valid], x[sorted_ids[valid] // 3])
     with pytest.raises(ValueError, match=r"out has shape \(4, 64\)"):
         gather_sorted_rows(x, blocks, top_k=3, out=out[:4])
 

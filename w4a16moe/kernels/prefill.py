@@ -604,7 +604,7 @@ def _fragment_tiles(config: dict) -> bool:
 
 @triton.jit
 def _gather_sorted_rows_kernel(a_ptr, sorted_ids_ptr, num_post_padded_ptr, out_ptr, K, EM,
-                               num_valid_slots, top_k, stride_am, stride_om,
+                               num_valid_slots, top_k, stride_am, stride_ak, stride_om,
                                A_IS_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                                BLOCK_K: tl.constexpr):
     """out[p] = a[row(sorted_ids[p])] for the positions ``p < num_post_padded`` of one
@@ -623,7 +623,7 @@ def _gather_sorted_rows_kernel(a_ptr, sorted_ids_ptr, num_post_padded_ptr, out_p
         rows = slots // top_k
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
-    v = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+    v = tl.load(a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak,
                 mask=valid[:, None] & k_mask[None, :], other=0.0)
     tl.store(out_ptr + offs_p.to(tl.int64)[:, None] * stride_om + offs_k[None, :], v,
              mask=p_mask[:, None] & k_mask[None, :])
@@ -636,11 +636,11 @@ def gather_sorted_rows(a: torch.Tensor, blocks: AlignedBlocks, *, top_k: int,
     ``out[p] = a[blocks.sorted_token_ids[p] // top_k]`` (``a`` ``[M, K]`` by token; by slot
     with ``a_is_slots``) for every position ``p`` before ``blocks.num_tokens_post_padded``;
     padding positions get zeros, later rows are left as they are. One Triton kernel, no host
-    sync. ``out``: optional ``[EM, K]`` (or more rows), ``EM = sorted_token_ids.numel()``."""
+    sync. ``a`` may have any strides. ``out``: optional ``[EM, K]`` (or more rows) with unit
+    column stride, ``EM = sorted_token_ids.numel()``."""
     sorted_ids, _, num_post_padded = blocks
-    if a.dim() != 2 or a.stride(1) != 1:
-        raise ValueError(f"a has shape {tuple(a.shape)}, strides {tuple(a.stride())}; expected "
-                         "2 dims with unit column stride")
+    if a.dim() != 2:
+        raise ValueError(f"a has shape {tuple(a.shape)}; expected 2 dims")
     em, k = sorted_ids.numel(), a.shape[1]
     if out is None:
         out = torch.empty(em, k, dtype=a.dtype, device=a.device)
@@ -655,8 +655,8 @@ def gather_sorted_rows(a: torch.Tensor, blocks: AlignedBlocks, *, top_k: int,
     grid = (triton.cdiv(em, block_rows), triton.cdiv(k, block_k))
     _gather_sorted_rows_kernel[grid](
         a, sorted_ids, num_post_padded, out, k, em, a.shape[0] * (1 if a_is_slots else top_k),
-        top_k, a.stride(0), out.stride(0), A_IS_SLOTS=a_is_slots, BLOCK_ROWS=block_rows,
-        BLOCK_K=block_k, num_warps=4)
+        top_k, a.stride(0), a.stride(1), out.stride(0), A_IS_SLOTS=a_is_slots,
+        BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=4)
     return out
 
 

@@ -1284,9 +1284,9 @@ def fused_moe_prefill(
             rows = workspace.sorted_views(em, experts)
             if c2 is not None:  # the buffer may have grown: GEMM2's output in the new one
                 c2 = workspace.gemm2_out[:slots]
-        else:
-            rows = (torch.empty(em, i, dtype=experts.dtype, device=hidden_states.device),
-                    torch.empty(em, h, dtype=experts.dtype, device=hidden_states.device))
+        else:   # only what the flags need
+            rows = tuple(torch.empty(em, cols, dtype=experts.dtype, device=hidden_states.device)
+                         if need else None for cols, need in ((i, sorted2), (h, sorted1)))
         if sorted2:
             inter = rows[0]
         if sorted1:

@@ -229,15 +229,9 @@ class HybridW4A16MoEExperts(nn.Module):
     def _sorted_block(self, m: int) -> int:
         """BLOCK_SIZE_M of the prefill configs for ``m`` tokens when they read sorted rows
         (``SORTED_ROWS``: the workspace then makes room for them), else 0."""
-        from .kernels.configs import get_prefill_config
-        from .kernels.prefill import deterministic_prefill_configs
+        from .kernels.prefill import layer_configs
 
-        ex, i, h = self.experts, self.experts.intermediate_size, self.experts.hidden_size
-        if self.deterministic:
-            cfgs = list(deterministic_prefill_configs(ex, self.top_k, ex.device, num_tokens=m))
-        else:
-            cfgs = [get_prefill_config(m, n, k, ex.num_experts, self.top_k, ex.dtype,
-                                       ex.device) for n, k in ((2 * i, h), (h, i))]
+        cfgs = layer_configs(self.experts, self.top_k, m, deterministic=self.deterministic)
         if any(c.get("SORTED_ROWS") for c in cfgs):
             return cfgs[0]["BLOCK_SIZE_M"]
         return 0

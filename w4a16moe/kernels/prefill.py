@@ -1164,6 +1164,20 @@ def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Ten
     return out
 
 
+def layer_configs(experts: PackedExperts, top_k: int, num_tokens: int,
+                  device: torch.device | str | None = None, deterministic: bool = False
+                  ) -> tuple[dict, dict]:
+    """The (GEMM1, GEMM2) configs :func:`fused_moe_prefill` runs for ``num_tokens`` tokens
+    when none are given: the tuned table's (:func:`get_prefill_config`), or in the
+    deterministic mode :func:`deterministic_prefill_configs`."""
+    device = experts.device if device is None else device
+    if deterministic:
+        return deterministic_prefill_configs(experts, top_k, device, num_tokens=num_tokens)
+    i, h = experts.intermediate_size, experts.hidden_size
+    return tuple(get_prefill_config(num_tokens, n, k, experts.num_experts, top_k,
+                                    experts.dtype, device) for n, k in ((2 * i, h), (h, i)))
+
+
 def fused_moe_prefill(
     hidden_states: torch.Tensor,
     experts: PackedExperts,
@@ -1240,14 +1254,8 @@ def fused_moe_prefill(
         inter = torch.empty(slots, i, dtype=experts.dtype, device=hidden_states.device)
         c2 = None if atomic_topk_sum else torch.empty(slots, h, dtype=experts.dtype,
                                                       device=hidden_states.device)
-    if configs is None and deterministic:
-        cfg1, cfg2 = deterministic_prefill_configs(experts, top_k, hidden_states.device,
-                                                   num_tokens=m)
-    elif configs is None:
-        cfg1 = get_prefill_config(m, 2 * i, h, experts.num_experts, top_k, experts.dtype,
-                                  hidden_states.device)
-        cfg2 = get_prefill_config(m, h, i, experts.num_experts, top_k, experts.dtype,
-                                  hidden_states.device)
+    if configs is None:
+        cfg1, cfg2 = layer_configs(experts, top_k, m, hidden_states.device, deterministic)
     else:
         cfg1, cfg2 = (dict(c) for c in configs)
     if deterministic:
@@ -1320,4 +1328,5 @@ def fused_moe_prefill(
 
 __all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "dense_path_supported",
            "dequantize_dense", "deterministic_prefill_configs", "fragment_order_columns",
-           "fused_moe_prefill", "gather_sorted_rows", "prefill_gemm", "topk_sum"]
+           "fused_moe_prefill", "gather_sorted_rows", "layer_configs", "prefill_gemm",
+           "topk_sum"]

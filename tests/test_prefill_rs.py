@@ -374,3 +374,88 @@ def test_rs_weight_tma_matches_cp_async(tiles, monkeypatch):
         assert torch.isfinite(with_tma[0]).all(), f"{name}: unwritten output"
         assert torch.equal(with_tma[0], with_tma[1]), f"{name} {cfg}: runs differ"
         assert torch.equal(with_tma[0], cp_async), f"{name} {cfg}: TMA != cp.async"
+
+
+def test_tail_tiles_rules():
+    """TAIL_TILES: the config's key (else the module default), as many halvings of the token
+    tile as keep at least MIN_TAIL_T rows; validated as 0, 1 or 2."""
+    assert prefill_rs.tail_tiles(rs_config(128)) == prefill_rs.TAIL_TILES
+    assert prefill_rs.tail_tiles({**rs_config(128), "TAIL_TILES": 2}) == 2
+    assert prefill_rs.tail_tiles({**rs_config(32), "TAIL_TILES": 2}) == 1
+    assert prefill_rs.tail_tiles({**rs_config(16), "TAIL_TILES": 2}) == 0
+    assert prefill_rs.tail_tiles({**rs_config(256), "TAIL_TILES": 0}) == 0
+    assert cfgmod.validate_config({**rs_config(), "TAIL_TILES": 1})["TAIL_TILES"] == 1
+    with pytest.raises(ValueError, match=r"TAIL_TILES is 3; expected one of \[0, 1, 2\]"):
+        cfgmod.validate_config({**rs_config(), "TAIL_TILES": 3})
+
+
+def tail_routing(bt, top_k=1, seed=0):
+    """top_k=1 ids whose experts hold 0 to 2 * BLOCK_T + 3 slots: last blocks empty past a
+    quarter, past a half, full, and one slot over each edge; shuffled over the tokens."""
+    counts = [1, bt // 4 - 1, bt // 4, bt // 4 + 1, bt // 2, bt // 2 + 1, bt - 1, bt, bt + 1,
+              bt + bt // 4, 2 * bt + 3, 0]
+    e = len(counts)
+    ids = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
+    g = torch.Generator().manual_seed(seed)
+    ids = ids[torch.randperm(ids.numel(), generator=g)].view(-1, top_k)
+    weights = torch.rand(ids.shape, generator=g) + 0.5
+    return e, weights.to(DEVICE), ids.to(torch.int32).to(DEVICE)
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype,tiles", [
+    (torch.bfloat16, (128, 128, 64, 6)), (torch.bfloat16, (256, 128, 64, 5)),
+    (torch.bfloat16, (64, 256, 64, 6, 16)), (torch.bfloat16, (128, 256, 32, 8)),
+    (torch.float16, (32, 256, 64, 6)), (torch.float16, (64, 128, 128, 4))])
+def test_rs_tail_tiles_equal_the_full_tiles(dtype, tiles):
+    """Experts' last blocks run half- and quarter-wide wgmmas (TAIL_TILES 1, 2): the same bits
+    as the full tiles (TAIL_TILES 0) for GEMM1 and GEMM2, gathered and on sorted rows,
+    repeated into NaN-poisoned outputs; the full tiles match the Triton kernel."""
+    bm, bn, bk, stages, *warps = tiles
+    warps = warps[0] if warps else 8
+    e, w, ids = tail_routing(bm, seed=bm + bk)
+    m, top_k = ids.shape[0], 1
+    h, i = 512, 512 if bk == 128 else 384
+    experts = random_experts(e, h, i, group_size=128, symmetric=False, dtype=dtype,
+                             device=DEVICE, seed=bm)
+    x = torch.randn(m, h, dtype=dtype, device=DEVICE)
+    blocks = align_block_size(ids, bm, e)
+    sorted_ids = blocks.sorted_token_ids.long()
+    em, pos = sorted_ids.numel(), (sorted_ids < m).nonzero().flatten()
+    x_sorted = gather_sorted_rows(x, blocks, top_k=top_k)
+    inter = torch.randn(m, i, dtype=dtype, device=DEVICE)
+    inter_sorted = gather_sorted_rows(inter, blocks, top_k=top_k, a_is_slots=True)
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
+    for gemm in ("gemm1", "gemm2"):
+        base = rs_config(bm, bn // 2 if gemm == "gemm1" else bn, bk, stages, warps)
+        results = {}
+        for tails in (0, 1, 2):
+            cfg = {**base, "TAIL_TILES": tails}
+            if gemm == "gemm1":
+                kw = dict(weights=experts.w13, activation="silu", config=cfg, **common)
+                gathered = repeat_runs(2, torch.empty(m, i, dtype=dtype, device=DEVICE),
+                                       a=x, **kw)
+                srt = [torch.full((em, i), float("nan"), dtype=dtype, device=DEVICE)
+                       for _ in range(2)]
+                for out in srt:
+                    prefill_gemm(x_sorted, a_sorted=True, out_sorted=True, out=out, **kw)
+                srt = [out[pos] for out in srt]
+            else:
+                kw = dict(weights=experts.w2, a_is_slots=True, mul_routed_weight=True,
+                          config=cfg, **common)
+                like = torch.empty(m, h, dtype=dtype, device=DEVICE)
+                gathered = repeat_runs(2, like, a=inter, **kw)
+                srt = repeat_runs(2, like, a=inter_sorted, a_sorted=True, **kw)
+            results[tails] = (gathered, srt)
+            for runs in (gathered, srt):
+                assert torch.isfinite(runs[0]).all(), f"{gemm} tails {tails}: unwritten"
+                assert torch.equal(runs[0], runs[1]), f"{gemm} tails {tails}: runs differ"
+            assert torch.equal(srt[0], gathered[0] if gemm == "gemm2"
+                               else gathered[0][sorted_ids[pos]]), f"{gemm} tails {tails}"
+        for tails in (1, 2):
+            assert torch.equal(results[tails][0][0], results[0][0][0]), f"{gemm} tails {tails}"
+        want = repeat_runs(1, results[0][0][0], a=x if gemm == "gemm1" else inter,
+                           **{**kw, "config": triton_tiles(base)})[0]
+        err = ((results[0][0][0].float() - want.float()).abs().max()
+               / want.float().abs().max()).item()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), f"{gemm}: {err:.2e}"

@@ -73,12 +73,6 @@ LOADER_REGS = 64
 #: the loader warp cp.asyncs them in 16-byte pieces (benchmarks flip this for A/Bs)
 WEIGHT_TMA = True
 
-#: narrower tiles for an expert's last block when a config has no ``TAIL_TILES`` key (see
-#: :func:`tail_tiles`; benchmarks flip this for A/Bs)
-TAIL_TILES = 0
-#: the narrowest token tile the last-block path runs
-MIN_TAIL_T = 16
-
 
 if HAVE_GLUON:
 
@@ -315,113 +309,6 @@ if HAVE_GLUON:
         return a
 
     @gluon.jit
-    def _rs_x_operand(x_bufs, stage, TILE_T: gl.constexpr, BLOCK_T: gl.constexpr):
-        """The wgmma B operand ``[BLOCK_K, TILE_T]``: the first ``TILE_T`` rows of the staged
-        ``[BLOCK_T, BLOCK_K]`` activation tile, transposed."""
-        x = x_bufs.index(stage)
-        if TILE_T < BLOCK_T:
-            x = x.slice(0, TILE_T, dim=0)
-        return x.permute((1, 0))
-
-    @gluon.jit
-    def _rs_tile(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
-                 topk_weights_ptr, sorted_ids_ptr, row0, n0, expert, ring, num_steps,
-                 num_valid_slots, up_offset, stride_cm, stride_se, stride_sn, stride_sg,
-                 stride_ze, stride_zn, stride_zg,
-                 GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr, SCALE_PAIRS: gl.constexpr,
-                 ACTIVATION: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
-                 OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
-                 IS_FP16: gl.constexpr, TILE_T: gl.constexpr, BLOCK_T: gl.constexpr,
-                 BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-                 STAGES: gl.constexpr, num_warps: gl.constexpr):
-        """One output tile of expert ``expert`` (not -1): the K loop over the ring's steps
-        ``ring ...`` and the epilogue, for the block's first ``TILE_T`` rows (``BLOCK_T``, or
-        fewer for an expert's last block whose other rows are all padding: the wgmma then
-        multiplies only those rows of the staged tile; see ``TAIL_TILES``)."""
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, TILE_T, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
-                                                     k_width=2)
-        pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
-        row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
-            3, pairs_layout)))
-        # stores: 8 rows x 1 slot per thread, warps across the slots (fewer for narrow tiles,
-        # so no two threads store the same element)
-        OUT_WARPS_T: gl.constexpr = min(num_warps, TILE_T // 4)
-        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4],
-                                                    [num_warps // OUT_WARPS_T, OUT_WARPS_T],
-                                                    [0, 1])
-        if IS_FP16:
-            bias = 1024
-            vdtype: gl.constexpr = gl.float16
-        else:
-            bias = 128
-            vdtype: gl.constexpr = gl.bfloat16
-        e64 = expert.to(gl.int64)
-        w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
-        s_base = s_ptr + e64 * stride_se
-        z_base = z_ptr + e64 * stride_ze
-        s_offs = w_rows * stride_sn
-        z_offs = w_rows * stride_zn
-        # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
-        s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (stride_se // 2)
-        s32_offs = w_rows * (stride_sn // 2)
-        acc = gl.zeros([BLOCK_N, TILE_T], gl.float32, layout=mma_layout)
-        a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
-        # two steps per iteration, each with its own A registers: a wgmma reads its register
-        # operand while it runs, so step i + 1 must not dequantize into the registers step
-        # i's wgmma may still be reading
-        for i in range(0, num_steps, 2):
-            sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg, stride_zg,
-                vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
-            a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias, vdtype,
-                                  HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES,
-                                  pairs_layout, row_layout, a_layout)
-            acc = warpgroup_mma(a0, _rs_x_operand(x_bufs, (ring + i) % STAGES, TILE_T,
-                                                  BLOCK_T), acc, is_async=True)
-            acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-            mbarrier.arrive(empty_bars.index((ring + i + STAGES - 1) % STAGES), count=1,
-                            pred=i > 0)
-            a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1, bias, vdtype,
-                                  HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES,
-                                  pairs_layout, row_layout, a_layout)
-            acc = warpgroup_mma(a1, _rs_x_operand(x_bufs, (ring + i + 1) % STAGES, TILE_T,
-                                                  BLOCK_T), acc, is_async=True)
-            acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-            mbarrier.arrive(empty_bars.index((ring + i) % STAGES), count=1)
-        acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
-        last = ring + num_steps - 1
-        mbarrier.arrive(empty_bars.index(last % STAGES), count=1)
-        if MUL_ROUTED_WEIGHT:
-            t = gl.arange(0, TILE_T, layout=gl.SliceLayout(0, mma_layout))
-            slots = gl.load(sorted_ids_ptr + row0 + t)
-            rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
-                         other=0.0).to(gl.float32)
-            acc = acc * rw[None, :]
-        if ACTIVATION != 0:
-            # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
-            acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, TILE_T]), (0, 2, 3, 1))
-            gate, up = gl.split(acc4)
-            h = _act(gate, ACTIVATION) * up
-            res = gl.convert_layout(
-                gl.reshape(h, [BLOCK_N_OUT, TILE_T]).to(c_ptr.dtype.element_ty), out_layout)
-        else:
-            res = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
-        t_o = gl.arange(0, TILE_T, layout=gl.SliceLayout(0, out_layout))
-        slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
-        col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
-        if OUT_FRAG:
-            # the output's columns in fragment order (the next GEMM reads them as is)
-            col = _fragment_order(col)
-        if C_SORTED:
-            c_rows = row0 + t_o.to(gl.int64)
-        else:
-            c_rows = slots_o
-        gl.store(c_ptr + c_rows[None, :] * stride_cm + col[:, None], res,
-                 mask=(slots_o < num_valid_slots)[None, :])
-
-    @gluon.jit
     def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
                      topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
                      N, K, EM, num_valid_slots, up_offset, stride_cm, stride_se, stride_sn,
@@ -432,17 +319,30 @@ if HAVE_GLUON:
                      OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
-                     STAGES: gl.constexpr, TAIL_TILES: gl.constexpr, num_warps: gl.constexpr):
-        """Default partition: per tile, zeros for a block of a remote expert (-1), else
-        :func:`_rs_tile` (dequantize each step's words straight into the wgmma A-operand
-        registers, wgmma against the staged activation tile, epilogue; with ``C_SORTED``
-        into row ``row0 + t``, the sorted position, instead of row ``slot``). With
-        ``TAIL_TILES`` 1 or 2, a block whose rows from ``BLOCK_T / 2`` (or ``/ 4``) on are
-        all padding (an expert's last block: its slots come first) runs the narrower tile."""
+                     STAGES: gl.constexpr, num_warps: gl.constexpr):
+        """Default partition: dequantize each step's words straight into the wgmma A-operand
+        registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
+        row ``row0 + t``, the sorted position, instead of row ``slot``)."""
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
+                                                     k_width=2)
+        pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
+        row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, pairs_layout)))
+        # stores: 8 rows x 1 slot per thread, warps across the slots (fewer for narrow tiles,
+        # so no two threads store the same element)
         OUT_WARPS_T: gl.constexpr = min(num_warps, BLOCK_T // 4)
         out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4],
                                                     [num_warps // OUT_WARPS_T, OUT_WARPS_T],
                                                     [0, 1])
+        if IS_FP16:
+            bias = 1024
+            vdtype: gl.constexpr = gl.float16
+        else:
+            bias = 128
+            vdtype: gl.constexpr = gl.bfloat16
+
         num_pid_m = gl.cdiv(EM, BLOCK_T)
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
@@ -454,84 +354,80 @@ if HAVE_GLUON:
             if row0 < num_post_padded:
                 expert = gl.load(expert_ids_ptr + pid_m)
                 n0 = pid_n * BLOCK_N_OUT
-                if expert == -1:
-                    t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
-                    slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
-                    col = n0 + gl.arange(0, BLOCK_N_OUT,
-                                         layout=gl.SliceLayout(1, out_layout))
-                    if OUT_FRAG:
-                        col = _fragment_order(col)
-                    if C_SORTED:
-                        c_rows = row0 + t_o.to(gl.int64)
-                    else:
-                        c_rows = slots_o
-                    gl.store(c_ptr + c_rows[None, :] * stride_cm + col[:, None],
-                             gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
-                                      out_layout), mask=(slots_o < num_valid_slots)[None, :])
+                t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
+                slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
+                col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
+                if OUT_FRAG:
+                    # the output's columns in fragment order (the next GEMM reads them as is)
+                    col = _fragment_order(col)
+                if C_SORTED:
+                    c_rows = row0 + t_o.to(gl.int64)
                 else:
-                    # a narrower tile where the block's rows from BLOCK_T / 2 (/ 4) on are
-                    # padding (padding at BLOCK_T / 4 implies padding at BLOCK_T / 2)
-                    if TAIL_TILES == 0:
-                        _rs_tile(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
-                                 topk_weights_ptr, sorted_ids_ptr, row0, n0, expert, ring,
-                                 num_steps, num_valid_slots, up_offset, stride_cm, stride_se,
-                                 stride_sn, stride_sg, stride_ze, stride_zn, stride_zg, GROUP_SIZE,
-                                 HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG,
-                                 A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_T, BLOCK_N_OUT,
-                                 BLOCK_N, BLOCK_K, STAGES, num_warps)
-                    else:
-                        half = (gl.load(sorted_ids_ptr + row0 + BLOCK_T // 2)
-                                >= num_valid_slots)
-                        if TAIL_TILES == 1:
-                            if half:
-                                _rs_tile(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
-                                         z_ptr, topk_weights_ptr, sorted_ids_ptr, row0, n0, expert,
-                                         ring, num_steps, num_valid_slots, up_offset, stride_cm,
-                                         stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                         stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                                         MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
-                                         BLOCK_T // 2, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
-                                         STAGES, num_warps)
-                            else:
-                                _rs_tile(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
-                                         z_ptr, topk_weights_ptr, sorted_ids_ptr, row0, n0, expert,
-                                         ring, num_steps, num_valid_slots, up_offset, stride_cm,
-                                         stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                         stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                                         MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
-                                         BLOCK_T, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
-                                         num_warps)
-                        else:
-                            quarter = (gl.load(sorted_ids_ptr + row0 + BLOCK_T // 4)
-                                       >= num_valid_slots)
-                            if quarter:
-                                _rs_tile(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
-                                         z_ptr, topk_weights_ptr, sorted_ids_ptr, row0, n0, expert,
-                                         ring, num_steps, num_valid_slots, up_offset, stride_cm,
-                                         stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                         stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                                         MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
-                                         BLOCK_T // 4, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
-                                         STAGES, num_warps)
-                            elif half:
-                                _rs_tile(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
-                                         z_ptr, topk_weights_ptr, sorted_ids_ptr, row0, n0, expert,
-                                         ring, num_steps, num_valid_slots, up_offset, stride_cm,
-                                         stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                         stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                                         MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
-                                         BLOCK_T // 2, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
-                                         STAGES, num_warps)
-                            else:
-                                _rs_tile(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
-                                         z_ptr, topk_weights_ptr, sorted_ids_ptr, row0, n0, expert,
-                                         ring, num_steps, num_valid_slots, up_offset, stride_cm,
-                                         stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                         stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                                         MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
-                                         BLOCK_T, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
-                                         num_warps)
+                    c_rows = slots_o
+                c_ptrs = c_ptr + c_rows[None, :] * stride_cm + col[:, None]
+                c_mask = (slots_o < num_valid_slots)[None, :]
+                if expert == -1:
+                    gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
+                                              out_layout), mask=c_mask)
+                else:
+                    e64 = expert.to(gl.int64)
+                    w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
+                    s_base = s_ptr + e64 * stride_se
+                    z_base = z_ptr + e64 * stride_ze
+                    s_offs = w_rows * stride_sn
+                    z_offs = w_rows * stride_zn
+                    # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
+                    s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
+                        stride_se // 2)
+                    s32_offs = w_rows * (stride_sn // 2)
+                    acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+                    a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
+                    # two steps per iteration, each with its own A registers: a wgmma reads
+                    # its register operand while it runs, so step i + 1 must not dequantize
+                    # into the registers step i's wgmma may still be reading
+                    for i in range(0, num_steps, 2):
+                        sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                            i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
+                            stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
+                        a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
+                                              vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
+                                              BLOCK_K, STAGES, pairs_layout, row_layout,
+                                              a_layout)
+                        acc = warpgroup_mma(a0, x_bufs.index((ring + i) % STAGES).permute(
+                            (1, 0)), acc, is_async=True)
+                        acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+                        mbarrier.arrive(empty_bars.index((ring + i + STAGES - 1) % STAGES),
+                                        count=1, pred=i > 0)
+                        a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1,
+                                              bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
+                                              BLOCK_N, BLOCK_K, STAGES, pairs_layout,
+                                              row_layout, a_layout)
+                        acc = warpgroup_mma(a1, x_bufs.index((ring + i + 1) % STAGES).permute(
+                            (1, 0)), acc, is_async=True)
+                        acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
+                        mbarrier.arrive(empty_bars.index((ring + i) % STAGES), count=1)
+                    acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+                    last = ring + num_steps - 1
+                    mbarrier.arrive(empty_bars.index(last % STAGES), count=1)
                     ring += num_steps
+                    if MUL_ROUTED_WEIGHT:
+                        t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
+                        slots = gl.load(sorted_ids_ptr + row0 + t)
+                        rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
+                                     other=0.0).to(gl.float32)
+                        acc = acc * rw[None, :]
+                    if ACTIVATION != 0:
+                        # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
+                        acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
+                                          (0, 2, 3, 1))
+                        gate, up = gl.split(acc4)
+                        h = _act(gate, ACTIVATION) * up
+                        res = gl.convert_layout(
+                            gl.reshape(h, [BLOCK_N_OUT, BLOCK_T]).to(c_ptr.dtype.element_ty),
+                            out_layout)
+                    else:
+                        res = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
+                    gl.store(c_ptrs, res, mask=c_mask)
 
     @gluon.jit
     def _prefill_rs_kernel(
@@ -545,8 +441,7 @@ if HAVE_GLUON:
         OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
-        W_TMA: gl.constexpr, TAIL_TILES: gl.constexpr, LOADER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
+        W_TMA: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader."""
@@ -596,7 +491,7 @@ if HAVE_GLUON:
                             stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                             MUL_ROUTED_WEIGHT,
                             OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT,
-                            BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, TAIL_TILES, num_warps)),
+                            BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, num_warps)),
             (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                           num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                           x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
@@ -636,20 +531,6 @@ def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
         return (f"tiles {bt}x{bn}x{bk}: BLOCK_SIZE_K=128 needs BLOCK_SIZE_M <= 64 and "
                 f"{rows} weight rows x BLOCK_SIZE_M <= 8192 (registers)")
     return None
-
-
-def tail_tiles(config: dict) -> int:
-    """How many halvings of the token tile the kernel may use for an expert's last block
-    (``TAIL_TILES``: 0 none, 1 half, 2 half or quarter; the config's key, else the module's
-    :data:`TAIL_TILES`), fewer where the narrowest tile would have under :data:`MIN_TAIL_T`
-    rows. Such a block's slots all sit in its first half (quarter), the rest is padding, so
-    the narrower wgmma computes the same products for them and skips the padding's."""
-    want = config.get("TAIL_TILES", TAIL_TILES)
-    bt = config["BLOCK_SIZE_M"]
-    n = 0
-    while n < want and bt >> (n + 1) >= MIN_TAIL_T:
-        n += 1
-    return n
 
 
 def gluon_unsupported(device: torch.device) -> str | None:
@@ -781,5 +662,4 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn,
         BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
-        W_TMA=w_desc is not None, TAIL_TILES=tail_tiles(config), LOADER_REGS=LOADER_REGS,
-        num_warps=config["num_warps"])
+        W_TMA=w_desc is not None, LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])

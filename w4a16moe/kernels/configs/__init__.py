@@ -47,12 +47,8 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: a_sorted), which the Gluon kernel loads with one TMA copy per K step instead of gathering
 #: them row by row: on GEMM1's entry the layer first copies the hidden states into that order
 #: (``gather_sorted_rows``), on GEMM2's GEMM1 writes its output so (see fused_moe_prefill)
-#: TAIL_TILES (RS configs): an expert's last block, when its slots fill at most half (a
-#: quarter) of the token tile, runs a half (quarter) wide wgmma: 0 never, 1 half, 2 both
-#: (the Gluon kernel's ``tail_tiles``; the Triton kernel ignores it)
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
-                 "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
-                 "TAIL_TILES": (0, 1, 2)}
+                 "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4

@@ -374,3 +374,57 @@ def test_rs_weight_tma_matches_cp_async(tiles, monkeypatch):
         assert torch.isfinite(with_tma[0]).all(), f"{name}: unwritten output"
         assert torch.equal(with_tma[0], with_tma[1]), f"{name} {cfg}: runs differ"
         assert torch.equal(with_tma[0], cp_async), f"{name} {cfg}: TMA != cp.async"
+
+
+def shipped_rs_variants():
+    """The distinct ways the shipped H100 table runs the Gluon kernel: (config tiles,
+    activation, a_sorted, out_sorted, mul_routed_weight) over the built-in models' entries."""
+    from w4a16moe.kernels.tune import MODEL_SHAPES
+
+    table = cfgmod.parse_table(json.loads(
+        (cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text()))
+    variants = set()
+    for shape in MODEL_SHAPES.values():
+        h, i = shape.hidden_size, shape.intermediate_size
+        gemm1, gemm2 = table.get((2 * i, h), {}), table.get((h, i), {})
+        for m, cfg in gemm1.items():
+            nxt = gemm2.get(m, {})
+            if cfg.get("RS"):
+                variants.add((tuple(sorted(cfg.items())), True, bool(cfg.get("SORTED_ROWS")),
+                              bool(nxt.get("SORTED_ROWS")), False))
+        for cfg in gemm2.values():
+            if cfg.get("RS"):
+                variants.add((tuple(sorted(cfg.items())), False, bool(cfg.get("SORTED_ROWS")),
+                              False, True))
+    return sorted(variants)
+
+
+#: shipped variants (BLOCK_SIZE_M, BLOCK_SIZE_N, BLOCK_SIZE_K, num_stages, activation,
+#: a_sorted) whose wgmmas ptxas serializes, kept because they measured faster than their
+#: BLOCK_SIZE_K 32 version: qwen3-30b-a3b GEMM1 bucket 2048, 563 vs 583 us per layer
+#: (benchmarks/results/h100_prefill_table_ab_qwen3_2048_bk32.json)
+KNOWN_SERIALIZED = {(128, 128, 64, 6, True, False)}
+
+
+def test_shipped_rs_configs_keep_their_wgmmas_async():
+    """ptxas keeps the wgmmas of the shipped RS configs asynchronous: it serializes them for
+    want of registers (C7512: each wgmma then finishes before the next step's dequantization
+    starts, as with the 128-token x 256-row tiles of BLOCK_SIZE_K 64) only for the variants
+    measured and kept so. A kernel change that costs registers shows up here. Compiled ahead
+    of time for sm_90 with Triton's ptxas; runs without a GPU."""
+    if not prefill_rs.HAVE_GLUON:
+        pytest.skip("triton.experimental.gluon is not available")
+    from rs_aot import ptxas_report
+
+    variants = shipped_rs_variants()
+    assert len(variants) >= 10
+    serialized = set()
+    for items, activation, a_sorted, out_sorted, routed in variants:
+        cfg = dict(items)
+        report = ptxas_report(cfg, activation=activation, a_sorted=a_sorted,
+                              out_sorted=out_sorted, mul_routed_weight=routed)
+        assert "Used" in report, report
+        if "wgmma.mma_async instructions are serialized" in report:
+            serialized.add((cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"],
+                            cfg["num_stages"], activation, a_sorted))
+    assert serialized == KNOWN_SERIALIZED

@@ -50,10 +50,11 @@ DEFAULT_TOKENS = (64, 256, 1024, 4096)
 #: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
 #: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
 #: before, session 7 of the notes; four consumer warpgroups on 256-row tiles since session
-#: 9; the 128-row tiles that won with 256 tokens in session 10) for large experts at
-#: M >= 1024, "rsmidm" (the "midm"
-#: space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
-#: since its words come by TMA, session 9) for M = 16-256
+#: 9; the 128-row tiles that won with 256 tokens in session 10; GEMM1's 256-row tiles with
+#: BLOCK_SIZE_K 32, whose 128-token version ptxas does not serialize, session 11) for large
+#: experts at M >= 1024, "rsmidm" (the "midm" space plus the Gluon kernel with 16/32-token
+#: tiles, session 8; a 6-stage 128x128 tile since its words come by TMA, session 9) for
+#: M = 16-256
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -68,7 +69,8 @@ SPACES: dict[str, list[tuple]] = {
            (True, 128, 64, 16, 4, False, True), (True, 256, 64, 16, 6, False, True),
            (True, 64, 64, 4, 4, True),
            (True, 128, 64, 8, 4), (False, 128, 64, 8, 3),
-           (True, 64, 64, 8, 4, False, True), (True, 128, 64, 8, 5, False, True)],
+           (True, 64, 64, 8, 4, False, True), (True, 128, 64, 8, 5, False, True),
+           (True, 128, 32, 8, 8, False, True)],
 }
 SPACES["rsmidm"] = SPACES["midm"] + [
     (True, 128, 128, 8, 4, False, True), (True, 128, 128, 8, 6, False, True),

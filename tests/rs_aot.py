@@ -1,0 +1,78 @@
+"""Ahead-of-time compilation of the Gluon prefill kernel for sm_90, no GPU needed.
+
+``ptxas_report(config, ...)`` compiles ``_prefill_rs_kernel`` for one ``RS`` config the way
+``launch_prefill_rs`` would launch it (bf16, G=128, words by TMA) with the ptxas that ships
+with Triton, and returns what ``ptxas -v`` says about it. The check that matters: ptxas
+prints ``C7512 ... wgmma.mma_async instructions are serialized due to insufficient register
+resources`` when it cannot keep a wgmma in flight while the next step is dequantized, and then
+waits for every wgmma to finish (128-token x 256-row tiles with BLOCK_SIZE_K 64 did: session
+11 of benchmarks/notes_prefill.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+from w4a16moe.kernels import prefill_rs
+
+
+def _signature(fn, constexprs: dict, tensor_descs: dict) -> tuple[dict, dict]:
+    pointers = {"a_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8",
+                "c_ptr": "*bf16", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+                "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32", **tensor_descs}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name] = "i32"
+            if name.startswith("stride") or name in ("N", "K", "EM"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
+                 out_sorted: bool = False, mul_routed_weight: bool = False) -> str:
+    """``ptxas -v`` output for ``config`` compiled for sm_90a (see the module docstring)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    fn = prefill_rs._prefill_rs_kernel
+    constexprs = dict(
+        GROUP_SIZE=128, A_IS_SLOTS=not activation, MUL_ROUTED_WEIGHT=mul_routed_weight,
+        HAS_ZEROS=False, SCALE_PAIRS=False, ACTIVATION=1 if activation else 0, OUT_FRAG=False,
+        A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=False, BLOCK_T=bt, BLOCK_N_OUT=bn,
+        BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
+        W_TMA=True, LOADER_REGS=prefill_rs.LOADER_REGS, num_warps=config["num_warps"])
+    row_bytes = bk // 2
+    w_layout = gl.NVMMASharedLayout(swizzle_byte_width=row_bytes if row_bytes >= 32 else 0,
+                                    element_bitwidth=32, rank=5)
+    box = [1, bn // 8, 2 if activation else 1, 8, bk // 8]
+    descs = {"w_desc": f"tensordesc<i32[{','.join(map(str, box))}],{w_layout!r}>"}
+    if a_sorted:
+        a_layout = gl.NVMMASharedLayout.get_default_for([bt, bk], gl.bfloat16)
+        descs["a_desc"] = f"tensordesc<bf16[{bt},{bk}],{a_layout!r}>"
+    else:
+        constexprs["a_desc"] = None
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names or k == "num_warps"}
+    sig, attrs = _signature(fn, constexprs, descs)
+    kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": config["num_warps"]})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
+                              os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    return run.stdout + run.stderr

@@ -5,7 +5,9 @@
         --model mixtral-8x7b --tokens 16 --gemm 1 --config '{"RS": true, ...}'
 
 Without ``--config`` the table's config for the shape and M is used. The first runs compile;
-``--runs`` launches follow (the default 3 lets ``--launch-skip 2`` skip warm-up).
+``--runs`` launches follow (the default 3 lets ``--launch-skip 2`` skip warm-up). With a
+``SORTED_ROWS`` config the GEMM reads its activations as rows in sorted order (GEMM1 also
+writes them so), as the layer runs it; the gather is a separate kernel.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import json
 import torch
 
 from w4a16moe.kernels.configs import get_prefill_config
-from w4a16moe.kernels.prefill import _fragment_tiles, fragment_order_columns, prefill_gemm
+from w4a16moe.kernels.prefill import (
+    _fragment_tiles,
+    fragment_order_columns,
+    gather_sorted_rows,
+    prefill_gemm,
+)
 from w4a16moe.kernels.tune import MODEL_SHAPES, random_packed_experts, random_routing
 from w4a16moe.routing import align_block_size
 
@@ -50,6 +57,9 @@ def main() -> int:
         weights = ex.w2
     if frag:
         a = fragment_order_columns(a)
+    if cfg.get("SORTED_ROWS"):
+        a = gather_sorted_rows(a, blocks, top_k=k, a_is_slots=args.gemm == 2)
+        kw.update(a_sorted=True, out_sorted=args.gemm == 1)
     for _ in range(args.runs):
         prefill_gemm(a, weights, blocks, ids, w, top_k=k, config=cfg, a_fragment_order=frag,
                      **kw)

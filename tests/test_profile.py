@@ -41,3 +41,20 @@ def test_profile_without_gpu_or_interpreter_says_why(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["profile", "--tokens", "1"]) == 1
     assert "need a GPU" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_cli():
+    """``python -m w4a16moe`` is the ``w4a16moe`` command (for a checkout that is not
+    installed, e.g. ``PYTHONPATH=. python3 -m w4a16moe tune ...`` on a GPU machine)."""
+    import subprocess
+    import sys
+
+    import w4a16moe
+
+    run = subprocess.run([sys.executable, "-m", "w4a16moe", "--version"], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    assert w4a16moe.__version__ in run.stdout
+    run = subprocess.run([sys.executable, "-m", "w4a16moe", "tune", "--help"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0 and "--model" in run.stdout

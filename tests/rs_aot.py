@@ -2,7 +2,10 @@
 
 ``ptxas_report(config, ...)`` compiles ``_prefill_rs_kernel`` for one ``RS`` config the way
 ``launch_prefill_rs`` would launch it (bf16, G=128, words by TMA) with the ptxas that ships
-with Triton, and returns what ``ptxas -v`` says about it. The check that matters: ptxas
+with Triton, and returns what ``ptxas -v`` says about it. ``ptxas_reports(variants)`` does
+that for many in a fresh Python process: the test session runs Triton's interpreter
+(``TRITON_INTERPRET=1``), which leaves the language patched for compilation once an
+interpreted kernel has run. The check that matters: ptxas
 prints ``C7512 ... wgmma.mma_async instructions are serialized due to insufficient register
 resources`` when it cannot keep a wgmma in flight while the next step is dequantized, and then
 waits for every wgmma to finish (128-token x 256-row tiles with BLOCK_SIZE_K 64 did: session
@@ -11,8 +14,10 @@ waits for every wgmma to finish (128-token x 256-row tiles with BLOCK_SIZE_K 64 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import tempfile
 
 from w4a16moe.kernels import prefill_rs
@@ -76,3 +81,24 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
                               os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
     return run.stdout + run.stderr
+
+
+def ptxas_reports(variants: list[dict]) -> list[str]:
+    """:func:`ptxas_report` of each ``{"config", "activation", "a_sorted", "out_sorted",
+    "mul_routed_weight"}``, computed in a child process without ``TRITON_INTERPRET``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(variants),
+                         capture_output=True, text=True, env=env, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"rs_aot.py failed:\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout)
+
+
+if __name__ == "__main__":
+    reports = [ptxas_report(v["config"], activation=v["activation"], a_sorted=v["a_sorted"],
+                            out_sorted=v["out_sorted"],
+                            mul_routed_weight=v["mul_routed_weight"])
+               for v in json.load(sys.stdin)]
+    json.dump(reports, sys.stdout)

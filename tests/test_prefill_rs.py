@@ -414,17 +414,17 @@ def test_shipped_rs_configs_keep_their_wgmmas_async():
     of time for sm_90 with Triton's ptxas; runs without a GPU."""
     if not prefill_rs.HAVE_GLUON:
         pytest.skip("triton.experimental.gluon is not available")
-    from rs_aot import ptxas_report
+    from rs_aot import ptxas_reports
 
-    variants = shipped_rs_variants()
+    variants = [dict(config=dict(items), activation=activation, a_sorted=a_sorted,
+                     out_sorted=out_sorted, mul_routed_weight=routed)
+                for items, activation, a_sorted, out_sorted, routed in shipped_rs_variants()]
     assert len(variants) >= 10
     serialized = set()
-    for items, activation, a_sorted, out_sorted, routed in variants:
-        cfg = dict(items)
-        report = ptxas_report(cfg, activation=activation, a_sorted=a_sorted,
-                              out_sorted=out_sorted, mul_routed_weight=routed)
+    for v, report in zip(variants, ptxas_reports(variants), strict=True):
         assert "Used" in report, report
         if "wgmma.mma_async instructions are serialized" in report:
+            cfg = v["config"]
             serialized.add((cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"],
-                            cfg["num_stages"], activation, a_sorted))
+                            cfg["num_stages"], v["activation"], v["a_sorted"]))
     assert serialized == KNOWN_SERIALIZED

@@ -174,25 +174,29 @@ def test_rs_space_has_256_token_tiles():
 
 def test_candidate_runs_time_rs_configs_on_sorted_rows_too():
     """An RS candidate is timed gathered and with SORTED_ROWS (GEMM1 with its gather, writing
-    sorted rows; GEMM2 reading them); both compute the gathered result (here on the CPU,
-    where the same tiles run on the Triton kernel). Other configs: one run."""
+    sorted rows; GEMM2 reading them); both compute the gathered result, bit for bit (on the
+    CPU the same tiles run on the Triton kernel, on a Hopper GPU on the Gluon kernel).
+    Other configs: one run."""
+    from conftest import DEVICE
+
     from w4a16moe.kernels.prefill import gather_sorted_rows
     from w4a16moe.quantize import random_experts
     from w4a16moe.routing import align_block_size, fused_topk
 
     m, h, i, e, top_k = 9, 64, 64, 4, 2
-    experts = random_experts(e, h, i, group_size=32, dtype=torch.float16, seed=3)
-    x = torch.randn(m, h, dtype=torch.float16)
-    w, ids = fused_topk(torch.randn(m, e), top_k)
+    experts = random_experts(e, h, i, group_size=32, dtype=torch.float16, seed=3,
+                             device=DEVICE)
+    x = torch.randn(m, h, dtype=torch.float16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
     rs = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
           "num_warps": 8, "num_stages": 2, "SWAP_AB": True, "RS": True}
     blocks = align_block_size(ids, 16, e)
     em, slots = blocks.sorted_token_ids.numel(), m * top_k
     pos = (blocks.sorted_token_ids < slots).nonzero().flatten()
     slot_of = blocks.sorted_token_ids[pos].long()
-    inter = torch.empty(slots, i, dtype=torch.float16)
-    x_sorted = torch.empty(em, h, dtype=torch.float16)
-    inter_sorted = torch.full((em, i), float("nan"), dtype=torch.float16)
+    inter = torch.empty(slots, i, dtype=torch.float16, device=DEVICE)
+    x_sorted = torch.empty(em, h, dtype=torch.float16, device=DEVICE)
+    inter_sorted = torch.full((em, i), float("nan"), dtype=torch.float16, device=DEVICE)
     kw = dict(experts=experts, x=x, blocks=blocks, topk_ids=ids, topk_weights=w,
               top_k=top_k, x_sorted=x_sorted, inter_sorted=inter_sorted)
     g1 = tune.candidate_runs("w13", rs, inter=inter, out=inter, **kw)
@@ -200,7 +204,7 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_too():
     g1[0][1]()
     g1[1][1]()
     assert torch.equal(inter_sorted[pos], inter[slot_of])
-    out = torch.empty(slots, h, dtype=torch.float16)
+    out = torch.empty(slots, h, dtype=torch.float16, device=DEVICE)
     g2 = tune.candidate_runs("w2", {**rs, "BLOCK_SIZE_N": 128}, inter=inter, out=out, **kw)
     assert [bool(c.get("SORTED_ROWS")) for c, _ in g2] == [False, True]
     g2[0][1]()

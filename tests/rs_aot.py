@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 
+import torch
+
 from w4a16moe.kernels import prefill_rs
 
 
@@ -47,7 +49,6 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
@@ -58,13 +59,12 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=False, BLOCK_T=bt, BLOCK_N_OUT=bn,
         BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=True, LOADER_REGS=prefill_rs.LOADER_REGS, num_warps=config["num_warps"])
-    row_bytes = bk // 2
-    w_layout = gl.NVMMASharedLayout(swizzle_byte_width=row_bytes if row_bytes >= 32 else 0,
-                                    element_bitwidth=32, rank=5)
+    # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
+    w_layout = prefill_rs.weight_smem_layout(bk)
     box = [1, bn // 8, 2 if activation else 1, 8, bk // 8]
     descs = {"w_desc": f"tensordesc<i32[{','.join(map(str, box))}],{w_layout!r}>"}
     if a_sorted:
-        a_layout = gl.NVMMASharedLayout.get_default_for([bt, bk], gl.bfloat16)
+        a_layout = prefill_rs.activation_smem_layout(bt, bk, torch.bfloat16)
         descs["a_desc"] = f"tensordesc<bf16[{bt},{bk}],{a_layout!r}>"
     else:
         constexprs["a_desc"] = None

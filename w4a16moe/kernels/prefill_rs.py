@@ -590,6 +590,22 @@ def sorted_rows_unsupported(a: torch.Tensor, *, rows: int) -> str | None:
     return None
 
 
+def weight_smem_layout(block_k: int):
+    """The shared-memory layout of one K step of packed words as TMA writes it (5-D, see
+    :func:`weight_descriptor`): swizzled by the row's width (32 or 64 bytes; the 16-byte rows
+    of BLOCK_K=32 are not), which the kernel's view of the ring matches."""
+    row_bytes = block_k // 2
+    return gl.NVMMASharedLayout(swizzle_byte_width=row_bytes if row_bytes >= 32 else 0,
+                                element_bitwidth=32, rank=5)
+
+
+def activation_smem_layout(block_t: int, block_k: int, dtype: torch.dtype):
+    """The shared-memory layout of a ``[BLOCK_T, BLOCK_K]`` activation tile that TMA writes
+    (``a_sorted``) and the wgmma reads."""
+    gdtype = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    return gl.NVMMASharedLayout.get_default_for([block_t, block_k], gdtype)
+
+
 def weight_descriptor(qweight: torch.Tensor, *, n_out: int, up_offset: int, activation: bool,
                       block_n_out: int, block_k: int) -> TensorDescriptor:
     """The TMA descriptor of the packed words ``[E, N_w, K/8]`` as the 5-D view
@@ -601,9 +617,7 @@ def weight_descriptor(qweight: torch.Tensor, *, n_out: int, up_offset: int, acti
     e, _, words = qweight.shape
     se, sn = qweight.stride(0), qweight.stride(1)
     halves = 2 if activation else 1
-    row_bytes = block_k // 2
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=row_bytes if row_bytes >= 32 else 0,
-                                  element_bitwidth=32, rank=5)
+    layout = weight_smem_layout(block_k)
     return TensorDescriptor(qweight, [e, n_out // 8, halves, 8, words],
                             [se, 8 * sn, (up_offset if activation else 8) * sn, sn, 1],
                             [1, block_n_out // 8, halves, 8, block_k // 8], layout)
@@ -644,9 +658,8 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                                    activation=activation, block_n_out=bn, block_k=bk)
     a_desc = None
     if a_sorted:
-        gdtype = gl.float16 if a.dtype == torch.float16 else gl.bfloat16
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bt, bk],
-                                  gl.NVMMASharedLayout.get_default_for([bt, bk], gdtype))
+                                  activation_smem_layout(bt, bk, a.dtype))
     _prefill_rs_kernel[grid](
         a, a_desc, qweight, w_desc, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
         n_out, k, em, slots, top_k, up_offset,

@@ -396,7 +396,6 @@ def tune_prefill(
             old_entry = table.get(f"{n},{k}", {}).get(str(m), {})
             if "DENSE" in old_entry:   # chosen by a layer-level measurement: keep it
                 cfg = {**cfg, "DENSE": old_entry["DENSE"]}
-
             table.setdefault(f"{n},{k}", {})[str(m)] = cfg
             meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
 

@@ -5,7 +5,9 @@ ablated variants are wrong by construction and only timed.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_rs_ablation.py --out $OUT
 
-Variants: ``full`` (the kernel as shipped, through the patch path, as a control; ``--source``
+Each variant's output is compared with the shipped kernel's (printed as ``(differs: max
+|diff| / max |shipped|)`` unless bit-identical; expected for the ablations). Variants:
+``full`` (the kernel as shipped, through the patch path, as a control; ``--source``
 adds another version of the kernel file, e.g. the previous commit's, for an A/B),
 ``no-dequant`` (the words' halves bit-cast into the operand: no shift/LOP3/packed math),
 ``no-word-loads`` (a constant operand word instead of the shared-memory loads; the loader, its
@@ -124,6 +126,24 @@ def main() -> int:
                   dict(a=inter, weights=ex.w2, a_is_slots=True, mul_routed_weight=True))
             fn = functools.partial(prefill_mod.prefill_gemm, blocks=blocks, topk_ids=ids,
                                    topk_weights=w, top_k=k, out=out, config=cfg, **kw)
+            # each variant's output against the shipped kernel's (``--source`` versions must
+            # match bit for bit; the ablated ones differ by construction)
+            outs = {}
+            for v, mod in mods.items():
+                prefill_mod.launch_prefill_rs = mod.launch_prefill_rs
+                try:
+                    out.fill_(float("nan"))
+                    fn()
+                    torch.cuda.synchronize()
+                    outs[v] = out.clone()
+                finally:
+                    prefill_mod.launch_prefill_rs = real_launch
+            out.fill_(float("nan"))
+            fn()
+            same = {v: torch.equal(o, out) for v, o in outs.items()}
+            scale = out.float().abs().max().item()
+            diff = {v: (o.float() - out.float()).abs().max().item() / scale
+                    for v, o in outs.items()}
             times = {}
             for _ in range(2):  # two rounds, the faster of each variant's two medians
                 for v, mod in mods.items():
@@ -133,11 +153,13 @@ def main() -> int:
                     finally:
                         prefill_mod.launch_prefill_rs = real_launch
                     times[v] = min(times.get(v, t), t)
-            rec = {"model": model, "M": m, "gemm": which + 1, "config": cfg, "us": times}
+            rec = {"model": model, "M": m, "gemm": which + 1, "config": cfg, "us": times,
+                   "same_as_shipped": same, "max_rel_diff": diff}
             records.append(rec)
             print(f"{model} M={m} GEMM{which + 1} {cfg['BLOCK_SIZE_M']}x{cfg['BLOCK_SIZE_N']}x"
                   f"{cfg['BLOCK_SIZE_K']}s{cfg['num_stages']}: "
-                  + ", ".join(f"{v} {t:.1f}" for v, t in times.items()), flush=True)
+                  + ", ".join(f"{v} {t:.1f}{'' if same[v] else f' (differs: {diff[v]:.1e})'}"
+                              for v, t in times.items()), flush=True)
     print("wrote", write_records(args.out, "prefill_rs_ablation.json", records))
     return 0
 

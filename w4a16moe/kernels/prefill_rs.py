@@ -18,8 +18,10 @@ never goes through shared memory; the activations stay in natural K order. A pro
   shuffle keeps at bits ``4c`` and ``16+4c`` of the word, so the quad's lanes read the same
   four words (one 16-byte load) and each dequantizes its own pair with one shift, one LOP3
   and two packed 16-bit ops (PTX). They issue the register-A wgmma against the activation
-  tile, release the previous step's stage once its wgmma is done, and after the K loop run
-  the epilogue (router weight, ``act(gate) * up``) and the store.
+  tile, release the previous step's stage once its wgmma is done (every consumer thread
+  arrives on the stage's empty barrier itself, ``cp.async.mbarrier.arrive.noinc``: Gluon's
+  one-thread ``mbarrier.arrive`` needs a barrier over all consumer warps before it), and
+  after the K loop run the epilogue (router weight, ``act(gate) * up``) and the store.
 
 Race freedom: a wgmma reads its register operand while it runs, so the loop is unrolled by two
 with one set of A registers per parity; step ``i``'s registers are rewritten only after the
@@ -396,8 +398,10 @@ if HAVE_GLUON:
                         acc = warpgroup_mma(a0, x_bufs.index((ring + i) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-                        mbarrier.arrive(empty_bars.index((ring + i + STAGES - 1) % STAGES),
-                                        count=1, pred=i > 0)
+                        if i > 0:
+                            async_copy.mbarrier_arrive(
+                                empty_bars.index((ring + i + STAGES - 1) % STAGES),
+                                increment_count=False)
                         a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1,
                                               bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
                                               BLOCK_N, BLOCK_K, STAGES, pairs_layout,
@@ -405,10 +409,12 @@ if HAVE_GLUON:
                         acc = warpgroup_mma(a1, x_bufs.index((ring + i + 1) % STAGES).permute(
                             (1, 0)), acc, is_async=True)
                         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-                        mbarrier.arrive(empty_bars.index((ring + i) % STAGES), count=1)
+                        async_copy.mbarrier_arrive(empty_bars.index((ring + i) % STAGES),
+                                                   increment_count=False)
                     acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
                     last = ring + num_steps - 1
-                    mbarrier.arrive(empty_bars.index(last % STAGES), count=1)
+                    async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
+                                               increment_count=False)
                     ring += num_steps
                     if MUL_ROUTED_WEIGHT:
                         t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
@@ -481,7 +487,7 @@ if HAVE_GLUON:
         x_ready_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1],
                                                  mbarrier.MBarrierLayout())
         for s in gl.static_range(STAGES):
-            mbarrier.init(empty_bars.index(s), count=1)
+            mbarrier.init(empty_bars.index(s), count=num_warps * 32)
             mbarrier.init(x_ready_bars.index(s), count=READY_ARRIVALS)
         gl.warp_specialize([
             (_rs_consumer, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,

@@ -58,7 +58,8 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         HAS_ZEROS=False, SCALE_PAIRS=False, ACTIVATION=1 if activation else 0, OUT_FRAG=False,
         A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=False, BLOCK_T=bt, BLOCK_N_OUT=bn,
         BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
-        W_TMA=True, LOADER_REGS=prefill_rs.LOADER_REGS, num_warps=config["num_warps"])
+        W_TMA=True, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
+        LOADER_REGS=prefill_rs.LOADER_REGS, num_warps=config["num_warps"])
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
     w_layout = prefill_rs.weight_smem_layout(bk)
     box = [1, bn // 8, 2 if activation else 1, 8, bk // 8]

@@ -172,11 +172,11 @@ def test_rs_space_has_256_token_tiles():
         assert rs, fused
 
 
-def test_candidate_runs_time_rs_configs_on_sorted_rows_too():
+def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scales():
     """An RS candidate is timed gathered and with SORTED_ROWS (GEMM1 with its gather, writing
-    sorted rows; GEMM2 reading them); both compute the gathered result, bit for bit (on the
-    CPU the same tiles run on the Triton kernel, on a Hopper GPU on the Gluon kernel).
-    Other configs: one run."""
+    sorted rows; GEMM2 reading them), each with and without PREFETCH_SCALES; all four
+    compute the gathered result, bit for bit (on the CPU the same tiles run on the Triton
+    kernel, on a Hopper GPU on the Gluon kernel). Other configs: one run."""
     from conftest import DEVICE
 
     from w4a16moe.kernels.prefill import gather_sorted_rows
@@ -199,19 +199,32 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_too():
     inter_sorted = torch.full((em, i), float("nan"), dtype=torch.float16, device=DEVICE)
     kw = dict(experts=experts, x=x, blocks=blocks, topk_ids=ids, topk_weights=w,
               top_k=top_k, x_sorted=x_sorted, inter_sorted=inter_sorted)
+    flags = [(False, False), (False, True), (True, False), (True, True)]
     g1 = tune.candidate_runs("w13", rs, inter=inter, out=inter, **kw)
-    assert [bool(c.get("SORTED_ROWS")) for c, _ in g1] == [False, True]
+    assert [(bool(c.get("PREFETCH_SCALES")), bool(c.get("SORTED_ROWS")))
+            for c, _ in g1] == flags
     g1[0][1]()
-    g1[1][1]()
-    assert torch.equal(inter_sorted[pos], inter[slot_of])
+    want = inter.clone()
+    for cfg, run in g1[1:]:
+        inter.fill_(float("nan"))
+        inter_sorted.fill_(float("nan"))
+        run()
+        if cfg.get("SORTED_ROWS"):
+            assert torch.equal(inter_sorted[pos], want[slot_of]), cfg
+        else:
+            assert torch.equal(inter, want), cfg
+    inter.copy_(want)
+    inter_sorted[pos] = want[slot_of]
     out = torch.empty(slots, h, dtype=torch.float16, device=DEVICE)
     g2 = tune.candidate_runs("w2", {**rs, "BLOCK_SIZE_N": 128}, inter=inter, out=out, **kw)
-    assert [bool(c.get("SORTED_ROWS")) for c, _ in g2] == [False, True]
+    assert [(bool(c.get("PREFETCH_SCALES")), bool(c.get("SORTED_ROWS")))
+            for c, _ in g2] == flags
     g2[0][1]()
     want = out.clone()
-    out.fill_(float("nan"))
-    g2[1][1]()
-    assert torch.equal(out, want)
+    for cfg, run in g2[1:]:
+        out.fill_(float("nan"))
+        run()
+        assert torch.equal(out, want), cfg
     assert torch.equal(gather_sorted_rows(x, blocks, top_k=top_k)[pos], x[slot_of // top_k])
     plain = {k: v for k, v in rs.items() if k != "RS"}
     assert len(tune.candidate_runs("w13", plain, inter=inter, out=inter, **kw)) == 1

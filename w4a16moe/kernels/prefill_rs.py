@@ -321,7 +321,8 @@ if HAVE_GLUON:
                      OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
-                     STAGES: gl.constexpr, num_warps: gl.constexpr):
+                     STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
+                     num_warps: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
         row ``row0 + t``, the sorted position, instead of row ``slot``)."""
@@ -387,10 +388,24 @@ if HAVE_GLUON:
                     # two steps per iteration, each with its own A registers: a wgmma reads
                     # its register operand while it runs, so step i + 1 must not dequantize
                     # into the registers step i's wgmma may still be reading
-                    for i in range(0, num_steps, 2):
+                    # PREFETCH_SCALES: the scales of a step pair are loaded one iteration
+                    # ahead, so their latency (an L2/DRAM round trip) hides behind the
+                    # previous pair's work instead of stalling its dequantization
+                    if PREFETCH_SCALES:
                         sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                            i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
+                            0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
                             stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
+                    for i in range(0, num_steps, 2):
+                        if PREFETCH_SCALES:
+                            nsc0, nzr0, nsc1, nzr1 = _rs_pair_scales(
+                                gl.minimum(i + 2, num_steps - 2), s_base, s32_base, z_base,
+                                s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
+                                HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
+                        else:
+                            sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                                i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
+                                stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS,
+                                GROUP_SIZE, BLOCK_K)
                         a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
                                               vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
                                               BLOCK_K, STAGES, pairs_layout, row_layout,
@@ -411,6 +426,8 @@ if HAVE_GLUON:
                         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
                         async_copy.mbarrier_arrive(empty_bars.index((ring + i) % STAGES),
                                                    increment_count=False)
+                        if PREFETCH_SCALES:
+                            sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
                     acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
                     last = ring + num_steps - 1
                     async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
@@ -447,7 +464,8 @@ if HAVE_GLUON:
         OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
-        W_TMA: gl.constexpr, LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, LOADER_REGS: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader."""
@@ -497,7 +515,8 @@ if HAVE_GLUON:
                             stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                             MUL_ROUTED_WEIGHT,
                             OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT,
-                            BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, num_warps)),
+                            BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, PREFETCH_SCALES,
+                            num_warps)),
             (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                           num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                           x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
@@ -681,4 +700,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn,
         BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
-        W_TMA=w_desc is not None, LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])
+        W_TMA=w_desc is not None, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
+        LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])

@@ -4,9 +4,10 @@
 with the fused activation, GEMM2) at each token count, under CUDA graphs, and picks per M the
 ``BLOCK_SIZE_M`` (shared by both GEMMs: they walk the same sorted blocks) with the smallest
 GEMM1 + GEMM2 time and, for it, the fastest config of each GEMM. An ``RS`` candidate (the
-Gluon kernel) is timed twice: on gathered activations and on rows in sorted order
-(``SORTED_ROWS``, GEMM1 with the gather of its input; see :func:`candidate_runs`). The result
-is the JSON table read by :mod:`w4a16moe.kernels.configs`.
+Gluon kernel) is timed four times: on gathered activations and on rows in sorted order
+(``SORTED_ROWS``, GEMM1 with the gather of its input), each with and without
+``PREFETCH_SCALES`` (see :func:`candidate_runs`). The result is the JSON table read by
+:mod:`w4a16moe.kernels.configs`.
 """
 
 from __future__ import annotations
@@ -164,11 +165,12 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     """The ``(config, fn)`` pairs the tuner times for one candidate of GEMM ``gemm``
     (``"w13"``: GEMM1 with the fused SiLU on ``x`` into ``out``; ``"w2"``: GEMM2 on ``inter``
     by slot, router weight applied, into ``out``), as :func:`fused_moe_prefill` would run
-    it: activations in fragment order for ``FRAG_K`` tiles; and for an ``RS`` config, when
-    ``x_sorted``/``inter_sorted`` (``[EM, H]``/``[EM, I]`` buffers for the blocks' positions)
-    are given, also the same tiles with ``SORTED_ROWS``: GEMM1 timed with the gather of its
-    input (:func:`~w4a16moe.kernels.prefill.gather_sorted_rows`) and writing sorted rows,
-    GEMM2 reading ``inter_sorted``."""
+    it: activations in fragment order for ``FRAG_K`` tiles. An ``RS`` config is also timed
+    with ``PREFETCH_SCALES``, and when ``x_sorted``/``inter_sorted`` (``[EM, H]``/``[EM, I]``
+    buffers for the blocks' positions) are given, each of those also with ``SORTED_ROWS``:
+    GEMM1 timed with the gather of its input
+    (:func:`~w4a16moe.kernels.prefill.gather_sorted_rows`) and writing sorted rows, GEMM2
+    reading ``inter_sorted``."""
     from .prefill import (
         _fragment_tiles,
         fragment_order_columns,
@@ -179,30 +181,36 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     if gemm not in ("w13", "w2"):
         raise ValueError(f"gemm is {gemm!r}; expected 'w13' or 'w2'")
     frag = _fragment_tiles(config)
-    common = dict(blocks=blocks, topk_ids=topk_ids, topk_weights=topk_weights, top_k=top_k,
-                  config=config)
-    if gemm == "w13":
-        a = fragment_order_columns(x) if frag else x
-        runs = [(config, functools.partial(prefill_gemm, a, experts.w13, activation="silu",
-                                           out=out, a_fragment_order=frag, **common))]
-    else:
-        a = fragment_order_columns(inter) if frag else inter
-        runs = [(config, functools.partial(prefill_gemm, a, experts.w2, a_is_slots=True,
-                                           mul_routed_weight=True, out=out,
-                                           a_fragment_order=frag, **common))]
-    if not config.get("RS") or x_sorted is None or inter_sorted is None:
-        return runs
-    sorted_cfg = {**config, "SORTED_ROWS": True}
-    if gemm == "w13":
-        def run_sorted():
-            gather_sorted_rows(x, blocks, top_k=top_k, out=x_sorted)
-            prefill_gemm(x_sorted, experts.w13, activation="silu", out=inter_sorted,
-                         a_sorted=True, out_sorted=True, **common)
-    else:
-        def run_sorted():
-            prefill_gemm(inter_sorted, experts.w2, a_is_slots=True, mul_routed_weight=True,
-                         out=out, a_sorted=True, **common)
-    return runs + [(sorted_cfg, run_sorted)]
+    variants = [config]
+    if config.get("RS"):
+        variants.append({**config, "PREFETCH_SCALES": True})
+    runs = []
+    for cfg in variants:
+        common = dict(blocks=blocks, topk_ids=topk_ids, topk_weights=topk_weights,
+                      top_k=top_k, config=cfg)
+        if gemm == "w13":
+            a = fragment_order_columns(x) if frag else x
+            runs.append((cfg, functools.partial(prefill_gemm, a, experts.w13,
+                                                activation="silu", out=out,
+                                                a_fragment_order=frag, **common)))
+        else:
+            a = fragment_order_columns(inter) if frag else inter
+            runs.append((cfg, functools.partial(prefill_gemm, a, experts.w2, a_is_slots=True,
+                                                mul_routed_weight=True, out=out,
+                                                a_fragment_order=frag, **common)))
+        if not cfg.get("RS") or x_sorted is None or inter_sorted is None:
+            continue
+        if gemm == "w13":
+            def run_sorted(common=common):
+                gather_sorted_rows(x, blocks, top_k=top_k, out=x_sorted)
+                prefill_gemm(x_sorted, experts.w13, activation="silu", out=inter_sorted,
+                             a_sorted=True, out_sorted=True, **common)
+        else:
+            def run_sorted(common=common):
+                prefill_gemm(inter_sorted, experts.w2, a_is_slots=True,
+                             mul_routed_weight=True, out=out, a_sorted=True, **common)
+        runs.append(({**cfg, "SORTED_ROWS": True}, run_sorted))
+    return runs
 
 
 def random_packed_weights(num_experts: int, n: int, k: int, group_size: int, dtype, device,
@@ -315,8 +323,9 @@ def tune_prefill(
                 plan.append((name, shape, m, bm,
                              {"w13": candidate_configs(bm, rows, spaces[m], True),
                               "w2": candidate_configs(bm, rows, spaces[m], False)}))
-    # an RS candidate is timed twice: gathered and on sorted rows (see candidate_runs)
-    total = sum(len(c) + sum(1 for cfg in c if cfg.get("RS"))
+    # an RS candidate is timed four times: gathered and on sorted rows, each with and
+    # without PREFETCH_SCALES (see candidate_runs)
+    total = sum(len(c) + 3 * sum(1 for cfg in c if cfg.get("RS"))
                 for *_, cands in plan for c in cands.values())
     done = 0
 

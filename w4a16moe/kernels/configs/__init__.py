@@ -13,8 +13,10 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
 
 Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
-(boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper) and ``"DENSE"``
-(boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the whole layer).
+(boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
+and ``"PREFETCH_SCALES"`` (booleans for that kernel; see :data:`OPTIONAL_KEYS`) and
+``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
+whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the
 problem) fall back to :func:`heuristic_config`; nothing here raises for a bad file.
 """
@@ -47,8 +49,13 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: a_sorted), which the Gluon kernel loads with one TMA copy per K step instead of gathering
 #: them row by row: on GEMM1's entry the layer first copies the hidden states into that order
 #: (``gather_sorted_rows``), on GEMM2's GEMM1 writes its output so (see fused_moe_prefill)
+#: PREFETCH_SCALES (RS entries): the Gluon kernel loads each step pair's scales one loop
+#: iteration ahead, hiding their latency at the cost of a few registers (faster for some
+#: tiles, slower for others: benchmarks/notes_prefill.md, session 12); the Triton kernel
+#: ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
-                 "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False)}
+                 "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
+                 "PREFETCH_SCALES": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4

@@ -129,3 +129,52 @@ def test_scratch_numel_and_chunks():
     assert chunk_size(262_144) == 256 and chunk_size(262_145) == 512
     assert scratch_numel(0, 8) == 8 + 16                       # one chunk row + starts + ends
     assert scratch_numel(300, 8) == 3 * 8 + 16
+
+
+@pytest.mark.parametrize("m, top_k, num_experts, block_size, mapped",
+                         [(1, 2, 8, 16, False), (16, 2, 8, 16, True), (64, 2, 8, 32, False),
+                          (32, 8, 128, 16, True), (0, 2, 4, 16, False), (42, 6, 64, 64, True),
+                          (128, 2, 8, 128, False)])
+def test_single_program_matches_the_three_kernels(m, top_k, num_experts, block_size, mapped):
+    """Up to SINGLE_PROGRAM_SLOTS slots one program aligns them (the default there): the same
+    outputs, into poisoned buffers, as the count / scan / scatter kernels, with and without
+    an expert map; more slots than that are refused."""
+    from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton
+
+    ids = random_ids(m, top_k, num_experts) if m else torch.empty(
+        0, top_k, dtype=torch.int32, device=DEVICE)
+    expert_map = None
+    if mapped:
+        expert_map = torch.randperm(num_experts, device=DEVICE).to(torch.int32)
+        expert_map[::3] = -1
+    slots = ids.numel()
+    assert slots <= SINGLE_PROGRAM_SLOTS
+    size = max_num_tokens_padded(slots, block_size, num_experts)
+    outs = []
+    for single in (True, False):
+        out = AlignedBlocks(torch.full((size,), -7, dtype=torch.int32, device=DEVICE),
+                            torch.full((size // block_size,), -7, dtype=torch.int32,
+                                       device=DEVICE),
+                            torch.full((1,), -7, dtype=torch.int32, device=DEVICE))
+        align_block_size_triton(ids, block_size, num_experts, expert_map, *out,
+                                single_program=single)
+        outs.append(out)
+    for name, a, b in zip(AlignedBlocks._fields, *outs, strict=True):
+        assert torch.equal(a, b), f"{name}:\n{a}\n{b}"
+    ref = align_block_size(ids, block_size, num_experts, expert_map, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], ref, strict=True))
+
+
+def test_single_program_refuses_large_batches():
+    from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton
+
+    ids = random_ids(SINGLE_PROGRAM_SLOTS // 2 + 1, 2, 8)
+    size = max_num_tokens_padded(ids.numel(), 16, 8)
+    out = AlignedBlocks(torch.empty(size, dtype=torch.int32, device=DEVICE),
+                        torch.empty(size // 16, dtype=torch.int32, device=DEVICE),
+                        torch.empty(1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"single_program=True with 258 slots over 8 experts"):
+        align_block_size_triton(ids, 16, 8, None, *out, single_program=True)
+    align_block_size_triton(ids, 16, 8, None, *out)   # the three kernels
+    ref = align_block_size(ids, 16, 8, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))

@@ -1,4 +1,4 @@
-"""``align_block_size`` on the GPU: three small Triton kernels, no host synchronisation.
+"""``align_block_size`` on the GPU: small Triton kernels, no host synchronisation.
 
 The (token, k) *slots* ``s = token * top_k + k`` of ``topk_ids [M, top_k]`` are cut into
 chunks of ``CHUNK`` consecutive slots (one program each):
@@ -17,6 +17,10 @@ chunks of ``CHUNK`` consecutive slots (one program each):
    (the number of runs that end at or before the block's first row, mapped through
    ``expert_map``; -1 past ``num_tokens_post_padded``).
 
+Up to :data:`SINGLE_PROGRAM_SLOTS` slots (decode and mid-M batches) one program does all
+three steps instead (:func:`_align_single_kernel`): one launch instead of three, the same
+outputs.
+
 All shapes depend only on ``M * top_k``, the block size and E, so the launches can be
 captured in a CUDA graph; with preallocated outputs and scratch nothing is allocated.
 """
@@ -29,6 +33,12 @@ import triton.language as tl
 
 #: largest E handled (the scan holds one row of E counts in registers)
 MAX_EXPERTS = 4096
+#: up to this many slots (and fewer than SINGLE_PROGRAM_EXPERTS experts) one program aligns
+#: them (:func:`_align_single_kernel`); its pairwise rank costs slots^2 compares and its
+#: block-to-expert lookup blocks x E, which one program does faster than three launches only
+#: for small batches
+SINGLE_PROGRAM_SLOTS = 256
+SINGLE_PROGRAM_EXPERTS = 1024
 
 
 def chunk_size(num_slots: int) -> int:
@@ -146,6 +156,56 @@ def _align_scatter_kernel(
         tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < b_end)
 
 
+@triton.jit
+def _align_single_kernel(
+    topk_ids_ptr, starts_ptr, ends_ptr, expert_map_ptr, sorted_ids_ptr, expert_ids_ptr,
+    total_ptr, num_slots, num_experts, block_size, num_sorted, num_blocks,
+    HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_J: tl.constexpr,
+    FILL_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """All of align_block_size in one program for ``num_slots <= CHUNK``: the histogram, the
+    padded runs (their starts and ends stored to ``starts``/``ends`` int32 ``[E]``, then read
+    back per slot after a barrier), the sentinel fill, the stable scatter (rank = earlier
+    slots with the same expert) and every block's expert id."""
+    local = tl.arange(0, CHUNK)
+    mask = local < num_slots
+    ids = tl.load(topk_ids_ptr + local, mask=mask, other=num_experts).to(tl.int32)
+    counts = tl.histogram(ids, NUM_BINS)  # bin E (the masked lanes) is never used
+    bins = tl.arange(0, NUM_BINS)
+    padded = tl.where(bins < num_experts, (counts + block_size - 1) // block_size * block_size,
+                      0)
+    ends = tl.cumsum(padded, axis=0)
+    total = tl.sum(padded, axis=0)
+    tl.store(starts_ptr + bins, ends - padded, mask=bins < num_experts)
+    tl.store(ends_ptr + bins, ends, mask=bins < num_experts)
+    tl.store(total_ptr, total)
+    sentinel = tl.full((FILL_BLOCK,), 0, tl.int32) + num_slots
+    for f in range(0, num_sorted, FILL_BLOCK):
+        offs_f = f + tl.arange(0, FILL_BLOCK)
+        tl.store(sorted_ids_ptr + offs_f, sentinel, mask=offs_f < num_sorted)
+    # the fill and the starts must land before this program's threads scatter and read them
+    tl.debug_barrier()
+    rank = tl.zeros((CHUNK,), dtype=tl.int32)
+    for j0 in range(0, CHUNK, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        ids_j = tl.load(topk_ids_ptr + offs_j, mask=offs_j < num_slots, other=-1).to(tl.int32)
+        same = (ids[:, None] == ids_j[None, :]) & (offs_j[None, :] < local[:, None])
+        rank += tl.sum(same.to(tl.int32), axis=1)
+    safe = tl.where(mask, ids, 0)
+    dest = tl.load(starts_ptr + safe, mask=mask, other=0) + rank
+    tl.store(sorted_ids_ptr + dest, local, mask=mask)
+    for b0 in range(0, num_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        first_row = offs_b * block_size
+        expert = tl.sum((ends[None, :] <= first_row[:, None]) & (bins[None, :] < num_experts),
+                        axis=1).to(tl.int32)
+        expert = tl.minimum(expert, num_experts - 1)
+        if HAS_MAP:
+            expert = tl.load(expert_map_ptr + expert).to(tl.int32)
+        expert = tl.where(first_row < total, expert, -1)
+        tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < num_blocks)
+
+
 def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
@@ -172,6 +232,7 @@ def align_block_size_triton(
     *,
     chunk: int | None = None,
     scan_rows: int | None = None,
+    single_program: bool | None = None,
 ) -> None:
     """Fill the three outputs of :func:`w4a16moe.routing.align_block_size` in place.
 
@@ -186,8 +247,12 @@ def align_block_size_triton(
         chunk: slots per program (a power of two >= 16; default :func:`chunk_size`).
         scan_rows: chunk rows the scan loads per step (power of two; default: all chunks,
             at most a ``[rows, E]`` tile of 16K entries).
+        single_program: one launch of :func:`_align_single_kernel` (only for at most
+            :data:`SINGLE_PROGRAM_SLOTS` slots and fewer than
+            :data:`SINGLE_PROGRAM_EXPERTS` experts) or the three kernels; default: one
+            launch whenever those allow it and ``chunk`` is not given.
 
-    Three launches on the current stream; nothing is read back to the host.
+    One or three launches on the current stream; nothing is read back to the host.
     """
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"num_experts is {num_experts}; the Triton align kernel handles at "
@@ -199,6 +264,14 @@ def align_block_size_triton(
     num_slots = flat.numel()
     num_sorted = sorted_token_ids.numel()
     num_blocks = expert_ids.numel()
+    single_fits = (num_slots <= SINGLE_PROGRAM_SLOTS
+                   and num_experts < SINGLE_PROGRAM_EXPERTS)
+    if single_program is None:
+        single_program = chunk is None and single_fits
+    if single_program and not single_fits:
+        raise ValueError(f"single_program=True with {num_slots} slots over {num_experts} "
+                         f"experts; one program aligns at most {SINGLE_PROGRAM_SLOTS} slots "
+                         f"over fewer than {SINGLE_PROGRAM_EXPERTS} experts")
     chunk = chunk or chunk_size(num_slots)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk is {chunk}; expected a power of two >= 16")
@@ -213,6 +286,15 @@ def align_block_size_triton(
     ends = scratch[chunks * num_experts + num_experts: need]
     e_pow2 = max(16, _next_pow2(num_experts))
     emap = expert_map if expert_map is not None else starts  # dummy pointer without a map
+    if single_program:
+        num_bins = max(16, _next_pow2(num_experts + 1))
+        _align_single_kernel[(1,)](
+            flat, starts, ends, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
+            num_slots, num_experts, block_size, num_sorted, num_blocks,
+            HAS_MAP=expert_map is not None, CHUNK=max(16, _next_pow2(num_slots)),
+            NUM_BINS=num_bins, BLOCK_J=32, FILL_BLOCK=1024,
+            BLOCK_B=max(1, min(128, 8192 // num_bins)), num_warps=4)
+        return
 
     _align_count_kernel[(chunks,)](
         flat, counts, sorted_token_ids, num_slots, num_experts, num_sorted,
@@ -234,4 +316,5 @@ def align_block_size_triton(
         BLOCK_B=max(1, min(128, 8192 // e_pow2)), num_warps=4)
 
 
-__all__ = ["MAX_EXPERTS", "align_block_size_triton", "chunk_size", "scratch_numel"]
+__all__ = ["MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS", "SINGLE_PROGRAM_SLOTS",
+           "align_block_size_triton", "chunk_size", "scratch_numel"]

@@ -133,8 +133,8 @@ def test_scratch_numel_and_chunks():
 
 @pytest.mark.parametrize("m, top_k, num_experts, block_size, mapped",
                          [(1, 2, 8, 16, False), (16, 2, 8, 16, True), (64, 2, 8, 32, False),
-                          (32, 8, 128, 16, True), (0, 2, 4, 16, False), (42, 6, 64, 64, True),
-                          (128, 2, 8, 128, False)])
+                          (16, 8, 128, 16, True), (0, 2, 4, 16, False), (21, 6, 64, 64, True),
+                          (64, 2, 8, 128, False), (5, 3, 1000, 8, True)])
 def test_single_program_matches_the_three_kernels(m, top_k, num_experts, block_size, mapped):
     """Up to SINGLE_PROGRAM_SLOTS slots one program aligns them (the default there): the same
     outputs, into poisoned buffers, as the count / scan / scatter kernels, with and without
@@ -173,8 +173,12 @@ def test_single_program_refuses_large_batches():
     out = AlignedBlocks(torch.empty(size, dtype=torch.int32, device=DEVICE),
                         torch.empty(size // 16, dtype=torch.int32, device=DEVICE),
                         torch.empty(1, dtype=torch.int32, device=DEVICE))
-    with pytest.raises(ValueError, match=r"single_program=True with 258 slots over 8 experts"):
+    with pytest.raises(ValueError, match=rf"single_program=True with {ids.numel()} slots over "
+                                         r"8 experts; one program aligns at most"):
         align_block_size_triton(ids, 16, 8, None, *out, single_program=True)
+    few = random_ids(3, 2, 1024)
+    with pytest.raises(ValueError, match=r"with 6 slots over 1024 experts"):
+        align_block_size_triton(few, 16, 1024, None, *out, single_program=True)
     align_block_size_triton(ids, 16, 8, None, *out)   # the three kernels
     ref = align_block_size(ids, 16, 8, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))

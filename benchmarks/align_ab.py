@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
+import sys
 
 import torch
 
-from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton
-from w4a16moe.kernels.configs import get_prefill_config
-from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing, time_cuda_graph
-from w4a16moe.routing import AlignedBlocks, max_num_tokens_padded
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import best_of_two, write_records  # noqa: E402
+
+from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton  # noqa: E402
+from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing  # noqa: E402
+from w4a16moe.routing import AlignedBlocks, max_num_tokens_padded  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -52,20 +56,13 @@ def main() -> int:
             for fn in fns.values():
                 fn()
             same = all(torch.equal(a, b) for a, b in zip(outs[True], outs[False], strict=True))
-            times: dict = {}
-            for _ in range(2):
-                for single, fn in fns.items():
-                    t = time_cuda_graph(fn, args.rep)
-                    times[single] = min(times.get(single, t), t)
+            times = dict(zip(fns, best_of_two(*fns.values(), args.rep), strict=True))
             rows.append({"model": model, "M": m, "block_size": bm, "us_single": times[True],
                          "us_three": times[False], "same": same})
             print(f"{model} M={m} BLOCK_SIZE_M={bm}: three kernels {times[False]:.2f} us, one "
                   f"program {times[True]:.2f} us{'' if same else ' DIFFERENT OUTPUT'}",
                   flush=True)
-    path = os.path.join(args.out, "align_ab.json")
-    with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "records": rows}, f, indent=1)
-    print("wrote", path)
+    print("wrote", write_records(args.out, "align_ab.json", rows))
     return 0
 
 

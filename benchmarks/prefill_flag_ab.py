@@ -20,18 +20,22 @@ import argparse
 import copy
 import json
 import os
+import sys
 
 import torch
 
-from w4a16moe.kernels import configs as cfgmod
-from w4a16moe.kernels.tune import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import best_of_two, write_records  # noqa: E402
+
+from w4a16moe.kernels import configs as cfgmod  # noqa: E402
+from w4a16moe.kernels.tune import (  # noqa: E402
     MODEL_SHAPES,
     candidate_runs,
     random_packed_experts,
     random_routing,
-    time_cuda_graph,
 )
-from w4a16moe.routing import align_block_size
+from w4a16moe.routing import align_block_size  # noqa: E402
 
 DEV = torch.device("cuda")
 TABLE = cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json"
@@ -104,11 +108,7 @@ def main() -> int:
                 nan_off, nan_on = torch.isnan(outs[False]), torch.isnan(outs[True])
                 same = (torch.equal(nan_off, nan_on) and not bool(nan_off.all())
                         and torch.equal(outs[False].nan_to_num(0.0), outs[True].nan_to_num(0.0)))
-                times: dict = {}
-                for _ in range(2):
-                    for on, fn in fns.items():
-                        t = time_cuda_graph(fn, args.rep)
-                        times[on] = min(times.get(on, t), t)
+                times = dict(zip(fns, best_of_two(*fns.values(), args.rep), strict=True))
                 gain = 1 - times[True] / times[False]
                 take = same and gain >= args.min_gain
                 if take:
@@ -125,10 +125,8 @@ def main() -> int:
                       flush=True)
         del experts
         torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "prefill_flag_ab.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "flag": args.flag,
-                   "min_gain": args.min_gain, "records": records}, f, indent=1)
+    write_records(args.out, "prefill_flag_ab.json", records, flag=args.flag,
+                  min_gain=args.min_gain)
     path = os.path.join(args.out, f"table_{args.flag}.json")
     with open(path, "w") as f:
         json.dump(new_raw, f, indent=1)

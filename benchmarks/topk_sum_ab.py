@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
+import sys
 
 import torch
 
-from w4a16moe.kernels.prefill import topk_sum
-from w4a16moe.kernels.tune import MODEL_SHAPES, time_cuda_graph
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import best_of_two, write_records  # noqa: E402
+
+from w4a16moe.kernels.prefill import topk_sum  # noqa: E402
+from w4a16moe.kernels.tune import MODEL_SHAPES  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -43,19 +47,12 @@ def main() -> int:
             for fn in fns.values():
                 fn()
             same = torch.equal(out_t, out_k)
-            times: dict = {}
-            for _ in range(2):
-                for name, fn in fns.items():
-                    t = time_cuda_graph(fn, args.rep)
-                    times[name] = min(times.get(name, t), t)
+            times = dict(zip(fns, best_of_two(*fns.values(), args.rep), strict=True))
             rows.append({"model": model, "M": m, "top_k": k, "H": h, "us": times,
                          "bit_identical": same})
             print(f"{model} M={m}: torch.sum {times['torch.sum']:.2f} us, topk_sum "
                   f"{times['topk_sum']:.2f} us, bit-identical {same}", flush=True)
-    path = os.path.join(args.out, "topk_sum_ab.json")
-    with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "records": rows}, f, indent=1)
-    print("wrote", path)
+    print("wrote", write_records(args.out, "topk_sum_ab.json", rows))
     return 0
 
 

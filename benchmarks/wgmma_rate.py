@@ -17,13 +17,17 @@ per SM and cycle (989 TFLOP/s at 1.83 GHz on 132 SMs): 8 cycles for N=16, 128 fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import write_records  # noqa: E402
 
 
 @gluon.jit
@@ -109,10 +113,7 @@ def main() -> int:
                       f"{r['cycles_per_wgmma']:.1f} cycles/wgmma per SM (nominal "
                       f"{r['nominal_cycles']:.0f}), {r['tflops']:.0f} TFLOP/s"
                       f"{'' if r['sum_ok'] else ' WRONG SUM'}", flush=True)
-    path = os.path.join(args.out, "wgmma_rate.json")
-    with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "records": rows}, f, indent=1)
-    print("wrote", path)
+    print("wrote", write_records(args.out, "wgmma_rate.json", rows))
     return 0
 
 

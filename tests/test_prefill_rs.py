@@ -52,6 +52,9 @@ def test_rs_config_rules():
                 {**base, "SWAP_AB": False}):
         with pytest.raises(ValueError, match=r"RS needs SWAP_AB, num_warps in \(8, 16\) and no"):
             cfgmod.validate_config(bad)
+    assert cfgmod.validate_config({**base, "PREFETCH_SCALES": True})["PREFETCH_SCALES"] is True
+    with pytest.raises(ValueError, match=r"PREFETCH_SCALES is 1; expected one of \[True, False\]"):
+        cfgmod.validate_config({**base, "PREFETCH_SCALES": 1})
 
 
 def test_rs_tiles_for_sixteen_warps():

@@ -104,3 +104,37 @@ def test_errors():
     # auto with groups falls back to torch
     w, ids = fused_topk(logits, 2, num_expert_group=2, topk_group=1)
     assert ids.shape == (2, 2)
+
+
+@pytest.mark.parametrize("e,top_k", [(128, 8), (8, 2), (1024, 8)])
+def test_a_token_routes_the_same_alone_and_in_a_batch(e, top_k):
+    """The launch (tokens per program, warps) depends on E only, so a token's weights are
+    bitwise the same whatever the batch around it (the deterministic mode relies on it)."""
+    from w4a16moe.kernels.router import rows_per_program, topk_router, warps_per_program
+
+    assert warps_per_program(e) == (1 if e <= 512 else 2)
+    assert rows_per_program(e) * triton_pow2(e) <= 512 or rows_per_program(e) == 1
+    gen = torch.Generator().manual_seed(e)
+    logits = (3 * torch.randn(37, e, generator=gen)).to(DEV)
+    w_all, i_all = topk_router(logits, top_k)
+    for t in (0, 5, 36):
+        w_one, i_one = topk_router(logits[t:t + 1], top_k)
+        assert torch.equal(w_one[0], w_all[t]) and torch.equal(i_one[0], i_all[t]), t
+
+
+def triton_pow2(v):
+    return 1 << (v - 1).bit_length()
+
+
+def test_launch_overrides_are_checked():
+    from w4a16moe.kernels.router import topk_router
+
+    logits = torch.randn(3, 8, device=DEV)
+    with pytest.raises(ValueError, match=r"rows=3, num_warps=1; expected a power of two"):
+        topk_router(logits, 2, rows=3, num_warps=1)
+    with pytest.raises(ValueError, match=r"rows=4, num_warps=3"):
+        topk_router(logits, 2, rows=4, num_warps=3)
+    w, i = topk_router(logits, 2, rows=2, num_warps=2)
+    wt, it = fused_topk(logits, 2, backend="torch")
+    assert torch.equal(i, it)
+    torch.testing.assert_close(w, wt, rtol=2e-6, atol=1e-7)

@@ -36,9 +36,9 @@ MAX_EXPERTS = 4096
 #: up to this many slots (and fewer than SINGLE_PROGRAM_EXPERTS experts) one program aligns
 #: them (:func:`_align_single_kernel`); its pairwise rank costs slots^2 compares and its
 #: block-to-expert lookup blocks x E, which one program does faster than three launches only
-#: for small batches (H100, benchmarks/align_ab.py: mixtral 6.0 -> 2.0 us up to 64 slots,
-#: 6.2 -> 3.7 at 128; qwen3 9.3 -> 7.1 at 8-64 slots, 9.4 -> 8.9 at 128; at 256 slots the one
-#: program was slower, 6.6 -> 8.6 and 9.7 -> 15.9 us)
+#: for small batches (H100, benchmarks/layer_small_kernels_ab.py: mixtral 6.0 -> 2.0 us up to
+#: 64 slots, 6.2 -> 3.7 at 128; qwen3 9.3 -> 7.1 at 8-64 slots, 9.4 -> 8.9 at 128; at 256
+#: slots the one program was slower, 6.6 -> 8.6 and 9.7 -> 15.9 us)
 SINGLE_PROGRAM_SLOTS = 128
 SINGLE_PROGRAM_EXPERTS = 1024
 

@@ -1322,7 +1322,7 @@ def fused_moe_prefill(
         out.copy_(c2)
     else:
         # the fixed-order kernel in every mode: bit-identical to torch.sum on the H100 and
-        # 1.1-4x faster (benchmarks/topk_sum_ab.py)
+        # 1.1-4x faster (benchmarks/layer_small_kernels_ab.py)
         topk_sum(c2, top_k, out)
     return out
 

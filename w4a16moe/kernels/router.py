@@ -84,9 +84,22 @@ def _topk_router_kernel(
 
 
 def rows_per_program(num_experts: int) -> int:
-    """Tokens per program: about 4K logits per program (one row when E >= 4096)."""
+    """Tokens per program: about 512 logits, so one warp holds them (one row when E >= 512)."""
     block_e = triton.next_power_of_2(max(num_experts, 1))
-    return max(1, min(16, 4096 // block_e))
+    return max(1, min(16, 512 // block_e))
+
+
+def warps_per_program(num_experts: int) -> int:
+    """One warp up to 512 experts: every per-row reduction (the softmax's max and sum, each
+    top-k step's arg-max) then stays within the warp. With more warps Triton spreads a row
+    over them and each reduction crosses shared memory behind a CTA barrier (105 barriers
+    for E=128, top-8 at 16 rows and 4 warps): qwen3-30b's router went 7.6 -> 6.7 us at M=1
+    on the H100, Mixtral's (one warp before too) is unchanged
+    (benchmarks/layer_small_kernels_ab.py). Above 512 experts a row takes 512 columns a
+    warp, up to 4 warps. The choice depends on E only, so a token's bits do not depend on
+    the batch."""
+    block_e = triton.next_power_of_2(max(num_experts, 1))
+    return max(1, min(4, block_e // 512))
 
 
 def topk_router(
@@ -99,14 +112,18 @@ def topk_router(
     routed_scaling_factor: float = 1.0,
     weights_dtype: torch.dtype = torch.float32,
     ids_dtype: torch.dtype = torch.int32,
+    rows: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One-kernel top-k routing of ``router_logits [M, E]`` (any float dtype, last dim
     contiguous or not) -> ``(topk_weights [M, top_k], topk_ids [M, top_k])``, the contract of
     :func:`w4a16moe.routing.fused_topk` without grouped top-k. The weights are computed in
     float32 and stored as ``weights_dtype`` (float32, bf16 or fp16: a transformers router
     that casts its scores to the logits' dtype gets them without another kernel); ids are
-    ``ids_dtype`` (int32 or int64). Other arguments are validated by the caller
-    (``fused_topk``); this checks only what the kernel needs."""
+    ``ids_dtype`` (int32 or int64). ``rows`` (tokens per program, a power of two) and
+    ``num_warps`` override :func:`rows_per_program` and :func:`warps_per_program` (for
+    benchmarks; a token's bits may then depend on them). Other arguments are validated by
+    the caller (``fused_topk``); this checks only what the kernel needs."""
     if scoring not in SCORING_CODES:
         raise ValueError(f"scoring is {scoring!r}; expected one of {tuple(SCORING_CODES)}")
     if weights_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -127,7 +144,11 @@ def topk_router(
     bias = None
     if correction_bias is not None:
         bias = correction_bias.to(device=dev, dtype=torch.float32).contiguous()
-    rows = rows_per_program(e)
+    rows = rows if rows is not None else rows_per_program(e)
+    num_warps = num_warps if num_warps is not None else warps_per_program(e)
+    if rows < 1 or rows & (rows - 1) or num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"rows={rows}, num_warps={num_warps}; expected a power of two and "
+                         "one of 1, 2, 4, 8")
     grid = (triton.cdiv(m, rows),)
     _topk_router_kernel[grid](
         logits, logits.stride(0), bias if bias is not None else weights, weights, ids,
@@ -135,10 +156,9 @@ def topk_router(
         TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k),
         BLOCK_E=triton.next_power_of_2(e), ROWS=rows,
         SCORING=SCORING_CODES[scoring], HAS_BIAS=bias is not None,
-        RENORMALIZE=bool(renormalize),
-        num_warps=4 if triton.next_power_of_2(e) * rows >= 2048 else 1,
+        RENORMALIZE=bool(renormalize), num_warps=num_warps,
     )
     return weights, ids
 
 
-__all__ = ["MAX_EXPERTS", "rows_per_program", "topk_router"]
+__all__ = ["MAX_EXPERTS", "rows_per_program", "topk_router", "warps_per_program"]

@@ -1,0 +1,134 @@
+"""Device A/Bs of the layer's small kernels, per built-in model shape and M, in CUDA graphs
+(``time_cuda_graph`` medians, the two versions interleaved twice, the faster of each pair
+kept), each pair also checked for identical outputs:
+
+* ``topk_sum``: ``torch.sum`` over the ``[M, top_k, H]`` view (``fused_moe_prefill`` outside
+  the deterministic mode before session 12) against the fixed-order Triton ``topk_sum``;
+* ``align``: ``align_block_size`` as three kernels (count, scan, scatter) against one
+  program (``_align_single_kernel``), at the BLOCK_SIZE_M the layer uses for that M;
+* ``router``: the Triton top-k router with session 11's launch (16 rows of 4096 logits a
+  program, 4 warps from 2048 logits) against :func:`~w4a16moe.kernels.router.
+  rows_per_program` / :func:`~w4a16moe.kernels.router.warps_per_program` (one warp up to
+  512 experts); both also checked against the torch path (same ids, weights within 2e-6).
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/layer_small_kernels_ab.py \\
+        --kernels topk_sum,align,router --out $OUT
+
+writes ``$OUT/<kernel>_ab.json`` for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rs_ab import best_of_two, write_records  # noqa: E402
+
+from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton  # noqa: E402
+from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
+from w4a16moe.kernels.prefill import topk_sum  # noqa: E402
+from w4a16moe.kernels.router import topk_router  # noqa: E402
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing  # noqa: E402
+from w4a16moe.routing import AlignedBlocks, fused_topk, max_num_tokens_padded  # noqa: E402
+
+DEV = torch.device("cuda")
+
+
+def topk_sum_case(model: str, shape, m: int):
+    """(name A, fn A, name B, fn B, outputs equal?, extra record fields); the other cases
+    return the same, or None where they do not apply."""
+    h, k = shape.hidden_size, shape.top_k
+    per_slot = torch.randn(m * k, h, device=DEV, dtype=torch.bfloat16)
+    out_t, out_k = (torch.empty(m, h, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+    fn_a = functools.partial(torch.sum, per_slot.view(m, k, h), dim=1, out=out_t)
+    fn_b = functools.partial(topk_sum, per_slot, k, out_k)
+    fn_a()
+    fn_b()
+    return "torch.sum", fn_a, "topk_sum", fn_b, torch.equal(out_t, out_k), {}
+
+
+def align_case(model: str, shape, m: int):
+    if m * shape.top_k > SINGLE_PROGRAM_SLOTS:
+        return None
+    e = shape.num_experts
+    bm = get_prefill_config(m, 2 * shape.intermediate_size, shape.hidden_size, e, shape.top_k,
+                            torch.bfloat16, DEV)["BLOCK_SIZE_M"]
+    _, ids = random_routing(m, shape, DEV, seed=m)
+    size = max_num_tokens_padded(ids.numel(), bm, e)
+    scratch = torch.empty(1 << 16, dtype=torch.int32, device=DEV)
+    outs, fns = [], []
+    for single in (False, True):
+        out = AlignedBlocks(torch.empty(size, dtype=torch.int32, device=DEV),
+                            torch.empty(size // bm, dtype=torch.int32, device=DEV),
+                            torch.empty(1, dtype=torch.int32, device=DEV))
+        fn = functools.partial(align_block_size_triton, ids, bm, e, None, *out,
+                               scratch=scratch, single_program=single)
+        fn()
+        outs.append(out)
+        fns.append(fn)
+    same = all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
+    return "three kernels", fns[0], "one program", fns[1], same, {"block_size": bm}
+
+
+def router_case(model: str, shape, m: int):
+    e, k = shape.num_experts, shape.top_k
+    logits = 3 * torch.randn(m, e, device=DEV)  # float32: bf16 logits tie, and torch.topk
+    # breaks ties in its own order
+    block_e = triton.next_power_of_2(e)
+    old_rows = max(1, min(16, 4096 // block_e))
+    old = dict(rows=old_rows, num_warps=4 if block_e * old_rows >= 2048 else 1)
+    kw = dict(renormalize=True)  # both models renormalise their top-k weights
+    ref_w, ref_i = fused_topk(logits, k, backend="torch", **kw)
+    results = []
+    for launch in (old, {}):
+        w, i = topk_router(logits, k, **kw, **launch)
+        if not torch.equal(i, ref_i) or not torch.allclose(w, ref_w, rtol=2e-6, atol=1e-7):
+            raise RuntimeError(f"router {launch or 'default'} differs from torch at "
+                               f"{model} M={m}")
+        results.append(w)
+    fn_a = functools.partial(topk_router, logits, k, **kw, **old)
+    fn_b = functools.partial(topk_router, logits, k, **kw)
+    return ("16 rows (old)", fn_a, "one warp", fn_b, torch.equal(*results),
+            {"old_launch": old})
+
+
+CASES = {"topk_sum": topk_sum_case, "align": align_case, "router": router_case}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kernels", default="topk_sum,align,router")
+    ap.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b")
+    ap.add_argument("--tokens", default="1,4,8,16,32,64,128,256,1024,4096,8192")
+    ap.add_argument("--rep", type=float, default=10.0)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    for kernel in args.kernels.split(","):
+        if kernel not in CASES:
+            raise SystemExit(f"--kernels: {kernel!r} is not one of {sorted(CASES)}")
+        rows = []
+        for model in args.models.split(","):
+            shape = MODEL_SHAPES[model]
+            for m in map(int, args.tokens.split(",")):
+                case = CASES[kernel](model, shape, m)
+                if case is None:
+                    continue
+                name_a, fn_a, name_b, fn_b, same, extra = case
+                t_a, t_b = best_of_two(fn_a, fn_b, args.rep)
+                rows.append({"model": model, "M": m, "us": {name_a: t_a, name_b: t_b},
+                             "same_output": same, **extra})
+                print(f"{kernel} {model} M={m}: {name_a} {t_a:.2f} us, {name_b} {t_b:.2f} us"
+                      f"{'' if same else ' (outputs differ)'}", flush=True)
+        print("wrote", write_records(args.out, f"{kernel}_ab.json", rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

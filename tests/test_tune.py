@@ -200,9 +200,12 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     kw = dict(experts=experts, x=x, blocks=blocks, topk_ids=ids, topk_weights=w,
               top_k=top_k, x_sorted=x_sorted, inter_sorted=inter_sorted)
     flags = [(False, False), (False, True), (True, False), (True, True)]
+
+    def run_flags(runs):   # (PREFETCH_SCALES, SORTED_ROWS) of each run
+        return [(bool(c.get("PREFETCH_SCALES")), bool(c.get("SORTED_ROWS"))) for c, _ in runs]
+
     g1 = tune.candidate_runs("w13", rs, inter=inter, out=inter, **kw)
-    assert [(bool(c.get("PREFETCH_SCALES")), bool(c.get("SORTED_ROWS")))
-            for c, _ in g1] == flags
+    assert run_flags(g1) == flags
     g1[0][1]()
     want = inter.clone()
     for cfg, run in g1[1:]:
@@ -217,8 +220,7 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     inter_sorted[pos] = want[slot_of]
     out = torch.empty(slots, h, dtype=torch.float16, device=DEVICE)
     g2 = tune.candidate_runs("w2", {**rs, "BLOCK_SIZE_N": 128}, inter=inter, out=out, **kw)
-    assert [(bool(c.get("PREFETCH_SCALES")), bool(c.get("SORTED_ROWS")))
-            for c, _ in g2] == flags
+    assert run_flags(g2) == flags
     g2[0][1]()
     want = out.clone()
     for cfg, run in g2[1:]:

@@ -373,8 +373,10 @@ def tune_prefill(
                                       x_sorted=x_sorted, inter_sorted=inter_sorted)
                 for cfg, fn in runs:
                     note, why = "", skip
+                    if cfg.get("PREFETCH_SCALES"):
+                        note = " prefetched scales"
                     if cfg.get("SORTED_ROWS"):
-                        note = " sorted rows"
+                        note += " sorted rows"
                         why = why or sorted_rows_unsupported(
                             x_sorted if gemm == "w13" else inter_sorted, rows=em)
                     if why is not None:  # it would time the Triton fallback as RS

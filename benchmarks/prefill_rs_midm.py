@@ -55,33 +55,29 @@ BLOCK_T = (16, 32)
 
 
 def parse_candidates(text: str) -> list[tuple[int, ...]]:
-    """``"128x128s4,256x128s4w16,64x64s4t256g8,64x128s6w4c2"`` -> [(BLOCK_SIZE_N,
-    BLOCK_SIZE_K, num_stages, num_warps, BLOCK_SIZE_M or None, GROUP_SIZE_M, CTAS_PER_SM),
-    ...] (``wN``: the consumer warps, 8 when absent; ``tN``: the token tile, the table's when
-    absent; ``gN``: GROUP_SIZE_M, 1 when absent; ``cN``: programs per SM, 1 when absent)"""
+    """``"128x128s4,256x128s4w16,64x64s4t256g8"`` -> [(BLOCK_SIZE_N, BLOCK_SIZE_K,
+    num_stages, num_warps, BLOCK_SIZE_M or None, GROUP_SIZE_M), ...] (``wN``: the consumer
+    warps, 8 when absent; ``tN``: the token tile, the table's when absent; ``gN``:
+    GROUP_SIZE_M, 1 when absent)"""
     out = []
     for item in text.split(","):
-        m = re.fullmatch(r"(\d+)x(\d+)s(\d+)(?:w(\d+))?(?:t(\d+))?(?:g(\d+))?(?:c(\d+))?",
-                         item.strip())
+        m = re.fullmatch(r"(\d+)x(\d+)s(\d+)(?:w(\d+))?(?:t(\d+))?(?:g(\d+))?", item.strip())
         if m is None:
             raise argparse.ArgumentTypeError(
-                f"candidate {item!r}: expected BNxBKsSTAGES[wWARPS][tTOKENS][gGROUP][cCTAS], "
-                "e.g. 128x128s4, 256x128s4w16, 64x64s4t256g8 or 64x128s6w4c2")
-        bn, bk, stages, warps, bt, group, ctas = m.groups()
+                f"candidate {item!r}: expected BNxBKsSTAGES[wWARPS][tTOKENS][gGROUP], e.g. "
+                "128x128s4, 256x128s4w16 or 64x64s4t256g8")
+        bn, bk, stages, warps, bt, group = m.groups()
         out.append((int(bn), int(bk), int(stages), int(warps or 8),
-                    int(bt) if bt else None, int(group or 1), int(ctas or 1)))
+                    int(bt) if bt else None, int(group or 1)))
     return out
 
 
 def rs_config(bt: int, bn: int, bk: int, stages: int, warps: int = 8, tokens: int | None = None,
-              group: int = 1, ctas: int = 1) -> dict:
+              group: int = 1) -> dict:
     """An RS config; ``tokens`` (when given) overrides the token tile ``bt``."""
-    cfg = {"BLOCK_SIZE_M": tokens or bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
-           "GROUP_SIZE_M": group, "num_warps": warps, "num_stages": stages, "SWAP_AB": True,
-           "RS": True}
-    if ctas != 1:
-        cfg["CTAS_PER_SM"] = ctas
-    return cfg
+    return {"BLOCK_SIZE_M": tokens or bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
+            "GROUP_SIZE_M": group, "num_warps": warps, "num_stages": stages, "SWAP_AB": True,
+            "RS": True}
 
 
 class CaseInputs(NamedTuple):
@@ -184,8 +180,7 @@ def run_case(model: str, m: int, ex, w13d, w2d, args) -> dict:
                                    "table_same": same, "rs": rows}
         fl = rec["floor_us"][which]
         line = ", ".join(f"{r['config']['BLOCK_SIZE_M']}x{r['config']['BLOCK_SIZE_N']}x"
-                         f"{r['config']['BLOCK_SIZE_K']}s{r['config']['num_stages']}"
-                         f"w{r['config']['num_warps']}c{r['config'].get('CTAS_PER_SM', 1)} "
+                         f"{r['config']['BLOCK_SIZE_K']}s{r['config']['num_stages']} "
                          + (f"{r['us']:.1f}" if "us" in r else
                             r.get("error", f"err {r.get('err', 0):.1e} same "
                                            f"{r.get('same')}"))

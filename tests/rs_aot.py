@@ -71,12 +71,9 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         constexprs["a_desc"] = None
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names or k == "num_warps"}
     sig, attrs = _signature(fn, constexprs, descs)
-    options = {"num_warps": config["num_warps"]}
-    maxnreg = prefill_rs.rs_max_registers(config["num_warps"], config.get("CTAS_PER_SM", 1))
-    if maxnreg is not None:  # the launcher's register cap for programs sharing an SM
-        options["maxnreg"] = maxnreg
     kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
-                            target=GPUTarget("cuda", 90, 32), options=options)
+                            target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": config["num_warps"]})
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:

@@ -11,8 +11,8 @@ never goes through shared memory; the activations stay in natural K order. A pro
   (32 arrivals), and reads the tile's packed words ``[BLOCK_N, BLOCK_K/8]`` into the stage
   with one TMA copy (``W_TMA``; the barrier also expects its bytes) or, where the strides do
   not allow TMA, with the same cp.asyncs;
-* one, two or four **consumer** warpgroups (the default partition, ``num_warps`` 4, 8 or 16,
-  BLOCK_N, BLOCK_N/2 or BLOCK_N/4 weight rows each):
+* two or four **consumer** warpgroups (the default partition, ``num_warps`` 8 or 16, BLOCK_N/2
+  or BLOCK_N/4 weight rows each):
   per step they wait for the stage and build their A operand: in it, lane ``c`` of a quad
   holds columns ``2c, 2c+1`` of each 8-column word of a 32-column run, which the ExLlama
   shuffle keeps at bits ``4c`` and ``16+4c`` of the word, so the quad's lanes read the same
@@ -28,9 +28,7 @@ with one set of A registers per parity; step ``i``'s registers are rewritten onl
 wait that retires step ``i``'s wgmma (checked in the SASS: the two sets alternate and neither
 is written inside the other's window; the GPU tests repeat every shipped config bit for bit).
 
-One program walks output tiles ``pid, pid + num_programs, ...`` (``CTAS_PER_SM`` programs per SM,
-one by default; with more, the register cap of :func:`rs_max_registers` lets them share it); a
-tile is one aligned block of
+One program walks output tiles ``pid, pid + num_programs, ...``; a tile is one aligned block of
 ``BLOCK_T`` slots x ``BLOCK_N_OUT`` output columns. With ``ACTIVATION`` the weight tile holds
 ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each accumulator thread
 holds a column's gate and up values. Shapes: A ``[M, K]`` (rows ``slot // top_k``) or
@@ -335,12 +333,10 @@ if HAVE_GLUON:
         pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
         row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
             3, pairs_layout)))
-        # stores: up to 8 rows x 1 slot per thread, warps across the slots (fewer for narrow
-        # tiles, and fewer rows a thread for short ones, so no two threads store the same
-        # element)
+        # stores: 8 rows x 1 slot per thread, warps across the slots (fewer for narrow tiles,
+        # so no two threads store the same element)
         OUT_WARPS_T: gl.constexpr = min(num_warps, BLOCK_T // 4)
-        OUT_ROWS: gl.constexpr = min(8, BLOCK_N_OUT // (8 * (num_warps // OUT_WARPS_T)))
-        out_layout: gl.constexpr = gl.BlockedLayout([OUT_ROWS, 1], [8, 4],
+        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4],
                                                     [num_warps // OUT_WARPS_T, OUT_WARPS_T],
                                                     [0, 1])
         if IS_FP16:
@@ -536,37 +532,7 @@ if HAVE_GLUON:
 #: the tiles this kernel is built for (rows: weight rows per tile, gate + up with activation)
 RS_BLOCK_T = (16, 32, 64, 128, 256)
 RS_BLOCK_K = (32, 64, 128)
-RS_ROWS = (64, 128, 256)
-#: registers and shared memory of one SM (sm_90) that resident programs share
-SM_REGISTERS = 65536
-SM_SHARED_BYTES = 227 * 1024
-#: shared memory a program needs beyond its ring (barriers, epilogue scratch), estimated
-SHARED_SLACK_BYTES = 4096
-#: fewest registers a thread of the kernel is given when programs share an SM: below this the
-#: wgmma operands do not fit and ptxas serializes the wgmmas
-MIN_SHARED_SM_REGISTERS = 80
-
-
-def rs_threads(num_warps: int) -> int:
-    """Threads of one program: the consumer warps plus the loader warp, which the compiler pads
-    to a whole warpgroup."""
-    return 32 * (num_warps + 4)
-
-
-def rs_max_registers(num_warps: int, ctas_per_sm: int) -> int | None:
-    """The per-thread register cap (``maxnreg``) that lets ``ctas_per_sm`` programs of
-    ``num_warps`` consumer warps share an SM, a multiple of 8; None for one program per SM
-    (the compiler's own choice: all of the SM's registers)."""
-    if ctas_per_sm <= 1:
-        return None
-    return min(255, SM_REGISTERS // (ctas_per_sm * rs_threads(num_warps))) // 8 * 8
-
-
-def rs_shared_bytes(config: dict, activation: bool) -> int:
-    """Shared memory of one program's copy ring (activation tile + packed words per stage)."""
-    bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
-    rows = 2 * bn if activation else bn
-    return config["num_stages"] * (bt * bk * 2 + rows * bk // 2)
+RS_ROWS = (128, 256)
 
 
 def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
@@ -589,16 +555,6 @@ def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
     if bk == 128 and (bt > 64 or rows * bt > 8192):
         return (f"tiles {bt}x{bn}x{bk}: BLOCK_SIZE_K=128 needs BLOCK_SIZE_M <= 64 and "
                 f"{rows} weight rows x BLOCK_SIZE_M <= 8192 (registers)")
-    ctas = config.get("CTAS_PER_SM", 1)
-    if ctas > 1:
-        regs = rs_max_registers(warps, ctas)
-        if regs < MIN_SHARED_SM_REGISTERS:
-            return (f"CTAS_PER_SM={ctas} with {warps} consumer warps leaves {regs} registers a "
-                    f"thread; expected at least {MIN_SHARED_SM_REGISTERS}")
-        smem = rs_shared_bytes(config, activation)
-        if ctas * (smem + SHARED_SLACK_BYTES) > SM_SHARED_BYTES:
-            return (f"CTAS_PER_SM={ctas} programs of {smem} bytes of shared memory each "
-                    f"exceed an SM's {SM_SHARED_BYTES}")
     return None
 
 
@@ -717,13 +673,7 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     tw = topk_weights if topk_weights is not None else scales
     tiles = -(-em // bt) * (n_out // bn)
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    ctas = config.get("CTAS_PER_SM", 1)
-    grid = (min(tiles, ctas * _sm_count(index)),)
-    # programs sharing an SM: cap the registers so that many fit (one program: the default)
-    options = {}
-    maxnreg = rs_max_registers(config["num_warps"], ctas)
-    if maxnreg is not None:
-        options["maxnreg"] = maxnreg
+    grid = (min(tiles, _sm_count(index)),)
     activation = activation_code != 0
     w_desc = None
     if weight_tma is None:
@@ -751,4 +701,4 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=w_desc is not None, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
-        LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"], **options)
+        LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])

@@ -14,8 +14,7 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
 Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
-and ``"PREFETCH_SCALES"`` (booleans for that kernel; see :data:`OPTIONAL_KEYS`),
-``"CTAS_PER_SM"`` (1-4: how many of that kernel's programs share an SM) and
+and ``"PREFETCH_SCALES"`` (booleans for that kernel; see :data:`OPTIONAL_KEYS`) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the
@@ -43,7 +42,7 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: DENSE (GEMM1's entry only) runs the layer as dequantize-to-16-bit + torch._grouped_mm
 #: where that measured faster (few large experts at large M; see kernels/prefill.py)
 #: RS runs the register-operand Gluon kernel on Hopper (kernels/prefill_rs.py): SWAP_AB
-#: tiles on one, two or four consumer warpgroups (num_warps 4, 8 or 16), activations in natural
+#: tiles on two or four consumer warpgroups (num_warps 8 or 16), activations in natural
 #: order (no FRAG_K); where that kernel does not apply (other GPUs, no Gluon, unsupported
 #: options) the same tiles run on the Triton kernel
 #: SORTED_ROWS: this GEMM reads its activations as rows in sorted order (``prefill_gemm``'s
@@ -54,18 +53,14 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: iteration ahead, hiding their latency at the cost of a few registers (faster for some
 #: tiles, slower for others: benchmarks/notes_prefill.md, session 12); the Triton kernel
 #: ignores it
-#: CTAS_PER_SM (RS entries): programs of the Gluon kernel resident on one SM (the grid and the
-#: register cap follow; 1, the default, is one persistent program per SM); independent
-#: programs hide each other's barrier and load waits at mid M (benchmarks/notes_prefill.md,
-#: session 13); the Triton kernel ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
-                 "PREFETCH_SCALES": (True, False), "CTAS_PER_SM": (1, 2, 3, 4)}
+                 "PREFETCH_SCALES": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
-#: RS configs: the Gluon kernel's one, two or four consumer warpgroups
-RS_WARPS = (4, 8, 16)
+#: RS configs: the Gluon kernel's two or four consumer warpgroups
+RS_WARPS = (8, 16)
 
 #: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
 INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,

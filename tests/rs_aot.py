@@ -25,9 +25,10 @@ import torch
 from w4a16moe.kernels import prefill_rs
 
 
-def _signature(fn, constexprs: dict, tensor_descs: dict) -> tuple[dict, dict]:
+def _signature(fn, constexprs: dict, tensor_descs: dict, c_type: str = "*bf16"
+               ) -> tuple[dict, dict]:
     pointers = {"a_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8",
-                "c_ptr": "*bf16", "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+                "c_ptr": c_type, "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
                 "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32", **tensor_descs}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -59,6 +60,7 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=False, BLOCK_T=bt, BLOCK_N_OUT=bn,
         BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=True, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
+        SPLIT_K=config.get("SPLIT_K", 1),
         LOADER_REGS=prefill_rs.LOADER_REGS, num_warps=config["num_warps"])
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
     w_layout = prefill_rs.weight_smem_layout(bk)
@@ -70,7 +72,9 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
     else:
         constexprs["a_desc"] = None
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names or k == "num_warps"}
-    sig, attrs = _signature(fn, constexprs, descs)
+    # SPLIT_K writes float32 partial sums
+    sig, attrs = _signature(fn, constexprs, descs,
+                            "*fp32" if config.get("SPLIT_K", 1) > 1 else "*bf16")
     kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": config["num_warps"]})

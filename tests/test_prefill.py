@@ -291,6 +291,77 @@ def test_sorted_rows_layer(sorted1, sorted2, atomic):
             assert torch.equal(again, plain)
 
 
+def test_topk_sum_adds_split_partials_in_a_fixed_order():
+    """topk_sum over [S, M*top_k, N] partial sums: for each slot k the S partials in ascending
+    order, all in fp32, rounded once (the same bits as that loop in torch)."""
+    torch.manual_seed(5)
+    m, top_k, n, splits = 5, 3, 200, 4
+    parts = torch.randn(splits, m * top_k, n, device=DEVICE)
+    out = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+    prefill_mod.topk_sum(parts, top_k, out)
+    acc = torch.zeros(m, n, device=DEVICE)
+    for k in range(top_k):
+        for s in range(splits):
+            acc = acc + parts[s].view(m, top_k, n)[:, k]
+    assert torch.equal(out, acc.half())
+    # one partial: the same as the 2-D form
+    two_d = torch.empty_like(out)
+    prefill_mod.topk_sum(parts[0], top_k, two_d)
+    prefill_mod.topk_sum(parts[:1], top_k, out)
+    assert torch.equal(out, two_d)
+    with pytest.raises(ValueError, match=r"expected \[15, N\] \(or \[S >= 1, 15, N\]\)"):
+        prefill_mod.topk_sum(parts[:, :14], top_k, out)
+    with pytest.raises(ValueError, match=r"expected \[M \* top_k, N\] or \[S, M \* top_k, N\]"):
+        prefill_mod.topk_sum(parts[None], top_k, out)
+
+
+def test_split_k_gemm_on_the_triton_kernel():
+    """A SPLIT_K config where the Gluon kernel does not run (here: no Hopper GPU, or the
+    interpreter): the float32 partials hold the whole sum in the first and zeros in the
+    others; a wrong output buffer and a split GEMM1 are refused by name."""
+    experts, x, w, ids = make_case(9, 64, 64, 3, 2, seed=35)
+    blocks = align_block_size(ids, 16, 3)
+    inter = torch.randn(18, 64, dtype=x.dtype, device=DEVICE)
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=2, a_is_slots=True,
+                  mul_routed_weight=True)
+    whole = prefill_gemm(inter, experts.w2, config=cfgmod.INTERPRETER_CONFIG, **common)
+    cfg = {**cfgmod.INTERPRETER_CONFIG, "SPLIT_K": 4}
+    parts = prefill_gemm(inter, experts.w2, config=cfg, **common)
+    assert parts.shape == (4, 18, 64) and parts.dtype == torch.float32
+    assert torch.equal(parts[1:], torch.zeros_like(parts[1:]))
+    err = ((parts[0] - whole.float()).abs().max() / whole.float().abs().max()).item()
+    assert err < 1e-3
+    with pytest.raises(ValueError, match=r"expected \(4, 18, 64\), torch.float32 .*SPLIT_K=4"):
+        prefill_gemm(inter, experts.w2, config=cfg, out=torch.empty(18, 64, dtype=x.dtype),
+                     **common)
+    with pytest.raises(ValueError, match="config has SPLIT_K=4.*activation='silu'"):
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu", config=cfg)
+
+
+@pytest.mark.parametrize("atomic", [False, True])
+def test_split_k_layer(atomic):
+    """SPLIT_K on GEMM2's config: the layer against the reference with and without a
+    workspace (whose partial-sum buffer grows once if it was not sized for the split); on
+    GEMM1's config it is ignored (its activation needs whole sums), and the atomic top-k sum
+    does not split."""
+    experts, x, w, ids = make_case(11, 64, 64, 3, 2, symmetric=False, seed=36)
+    base = cfgmod.INTERPRETER_CONFIG
+    split = {**base, "SPLIT_K": 2}
+    plain = run_and_compare(experts, x, w, ids, configs=(base, base), atomic=atomic)
+    got = run_and_compare(experts, x, w, ids, configs=(split, split), atomic=atomic)
+    if atomic:
+        assert torch.equal(got, plain)
+    for numel in (0, 2 * 22 * 64):
+        ws = PrefillWorkspace.allocate(11, experts, top_k=2, split_partials=numel)
+        first = ws.split_partials
+        again = run_and_compare(experts, x, w, ids, configs=(base, split), atomic=atomic,
+                                workspace=ws)
+        assert torch.equal(again, got)
+        if not atomic:
+            assert ws.split_partials is not None and ws.split_partials.numel() >= 2 * 22 * 64
+            assert (ws.split_partials is first) == (numel > 0)
+
+
 def test_sorted_rows_validation():
     experts, x, w, ids = make_case(4, 64, 32, 3, 2, seed=34)
     blocks = align_block_size(ids, 16, 3)

@@ -343,6 +343,45 @@ def test_rs_prefetched_scales_give_the_same_bits(dtype, symmetric, tiles, sorted
         assert torch.equal(outs[0], outs[1]), f"{gemm} {tiles} sorted={sorted_rows}"
 
 
+@hopper_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("tiles", [(16, 256, 128, 4), (16, 128, 64, 6), (32, 256, 128, 4)])
+@pytest.mark.parametrize("splits", [2, 8])
+@pytest.mark.parametrize("sorted_rows,prefetch", [(False, False), (True, True)])
+def test_rs_split_k_partials_add_up(dtype, symmetric, tiles, splits, sorted_rows, prefetch):
+    """SPLIT_K on GEMM2: each program one K range of one tile; the float32 partials add up
+    to the unsplit GEMM (which rounds once to the 16-bit dtype), every element is written,
+    and the same bits come back on every run; through the layer, the reference's answer."""
+    bm, bn, bk, stages = tiles
+    e, h, i, top_k, m = 8, 512, 2048, 2, 5
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
+                                   seed=47)
+    blocks = align_block_size(ids, bm, e)
+    slots = m * top_k
+    inter = torch.randn(slots, i, dtype=dtype, device=DEVICE)
+    a = gather_sorted_rows(inter, blocks, top_k=1) if sorted_rows else inter
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k, a_is_slots=True,
+                  mul_routed_weight=True, a_sorted=sorted_rows)
+    cfg = {**rs_config(bm, bn, bk, stages), "PREFETCH_SCALES": prefetch}
+    whole = prefill_gemm(a, experts.w2, config=cfg, **common)
+    parts = []
+    for _ in range(2):
+        out = torch.full((splits, slots, h), float("nan"), device=DEVICE)
+        prefill_gemm(a, experts.w2, config={**cfg, "SPLIT_K": splits}, out=out, **common)
+        parts.append(out)
+    assert torch.isfinite(parts[0]).all(), "unwritten partial sums"
+    assert torch.equal(parts[0], parts[1])
+    total = parts[0].sum(0)
+    err = ((total - whole.float()).abs().max() / whole.float().abs().max()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 2e-3), f"{tiles} S={splits}: {err:.2e}"
+    # the layer with the split GEMM2 (GEMM1 with the same token tile) against the reference
+    cfg1 = rs_config(bm, 128, 64, 6)
+    y = fused_moe_prefill(x, experts, w, ids, configs=(cfg1, {**cfg, "SPLIT_K": splits}))
+    ref = moe_reference(x, experts, w, ids, round_intermediate=True)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"layer {tiles} S={splits}: {err:.2e}"
+
+
 def test_sorted_rows_rules():
     """TMA reads sorted rows only from a 2-D tensor with enough rows, unit columns and a
     16-byte aligned base and row stride (else prefill_gemm runs the Triton kernel)."""

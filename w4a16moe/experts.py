@@ -223,8 +223,27 @@ class HybridW4A16MoEExperts(nn.Module):
         if ws is None or ws.intermediate.shape[0] < m * self.top_k:
             ws = self._prefill_ws = PrefillWorkspace.allocate(
                 max(m, 1), ex, self.top_k, num_global_experts=self.num_global_experts,
-                sorted_block=self._sorted_block(max(m, 1)))
+                sorted_block=self._sorted_block(max(m, 1)),
+                split_partials=self._split_partials(max(m, 1)))
         return ws
+
+    #: token counts scanned for split-K GEMM2 configs when sizing the workspace (the tuned
+    #: tables split only at small M)
+    SPLIT_SCAN_TOKENS = 512
+
+    def _split_partials(self, m: int) -> int:
+        """Float32 elements the largest split-K GEMM2 (``SPLIT_K`` configs) of up to ``m``
+        tokens needs for its partial sums (splits x slots x H; 0 when none splits)."""
+        from .kernels.prefill import layer_configs
+
+        need = 0
+        for tokens in range(1, min(m, self.SPLIT_SCAN_TOKENS) + 1):
+            cfg2 = layer_configs(self.experts, self.top_k, tokens,
+                                 deterministic=self.deterministic)[1]
+            splits = cfg2.get("SPLIT_K", 1)
+            if splits > 1:
+                need = max(need, splits * tokens * self.top_k * self.experts.hidden_size)
+        return need
 
     def _sorted_block(self, m: int) -> int:
         """BLOCK_SIZE_M of the prefill configs for ``m`` tokens when they read sorted rows

@@ -556,9 +556,12 @@ def _act_mul_kernel(gu_ptr, out_ptr, w_ptr, I, stride_gm, stride_om,
 
 
 @triton.jit
-def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_om, BLOCK_N: tl.constexpr):
-    """out[m, n] = sum_k c[m * top_k + k, n] in fp32, k ascending, rounded once to out's
-    dtype. c ``[M * top_k, N]``, out ``[M, N]``; grid ``(M, cdiv(N, BLOCK_N))``.
+def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_cs, stride_om,
+                     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[m, n] = sum_k sum_s c[s, m * top_k + k, n] in fp32, k ascending and for each k s
+    ascending, rounded once to out's dtype. c ``[SPLITS, M * top_k, N]`` (``SPLITS`` partial
+    sums of a split-K GEMM, ``stride_cs`` apart; one: ``[M * top_k, N]``), out ``[M, N]``;
+    grid ``(M, cdiv(N, BLOCK_N))``.
 
     The order of the additions is fixed (slot 0, 1, ... of the token) and every element is
     computed on its own, so the result of a token depends neither on the batch size nor on
@@ -568,8 +571,9 @@ def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_om, BLOCK_N: tl
     mask = offs < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k in range(top_k):
-        acc += tl.load(c_ptr + (row * top_k + k) * stride_cm + offs, mask=mask,
-                       other=0.0).to(tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(c_ptr + s * stride_cs + (row * top_k + k) * stride_cm + offs,
+                           mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -733,10 +737,17 @@ def prefill_gemm(
             position ``p`` (padding rows are left as they are); the input of a next call
             with ``a_sorted`` on the same blocks. Not with ``atomic_topk_sum``.
 
+    A config with ``"SPLIT_K": S`` > 1 (GEMM2-like calls only: no activation, atomic top-k
+    sum, ``out_sorted`` or ``out_fragment_order``) splits K into S ranges, each program of
+    the Gluon kernel doing one range of one tile, and returns the S float32 partial sums
+    ``[S, M*top_k, N]`` (summed by :func:`topk_sum` with ``splits=S``); where the Gluon
+    kernel does not run, the Triton kernel writes the whole sum into the first and zeros into
+    the others.
+
     Returns:
         ``[M*top_k, N]`` (``[M*top_k, N/2]`` with ``activation``, ``[M, N]`` float32 with
-        ``atomic_topk_sum``, ``[EM, ...]`` with ``out_sorted``) in ``a``'s dtype. Rows of
-        slots whose expert is -1 are zero.
+        ``atomic_topk_sum``, ``[EM, ...]`` with ``out_sorted``, ``[S, M*top_k, N]`` float32
+        with ``SPLIT_K``) in ``a``'s dtype. Rows of slots whose expert is -1 are zero.
     """
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation is {activation!r}; expected None or one of {ACTIVATIONS}")
@@ -786,25 +797,6 @@ def prefill_gemm(
             raise ValueError(f"topk_weights has shape {found}; expected {(m, top_k)} with "
                              "mul_routed_weight")
         topk_weights = topk_weights.contiguous()
-    if atomic_topk_sum:
-        out_shape, out_dtype = (m, n_out), torch.float32
-    elif out_sorted:
-        out_shape, out_dtype = (em, n_out), a.dtype
-    else:
-        out_shape, out_dtype = (slots, n_out), a.dtype
-    if out is not None:
-        bad_rows = (out.shape[0] < em) if out_sorted else (out.shape[0] != out_shape[0])
-        if (out.dim() != 2 or bad_rows or out.shape[1] != out_shape[1]
-                or out.dtype != out_dtype or out.device != a.device):
-            expected = (f"at least {out_shape}" if out_sorted else f"{out_shape}")
-            raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on "
-                             f"{out.device}; expected {expected}, {out_dtype} on {a.device}")
-    else:
-        out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
-    if atomic_topk_sum:
-        out.zero_()
-    if slots == 0:
-        return out
     if config is None:
         # the blocks fix BLOCK_SIZE_M; the rest comes from the tuned table / heuristic
         block_m = em // max(expert_ids.numel(), 1)
@@ -812,6 +804,37 @@ def prefill_gemm(
                   "BLOCK_SIZE_M": block_m}
         config.pop("DENSE", None)
     config = validate_config(config)
+    split = config.get("SPLIT_K", 1)
+    if split > 1 and (activation is not None or atomic_topk_sum or out_sorted
+                      or out_fragment_order):
+        raise ValueError(f"config has SPLIT_K={split}, which writes float32 partial sums per "
+                         f"K range; expected no activation, atomic_topk_sum, out_sorted or "
+                         f"out_fragment_order (found activation={activation!r}, "
+                         f"atomic_topk_sum={atomic_topk_sum}, out_sorted={out_sorted}, "
+                         f"out_fragment_order={out_fragment_order})")
+    if atomic_topk_sum:
+        out_shape, out_dtype = (m, n_out), torch.float32
+    elif out_sorted:
+        out_shape, out_dtype = (em, n_out), a.dtype
+    elif split > 1:
+        out_shape, out_dtype = (split, slots, n_out), torch.float32
+    else:
+        out_shape, out_dtype = (slots, n_out), a.dtype
+    if out is not None:
+        bad_rows = (out.shape[0] < em) if out_sorted else (out.shape[0] != out_shape[0])
+        if (out.dim() != len(out_shape) or bad_rows or out.shape[1:] != out_shape[1:]
+                or out.dtype != out_dtype or out.device != a.device):
+            expected = (f"at least {out_shape}" if out_sorted else f"{out_shape}")
+            raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on "
+                             f"{out.device}; expected {expected}, {out_dtype} on {a.device}"
+                             + (f" (SPLIT_K={split}: one float32 partial sum per K range)"
+                                if split > 1 else ""))
+    else:
+        out = torch.empty(out_shape, dtype=out_dtype, device=a.device)
+    if atomic_topk_sum:
+        out.zero_()
+    if slots == 0:
+        return out
     bm, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     if em % bm or expert_ids.numel() != em // bm:
         raise ValueError(f"blocks have {em} sorted slots and {expert_ids.numel()} expert ids; "
@@ -848,6 +871,13 @@ def prefill_gemm(
                 out_sorted=out_sorted)
             return out
         # else the same tiles on the Triton kernel
+    if split > 1:
+        # the Triton kernel has no K split: the whole sum in the first partial, zeros in
+        # the others (the same total)
+        out[1:].zero_()
+        config = {key: v for key, v in config.items() if key != "SPLIT_K"}
+        out_full = out
+        out = out[0]
     swap_ab = bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
     grid = (triton.cdiv(em, bm) * triton.cdiv(n_out, bn),)
     _prefill_kernel[grid](
@@ -885,7 +915,7 @@ def prefill_gemm(
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
-    return out
+    return out_full if split > 1 else out
 
 
 def dequantize_dense(weights: PackedWeights, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -1023,16 +1053,20 @@ class PrefillWorkspace:
     num_experts_align: int = 0
     dense_weights: torch.Tensor | None = None
     hidden_fragment: torch.Tensor | None = None
+    split_partials: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
                  device: torch.device | str | None = None,
                  num_global_experts: int | None = None,
-                 dense: bool = False, sorted_block: int = 0) -> PrefillWorkspace:
+                 dense: bool = False, sorted_block: int = 0,
+                 split_partials: int = 0) -> PrefillWorkspace:
         """Buffers for up to ``max_tokens`` tokens; ``num_global_experts`` (default
         ``experts.num_experts``) sizes the alignment buffers (pass the global count when an
         ``expert_map`` is used); ``sorted_block``: room for the sorted rows of blocks up to
-        that ``BLOCK_SIZE_M`` (``SORTED_ROWS`` configs; 0: none)."""
+        that ``BLOCK_SIZE_M`` (``SORTED_ROWS`` configs; 0: none); ``split_partials``: float32
+        elements for GEMM2's partial sums (``SPLIT_K`` configs: splits x slots x H; 0:
+        none)."""
         device = experts.device if device is None else device
         slots = max_tokens * top_k
         kw = {"dtype": experts.dtype, "device": device}
@@ -1050,7 +1084,9 @@ class PrefillWorkspace:
                    num_experts_align=e,
                    dense_weights=torch.empty(experts.num_experts * 2 * experts.intermediate_size
                                              * experts.hidden_size, **kw) if dense else None,
-                   hidden_fragment=torch.empty(max_tokens, experts.hidden_size, **kw))
+                   hidden_fragment=torch.empty(max_tokens, experts.hidden_size, **kw),
+                   split_partials=torch.empty(split_partials, dtype=torch.float32,
+                                              device=device) if split_partials else None)
 
     def views(self, slots: int, experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         i, h = experts.intermediate_size, experts.hidden_size
@@ -1078,6 +1114,17 @@ class PrefillWorkspace:
         if self.gemm2_out.shape[0] < em:
             self.gemm2_out = self.gemm2_out.new_empty(em, self.gemm2_out.shape[1])
         return self.intermediate[:em], self.gemm2_out[:em]
+
+    def partials_view(self, splits: int, slots: int, cols: int) -> torch.Tensor:
+        """A float32 ``[splits, slots, cols]`` view for a split-K GEMM2's partial sums
+        (``SPLIT_K``), replacing a smaller buffer first (an allocation: size the workspace
+        with ``allocate(..., split_partials=...)`` before a CUDA-graph capture)."""
+        need = splits * slots * cols
+        buf = self.split_partials
+        if buf is None or buf.numel() < need:
+            device = self.intermediate.device
+            buf = self.split_partials = torch.empty(need, dtype=torch.float32, device=device)
+        return buf[:need].view(splits, slots, cols)
 
     def align_views(self, slots: int, block_size: int, num_experts: int
                     ) -> tuple[AlignedBlocks, torch.Tensor] | None:
@@ -1142,25 +1189,32 @@ def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
 def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor:
     """``out[m] = sum_k per_slot[m * top_k + k]`` in fp32, in ascending k, one kernel.
 
-    ``per_slot`` ``[M * top_k, N]`` and ``out`` ``[M, N]``, both with a contiguous last dim.
-    Unlike ``torch.sum`` (whose reduction strategy may change with the shape), the order of
-    the additions is fixed: bitwise the same for a token whatever the batch."""
-    slots, n = per_slot.shape
+    ``per_slot`` ``[M * top_k, N]``, or ``[S, M * top_k, N]`` (the S partial sums of a
+    split-K GEMM2, ``SPLIT_K`` configs: added too, for each k in ascending s), and ``out``
+    ``[M, N]``, both with a contiguous last dim. Unlike ``torch.sum`` (whose reduction
+    strategy may change with the shape), the order of the additions is fixed: bitwise the
+    same for a token whatever the batch."""
+    if per_slot.dim() not in (2, 3):
+        raise ValueError(f"per_slot has shape {tuple(per_slot.shape)}; expected [M * top_k, N] "
+                         "or [S, M * top_k, N]")
+    splits = per_slot.shape[0] if per_slot.dim() == 3 else 1
+    slots, n = per_slot.shape[-2:]
     m = out.shape[0]
-    if slots != m * top_k or tuple(out.shape) != (m, n):
+    if slots != m * top_k or tuple(out.shape) != (m, n) or splits < 1:
         raise ValueError(f"per_slot has shape {tuple(per_slot.shape)} and out "
-                         f"{tuple(out.shape)}; expected [{m * top_k}, N] and [{m}, N] "
-                         f"(top_k={top_k})")
+                         f"{tuple(out.shape)}; expected [{m * top_k}, N] (or [S >= 1, "
+                         f"{m * top_k}, N]) and [{m}, N] (top_k={top_k})")
     for name, t in (("per_slot", per_slot), ("out", out)):
-        if n > 1 and t.stride(1) != 1:
+        if n > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} has strides {t.stride()}; expected the last dim "
                              "contiguous")
     if m == 0 or n == 0:
         return out
     block_n = min(1024, triton.next_power_of_2(n))
     _topk_sum_kernel[(m, triton.cdiv(n, block_n))](
-        per_slot, out, n, top_k, per_slot.stride(0), out.stride(0), BLOCK_N=block_n,
-        num_warps=4)
+        per_slot, out, n, top_k, per_slot.stride(-2),
+        per_slot.stride(0) if per_slot.dim() == 3 else 0, out.stride(0), SPLITS=splits,
+        BLOCK_N=block_n, num_warps=4)
     return out
 
 
@@ -1216,7 +1270,10 @@ def fused_moe_prefill(
             its output so. ``"DENSE": True`` in GEMM1's config (tuned
             tables set it where it measured faster) runs the layer as
             :func:`dequantize_dense` + ``torch._grouped_mm`` instead, when
-            :func:`dense_path_supported` (else the flag is ignored).
+            :func:`dense_path_supported` (else the flag is ignored). ``"SPLIT_K": S`` in
+            GEMM2's config splits its K into S ranges whose float32 partial sums the top-k
+            sum adds (more programs than tiles when a few tokens touch few experts; see
+            :func:`prefill_gemm`).
         atomic_topk_sum: sum the top-k slots with fp32 atomics in GEMM2's epilogue instead of
             a separate reduction (order-nondeterministic rounding).
         deterministic: bitwise reproducible and batch invariant: the configs of
@@ -1265,7 +1322,13 @@ def fused_moe_prefill(
                                                          hidden_states.device):
         return _moe_dense(hidden_states, experts, topk_weights, topk_ids, activation,
                           apply_router_weight_on_input, out, workspace)
+    cfg1.pop("SPLIT_K", None)  # GEMM1's fused activation needs whole sums: never split
     cfg2 = {**cfg2, "BLOCK_SIZE_M": cfg1["BLOCK_SIZE_M"]}
+    # SPLIT_K: GEMM2 writes float32 partial sums per K range, which the top-k sum adds (the
+    # atomic top-k sum adds into one buffer itself: no split there)
+    split2 = 1 if atomic_topk_sum else cfg2.get("SPLIT_K", 1)
+    if split2 == 1:
+        cfg2.pop("SPLIT_K", None)
     # fragment-order weight tiles (FRAG_K with SWAP_AB) read their activations as plain
     # 16-byte copies when the activations are stored in fragment order: GEMM1's input is
     # permuted here (one copy), GEMM1 writes the intermediate that way for GEMM2
@@ -1314,11 +1377,14 @@ def fused_moe_prefill(
                                config=cfg2, a_sorted=sorted2)
         out.copy_(acc)
         return out
+    if split2 > 1:
+        c2 = (workspace.partials_view(split2, slots, h) if workspace is not None else
+              torch.empty(split2, slots, h, dtype=torch.float32, device=hidden_states.device))
     with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
         prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
                      mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
                      a_fragment_order=a_frag2, a_sorted=sorted2)
-    if top_k == 1:
+    if top_k == 1 and split2 == 1:
         out.copy_(c2)
     else:
         # the fixed-order kernel in every mode: bit-identical to torch.sum on the H100 and

@@ -29,15 +29,20 @@ wait that retires step ``i``'s wgmma (checked in the SASS: the two sets alternat
 is written inside the other's window; the GPU tests repeat every shipped config bit for bit).
 
 One program walks output tiles ``pid, pid + num_programs, ...``; a tile is one aligned block of
-``BLOCK_T`` slots x ``BLOCK_N_OUT`` output columns. With ``ACTIVATION`` the weight tile holds
-``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each accumulator thread
-holds a column's gate and up values. Shapes: A ``[M, K]`` (rows ``slot // top_k``) or
-``[M*top_k, K]`` (``A_IS_SLOTS``), or ``[EM, K]`` with ``A_SORTED`` (row ``p`` for sorted
-position ``p``: a tile's rows are contiguous, so the loader reads them with one TMA copy per K
-step instead of gathering them row by row); qweight int32 ``[E, N_w, K/8]``; scales
-``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` or ``[EM, N_out]``
-with ``C_SORTED`` (columns in fragment order with ``OUT_FRAG``, for a next GEMM that reads
-them so).
+``BLOCK_T`` slots x ``BLOCK_N_OUT`` output columns, or with ``SPLIT_K`` > 1 one of SPLIT_K
+equal K ranges of it (the innermost tile index, so the valid units of a launch are contiguous
+and spread evenly over the programs) whose float32 partial sums go to ``C[split]`` of a
+``[SPLIT_K, rows, N_out]`` output, summed afterwards in a fixed order (split-K: when the
+experts a few tokens touch make fewer tiles than the GPU has SMs). With ``ACTIVATION`` the
+weight tile holds ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each
+accumulator thread holds a column's gate and up values.
+
+Shapes: A ``[M, K]`` (rows ``slot // top_k``) or ``[M*top_k, K]`` (``A_IS_SLOTS``), or
+``[EM, K]`` with ``A_SORTED`` (row ``p`` for sorted position ``p``: a tile's rows are
+contiguous, so the loader reads them with one TMA copy per K step instead of gathering them
+row by row); qweight int32 ``[E, N_w, K/8]``; scales ``[E, N_w, K/G]``; zeros uint8
+``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` or ``[EM, N_out]`` with ``C_SORTED`` (columns in
+fragment order with ``OUT_FRAG``, for a next GEMM that reads them so).
 
 :func:`rs_unsupported` says which calls qualify (``prefill_gemm`` runs the same tiles on the
 Triton kernel otherwise). Gluon does not run under the Triton interpreter: the CPU tests
@@ -104,7 +109,7 @@ if HAVE_GLUON:
                    A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr,
                    BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                    GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
-                   A_SORTED: gl.constexpr):
+                   A_SORTED: gl.constexpr, SPLIT_K: gl.constexpr):
         """Worker partition (one warp): cp.async of each K step's gathered activation rows
         into the copy ring, as far ahead as the ring allows, each lane's copies arriving on the
         stage's barrier when they land; the packed words the same way, or with ``W_TMA`` as one
@@ -119,10 +124,12 @@ if HAVE_GLUON:
         num_pid_m = gl.cdiv(EM, BLOCK_T)
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
-        num_steps = K // BLOCK_K
+        num_steps = K // BLOCK_K // SPLIT_K  # K steps of one unit (its K range)
         ring = 0  # K steps this program has put through the ring so far
-        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
+        for unit in range(gl.program_id(0), num_pid_m * num_pid_n * SPLIT_K,
+                          gl.num_programs(0)):
+            pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
+            kstep0 = (unit % SPLIT_K) * num_steps
             row0 = pid_m * BLOCK_T
             expert = gl.load(expert_ids_ptr + pid_m, mask=row0 < num_post_padded, other=-1)
             if expert != -1:
@@ -144,7 +151,7 @@ if HAVE_GLUON:
                 for i in range(num_steps):
                     stage = (ring + i) % STAGES
                     mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
-                    k0 = i * BLOCK_K
+                    k0 = (kstep0 + i) * BLOCK_K
                     if A_SORTED:
                         mbarrier.expect(x_ready_bars.index(stage),
                                         BLOCK_T * BLOCK_K * 2 + W_TMA * (BLOCK_N * BLOCK_K // 2))
@@ -313,8 +320,8 @@ if HAVE_GLUON:
     @gluon.jit
     def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
                      topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
-                     N, K, EM, num_valid_slots, up_offset, stride_cm, stride_se, stride_sn,
-                     stride_sg, stride_ze, stride_zn, stride_zg,
+                     N, K, EM, num_valid_slots, up_offset, stride_cm, stride_cs, stride_se,
+                     stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
                      GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
                      SCALE_PAIRS: gl.constexpr,
                      ACTIVATION: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
@@ -322,10 +329,11 @@ if HAVE_GLUON:
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
-        row ``row0 + t``, the sorted position, instead of row ``slot``)."""
+        row ``row0 + t``, the sorted position, instead of row ``slot``; with ``SPLIT_K`` > 1
+        the unit's partial sums into ``C[split]``, ``stride_cs`` apart)."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
@@ -349,10 +357,13 @@ if HAVE_GLUON:
         num_pid_m = gl.cdiv(EM, BLOCK_T)
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
-        num_steps = K // BLOCK_K
+        num_steps = K // BLOCK_K // SPLIT_K
         ring = 0
-        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
-            pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_SIZE_M)
+        for unit in range(gl.program_id(0), num_pid_m * num_pid_n * SPLIT_K,
+                          gl.num_programs(0)):
+            pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
+            split = unit % SPLIT_K
+            kstep0 = split * num_steps
             row0 = pid_m * BLOCK_T
             if row0 < num_post_padded:
                 expert = gl.load(expert_ids_ptr + pid_m)
@@ -367,7 +378,8 @@ if HAVE_GLUON:
                     c_rows = row0 + t_o.to(gl.int64)
                 else:
                     c_rows = slots_o
-                c_ptrs = c_ptr + c_rows[None, :] * stride_cm + col[:, None]
+                c_ptrs = c_ptr + split.to(gl.int64) * stride_cs + c_rows[None, :] * stride_cm + \
+                    col[:, None]
                 c_mask = (slots_o < num_valid_slots)[None, :]
                 if expert == -1:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
@@ -393,17 +405,19 @@ if HAVE_GLUON:
                     # previous pair's work instead of stalling its dequantization
                     if PREFETCH_SCALES:
                         sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                            0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
-                            stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
+                            kstep0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
+                            stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE,
+                            BLOCK_K)
                     for i in range(0, num_steps, 2):
                         if PREFETCH_SCALES:
                             nsc0, nzr0, nsc1, nzr1 = _rs_pair_scales(
-                                gl.minimum(i + 2, num_steps - 2), s_base, s32_base, z_base,
+                                kstep0 + gl.minimum(i + 2, num_steps - 2), s_base, s32_base,
+                                z_base,
                                 s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
                                 HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
                         else:
                             sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                                i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
+                                kstep0 + i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
                                 stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS,
                                 GROUP_SIZE, BLOCK_K)
                         a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
@@ -458,14 +472,14 @@ if HAVE_GLUON:
         sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
         N, K, EM, num_valid_slots, top_k, up_offset,
         stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
-        stride_ze, stride_zn, stride_zg, stride_cm,
+        stride_ze, stride_zn, stride_zg, stride_cm, stride_cs,
         GROUP_SIZE: gl.constexpr, A_IS_SLOTS: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
         HAS_ZEROS: gl.constexpr, SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
         OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr, C_SORTED: gl.constexpr,
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
-        W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, LOADER_REGS: gl.constexpr,
-        num_warps: gl.constexpr,
+        W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
+        LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader."""
@@ -473,7 +487,7 @@ if HAVE_GLUON:
             BLOCK_N: gl.constexpr = 2 * BLOCK_N_OUT
         else:
             BLOCK_N: gl.constexpr = BLOCK_N_OUT
-        dtype: gl.constexpr = c_ptr.dtype.element_ty
+        dtype: gl.constexpr = a_ptr.dtype.element_ty
         x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K],
                                                                            dtype)
         x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, BLOCK_K], x_smem_layout)
@@ -511,17 +525,17 @@ if HAVE_GLUON:
             (_rs_consumer, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
                             topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
                             num_post_padded_ptr, N, K, EM, num_valid_slots, up_offset,
-                            stride_cm, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                            stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
+                            stride_cm, stride_cs, stride_se, stride_sn, stride_sg, stride_ze,
+                            stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                             MUL_ROUTED_WEIGHT,
                             OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT,
                             BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, PREFETCH_SCALES,
-                            num_warps)),
+                            SPLIT_K, num_warps)),
             (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                           num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                           x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
                           stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT,
-                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED)),
+                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED, SPLIT_K)),
         ], [1], [LOADER_REGS])
 
 
@@ -575,17 +589,19 @@ def rs_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int,
     """Why an ``RS`` config cannot run this call on the Gluon kernel (the caller then runs the
     Triton kernel with the same tiles), or None when it can."""
     bn, bk = config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    split = config.get("SPLIT_K", 1)
     reason = gluon_unsupported(device) or rs_tiles_unsupported(config, activation)
     if reason is not None:
         return reason
-    if k % (2 * bk) or group_size % bk:
-        return f"K={k} must be a multiple of 2*BLOCK_SIZE_K and G={group_size} of BLOCK_SIZE_K"
+    if k % (2 * bk * split) or group_size % bk:
+        return (f"K={k} must be a multiple of 2*BLOCK_SIZE_K*SPLIT_K={2 * bk * split} and "
+                f"G={group_size} of BLOCK_SIZE_K")
     if n_out % bn:
         return f"the output width {n_out} is not a multiple of BLOCK_SIZE_N={bn}"
     if a_fragment_order or has_perm or atomic_topk_sum:
         return ("it needs activations in natural order, no act-order perm and no atomic "
                 "top-k sum")
-    if (a.stride(1) != 1 or out.stride(1) != 1 or qweight.stride(2) != 1 or a.stride(0) % 8
+    if (a.stride(1) != 1 or out.stride(-1) != 1 or qweight.stride(2) != 1 or a.stride(0) % 8
             or qweight.stride(1) % 4):
         return "a, out and qweight need unit column strides and 16-byte aligned rows"
     if max(a.numel(), out.numel()) >= 2**31:
@@ -666,14 +682,17 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     with TMA where :func:`weight_tma_unsupported` allows, else with cp.async. ``a_sorted``:
     ``a`` holds one row per position of ``sorted_ids`` (padding included), read by TMA (see
     :func:`sorted_rows_unsupported`); ``out_sorted``: write ``out`` so (row ``i`` for position
-    ``i``, ``out`` with ``sorted_ids.numel()`` rows) instead of one row per slot."""
+    ``i``, ``out`` with ``sorted_ids.numel()`` rows) instead of one row per slot. With
+    ``config["SPLIT_K"]`` > 1, ``out`` is ``[SPLIT_K, rows, n_out]`` (float32) and gets each K
+    range's partial sums."""
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    split = config.get("SPLIT_K", 1)
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
     tw = topk_weights if topk_weights is not None else scales
-    tiles = -(-em // bt) * (n_out // bn)
+    units = -(-em // bt) * (n_out // bn) * split
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
-    grid = (min(tiles, _sm_count(index)),)
+    grid = (min(units, _sm_count(index)),)
     activation = activation_code != 0
     w_desc = None
     if weight_tma is None:
@@ -690,7 +709,8 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         n_out, k, em, slots, top_k, up_offset,
         a.stride(0), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), scales.stride(2),
-        z.stride(0), z.stride(1), z.stride(2), out.stride(0),
+        z.stride(0), z.stride(1), z.stride(2), out.stride(-2),
+        out.stride(0) if split > 1 else 0,
         GROUP_SIZE=group_size, A_IS_SLOTS=a_is_slots,
         # two adjacent groups' scales as one 32-bit load (G == BLOCK_K, pairs 4-byte aligned)
         SCALE_PAIRS=(group_size == bk and scales.stride(2) == 1 and scales.stride(1) % 2 == 0
@@ -701,4 +721,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         BLOCK_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=w_desc is not None, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
+        SPLIT_K=split,
         LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])

@@ -9,7 +9,9 @@ kept), each pair also checked for identical outputs:
 * ``router``: the Triton top-k router with session 11's launch (16 rows of 4096 logits a
   program, 4 warps from 2048 logits) against :func:`~w4a16moe.kernels.router.
   rows_per_program` / :func:`~w4a16moe.kernels.router.warps_per_program` (one warp up to
-  512 experts); both also checked against the torch path (same ids, weights within 2e-6).
+  512 experts); or, with ``--router-source PATH``, the router module at PATH (e.g. an
+  earlier version of ``kernels/router.py``) against the shipped one, both with their default
+  launch; both also checked against the torch path (same ids, weights within 2e-6).
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/layer_small_kernels_ab.py \\
         --kernels topk_sum,align,router --out $OUT
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import sys
 
@@ -77,26 +80,42 @@ def align_case(model: str, shape, m: int):
     return "three kernels", fns[0], "one program", fns[1], same, {"block_size": bm}
 
 
+#: ``--router-source``: the baseline router module (None: session 11's launch instead)
+BASELINE_ROUTER = None
+
+
+def load_router(path: str):
+    """The router module at ``path`` (it imports only torch and triton)."""
+    spec = importlib.util.spec_from_file_location("baseline_router", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def router_case(model: str, shape, m: int):
     e, k = shape.num_experts, shape.top_k
     logits = 3 * torch.randn(m, e, device=DEV)  # float32: bf16 logits tie, and torch.topk
     # breaks ties in its own order
-    block_e = triton.next_power_of_2(e)
-    old_rows = max(1, min(16, 4096 // block_e))
-    old = dict(rows=old_rows, num_warps=4 if block_e * old_rows >= 2048 else 1)
     kw = dict(renormalize=True)  # both models renormalise their top-k weights
+    if BASELINE_ROUTER is None:
+        block_e = triton.next_power_of_2(e)
+        old_rows = max(1, min(16, 4096 // block_e))
+        old = dict(rows=old_rows, num_warps=4 if block_e * old_rows >= 2048 else 1)
+        fn_a = functools.partial(topk_router, logits, k, **kw, **old)
+        name_a, extra = "16 rows (old)", {"old_launch": old}
+    else:
+        fn_a = functools.partial(BASELINE_ROUTER.topk_router, logits, k, **kw)
+        name_a, extra = "baseline source", {}
+    fn_b = functools.partial(topk_router, logits, k, **kw)
     ref_w, ref_i = fused_topk(logits, k, backend="torch", **kw)
     results = []
-    for launch in (old, {}):
-        w, i = topk_router(logits, k, **kw, **launch)
+    for name, fn in ((name_a, fn_a), ("shipped", fn_b)):
+        w, i = fn()
         if not torch.equal(i, ref_i) or not torch.allclose(w, ref_w, rtol=2e-6, atol=1e-7):
-            raise RuntimeError(f"router {launch or 'default'} differs from torch at "
-                               f"{model} M={m}")
-        results.append(w)
-    fn_a = functools.partial(topk_router, logits, k, **kw, **old)
-    fn_b = functools.partial(topk_router, logits, k, **kw)
-    return ("16 rows (old)", fn_a, "one warp", fn_b, torch.equal(*results),
-            {"old_launch": old})
+            raise RuntimeError(f"router {name} differs from torch at {model} M={m}")
+        results.append((w, i))
+    same = all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    return name_a, fn_a, "shipped", fn_b, same, extra
 
 
 CASES = {"topk_sum": topk_sum_case, "align": align_case, "router": router_case}
@@ -108,8 +127,13 @@ def main() -> int:
     ap.add_argument("--models", default="mixtral-8x7b,qwen3-30b-a3b")
     ap.add_argument("--tokens", default="1,4,8,16,32,64,128,256,1024,4096,8192")
     ap.add_argument("--rep", type=float, default=10.0)
+    ap.add_argument("--router-source", default=None,
+                    help="router: time this router module (a file) against the shipped one")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.router_source:
+        global BASELINE_ROUTER
+        BASELINE_ROUTER = load_router(args.router_source)
     for kernel in args.kernels.split(","):
         if kernel not in CASES:
             raise SystemExit(f"--kernels: {kernel!r} is not one of {sorted(CASES)}")

@@ -72,6 +72,30 @@ def test_empty_batch_and_nan_rows():
     assert torch.equal(ids[[0, 2]], it)
 
 
+def test_nan_scores_are_picked_last():
+    """With sigmoid scores a NaN logit spoils only its own expert: it ranks below every
+    number (taken only when the numbers run out, its weight NaN), the ids stay distinct."""
+    logits = torch.tensor([[0.5, float("nan"), 2.0, -1.0, float("nan"), 1.0]], device=DEV)
+    w, ids = fused_topk(logits, 4, backend="triton", scoring="sigmoid", renormalize=False)
+    assert ids.tolist() == [[2, 5, 0, 3]]
+    torch.testing.assert_close(w, torch.sigmoid(logits[:, [2, 5, 0, 3]]))
+    w, ids = fused_topk(logits, 6, backend="triton", scoring="sigmoid", renormalize=False)
+    assert ids.tolist() == [[2, 5, 0, 3, 1, 4]]
+    assert torch.isfinite(w[0, :4]).all() and torch.isnan(w[0, 4:]).all()
+
+
+def test_negative_choices_rank_by_value():
+    """A correction bias can make the choice scores negative: they still rank by value (the
+    arg-max keys keep the order of negative floats), and the weights are the unbiased
+    scores."""
+    logits = torch.zeros(1, 5, device=DEV)
+    bias = torch.tensor([-3.0, -1.0, -2.0, -0.5, -1.0], device=DEV)  # choices -2.5 .. 0
+    w, ids = fused_topk(logits, 4, backend="triton", scoring="sigmoid", correction_bias=bias,
+                        renormalize=False)
+    assert ids.tolist() == [[3, 1, 4, 2]]
+    torch.testing.assert_close(w, torch.full((1, 4), 0.5, device=DEV))
+
+
 @pytest.mark.parametrize("wdt", [torch.float16, torch.bfloat16])
 def test_output_dtypes(wdt):
     """Scores stored in the logits' dtype and int64 ids (what transformers routers return)."""

@@ -5,7 +5,9 @@ kept), each pair also checked for identical outputs:
 * ``topk_sum``: ``torch.sum`` over the ``[M, top_k, H]`` view (``fused_moe_prefill`` outside
   the deterministic mode before session 12) against the fixed-order Triton ``topk_sum``;
 * ``align``: ``align_block_size`` as three kernels (count, scan, scatter) against one
-  program (``_align_single_kernel``), at the BLOCK_SIZE_M the layer uses for that M;
+  program (``_align_sort_kernel``, forced), at the BLOCK_SIZE_M the layer uses for that M;
+  or, with ``--align-source PATH``, the align module at PATH with its default choice
+  against the shipped one program;
 * ``router``: the Triton top-k router with session 11's launch (16 rows of 4096 logits a
   program, 4 warps from 2048 logits) against :func:`~w4a16moe.kernels.router.
   rows_per_program` / :func:`~w4a16moe.kernels.router.warps_per_program` (one warp up to
@@ -34,7 +36,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from prefill_rs_ab import best_of_two, write_records  # noqa: E402
 
-from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton  # noqa: E402
+from w4a16moe.kernels.align import (  # noqa: E402
+    SINGLE_PROGRAM_MAX_SLOTS,
+    align_block_size_triton,
+)
 from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
 from w4a16moe.kernels.prefill import topk_sum  # noqa: E402
 from w4a16moe.kernels.router import topk_router  # noqa: E402
@@ -58,7 +63,7 @@ def topk_sum_case(model: str, shape, m: int):
 
 
 def align_case(model: str, shape, m: int):
-    if m * shape.top_k > SINGLE_PROGRAM_SLOTS:
+    if m * shape.top_k > SINGLE_PROGRAM_MAX_SLOTS:
         return None
     e = shape.num_experts
     bm = get_prefill_config(m, 2 * shape.intermediate_size, shape.hidden_size, e, shape.top_k,
@@ -71,22 +76,29 @@ def align_case(model: str, shape, m: int):
         out = AlignedBlocks(torch.empty(size, dtype=torch.int32, device=DEV),
                             torch.empty(size // bm, dtype=torch.int32, device=DEV),
                             torch.empty(1, dtype=torch.int32, device=DEV))
-        fn = functools.partial(align_block_size_triton, ids, bm, e, None, *out,
-                               scratch=scratch, single_program=single)
+        if single or BASELINE_ALIGN is None:
+            fn = functools.partial(align_block_size_triton, ids, bm, e, None, *out,
+                                   scratch=scratch, single_program=single)
+        else:  # the baseline module's own choice (one program or three kernels)
+            fn = functools.partial(BASELINE_ALIGN.align_block_size_triton, ids, bm, e, None,
+                                   *out, scratch=scratch)
         fn()
         outs.append(out)
         fns.append(fn)
     same = all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
-    return "three kernels", fns[0], "one program", fns[1], same, {"block_size": bm}
+    name_a = "three kernels" if BASELINE_ALIGN is None else "baseline source"
+    return name_a, fns[0], "one program", fns[1], same, {"block_size": bm}
 
 
 #: ``--router-source``: the baseline router module (None: session 11's launch instead)
 BASELINE_ROUTER = None
+#: ``--align-source``: the baseline align module (None: the shipped three kernels instead)
+BASELINE_ALIGN = None
 
 
-def load_router(path: str):
-    """The router module at ``path`` (it imports only torch and triton)."""
-    spec = importlib.util.spec_from_file_location("baseline_router", path)
+def load_module(path: str, name: str):
+    """The module at ``path`` (a kernel file that imports only torch and triton)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -129,11 +141,16 @@ def main() -> int:
     ap.add_argument("--rep", type=float, default=10.0)
     ap.add_argument("--router-source", default=None,
                     help="router: time this router module (a file) against the shipped one")
+    ap.add_argument("--align-source", default=None,
+                    help="align: time this align module (a file, its default choice) against "
+                         "the shipped one program")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    global BASELINE_ROUTER, BASELINE_ALIGN
     if args.router_source:
-        global BASELINE_ROUTER
-        BASELINE_ROUTER = load_router(args.router_source)
+        BASELINE_ROUTER = load_module(args.router_source, "baseline_router")
+    if args.align_source:
+        BASELINE_ALIGN = load_module(args.align_source, "baseline_align")
     for kernel in args.kernels.split(","):
         if kernel not in CASES:
             raise SystemExit(f"--kernels: {kernel!r} is not one of {sorted(CASES)}")

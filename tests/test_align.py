@@ -124,6 +124,19 @@ def test_rejects_bad_buffers_and_backend():
         align_block_size(ids, 16, 4, scratch=small, backend="triton")
 
 
+class _Recorder:
+    """A kernel stand-in that records its name when launched and runs the kernel."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def test_scratch_numel_and_chunks():
     assert chunk_size(1) == 128 and chunk_size(16384) == 128 and chunk_size(16385) == 256
     assert chunk_size(262_144) == 256 and chunk_size(262_145) == 512
@@ -134,12 +147,13 @@ def test_scratch_numel_and_chunks():
 @pytest.mark.parametrize("m, top_k, num_experts, block_size, mapped",
                          [(1, 2, 8, 16, False), (16, 2, 8, 16, True), (64, 2, 8, 32, False),
                           (16, 8, 128, 16, True), (0, 2, 4, 16, False), (21, 6, 64, 64, True),
-                          (64, 2, 8, 128, False), (5, 3, 1000, 8, True)])
+                          (64, 2, 8, 128, False), (5, 3, 1000, 8, True), (64, 8, 128, 16, False),
+                          (300, 6, 64, 16, True), (512, 8, 128, 32, False)])
 def test_single_program_matches_the_three_kernels(m, top_k, num_experts, block_size, mapped):
-    """Up to SINGLE_PROGRAM_SLOTS slots one program aligns them (the default there): the same
-    outputs, into poisoned buffers, as the count / scan / scatter kernels, with and without
-    an expert map; more slots than that are refused."""
-    from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton
+    """One program (sorting the slots by expert) gives the same outputs, into poisoned
+    buffers, as the count / scan / scatter kernels, with and without an expert map, up to
+    SINGLE_PROGRAM_MAX_SLOTS slots."""
+    from w4a16moe.kernels.align import align_block_size_triton
 
     ids = random_ids(m, top_k, num_experts) if m else torch.empty(
         0, top_k, dtype=torch.int32, device=DEVICE)
@@ -148,7 +162,6 @@ def test_single_program_matches_the_three_kernels(m, top_k, num_experts, block_s
         expert_map = torch.randperm(num_experts, device=DEVICE).to(torch.int32)
         expert_map[::3] = -1
     slots = ids.numel()
-    assert slots <= SINGLE_PROGRAM_SLOTS
     size = max_num_tokens_padded(slots, block_size, num_experts)
     outs = []
     for single in (True, False):
@@ -165,10 +178,26 @@ def test_single_program_matches_the_three_kernels(m, top_k, num_experts, block_s
     assert all(torch.equal(a, b) for a, b in zip(outs[0], ref, strict=True))
 
 
-def test_single_program_refuses_large_batches():
-    from w4a16moe.kernels.align import SINGLE_PROGRAM_SLOTS, align_block_size_triton
+def test_single_program_refuses_large_batches(monkeypatch):
+    """Past SINGLE_PROGRAM_MAX_SLOTS slots (or at 1024+ experts) one program is refused; by
+    default it runs up to SINGLE_PROGRAM_SLOTS slots and the three kernels above."""
+    from w4a16moe.kernels import align as align_mod
+    from w4a16moe.kernels.align import SINGLE_PROGRAM_MAX_SLOTS, align_block_size_triton
 
-    ids = random_ids(SINGLE_PROGRAM_SLOTS // 2 + 1, 2, 8)
+    launched = []
+    for name in ("_align_sort_kernel", "_align_count_kernel"):
+        kernel = getattr(align_mod, name)
+        monkeypatch.setattr(align_mod, name, _Recorder(kernel, name, launched))
+    for slots, expected in ((align_mod.SINGLE_PROGRAM_SLOTS, "_align_sort_kernel"),
+                            (align_mod.SINGLE_PROGRAM_SLOTS + 2, "_align_count_kernel")):
+        ids = random_ids(slots // 2, 2, 8)
+        size = max_num_tokens_padded(ids.numel(), 16, 8)
+        out = AlignedBlocks(torch.empty(size, dtype=torch.int32, device=DEVICE),
+                            torch.empty(size // 16, dtype=torch.int32, device=DEVICE),
+                            torch.empty(1, dtype=torch.int32, device=DEVICE))
+        align_block_size_triton(ids, 16, 8, None, *out)
+        assert launched[-1] == expected
+    ids = random_ids(SINGLE_PROGRAM_MAX_SLOTS // 2 + 1, 2, 8)
     size = max_num_tokens_padded(ids.numel(), 16, 8)
     out = AlignedBlocks(torch.empty(size, dtype=torch.int32, device=DEVICE),
                         torch.empty(size // 16, dtype=torch.int32, device=DEVICE),

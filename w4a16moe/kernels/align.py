@@ -18,8 +18,8 @@ chunks of ``CHUNK`` consecutive slots (one program each):
    ``expert_map``; -1 past ``num_tokens_post_padded``).
 
 Up to :data:`SINGLE_PROGRAM_SLOTS` slots (decode and mid-M batches) one program does all
-three steps instead (:func:`_align_single_kernel`): one launch instead of three, the same
-outputs.
+three steps instead (:func:`_align_sort_kernel`, by sorting the slots by expert): one launch
+instead of three, the same outputs.
 
 All shapes depend only on ``M * top_k``, the block size and E, so the launches can be
 captured in a CUDA graph; with preallocated outputs and scratch nothing is allocated.
@@ -34,12 +34,14 @@ import triton.language as tl
 #: largest E handled (the scan holds one row of E counts in registers)
 MAX_EXPERTS = 4096
 #: up to this many slots (and fewer than SINGLE_PROGRAM_EXPERTS experts) one program aligns
-#: them (:func:`_align_single_kernel`); its pairwise rank costs slots^2 compares and its
-#: block-to-expert lookup blocks x E, which one program does faster than three launches only
-#: for small batches (H100, benchmarks/layer_small_kernels_ab.py: mixtral 6.0 -> 2.0 us up to
-#: 64 slots, 6.2 -> 3.7 at 128; qwen3 9.3 -> 7.1 at 8-64 slots, 9.4 -> 8.9 at 128; at 256
-#: slots the one program was slower, 6.6 -> 8.6 and 9.7 -> 15.9 us)
-SINGLE_PROGRAM_SLOTS = 128
+#: them by default (:func:`_align_sort_kernel`); SINGLE_PROGRAM_MAX_SLOTS is the most it
+#: takes when asked (``single_program=True``). H100, benchmarks/layer_small_kernels_ab.py
+#: (results/h100_align_ab_session13*.json): qwen3-30b (E=128) 7.1 -> 2.3 us at 8 slots,
+#: 9.5 -> 3.2 at 256 (the three kernels: 9.6), 8.4 -> 4.2 at 512; Mixtral 3.8 -> 2.4 at
+#: 128, 6.6 -> 3.7 at 512; at 1024 slots the three kernels are as fast or faster (qwen3 9.5
+#: vs 8.9, Mixtral 6.5 vs 8.1) and at 2048 far faster (10 vs 27)
+SINGLE_PROGRAM_SLOTS = 512
+SINGLE_PROGRAM_MAX_SLOTS = 4096
 SINGLE_PROGRAM_EXPERTS = 1024
 
 
@@ -159,53 +161,56 @@ def _align_scatter_kernel(
 
 
 @triton.jit
-def _align_single_kernel(
-    topk_ids_ptr, starts_ptr, ends_ptr, expert_map_ptr, sorted_ids_ptr, expert_ids_ptr,
+def _align_sort_kernel(
+    topk_ids_ptr, offsets_ptr, expert_map_ptr, sorted_ids_ptr, expert_ids_ptr,
     total_ptr, num_slots, num_experts, block_size, num_sorted, num_blocks,
-    HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr, BLOCK_J: tl.constexpr,
-    FILL_BLOCK: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr,
+    FILL_BLOCK: tl.constexpr,
 ):
-    """All of align_block_size in one program for ``num_slots <= CHUNK``: the histogram, the
-    padded runs (their starts and ends stored to ``starts``/``ends`` int32 ``[E]``, then read
-    back per slot after a barrier), the sentinel fill, the stable scatter (rank = earlier
-    slots with the same expert) and every block's expert id."""
+    """All of align_block_size in one program for ``num_slots <= CHUNK``, by sorting: the
+    histogram gives each expert's padded run; the keys ``expert * CHUNK + slot`` sorted
+    (:func:`triton.language.sort`) list the slots by expert, in flat order within one, so
+    sorted position ``p`` goes to row ``p + offsets[expert]`` (its run's start minus the
+    expert's first sorted position; ``offsets`` int32 ``[E]`` is stored, then read back per
+    slot after a barrier). A row that starts a block (every block of a run starts with a
+    real slot) writes that block's expert id; the blocks past the runs get -1. O(CHUNK
+    log^2 CHUNK + blocks) work instead of the pairwise rank's CHUNK^2 and the block
+    lookup's blocks x E."""
     local = tl.arange(0, CHUNK)
     mask = local < num_slots
+    # lanes past the end count into bin E (never stored) and sort after every real slot
     ids = tl.load(topk_ids_ptr + local, mask=mask, other=num_experts).to(tl.int32)
-    counts = tl.histogram(ids, NUM_BINS)  # bin E (the masked lanes) is never used
+    counts = tl.histogram(ids, NUM_BINS)
     bins = tl.arange(0, NUM_BINS)
     padded = tl.where(bins < num_experts, (counts + block_size - 1) // block_size * block_size,
                       0)
     ends = tl.cumsum(padded, axis=0)
+    first = tl.cumsum(counts, axis=0) - counts  # each expert's first sorted position
     total = tl.sum(padded, axis=0)
-    tl.store(starts_ptr + bins, ends - padded, mask=bins < num_experts)
-    tl.store(ends_ptr + bins, ends, mask=bins < num_experts)
+    tl.store(offsets_ptr + bins, ends - padded - first, mask=bins < num_experts)
     tl.store(total_ptr, total)
     sentinel = tl.full((FILL_BLOCK,), 0, tl.int32) + num_slots
     for f in range(0, num_sorted, FILL_BLOCK):
         offs_f = f + tl.arange(0, FILL_BLOCK)
         tl.store(sorted_ids_ptr + offs_f, sentinel, mask=offs_f < num_sorted)
-    # the fill and the starts must land before this program's threads scatter and read them
+    none = tl.full((FILL_BLOCK,), -1, tl.int32)
+    for b0 in range(0, num_blocks, FILL_BLOCK):
+        offs_b = b0 + tl.arange(0, FILL_BLOCK)
+        tl.store(expert_ids_ptr + offs_b, none,
+                 mask=(offs_b < num_blocks) & (offs_b * block_size >= total))
+    # the fill and the offsets must land before this program's threads scatter and read them
     tl.debug_barrier()
-    rank = tl.zeros((CHUNK,), dtype=tl.int32)
-    for j0 in range(0, CHUNK, BLOCK_J):
-        offs_j = j0 + tl.arange(0, BLOCK_J)
-        ids_j = tl.load(topk_ids_ptr + offs_j, mask=offs_j < num_slots, other=-1).to(tl.int32)
-        same = (ids[:, None] == ids_j[None, :]) & (offs_j[None, :] < local[:, None])
-        rank += tl.sum(same.to(tl.int32), axis=1)
-    safe = tl.where(mask, ids, 0)
-    dest = tl.load(starts_ptr + safe, mask=mask, other=0) + rank
-    tl.store(sorted_ids_ptr + dest, local, mask=mask)
-    for b0 in range(0, num_blocks, BLOCK_B):
-        offs_b = b0 + tl.arange(0, BLOCK_B)
-        first_row = offs_b * block_size
-        expert = tl.sum((ends[None, :] <= first_row[:, None]) & (bins[None, :] < num_experts),
-                        axis=1).to(tl.int32)
-        expert = tl.minimum(expert, num_experts - 1)
-        if HAS_MAP:
-            expert = tl.load(expert_map_ptr + expert).to(tl.int32)
-        expert = tl.where(first_row < total, expert, -1)
-        tl.store(expert_ids_ptr + offs_b, expert, mask=offs_b < num_blocks)
+    keys = tl.sort(ids * CHUNK + local)
+    expert = keys // CHUNK
+    slot = keys - expert * CHUNK
+    valid = local < num_slots  # sorted position p: the masked lanes sorted last
+    safe = tl.where(valid, expert, 0)
+    dest = local + tl.load(offsets_ptr + safe, mask=valid, other=0)
+    tl.store(sorted_ids_ptr + dest, slot, mask=valid)
+    starts_block = valid & (dest % block_size == 0)
+    if HAS_MAP:
+        safe = tl.load(expert_map_ptr + safe, mask=starts_block, other=-1).to(tl.int32)
+    tl.store(expert_ids_ptr + dest // block_size, safe, mask=starts_block)
 
 
 def _next_pow2(v: int) -> int:
@@ -249,10 +254,10 @@ def align_block_size_triton(
         chunk: slots per program (a power of two >= 16; default :func:`chunk_size`).
         scan_rows: chunk rows the scan loads per step (power of two; default: all chunks,
             at most a ``[rows, E]`` tile of 16K entries).
-        single_program: one launch of :func:`_align_single_kernel` (only for at most
-            :data:`SINGLE_PROGRAM_SLOTS` slots and fewer than
+        single_program: one launch of :func:`_align_sort_kernel` (only for at most
+            :data:`SINGLE_PROGRAM_MAX_SLOTS` slots and fewer than
             :data:`SINGLE_PROGRAM_EXPERTS` experts) or the three kernels; default: one
-            launch whenever those allow it and ``chunk`` is not given.
+            launch up to :data:`SINGLE_PROGRAM_SLOTS` slots when ``chunk`` is not given.
 
     One or three launches on the current stream; nothing is read back to the host.
     """
@@ -266,14 +271,14 @@ def align_block_size_triton(
     num_slots = flat.numel()
     num_sorted = sorted_token_ids.numel()
     num_blocks = expert_ids.numel()
-    single_fits = (num_slots <= SINGLE_PROGRAM_SLOTS
+    single_fits = (num_slots <= SINGLE_PROGRAM_MAX_SLOTS
                    and num_experts < SINGLE_PROGRAM_EXPERTS)
     if single_program is None:
-        single_program = chunk is None and single_fits
+        single_program = chunk is None and single_fits and num_slots <= SINGLE_PROGRAM_SLOTS
     if single_program and not single_fits:
         raise ValueError(f"single_program=True with {num_slots} slots over {num_experts} "
-                         f"experts; one program aligns at most {SINGLE_PROGRAM_SLOTS} slots "
-                         f"over fewer than {SINGLE_PROGRAM_EXPERTS} experts")
+                         f"experts; one program aligns at most {SINGLE_PROGRAM_MAX_SLOTS} "
+                         f"slots over fewer than {SINGLE_PROGRAM_EXPERTS} experts")
     chunk = chunk or chunk_size(num_slots)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk is {chunk}; expected a power of two >= 16")
@@ -289,13 +294,11 @@ def align_block_size_triton(
     e_pow2 = max(16, _next_pow2(num_experts))
     emap = expert_map if expert_map is not None else starts  # dummy pointer without a map
     if single_program:
-        num_bins = max(16, _next_pow2(num_experts + 1))
-        _align_single_kernel[(1,)](
-            flat, starts, ends, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
+        _align_sort_kernel[(1,)](
+            flat, starts, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
             num_slots, num_experts, block_size, num_sorted, num_blocks,
             HAS_MAP=expert_map is not None, CHUNK=max(16, _next_pow2(num_slots)),
-            NUM_BINS=num_bins, BLOCK_J=32, FILL_BLOCK=1024,
-            BLOCK_B=max(1, min(128, 8192 // num_bins)), num_warps=4)
+            NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024, num_warps=4)
         return
 
     _align_count_kernel[(chunks,)](
@@ -318,5 +321,6 @@ def align_block_size_triton(
         BLOCK_B=max(1, min(128, 8192 // e_pow2)), num_warps=4)
 
 
-__all__ = ["MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS", "SINGLE_PROGRAM_SLOTS",
+__all__ = ["MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS", "SINGLE_PROGRAM_MAX_SLOTS",
+           "SINGLE_PROGRAM_SLOTS",
            "align_block_size_triton", "chunk_size", "scratch_numel"]

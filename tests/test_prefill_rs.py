@@ -250,27 +250,42 @@ def test_rs_layer_with_expert_map(on_input, sorted_rows):
 def test_shipped_rs_configs_repeat_bit_for_bit():
     """Every RS entry of the shipped H100 table, run 8 times on NaN-poisoned outputs at a
     shape with many blocks (GEMM1 and GEMM2 paths), gives the same bits each time and matches
-    the Triton kernel's same tiles within rounding."""
+    the Triton kernel's same tiles within rounding. A SPLIT_K entry runs its GEMM2 on a K
+    the split divides (its float32 partials summed before the comparison) and its GEMM1
+    without the split, as the layer does."""
     table = json.loads((cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
     seen = {tuple(sorted(cfg.items())) for shape, buckets in table.items()
             if not shape.startswith("_") for cfg in buckets.values() if cfg.get("RS")}
     assert seen, "the shipped table has RS entries"
-    e, h, i, top_k, m = 16, 1024, 512, 4, 512
-    experts, x, w, ids = make_case(m, h, i, e, top_k, seed=21)
-    inter = torch.randn(m * top_k, i, dtype=x.dtype, device=DEVICE)
+    e, h, top_k, m = 16, 1024, 4, 512
+    cases = {}
+    for i in (512, 4096):   # GEMM2's K: 4096 lets SPLIT_K up to 8 run on the Gluon kernel
+        experts, x, w, ids = make_case(m, h, i, e, top_k, seed=21)
+        cases[i] = (experts, x, w, ids, torch.randn(m * top_k, i, dtype=x.dtype,
+                                                    device=DEVICE))
     for items in sorted(seen):
         cfg = dict(items)
+        split = cfg.pop("SPLIT_K", 1)
+        experts, x, w, ids, inter = cases[512 if split == 1 else 4096]
+        i = inter.shape[1]
         blocks = align_block_size(ids, cfg["BLOCK_SIZE_M"], e)
-        for kw, width in ((dict(a=x, weights=experts.w13, activation="silu"), i),
+        for kw, shape in ((dict(a=x, weights=experts.w13, activation="silu"), None),
                           (dict(a=inter, weights=experts.w2, a_is_slots=True,
-                                mul_routed_weight=True), h)):
+                                mul_routed_weight=True), split)):
+            split_here = shape is not None and shape > 1
+            width = h if shape is not None else i
             like = torch.empty(m * top_k, width, dtype=x.dtype, device=DEVICE)
             common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k, **kw)
-            runs = repeat_runs(8, like, config=cfg, **common)
+            if split_here:
+                parts_like = torch.empty(split, m * top_k, width, device=DEVICE)
+                runs = repeat_runs(8, parts_like, config={**cfg, "SPLIT_K": split}, **common)
+            else:
+                runs = repeat_runs(8, like, config=cfg, **common)
             want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
             for r in runs[1:]:
-                assert torch.equal(r, runs[0]), f"{cfg}: runs differ"
-            err = (runs[0].float() - want.float()).abs().max() / want.float().abs().max()
+                assert torch.equal(r, runs[0]), f"{cfg} SPLIT_K={split}: runs differ"
+            got = runs[0].sum(0) if split_here else runs[0].float()
+            err = (got - want.float()).abs().max() / want.float().abs().max()
             assert err.item() < 2e-2, f"{cfg}: {err.item():.2e} from the Triton kernel"
 
 

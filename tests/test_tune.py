@@ -232,6 +232,26 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     assert len(tune.candidate_runs("w13", plain, inter=inter, out=inter, **kw)) == 1
     with pytest.raises(ValueError, match="gemm is 'w3'"):
         tune.candidate_runs("w3", rs, inter=inter, out=inter, **kw)
+    # SPLIT_K runs of a GEMM2 RS candidate: with and without PREFETCH_SCALES per split,
+    # each the split GEMM2 and the top-k sum of its partials (on the CPU the Triton kernel
+    # puts the whole sum into the first partial), close to the unsplit layer's top-k sum
+    g2s = tune.candidate_runs("w2", {**rs, "BLOCK_SIZE_N": 128}, inter=inter, out=out,
+                              splits=(2, 4), **kw)
+    split_runs = [(c, r) for c, r in g2s if c.get("SPLIT_K")]
+    assert [(c["SPLIT_K"], bool(c.get("PREFETCH_SCALES"))) for c, _ in split_runs] == [
+        (2, False), (4, False), (2, True), (4, True)]
+    want_sum = out.view(m, top_k, h).float().sum(1)
+    got_sum = split_runs[0][1]()   # a split run returns its top-k sum
+    assert ((got_sum.float() - want_sum).abs().max() / want_sum.abs().max()).item() < 2e-3
+    with pytest.raises(ValueError, match="SPLIT_K applies to GEMM2"):
+        tune.candidate_runs("w13", rs, inter=inter, out=inter, splits=(2,), **kw)
+
+
+def test_split_k_candidates_only_where_tiles_leave_sms_idle():
+    assert tune.split_k_candidates(5, 4096, 256, 132) == tune.SPLIT_K_CANDIDATES  # 80 tiles
+    assert tune.split_k_candidates(8, 4096, 256, 132) == tune.SPLIT_K_CANDIDATES  # 128
+    assert tune.split_k_candidates(9, 4096, 256, 132) == ()                        # 144
+    assert tune.split_k_candidates(100, 2048, 128, 132) == ()
 
 
 def test_auto_space_per_token_count(monkeypatch):

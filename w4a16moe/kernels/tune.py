@@ -6,7 +6,9 @@ with the fused activation, GEMM2) at each token count, under CUDA graphs, and pi
 GEMM1 + GEMM2 time and, for it, the fastest config of each GEMM. An ``RS`` candidate (the
 Gluon kernel) is timed four times: on gathered activations and on rows in sorted order
 (``SORTED_ROWS``, GEMM1 with the gather of its input), each with and without
-``PREFETCH_SCALES`` (see :func:`candidate_runs`). The result is the JSON table read by
+``PREFETCH_SCALES`` (see :func:`candidate_runs`); a GEMM2 ``RS`` candidate whose tiles leave
+SMs idle at that M (few touched experts) also with ``SPLIT_K`` 2, 4 and 8
+(:func:`split_k_candidates`). The result is the JSON table read by
 :mod:`w4a16moe.kernels.configs`.
 """
 
@@ -159,9 +161,25 @@ def rs_skip_reason(config: dict, a, weights, out, *, activation: bool,
         a=a, out=out, qweight=weights.qweight)
 
 
+#: SPLIT_K values the tuner tries for a GEMM2 candidate of the Gluon kernel whose tiles at
+#: the M being tuned are fewer than the GPU's SMs (:func:`split_k_candidates`)
+SPLIT_K_CANDIDATES = (2, 4, 8)
+
+
+def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int
+                       ) -> tuple[int, ...]:
+    """The SPLIT_K values worth timing for a GEMM2 tile of ``block_n`` of ``n`` output
+    columns when the routing fills ``valid_blocks`` aligned blocks: all of
+    :data:`SPLIT_K_CANDIDATES` when the tiles (blocks x column tiles) leave SMs idle, none
+    otherwise (H100, benchmarks/notes_prefill.md, session 13: splitting only paid below 132
+    tiles)."""
+    tiles = valid_blocks * -(-n // block_n)
+    return SPLIT_K_CANDIDATES if tiles < num_sms else ()
+
+
 def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, topk_ids,
-                   topk_weights, top_k: int, x_sorted=None, inter_sorted=None
-                   ) -> list[tuple[dict, Callable[[], object]]]:
+                   topk_weights, top_k: int, x_sorted=None, inter_sorted=None,
+                   splits: Iterable[int] = ()) -> list[tuple[dict, Callable[[], object]]]:
     """The ``(config, fn)`` pairs the tuner times for one candidate of GEMM ``gemm``
     (``"w13"``: GEMM1 with the fused SiLU on ``x`` into ``out``; ``"w2"``: GEMM2 on ``inter``
     by slot, router weight applied, into ``out``), as :func:`fused_moe_prefill` would run
@@ -170,16 +188,27 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     buffers for the blocks' positions) are given, each of those also with ``SORTED_ROWS``:
     GEMM1 timed with the gather of its input
     (:func:`~w4a16moe.kernels.prefill.gather_sorted_rows`) and writing sorted rows, GEMM2
-    reading ``inter_sorted``."""
+    reading ``inter_sorted``. For GEMM2, each ``S`` of ``splits`` adds the RS config (with
+    and without ``PREFETCH_SCALES``) with ``SPLIT_K`` S, timed with the top-k sum that adds
+    its float32 partials (:func:`~w4a16moe.kernels.prefill.topk_sum`, whose ``[M, H]``
+    result the run returns; the unsplit runs' top-k sum is not timed, so the split pays for
+    its extra reduction)."""
     from .prefill import (
         _fragment_tiles,
         fragment_order_columns,
         gather_sorted_rows,
         prefill_gemm,
+        topk_sum,
     )
 
     if gemm not in ("w13", "w2"):
         raise ValueError(f"gemm is {gemm!r}; expected 'w13' or 'w2'")
+    import torch
+
+    splits = tuple(int(v) for v in splits)
+    if splits and (gemm != "w2" or not config.get("RS")):
+        raise ValueError(f"splits={splits} for {gemm!r} with RS={config.get('RS')}; SPLIT_K "
+                         "applies to GEMM2 ('w2') candidates of the Gluon kernel (RS) only")
     frag = _fragment_tiles(config)
     variants = [config]
     if config.get("RS"):
@@ -210,6 +239,18 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
                 prefill_gemm(inter_sorted, experts.w2, a_is_slots=True,
                              mul_routed_weight=True, out=out, a_sorted=True, **common)
         runs.append(({**cfg, "SORTED_ROWS": True}, run_sorted))
+    m = topk_ids.shape[0]
+    for cfg in variants if splits else ():
+        for split in splits:
+            parts = torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
+            total = torch.empty(m, out.shape[1], dtype=out.dtype, device=out.device)
+            scfg = {**cfg, "SPLIT_K": split}
+
+            def run_split(scfg=scfg, parts=parts, total=total):
+                prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
+                             a_is_slots=True, mul_routed_weight=True, out=parts, config=scfg)
+                return topk_sum(parts, top_k, total)
+            runs.append((scfg, run_split))
     return runs
 
 
@@ -315,18 +356,28 @@ def tune_prefill(
         raise ValueError(f"tokens are {tokens}; expected positive token counts")
 
     spaces = {m: resolve_space(space, m) for m in tokens}
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     plan = []
     for name, shape in shapes.items():
         for m in tokens:
             rows = m * shape.top_k / shape.num_experts
+            _, ids = random_routing(m, shape, device)
             for bm in block_m_candidates(rows):
+                valid_blocks = int(align_block_size(ids, bm, shape.num_experts)
+                                   .num_tokens_post_padded.item()) // bm
+                w2 = candidate_configs(bm, rows, spaces[m], False)
+                # GEMM2 RS candidates whose tiles leave SMs idle are also timed split over K
+                splits = [split_k_candidates(valid_blocks, shape.hidden_size,
+                                             cfg["BLOCK_SIZE_N"], num_sms)
+                          if cfg.get("RS") else () for cfg in w2]
                 plan.append((name, shape, m, bm,
-                             {"w13": candidate_configs(bm, rows, spaces[m], True),
-                              "w2": candidate_configs(bm, rows, spaces[m], False)}))
+                             {"w13": candidate_configs(bm, rows, spaces[m], True), "w2": w2},
+                             splits))
     # an RS candidate is timed four times: gathered and on sorted rows, each with and
-    # without PREFETCH_SCALES (see candidate_runs)
+    # without PREFETCH_SCALES (see candidate_runs), and twice more per SPLIT_K value
     total = sum(len(c) + 3 * sum(1 for cfg in c if cfg.get("RS"))
-                for *_, cands in plan for c in cands.values())
+                for *_, cands, _ in plan for c in cands.values())
+    total += sum(2 * len(sp) for *_, splits in plan for sp in splits)
     done = 0
 
     table: dict = {}
@@ -345,7 +396,7 @@ def tune_prefill(
 
     results: dict[tuple[str, int], dict[int, tuple]] = {}
     experts_cache: dict[str, object] = {}
-    for name, shape, m, bm, cands in plan:
+    for name, shape, m, bm, cands, w2_splits in plan:
         if name not in experts_cache:
             experts_cache.clear()
             torch.cuda.empty_cache()
@@ -362,7 +413,7 @@ def tune_prefill(
         inter_sorted = torch.randn(em, i, device=device, dtype=dtype)
         best: dict[str, tuple[float, dict]] = {}
         for gemm in ("w13", "w2"):
-            for cand in cands[gemm]:
+            for n_cand, cand in enumerate(cands[gemm]):
                 a, packed, out_t = (x, experts.w13, inter) if gemm == "w13" else (
                     inter, experts.w2, c2)
                 skip = rs_skip_reason(cand, a, packed, out_t, activation=gemm == "w13",
@@ -370,11 +421,15 @@ def tune_prefill(
                 runs = candidate_runs(gemm, cand, experts=experts, x=x, inter=inter,
                                       out=out_t, blocks=blocks, topk_ids=ids,
                                       topk_weights=weights, top_k=shape.top_k,
-                                      x_sorted=x_sorted, inter_sorted=inter_sorted)
+                                      x_sorted=x_sorted, inter_sorted=inter_sorted,
+                                      splits=w2_splits[n_cand] if gemm == "w2" else ())
                 for cfg, fn in runs:
                     note, why = "", skip
+                    if cfg.get("SPLIT_K", 1) > 1:
+                        note = f" SPLIT_K={cfg['SPLIT_K']}"
+                        why = rs_skip_reason(cfg, a, packed, out_t, activation=False)
                     if cfg.get("PREFETCH_SCALES"):
-                        note = " prefetched scales"
+                        note += " prefetched scales"
                     if cfg.get("SORTED_ROWS"):
                         note += " sorted rows"
                         why = why or sorted_rows_unsupported(

@@ -740,7 +740,7 @@ def prefill_gemm(
     A config with ``"SPLIT_K": S`` > 1 (GEMM2-like calls only: no activation, atomic top-k
     sum, ``out_sorted`` or ``out_fragment_order``) splits K into S ranges, each program of
     the Gluon kernel doing one range of one tile, and returns the S float32 partial sums
-    ``[S, M*top_k, N]`` (summed by :func:`topk_sum` with ``splits=S``); where the Gluon
+    ``[S, M*top_k, N]`` (which :func:`topk_sum` adds up with the top-k slots); where the Gluon
     kernel does not run, the Triton kernel writes the whole sum into the first and zeros into
     the others.
 

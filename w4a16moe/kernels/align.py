@@ -203,11 +203,11 @@ def _align_sort_kernel(
     keys = tl.sort(ids * CHUNK + local)
     expert = keys // CHUNK
     slot = keys - expert * CHUNK
-    valid = local < num_slots  # sorted position p: the masked lanes sorted last
-    safe = tl.where(valid, expert, 0)
-    dest = local + tl.load(offsets_ptr + safe, mask=valid, other=0)
-    tl.store(sorted_ids_ptr + dest, slot, mask=valid)
-    starts_block = valid & (dest % block_size == 0)
+    # sorted position p < num_slots holds a real slot: the masked lanes sorted last
+    safe = tl.where(mask, expert, 0)
+    dest = local + tl.load(offsets_ptr + safe, mask=mask, other=0)
+    tl.store(sorted_ids_ptr + dest, slot, mask=mask)
+    starts_block = mask & (dest % block_size == 0)
     if HAS_MAP:
         safe = tl.load(expert_map_ptr + safe, mask=starts_block, other=-1).to(tl.int32)
     tl.store(expert_ids_ptr + dest // block_size, safe, mask=starts_block)

@@ -378,8 +378,8 @@ if HAVE_GLUON:
                     c_rows = row0 + t_o.to(gl.int64)
                 else:
                     c_rows = slots_o
-                c_ptrs = c_ptr + split.to(gl.int64) * stride_cs + c_rows[None, :] * stride_cm + \
-                    col[:, None]
+                c_ptrs = (c_ptr + split.to(gl.int64) * stride_cs + c_rows[None, :] * stride_cm
+                          + col[:, None])
                 c_mask = (slots_o < num_valid_slots)[None, :]
                 if expert == -1:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
@@ -412,8 +412,7 @@ if HAVE_GLUON:
                         if PREFETCH_SCALES:
                             nsc0, nzr0, nsc1, nzr1 = _rs_pair_scales(
                                 kstep0 + gl.minimum(i + 2, num_steps - 2), s_base, s32_base,
-                                z_base,
-                                s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
+                                z_base, s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
                                 HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
                         else:
                             sc0, zr0, sc1, zr1 = _rs_pair_scales(
@@ -527,10 +526,9 @@ if HAVE_GLUON:
                             num_post_padded_ptr, N, K, EM, num_valid_slots, up_offset,
                             stride_cm, stride_cs, stride_se, stride_sn, stride_sg, stride_ze,
                             stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                            MUL_ROUTED_WEIGHT,
-                            OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT,
-                            BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, PREFETCH_SCALES,
-                            SPLIT_K, num_warps)),
+                            MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T,
+                            BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES,
+                            PREFETCH_SCALES, SPLIT_K, num_warps)),
             (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                           num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                           x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,

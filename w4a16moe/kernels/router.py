@@ -33,6 +33,13 @@ SCORING_CODES = {"softmax": 0, "sigmoid": 1}
 
 
 @triton.jit
+def _flip_negative(bits):
+    """int32 float bits <-> an int32 whose signed order is the floats' order: negative values
+    get their magnitude bits flipped (its own inverse)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _topk_router_kernel(
     logits_ptr, stride_lm, bias_ptr, weights_ptr, ids_ptr,
     M, E, scaling,
@@ -70,8 +77,7 @@ def _topk_router_kernel(
     # values: magnitude bits flipped; -0.0 first made +0.0; NaN the lowest key of an
     # available column), shifted up, and BLOCK_E - 1 - column below (ties: lowest column);
     # columns past E never win (top_k <= E)
-    bits = (choice + 0.0).to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    ordered = _flip_negative((choice + 0.0).to(tl.int32, bitcast=True))
     ordered = tl.where(choice == choice, ordered, NAN_KEY)
     key = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - cols)[None, :].to(tl.int64)
     taken = -9223372036854775807 - 1  # int64 minimum: a column already picked (or past E)
@@ -84,7 +90,7 @@ def _topk_router_kernel(
             w = tl.sum(tl.where(sel, scores, 0.0), axis=1)
         else:  # the key holds the score: undo the ordering (NaN stays NaN)
             hi = (best >> 32).to(tl.int32)
-            w = (hi ^ ((hi >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+            w = _flip_negative(hi).to(tl.float32, bitcast=True)
             w = tl.where(hi == NAN_KEY, float("nan"), w)
         top_w = tl.where(kcols[None, :] == j, w[:, None], top_w)
         top_i = tl.where(kcols[None, :] == j, idx[:, None], top_i)

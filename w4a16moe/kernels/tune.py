@@ -193,6 +193,8 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     its float32 partials (:func:`~w4a16moe.kernels.prefill.topk_sum`, whose ``[M, H]``
     result the run returns; the unsplit runs' top-k sum is not timed, so the split pays for
     its extra reduction)."""
+    import torch
+
     from .prefill import (
         _fragment_tiles,
         fragment_order_columns,
@@ -203,8 +205,6 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
 
     if gemm not in ("w13", "w2"):
         raise ValueError(f"gemm is {gemm!r}; expected 'w13' or 'w2'")
-    import torch
-
     splits = tuple(int(v) for v in splits)
     if splits and (gemm != "w2" or not config.get("RS")):
         raise ValueError(f"splits={splits} for {gemm!r} with RS={config.get('RS')}; SPLIT_K "
@@ -361,10 +361,10 @@ def tune_prefill(
     for name, shape in shapes.items():
         for m in tokens:
             rows = m * shape.top_k / shape.num_experts
-            _, ids = random_routing(m, shape, device)
+            weights, ids = random_routing(m, shape, device)
             for bm in block_m_candidates(rows):
-                valid_blocks = int(align_block_size(ids, bm, shape.num_experts)
-                                   .num_tokens_post_padded.item()) // bm
+                blocks = align_block_size(ids, bm, shape.num_experts)
+                valid_blocks = int(blocks.num_tokens_post_padded.item()) // bm
                 w2 = candidate_configs(bm, rows, spaces[m], False)
                 # GEMM2 RS candidates whose tiles leave SMs idle are also timed split over K
                 splits = [split_k_candidates(valid_blocks, shape.hidden_size,
@@ -372,12 +372,12 @@ def tune_prefill(
                           if cfg.get("RS") else () for cfg in w2]
                 plan.append((name, shape, m, bm,
                              {"w13": candidate_configs(bm, rows, spaces[m], True), "w2": w2},
-                             splits))
+                             splits, (weights, ids, blocks)))
     # an RS candidate is timed four times: gathered and on sorted rows, each with and
     # without PREFETCH_SCALES (see candidate_runs), and twice more per SPLIT_K value
     total = sum(len(c) + 3 * sum(1 for cfg in c if cfg.get("RS"))
-                for *_, cands, _ in plan for c in cands.values())
-    total += sum(2 * len(sp) for *_, splits in plan for sp in splits)
+                for *_, cands, _, _ in plan for c in cands.values())
+    total += sum(2 * len(sp) for *_, splits, _ in plan for sp in splits)
     done = 0
 
     table: dict = {}
@@ -396,16 +396,14 @@ def tune_prefill(
 
     results: dict[tuple[str, int], dict[int, tuple]] = {}
     experts_cache: dict[str, object] = {}
-    for name, shape, m, bm, cands, w2_splits in plan:
+    for name, shape, m, bm, cands, w2_splits, (weights, ids, blocks) in plan:
         if name not in experts_cache:
             experts_cache.clear()
             torch.cuda.empty_cache()
             experts_cache[name] = random_packed_experts(shape, dtype, device)
         experts = experts_cache[name]
-        e, h, i = shape.num_experts, shape.hidden_size, shape.intermediate_size
+        h, i = shape.hidden_size, shape.intermediate_size
         x = torch.randn(m, h, device=device, dtype=dtype)
-        weights, ids = random_routing(m, shape, device)
-        blocks = align_block_size(ids, bm, e)
         inter = torch.randn(m * shape.top_k, i, device=device, dtype=dtype)
         c2 = torch.empty(m * shape.top_k, h, device=device, dtype=dtype)
         em = blocks.sorted_token_ids.numel()

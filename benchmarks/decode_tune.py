@@ -205,6 +205,24 @@ G2_VARIANTS = [_cfg(*c) for c in (
 PLAN = {"qwen3-30b-a3b": (1, 2, 4, 8, 16), "mixtral-8x7b": (1, 2, 4)}
 
 
+def _new_kernels(seen):
+    """Registers and spills of the decode kernels compiled since the last call (Triton's
+    per-device caches; ``seen`` holds the ones already reported)."""
+    from w4a16moe.kernels import decode as dec
+    found = []
+    for fn in (dec._decode_gemm1_kernel, dec._decode_gemm2_kernel):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for key, k in caches[0].items():
+                if (fn.__name__, key) not in seen:
+                    seen.add((fn.__name__, key))
+                    found.append(dict(kernel=fn.__name__, n_regs=getattr(k, "n_regs", None),
+                                      n_spills=getattr(k, "n_spills", None)))
+    return found
+
+
+_SEEN_KERNELS: set = set()
+
+
 def _launches(kind, routes, x, ex, out, ws, cfg=None):
     """One closure per routing: a GEMM1, GEMM2 or whole-layer launch."""
     def make(w, ids):
@@ -253,6 +271,7 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
                     fns = _launches("gemm2", routes, inter, ex, out2, ws, cfg)
                 out.fill_(float("nan"))
                 fns[0]()
+                compiled = _new_kernels(_SEEN_KERNELS)
                 if warm_only:
                     continue
                 if target is None:  # the default config (checked against the reference)
@@ -263,6 +282,7 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
                                  config=cfg.__dict__, graph_us=graph_us, kernel_us=None,
                                  floor_us=floor, bytes=byts, distinct_experts=u,
                                  launches_per_graph=R, rel_diff_vs_default=err,
+                                 compiled=compiled,
                                  agrees=err <= 2**-6, _fns=fns))
             if warm_only:
                 continue
@@ -277,7 +297,8 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
                 print(f"{name} M={m} {gemm} {'DEFAULT ' if rec['default'] else ''}"
                       f"{'BEST ' if rec['best'] else ''}{rec['config']} graph "
                       f"{rec['graph_us']:.2f}us kernel {rec['kernel_us'] or float('nan'):.2f}us "
-                      f"floor {floor:.2f}us -> {t / floor:.2f}x"
+                      f"floor {floor:.2f}us -> {t / floor:.2f}x "
+                      f"regs {[c['n_regs'] for c in rec['compiled']]}"
                       f"{'' if rec['agrees'] else ' DISAGREES WITH DEFAULT'}", flush=True)
         fns = _launches("layer", routes, x, ex, out2, ws)
         if warm_only:
@@ -291,17 +312,38 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
               f"{floor1 + floor2:.2f}us", flush=True)
 
 
-def sweep(device, results, quick, models, warm_only=False, defaults_only=False):
+def parse_config(text):
+    """``"block_n,block_kw,split_k,num_warps[,prefetch[,topk_inner]]"`` -> DecodeConfig."""
+    try:
+        fields = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"config {text!r}: expected comma-separated integers") from None
+    if not 4 <= len(fields) <= 6:
+        raise argparse.ArgumentTypeError(
+            f"config {text!r}: expected block_n,block_kw,split_k,num_warps[,prefetch"
+            f"[,topk_inner]], found {len(fields)} fields")
+    try:
+        return _cfg(*fields)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"config {text!r}: {exc}") from None
+
+
+def sweep(device, results, quick, models, warm_only=False, defaults_only=False,
+          g1=None, g2=None, ms=None):
     """Time every variant (or, with ``warm_only``, launch each once to fill the compile
-    cache; run several warm processes side by side to compile in parallel)."""
-    g1_variants, g2_variants = G1_VARIANTS, G2_VARIANTS
+    cache; run several warm processes side by side to compile in parallel). ``g1``/``g2``
+    replace the built-in variant lists, ``ms`` the token counts of every model."""
+    g1_variants = G1_VARIANTS if g1 is None else g1
+    g2_variants = G2_VARIANTS if g2 is None else g2
     if quick:
         g1_variants, g2_variants = g1_variants[:3], g2_variants[:3]
     if defaults_only:
         g1_variants, g2_variants = [], []
-    for name, ms in PLAN.items():
+    for name, plan_ms in PLAN.items():
+        ms_ = tuple(ms) if ms else plan_ms
         if not models or name in models:
-            sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only)
+            sweep_model(name, ms_, device, results, g1_variants, g2_variants, warm_only)
             torch.cuda.empty_cache()
     if warm_only:
         return
@@ -321,6 +363,15 @@ def main():
     ap.add_argument("--mode", choices=("all", "checks", "warm", "time"), default="all",
                     help="checks: correctness only; warm: compile every variant; time: sweep")
     ap.add_argument("--models", nargs="*", default=None, choices=tuple(MODELS))
+    ap.add_argument("--ms", nargs="*", type=int, default=None,
+                    help="token counts to sweep (default: the built-in plan per model)")
+    ap.add_argument("--g1", nargs="*", type=parse_config, default=None,
+                    metavar="BN,BKW,SPLIT,WARPS[,PF]",
+                    help="GEMM1 variants to time besides the default config (replaces the "
+                         "built-in list; GEMM1 tiles hold 2*BN rows)")
+    ap.add_argument("--g2", nargs="*", type=parse_config, default=None,
+                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER]]",
+                    help="GEMM2 variants to time besides the default config")
     args = ap.parse_args()
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
@@ -335,7 +386,7 @@ def main():
         print(f"checks took {time.time() - t0:.1f}s", flush=True)
     if args.mode in ("all", "warm", "time"):
         sweep(device, results, args.quick, args.models, warm_only=args.mode == "warm",
-              defaults_only=args.defaults_only)
+              defaults_only=args.defaults_only, g1=args.g1, g2=args.g2, ms=args.ms)
     if args.mode == "warm":
         print(f"warm took {time.time() - t0:.1f}s")
         return

@@ -28,6 +28,7 @@ from w4a16moe.kernels.decode import (
     DecodeWorkspace,
     decode_gemm1,
     decode_gemm2,
+    deterministic_decode_configs,
     fused_moe_decode,
     pick_config_gemm1,
     pick_config_gemm2,
@@ -166,8 +167,15 @@ def test_expert_map(dtype, on_input):
          DecodeConfig(block_n=32, block_kw=4, split_k=2, topk_inner=2)),
         (DecodeConfig(block_n=32, block_kw=8, num_warps=2, prefetch=2),
          DecodeConfig(block_n=64, block_kw=4, split_k=3, topk_inner=1, prefetch=2)),
+        # the heuristic's GEMM2 shapes: one-warp 32-row tiles split along K, 64-row tiles
+        # on two warps
+        (DecodeConfig(block_n=16, block_kw=4, num_warps=1),
+         DecodeConfig(block_n=32, block_kw=4, split_k=2, num_warps=1)),
+        (DecodeConfig(block_n=16, block_kw=4, num_warps=1),
+         DecodeConfig(block_n=64, block_kw=4, num_warps=2)),
     ],
-    ids=["split1-2_topk-split", "split1-4_split2", "nw2-prefetch2_split2-3"],
+    ids=["split1-2_topk-split", "split1-4_split2", "nw2-prefetch2_split2-3",
+         "nw1_split2-nw1", "nw1_nw2"],
 )
 def test_split_variants(dtype, cfg1, cfg2):
     experts = random_experts(4, 128, 64, group_size=32, symmetric=False, dtype=dtype,
@@ -378,6 +386,35 @@ def test_heuristic_fills_the_gpu(m, shape):
     # no more K splits than K steps
     assert c1.split_k <= -(-h // (8 * c1.block_kw))
     assert c2.split_k <= -(-i // (8 * c2.block_kw))
+
+
+def test_gemm2_heuristic_keeps_one_wave():
+    """GEMM2 configs measured on the H100 (notes_decode.md, session 14): split one-warp tiles
+    only where the split keeps them in one wave of 8 warps per SM; 64-row two-warp tiles
+    with 16-word steps only for short K."""
+    sms = 132
+    mixtral = dict(n=4096, k=14336, num_experts=8, top_k=2, num_sms=sms)
+    qwen3 = dict(n=2048, k=768, num_experts=128, top_k=8, num_sms=sms)
+
+    def shape(c):
+        return c.block_n, c.block_kw, c.split_k, c.num_warps
+
+    assert shape(pick_config_gemm2(1, **mixtral)) == (32, 32, 4, 1)
+    assert shape(pick_config_gemm2(2, **mixtral)) == (32, 32, 2, 1)
+    # M=3: a split of 2 would make 1.45 waves (measured 94 vs 80 us): 64-row tiles instead
+    assert shape(pick_config_gemm2(3, **mixtral)) == (64, 32, 1, 4)
+    # long K keeps the 32-word steps (the 16-word ones were 7-16 % slower at M=6, 8)
+    assert shape(pick_config_gemm2(8, **mixtral)) == (32, 32, 1, 1)
+    assert shape(pick_config_gemm2(4, **qwen3)) == (64, 16, 1, 2)
+    assert shape(pick_config_gemm2(2, **qwen3)) == (32, 32, 1, 1)
+    assert shape(pick_config_gemm2(8, **qwen3)) == (32, 32, 1, 1)
+    for m in (1, 2, 3):
+        c = pick_config_gemm2(m, **mixtral)
+        if c.num_warps == 1 and c.split_k > 1:
+            assert m * 2 * (4096 // c.block_n) * c.split_k <= 8 * sms
+    # the deterministic mode never gets a split, so never the split one-warp tiles
+    _, d2 = deterministic_decode_configs(14336, 4096, 8, 2, sms)
+    assert d2.split_k == 1 and d2.num_warps == 4
 
 
 # ------------------------------------------------------------------------------------------

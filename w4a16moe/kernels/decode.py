@@ -454,15 +454,40 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
                         num_warps=num_warps)
 
 
+#: warps of one-warp, 32-row, 32-word GEMM2 programs an H100 SM holds at once: they take
+#: 255 registers a thread (ptxas, session 14), so 8 warps fill the 64 K registers
+ONE_WARP_TILE_WARPS_PER_SM = 8
+#: the same for 64-row, 16-word tiles on two warps (127 registers a thread)
+HALF_STEP_TILE_WARPS_PER_SM = 16
+#: longest K (in words) for those tiles: at qwen3-30b's 96 words (three 32-word steps) the
+#: extra steps overlap the loads better; at Mixtral's 1792 they were 7-16 % slower
+HALF_STEP_MAX_K_WORDS = 128
+
+
 def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
-                      num_sms: int) -> DecodeConfig:
+                      num_sms: int, *, allow_split_k: bool = True) -> DecodeConfig:
     """Heuristic config of GEMM2 (w2: ``n`` = hidden rows, ``k`` = intermediate size).
 
-    From H100 sweeps: one program per (slot, row tile), the top-k sum done by the arrival
-    protocol. 32-row tiles on one warp (eight rows per thread) when that gives ~7 warps per
-    SM; else 64-row tiles on 4 warps, split along K (8+ steps per split) up to ~7 warps per
-    SM for long K (Mixtral's I = 14336); smaller tiles on fewer warps when that still leaves
-    fewer programs than SMs (tiny layers).
+    From H100 sweeps (``benchmarks/notes_decode.md``): one program per (slot, row tile), the
+    top-k sum done by the arrival protocol. The aim is ~7 warps per SM in one wave of
+    resident programs:
+
+    * 32-row tiles on one warp (eight rows per thread) when that gives ~7 warps per SM and
+      they fit one wave (8 such warps per SM: 255 registers a thread);
+    * more of them than one wave holds, but few enough for a wave of 64-row tiles with
+      16-word steps on two warps (four rows per thread, 127 registers, 16 warps per SM),
+      and short K (at most 128 words): those (qwen3-30b M=3: 16.1 -> 13.1 us, M=4: 18.8 ->
+      16.3 us; Mixtral M=6 / 8, K = 1792 words: 7-16 % slower, so not there);
+    * more still: the 32-row one-warp tiles, in several waves;
+    * long K (Mixtral's I = 14336) and too few slots: the 32-row one-warp tiles split along
+      K (8+ steps per split) up to ~7 warps per SM within one wave (Mixtral M=1 / 2: 29.9
+      -> 27.1 us and 57.0 -> 51.0 us against 64-row tiles on 4 warps);
+    * else 64-row tiles on 4 warps, split along K up to ~7 warps per SM where K allows;
+      smaller tiles on fewer warps when that still leaves fewer programs than SMs (tiny
+      layers).
+
+    ``allow_split_k=False`` (the deterministic mode, which drops the split) skips the split
+    one-warp tiles: unsplit, they are too few programs.
     """
     del num_experts
     k_words = k // PACK_FACTOR
@@ -470,8 +495,19 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
     k_steps = triton.cdiv(k_words, block_kw)
     slots = m * top_k
     target = 7 * num_sms
-    if slots * triton.cdiv(n, 32) >= target:
+    programs = slots * triton.cdiv(n, 32)
+    if programs >= target:
+        half_step_warps = 2 * slots * triton.cdiv(n, 64)
+        if (programs > ONE_WARP_TILE_WARPS_PER_SM * num_sms
+                and half_step_warps <= HALF_STEP_TILE_WARPS_PER_SM * num_sms
+                and 4 * int(CHUNK_WORDS) <= k_words <= HALF_STEP_MAX_K_WORDS):
+            return DecodeConfig(block_n=64, block_kw=_pow2_at_most(k_words, 16),
+                                num_warps=2)
         return DecodeConfig(block_n=32, block_kw=block_kw, num_warps=1)
+    split_k = _split_for(programs, k_steps, target)
+    if (allow_split_k and split_k > 1
+            and target <= programs * split_k <= ONE_WARP_TILE_WARPS_PER_SM * num_sms):
+        return DecodeConfig(block_n=32, block_kw=block_kw, split_k=split_k, num_warps=1)
     num_warps, block_n = 4, 64
     while True:
         programs = slots * triton.cdiv(n, block_n)
@@ -495,7 +531,8 @@ def deterministic_decode_configs(intermediate_size: int, hidden_size: int, num_e
     depend on the other tokens.
     """
     cfg1 = pick_config_gemm1(1, intermediate_size, hidden_size, num_experts, top_k, num_sms)
-    cfg2 = pick_config_gemm2(1, hidden_size, intermediate_size, num_experts, top_k, num_sms)
+    cfg2 = pick_config_gemm2(1, hidden_size, intermediate_size, num_experts, top_k, num_sms,
+                             allow_split_k=False)
     return (replace(cfg1, split_k=1),
             replace(cfg2, split_k=1, topk_inner=max(top_k, cfg2.topk_inner)))
 

@@ -45,6 +45,10 @@ STREAM_BW = 2.94e12  # H100 streaming read, measured (shared/TESTING_FACTS.md)
 MODELS = {
     "qwen3-30b-a3b": dict(E=128, top_k=8, H=2048, I=768, G=128),
     "mixtral-8x7b": dict(E=8, top_k=2, H=4096, I=14336, G=128),
+    # swept only when named with --models (the built-in plan covers the two above)
+    "deepseek-v2-lite": dict(E=64, top_k=6, H=2048, I=1408, G=128),
+    "qwen3-235b-a22b": dict(E=128, top_k=8, H=4096, I=1536, G=128),
+    "olmoe-1b-7b": dict(E=64, top_k=8, H=2048, I=1024, G=128),
 }
 
 
@@ -340,9 +344,9 @@ def sweep(device, results, quick, models, warm_only=False, defaults_only=False,
         g1_variants, g2_variants = g1_variants[:3], g2_variants[:3]
     if defaults_only:
         g1_variants, g2_variants = [], []
-    for name, plan_ms in PLAN.items():
-        ms_ = tuple(ms) if ms else plan_ms
-        if not models or name in models:
+    for name in MODELS:
+        ms_ = tuple(ms) if ms else PLAN.get(name, (1, 2, 4, 8))
+        if (not models and name in PLAN) or (models and name in models):
             sweep_model(name, ms_, device, results, g1_variants, g2_variants, warm_only)
             torch.cuda.empty_cache()
     if warm_only:

@@ -173,9 +173,11 @@ def test_expert_map(dtype, on_input):
          DecodeConfig(block_n=32, block_kw=4, split_k=2, num_warps=1)),
         (DecodeConfig(block_n=16, block_kw=4, num_warps=1),
          DecodeConfig(block_n=64, block_kw=4, num_warps=2)),
+        (DecodeConfig(block_n=16, block_kw=4, num_warps=1),
+         DecodeConfig(block_n=128, block_kw=4, num_warps=4)),
     ],
     ids=["split1-2_topk-split", "split1-4_split2", "nw2-prefetch2_split2-3",
-         "nw1_split2-nw1", "nw1_nw2"],
+         "nw1_split2-nw1", "nw1_nw2", "nw1_128rows-nw4"],
 )
 def test_split_variants(dtype, cfg1, cfg2):
     experts = random_experts(4, 128, 64, group_size=32, symmetric=False, dtype=dtype,
@@ -388,10 +390,10 @@ def test_heuristic_fills_the_gpu(m, shape):
     assert c2.split_k <= -(-i // (8 * c2.block_kw))
 
 
-def test_gemm2_heuristic_keeps_one_wave():
+def test_gemm2_heuristic_waves():
     """GEMM2 configs measured on the H100 (notes_decode.md, session 14): split one-warp tiles
     only where the split keeps them in one wave of 8 warps per SM; 64-row two-warp tiles
-    with 16-word steps only for short K."""
+    with 16-word steps only for short K; 128-row four-warp tiles for many waves."""
     sms = 132
     mixtral = dict(n=4096, k=14336, num_experts=8, top_k=2, num_sms=sms)
     qwen3 = dict(n=2048, k=768, num_experts=128, top_k=8, num_sms=sms)
@@ -407,7 +409,15 @@ def test_gemm2_heuristic_keeps_one_wave():
     assert shape(pick_config_gemm2(8, **mixtral)) == (32, 32, 1, 1)
     assert shape(pick_config_gemm2(4, **qwen3)) == (64, 16, 1, 2)
     assert shape(pick_config_gemm2(2, **qwen3)) == (32, 32, 1, 1)
-    assert shape(pick_config_gemm2(8, **qwen3)) == (32, 32, 1, 1)
+    # 2.5+ waves of one-warp tiles: 128-row tiles on four warps (12 warps per SM)
+    assert shape(pick_config_gemm2(8, **qwen3)) == (128, 32, 1, 4)
+    # deepseek-v2-lite M=4: K too long for 16-word steps; the one-warp tiles need 1.45
+    # waves, the wide ones fit one
+    deepseek = dict(n=2048, k=1408, num_experts=64, top_k=6, num_sms=sms)
+    assert shape(pick_config_gemm2(4, **deepseek)) == (128, 32, 1, 4)
+    # qwen3-235b M=2: 1.94 waves of one-warp tiles beat 1.29 of wide ones
+    qwen3_235b = dict(n=4096, k=1536, num_experts=128, top_k=8, num_sms=sms)
+    assert shape(pick_config_gemm2(2, **qwen3_235b)) == (32, 32, 1, 1)
     for m in (1, 2, 3):
         c = pick_config_gemm2(m, **mixtral)
         if c.num_warps == 1 and c.split_k > 1:

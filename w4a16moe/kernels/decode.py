@@ -459,7 +459,9 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
 ONE_WARP_TILE_WARPS_PER_SM = 8
 #: the same for 64-row, 16-word tiles on two warps (127 registers a thread)
 HALF_STEP_TILE_WARPS_PER_SM = 16
-#: longest K (in words) for those tiles: at qwen3-30b's 96 words (three 32-word steps) the
+#: the same for 128-row, 32-word tiles on four warps (167 registers: three programs)
+WIDE_TILE_WARPS_PER_SM = 12
+#: longest K (in words) for the 16-word tiles: at qwen3-30b's 96 words (three 32-word steps) the
 #: extra steps overlap the loads better; at Mixtral's 1792 they were 7-16 % slower
 HALF_STEP_MAX_K_WORDS = 128
 
@@ -478,7 +480,12 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
       16-word steps on two warps (four rows per thread, 127 registers, 16 warps per SM),
       and short K (at most 128 words): those (qwen3-30b M=3: 16.1 -> 13.1 us, M=4: 18.8 ->
       16.3 us; Mixtral M=6 / 8, K = 1792 words: 7-16 % slower, so not there);
-    * more still: the 32-row one-warp tiles, in several waves;
+    * more still, or too long a K for those: 128-row tiles on four warps (167 registers,
+      12 warps per SM) where the one-warp tiles need 2.5 waves or more, or where the wide
+      ones fit one wave and the one-warp ones do not (at M=8: qwen3-30b 33.5 -> 31.1 us,
+      deepseek-v2-lite 41.7 -> 39.5, qwen3-235b 91.7 -> 87.2, olmoe 39.3 -> 37.4;
+      deepseek-v2-lite M=4 26.3 -> 21.6); else the one-warp tiles (qwen3-235b M=2, 1.94
+      waves: 27.4 us against 30.3 for the wide tiles);
     * long K (Mixtral's I = 14336) and too few slots: the 32-row one-warp tiles split along
       K (8+ steps per split) up to ~7 warps per SM within one wave (Mixtral M=1 / 2: 29.9
       -> 27.1 us and 57.0 -> 51.0 us against 64-row tiles on 4 warps);
@@ -497,12 +504,16 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
     target = 7 * num_sms
     programs = slots * triton.cdiv(n, 32)
     if programs >= target:
+        one_warp_waves = programs / (ONE_WARP_TILE_WARPS_PER_SM * num_sms)
         half_step_warps = 2 * slots * triton.cdiv(n, 64)
-        if (programs > ONE_WARP_TILE_WARPS_PER_SM * num_sms
+        if (one_warp_waves > 1
                 and half_step_warps <= HALF_STEP_TILE_WARPS_PER_SM * num_sms
                 and 4 * int(CHUNK_WORDS) <= k_words <= HALF_STEP_MAX_K_WORDS):
             return DecodeConfig(block_n=64, block_kw=_pow2_at_most(k_words, 16),
                                 num_warps=2)
+        wide_waves = 4 * slots * triton.cdiv(n, 128) / (WIDE_TILE_WARPS_PER_SM * num_sms)
+        if one_warp_waves >= 2.5 or (one_warp_waves > 1 and wide_waves <= 1):
+            return DecodeConfig(block_n=128, block_kw=block_kw, num_warps=4)
         return DecodeConfig(block_n=32, block_kw=block_kw, num_warps=1)
     split_k = _split_for(programs, k_steps, target)
     if (allow_split_k and split_k > 1

@@ -390,10 +390,11 @@ def test_heuristic_fills_the_gpu(m, shape):
     assert c2.split_k <= -(-i // (8 * c2.block_kw))
 
 
-def test_gemm2_heuristic_waves():
-    """GEMM2 configs measured on the H100 (notes_decode.md, session 14): split one-warp tiles
-    only where the split keeps them in one wave of 8 warps per SM; 64-row two-warp tiles
-    with 16-word steps only for short K; 128-row four-warp tiles for many waves."""
+def test_heuristics_fill_waves():
+    """Configs measured on the H100 (notes_decode.md, session 14). GEMM2: split one-warp
+    tiles only where the split keeps them in one wave of 8 warps per SM; 64-row two-warp
+    tiles with 16-word steps only for short K; 128-row four-warp tiles for many waves.
+    GEMM1: the one-warp tile whose waves of resident warps are fullest."""
     sms = 132
     mixtral = dict(n=4096, k=14336, num_experts=8, top_k=2, num_sms=sms)
     qwen3 = dict(n=2048, k=768, num_experts=128, top_k=8, num_sms=sms)
@@ -422,6 +423,20 @@ def test_gemm2_heuristic_waves():
         c = pick_config_gemm2(m, **mixtral)
         if c.num_warps == 1 and c.split_k > 1:
             assert m * 2 * (4096 // c.block_n) * c.split_k <= 8 * sms
+    # GEMM1: another one-warp tile where its last wave of resident warps is 10 % fuller
+    g1 = {"mixtral": (14336, 4096, 8, 2), "qwen3": (768, 2048, 128, 8),
+          "deepseek": (1408, 2048, 64, 6), "qwen3_235b": (1536, 4096, 128, 8),
+          "olmoe": (1024, 2048, 64, 8)}
+
+    def gemm1(m, model):
+        return shape(pick_config_gemm1(m, *g1[model], sms))
+
+    assert gemm1(1, "qwen3_235b") == (8, 32, 1, 1)  # 1536 warps: 0.97 of a 12-warp wave
+    assert gemm1(2, "deepseek") == (8, 64, 1, 1)  # 2112 warps: two full 8-warp waves
+    assert gemm1(4, "olmoe") == (8, 64, 1, 1)
+    assert gemm1(1, "mixtral") == (8, 64, 1, 1)  # no tile fills its waves better
+    assert gemm1(2, "qwen3") == (8, 32, 1, 1)
+    assert gemm1(1, "qwen3") == (8, 32, 1, 2)  # below 8 warps an SM: two warps a tile
     # the deterministic mode never gets a split, so never the split one-warp tiles
     _, d2 = deterministic_decode_configs(14336, 4096, 8, 2, sms)
     assert d2.split_k == 1 and d2.num_warps == 4

@@ -37,6 +37,7 @@ host sync) and read memory outside the weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -428,6 +429,20 @@ def _split_for(warps: int, k_steps: int, target_warps: int) -> int:
     return split
 
 
+#: one-warp GEMM1 tiles (block_n gate rows + as many up rows, words a step) and the warps of
+#: each an H100 SM holds at once (ptxas, session 14: 254-255 registers a thread for 16 rows
+#: x 64 words and 32 rows x 32 words, 168 for 16 rows x 32 words); the first of equals wins
+GEMM1_ONE_WARP_TILES = ((8, 64, 8), (16, 32, 8), (8, 32, 12))
+#: how much fuller the last wave of resident warps must get before another tile is taken
+GEMM1_WAVE_GAIN = 0.1
+
+
+def _wave_fill(warps: int, warps_per_sm: int, num_sms: int) -> float:
+    """Waves of resident warps over the waves started: 1.0 when the last wave is full."""
+    waves = warps / (warps_per_sm * num_sms)
+    return waves / math.ceil(waves)
+
+
 def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
                       num_sms: int) -> DecodeConfig:
     """Heuristic config of GEMM1 (w13: ``2*n_half`` rows, ``k`` = hidden size).
@@ -437,15 +452,31 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
     the activation handling -- whenever that gives at least 8 warps per SM; 64-word steps
     for long K (>= 4096) or plenty of warps; below 8 warps per SM, two warps share a tile.
     Split-K loses to its arrival protocol at these sizes unless each split keeps 8+ steps.
+    Among the one-warp tiles (:data:`GEMM1_ONE_WARP_TILES`) another one is taken when its
+    last wave of resident warps is at least 10 % fuller (session 14: qwen3-235b M=1 27.4 ->
+    23.2 us, deepseek-v2-lite M=2 22.6 -> 18.4, olmoe M=2 21.7 -> 18.0, M=4 34.0 -> 32.6).
     """
     del num_experts
     k_words = k // PACK_FACTOR
     block_n = 8
-    warps = m * top_k * triton.cdiv(n_half, block_n)
+    slots = m * top_k
+    warps = slots * triton.cdiv(n_half, block_n)
     if warps >= 8 * num_sms:
         num_warps = 1
         wide = k_words >= 512 or warps >= 32 * num_sms
         block_kw = max(int(CHUNK_WORDS), _pow2_at_most(k_words, 64 if wide else 32))
+        per_sm = {(bn, bkw): n for bn, bkw, n in GEMM1_ONE_WARP_TILES}
+        if (block_n, block_kw) in per_sm:
+            fill = _wave_fill(warps, per_sm[block_n, block_kw], num_sms)
+            best = None
+            for bn, bkw, n in GEMM1_ONE_WARP_TILES:
+                if bkw > k_words:
+                    continue
+                f = _wave_fill(slots * triton.cdiv(n_half, bn), n, num_sms)
+                if f >= fill + GEMM1_WAVE_GAIN and (best is None or f > best[0]):
+                    best = (f, bn, bkw)
+            if best is not None:
+                return DecodeConfig(block_n=best[1], block_kw=best[2], num_warps=1)
     else:
         num_warps = 2
         block_kw = max(int(CHUNK_WORDS), _pow2_at_most(k_words, 32))

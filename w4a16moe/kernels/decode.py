@@ -453,8 +453,8 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
     for long K (>= 4096) or plenty of warps; below 8 warps per SM, two warps share a tile.
     Split-K loses to its arrival protocol at these sizes unless each split keeps 8+ steps.
     Among the one-warp tiles (:data:`GEMM1_ONE_WARP_TILES`) another one is taken when its
-    last wave of resident warps is at least 10 % fuller (session 14: qwen3-235b M=1 27.4 ->
-    23.2 us, deepseek-v2-lite M=2 22.6 -> 18.4, olmoe M=2 21.7 -> 18.0, M=4 34.0 -> 32.6).
+    last wave of resident warps is at least 10 % fuller (session 14: qwen3-235b M=1 27.6 ->
+    23.6 us, deepseek-v2-lite M=2 22.5 -> 19.0, olmoe M=2 22.3 -> 18.7, M=4 35.0 -> 33.8).
     """
     del num_experts
     k_words = k // PACK_FACTOR

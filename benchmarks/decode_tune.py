@@ -1,14 +1,17 @@
 """Correctness at real shapes and timing of the decode kernels on the GPU (one run does all).
 
     PYTHONPATH=. python benchmarks/decode_tune.py [--out DIR] [--quick]
+        [--models NAME ...] [--ms M ...] [--g1 BN,BKW,SPLIT,WARPS ...] [--g2 ...]
 
 What it does, for Qwen3-30B-A3B (E=128, top_k=8, H=2048, I=768, G=128) and Mixtral-8x7B
-(E=8, top_k=2, H=4096, I=14336, G=128):
+(E=8, top_k=2, H=4096, I=14336, G=128), and for deepseek-v2-lite, qwen3-235b-a22b and
+olmoe-1b-7b when ``--models`` names them (the timing; the correctness checks cover all five):
 
 1. Correctness of ``fused_moe_decode`` with the default configs in bf16 and fp16 against
    ``moe_reference`` (fp32, intermediate rounded) on the experts the routing touches.
 2. CUDA graph capture of the whole layer, replayed with new routing / activations.
-3. Timing of GEMM1 and GEMM2 config variants and of the default layer, under CUDA graphs:
+3. Timing of GEMM1 and GEMM2 config variants (the built-in lists, or ``--g1``/``--g2``) and
+   of the default layer, under CUDA graphs, with each variant's registers and spills:
    one graph holds R launches whose routing cycles through disjoint expert sets, so every
    launch reads weights that left L2 long ago (> 200 MB read in between). Two numbers per
    variant: graph replay time per launch (includes the ~launch gap between graph nodes) and

@@ -429,17 +429,22 @@ def _split_for(warps: int, k_steps: int, target_warps: int) -> int:
     return split
 
 
-#: one-warp GEMM1 tiles (block_n gate rows + as many up rows, words a step) and the warps of
+#: one-warp GEMM1 tiles (block_n gate rows + as many up rows, words a step) -> the warps of
 #: each an H100 SM holds at once (ptxas, session 14: 254-255 registers a thread for 16 rows
 #: x 64 words and 32 rows x 32 words, 168 for 16 rows x 32 words); the first of equals wins
-GEMM1_ONE_WARP_TILES = ((8, 64, 8), (16, 32, 8), (8, 32, 12))
+GEMM1_ONE_WARP_TILES = {(8, 64): 8, (16, 32): 8, (8, 32): 12}
 #: how much fuller the last wave of resident warps must get before another tile is taken
 GEMM1_WAVE_GAIN = 0.1
 
 
+def _waves(warps: int, warps_per_sm: int, num_sms: int) -> float:
+    """Waves of resident warps ``warps`` take when an SM holds ``warps_per_sm`` of them."""
+    return warps / (warps_per_sm * num_sms)
+
+
 def _wave_fill(warps: int, warps_per_sm: int, num_sms: int) -> float:
     """Waves of resident warps over the waves started: 1.0 when the last wave is full."""
-    waves = warps / (warps_per_sm * num_sms)
+    waves = _waves(warps, warps_per_sm, num_sms)
     return waves / math.ceil(waves)
 
 
@@ -465,11 +470,10 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
         num_warps = 1
         wide = k_words >= 512 or warps >= 32 * num_sms
         block_kw = max(int(CHUNK_WORDS), _pow2_at_most(k_words, 64 if wide else 32))
-        per_sm = {(bn, bkw): n for bn, bkw, n in GEMM1_ONE_WARP_TILES}
-        if (block_n, block_kw) in per_sm:
-            fill = _wave_fill(warps, per_sm[block_n, block_kw], num_sms)
+        if (block_n, block_kw) in GEMM1_ONE_WARP_TILES:
+            fill = _wave_fill(warps, GEMM1_ONE_WARP_TILES[block_n, block_kw], num_sms)
             best = None
-            for bn, bkw, n in GEMM1_ONE_WARP_TILES:
+            for (bn, bkw), n in GEMM1_ONE_WARP_TILES.items():
                 if bkw > k_words:
                     continue
                 f = _wave_fill(slots * triton.cdiv(n_half, bn), n, num_sms)
@@ -535,14 +539,14 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
     target = 7 * num_sms
     programs = slots * triton.cdiv(n, 32)
     if programs >= target:
-        one_warp_waves = programs / (ONE_WARP_TILE_WARPS_PER_SM * num_sms)
+        one_warp_waves = _waves(programs, ONE_WARP_TILE_WARPS_PER_SM, num_sms)
         half_step_warps = 2 * slots * triton.cdiv(n, 64)
         if (one_warp_waves > 1
                 and half_step_warps <= HALF_STEP_TILE_WARPS_PER_SM * num_sms
                 and 4 * int(CHUNK_WORDS) <= k_words <= HALF_STEP_MAX_K_WORDS):
             return DecodeConfig(block_n=64, block_kw=_pow2_at_most(k_words, 16),
                                 num_warps=2)
-        wide_waves = 4 * slots * triton.cdiv(n, 128) / (WIDE_TILE_WARPS_PER_SM * num_sms)
+        wide_waves = _waves(4 * slots * triton.cdiv(n, 128), WIDE_TILE_WARPS_PER_SM, num_sms)
         if one_warp_waves >= 2.5 or (one_warp_waves > 1 and wide_waves <= 1):
             return DecodeConfig(block_n=128, block_kw=block_kw, num_warps=4)
         return DecodeConfig(block_n=32, block_kw=block_kw, num_warps=1)

@@ -197,9 +197,9 @@ def time_graph(fn_list, replays, profile=True):
     return times[len(times) // 2], kernel_us
 
 
-def _cfg(bn, bkw, split, nw, pf=1, ti=1):
+def _cfg(bn, bkw, split, nw, pf=1, ti=1, stages=1):
     return DecodeConfig(block_n=bn, block_kw=bkw, split_k=split, num_warps=nw, prefetch=pf,
-                        topk_inner=ti)
+                        topk_inner=ti, num_stages=stages)
 
 
 # (block_n, block_kw, split_k, num_warps, prefetch[, topk_inner]); GEMM1 tiles hold 2*block_n
@@ -320,16 +320,18 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
 
 
 def parse_config(text):
-    """``"block_n,block_kw,split_k,num_warps[,prefetch[,topk_inner]]"`` -> DecodeConfig."""
+    """``"block_n,block_kw,split_k,num_warps[,prefetch[,topk_inner[,num_stages]]]"`` ->
+    DecodeConfig (``num_stages`` >= 2: the ``cp.async`` ring instead of the register
+    prefetch)."""
     try:
         fields = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected comma-separated integers") from None
-    if not 4 <= len(fields) <= 6:
+    if not 4 <= len(fields) <= 7:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected block_n,block_kw,split_k,num_warps[,prefetch"
-            f"[,topk_inner]], found {len(fields)} fields")
+            f"[,topk_inner[,num_stages]]], found {len(fields)} fields")
     try:
         return _cfg(*fields)
     except ValueError as exc:
@@ -373,11 +375,12 @@ def main():
     ap.add_argument("--ms", nargs="*", type=int, default=None,
                     help="token counts to sweep (default: the built-in plan per model)")
     ap.add_argument("--g1", nargs="*", type=parse_config, default=None,
-                    metavar="BN,BKW,SPLIT,WARPS[,PF]",
+                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TI[,STAGES]]]",
                     help="GEMM1 variants to time besides the default config (replaces the "
-                         "built-in list; GEMM1 tiles hold 2*BN rows)")
+                         "built-in list; GEMM1 tiles hold 2*BN rows; TI is unused; STAGES "
+                         ">= 2 loads through a cp.async ring)")
     ap.add_argument("--g2", nargs="*", type=parse_config, default=None,
-                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER]]",
+                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER[,STAGES]]]",
                     help="GEMM2 variants to time besides the default config")
     args = ap.parse_args()
     device = torch.device("cuda")

@@ -175,9 +175,12 @@ def test_expert_map(dtype, on_input):
          DecodeConfig(block_n=64, block_kw=4, num_warps=2)),
         (DecodeConfig(block_n=16, block_kw=4, num_warps=1),
          DecodeConfig(block_n=128, block_kw=4, num_warps=4)),
+        # the cp.async ring instead of the register prefetch, split and not
+        (DecodeConfig(block_n=16, block_kw=4, num_warps=1, num_stages=3),
+         DecodeConfig(block_n=32, block_kw=4, split_k=2, num_warps=1, num_stages=4)),
     ],
     ids=["split1-2_topk-split", "split1-4_split2", "nw2-prefetch2_split2-3",
-         "nw1_split2-nw1", "nw1_nw2", "nw1_128rows-nw4"],
+         "nw1_split2-nw1", "nw1_nw2", "nw1_128rows-nw4", "stages3_stages4-split2"],
 )
 def test_split_variants(dtype, cfg1, cfg2):
     experts = random_experts(4, 128, 64, group_size=32, symmetric=False, dtype=dtype,
@@ -210,6 +213,9 @@ def test_odd_shapes(dtype):
     _assert_close(*_run(experts, x, weights, ids, cfg1=cfg1, cfg2=cfg2), dtype)
     cfg1 = DecodeConfig(block_n=64, block_kw=4, prefetch=2)  # 3 steps, 2 ahead
     cfg2 = DecodeConfig(block_n=64, block_kw=4, topk_inner=2, prefetch=2)
+    _assert_close(*_run(experts, x, weights, ids, cfg1=cfg1, cfg2=cfg2), dtype)
+    cfg1 = DecodeConfig(block_n=64, block_kw=8, num_stages=3)  # masked K in the ring
+    cfg2 = DecodeConfig(block_n=64, block_kw=8, topk_inner=2, num_stages=2)
     _assert_close(*_run(experts, x, weights, ids, cfg1=cfg1, cfg2=cfg2), dtype)
 
 
@@ -367,6 +373,8 @@ def test_workspace_checks():
         DecodeConfig(block_kw=2)
     with pytest.raises(ValueError, match="prefetch is 3"):
         DecodeConfig(prefetch=3)
+    with pytest.raises(ValueError, match="num_stages is 0"):
+        DecodeConfig(num_stages=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -402,12 +410,15 @@ def test_heuristics_fill_waves():
     def shape(c):
         return c.block_n, c.block_kw, c.split_k, c.num_warps
 
-    assert shape(pick_config_gemm2(1, **mixtral)) == (32, 32, 4, 1)
-    assert shape(pick_config_gemm2(2, **mixtral)) == (32, 32, 2, 1)
-    # M=3: a split of 2 would make 1.45 waves (measured 94 vs 80 us): 64-row tiles instead
-    assert shape(pick_config_gemm2(3, **mixtral)) == (64, 32, 1, 4)
-    # long K keeps the 32-word steps (the 16-word ones were 7-16 % slower at M=6, 8)
-    assert shape(pick_config_gemm2(8, **mixtral)) == (32, 32, 1, 1)
+    # long K (Mixtral's 1792 words): 16-row 64-word one-warp tiles through the cp.async
+    # ring, split two ways at M=1 (1024 warps) and not beyond
+    ring = pick_config_gemm2(1, **mixtral)
+    assert shape(ring) == (16, 64, 2, 1) and ring.num_stages == 3
+    for m in (2, 3, 8):
+        c = pick_config_gemm2(m, **mixtral)
+        assert shape(c) == (16, 64, 1, 1) and c.num_stages == 3, m
+    # shorter K keeps the register prefetch
+    assert pick_config_gemm2(1, **qwen3).num_stages == 1
     assert shape(pick_config_gemm2(4, **qwen3)) == (64, 16, 1, 2)
     assert shape(pick_config_gemm2(2, **qwen3)) == (32, 32, 1, 1)
     # 2.5+ waves of one-warp tiles: 128-row tiles on four warps (12 warps per SM)
@@ -419,10 +430,6 @@ def test_heuristics_fill_waves():
     # qwen3-235b M=2: 1.94 waves of one-warp tiles beat 1.29 of wide ones
     qwen3_235b = dict(n=4096, k=1536, num_experts=128, top_k=8, num_sms=sms)
     assert shape(pick_config_gemm2(2, **qwen3_235b)) == (32, 32, 1, 1)
-    for m in (1, 2, 3):
-        c = pick_config_gemm2(m, **mixtral)
-        if c.num_warps == 1 and c.split_k > 1:
-            assert m * 2 * (4096 // c.block_n) * c.split_k <= 8 * sms
     # GEMM1: another one-warp tile where its last wave of resident warps is 10 % fuller
     g1 = {"mixtral": (14336, 4096, 8, 2), "qwen3": (768, 2048, 128, 8),
           "deepseek": (1408, 2048, 64, 6), "qwen3_235b": (1536, 4096, 128, 8),
@@ -434,11 +441,19 @@ def test_heuristics_fill_waves():
     assert gemm1(1, "qwen3_235b") == (8, 32, 1, 1)  # 1536 warps: 0.97 of a 12-warp wave
     assert gemm1(2, "deepseek") == (8, 64, 1, 1)  # 2112 warps: two full 8-warp waves
     assert gemm1(4, "olmoe") == (8, 64, 1, 1)
-    assert gemm1(1, "mixtral") == (8, 64, 1, 1)  # no tile fills its waves better
+    # long K with 2.5+ waves of the ring tile (21 warps an SM): 8-row ring tiles
+    assert gemm1(1, "mixtral") == (4, 64, 1, 1)
+    assert pick_config_gemm1(1, *g1["mixtral"], sms).num_stages == 3
+    assert gemm1(3, "qwen3_235b") == (4, 64, 1, 1)
+    assert pick_config_gemm1(1, *g1["qwen3_235b"], sms).num_stages == 1  # 1.1 waves
+    assert pick_config_gemm1(2, *g1["qwen3_235b"], sms).num_stages == 1  # 2.2 waves
+    assert pick_config_gemm1(8, *g1["qwen3"], sms).num_stages == 1  # short K
     assert gemm1(2, "qwen3") == (8, 32, 1, 1)
     assert gemm1(1, "qwen3") == (8, 32, 1, 2)  # below 8 warps an SM: two warps a tile
     # the deterministic mode never gets a split, so never the split one-warp tiles
     _, d2 = deterministic_decode_configs(14336, 4096, 8, 2, sms)
+    assert d2.split_k == 1 and d2.topk_inner == 2
+    _, d2 = deterministic_decode_configs(768, 2048, 128, 8, sms)
     assert d2.split_k == 1 and d2.num_warps == 4
 
 

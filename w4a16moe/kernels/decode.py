@@ -139,7 +139,8 @@ def _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0, kw_end, num
 def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_end,
                  num_groups, one_bits, ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                 PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                 PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 STAGES: tl.constexpr = 1):
     """Dot products of ``ROWS`` weight rows with one activation row over packed words
     ``kw_start .. kw_end``, returned unreduced as ``[ROWS, BLOCK_KW / 4]`` fp32 partials
     (sum them along axis 1; callers that add several rows of activations first reduce once).
@@ -150,10 +151,26 @@ def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_e
     steps ahead of the arithmetic, and each thread keeps its partial sums in registers (no
     cross-thread reduction inside the loop). ``EVEN_N``: all rows valid; ``EVEN_K``: the
     range is whole steps (both drop masks from the loop).
+
+    ``STAGES > 1`` replaces the register prefetch by Triton's software pipeline: the loads
+    of a step go to a ring of ``STAGES`` shared-memory buffers by ``cp.async`` and run
+    ``STAGES - 1`` steps ahead, without holding the steps in flight in registers.
     """
     BLOCK_K: tl.constexpr = BLOCK_KW * 8
     CHUNKS: tl.constexpr = BLOCK_KW // CHUNK_WORDS
     acc = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
+    if STAGES > 1:
+        for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=STAGES):
+            w, x, s, z = _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0,
+                                    kw_end, num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS,
+                                    HAS_PERM, EVEN_N, EVEN_K)
+            f = unpack_int4_to_unit_float(w, BLOCK_K, one_bits)
+            qx, xs = unit_float_chunk_dots(f, x, ROWS, CHUNKS)
+            if HAS_ZEROS:
+                acc += s * (qx - z * xs)
+            else:
+                acc += s * (qx - 8.0 * xs)
+        return acc
     # with EVEN_K the loads are unmasked: prefetches past the end re-read the last step
     if EVEN_K:
         last = tl.maximum(kw_end - BLOCK_KW, kw_start)
@@ -198,7 +215,7 @@ def _decode_gemm1_kernel(
     WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
 ):
     """GEMM1 of the decode MoE: ``out[s, n] = act(x[s // top_k] . W[e, n]) * (x . W[e, I + n])``.
 
@@ -239,7 +256,7 @@ def _decode_gemm1_kernel(
     perm_row = perm_ptr + expert * K
     acc = tl.sum(_stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start,
                               kw_end, num_groups, one_bits, 2 * BLOCK_N, GROUP_SIZE, BLOCK_KW,
-                              HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K), axis=1)
+                              HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K, STAGES), axis=1)
     # de-interleave with a masked row sum, not tl.split: the interpreter hands tl.split's
     # strided views to tl.atomic_add as if they were contiguous
     pair = tl.reshape(acc, [BLOCK_N, 2])
@@ -293,7 +310,7 @@ def _decode_gemm2_kernel(
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    TOPK_INNER: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    TOPK_INNER: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGES: tl.constexpr,
 ):
     """GEMM2 of the decode MoE with the top-k weighted sum:
     ``out[m, n] = sum_k w[m, k] * (inter[m * top_k + k] . W[e(m, k), n])``.
@@ -336,7 +353,7 @@ def _decode_gemm2_kernel(
                             z_ptr + expert * (N * num_groups) + row_s,
                             mask_n, x_ptr + slot * stride_xm, perm_ptr + expert * K,
                             kw_first, kw_end, num_groups, one_bits, BLOCK_N, GROUP_SIZE,
-                            BLOCK_KW, HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K)
+                            BLOCK_KW, HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K, STAGES)
         if WEIGHT_ON_INPUT:
             acc += part
         else:
@@ -372,10 +389,11 @@ class DecodeConfig:
         split_k: programs sharing the K range of one output tile.
         num_warps: warps per program.
         topk_inner: GEMM2 only: slots one program sums (1, or top_k: any value >= top_k).
-        prefetch: K steps the loads run ahead of the arithmetic (1 or 2).
-
-    The kernels prefetch one K step ahead themselves (Triton's software pipeliner only
-    pipelines loads that feed ``tl.dot``), so there is no ``num_stages``.
+        prefetch: K steps the loads run ahead of the arithmetic (1 or 2), held in
+            registers (``num_stages == 1``).
+        num_stages: 1 = the register prefetch above; 2 or more = Triton's software
+            pipeline instead: ``cp.async`` into a ring of ``num_stages`` shared-memory
+            steps, ``num_stages - 1`` of them in flight (``prefetch`` is then unused).
     """
 
     block_n: int = 16
@@ -384,6 +402,7 @@ class DecodeConfig:
     num_warps: int = 4
     topk_inner: int = 1
     prefetch: int = 1
+    num_stages: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_kw", "num_warps"):
@@ -398,6 +417,8 @@ class DecodeConfig:
                              f"{MIN_BLOCK_N}")
         if self.prefetch not in (1, 2):
             raise ValueError(f"DecodeConfig.prefetch is {self.prefetch}; expected 1 or 2")
+        if not 1 <= self.num_stages <= 8:
+            raise ValueError(f"DecodeConfig.num_stages is {self.num_stages}; expected 1 to 8")
         if self.split_k < 1 or self.topk_inner < 1:
             raise ValueError(f"DecodeConfig has split_k={self.split_k} and topk_inner="
                              f"{self.topk_inner}; expected >= 1")
@@ -436,6 +457,20 @@ GEMM1_ONE_WARP_TILES = {(8, 64): 8, (16, 32): 8, (8, 32): 12}
 #: how much fuller the last wave of resident warps must get before another tile is taken
 GEMM1_WAVE_GAIN = 0.1
 
+#: shortest K (in words) for the ``cp.async`` ring tiles: with 512+ words (Mixtral's and
+#: qwen3-235b's H = 4096, Mixtral's I = 14336) a program's steps are long enough to keep
+#: two in flight; at 96-256 words (qwen3-30b, deepseek-v2-lite, olmoe) the ring was 5-20 %
+#: slower than the register prefetch (session 15, benchmarks/notes_decode.md)
+RING_MIN_K_WORDS = 512
+#: steps in the ring: two in flight (four stages were slower: less occupancy from smem)
+RING_STAGES = 3
+#: GEMM1 ring tile: 4 gate + 4 up rows, 64-word steps, one warp: 96 registers and ~10 KB of
+#: shared memory, so an H100 SM holds ~21 of them
+GEMM1_RING_WARPS_PER_SM = 21
+#: the ring GEMM1 tile needs this many waves of resident warps to beat the register tiles
+#: (qwen3-235b M=1, 1.1 waves: 26.3 against 23.4 us; M=3, 3.3 waves: 60.7 against 65.6)
+GEMM1_RING_MIN_WAVES = 2.5
+
 
 def _waves(warps: int, warps_per_sm: int, num_sms: int) -> float:
     """Waves of resident warps ``warps`` take when an SM holds ``warps_per_sm`` of them."""
@@ -460,11 +495,18 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
     Among the one-warp tiles (:data:`GEMM1_ONE_WARP_TILES`) another one is taken when its
     last wave of resident warps is at least 10 % fuller (session 14: qwen3-235b M=1 27.6 ->
     23.6 us, deepseek-v2-lite M=2 22.5 -> 19.0, olmoe M=2 22.3 -> 18.7, M=4 35.0 -> 33.8).
+    Long K (:data:`RING_MIN_K_WORDS`) with 2.5+ waves of warps: 8-row, 64-word one-warp
+    tiles that load through a ``cp.async`` ring two steps ahead (session 15: Mixtral M=1
+    50.7 -> 46.3 us, M=4 171.8 -> 164.8, qwen3-235b M=3 63.1 -> 57.7).
     """
     del num_experts
     k_words = k // PACK_FACTOR
     block_n = 8
     slots = m * top_k
+    ring_warps = slots * triton.cdiv(n_half, 4)
+    if (k_words >= RING_MIN_K_WORDS
+            and _waves(ring_warps, GEMM1_RING_WARPS_PER_SM, num_sms) >= GEMM1_RING_MIN_WAVES):
+        return DecodeConfig(block_n=4, block_kw=64, num_warps=1, num_stages=RING_STAGES)
     warps = slots * triton.cdiv(n_half, block_n)
     if warps >= 8 * num_sms:
         num_warps = 1
@@ -528,15 +570,25 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
       smaller tiles on fewer warps when that still leaves fewer programs than SMs (tiny
       layers).
 
+    * long K (:data:`RING_MIN_K_WORDS`, Mixtral's I = 14336) first of all: 16-row, 64-word
+      one-warp tiles loading through a ``cp.async`` ring two steps ahead (127 registers),
+      split along K up to ~7 warps per SM (session 15 against the register tiles: Mixtral
+      M=1 27.2 -> 26.0 us, M=2 51.1 -> 47.2, M=3 76.0 -> 69.0, M=4 97.8 -> 91.3);
+
     ``allow_split_k=False`` (the deterministic mode, which drops the split) skips the split
     one-warp tiles: unsplit, they are too few programs.
     """
     del num_experts
     k_words = k // PACK_FACTOR
-    block_kw = max(int(CHUNK_WORDS), _pow2_at_most(k_words, 32))
-    k_steps = triton.cdiv(k_words, block_kw)
     slots = m * top_k
     target = 7 * num_sms
+    if k_words >= RING_MIN_K_WORDS:
+        warps = slots * triton.cdiv(n, 16)
+        split_k = _split_for(warps, triton.cdiv(k_words, 64), target) if allow_split_k else 1
+        return DecodeConfig(block_n=16, block_kw=64, split_k=split_k, num_warps=1,
+                            num_stages=RING_STAGES)
+    block_kw = max(int(CHUNK_WORDS), _pow2_at_most(k_words, 32))
+    k_steps = triton.cdiv(k_words, block_kw)
     programs = slots * triton.cdiv(n, 32)
     if programs >= target:
         one_warp_waves = _waves(programs, ONE_WARP_TILE_WARPS_PER_SM, num_sms)
@@ -810,7 +862,7 @@ def decode_gemm1(
         HAS_EMAP=expert_map is not None,
         WEIGHT_ON_INPUT=apply_router_weight_on_input, ACTIVATION=ACTIVATIONS[activation],
         BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, SPLIT_K=split, KW_PER_SPLIT=per,
-        PREFETCH=cfg.prefetch, EVEN_N=i % cfg.block_n == 0,
+        PREFETCH=cfg.prefetch, STAGES=cfg.num_stages, EVEN_N=i % cfg.block_n == 0,
         EVEN_K=(h // PACK_FACTOR) % cfg.block_kw == 0,
         num_warps=cfg.num_warps, num_stages=1,
         **_weight_args(w13),
@@ -875,7 +927,7 @@ def decode_gemm2(
         HAS_EMAP=expert_map is not None,
         WEIGHT_ON_INPUT=apply_router_weight_on_input,
         BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, SPLIT_K=split, KW_PER_SPLIT=per,
-        PREFETCH=cfg.prefetch,
+        PREFETCH=cfg.prefetch, STAGES=cfg.num_stages,
         TOPK_INNER=topk_inner, NUM_SPLITS=num_splits,
         EVEN_N=h % cfg.block_n == 0, EVEN_K=(i // PACK_FACTOR) % cfg.block_kw == 0,
         num_warps=cfg.num_warps, num_stages=1,

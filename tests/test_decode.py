@@ -198,6 +198,27 @@ def test_split_variants(dtype, cfg1, cfg2):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [1, 2])
+def test_ring_with_act_order_zeros_and_expert_map(dtype, split):
+    """The cp.async ring tiles (``num_stages`` > 1) with every option that changes their
+    loads: act-order (the activation gather through ``perm``), zero points, slots mapped
+    to -1 (an empty K range), four K steps per program, split or not."""
+    local = random_experts(3, 256, 128, group_size=32, symmetric=False, act_order=True,
+                           dtype=dtype, device=DEVICE, seed=21)
+    expert_map = torch.full((6,), -1, dtype=torch.int32, device=DEVICE)
+    expert_map[torch.tensor([4, 0, 2])] = torch.arange(3, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(3, 256, dtype=dtype, device=DEVICE)
+    weights, ids = _routing(3, 6, 2)
+    ids[0] = torch.tensor([1, 3], dtype=torch.int32)  # token 0: no local expert
+    cfg1 = DecodeConfig(block_n=16, block_kw=8, split_k=split, num_warps=1, num_stages=3)
+    cfg2 = DecodeConfig(block_n=32, block_kw=4, split_k=split, num_warps=1, num_stages=3)
+    res, ref = _run(local, x, weights, ids, expert_map=expert_map, cfg1=cfg1, cfg2=cfg2,
+                    workspace=DecodeWorkspace.create(local, top_k=2, max_tokens=3))
+    _assert_close(res, ref, dtype)
+    assert torch.all(res[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_odd_shapes(dtype):
     """K not a multiple of the K step (96 = 1.5 x 64), N not a multiple of the tile
     (I = 96 rows per half vs 64-row tiles; H = 96 vs 64-row tiles), odd M."""

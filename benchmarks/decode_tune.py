@@ -1,7 +1,8 @@
 """Correctness at real shapes and timing of the decode kernels on the GPU (one run does all).
 
     PYTHONPATH=. python benchmarks/decode_tune.py [--out DIR] [--quick]
-        [--models NAME ...] [--ms M ...] [--g1 BN,BKW,SPLIT,WARPS ...] [--g2 ...]
+        [--models NAME ...] [--ms M ...] [--g1 BN,BKW,SPLIT,WARPS[,PF[,TI[,STAGES]]] ...]
+        [--g2 ...]    (STAGES >= 2: loads through a cp.async ring instead of registers)
 
 What it does, for Qwen3-30B-A3B (E=128, top_k=8, H=2048, I=768, G=128) and Mixtral-8x7B
 (E=8, top_k=2, H=4096, I=14336, G=128), and for deepseek-v2-lite, qwen3-235b-a22b and

@@ -27,8 +27,11 @@ and step, turns them into ``1 + q/d`` floats with half a shift and one logic op 
 (:func:`~w4a16moe.kernels.common.unpack_int4_to_unit_float`), multiply-adds them with the
 activations and keeps per-chunk partial sums in registers; scales and zero points are
 applied per 32-value chunk and the cross-thread reduction happens once, after the loop.
-Loads run one step ahead. The heuristics aim at four to eight rows per thread, which
-amortises the per-step activation handling (see ``benchmarks/notes_decode.md``).
+Loads run one step ahead, held in registers; or, with ``DecodeConfig.num_stages > 1``,
+Triton's software pipeline copies them by ``cp.async`` into a ring of shared-memory steps
+(the heuristics take that for K of 512+ words, where it frees registers for more resident
+warps and keeps two steps in flight). The heuristics aim at four to eight rows per thread,
+which amortises the per-step activation handling (see ``benchmarks/notes_decode.md``).
 
 Out-of-range ``topk_ids`` (not in ``[0, E)``, or ``[0, len(expert_map))`` with an
 ``expert_map``) are the caller's bug: they are not checked on the device (that would need a

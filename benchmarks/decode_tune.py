@@ -80,6 +80,17 @@ def routing(m, top_k, E, launch, device):
     return (w / w.sum(-1, keepdim=True)).contiguous(), ids.contiguous()
 
 
+def random_routing(m, top_k, E, launch, device):
+    """Top-k of random logits (seeded by the launch): what a router gives, so tokens share
+    experts; every launch draws anew, so consecutive launches mostly touch other weights."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(1000 + launch)
+    logits = torch.randn(m, E, generator=gen)
+    w, ids = torch.topk(logits.softmax(-1), top_k, dim=-1)
+    return ((w / w.sum(-1, keepdim=True)).to(device).contiguous(),
+            ids.to(torch.int32).to(device).contiguous())
+
+
 def distinct(ids):
     return int(torch.unique(ids).numel())
 
@@ -198,9 +209,9 @@ def time_graph(fn_list, replays, profile=True):
     return times[len(times) // 2], kernel_us
 
 
-def _cfg(bn, bkw, split, nw, pf=1, ti=1, stages=1):
+def _cfg(bn, bkw, split, nw, pf=1, ti=1, stages=1, group=1):
     return DecodeConfig(block_n=bn, block_kw=bkw, split_k=split, num_warps=nw, prefetch=pf,
-                        topk_inner=ti, num_stages=stages)
+                        topk_inner=ti, num_stages=stages, group_rows=group)
 
 
 # (block_n, block_kw, split_k, num_warps, prefetch[, topk_inner]); GEMM1 tiles hold 2*block_n
@@ -242,6 +253,10 @@ def _launches(kind, routes, x, ex, out, ws, cfg=None):
     return [make(w, ids) for w, ids in routes]
 
 
+#: ``--routing random``: top-k of random logits instead of disjoint expert sets
+RANDOM_ROUTING = False
+
+
 def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
     dtype = torch.bfloat16
     sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -254,8 +269,9 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
         per_launch = min(m * top_k, E)
         expert_bytes = layer_bytes / E
         R = max(-(-E // per_launch), 4, int(-(-400e6 // (per_launch * expert_bytes))))
-        routes = [routing(m, top_k, E, r, device) for r in range(R)]
-        u = distinct(routes[0][1])
+        route = random_routing if RANDOM_ROUTING else routing
+        routes = [route(m, top_k, E, r, device) for r in range(R)]
+        u = sum(distinct(ids) for _, ids in routes) / R
         x = torch.randn(m, H, dtype=dtype, device=device)
         inter = torch.randn(m * top_k, I, dtype=dtype, device=device)
         b1 = gemm_bytes(u, 2 * I, H, G, m, H, m * top_k, I)
@@ -329,10 +345,10 @@ def parse_config(text):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected comma-separated integers") from None
-    if not 4 <= len(fields) <= 7:
+    if not 4 <= len(fields) <= 8:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected block_n,block_kw,split_k,num_warps[,prefetch"
-            f"[,topk_inner[,num_stages]]], found {len(fields)} fields")
+            f"[,topk_inner[,num_stages[,group_rows]]]], found {len(fields)} fields")
     try:
         return _cfg(*fields)
     except ValueError as exc:
@@ -383,13 +399,20 @@ def main():
     ap.add_argument("--g2", nargs="*", type=parse_config, default=None,
                     metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER[,STAGES]]]",
                     help="GEMM2 variants to time besides the default config")
+    ap.add_argument("--routing", choices=("disjoint", "random"), default="disjoint",
+                    help="disjoint: every slot of a launch on its own expert (the worst "
+                         "case, the default); random: top-k of random logits, so slots "
+                         "share experts as a router's do (the floor counts the distinct "
+                         "experts, averaged over the launches)")
     args = ap.parse_args()
+    global RANDOM_ROUTING
+    RANDOM_ROUTING = args.routing == "random"
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     import triton
     results = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__,
                    triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
-                   correctness=[], timing=[], layer=[])
+                   routing=args.routing, correctness=[], timing=[], layer=[])
     t0 = time.time()
     if args.mode in ("all", "checks"):
         check_real_shapes(device, results)

@@ -209,9 +209,9 @@ def time_graph(fn_list, replays, profile=True):
     return times[len(times) // 2], kernel_us
 
 
-def _cfg(bn, bkw, split, nw, pf=1, ti=1, stages=1, group=1):
+def _cfg(bn, bkw, split, nw, pf=1, ti=1, stages=1):
     return DecodeConfig(block_n=bn, block_kw=bkw, split_k=split, num_warps=nw, prefetch=pf,
-                        topk_inner=ti, num_stages=stages, group_rows=group)
+                        topk_inner=ti, num_stages=stages)
 
 
 # (block_n, block_kw, split_k, num_warps, prefetch[, topk_inner]); GEMM1 tiles hold 2*block_n
@@ -345,10 +345,10 @@ def parse_config(text):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected comma-separated integers") from None
-    if not 4 <= len(fields) <= 8:
+    if not 4 <= len(fields) <= 7:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected block_n,block_kw,split_k,num_warps[,prefetch"
-            f"[,topk_inner[,num_stages[,group_rows]]]], found {len(fields)} fields")
+            f"[,topk_inner[,num_stages]]], found {len(fields)} fields")
     try:
         return _cfg(*fields)
     except ValueError as exc:

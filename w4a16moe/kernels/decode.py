@@ -379,294 +379,6 @@ def _decode_gemm2_kernel(
             tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-# ---- slots grouped by expert: each expert's weights read once for all its slots -----------
-@triton.jit
-def _slot_group(ids_ptr, emap_ptr, slot, num_slots, HAS_EMAP: tl.constexpr,
-                SLOTS: tl.constexpr):
-    """The group of slots that slot ``slot`` computes: ``(expert, owner, members, pos,
-    count)``.
-
-    The lowest slot routed to a (local) expert owns that expert's group: ``members``
-    (``[SLOTS]`` bool) marks every slot from ``slot`` on with the same expert, ``pos``
-    numbers them 0, 1, ... in slot order and ``count`` is their number. Every other slot of
-    the group has ``owner`` False and does nothing. A slot whose expert maps to -1 is a
-    group of its own (it still has to write its zero row, or arrive on its counters)."""
-    offs = tl.arange(0, SLOTS)
-    valid = offs < num_slots
-    ids = tl.load(ids_ptr + offs, mask=valid, other=0).to(tl.int32)
-    expert = tl.load(ids_ptr + slot).to(tl.int32)
-    if HAS_EMAP:
-        ids = tl.load(emap_ptr + ids, mask=valid, other=-1).to(tl.int32)
-        expert = tl.load(emap_ptr + expert).to(tl.int32)
-    same = valid & (ids == expert) & (expert >= 0)
-    owner = tl.sum((same & (offs < slot)).to(tl.int32), axis=0) == 0
-    members = (same & (offs >= slot)) | (offs == slot)
-    pos = tl.cumsum(members.to(tl.int32), axis=0) - 1
-    count = tl.sum(members.to(tl.int32), axis=0)
-    return expert, owner, members, pos, count
-
-
-@triton.jit
-def _group_member(members, pos, r, SLOTS: tl.constexpr):
-    """(slot, exists) of member ``r`` of a group from :func:`_slot_group`."""
-    hit = members & (pos == r)
-    slot = tl.sum(tl.where(hit, tl.arange(0, SLOTS), 0), axis=0)
-    return slot, tl.sum(hit.to(tl.int32), axis=0) > 0
-
-
-@triton.jit
-def _load_activations(x_row, perm_row, kw0, kw_end, valid, BLOCK_KW: tl.constexpr,
-                      HAS_PERM: tl.constexpr):
-    """fp32 activations ``[8 * BLOCK_KW]`` of one step (zero past ``kw_end`` or when not
-    ``valid``)."""
-    offs_k = kw0 * 8 + tl.arange(0, BLOCK_KW * 8)
-    mask_k = (offs_k < kw_end * 8) & valid
-    if HAS_PERM:
-        idx = tl.load(perm_row + offs_k, mask=mask_k, other=0)
-    else:
-        idx = offs_k
-    return tl.load(x_row + idx, mask=mask_k, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _chunk_part(f, x, s, z, ROWS: tl.constexpr, CHUNKS: tl.constexpr,
-                HAS_ZEROS: tl.constexpr):
-    """Scaled per-chunk dot products ``[ROWS, CHUNKS]`` of unit-float codes ``f`` with ``x``."""
-    qx, xs = unit_float_chunk_dots(f, x, ROWS, CHUNKS)
-    if HAS_ZEROS:
-        return s * (qx - z * xs)
-    else:
-        return s * (qx - 8.0 * xs)
-
-
-@triton.jit
-def _stream_rows_grouped(w_rows, s_rows, z_rows, mask_r, x0, x1, x2, x3, v1, v2, v3, perm_row,
-                         kw_start, kw_end, num_groups, one_bits, ROWS: tl.constexpr,
-                         GROUP_SIZE: tl.constexpr, BLOCK_KW: tl.constexpr,
-                         HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-                         GROUP_ROWS: tl.constexpr):
-    """:func:`_stream_rows` for up to four activation rows at once (``GROUP_ROWS`` = 2 or 4):
-    each step's words are loaded and unpacked once and applied to every row that exists
-    (row 0 always; rows 1-3 when ``v1``-``v3``). Rows ``x0``-``x3`` point at the activation
-    rows. Returns four ``[ROWS, CHUNKS]`` partial sums (unused ones stay zero). The loads go
-    through Triton's software pipeline (``STAGES``)."""
-    BLOCK_K: tl.constexpr = BLOCK_KW * 8
-    CHUNKS: tl.constexpr = BLOCK_KW // CHUNK_WORDS
-    acc0 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    acc1 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    acc2 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    acc3 = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
-    for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=STAGES):
-        w, xa, s, z = _load_step(w_rows, s_rows, z_rows, mask_r, x0, perm_row, kw0, kw_end,
-                                 num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM,
-                                 EVEN_N, EVEN_K)
-        xb = _load_activations(x1, perm_row, kw0, kw_end, v1, BLOCK_KW, HAS_PERM)
-        if GROUP_ROWS > 2:
-            xc = _load_activations(x2, perm_row, kw0, kw_end, v2, BLOCK_KW, HAS_PERM)
-            xd = _load_activations(x3, perm_row, kw0, kw_end, v3, BLOCK_KW, HAS_PERM)
-        f = unpack_int4_to_unit_float(w, BLOCK_K, one_bits)
-        acc0 += _chunk_part(f, xa, s, z, ROWS, CHUNKS, HAS_ZEROS)
-        if v1:
-            acc1 += _chunk_part(f, xb, s, z, ROWS, CHUNKS, HAS_ZEROS)
-        if GROUP_ROWS > 2:
-            if v2:
-                acc2 += _chunk_part(f, xc, s, z, ROWS, CHUNKS, HAS_ZEROS)
-            if v3:
-                acc3 += _chunk_part(f, xd, s, z, ROWS, CHUNKS, HAS_ZEROS)
-    return acc0, acc1, acc2, acc3
-
-
-@triton.jit
-def _gemm1_store(acc, slot, pid_n, tw_ptr, out_ptr, stride_om, N_HALF,
-                 BLOCK_N: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
-                 ACTIVATION: tl.constexpr):
-    """GEMM1 epilogue of one slot's unsplit tile: ``act(gate) * up`` stored to its row."""
-    acc = tl.sum(acc, axis=1)
-    pair = tl.reshape(acc, [BLOCK_N, 2])
-    is_up = (tl.arange(0, 2) == 1)[None, :]
-    gate = tl.sum(tl.where(is_up, 0.0, pair), axis=1)
-    up = tl.sum(tl.where(is_up, pair, 0.0), axis=1)
-    if WEIGHT_ON_INPUT:
-        rw = tl.load(tw_ptr + slot).to(tl.float32)
-        gate *= rw
-        up *= rw
-    y = _activation_and_mul(gate, up, ACTIVATION)
-    offs_o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + slot * stride_om + offs_o, y.to(out_ptr.dtype.element_ty),
-             mask=offs_o < N_HALF)
-
-
-@triton.jit
-def _gemm2_add(acc, slot, pid_n, tw_ptr, out_ptr, stride_om, acc_ptr, cnt_ptr, N, top_k,
-               BLOCK_N: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
-               NUM_SPLITS: tl.constexpr):
-    """GEMM2 epilogue of one slot: its weighted tile added to its token's output (the
-    arrival protocol of :func:`_decode_gemm2_kernel` when the token has several slots)."""
-    part = tl.sum(acc, axis=1)
-    if not WEIGHT_ON_INPUT:
-        part = part * tl.load(tw_ptr + slot).to(tl.float32)
-    token = slot // top_k
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    out_ptrs = out_ptr + token * stride_om + offs_n
-    if NUM_SPLITS == 1:
-        tl.store(out_ptrs, part.to(out_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        acc_ptrs = acc_ptr + token * N + offs_n
-        tl.atomic_add(acc_ptrs, part, mask=mask_n, sem="relaxed")
-        tl.debug_barrier()
-        cnt = cnt_ptr + token * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(cnt, 1, sem="acq_rel")
-        if arrived == NUM_SPLITS - 1:
-            y = tl.load(acc_ptrs, mask=mask_n, other=0.0, cache_modifier=".cg")
-            tl.store(acc_ptrs, tl.zeros_like(y), mask=mask_n)
-            tl.store(cnt, 0)
-            tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_n)
-
-
-@triton.jit
-def _decode_gemm1_grouped_kernel(
-    x_ptr, stride_xm,
-    qw_ptr, s_ptr, z_ptr, perm_ptr,
-    ids_ptr, tw_ptr, emap_ptr,
-    out_ptr, stride_om,
-    N_HALF, K, KW, num_groups, top_k, num_slots, one_bits,
-    GROUP_SIZE: tl.constexpr,
-    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_EMAP: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr, ACTIVATION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-    GROUP_ROWS: tl.constexpr, SLOTS: tl.constexpr,
-):
-    """:func:`_decode_gemm1_kernel` (unsplit) with the slots of one expert computed together.
-
-    Grid ``(M * top_k, cdiv(N_HALF, BLOCK_N))`` as there; ``SLOTS`` is ``num_slots =
-    M * top_k`` rounded up to a power of two. Program ``(s, j)`` does nothing unless slot
-    ``s`` is the lowest slot of its expert (:func:`_slot_group`); then it streams tile ``j``
-    of that expert's gate and up rows once per ``GROUP_ROWS`` slots of the group and writes
-    each slot's row of ``out``. Slots that share an expert (several tokens routed to it)
-    so read its weights once instead of once each.
-    """
-    slot = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, owner, members, pos, count = _slot_group(ids_ptr, emap_ptr, slot, num_slots,
-                                                     HAS_EMAP, SLOTS)
-    if owner:
-        kw_end = tl.where(expert < 0, 0, KW)
-        e64 = tl.maximum(expert, 0).to(tl.int64)
-        offs_r = tl.arange(0, 2 * BLOCK_N)
-        offs_n = pid_n * BLOCK_N + offs_r // 2
-        mask_r = offs_n < N_HALF
-        rows = offs_n + (offs_r % 2) * N_HALF
-        w_rows = qw_ptr + e64 * (2 * N_HALF * KW) + (rows * KW)[:, None]
-        s_rows = s_ptr + e64 * (2 * N_HALF * num_groups) + (rows * num_groups)[:, None]
-        z_rows = z_ptr + e64 * (2 * N_HALF * num_groups) + (rows * num_groups)[:, None]
-        perm_row = perm_ptr + e64 * K
-        if GROUP_ROWS == 1:
-            for c0 in range(0, count):
-                s0, _ = _group_member(members, pos, c0, SLOTS)
-                a0 = _stream_rows(w_rows, s_rows, z_rows, mask_r,
-                                  x_ptr + (s0 // top_k) * stride_xm, perm_row, 0, kw_end,
-                                  num_groups, one_bits, 2 * BLOCK_N, GROUP_SIZE, BLOCK_KW,
-                                  HAS_ZEROS, HAS_PERM, 1, EVEN_N, EVEN_K, STAGES)
-                _gemm1_store(a0, s0, pid_n, tw_ptr, out_ptr, stride_om, N_HALF, BLOCK_N,
-                             WEIGHT_ON_INPUT, ACTIVATION)
-        else:
-            for c0 in range(0, count, GROUP_ROWS):
-                s0, _ = _group_member(members, pos, c0, SLOTS)
-                s1, v1 = _group_member(members, pos, c0 + 1, SLOTS)
-                s2, v2 = _group_member(members, pos, c0 + 2, SLOTS)
-                s3, v3 = _group_member(members, pos, c0 + 3, SLOTS)
-                a0, a1, a2, a3 = _stream_rows_grouped(
-                    w_rows, s_rows, z_rows, mask_r, x_ptr + (s0 // top_k) * stride_xm,
-                    x_ptr + (s1 // top_k) * stride_xm, x_ptr + (s2 // top_k) * stride_xm,
-                    x_ptr + (s3 // top_k) * stride_xm, v1, v2, v3, perm_row, 0, kw_end,
-                    num_groups, one_bits, 2 * BLOCK_N, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM,
-                    EVEN_N, EVEN_K, STAGES, GROUP_ROWS)
-                _gemm1_store(a0, s0, pid_n, tw_ptr, out_ptr, stride_om, N_HALF, BLOCK_N,
-                             WEIGHT_ON_INPUT, ACTIVATION)
-                if v1:
-                    _gemm1_store(a1, s1, pid_n, tw_ptr, out_ptr, stride_om, N_HALF, BLOCK_N,
-                                 WEIGHT_ON_INPUT, ACTIVATION)
-                if GROUP_ROWS > 2:
-                    if v2:
-                        _gemm1_store(a2, s2, pid_n, tw_ptr, out_ptr, stride_om, N_HALF, BLOCK_N,
-                                     WEIGHT_ON_INPUT, ACTIVATION)
-                    if v3:
-                        _gemm1_store(a3, s3, pid_n, tw_ptr, out_ptr, stride_om, N_HALF, BLOCK_N,
-                                     WEIGHT_ON_INPUT, ACTIVATION)
-
-
-@triton.jit
-def _decode_gemm2_grouped_kernel(
-    x_ptr, stride_xm,
-    qw_ptr, s_ptr, z_ptr, perm_ptr,
-    ids_ptr, tw_ptr, emap_ptr,
-    out_ptr, stride_om,
-    acc_ptr, cnt_ptr,
-    N, K, KW, num_groups, top_k, num_slots, one_bits,
-    GROUP_SIZE: tl.constexpr,
-    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_EMAP: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-    GROUP_ROWS: tl.constexpr, SLOTS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):
-    """:func:`_decode_gemm2_kernel` (unsplit, one slot a program) with the slots of one
-    expert computed together, as :func:`_decode_gemm1_grouped_kernel` does: program
-    ``(s, j)`` streams rows ``j*BLOCK_N ..`` of the expert of slot ``s`` once per
-    ``GROUP_ROWS`` slots of its group and adds each slot's weighted tile to its token's
-    output through the arrival protocol (``NUM_SPLITS = top_k`` arrivals a token tile).
-    """
-    slot = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    expert, owner, members, pos, count = _slot_group(ids_ptr, emap_ptr, slot, num_slots,
-                                                     HAS_EMAP, SLOTS)
-    if owner:
-        kw_end = tl.where(expert < 0, 0, KW)
-        e64 = tl.maximum(expert, 0).to(tl.int64)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        w_rows = qw_ptr + e64 * (N * KW) + (offs_n * KW)[:, None]
-        s_rows = s_ptr + e64 * (N * num_groups) + (offs_n * num_groups)[:, None]
-        z_rows = z_ptr + e64 * (N * num_groups) + (offs_n * num_groups)[:, None]
-        perm_row = perm_ptr + e64 * K
-        if GROUP_ROWS == 1:
-            for c0 in range(0, count):
-                s0, _ = _group_member(members, pos, c0, SLOTS)
-                a0 = _stream_rows(w_rows, s_rows, z_rows, mask_n, x_ptr + s0 * stride_xm,
-                                  perm_row, 0, kw_end, num_groups, one_bits, BLOCK_N,
-                                  GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM, 1, EVEN_N, EVEN_K,
-                                  STAGES)
-                _gemm2_add(a0, s0, pid_n, tw_ptr, out_ptr, stride_om, acc_ptr, cnt_ptr, N,
-                           top_k, BLOCK_N, WEIGHT_ON_INPUT, NUM_SPLITS)
-        else:
-            for c0 in range(0, count, GROUP_ROWS):
-                s0, _ = _group_member(members, pos, c0, SLOTS)
-                s1, v1 = _group_member(members, pos, c0 + 1, SLOTS)
-                s2, v2 = _group_member(members, pos, c0 + 2, SLOTS)
-                s3, v3 = _group_member(members, pos, c0 + 3, SLOTS)
-                a0, a1, a2, a3 = _stream_rows_grouped(
-                    w_rows, s_rows, z_rows, mask_n, x_ptr + s0 * stride_xm,
-                    x_ptr + s1 * stride_xm, x_ptr + s2 * stride_xm, x_ptr + s3 * stride_xm,
-                    v1, v2, v3, perm_row, 0, kw_end,
-                    num_groups, one_bits, BLOCK_N, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM,
-                    EVEN_N, EVEN_K, STAGES, GROUP_ROWS)
-                _gemm2_add(a0, s0, pid_n, tw_ptr, out_ptr, stride_om, acc_ptr, cnt_ptr, N, top_k,
-                           BLOCK_N, WEIGHT_ON_INPUT, NUM_SPLITS)
-                if v1:
-                    _gemm2_add(a1, s1, pid_n, tw_ptr, out_ptr, stride_om, acc_ptr, cnt_ptr, N,
-                               top_k, BLOCK_N, WEIGHT_ON_INPUT, NUM_SPLITS)
-                if GROUP_ROWS > 2:
-                    if v2:
-                        _gemm2_add(a2, s2, pid_n, tw_ptr, out_ptr, stride_om, acc_ptr, cnt_ptr, N,
-                                   top_k, BLOCK_N, WEIGHT_ON_INPUT, NUM_SPLITS)
-                    if v3:
-                        _gemm2_add(a3, s3, pid_n, tw_ptr, out_ptr, stride_om, acc_ptr, cnt_ptr, N,
-                                   top_k, BLOCK_N, WEIGHT_ON_INPUT, NUM_SPLITS)
-
-
 # --------------------------------------------------------------------------------------------
 # configs
 # --------------------------------------------------------------------------------------------
@@ -685,10 +397,6 @@ class DecodeConfig:
         num_stages: 1 = the register prefetch above; 2 or more = Triton's software
             pipeline instead: ``cp.async`` into a ring of ``num_stages`` shared-memory
             steps, ``num_stages - 1`` of them in flight (``prefetch`` is then unused).
-        group_rows: 1 = one program per slot; 2 or 4 = the slots that share an expert are
-            computed by one program, which reads the expert's tile once for up to
-            ``group_rows`` of them (needs ``split_k == 1`` and, for GEMM2,
-            ``topk_inner == 1``; loads through the ``num_stages`` pipeline).
     """
 
     block_n: int = 16
@@ -698,7 +406,6 @@ class DecodeConfig:
     topk_inner: int = 1
     prefetch: int = 1
     num_stages: int = 1
-    group_rows: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_kw", "num_warps"):
@@ -713,11 +420,6 @@ class DecodeConfig:
                              f"{MIN_BLOCK_N}")
         if self.prefetch not in (1, 2):
             raise ValueError(f"DecodeConfig.prefetch is {self.prefetch}; expected 1 or 2")
-        if self.group_rows not in (1, 2, 4):
-            raise ValueError(f"DecodeConfig.group_rows is {self.group_rows}; expected 1, 2 or 4")
-        if self.group_rows > 1 and self.split_k != 1:
-            raise ValueError(f"DecodeConfig has group_rows={self.group_rows} and split_k="
-                             f"{self.split_k}; grouped slots need split_k=1")
         if not 1 <= self.num_stages <= 8:
             raise ValueError(f"DecodeConfig.num_stages is {self.num_stages}; expected 1 to 8")
         if self.split_k < 1 or self.topk_inner < 1:
@@ -932,13 +634,13 @@ def deterministic_decode_configs(intermediate_size: int, hidden_size: int, num_e
     cfg1 = pick_config_gemm1(1, intermediate_size, hidden_size, num_experts, top_k, num_sms)
     cfg2 = pick_config_gemm2(1, hidden_size, intermediate_size, num_experts, top_k, num_sms,
                              allow_split_k=False)
-    return (replace(cfg1, split_k=1, group_rows=1),
-            replace(cfg2, split_k=1, group_rows=1, topk_inner=max(top_k, cfg2.topk_inner)))
+    return (replace(cfg1, split_k=1),
+            replace(cfg2, split_k=1, topk_inner=max(top_k, cfg2.topk_inner)))
 
 
 def _deterministic(cfg: DecodeConfig, top_k: int | None = None) -> DecodeConfig:
     """``cfg`` without anything that adds with atomics (split-K; for GEMM2 split top-k)."""
-    cfg = replace(cfg, split_k=1, group_rows=1)
+    cfg = replace(cfg, split_k=1)
     if top_k is not None and cfg.topk_inner < top_k:
         cfg = replace(cfg, topk_inner=top_k)
     return cfg
@@ -1096,11 +798,6 @@ def _weight_args(w: PackedWeights) -> dict:
     )
 
 
-def _launch_group_rows(cfg: DecodeConfig) -> int:
-    import os  # EXPERIMENT: one row per pass
-    return 1 if os.environ.get("W4A16_GROUP_PASSES") else cfg.group_rows
-
-
 def _kw_per_split(k: int, cfg: DecodeConfig) -> tuple[int, int]:
     """(words per split, effective split) with splits aligned to ``block_kw``."""
     k_words = k // PACK_FACTOR
@@ -1155,23 +852,8 @@ def decode_gemm1(
     if m == 0:
         return out
     cfg = config or pick_config_gemm1(m, i, h, w13.num_experts, top_k, _num_sms(device))
-    n_tiles = triton.cdiv(i, cfg.block_n)
-    if cfg.group_rows > 1:
-        _decode_gemm1_grouped_kernel[(m * top_k, n_tiles)](
-            x, x.stride(0), ids_ptr=topk_ids, tw_ptr=topk_weights,
-            emap_ptr=expert_map if expert_map is not None else topk_ids,
-            out_ptr=out, stride_om=out.stride(0),
-            N_HALF=i, K=h, KW=h // PACK_FACTOR, top_k=top_k, num_slots=m * top_k,
-            one_bits=int(ONE_F32_BITS), HAS_EMAP=expert_map is not None,
-            WEIGHT_ON_INPUT=apply_router_weight_on_input, ACTIVATION=ACTIVATIONS[activation],
-            BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, STAGES=cfg.num_stages,
-            EVEN_N=i % cfg.block_n == 0, EVEN_K=(h // PACK_FACTOR) % cfg.block_kw == 0,
-            GROUP_ROWS=_launch_group_rows(cfg), SLOTS=triton.next_power_of_2(m * top_k),
-            num_warps=cfg.num_warps, num_stages=1,
-            **_weight_args(w13),
-        )
-        return out
     per, split = _kw_per_split(h, cfg)
+    n_tiles = triton.cdiv(i, cfg.block_n)
     acc, cnt = _split_buffers(workspace, split, (m * top_k, 2 * i), m * top_k * n_tiles,
                               "acc1", "cnt1", device)
     grid = (m * top_k, n_tiles, split)
@@ -1233,27 +915,6 @@ def decode_gemm2(
     if m == 0:
         return out
     cfg = config or pick_config_gemm2(m, h, i, w2.num_experts, top_k, _num_sms(device))
-    if cfg.group_rows > 1:
-        if cfg.topk_inner > 1:
-            raise ValueError(f"DecodeConfig has group_rows={cfg.group_rows} and topk_inner="
-                             f"{cfg.topk_inner}; grouped GEMM2 slots need topk_inner=1")
-        n_tiles = triton.cdiv(h, cfg.block_n)
-        acc, cnt = _split_buffers(workspace, top_k, (m, h), m * n_tiles, "acc2", "cnt2",
-                                  device)
-        _decode_gemm2_grouped_kernel[(m * top_k, n_tiles)](
-            inter, inter.stride(0), ids_ptr=topk_ids, tw_ptr=topk_weights,
-            emap_ptr=expert_map if expert_map is not None else topk_ids,
-            out_ptr=out, stride_om=out.stride(0), acc_ptr=acc, cnt_ptr=cnt,
-            N=h, K=i, KW=i // PACK_FACTOR, top_k=top_k, num_slots=m * top_k,
-            one_bits=int(ONE_F32_BITS), HAS_EMAP=expert_map is not None,
-            WEIGHT_ON_INPUT=apply_router_weight_on_input,
-            BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, STAGES=cfg.num_stages,
-            EVEN_N=h % cfg.block_n == 0, EVEN_K=(i // PACK_FACTOR) % cfg.block_kw == 0,
-            GROUP_ROWS=_launch_group_rows(cfg), SLOTS=triton.next_power_of_2(m * top_k),
-            NUM_SPLITS=top_k, num_warps=cfg.num_warps, num_stages=1,
-            **_weight_args(w2),
-        )
-        return out
     topk_inner = top_k if cfg.topk_inner >= top_k else 1
     per, split = _kw_per_split(i, cfg)
     num_splits = (top_k // topk_inner) * split

@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python benchmarks/decode_tune.py [--out DIR] [--quick]
         [--models NAME ...] [--ms M ...] [--g1 BN,BKW,SPLIT,WARPS[,PF[,TI[,STAGES]]] ...]
-        [--g2 ...]    (STAGES >= 2: loads through a cp.async ring instead of registers)
+        [--g2 ...] [--routing disjoint|random]
+    (STAGES >= 2: loads through a cp.async ring instead of registers)
 
 What it does, for Qwen3-30B-A3B (E=128, top_k=8, H=2048, I=768, G=128) and Mixtral-8x7B
 (E=8, top_k=2, H=4096, I=14336, G=128), and for deepseek-v2-lite, qwen3-235b-a22b and
@@ -14,11 +15,13 @@ olmoe-1b-7b when ``--models`` names them (the timing; the correctness checks cov
 3. Timing of GEMM1 and GEMM2 config variants (the built-in lists, or ``--g1``/``--g2``) and
    of the default layer, under CUDA graphs, with each variant's registers and spills:
    one graph holds R launches whose routing cycles through disjoint expert sets, so every
-   launch reads weights that left L2 long ago (> 200 MB read in between). Two numbers per
+   launch reads weights that left L2 long ago (> 200 MB read in between); with
+   ``--routing random`` each launch takes the top-k of random logits instead, so slots share
+   experts as a router's do. Two numbers per
    variant: graph replay time per launch (includes the ~launch gap between graph nodes) and
    the kernel's own duration from the profiler (CUPTI).
-4. The floor: active bytes (distinct experts u: u*N*K/2 + scales, plus activations in/out)
-   over the measured 2.94 TB/s streaming read rate.
+4. The floor: active bytes (distinct experts u, averaged over the launches: u*N*K/2 +
+   scales, plus activations in/out) over the measured 2.94 TB/s streaming read rate.
 
 Weights are random int32 words (every word is a valid packed code set) and random scales,
 made on the GPU directly: building them through the CPU quantizer would take minutes.

@@ -576,7 +576,7 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
     * long K (:data:`RING_MIN_K_WORDS`, Mixtral's I = 14336) first of all: 16-row, 64-word
       one-warp tiles loading through a ``cp.async`` ring two steps ahead (127 registers),
       split along K up to ~7 warps per SM (session 15 against the register tiles: Mixtral
-      M=1 27.2 -> 26.0 us, M=2 51.1 -> 47.2, M=3 76.0 -> 69.0, M=4 97.8 -> 91.3);
+      M=1 27.2 -> 26.0 us, M=2 51.1 -> 47.2, M=3 76.0 -> 69.0, M=4 97.8 -> 92.2);
 
     ``allow_split_k=False`` (the deterministic mode, which drops the split) skips the split
     one-warp tiles: unsplit, they are too few programs.

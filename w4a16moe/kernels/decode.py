@@ -139,6 +139,20 @@ def _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0, kw_end, num
 
 
 @triton.jit
+def _step_dots(w, x, s, z, one_bits, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr,
+               HAS_ZEROS: tl.constexpr):
+    """One K step of :func:`_stream_rows`: words ``[ROWS, BLOCK_KW]`` against activations
+    ``x`` -> scaled partial sums ``[ROWS, BLOCK_KW / 4]`` (one per 32-value chunk, with the
+    chunk's scale ``s`` and zero point ``z``, or 8 for symmetric weights)."""
+    f = unpack_int4_to_unit_float(w, BLOCK_KW * 8, one_bits)
+    qx, xs = unit_float_chunk_dots(f, x, ROWS, BLOCK_KW // CHUNK_WORDS)
+    if HAS_ZEROS:
+        return s * (qx - z * xs)
+    else:
+        return s * (qx - 8.0 * xs)
+
+
+@triton.jit
 def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_end,
                  num_groups, one_bits, ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -159,20 +173,13 @@ def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_e
     of a step go to a ring of ``STAGES`` shared-memory buffers by ``cp.async`` and run
     ``STAGES - 1`` steps ahead, without holding the steps in flight in registers.
     """
-    BLOCK_K: tl.constexpr = BLOCK_KW * 8
-    CHUNKS: tl.constexpr = BLOCK_KW // CHUNK_WORDS
-    acc = tl.zeros([ROWS, CHUNKS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_KW // CHUNK_WORDS], dtype=tl.float32)
     if STAGES > 1:
         for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=STAGES):
             w, x, s, z = _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0,
                                     kw_end, num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS,
                                     HAS_PERM, EVEN_N, EVEN_K)
-            f = unpack_int4_to_unit_float(w, BLOCK_K, one_bits)
-            qx, xs = unit_float_chunk_dots(f, x, ROWS, CHUNKS)
-            if HAS_ZEROS:
-                acc += s * (qx - z * xs)
-            else:
-                acc += s * (qx - 8.0 * xs)
+            acc += _step_dots(w, x, s, z, one_bits, ROWS, BLOCK_KW, HAS_ZEROS)
         return acc
     # with EVEN_K the loads are unmasked: prefetches past the end re-read the last step
     if EVEN_K:
@@ -191,12 +198,7 @@ def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_e
                                         tl.minimum(kw0 + PREFETCH * BLOCK_KW, last), kw_end,
                                         num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM,
                                         EVEN_N, EVEN_K)
-        f = unpack_int4_to_unit_float(w, BLOCK_K, one_bits)
-        qx, xs = unit_float_chunk_dots(f, x, ROWS, CHUNKS)
-        if HAS_ZEROS:
-            acc += s * (qx - z * xs)
-        else:
-            acc += s * (qx - 8.0 * xs)
+        acc += _step_dots(w, x, s, z, one_bits, ROWS, BLOCK_KW, HAS_ZEROS)
         if PREFETCH == 2:
             w, x, s, z = w1, x1, s1, z1
             w1, x1, s1, z1 = w_n, x_n, s_n, z_n

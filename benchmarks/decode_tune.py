@@ -256,11 +256,12 @@ def _launches(kind, routes, x, ex, out, ws, cfg=None):
     return [make(w, ids) for w, ids in routes]
 
 
-#: ``--routing random``: top-k of random logits instead of disjoint expert sets
-RANDOM_ROUTING = False
+#: ``--routing``: how each launch of a timing graph picks its experts
+ROUTINGS = {"disjoint": routing, "random": random_routing}
 
 
-def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
+def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only,
+                route=routing):
     dtype = torch.bfloat16
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     p = MODELS[name]
@@ -272,7 +273,6 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only):
         per_launch = min(m * top_k, E)
         expert_bytes = layer_bytes / E
         R = max(-(-E // per_launch), 4, int(-(-400e6 // (per_launch * expert_bytes))))
-        route = random_routing if RANDOM_ROUTING else routing
         routes = [route(m, top_k, E, r, device) for r in range(R)]
         u = sum(distinct(ids) for _, ids in routes) / R
         x = torch.randn(m, H, dtype=dtype, device=device)
@@ -359,10 +359,11 @@ def parse_config(text):
 
 
 def sweep(device, results, quick, models, warm_only=False, defaults_only=False,
-          g1=None, g2=None, ms=None):
+          g1=None, g2=None, ms=None, route=routing):
     """Time every variant (or, with ``warm_only``, launch each once to fill the compile
     cache; run several warm processes side by side to compile in parallel). ``g1``/``g2``
-    replace the built-in variant lists, ``ms`` the token counts of every model."""
+    replace the built-in variant lists, ``ms`` the token counts of every model, ``route``
+    the routing of each launch (one of :data:`ROUTINGS`)."""
     g1_variants = G1_VARIANTS if g1 is None else g1
     g2_variants = G2_VARIANTS if g2 is None else g2
     if quick:
@@ -372,7 +373,8 @@ def sweep(device, results, quick, models, warm_only=False, defaults_only=False,
     for name in MODELS:
         ms_ = tuple(ms) if ms else PLAN.get(name, (1, 2, 4, 8))
         if (not models and name in PLAN) or (models and name in models):
-            sweep_model(name, ms_, device, results, g1_variants, g2_variants, warm_only)
+            sweep_model(name, ms_, device, results, g1_variants, g2_variants, warm_only,
+                        route)
             torch.cuda.empty_cache()
     if warm_only:
         return
@@ -402,14 +404,12 @@ def main():
     ap.add_argument("--g2", nargs="*", type=parse_config, default=None,
                     metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER[,STAGES]]]",
                     help="GEMM2 variants to time besides the default config")
-    ap.add_argument("--routing", choices=("disjoint", "random"), default="disjoint",
+    ap.add_argument("--routing", choices=tuple(ROUTINGS), default="disjoint",
                     help="disjoint: every slot of a launch on its own expert (the worst "
                          "case, the default); random: top-k of random logits, so slots "
                          "share experts as a router's do (the floor counts the distinct "
                          "experts, averaged over the launches)")
     args = ap.parse_args()
-    global RANDOM_ROUTING
-    RANDOM_ROUTING = args.routing == "random"
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     import triton
@@ -423,7 +423,8 @@ def main():
         print(f"checks took {time.time() - t0:.1f}s", flush=True)
     if args.mode in ("all", "warm", "time"):
         sweep(device, results, args.quick, args.models, warm_only=args.mode == "warm",
-              defaults_only=args.defaults_only, g1=args.g1, g2=args.g2, ms=args.ms)
+              defaults_only=args.defaults_only, g1=args.g1, g2=args.g2, ms=args.ms,
+              route=ROUTINGS[args.routing])
     if args.mode == "warm":
         print(f"warm took {time.time() - t0:.1f}s")
         return

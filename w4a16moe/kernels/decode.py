@@ -157,7 +157,7 @@ def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_e
                  num_groups, one_bits, ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                  PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 STAGES: tl.constexpr = 1):
+                 STAGES: tl.constexpr):
     """Dot products of ``ROWS`` weight rows with one activation row over packed words
     ``kw_start .. kw_end``, returned unreduced as ``[ROWS, BLOCK_KW / 4]`` fp32 partials
     (sum them along axis 1; callers that add several rows of activations first reduce once).

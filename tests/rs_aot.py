@@ -44,13 +44,41 @@ def _signature(fn, constexprs: dict, tensor_descs: dict, c_type: str = "*bf16"
     return sig, attrs
 
 
+def unguarded_shared_writes(ptx: str) -> list[int]:
+    """Lines of ``ptx`` that write shared memory (``st.shared``, ``stmatrix``: the epilogue's
+    layout-conversion scratch) with no ``bar.sync`` before them in their basic block. Once
+    the waits' barriers are stripped (``w4a16moe.kernels.membar``) each such write must
+    still follow a barrier that every consumer warp passes on the way to it, or warps of the
+    next tile could overwrite scratch that others still read; one in the same block, with
+    no label in between, is passed on every path to the write. (Writes to a fixed
+    ``global_smem`` address, the prologue's, are not counted.)"""
+    bad, guarded = [], False
+    for n, line in enumerate(ptx.splitlines()):
+        op = line.strip()
+        if op.startswith("$L__BB") and op.split("//")[0].rstrip().endswith(":"):
+            guarded = False
+        elif op.startswith(("bar.sync", "barrier.sync")):
+            guarded = True
+        elif op.startswith(("st.shared", "stmatrix")) or " st.shared" in op:
+            # stores to a fixed address of global_smem: the warp-specialization state the
+            # prologue writes once before any partition starts
+            if not guarded and "[global_smem+" not in op:
+                bad.append(n)
+    return bad
+
+
 def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
-                 out_sorted: bool = False, mul_routed_weight: bool = False) -> str:
-    """``ptxas -v`` output for ``config`` compiled for sm_90a (see the module docstring)."""
+                 out_sorted: bool = False, mul_routed_weight: bool = False) -> dict:
+    """``config`` compiled for sm_90a the way the launcher compiles it (the waits' barriers
+    stripped, see ``w4a16moe.kernels.membar``): ``{"ptxas": what ptxas -v says, "stripped":
+    the barriers removed, "unguarded": unguarded_shared_writes(ptx)}`` (see the module
+    docstring)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    from w4a16moe.kernels.membar import strip_wait_barriers
 
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     fn = prefill_rs._prefill_rs_kernel
@@ -61,7 +89,7 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=True, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
         SPLIT_K=config.get("SPLIT_K", 1),
-        LOADER_REGS=prefill_rs.LOADER_REGS, num_warps=config["num_warps"])
+        LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"])
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
     w_layout = prefill_rs.weight_smem_layout(bk)
     box = [1, bn // 8, 2 if activation else 1, 8, bk // 8]
@@ -78,17 +106,19 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
     kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32),
                             options={"num_warps": config["num_warps"]})
+    text, stripped = strip_wait_barriers(kernel.asm["ptx"])
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
+            f.write(text)
         run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
                               os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
-    return run.stdout + run.stderr
+    return {"ptxas": run.stdout + run.stderr, "stripped": stripped,
+            "unguarded": unguarded_shared_writes(text)}
 
 
-def ptxas_reports(variants: list[dict]) -> list[str]:
+def ptxas_reports(variants: list[dict]) -> list[dict]:
     """:func:`ptxas_report` of each ``{"config", "activation", "a_sorted", "out_sorted",
     "mul_routed_weight"}``, computed in a child process without ``TRITON_INTERPRET``."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

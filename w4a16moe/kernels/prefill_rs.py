@@ -52,11 +52,13 @@ cover the config rules and the fallback; the numerical tests of this kernel are 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
 from .common import activation, fragment_order, grouped_tile
+from .membar import stripped_wait_barriers
 
 try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everything
     from triton.experimental import gluon
@@ -79,6 +81,10 @@ LOADER_REGS = 64
 #: read the packed words with TMA (one bulk copy per K step) where the strides allow; False:
 #: the loader warp cp.asyncs them in 16-byte pieces (benchmarks flip this for A/Bs)
 WEIGHT_TMA = True
+#: compile the kernel without the CTA barrier Triton puts in front of each consumer
+#: ``mbarrier.wait`` (:mod:`w4a16moe.kernels.membar`: it orders nothing here; 1-9 % faster
+#: GEMMs on the H100); False keeps it (benchmarks flip this for A/Bs)
+STRIP_WAIT_BARRIERS = True
 
 
 if HAVE_GLUON:
@@ -478,10 +484,15 @@ if HAVE_GLUON:
         IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
         W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
-        LOADER_REGS: gl.constexpr, num_warps: gl.constexpr,
+        LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
-        program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader."""
+        program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
+
+        ``STRIPPED_WAITS`` is not read here: it keys the compiled variants, since the
+        launcher compiles the True one through :func:`~w4a16moe.kernels.membar.
+        stripped_wait_barriers` (its PTX without the barriers in front of the consumer
+        waits) and Triton's caches would not tell the two apart otherwise."""
         if ACTIVATION != 0:
             BLOCK_N: gl.constexpr = 2 * BLOCK_N_OUT
         else:
@@ -702,22 +713,26 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if a_sorted:
         a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bt, bk],
                                   activation_smem_layout(bt, bk, a.dtype))
-    _prefill_rs_kernel[grid](
-        a, a_desc, qweight, w_desc, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
-        n_out, k, em, slots, top_k, up_offset,
-        a.stride(0), qweight.stride(0), qweight.stride(1),
-        scales.stride(0), scales.stride(1), scales.stride(2),
-        z.stride(0), z.stride(1), z.stride(2), out.stride(-2),
-        out.stride(0) if split > 1 else 0,
-        GROUP_SIZE=group_size, A_IS_SLOTS=a_is_slots,
-        # two adjacent groups' scales as one 32-bit load (G == BLOCK_K, pairs 4-byte aligned)
-        SCALE_PAIRS=(group_size == bk and scales.stride(2) == 1 and scales.stride(1) % 2 == 0
-                     and scales.stride(0) % 2 == 0 and scales.data_ptr() % 4 == 0),
-        MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_ZEROS=zeros is not None,
-        ACTIVATION=activation_code, OUT_FRAG=out_fragment_order, A_SORTED=a_sorted,
-        C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16, BLOCK_T=bt, BLOCK_N_OUT=bn,
-        BLOCK_K=bk,
-        GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
-        W_TMA=w_desc is not None, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
-        SPLIT_K=split,
-        LOADER_REGS=LOADER_REGS, num_warps=config["num_warps"])
+    strip = STRIP_WAIT_BARRIERS
+    with stripped_wait_barriers("_prefill_rs_kernel") if strip else contextlib.nullcontext():
+        _prefill_rs_kernel[grid](
+            a, a_desc, qweight, w_desc, scales, z, out, tw, sorted_ids, expert_ids,
+            num_post_padded, n_out, k, em, slots, top_k, up_offset,
+            a.stride(0), qweight.stride(0), qweight.stride(1),
+            scales.stride(0), scales.stride(1), scales.stride(2),
+            z.stride(0), z.stride(1), z.stride(2), out.stride(-2),
+            out.stride(0) if split > 1 else 0,
+            GROUP_SIZE=group_size, A_IS_SLOTS=a_is_slots,
+            # two adjacent groups' scales as one 32-bit load (G == BLOCK_K, pairs 4-byte
+            # aligned)
+            SCALE_PAIRS=(group_size == bk and scales.stride(2) == 1
+                         and scales.stride(1) % 2 == 0 and scales.stride(0) % 2 == 0
+                         and scales.data_ptr() % 4 == 0),
+            MUL_ROUTED_WEIGHT=topk_weights is not None, HAS_ZEROS=zeros is not None,
+            ACTIVATION=activation_code, OUT_FRAG=out_fragment_order, A_SORTED=a_sorted,
+            C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16, BLOCK_T=bt,
+            BLOCK_N_OUT=bn, BLOCK_K=bk,
+            GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
+            W_TMA=w_desc is not None,
+            PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
+            LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"])

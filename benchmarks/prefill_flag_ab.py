@@ -41,6 +41,23 @@ DEV = torch.device("cuda")
 TABLE = cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json"
 
 
+def case_tensors(m: int, shape, block_m: int, dtype, device=DEV) -> dict:
+    """The inputs and buffers ``tune.candidate_runs`` takes for ``m`` tokens of ``shape``:
+    ``x``, a softmax top-k routing (``w``, ``ids``, seeded by ``m``), its ``blocks`` of
+    ``block_m`` rows, a random intermediate ``inter`` and GEMM2's output ``c2`` by slot, and
+    the sorted-row buffers ``x_sorted`` / ``inter_sorted``."""
+    h, i, k = shape.hidden_size, shape.intermediate_size, shape.top_k
+    x = torch.randn(m, h, device=device, dtype=dtype)
+    w, ids = random_routing(m, shape, device, seed=m)
+    blocks = align_block_size(ids, block_m, shape.num_experts)
+    em = blocks.sorted_token_ids.numel()
+    return dict(x=x, w=w, ids=ids, blocks=blocks,
+                inter=torch.randn(m * k, i, device=device, dtype=dtype),
+                c2=torch.empty(m * k, h, device=device, dtype=dtype),
+                x_sorted=torch.empty(em, h, device=device, dtype=dtype),
+                inter_sorted=torch.randn(em, i, device=device, dtype=dtype))
+
+
 def pick_run(runs, entry: dict, flag: str, on: bool):
     """The run of ``runs`` with ``entry``'s SORTED_ROWS and ``flag`` set to ``on``."""
     for cfg, fn in runs:
@@ -66,7 +83,7 @@ def main() -> int:
     dtype = torch.bfloat16
     for model in args.models.split(","):
         s = MODEL_SHAPES[model]
-        e, h, i, k = s.num_experts, s.hidden_size, s.intermediate_size, s.top_k
+        h, i, k = s.hidden_size, s.intermediate_size, s.top_k
         keys = ((2 * i, h), (h, i))
         g1, g2 = (table.get(key, {}) for key in keys)
         # GEMM2 runs on GEMM1's BLOCK_SIZE_M: buckets with a GEMM1 entry
@@ -76,14 +93,10 @@ def main() -> int:
         experts = random_packed_experts(s, dtype, DEV)
         for m in buckets:
             bm = g1[m]["BLOCK_SIZE_M"]
-            x = torch.randn(m, h, device=DEV, dtype=dtype)
-            w, ids = random_routing(m, s, DEV, seed=m)
-            blocks = align_block_size(ids, bm, e)
-            em = blocks.sorted_token_ids.numel()
-            inter = torch.randn(m * k, i, device=DEV, dtype=dtype)
-            c2 = torch.empty(m * k, h, device=DEV, dtype=dtype)
-            x_sorted = torch.empty(em, h, device=DEV, dtype=dtype)
-            inter_sorted = torch.randn(em, i, device=DEV, dtype=dtype)
+            t = case_tensors(m, s, bm, dtype)
+            x, w, ids, blocks, inter, c2, x_sorted, inter_sorted = (
+                t[n] for n in ("x", "w", "ids", "blocks", "inter", "c2", "x_sorted",
+                               "inter_sorted"))
             for gemm, key, entry in (("w13", keys[0], g1[m]), ("w2", keys[1], g2.get(m))):
                 if not entry or not entry.get("RS"):
                     continue

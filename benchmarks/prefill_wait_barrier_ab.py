@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_flag_ab import TABLE  # noqa: E402
+from prefill_flag_ab import TABLE, case_tensors  # noqa: E402
 from prefill_rs_ab import write_records  # noqa: E402
 
 from w4a16moe.kernels import configs as cfgmod  # noqa: E402
@@ -39,9 +39,7 @@ from w4a16moe.kernels.tune import (  # noqa: E402
     MODEL_SHAPES,
     candidate_runs,
     random_packed_experts,
-    random_routing,
 )
-from w4a16moe.routing import align_block_size  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -105,7 +103,7 @@ def main() -> int:
         model, m = case.split(":")
         m = int(m)
         s = MODEL_SHAPES[model]
-        e, h, i, k = s.num_experts, s.hidden_size, s.intermediate_size, s.top_k
+        h, i, k = s.hidden_size, s.intermediate_size, s.top_k
         if model not in experts_cache:
             experts_cache.clear()
             torch.cuda.empty_cache()
@@ -115,24 +113,19 @@ def main() -> int:
         g1, g2 = (table[key] for key in keys)
         bucket = min((b for b in g1 if b >= m), default=max(g1))
         bm = g1[bucket]["BLOCK_SIZE_M"]
-        x = torch.randn(m, h, device=DEV, dtype=dtype)
-        w, ids = random_routing(m, s, DEV, seed=m)
-        blocks = align_block_size(ids, bm, e)
-        em = blocks.sorted_token_ids.numel()
-        inter = torch.randn(m * k, i, device=DEV, dtype=dtype)
-        c2 = torch.empty(m * k, h, device=DEV, dtype=dtype)
-        x_sorted = torch.empty(em, h, device=DEV, dtype=dtype)
-        inter_sorted = torch.randn(em, i, device=DEV, dtype=dtype)
+        t = case_tensors(m, s, bm, dtype)
+        inter, c2 = t["inter"], t["c2"]
         for gemm, entry in (("w13", g1[bucket]), ("w2", g2[bucket])):
             if not entry.get("RS"):
                 continue
             entry = {**entry, "BLOCK_SIZE_M": bm}
             base = {kk: v for kk, v in entry.items() if kk not in ("SORTED_ROWS", "SPLIT_K")}
             splits = (entry["SPLIT_K"],) if entry.get("SPLIT_K", 1) > 1 else ()
-            runs = candidate_runs(gemm, base, experts=experts, x=x, inter=inter,
-                                  out=inter if gemm == "w13" else c2, blocks=blocks,
-                                  topk_ids=ids, topk_weights=w, top_k=k, x_sorted=x_sorted,
-                                  inter_sorted=inter_sorted, splits=splits)
+            runs = candidate_runs(gemm, base, experts=experts, x=t["x"], inter=inter,
+                                  out=inter if gemm == "w13" else c2, blocks=t["blocks"],
+                                  topk_ids=t["ids"], topk_weights=t["w"], top_k=k,
+                                  x_sorted=t["x_sorted"], inter_sorted=t["inter_sorted"],
+                                  splits=splits)
             want = entry
             fn = next((f for c, f in runs
                        if bool(c.get("SORTED_ROWS")) == bool(want.get("SORTED_ROWS"))
@@ -144,7 +137,7 @@ def main() -> int:
             if splits:
                 result = None  # the run returns its top-k sum
             elif gemm == "w13":
-                result = inter_sorted if entry.get("SORTED_ROWS") else inter
+                result = t["inter_sorted"] if entry.get("SORTED_ROWS") else inter
             else:
                 result = c2
 

@@ -43,12 +43,8 @@ def test_strip_removes_only_the_barriers_in_front_of_waits():
     assert membar.strip_wait_barriers(out) == (out, 0)
 
 
-class _Stages(dict):
-    pass
-
-
 def _run_hook(hook, name: str, ptx: str = PTX) -> str:
-    stages = _Stages(ptx=lambda src, metadata: ptx)
+    stages = {"ptx": lambda src, metadata: ptx}
     hook(object(), stages, None, None, 90)
     return stages["ptx"](None, {"name": name})
 

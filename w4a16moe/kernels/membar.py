@@ -19,7 +19,7 @@ of the arrive after the K loop, before the epilogue writes its scratch, and
 ``tests/test_prefill_rs.py`` checks that every scratch write of every shipped config still
 follows a barrier once the waits' barriers are gone.
 
-Removing them made the prefill GEMMs 1-9 % faster on an H100, bit-identical
+Removing them made the prefill GEMMs 0.6-9.7 % faster on an H100, bit-identical
 (``benchmarks/prefill_wait_barrier_ab.py``; ``benchmarks/notes_prefill.md``, session 16).
 
 :func:`strip_wait_barriers` does it on PTX text; :func:`stripped_wait_barriers` is a context

@@ -23,6 +23,11 @@ never goes through shared memory; the activations stay in natural K order. A pro
   one-thread ``mbarrier.arrive`` needs a barrier over all consumer warps before it), and
   after the K loop run the epilogue (router weight, ``act(gate) * up``) and the store.
 
+Consumer warps do not meet once a K step: Triton's shared-memory analysis puts a CTA barrier
+in front of each stage wait (two waits on one barrier array count as a conflict), which the
+launcher's compile hook removes, since the ring keeps every thread within a phase
+(:mod:`w4a16moe.kernels.membar`).
+
 Race freedom: a wgmma reads its register operand while it runs, so the loop is unrolled by two
 with one set of A registers per parity; step ``i``'s registers are rewritten only after the
 wait that retires step ``i``'s wgmma (checked in the SASS: the two sets alternate and neither
@@ -82,8 +87,8 @@ LOADER_REGS = 64
 #: the loader warp cp.asyncs them in 16-byte pieces (benchmarks flip this for A/Bs)
 WEIGHT_TMA = True
 #: compile the kernel without the CTA barrier Triton puts in front of each consumer
-#: ``mbarrier.wait`` (:mod:`w4a16moe.kernels.membar`: it orders nothing here; 1-9 % faster
-#: GEMMs on the H100); False keeps it (benchmarks flip this for A/Bs)
+#: ``mbarrier.wait`` (:mod:`w4a16moe.kernels.membar`: it orders nothing here; the GEMMs
+#: 0.6-9.7 % faster on the H100); False keeps it (benchmarks flip this for A/Bs)
 STRIP_WAIT_BARRIERS = True
 
 
@@ -490,9 +495,10 @@ if HAVE_GLUON:
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
 
         ``STRIPPED_WAITS`` is not read here: it keys the compiled variants, since the
-        launcher compiles the True one through :func:`~w4a16moe.kernels.membar.
-        stripped_wait_barriers` (its PTX without the barriers in front of the consumer
-        waits) and Triton's caches would not tell the two apart otherwise."""
+        launcher compiles the True one through
+        :func:`~w4a16moe.kernels.membar.stripped_wait_barriers` (its PTX without the
+        barriers in front of the consumer waits) and Triton's caches would not tell the two
+        apart otherwise."""
         if ACTIVATION != 0:
             BLOCK_N: gl.constexpr = 2 * BLOCK_N_OUT
         else:

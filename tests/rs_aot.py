@@ -69,16 +69,16 @@ def unguarded_shared_writes(ptx: str) -> list[int]:
 
 def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
                  out_sorted: bool = False, mul_routed_weight: bool = False) -> dict:
-    """``config`` compiled for sm_90a the way the launcher compiles it (the waits' barriers
-    stripped, see ``w4a16moe.kernels.membar``): ``{"ptxas": what ptxas -v says, "stripped":
-    the barriers removed, "unguarded": unguarded_shared_writes(ptx)}`` (see the module
-    docstring)."""
+    """``config`` compiled for sm_90a the way the launcher compiles it (through the hook of
+    ``w4a16moe.kernels.membar`` that strips the waits' barriers): ``{"ptxas": what ptxas -v
+    says, "stripped": the barriers the hook removed, "left": wait barriers still in the PTX,
+    "unguarded": unguarded_shared_writes(ptx)}`` (see the module docstring)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from w4a16moe.kernels.membar import strip_wait_barriers
+    from w4a16moe.kernels.membar import strip_wait_barriers, stripped_wait_barriers
 
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     fn = prefill_rs._prefill_rs_kernel
@@ -103,10 +103,13 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
     # SPLIT_K writes float32 partial sums
     sig, attrs = _signature(fn, constexprs, descs,
                             "*fp32" if config.get("SPLIT_K", 1) > 1 else "*bf16")
-    kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": config["num_warps"]})
-    text, stripped = strip_wait_barriers(kernel.asm["ptx"])
+    # through the launcher's compile hook, so the hook itself is what is checked
+    with stripped_wait_barriers("_prefill_rs_kernel") as hook:
+        kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": config["num_warps"]})
+    text = kernel.asm["ptx"]
+    stripped = hook.removed.get("_prefill_rs_kernel", 0) if hook is not None else 0
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
@@ -115,7 +118,7 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
                               os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
     return {"ptxas": run.stdout + run.stderr, "stripped": stripped,
-            "unguarded": unguarded_shared_writes(text)}
+            "left": strip_wait_barriers(text)[1], "unguarded": unguarded_shared_writes(text)}
 
 
 def ptxas_reports(variants: list[dict]) -> list[dict]:
@@ -124,8 +127,13 @@ def ptxas_reports(variants: list[dict]) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, os.path.abspath(__file__)], input=json.dumps(variants),
-                         capture_output=True, text=True, env=env, check=False)
+    # an empty cache: the hook must run on every compile (triton 3.6 keys the cache without
+    # it), and these sm_90 builds stay out of the user's cache
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        run = subprocess.run([sys.executable, os.path.abspath(__file__)],
+                             input=json.dumps(variants), capture_output=True, text=True,
+                             env=env, check=False)
     if run.returncode != 0:
         raise RuntimeError(f"rs_aot.py failed:\n{run.stderr[-4000:]}")
     return json.loads(run.stdout)

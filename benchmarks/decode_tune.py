@@ -47,6 +47,7 @@ from w4a16moe.kernels.decode import (
 )
 from w4a16moe.layout import PackedExperts, PackedWeights
 from w4a16moe.reference import moe_reference
+from w4a16moe.routing import fused_topk
 
 STREAM_BW = 2.94e12  # H100 streaming read, measured (shared/TESTING_FACTS.md)
 MODELS = {
@@ -88,10 +89,8 @@ def random_routing(m, top_k, E, launch, device):
     experts; every launch draws anew, so consecutive launches mostly touch other weights."""
     gen = torch.Generator(device="cpu")
     gen.manual_seed(1000 + launch)
-    logits = torch.randn(m, E, generator=gen)
-    w, ids = torch.topk(logits.softmax(-1), top_k, dim=-1)
-    return ((w / w.sum(-1, keepdim=True)).to(device).contiguous(),
-            ids.to(torch.int32).to(device).contiguous())
+    w, ids = fused_topk(torch.randn(m, E, generator=gen).to(device), top_k)
+    return w.contiguous(), ids.to(torch.int32).contiguous()
 
 
 def distinct(ids):

@@ -34,6 +34,8 @@ import contextlib
 import re
 from collections.abc import Iterator
 
+import triton
+
 #: ``bar.sync 0[, n]`` directly in front of the inline-asm wait loop ``mbarrier.wait`` lowers to
 _WAIT_BARRIER = re.compile(
     r"^[ \t]*(?:bar|barrier)\.sync(?:\.aligned)?[ \t]+0(?:,[ \t]*\d+)?;\n"
@@ -41,6 +43,11 @@ _WAIT_BARRIER = re.compile(
     r"mbarrier\.try_wait)", re.M)
 #: added to Triton's cache keys (triton >= 3.7) of what compiles while the hook is installed
 HOOK_KEY = "w4a16moe-strip-wait-barriers-1"
+#: Triton's runtime knobs where they have the stages hook (triton >= 3.5), else None;
+#: looked up once, since the launcher enters :func:`stripped_wait_barriers` every launch
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
+if _RUNTIME is not None and not hasattr(_RUNTIME, "add_stages_inspection_hook"):
+    _RUNTIME = None
 
 
 def strip_wait_barriers(ptx: str) -> tuple[str, int]:
@@ -89,10 +96,8 @@ def stripped_wait_barriers(*names: str) -> Iterator[_StripHook | None]:
     in front of their ``mbarrier.wait``; yields the hook (its ``removed`` maps a compiled
     kernel's name to the count), or None where this Triton has no stages hook. Kernels
     compiled before keep what they were compiled with."""
-    import triton
-
-    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
-    if runtime is None or not hasattr(runtime, "add_stages_inspection_hook"):
+    runtime = _RUNTIME
+    if runtime is None:
         yield None
         return
     previous = runtime.add_stages_inspection_hook

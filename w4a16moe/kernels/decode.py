@@ -54,6 +54,7 @@ from .common import (
     unit_float_chunk_dots,
     unpack_int4_to_unit_float,
 )
+from .pdl import gdc_wait, pdl_enabled
 
 #: words per chunk: one thread's 16-byte load, 32 K values, the unit of in-thread sums
 CHUNK_WORDS = tl.constexpr(4)
@@ -221,6 +222,7 @@ def _decode_gemm1_kernel(
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """GEMM1 of the decode MoE: ``out[s, n] = act(x[s // top_k] . W[e, n]) * (x . W[e, I + n])``.
 
@@ -236,7 +238,11 @@ def _decode_gemm1_kernel(
     expert ``e`` of slot ``s`` and computes gate rows ``j*BLOCK_N ..`` and the matching up
     rows (one tile of ``2 * BLOCK_N`` interleaved rows) over words ``p*KW_PER_SPLIT ..
     (p+1)*KW_PER_SPLIT`` of K. A slot whose expert maps to -1 does no work and yields zeros.
+    ``PDL``: launched as a dependent of the kernel before it, normally the router
+    (:mod:`.pdl`): wait for that kernel to complete before reading anything.
     """
+    if PDL:
+        gdc_wait()
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -800,6 +806,16 @@ def _weight_args(w: PackedWeights) -> dict:
     )
 
 
+def _pdl_args(device: torch.device) -> dict:
+    """Launch arguments of GEMM1: a PDL dependent of the kernel before it (the router)
+    where supported. GEMM2 is launched normally: as a dependent of GEMM1, released at
+    GEMM1's start, it made Mixtral M=1-2 18-22 % slower (session 17,
+    ``benchmarks/notes_decode.md``)."""
+    if pdl_enabled(device):
+        return dict(PDL=True, launch_pdl=True)
+    return {}
+
+
 def _kw_per_split(k: int, cfg: DecodeConfig) -> tuple[int, int]:
     """(words per split, effective split) with splits aligned to ``block_kw``."""
     k_words = k // PACK_FACTOR
@@ -870,7 +886,7 @@ def decode_gemm1(
         PREFETCH=cfg.prefetch, STAGES=cfg.num_stages, EVEN_N=i % cfg.block_n == 0,
         EVEN_K=(h // PACK_FACTOR) % cfg.block_kw == 0,
         num_warps=cfg.num_warps, num_stages=1,
-        **_weight_args(w13),
+        **_weight_args(w13), **_pdl_args(device),
     )
     return out
 

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, pdl_enabled
+
 #: largest expert count one program holds in registers (one row of logits per token)
 MAX_EXPERTS = 8192
 #: the arg-max key of a NaN score: below every number's (-inf's is -2139095041), above a
@@ -45,11 +47,16 @@ def _topk_router_kernel(
     M, E, scaling,
     TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
     SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """Rows ``pid*ROWS .. pid*ROWS+ROWS-1`` of ``logits [M, E]`` -> ``weights [M, TOP_K]``
     (computed in float32, stored in the buffer's dtype) and ``ids [M, TOP_K]`` (int32 or
     int64), both contiguous. ``SCORING`` 0 = softmax over E,
-    1 = sigmoid; ``bias_ptr`` ``[E]`` float32 is added to the scores for choosing only."""
+    1 = sigmoid; ``bias_ptr`` ``[E]`` float32 is added to the scores for choosing only.
+    ``PDL``: let the next kernel (the experts' first GEMM, which waits for this one to
+    complete before it reads anything) launch right away (:mod:`.pdl`)."""
+    if PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_E)
@@ -185,7 +192,7 @@ def topk_router(
         TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k),
         BLOCK_E=triton.next_power_of_2(e), ROWS=rows,
         SCORING=SCORING_CODES[scoring], HAS_BIAS=bias is not None,
-        RENORMALIZE=bool(renormalize), num_warps=num_warps,
+        RENORMALIZE=bool(renormalize), PDL=pdl_enabled(dev), num_warps=num_warps,
     )
     return weights, ids
 

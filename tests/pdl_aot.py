@@ -1,0 +1,92 @@
+"""Ahead-of-time compilation (sm_90, no GPU) of the kernels that take part in programmatic
+dependent launch, to check where their ``griddepcontrol`` instructions sit in the PTX.
+
+``pdl_reports()`` compiles, in a child process without ``TRITON_INTERPRET`` (the test
+session's interpreter leaves the language patched), the decode GEMM1 and the router with
+``PDL`` on and off, and returns for each the PTX line numbers of the first
+``griddepcontrol.wait``, the first ``griddepcontrol.launch_dependents`` and the first global
+load (``ld.global``, ``cp.async``, ``atom``), or None where there is none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+
+def _first(pattern: str, lines: list[str]) -> int | None:
+    rx = re.compile(pattern)
+    return next((n for n, line in enumerate(lines) if rx.search(line)), None)
+
+
+def _report(ptx: str) -> dict:
+    lines = ptx.splitlines()
+    return {"wait": _first(r"griddepcontrol\.wait", lines),
+            "launch_dependents": _first(r"griddepcontrol\.launch_dependents", lines),
+            "first_global_read": _first(r"\b(ld\.global|cp\.async\.(ca|cg)|atom\.)", lines)}
+
+
+def _compile(fn, pointers: dict, constexprs: dict, num_warps: int) -> str:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name == "scaling":
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs),
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps))
+    return kernel.asm["ptx"]
+
+
+def _reports() -> dict:
+    from w4a16moe.kernels.decode import _decode_gemm1_kernel
+    from w4a16moe.kernels.router import _topk_router_kernel
+
+    out = {}
+    for pdl in (False, True):
+        gemm1 = dict(GROUP_SIZE=128, HAS_ZEROS=False, HAS_PERM=False, HAS_EMAP=False,
+                     WEIGHT_ON_INPUT=False, ACTIVATION=0, BLOCK_N=8, BLOCK_KW=32, SPLIT_K=1,
+                     KW_PER_SPLIT=256, PREFETCH=1, EVEN_N=True, EVEN_K=True, STAGES=1,
+                     PDL=pdl)
+        ptrs = {n: "*bf16" for n in ("x_ptr", "s_ptr", "out_ptr")}
+        ptrs.update({n: "*i32" for n in ("qw_ptr", "z_ptr", "perm_ptr", "ids_ptr", "emap_ptr",
+                                         "cnt_ptr")})
+        ptrs.update(tw_ptr="*fp32", acc_ptr="*fp32")
+        out[f"gemm1_pdl={pdl}"] = _report(_compile(_decode_gemm1_kernel, ptrs, gemm1, 2))
+        router = dict(TOP_K=8, TOP_K_P2=8, BLOCK_E=128, ROWS=1, SCORING=0, HAS_BIAS=False,
+                      RENORMALIZE=True, PDL=pdl)
+        ptrs = dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32")
+        out[f"router_pdl={pdl}"] = _report(_compile(_topk_router_kernel, ptrs, router, 1))
+    return out
+
+
+def pdl_reports() -> dict:
+    """:func:`_reports` computed in a child process without ``TRITON_INTERPRET``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        run = subprocess.run([sys.executable, os.path.abspath(__file__)], capture_output=True,
+                             text=True, env=env, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"pdl_aot.py failed:\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout)
+
+
+if __name__ == "__main__":
+    json.dump(_reports(), sys.stdout)

@@ -1,0 +1,61 @@
+"""Programmatic dependent launch (PDL) between the small kernels of one layer (sm_90+).
+
+Under a CUDA graph every kernel node waits for the previous one to finish, and the next
+kernel's programs are only then set up and started: ~2 us a node on an H100 for the tiny
+kernels of a decode layer (router, GEMM1, GEMM2), a large share of a 15-25 us layer. With
+PDL a kernel is launched as a *dependent* of the one before it in the stream: its programs
+may start as soon as every program of the previous kernel has executed
+``griddepcontrol.launch_dependents`` (or exited), and they block in ``griddepcontrol.wait``
+until that kernel has completed and its memory is visible, so the set-up of the next kernel
+overlaps the end of the previous one.
+
+Where it is used: the Triton router (:mod:`.router`) releases its dependents when it
+starts, and the decode GEMM1 (:mod:`.decode`) is launched as a dependent and waits before it
+reads anything, so its results never depend on when it started (an unrelated kernel before
+it is simply waited for). On the H100 that took 0.7-0.9 us off the qwen3-30b layer at M=1-2
+(session 17, ``benchmarks/notes_decode.md``). The edge GEMM1 -> GEMM2 is not used: released
+at GEMM1's start it made Mixtral M=1-2 18-22 % slower.
+
+:func:`pdl_enabled` says whether a launch on ``device`` uses it: a CUDA device of compute
+capability 9.0 or newer, a Triton with ``gdc_wait``, not the interpreter, and the
+environment variable ``W4A16MOE_PDL`` not set to ``0``. ``ENABLED`` switches it off for A/B
+measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAVE_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+    HAVE_GDC = False
+
+#: master switch (benchmarks turn it off to time the same kernels without PDL)
+ENABLED = True
+
+
+@functools.cache
+def _device_supports(index: int) -> bool:
+    major, _ = torch.cuda.get_device_capability(index)
+    return major >= 9
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels launched on ``device`` use programmatic dependent launch."""
+    if not (ENABLED and HAVE_GDC and device.type == "cuda"):
+        return False
+    if os.environ.get("W4A16MOE_PDL", "1") == "0":
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_supports(index)
+
+
+__all__ = ["ENABLED", "HAVE_GDC", "gdc_launch_dependents", "gdc_wait", "pdl_enabled"]

@@ -1,9 +1,13 @@
-"""A/B: the decode layer (router + GEMM1 + GEMM2) with and without programmatic dependent
-launch (``w4a16moe.kernels.pdl``: the router releases GEMM1, launched as its dependent),
-under CUDA graphs with cold L2, in one process.
+"""A/B: a MoE layer (router + experts) with and without programmatic dependent launch
+(``w4a16moe.kernels.pdl``), under CUDA graphs with cold L2, in one process.
 
     PYTHONPATH=. python benchmarks/decode_pdl_ab.py --out DIR [--cases model:M,...]
-        [--rounds 5] [--tag _x]
+        [--rounds 5] [--tag _x] [--path decode|prefill]
+
+``--path decode`` (default): router + ``fused_moe_decode``, PDL on or off as a whole (the
+router releases GEMM1, launched as its dependent). ``--path prefill``: router +
+``fused_moe_prefill``, the prefill chain's PDL (``pdl.PREFILL``: alignment, row gather,
+GEMM1, GEMM2, top-k sum each a dependent of the kernel before) on or off.
 
 Per case, one graph per version holds R layer calls (``fused_topk`` on random logits, then
 ``fused_moe_decode``); each call draws its own logits, so consecutive calls mostly touch
@@ -27,11 +31,12 @@ from decode_tune import MODELS, STREAM_BW, distinct, gemm_bytes, make_experts, t
 
 from w4a16moe.kernels import pdl
 from w4a16moe.kernels.decode import DecodeWorkspace, fused_moe_decode
+from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
 from w4a16moe.reference import moe_reference
 from w4a16moe.routing import fused_topk
 
 
-def run_case(name, m, rounds, device):
+def run_case(name, m, rounds, device, path="decode"):
     p = MODELS[name]
     E, top_k, H, I, G = p["E"], p["top_k"], p["H"], p["I"], p["G"]
     dtype = torch.bfloat16
@@ -47,11 +52,21 @@ def run_case(name, m, rounds, device):
     floor = (gemm_bytes(u, 2 * I, H, G, m, H, m * top_k, I)
              + gemm_bytes(u, H, I, G, m * top_k, I, m, H)) / STREAM_BW * 1e6
     ws = DecodeWorkspace.create(ex, top_k=top_k, max_tokens=m)
+    pws = PrefillWorkspace.allocate(m, ex, top_k)
     out = torch.empty(m, H, dtype=dtype, device=device)
 
     def layer(r):
         w, ids = fused_topk(logits[r], top_k)
-        fused_moe_decode(xs[r], ex, w, ids, out=out, workspace=ws)
+        if path == "decode":
+            fused_moe_decode(xs[r], ex, w, ids, out=out, workspace=ws)
+        else:
+            fused_moe_prefill(xs[r], ex, w, ids, out=out, workspace=pws)
+
+    def setting(on):
+        if path == "decode":
+            pdl.ENABLED = on
+        else:
+            pdl.PREFILL = on
 
     fns = [lambda r=r: layer(r) for r in range(R)]
     w0, ids0 = fused_topk(logits[0], top_k)
@@ -62,7 +77,7 @@ def run_case(name, m, rounds, device):
                         compute_dtype=torch.float32, round_intermediate=True)
     outs, times = {}, {True: [], False: []}
     for on in (False, True):
-        pdl.ENABLED = on
+        setting(on)
         out.fill_(float("nan"))
         ws.inter.fill_(float("nan"))
         fns[0]()
@@ -70,19 +85,19 @@ def run_case(name, m, rounds, device):
         outs[on] = out.float().clone()
     for _ in range(rounds):
         for on in (False, True):
-            pdl.ENABLED = on
+            setting(on)
             times[on].append(time_graph(fns, 20, profile=False)[0])
-    pdl.ENABLED = True
+    pdl.ENABLED = pdl.PREFILL = True
     base, cand = statistics.median(times[False]), statistics.median(times[True])
     err = {on: ((outs[on] - ref).abs().max() / ref.abs().max()).item() for on in outs}
     diff = ((outs[True] - outs[False]).abs().max() / outs[False].abs().max()).item()
     clean = all(int(torch.count_nonzero(t)) == 0 for t in (ws.acc1, ws.acc2, ws.cnt1, ws.cnt2))
-    rec = dict(model=name, m=m, launches_per_graph=R, distinct_experts=u, floor_us=floor,
+    rec = dict(model=name, m=m, path=path, launches_per_graph=R, distinct_experts=u, floor_us=floor,
                off_us=base, on_us=cand, off_rounds=times[False], on_rounds=times[True],
                change=cand / base - 1, off_x_floor=base / floor, on_x_floor=cand / floor,
                rel_err_off=err[False], rel_err_on=err[True], rel_diff_on_vs_off=diff,
                workspace_clean=clean)
-    print(f"{name} M={m}: off {base:.2f} us ({base / floor:.2f}x) on {cand:.2f} us "
+    print(f"{name} M={m} {path}: off {base:.2f} us ({base / floor:.2f}x) on {cand:.2f} us "
           f"({cand / floor:.2f}x) {100 * (cand / base - 1):+.1f}% err {err[False]:.2e}/"
           f"{err[True]:.2e} diff {diff:.1e} clean {clean}", flush=True)
     return rec
@@ -96,6 +111,7 @@ def main():
                                        "mixtral-8x7b:4")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--path", choices=("decode", "prefill"), default="decode")
     args = ap.parse_args()
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
@@ -104,7 +120,7 @@ def main():
                cases=[])
     for c in args.cases.split(","):
         name, m = c.split(":")
-        res["cases"].append(run_case(name, int(m), args.rounds, device))
+        res["cases"].append(run_case(name, int(m), args.rounds, device, args.path))
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"decode_pdl_ab{args.tag}.json")

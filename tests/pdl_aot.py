@@ -2,10 +2,11 @@
 dependent launch, to check where their ``griddepcontrol`` instructions sit in the PTX.
 
 ``pdl_reports()`` compiles, in a child process without ``TRITON_INTERPRET`` (the test
-session's interpreter leaves the language patched), the decode GEMM1 and the router with
-``PDL`` on and off, and returns for each the PTX line numbers of the first
-``griddepcontrol.wait``, the first ``griddepcontrol.launch_dependents`` and the first global
-load (``ld.global``, ``cp.async``, ``atom``), or None where there is none.
+session's interpreter leaves the language patched), the router, the decode GEMM1 and the
+prefill chain's one-program alignment, row gather and top-k sum with ``PDL`` on and off, and
+returns for each the PTX line numbers of the first ``griddepcontrol.wait``, the first
+``griddepcontrol.launch_dependents`` and the first global memory access (``ld.global``,
+``st.global``, ``cp.async``, ``atom``, ``red``), or None where there is none.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def _report(ptx: str) -> dict:
     lines = ptx.splitlines()
     return {"wait": _first(r"griddepcontrol\.wait", lines),
             "launch_dependents": _first(r"griddepcontrol\.launch_dependents", lines),
-            "first_global_read": _first(r"\b(ld\.global|cp\.async\.(ca|cg)|atom\.)", lines)}
+            "first_global_access": _first(
+                r"\b(ld\.global|st\.global|cp\.async\.(ca|cg)|atom\.|red\.)", lines)}
 
 
 def _compile(fn, pointers: dict, constexprs: dict, num_warps: int) -> str:
@@ -53,7 +55,9 @@ def _compile(fn, pointers: dict, constexprs: dict, num_warps: int) -> str:
 
 
 def _reports() -> dict:
+    from w4a16moe.kernels.align import _align_sort_kernel
     from w4a16moe.kernels.decode import _decode_gemm1_kernel
+    from w4a16moe.kernels.prefill import _gather_sorted_rows_kernel, _topk_sum_kernel
     from w4a16moe.kernels.router import _topk_router_kernel
 
     out = {}
@@ -71,6 +75,18 @@ def _reports() -> dict:
                       RENORMALIZE=True, PDL=pdl)
         ptrs = dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32")
         out[f"router_pdl={pdl}"] = _report(_compile(_topk_router_kernel, ptrs, router, 1))
+        align = dict(HAS_MAP=False, CHUNK=64, NUM_BINS=16, FILL_BLOCK=1024, PDL=pdl)
+        ptrs = {n: "*i32" for n in ("topk_ids_ptr", "offsets_ptr", "expert_map_ptr",
+                                    "sorted_ids_ptr", "expert_ids_ptr", "total_ptr")}
+        out[f"align_pdl={pdl}"] = _report(_compile(_align_sort_kernel, ptrs, align, 4))
+        gather = dict(A_IS_SLOTS=False, BLOCK_ROWS=16, BLOCK_K=512, PDL=pdl)
+        ptrs = dict(a_ptr="*bf16", sorted_ids_ptr="*i32", num_post_padded_ptr="*i32",
+                    out_ptr="*bf16")
+        out[f"gather_pdl={pdl}"] = _report(_compile(_gather_sorted_rows_kernel, ptrs, gather,
+                                                    4))
+        topk_sum = dict(SPLITS=1, BLOCK_N=1024, PDL=pdl)
+        ptrs = dict(c_ptr="*bf16", out_ptr="*bf16")
+        out[f"topk_sum_pdl={pdl}"] = _report(_compile(_topk_sum_kernel, ptrs, topk_sum, 4))
     return out
 
 

@@ -1,7 +1,8 @@
 """Programmatic dependent launch (w4a16moe.kernels.pdl): when it is used, and where the
 ``griddepcontrol`` instructions sit in the compiled kernels (sm_90 PTX, compiled ahead of
-time on the CPU). The GPU test runs the router and the decode layer in a CUDA graph with
-PDL and checks them against the reference and against the same launches without PDL."""
+time on the CPU). The GPU test runs the router and the experts (decode and prefill paths)
+in a CUDA graph with PDL and checks them against the reference and against the same
+launches without PDL."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from conftest import DEVICE, ON_GPU
 
 from w4a16moe.kernels import pdl
 from w4a16moe.kernels.decode import DecodeWorkspace, fused_moe_decode
+from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
 from w4a16moe.quantize import random_experts
 from w4a16moe.reference import moe_reference
 from w4a16moe.routing import fused_topk
@@ -37,42 +39,53 @@ def test_pdl_is_off_on_cpu_and_in_the_interpreter(monkeypatch):
     assert not pdl.pdl_enabled(cuda)
 
 
-def test_decode_gemm1_waits_before_its_first_read():
-    """With ``PDL`` the decode GEMM1 may start while the router still runs: its
-    ``griddepcontrol.wait`` must come before every global read (the routing ids, the
-    activations, the weights); the router releases its dependents first thing. Without
-    ``PDL`` neither instruction is there."""
+def test_dependents_wait_before_their_first_memory_access():
+    """A kernel launched with PDL may start while the kernel before it still runs: its
+    ``griddepcontrol.wait`` must come before every global load or store. The decode GEMM1
+    (after the router) does not release its dependents (GEMM2 is launched normally); the
+    prefill chain's kernels release theirs right after their own wait, and the router first
+    thing. Without ``PDL`` none of the instructions is there. (sm_90 PTX, compiled on the
+    CPU; the Gluon prefill kernel's wait is the first statement of its body.)"""
     if not pdl.HAVE_GDC:
         pytest.skip("this Triton has no gdc_wait")
     from pdl_aot import pdl_reports
 
     r = pdl_reports()
-    on, off = r["gemm1_pdl=True"], r["gemm1_pdl=False"]
-    assert on["wait"] is not None and on["first_global_read"] is not None
-    assert on["wait"] < on["first_global_read"], on
-    assert on["launch_dependents"] is None  # GEMM2 is not released early (session 17)
-    assert off["wait"] is None and off["launch_dependents"] is None
+    for kernel in ("gemm1", "align", "gather", "topk_sum"):
+        on, off = r[f"{kernel}_pdl=True"], r[f"{kernel}_pdl=False"]
+        assert on["wait"] is not None and on["first_global_access"] is not None, (kernel, on)
+        assert on["wait"] < on["first_global_access"], (kernel, on)
+        assert off["wait"] is None and off["launch_dependents"] is None, (kernel, off)
+        if kernel == "gemm1":  # GEMM2 is not released early (session 17)
+            assert on["launch_dependents"] is None, on
+        else:
+            assert on["wait"] < on["launch_dependents"] < on["first_global_access"], (kernel, on)
     router_on, router_off = r["router_pdl=True"], r["router_pdl=False"]
     assert router_on["launch_dependents"] is not None
-    assert router_on["launch_dependents"] < router_on["first_global_read"], router_on
+    assert router_on["launch_dependents"] < router_on["first_global_access"], router_on
     assert router_on["wait"] is None
     assert router_off["launch_dependents"] is None
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and PDL need a GPU")
+@pytest.mark.parametrize("path", ["decode", "prefill"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_router_then_decode_in_a_graph_with_pdl(dtype):
+def test_router_then_experts_in_a_graph_with_pdl(dtype, path):
     experts = random_experts(16, 256, 128, group_size=64, dtype=dtype,
                                             device=DEVICE, seed=21)
     m, top_k = 3, 4
     logits = torch.randn(m, 16, device=DEVICE)
     x = torch.randn(m, 256, dtype=dtype, device=DEVICE)
     ws = DecodeWorkspace.create(experts, top_k=top_k, max_tokens=m)
+    pws = PrefillWorkspace.allocate(m, experts, top_k)
     out = torch.empty(m, 256, dtype=dtype, device=DEVICE)
 
     def step():
         w, ids = fused_topk(logits, top_k)
-        fused_moe_decode(x, experts, w, ids, out=out, workspace=ws, deterministic=True)
+        if path == "decode":
+            fused_moe_decode(x, experts, w, ids, out=out, workspace=ws, deterministic=True)
+        else:
+            fused_moe_prefill(x, experts, w, ids, out=out, workspace=pws, deterministic=True)
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -87,6 +100,7 @@ def test_router_then_decode_in_a_graph_with_pdl(dtype):
         x.copy_(torch.randn_like(x))
         out.fill_(float("nan"))
         ws.inter.fill_(float("nan"))
+        pws.intermediate.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         got = out.clone()
@@ -101,6 +115,7 @@ def test_router_then_decode_in_a_graph_with_pdl(dtype):
         try:
             out.fill_(float("nan"))
             step()
+            torch.cuda.synchronize()
         finally:
             pdl.ENABLED = True
         assert torch.equal(out, got)

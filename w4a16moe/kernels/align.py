@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import gdc_launch_dependents, gdc_wait, prefill_pdl_args
+
 #: largest E handled (the scan holds one row of E counts in registers)
 MAX_EXPERTS = 4096
 #: up to this many slots (and fewer than SINGLE_PROGRAM_EXPERTS experts) one program aligns
@@ -165,7 +167,7 @@ def _align_sort_kernel(
     topk_ids_ptr, offsets_ptr, expert_map_ptr, sorted_ids_ptr, expert_ids_ptr,
     total_ptr, num_slots, num_experts, block_size, num_sorted, num_blocks,
     HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr,
-    FILL_BLOCK: tl.constexpr,
+    FILL_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """All of align_block_size in one program for ``num_slots <= CHUNK``, by sorting: the
     histogram gives each expert's padded run; the keys ``expert * CHUNK + slot`` sorted
@@ -176,6 +178,9 @@ def _align_sort_kernel(
     real slot) writes that block's expert id; the blocks past the runs get -1. O(CHUNK
     log^2 CHUNK + blocks) work instead of the pairwise rank's CHUNK^2 and the block
     lookup's blocks x E."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     local = tl.arange(0, CHUNK)
     mask = local < num_slots
     # lanes past the end count into bin E (never stored) and sort after every real slot
@@ -298,7 +303,8 @@ def align_block_size_triton(
             flat, starts, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
             num_slots, num_experts, block_size, num_sorted, num_blocks,
             HAS_MAP=expert_map is not None, CHUNK=max(16, _next_pow2(num_slots)),
-            NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024, num_warps=4)
+            NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024, num_warps=4,
+            **prefill_pdl_args(device))
         return
 
     _align_count_kernel[(chunks,)](

@@ -9,12 +9,22 @@ may start as soon as every program of the previous kernel has executed
 until that kernel has completed and its memory is visible, so the set-up of the next kernel
 overlaps the end of the previous one.
 
-Where it is used: the Triton router (:mod:`.router`) releases its dependents when it
-starts, and the decode GEMM1 (:mod:`.decode`) is launched as a dependent and waits before it
-reads anything, so its results never depend on when it started (an unrelated kernel before
-it is simply waited for). On the H100 that took 0.7-0.9 us off the qwen3-30b layer at M=1-2
-(session 17, ``benchmarks/notes_decode.md``). The edge GEMM1 -> GEMM2 is not used: released
-at GEMM1's start it made Mixtral M=1-2 18-22 % slower.
+Where it is used (measured on the H100 in session 17, ``benchmarks/notes_decode.md``):
+
+* decode: the Triton router (:mod:`.router`) releases its dependents when it starts, and
+  the decode GEMM1 (:mod:`.decode`) is launched as a dependent and waits before it reads
+  anything: 0.6-4.0 % off the router + experts layer (qwen3-30b M=1 17.46 -> 16.76 us).
+  The edge GEMM1 -> GEMM2 is not used: released at GEMM1's start it made Mixtral M=1-2
+  18-22 % slower, released after GEMM1's K loop it gained nothing;
+* prefill (``PREFILL``): the one-program alignment, the row gather, both GEMMs (Triton and
+  Gluon kernels) and the top-k sum are each launched as a dependent of the kernel before,
+  wait for it first thing and then release the next: 0.8-2.1 % off the layer at M=8-64.
+
+Every such kernel waits before its first global load or store, so the order of all memory
+accesses is the one without PDL: the results are those without it (bit for bit in the
+deterministic mode; checked in the PTX and on the GPU by ``tests/test_pdl.py``). Kernels not
+listed (torch's, the multi-program alignment) are launched normally, and a dependent after
+one of them simply starts when it ends.
 
 :func:`pdl_enabled` says whether a launch on ``device`` uses it: a CUDA device of compute
 capability 9.0 or newer, a Triton with ``gdc_wait``, not the interpreter, and the
@@ -38,12 +48,22 @@ except ImportError:  # pragma: no cover - older Triton
 
 #: master switch (benchmarks turn it off to time the same kernels without PDL)
 ENABLED = True
+#: the prefill path's chain (alignment, row gather, GEMM1, GEMM2, top-k sum); benchmarks
+#: turn it off to time the prefill layer without it
+PREFILL = True
 
 
 @functools.cache
 def _device_supports(index: int) -> bool:
     major, _ = torch.cuda.get_device_capability(index)
     return major >= 9
+
+
+def prefill_pdl_args(device: torch.device) -> dict:
+    """Launch arguments of a prefill-chain kernel (``PDL`` constexpr + ``launch_pdl``)."""
+    if PREFILL and pdl_enabled(device):
+        return dict(PDL=True, launch_pdl=True)
+    return {}
 
 
 def pdl_enabled(device: torch.device) -> bool:

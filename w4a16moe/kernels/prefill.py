@@ -38,6 +38,7 @@ from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
 from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
+from .pdl import gdc_launch_dependents, gdc_wait, prefill_pdl_args
 from .prefill_rs import launch_prefill_rs, rs_unsupported, sorted_rows_unsupported
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
@@ -352,6 +353,7 @@ def _prefill_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] for the slots of one sorted block.
 
@@ -364,7 +366,12 @@ def _prefill_kernel(
     the program computes the gate tile (rows ``n``) and the up tile (rows ``n + up_offset``)
     and stores ``act(gate) * up``; ``N`` is then the intermediate size. Grid:
     ``cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N)`` with ``EM = len(sorted_token_ids)``.
+    ``PDL``: launched as a programmatic dependent (:mod:`.pdl`): wait for the kernel
+    before to complete, then release the next.
     """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(EM, BLOCK_SIZE_M),
                                 tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
 
@@ -557,7 +564,7 @@ def _act_mul_kernel(gu_ptr, out_ptr, w_ptr, I, stride_gm, stride_om,
 
 @triton.jit
 def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_cs, stride_om,
-                     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+                     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """out[m, n] = sum_k sum_s c[s, m * top_k + k, n] in fp32, k ascending and for each k s
     ascending, rounded once to out's dtype. c ``[SPLITS, M * top_k, N]`` (``SPLITS`` partial
     sums of a split-K GEMM, ``stride_cs`` apart; one: ``[M * top_k, N]``), out ``[M, N]``;
@@ -566,6 +573,9 @@ def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_cs, stride_om,
     The order of the additions is fixed (slot 0, 1, ... of the token) and every element is
     computed on its own, so the result of a token depends neither on the batch size nor on
     the other tokens (the deterministic mode's top-k sum)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -610,10 +620,13 @@ def _fragment_tiles(config: dict) -> bool:
 def _gather_sorted_rows_kernel(a_ptr, sorted_ids_ptr, num_post_padded_ptr, out_ptr, K, EM,
                                num_valid_slots, top_k, stride_am, stride_ak, stride_om,
                                A_IS_SLOTS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-                               BLOCK_K: tl.constexpr):
+                               BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
     """out[p] = a[row(sorted_ids[p])] for the positions ``p < num_post_padded`` of one
     ``[BLOCK_ROWS, BLOCK_K]`` tile (grid: position tiles x column tiles), ``row(s) = s //
     top_k`` (or ``s`` with ``A_IS_SLOTS``); padding positions get zeros."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     offs_p = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     num_post_padded = tl.load(num_post_padded_ptr)
     if tl.program_id(0) * BLOCK_ROWS >= num_post_padded:
@@ -660,7 +673,7 @@ def gather_sorted_rows(a: torch.Tensor, blocks: AlignedBlocks, *, top_k: int,
     _gather_sorted_rows_kernel[grid](
         a, sorted_ids, num_post_padded, out, k, em, a.shape[0] * (1 if a_is_slots else top_k),
         top_k, a.stride(0), a.stride(1), out.stride(0), A_IS_SLOTS=a_is_slots,
-        BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=4)
+        BLOCK_ROWS=block_rows, BLOCK_K=block_k, num_warps=4, **prefill_pdl_args(a.device))
     return out
 
 
@@ -914,6 +927,7 @@ def prefill_gemm(
         GROUP_SIZE_M=config["GROUP_SIZE_M"],
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        **prefill_pdl_args(a.device),
     )
     return out_full if split > 1 else out
 
@@ -1214,7 +1228,7 @@ def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Ten
     _topk_sum_kernel[(m, triton.cdiv(n, block_n))](
         per_slot, out, n, top_k, per_slot.stride(-2),
         per_slot.stride(0) if per_slot.dim() == 3 else 0, out.stride(0), SPLITS=splits,
-        BLOCK_N=block_n, num_warps=4)
+        BLOCK_N=block_n, num_warps=4, **prefill_pdl_args(out.device))
     return out
 
 

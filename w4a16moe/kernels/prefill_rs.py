@@ -64,6 +64,7 @@ import torch
 
 from .common import activation, fragment_order, grouped_tile
 from .membar import stripped_wait_barriers
+from .pdl import prefill_pdl_args
 
 try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everything
     from triton.experimental import gluon
@@ -98,6 +99,13 @@ if HAVE_GLUON:
     _act = gluon.jit(activation.fn)
     _fragment_order = gluon.jit(fragment_order.fn)
     _tile = gluon.jit(grouped_tile.fn)
+
+    @gluon.jit
+    def _wait_upstream_release_next():
+        """``griddepcontrol.wait`` then ``griddepcontrol.launch_dependents`` (:mod:`.pdl`)."""
+        gl.inline_asm_elementwise(
+            "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents; // dummy $0", "=r", [],
+            dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _rs_tile_rows(n0, up_offset, BLOCK_N: gl.constexpr, ACTIVATION: gl.constexpr,
@@ -490,6 +498,7 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
         W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
+        PDL: gl.constexpr = False,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -498,7 +507,10 @@ if HAVE_GLUON:
         launcher compiles the True one through
         :func:`~w4a16moe.kernels.membar.stripped_wait_barriers` (its PTX without the
         barriers in front of the consumer waits) and Triton's caches would not tell the two
-        apart otherwise."""
+        apart otherwise. ``PDL``: launched as a programmatic dependent (:mod:`.pdl`): wait for
+        the kernel before to complete, then release the next."""
+        if PDL:
+            _wait_upstream_release_next()
         if ACTIVATION != 0:
             BLOCK_N: gl.constexpr = 2 * BLOCK_N_OUT
         else:
@@ -741,4 +753,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
             W_TMA=w_desc is not None,
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
-            LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"])
+            LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
+            **prefill_pdl_args(a.device))

@@ -1,0 +1,43 @@
+"""Probe: is the hybrid path's layer time above the prefill path's (same kernels) a cost of
+the hybrid module or of when it is measured? ``bench_layer`` on the same shape and M with
+the paths in both orders, several times, in one process.
+
+    PYTHONPATH=. python3 benchmarks/hybrid_layer_order_probe.py --out $OUT \
+        [--model mixtral-8x7b] [--ms 8,16,64] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from w4a16moe.bench.layer import bench_layer
+from w4a16moe.bench.models import get_shape
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--model", default="mixtral-8x7b")
+    ap.add_argument("--ms", default="8,16,64")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    shape = get_shape(args.model)
+    ms = [int(v) for v in args.ms.split(",")]
+    rows = []
+    for rep in range(args.repeats):
+        for order in (("prefill", "hybrid"), ("hybrid", "prefill")):
+            recs = bench_layer(shape, ms, list(order), check=False)
+            for r in recs:
+                rows.append(dict(repeat=rep, order="->".join(order), M=r["M"], path=r["path"],
+                                 kernel_us=r["kernel_us"], layer_us=r["layer_us"]))
+                print(f"rep {rep} {'->'.join(order):16s} M={r['M']:3d} {r['path']:8s} kernel "
+                      f"{r['kernel_us']:8.1f} layer {r['layer_us']:8.1f}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "hybrid_layer_order_probe.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,10 @@ def test_pdl_is_off_on_cpu_and_in_the_interpreter(monkeypatch):
     monkeypatch.setattr(pdl, "ENABLED", False)
     assert not pdl.pdl_enabled(cuda)
     monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports its own capabilities
+    assert not pdl.pdl_enabled(cuda)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert pdl.pdl_enabled(cuda) == pdl.HAVE_GDC
     monkeypatch.setattr(pdl, "_device_supports", lambda index: False)  # pre-Hopper
     assert not pdl.pdl_enabled(cuda)
 

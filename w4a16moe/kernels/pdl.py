@@ -26,8 +26,8 @@ deterministic mode; checked in the PTX and on the GPU by ``tests/test_pdl.py``).
 listed (torch's, the multi-program alignment) are launched normally, and a dependent after
 one of them simply starts when it ends.
 
-:func:`pdl_enabled` says whether a launch on ``device`` uses it: a CUDA device of compute
-capability 9.0 or newer, a Triton with ``gdc_wait``, not the interpreter, and the
+:func:`pdl_enabled` says whether a launch on ``device`` uses it: an NVIDIA CUDA device of
+compute capability 9.0 or newer (not ROCm), a Triton with ``gdc_wait``, not the interpreter, and the
 environment variable ``W4A16MOE_PDL`` not set to ``0``. ``ENABLED`` switches it off for A/B
 measurements.
 """
@@ -73,6 +73,8 @@ def pdl_enabled(device: torch.device) -> bool:
     if os.environ.get("W4A16MOE_PDL", "1") == "0":
         return False
     if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if getattr(torch.version, "hip", None):  # ROCm: no griddepcontrol (PTX only)
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _device_supports(index)

@@ -43,6 +43,24 @@ def test_pdl_is_off_on_cpu_and_in_the_interpreter(monkeypatch):
     assert not pdl.pdl_enabled(cuda)
 
 
+def test_prefill_chain_only_inside_a_small_layer(monkeypatch):
+    """The prefill kernels launch as PDL dependents only inside ``fused_moe_prefill`` of at
+    most ``PREFILL_MAX_TOKENS`` tokens (where it was measured), never on their own."""
+    monkeypatch.setattr(pdl, "pdl_enabled", lambda device: True)
+    dev = torch.device("cuda", 0)
+    on = dict(PDL=True, launch_pdl=True)
+    assert pdl.prefill_pdl_args(dev) == {}
+    with pdl.prefill_chain(pdl.PREFILL_MAX_TOKENS) as chained:
+        assert chained and pdl.prefill_pdl_args(dev) == on
+        with pdl.prefill_chain(pdl.PREFILL_MAX_TOKENS + 1) as inner:  # nested: its own size
+            assert not inner and pdl.prefill_pdl_args(dev) == {}
+        assert pdl.prefill_pdl_args(dev) == on
+    assert pdl.prefill_pdl_args(dev) == {}
+    monkeypatch.setattr(pdl, "PREFILL", False)
+    with pdl.prefill_chain(1):
+        assert pdl.prefill_pdl_args(dev) == {}
+
+
 def test_dependents_wait_before_their_first_memory_access():
     """A kernel launched with PDL may start while the kernel before it still runs: its
     ``griddepcontrol.wait`` must come before every global load or store. The decode GEMM1

@@ -16,9 +16,10 @@ Where it is used (measured on the H100 in session 17, ``benchmarks/notes_decode.
   anything: 0.6-4.0 % off the router + experts layer (qwen3-30b M=1 17.46 -> 16.76 us).
   The edge GEMM1 -> GEMM2 is not used: released at GEMM1's start it made Mixtral M=1-2
   18-22 % slower, released after GEMM1's K loop it gained nothing;
-* prefill (``PREFILL``): the one-program alignment, the row gather, both GEMMs (Triton and
-  Gluon kernels) and the top-k sum are each launched as a dependent of the kernel before,
-  wait for it first thing and then release the next: 0.8-2.1 % off the layer at M=8-64.
+* prefill (``PREFILL``, layers of up to ``PREFILL_MAX_TOKENS`` tokens): the one-program
+  alignment, the row gather, both GEMMs (Triton and Gluon kernels) and the top-k sum are
+  each launched as a dependent of the kernel before, wait for it first thing and then
+  release the next: 0.8-2.1 % off the layer at M=8-64.
 
 Every such kernel waits before its first global load or store, so the order of all memory
 accesses is the one without PDL: the results are those without it (bit for bit in the
@@ -34,8 +35,11 @@ measurements.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -51,19 +55,39 @@ ENABLED = True
 #: the prefill path's chain (alignment, row gather, GEMM1, GEMM2, top-k sum); benchmarks
 #: turn it off to time the prefill layer without it
 PREFILL = True
+#: the prefill chain uses PDL for layers of at most this many tokens: where it was measured
+#: (M = 8-64 on qwen3-30b and Mixtral, 0.8-2.1 % faster; session 17). Larger layers are
+#: long enough that an edge is noise, and were not A/B-measured
+PREFILL_MAX_TOKENS = 64
+
+_PREFILL_CHAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("w4a16moe_prefill_chain",
+                                                                      default=False)
+
+
+@contextlib.contextmanager
+def prefill_chain(num_tokens: int) -> Iterator[bool]:
+    """While open, the prefill kernels launched here are PDL dependents when the layer has at
+    most :data:`PREFILL_MAX_TOKENS` tokens (``fused_moe_prefill`` opens it around its
+    launches; outside it they launch normally). Yields whether the chain is on."""
+    token = _PREFILL_CHAIN.set(PREFILL and num_tokens <= PREFILL_MAX_TOKENS)
+    try:
+        yield _PREFILL_CHAIN.get()
+    finally:
+        _PREFILL_CHAIN.reset(token)
+
+
+def prefill_pdl_args(device: torch.device) -> dict:
+    """Launch arguments of a prefill-chain kernel (``PDL`` constexpr + ``launch_pdl``): set
+    inside :func:`prefill_chain` for a small layer on a device :func:`pdl_enabled` accepts."""
+    if _PREFILL_CHAIN.get() and pdl_enabled(device):
+        return dict(PDL=True, launch_pdl=True)
+    return {}
 
 
 @functools.cache
 def _device_supports(index: int) -> bool:
     major, _ = torch.cuda.get_device_capability(index)
     return major >= 9
-
-
-def prefill_pdl_args(device: torch.device) -> dict:
-    """Launch arguments of a prefill-chain kernel (``PDL`` constexpr + ``launch_pdl``)."""
-    if PREFILL and pdl_enabled(device):
-        return dict(PDL=True, launch_pdl=True)
-    return {}
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -80,4 +104,5 @@ def pdl_enabled(device: torch.device) -> bool:
     return _device_supports(index)
 
 
-__all__ = ["ENABLED", "HAVE_GDC", "gdc_launch_dependents", "gdc_wait", "pdl_enabled"]
+__all__ = ["ENABLED", "HAVE_GDC", "PREFILL", "PREFILL_MAX_TOKENS", "gdc_launch_dependents",
+           "gdc_wait", "pdl_enabled", "prefill_chain", "prefill_pdl_args"]

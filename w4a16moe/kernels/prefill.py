@@ -38,7 +38,7 @@ from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
 from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
-from .pdl import gdc_launch_dependents, gdc_wait, prefill_pdl_args
+from .pdl import gdc_launch_dependents, gdc_wait, prefill_chain, prefill_pdl_args
 from .prefill_rs import launch_prefill_rs, rs_unsupported, sorted_rows_unsupported
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
@@ -1319,92 +1319,94 @@ def fused_moe_prefill(
         out = torch.empty(m, h, dtype=experts.dtype, device=hidden_states.device)
     if m == 0:
         return out
-    slots = m * top_k
-    if workspace is not None:
-        inter, c2 = workspace.views(slots, experts)
-    else:
-        inter = torch.empty(slots, i, dtype=experts.dtype, device=hidden_states.device)
-        c2 = None if atomic_topk_sum else torch.empty(slots, h, dtype=experts.dtype,
-                                                      device=hidden_states.device)
-    if configs is None:
-        cfg1, cfg2 = layer_configs(experts, top_k, m, hidden_states.device, deterministic)
-    else:
-        cfg1, cfg2 = (dict(c) for c in configs)
-    if deterministic:
-        cfg1.pop("DENSE", None)
-    if cfg1.get("DENSE", False) and dense_path_supported(experts, expert_map,
-                                                         hidden_states.device):
-        return _moe_dense(hidden_states, experts, topk_weights, topk_ids, activation,
-                          apply_router_weight_on_input, out, workspace)
-    cfg1.pop("SPLIT_K", None)  # GEMM1's fused activation needs whole sums: never split
-    cfg2 = {**cfg2, "BLOCK_SIZE_M": cfg1["BLOCK_SIZE_M"]}
-    # SPLIT_K: GEMM2 writes float32 partial sums per K range, which the top-k sum adds (the
-    # atomic top-k sum adds into one buffer itself: no split there)
-    split2 = 1 if atomic_topk_sum else cfg2.get("SPLIT_K", 1)
-    if split2 == 1:
-        cfg2.pop("SPLIT_K", None)
-    # fragment-order weight tiles (FRAG_K with SWAP_AB) read their activations as plain
-    # 16-byte copies when the activations are stored in fragment order: GEMM1's input is
-    # permuted here (one copy), GEMM1 writes the intermediate that way for GEMM2
-    a_frag1 = (_fragment_tiles(cfg1) and h % 32 == 0 and experts.w13.perm is None)
-    a_frag2 = (_fragment_tiles(cfg2) and i % 32 == 0 and experts.w2.perm is None
-               and not atomic_topk_sum)
-    x1 = hidden_states
-    if a_frag1:
-        buf = workspace.hidden_fragment if workspace is not None else None
-        if buf is None or buf.shape[0] < m or buf.shape[1] != h or buf.dtype != x1.dtype:
-            buf = torch.empty(m, h, dtype=x1.dtype, device=x1.device)
-        x1 = fragment_order_columns(hidden_states, out=buf[:m])
-    bm = cfg1["BLOCK_SIZE_M"]
-    ws_align = workspace.align_views(slots, bm, num_global) if workspace is not None else None
-    if ws_align is not None:
-        blocks = align_block_size(topk_ids, bm, num_global, expert_map, out=ws_align[0],
-                                  scratch=ws_align[1])
-    else:
-        blocks = align_block_size(topk_ids, bm, num_global, expert_map)
-    # SORTED_ROWS: activations as rows in sorted order (read by TMA on the Gluon kernel)
-    sorted1, sorted2 = bool(cfg1.get("SORTED_ROWS")), bool(cfg2.get("SORTED_ROWS"))
-    if sorted1 or sorted2:
-        em = blocks.sorted_token_ids.numel()
+    # small layers: the kernels below launch as a chain of programmatic dependents (.pdl)
+    with prefill_chain(m):
+        slots = m * top_k
         if workspace is not None:
-            rows = workspace.sorted_views(em, experts)
-            if c2 is not None:  # the buffer may have grown: GEMM2's output in the new one
-                c2 = workspace.gemm2_out[:slots]
-        else:   # only what the flags need
-            rows = tuple(torch.empty(em, cols, dtype=experts.dtype, device=hidden_states.device)
-                         if need else None for cols, need in ((i, sorted2), (h, sorted1)))
-        if sorted2:
-            inter = rows[0]
-        if sorted1:
-            # in the buffer of GEMM2's output, which is written only after GEMM1 read it
-            x1 = gather_sorted_rows(x1, blocks, top_k=top_k, out=rows[1])
-    with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
-        prefill_gemm(x1, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
-                     mul_routed_weight=apply_router_weight_on_input, activation=activation,
-                     out=inter, config=cfg1, a_fragment_order=a_frag1,
-                     out_fragment_order=a_frag2, a_sorted=sorted1, out_sorted=sorted2)
-    mul2 = not apply_router_weight_on_input
-    if atomic_topk_sum:
+            inter, c2 = workspace.views(slots, experts)
+        else:
+            inter = torch.empty(slots, i, dtype=experts.dtype, device=hidden_states.device)
+            c2 = None if atomic_topk_sum else torch.empty(slots, h, dtype=experts.dtype,
+                                                          device=hidden_states.device)
+        if configs is None:
+            cfg1, cfg2 = layer_configs(experts, top_k, m, hidden_states.device, deterministic)
+        else:
+            cfg1, cfg2 = (dict(c) for c in configs)
+        if deterministic:
+            cfg1.pop("DENSE", None)
+        if cfg1.get("DENSE", False) and dense_path_supported(experts, expert_map,
+                                                             hidden_states.device):
+            return _moe_dense(hidden_states, experts, topk_weights, topk_ids, activation,
+                              apply_router_weight_on_input, out, workspace)
+        cfg1.pop("SPLIT_K", None)  # GEMM1's fused activation needs whole sums: never split
+        cfg2 = {**cfg2, "BLOCK_SIZE_M": cfg1["BLOCK_SIZE_M"]}
+        # SPLIT_K: GEMM2 writes float32 partial sums per K range, which the top-k sum adds (the
+        # atomic top-k sum adds into one buffer itself: no split there)
+        split2 = 1 if atomic_topk_sum else cfg2.get("SPLIT_K", 1)
+        if split2 == 1:
+            cfg2.pop("SPLIT_K", None)
+        # fragment-order weight tiles (FRAG_K with SWAP_AB) read their activations as plain
+        # 16-byte copies when the activations are stored in fragment order: GEMM1's input is
+        # permuted here (one copy), GEMM1 writes the intermediate that way for GEMM2
+        a_frag1 = (_fragment_tiles(cfg1) and h % 32 == 0 and experts.w13.perm is None)
+        a_frag2 = (_fragment_tiles(cfg2) and i % 32 == 0 and experts.w2.perm is None
+                   and not atomic_topk_sum)
+        x1 = hidden_states
+        if a_frag1:
+            buf = workspace.hidden_fragment if workspace is not None else None
+            if buf is None or buf.shape[0] < m or buf.shape[1] != h or buf.dtype != x1.dtype:
+                buf = torch.empty(m, h, dtype=x1.dtype, device=x1.device)
+            x1 = fragment_order_columns(hidden_states, out=buf[:m])
+        bm = cfg1["BLOCK_SIZE_M"]
+        ws_align = workspace.align_views(slots, bm, num_global) if workspace is not None else None
+        if ws_align is not None:
+            blocks = align_block_size(topk_ids, bm, num_global, expert_map, out=ws_align[0],
+                                      scratch=ws_align[1])
+        else:
+            blocks = align_block_size(topk_ids, bm, num_global, expert_map)
+        # SORTED_ROWS: activations as rows in sorted order (read by TMA on the Gluon kernel)
+        sorted1, sorted2 = bool(cfg1.get("SORTED_ROWS")), bool(cfg2.get("SORTED_ROWS"))
+        if sorted1 or sorted2:
+            em = blocks.sorted_token_ids.numel()
+            if workspace is not None:
+                rows = workspace.sorted_views(em, experts)
+                if c2 is not None:  # the buffer may have grown: GEMM2's output in the new one
+                    c2 = workspace.gemm2_out[:slots]
+            else:   # only what the flags need
+                rows = tuple(torch.empty(em, cols, dtype=experts.dtype, device=hidden_states.device)
+                             if need else None for cols, need in ((i, sorted2), (h, sorted1)))
+            if sorted2:
+                inter = rows[0]
+            if sorted1:
+                # in the buffer of GEMM2's output, which is written only after GEMM1 read it
+                x1 = gather_sorted_rows(x1, blocks, top_k=top_k, out=rows[1])
+        with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
+            prefill_gemm(x1, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
+                         mul_routed_weight=apply_router_weight_on_input, activation=activation,
+                         out=inter, config=cfg1, a_fragment_order=a_frag1,
+                         out_fragment_order=a_frag2, a_sorted=sorted1, out_sorted=sorted2)
+        mul2 = not apply_router_weight_on_input
+        if atomic_topk_sum:
+            with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
+                acc = prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
+                                   mul_routed_weight=mul2, a_is_slots=True, atomic_topk_sum=True,
+                                   config=cfg2, a_sorted=sorted2)
+            out.copy_(acc)
+            return out
+        if split2 > 1:
+            c2 = (workspace.partials_view(split2, slots, h) if workspace is not None else
+                  torch.empty(split2, slots, h, dtype=torch.float32, device=hidden_states.device))
         with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
-            acc = prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
-                               mul_routed_weight=mul2, a_is_slots=True, atomic_topk_sum=True,
-                               config=cfg2, a_sorted=sorted2)
-        out.copy_(acc)
+            prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
+                         mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
+                         a_fragment_order=a_frag2, a_sorted=sorted2)
+        if top_k == 1 and split2 == 1:
+            out.copy_(c2)
+        else:
+            # the fixed-order kernel in every mode: bit-identical to torch.sum on the H100 and
+            # 1.1-4x faster (benchmarks/layer_small_kernels_ab.py)
+            topk_sum(c2, top_k, out)
         return out
-    if split2 > 1:
-        c2 = (workspace.partials_view(split2, slots, h) if workspace is not None else
-              torch.empty(split2, slots, h, dtype=torch.float32, device=hidden_states.device))
-    with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
-        prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
-                     mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
-                     a_fragment_order=a_frag2, a_sorted=sorted2)
-    if top_k == 1 and split2 == 1:
-        out.copy_(c2)
-    else:
-        # the fixed-order kernel in every mode: bit-identical to torch.sum on the H100 and
-        # 1.1-4x faster (benchmarks/layer_small_kernels_ab.py)
-        topk_sum(c2, top_k, out)
-    return out
 
 
 __all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "dense_path_supported",

@@ -1,7 +1,7 @@
 """A/B: a MoE layer (router + experts) with and without programmatic dependent launch
 (``w4a16moe.kernels.pdl``), under CUDA graphs with cold L2, in one process.
 
-    PYTHONPATH=. python benchmarks/decode_pdl_ab.py --out DIR [--cases model:M,...]
+    PYTHONPATH=. python benchmarks/layer_pdl_ab.py --out DIR [--cases model:M,...]
         [--rounds 5] [--tag _x] [--path decode|prefill]
 
 ``--path decode`` (default): router + ``fused_moe_decode``, PDL on or off as a whole (the
@@ -123,7 +123,7 @@ def main():
         res["cases"].append(run_case(name, int(m), args.rounds, device, args.path))
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"decode_pdl_ab{args.tag}.json")
+    path = os.path.join(args.out, f"layer_pdl_ab{args.tag}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", path)

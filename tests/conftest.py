@@ -30,3 +30,19 @@ def device() -> str:
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+def capture_graph(step):
+    """Run ``step`` once on a side stream (kernels compile and buffers are allocated outside
+    the capture, as CUDA graphs want), then capture it in a new CUDA graph. Returns the graph
+    and what the captured call returned (tensors the replays write into)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
+

@@ -34,20 +34,11 @@ def _report(ptx: str) -> dict:
 
 def _compile(fn, pointers: dict, constexprs: dict, num_warps: int) -> str:
     import triton
+    from aot import kernel_signature
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif name == "scaling":
-            sig[name] = "fp32"
-        else:
-            sig[name] = "i32"
+    sig, attrs = kernel_signature(fn, constexprs, pointers, scalars={"scaling": "fp32"})
     kernel = triton.compile(ASTSource(fn, sig, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps))

@@ -21,6 +21,7 @@ import sys
 import tempfile
 
 import torch
+from aot import kernel_signature
 
 from w4a16moe.kernels import prefill_rs
 
@@ -30,18 +31,9 @@ def _signature(fn, constexprs: dict, tensor_descs: dict, c_type: str = "*bf16"
     pointers = {"a_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8",
                 "c_ptr": c_type, "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
                 "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32", **tensor_descs}
-    sig, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[name] = "i32"
-            if name.startswith("stride") or name in ("N", "K", "EM"):
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return sig, attrs
+    return kernel_signature(
+        fn, constexprs, pointers,
+        divisible=lambda name: name.startswith("stride") or name in ("N", "K", "EM"))
 
 
 def unguarded_shared_writes(ptx: str) -> list[int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, capture_graph
 
 from w4a16moe.kernels import decode
 from w4a16moe.kernels.decode import (
@@ -497,14 +497,7 @@ def test_cuda_graph_replay_with_new_routing(dtype):
         fused_moe_decode(x, experts, weights, ids, out=out, workspace=ws,
                          gemm1_config=cfg1, gemm2_config=cfg2)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)  # compiles outside the capture
     for _ in range(5):
         w_new, i_new = _routing(m, 16, top_k)
         weights.copy_(w_new)

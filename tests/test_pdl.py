@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, capture_graph
 
 from w4a16moe.kernels import pdl
 from w4a16moe.kernels.decode import DecodeWorkspace, fused_moe_decode
@@ -109,14 +109,7 @@ def test_router_then_experts_in_a_graph_with_pdl(dtype, path):
         else:
             fused_moe_prefill(x, experts, w, ids, out=out, workspace=pws, deterministic=True)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph, _ = capture_graph(step)
     for _ in range(5):
         logits.copy_(torch.randn_like(logits))
         x.copy_(torch.randn_like(x))

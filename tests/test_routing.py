@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import capture_graph
 
 from w4a16moe.routing import AlignedBlocks, align_block_size, fused_topk, max_num_tokens_padded
 
@@ -337,14 +338,7 @@ def test_routing_under_cuda_graph_capture():
                             correction_bias=bias)
         return ids, align_block_size(ids, 16, 16, expert_map=expert_map)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()                                       # warm up outside the graph
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ids, out = step()
+    graph, (ids, out) = capture_graph(step)
     logits.copy_(torch.randn(37, 16, device="cuda"))
     graph.replay()
     torch.cuda.synchronize()

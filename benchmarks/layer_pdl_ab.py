@@ -7,10 +7,12 @@
 ``--path decode`` (default): router + ``fused_moe_decode``, PDL on or off as a whole (the
 router releases GEMM1, launched as its dependent). ``--path prefill``: router +
 ``fused_moe_prefill``, the prefill chain's PDL (``pdl.PREFILL``: alignment, row gather,
-GEMM1, GEMM2, top-k sum each a dependent of the kernel before) on or off.
+GEMM1, GEMM2, top-k sum each a dependent of the kernel before) on or off; the chain is only
+used up to ``pdl.PREFILL_MAX_TOKENS`` tokens, so larger cases time the same launches twice
+unless that limit is raised first.
 
 Per case, one graph per version holds R layer calls (``fused_topk`` on random logits, then
-``fused_moe_decode``); each call draws its own logits, so consecutive calls mostly touch
+the experts); each call draws its own logits, so consecutive calls mostly touch
 other experts, and R is large enough that >= 400 MB of weights pass between two uses of a
 call's weights. The two graphs are replayed alternately (``--rounds`` x 20 replays, median
 per round, median over rounds). Outputs are NaN-poisoned and compared with each other and

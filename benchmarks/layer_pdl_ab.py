@@ -9,7 +9,7 @@ router releases GEMM1, launched as its dependent). ``--path prefill``: router +
 ``fused_moe_prefill``, the prefill chain's PDL (``pdl.PREFILL``: alignment, row gather,
 GEMM1, GEMM2, top-k sum each a dependent of the kernel before) on or off; the chain is only
 used up to ``pdl.PREFILL_MAX_TOKENS`` tokens, so larger cases time the same launches twice
-unless that limit is raised first.
+unless ``--prefill-max-tokens`` raises that limit for the run.
 
 Per case, one graph per version holds R layer calls (``fused_topk`` on random logits, then
 the experts); each call draws its own logits, so consecutive calls mostly touch
@@ -114,11 +114,17 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tag", default="")
     ap.add_argument("--path", choices=("decode", "prefill"), default="decode")
+    ap.add_argument("--prefill-max-tokens", type=int, default=None,
+                    help="raise pdl.PREFILL_MAX_TOKENS for this run (the chain's A/B at "
+                         "larger M)")
     args = ap.parse_args()
+    if args.prefill_max_tokens is not None:
+        pdl.PREFILL_MAX_TOKENS = args.prefill_max_tokens
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     res = dict(gpu=props.name, torch=torch.__version__, triton=triton.__version__,
                date=time.strftime("%Y-%m-%d"), pdl_supported=pdl.pdl_enabled(device),
+               prefill_max_tokens=pdl.PREFILL_MAX_TOKENS,
                cases=[])
     for c in args.cases.split(","):
         name, m = c.split(":")

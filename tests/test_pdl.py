@@ -61,6 +61,37 @@ def test_prefill_chain_only_inside_a_small_layer(monkeypatch):
         assert pdl.prefill_pdl_args(dev) == {}
 
 
+def test_fused_moe_prefill_opens_the_chain_around_its_launches(monkeypatch):
+    """``fused_moe_prefill`` launches its kernels inside ``prefill_chain(M)`` (checked by
+    recording what the prefill kernels' launcher sees on a CPU run)."""
+    import contextlib
+
+    from w4a16moe.kernels import prefill
+
+    opened, inside, seen = [], [False], []
+
+    @contextlib.contextmanager
+    def chain(num_tokens):
+        opened.append(num_tokens)
+        inside[0] = True
+        try:
+            yield True
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(prefill, "prefill_chain", chain)
+    real = prefill.prefill_pdl_args
+    monkeypatch.setattr(prefill, "prefill_pdl_args",
+                        lambda device: seen.append(inside[0]) or real(device))
+    experts = random_experts(4, 64, 32, group_size=32, dtype=torch.float16, device=DEVICE,
+                             seed=3)
+    x = torch.randn(5, 64, dtype=torch.float16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(5, 4, device=DEVICE), 2)
+    fused_moe_prefill(x, experts, w, ids)
+    assert opened == [5]
+    assert seen and all(seen)  # every launch of the layer asked inside the chain
+
+
 def test_dependents_wait_before_their_first_memory_access():
     """A kernel launched with PDL may start while the kernel before it still runs: its
     ``griddepcontrol.wait`` must come before every global load or store. The decode GEMM1

@@ -36,6 +36,7 @@ import time
 
 import torch
 
+from w4a16moe.bench.timing import capture_graph
 from w4a16moe.kernels.decode import (
     DecodeConfig,
     DecodeWorkspace,
@@ -141,14 +142,7 @@ def check_graph(device, results):
     def step():
         fused_moe_decode(x, ex, w, ids, out=out, workspace=ws)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
+    g, _ = capture_graph(step)
     worst = 0.0
     for _ in range(6):
         ids.copy_(torch.stack([torch.randperm(p["E"], device=device)[:p["top_k"]]

@@ -17,6 +17,8 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from w4a16moe.bench.timing import capture_graph  # noqa: E402,F401  (for the GPU tests)
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
@@ -30,19 +32,3 @@ def device() -> str:
 def _seed():
     torch.manual_seed(1234)
     yield
-
-
-def capture_graph(step):
-    """Run ``step`` once on a side stream (kernels compile and buffers are allocated outside
-    the capture, as CUDA graphs want), then capture it in a new CUDA graph. Returns the graph
-    and what the captured call returned (tensors the replays write into)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        result = step()
-    return graph, result
-

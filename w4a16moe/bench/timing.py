@@ -113,6 +113,22 @@ def event_samples(replay: Callable[[], object], reps: int, calls_per_rep: int) -
     return [a.elapsed_time(b) * 1e3 / calls_per_rep for a, b in events]
 
 
+def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Run ``fn`` once on a side stream (kernels compile and buffers are allocated outside
+    the capture, as CUDA graphs want), then capture one call in a new CUDA graph on the
+    current device. Returns the graph and what the captured call returned (tensors that the
+    replays write into). Capture errors propagate (RuntimeError)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph, result
+
+
 def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device | None = None,
                *, use_graph: bool = True, target_ms: float = 200.0, min_reps: int = 5,
                max_reps: int = 500, warmup: int = 2) -> Timing:

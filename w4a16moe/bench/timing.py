@@ -113,16 +113,22 @@ def event_samples(replay: Callable[[], object], reps: int, calls_per_rep: int) -
     return [a.elapsed_time(b) * 1e3 / calls_per_rep for a, b in events]
 
 
-def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Run ``fn`` once on a side stream (kernels compile and buffers are allocated outside
-    the capture, as CUDA graphs want), then capture one call in a new CUDA graph on the
-    current device. Returns the graph and what the captured call returned (tensors that the
-    replays write into). Capture errors propagate (RuntimeError)."""
+def warm_up_on_side_stream(fn: Callable[[], object], times: int = 1) -> None:
+    """Run ``fn`` ``times`` times on a side stream, as graph capture wants (kernels compile
+    and buffers are allocated outside the capture), then make the current stream wait."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        fn()
+        for _ in range(times):
+            fn()
     torch.cuda.current_stream().wait_stream(stream)
+
+
+def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """:func:`warm_up_on_side_stream` once, then capture one call of ``fn`` in a new CUDA
+    graph on the current device. Returns the graph and what the captured call returned
+    (tensors that the replays write into). Capture errors propagate (RuntimeError)."""
+    warm_up_on_side_stream(fn)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         result = fn()
@@ -165,12 +171,7 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
                       percentile(samples, 0.9), reps, n, "cpu")
 
     with torch.cuda.device(device):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up on a side stream, as graph capture wants
-            for _ in range(max(1, warmup)):
-                run_all()
-        torch.cuda.current_stream().wait_stream(stream)
+        warm_up_on_side_stream(run_all, max(1, warmup))
         torch.cuda.synchronize()
         graph = None
         method = "cuda_eager"

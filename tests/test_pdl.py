@@ -20,25 +20,34 @@ from w4a16moe.routing import fused_topk
 
 def test_pdl_is_off_on_cpu_and_in_the_interpreter(monkeypatch):
     assert not pdl.pdl_enabled(torch.device("cpu"))
-    # a CUDA device that supports it: on unless switched off
-    monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
+    # what the environment allows (read once at import into pdl._ALLOWED)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("W4A16MOE_PDL", raising=False)
-    cuda = torch.device("cuda", 0)
-    assert pdl.pdl_enabled(cuda) == pdl.HAVE_GDC
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert pdl._environment_allows() == pdl.HAVE_GDC
     monkeypatch.setenv("W4A16MOE_PDL", "0")
-    assert not pdl.pdl_enabled(cuda)
+    assert not pdl._environment_allows()
     monkeypatch.setenv("W4A16MOE_PDL", "1")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not pdl.pdl_enabled(cuda)
+    assert not pdl._environment_allows()
     monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports its own capabilities
+    assert not pdl._environment_allows()
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert pdl._environment_allows() == pdl.HAVE_GDC
+    # a CUDA device that supports it: on unless switched off
+    monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
+    monkeypatch.setattr(pdl, "_ALLOWED", True)
+    cuda = torch.device("cuda", 0)
+    assert pdl.pdl_enabled(cuda)
+    assert pdl.dependent_launch_args(cuda) == dict(PDL=True, launch_pdl=True)
+    monkeypatch.setattr(pdl, "_ALLOWED", False)  # the environment said no at import
+    assert not pdl.pdl_enabled(cuda)
+    assert pdl.dependent_launch_args(cuda) == {}
+    monkeypatch.setattr(pdl, "_ALLOWED", True)
     monkeypatch.setattr(pdl, "ENABLED", False)
     assert not pdl.pdl_enabled(cuda)
     monkeypatch.setattr(pdl, "ENABLED", True)
-    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm reports its own capabilities
-    assert not pdl.pdl_enabled(cuda)
-    monkeypatch.setattr(torch.version, "hip", None)
-    assert pdl.pdl_enabled(cuda) == pdl.HAVE_GDC
     monkeypatch.setattr(pdl, "_device_supports", lambda index: False)  # pre-Hopper
     assert not pdl.pdl_enabled(cuda)
 

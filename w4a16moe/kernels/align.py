@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import gdc_launch_dependents, gdc_wait, prefill_pdl_args
+from .pdl import prefill_pdl_args, wait_upstream_release_next
 
 #: largest E handled (the scan holds one row of E counts in registers)
 MAX_EXPERTS = 4096
@@ -179,8 +179,7 @@ def _align_sort_kernel(
     log^2 CHUNK + blocks) work instead of the pairwise rank's CHUNK^2 and the block
     lookup's blocks x E."""
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        wait_upstream_release_next()
     local = tl.arange(0, CHUNK)
     mask = local < num_slots
     # lanes past the end count into bin E (never stored) and sort after every real slot

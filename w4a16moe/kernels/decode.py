@@ -54,7 +54,7 @@ from .common import (
     unit_float_chunk_dots,
     unpack_int4_to_unit_float,
 )
-from .pdl import gdc_wait, pdl_enabled
+from .pdl import dependent_launch_args, gdc_wait
 
 #: words per chunk: one thread's 16-byte load, 32 K values, the unit of in-thread sums
 CHUNK_WORDS = tl.constexpr(4)
@@ -806,16 +806,6 @@ def _weight_args(w: PackedWeights) -> dict:
     )
 
 
-def _pdl_args(device: torch.device) -> dict:
-    """Launch arguments of GEMM1: a PDL dependent of the kernel before it (the router)
-    where supported. GEMM2 is launched normally: as a dependent of GEMM1, released at
-    GEMM1's start, it made Mixtral M=1-2 18-22 % slower (session 17,
-    ``benchmarks/notes_decode.md``)."""
-    if pdl_enabled(device):
-        return dict(PDL=True, launch_pdl=True)
-    return {}
-
-
 def _kw_per_split(k: int, cfg: DecodeConfig) -> tuple[int, int]:
     """(words per split, effective split) with splits aligned to ``block_kw``."""
     k_words = k // PACK_FACTOR
@@ -886,7 +876,10 @@ def decode_gemm1(
         PREFETCH=cfg.prefetch, STAGES=cfg.num_stages, EVEN_N=i % cfg.block_n == 0,
         EVEN_K=(h // PACK_FACTOR) % cfg.block_kw == 0,
         num_warps=cfg.num_warps, num_stages=1,
-        **_weight_args(w13), **_pdl_args(device),
+        **_weight_args(w13),
+        # a PDL dependent of the kernel before (the router); GEMM2 is launched normally: as
+        # GEMM1's dependent it made Mixtral M=1-2 18-22 % slower (notes_decode.md, session 17)
+        **dependent_launch_args(device),
     )
     return out
 

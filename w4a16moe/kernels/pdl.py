@@ -29,7 +29,8 @@ one of them simply starts when it ends.
 
 :func:`pdl_enabled` says whether a launch on ``device`` uses it: an NVIDIA CUDA device of
 compute capability 9.0 or newer (not ROCm), a Triton with ``gdc_wait``, not the interpreter, and the
-environment variable ``W4A16MOE_PDL`` not set to ``0``. ``ENABLED`` switches it off for A/B
+environment variable ``W4A16MOE_PDL`` not set to ``0`` (the environment is read once, when
+this module is imported: every launch asks). ``ENABLED`` switches it off for A/B
 measurements.
 """
 
@@ -42,6 +43,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+import triton
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -52,6 +54,19 @@ except ImportError:  # pragma: no cover - older Triton
 
 #: master switch (benchmarks turn it off to time the same kernels without PDL)
 ENABLED = True
+
+
+def _environment_allows() -> bool:
+    """This build and environment can use PDL at all: Triton has the ``griddepcontrol``
+    ops, ``W4A16MOE_PDL`` is not ``0``, kernels are not interpreted, and torch is not a ROCm
+    build (whose capability numbers overlap NVIDIA's; ``griddepcontrol`` is PTX)."""
+    return (HAVE_GDC and os.environ.get("W4A16MOE_PDL", "1") != "0"
+            and os.environ.get("TRITON_INTERPRET") != "1"
+            and not getattr(torch.version, "hip", None))
+
+
+#: :func:`_environment_allows`, read at import (launches ask for every kernel)
+_ALLOWED = _environment_allows()
 #: the prefill path's chain (alignment, row gather, GEMM1, GEMM2, top-k sum); benchmarks
 #: turn it off to time the prefill layer without it
 PREFILL = True
@@ -76,12 +91,26 @@ def prefill_chain(num_tokens: int) -> Iterator[bool]:
         _PREFILL_CHAIN.reset(token)
 
 
-def prefill_pdl_args(device: torch.device) -> dict:
-    """Launch arguments of a prefill-chain kernel (``PDL`` constexpr + ``launch_pdl``): set
-    inside :func:`prefill_chain` for a small layer on a device :func:`pdl_enabled` accepts."""
-    if _PREFILL_CHAIN.get() and pdl_enabled(device):
+def dependent_launch_args(device: torch.device) -> dict:
+    """Launch arguments of a kernel that runs as a PDL dependent on ``device`` (its ``PDL``
+    constexpr and Triton's ``launch_pdl``), or none where :func:`pdl_enabled` says no."""
+    if pdl_enabled(device):
         return dict(PDL=True, launch_pdl=True)
     return {}
+
+
+def prefill_pdl_args(device: torch.device) -> dict:
+    """:func:`dependent_launch_args` for a prefill-chain kernel: only inside
+    :func:`prefill_chain` for a small layer."""
+    return dependent_launch_args(device) if _PREFILL_CHAIN.get() else {}
+
+
+@triton.jit
+def wait_upstream_release_next():
+    """First thing in a kernel of a chain: wait until the kernel before has completed and
+    its memory is visible, then let the next kernel's programs launch."""
+    gdc_wait()
+    gdc_launch_dependents()
 
 
 @functools.cache
@@ -92,17 +121,12 @@ def _device_supports(index: int) -> bool:
 
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels launched on ``device`` use programmatic dependent launch."""
-    if not (ENABLED and HAVE_GDC and device.type == "cuda"):
-        return False
-    if os.environ.get("W4A16MOE_PDL", "1") == "0":
-        return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    if getattr(torch.version, "hip", None):  # ROCm: no griddepcontrol (PTX only)
+    if not (ENABLED and _ALLOWED and device.type == "cuda"):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _device_supports(index)
 
 
-__all__ = ["ENABLED", "HAVE_GDC", "PREFILL", "PREFILL_MAX_TOKENS", "gdc_launch_dependents",
-           "gdc_wait", "pdl_enabled", "prefill_chain", "prefill_pdl_args"]
+__all__ = ["ENABLED", "HAVE_GDC", "PREFILL", "PREFILL_MAX_TOKENS", "dependent_launch_args",
+           "gdc_launch_dependents", "gdc_wait", "pdl_enabled", "prefill_chain",
+           "prefill_pdl_args", "wait_upstream_release_next"]

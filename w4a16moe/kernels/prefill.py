@@ -38,7 +38,7 @@ from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 from .align import scratch_numel
 from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
-from .pdl import gdc_launch_dependents, gdc_wait, prefill_chain, prefill_pdl_args
+from .pdl import prefill_chain, prefill_pdl_args, wait_upstream_release_next
 from .prefill_rs import launch_prefill_rs, rs_unsupported, sorted_rows_unsupported
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
@@ -370,8 +370,7 @@ def _prefill_kernel(
     before to complete, then release the next.
     """
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        wait_upstream_release_next()
     pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(EM, BLOCK_SIZE_M),
                                 tl.cdiv(N, BLOCK_SIZE_N), GROUP_SIZE_M)
 
@@ -574,8 +573,7 @@ def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_cs, stride_om,
     computed on its own, so the result of a token depends neither on the batch size nor on
     the other tokens (the deterministic mode's top-k sum)."""
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        wait_upstream_release_next()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -625,8 +623,7 @@ def _gather_sorted_rows_kernel(a_ptr, sorted_ids_ptr, num_post_padded_ptr, out_p
     ``[BLOCK_ROWS, BLOCK_K]`` tile (grid: position tiles x column tiles), ``row(s) = s //
     top_k`` (or ``s`` with ``A_IS_SLOTS``); padding positions get zeros."""
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        wait_upstream_release_next()
     offs_p = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     num_post_padded = tl.load(num_post_padded_ptr)
     if tl.program_id(0) * BLOCK_ROWS >= num_post_padded:

@@ -102,7 +102,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _wait_upstream_release_next():
-        """``griddepcontrol.wait`` then ``griddepcontrol.launch_dependents`` (:mod:`.pdl`)."""
+        """``griddepcontrol.wait`` then ``griddepcontrol.launch_dependents``: the Gluon form of
+        :func:`~w4a16moe.kernels.pdl.wait_upstream_release_next` (whose Triton ops build
+        Triton's inline asm, not Gluon's)."""
         gl.inline_asm_elementwise(
             "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents; // dummy $0", "=r", [],
             dtype=gl.int32, is_pure=False, pack=1)

@@ -2,17 +2,14 @@
 (``w4a16moe.kernels.pdl``), under CUDA graphs with cold L2, in one process.
 
     PYTHONPATH=. python benchmarks/layer_pdl_ab.py --out DIR [--cases model:M,...]
-        [--rounds 5] [--tag _x] [--path decode|prefill] [--ab pdl|gemm2-preload]
+        [--rounds 5] [--tag _x] [--path decode|prefill]
 
 ``--path decode`` (default): router + ``fused_moe_decode``, PDL on or off as a whole (the
 router releases GEMM1, launched as its dependent). ``--path prefill``: router +
 ``fused_moe_prefill``, the prefill chain's PDL (``pdl.PREFILL``: alignment, row gather,
 GEMM1, GEMM2, top-k sum each a dependent of the kernel before) on or off; the chain is only
 used up to ``pdl.PREFILL_MAX_TOKENS`` tokens, so larger cases time the same launches twice
-unless ``--prefill-max-tokens`` raises that limit for the run. ``--ab gemm2-preload``
-(decode path, PDL on in both): the heuristic GEMM2 config against the same config with
-``preload_weights`` (or ``--preload-config block_n,block_kw,num_warps,split_k``), its
-programs loading their weights while GEMM1 runs; "off" is then the streaming GEMM2.
+unless ``--prefill-max-tokens`` raises that limit for the run.
 
 Per case, one graph per version holds R layer calls (``fused_topk`` on random logits, then
 the experts); each call draws its own logits, so consecutive calls mostly touch
@@ -29,26 +26,19 @@ import json
 import os
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 import triton
 from decode_tune import MODELS, STREAM_BW, distinct, gemm_bytes, make_experts, time_graph
 
 from w4a16moe.kernels import pdl
-from w4a16moe.kernels.decode import (
-    DecodeConfig,
-    DecodeWorkspace,
-    fused_moe_decode,
-    gemm2_preload_steps,
-    pick_config_gemm2,
-)
+from w4a16moe.kernels.decode import DecodeWorkspace, fused_moe_decode
 from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
 from w4a16moe.reference import moe_reference
 from w4a16moe.routing import fused_topk
 
 
-def run_case(name, m, rounds, device, path="decode", ab="pdl", preload_config=None):
+def run_case(name, m, rounds, device, path="decode"):
     p = MODELS[name]
     E, top_k, H, I, G = p["E"], p["top_k"], p["H"], p["I"], p["G"]
     dtype = torch.bfloat16
@@ -66,33 +56,15 @@ def run_case(name, m, rounds, device, path="decode", ab="pdl", preload_config=No
     ws = DecodeWorkspace.create(ex, top_k=top_k, max_tokens=m)
     pws = PrefillWorkspace.allocate(m, ex, top_k)
     out = torch.empty(m, H, dtype=dtype, device=device)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    cfg2 = {False: None, True: None}
-    if ab == "gemm2-preload":
-        base_cfg = pick_config_gemm2(m, H, I, E, top_k, sms)
-        if preload_config:
-            bn, bkw, nw, sk = (int(v) for v in preload_config.split(","))
-            pre_cfg = DecodeConfig(block_n=bn, block_kw=bkw, num_warps=nw, split_k=sk,
-                                   preload_weights=True)
-        else:
-            pre_cfg = replace(base_cfg, preload_weights=True)
-        cfg2 = {False: base_cfg, True: pre_cfg}
-        steps = gemm2_preload_steps(pre_cfg, H, I, top_k, False)
-        print(f"  gemm2 off {base_cfg} / on {pre_cfg}: {steps} preloaded steps", flush=True)
-    state = {"on": True}
 
     def layer(r):
         w, ids = fused_topk(logits[r], top_k)
         if path == "decode":
-            fused_moe_decode(xs[r], ex, w, ids, out=out, workspace=ws,
-                             gemm2_config=cfg2[state["on"]])
+            fused_moe_decode(xs[r], ex, w, ids, out=out, workspace=ws)
         else:
             fused_moe_prefill(xs[r], ex, w, ids, out=out, workspace=pws)
 
     def setting(on):
-        state["on"] = on
-        if ab == "gemm2-preload":
-            return
         if path == "decode":
             pdl.ENABLED = on
         else:
@@ -122,14 +94,12 @@ def run_case(name, m, rounds, device, path="decode", ab="pdl", preload_config=No
     err = {on: ((outs[on] - ref).abs().max() / ref.abs().max()).item() for on in outs}
     diff = ((outs[True] - outs[False]).abs().max() / outs[False].abs().max()).item()
     clean = all(int(torch.count_nonzero(t)) == 0 for t in (ws.acc1, ws.acc2, ws.cnt1, ws.cnt2))
-    rec = dict(model=name, m=m, path=path, ab=ab,
-               gemm2_configs={str(k): str(v) for k, v in cfg2.items()}, launches_per_graph=R,
-               distinct_experts=u, floor_us=floor,
+    rec = dict(model=name, m=m, path=path, launches_per_graph=R, distinct_experts=u, floor_us=floor,
                off_us=base, on_us=cand, off_rounds=times[False], on_rounds=times[True],
                change=cand / base - 1, off_x_floor=base / floor, on_x_floor=cand / floor,
                rel_err_off=err[False], rel_err_on=err[True], rel_diff_on_vs_off=diff,
                workspace_clean=clean)
-    print(f"{name} M={m} {path} {ab}: off {base:.2f} us ({base / floor:.2f}x) on {cand:.2f} us "
+    print(f"{name} M={m} {path}: off {base:.2f} us ({base / floor:.2f}x) on {cand:.2f} us "
           f"({cand / floor:.2f}x) {100 * (cand / base - 1):+.1f}% err {err[False]:.2e}/"
           f"{err[True]:.2e} diff {diff:.1e} clean {clean}", flush=True)
     return rec
@@ -147,10 +117,6 @@ def main():
     ap.add_argument("--prefill-max-tokens", type=int, default=None,
                     help="raise pdl.PREFILL_MAX_TOKENS for this run (the chain's A/B at "
                          "larger M)")
-    ap.add_argument("--ab", choices=("pdl", "gemm2-preload"), default="pdl")
-    ap.add_argument("--preload-config", default=None,
-                    help="block_n,block_kw,num_warps,split_k of the preloading GEMM2 (default: "
-                         "the heuristic's config with preload_weights)")
     args = ap.parse_args()
     if args.prefill_max_tokens is not None:
         pdl.PREFILL_MAX_TOKENS = args.prefill_max_tokens
@@ -162,8 +128,7 @@ def main():
                cases=[])
     for c in args.cases.split(","):
         name, m = c.split(":")
-        res["cases"].append(run_case(name, int(m), args.rounds, device, args.path, args.ab,
-                                     args.preload_config))
+        res["cases"].append(run_case(name, int(m), args.rounds, device, args.path))
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"layer_pdl_ab{args.tag}.json")

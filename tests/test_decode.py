@@ -18,8 +18,6 @@ tens of percent.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, capture_graph
@@ -197,54 +195,6 @@ def test_split_variants(dtype, cfg1, cfg2):
     # and a second call through the same workspace with other routing is right too
     weights, ids = _routing(2, 4, 2)
     _assert_close(*_run(experts, x, weights, ids, cfg1=cfg1, cfg2=cfg2, workspace=ws), dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("on_input", [False, True])
-@pytest.mark.parametrize("block_kw,split", [(4, 1), (8, 1), (4, 2), (16, 1)],
-                         ids=["4steps", "2steps", "split2-2steps", "1step"])
-def test_gemm2_preloaded_weights(dtype, on_input, block_kw, split):
-    """GEMM2 programs that load their whole K range of weights before the intermediate
-    (``preload_weights``): zero points, a slot mapped to -1, router weight on input or
-    output, one to four steps, split or not; the same result as the streaming tile."""
-    local = random_experts(3, 64, 128, group_size=32, symmetric=False, dtype=dtype,
-                           device=DEVICE, seed=22)
-    expert_map = torch.full((5,), -1, dtype=torch.int32, device=DEVICE)
-    expert_map[torch.tensor([3, 0, 4])] = torch.arange(3, dtype=torch.int32, device=DEVICE)
-    x = torch.randn(3, 64, dtype=dtype, device=DEVICE)
-    weights, ids = _routing(3, 5, 2)
-    ids[0] = torch.tensor([1, 3], dtype=torch.int32)  # token 0: one slot maps to -1
-    cfg1 = DecodeConfig(block_n=16, block_kw=8)
-    cfg2 = DecodeConfig(block_n=32, block_kw=block_kw, split_k=split, preload_weights=True)
-    assert decode.gemm2_preload_steps(cfg2, 64, 128, 2, False) == 16 // block_kw // split
-    ws = DecodeWorkspace.create(local, top_k=2, max_tokens=3)
-    kw = dict(expert_map=expert_map, apply_router_weight_on_input=on_input, workspace=ws)
-    res, ref = _run(local, x, weights, ids, cfg1=cfg1, cfg2=cfg2, **kw)
-    _assert_close(res, ref, dtype)
-    streamed, _ = _run(local, x, weights, ids, cfg1=cfg1,
-                       cfg2=DecodeConfig(block_n=32, block_kw=block_kw, split_k=split), **kw)
-    _assert_close(res, streamed.double(), dtype)
-    for name in ("acc1", "acc2", "cnt1", "cnt2"):
-        assert torch.count_nonzero(getattr(ws, name)) == 0, name
-
-
-def test_gemm2_preload_steps_rules():
-    """Where ``preload_weights`` applies: one slot a program, whole tiles, equal splits of
-    at most PRELOAD_MAX_STEPS steps, no act-order, no cp.async ring."""
-    on = DecodeConfig(block_n=64, block_kw=32, preload_weights=True)
-    assert decode.gemm2_preload_steps(on, 2048, 768, 8, False) == 3  # qwen3-30b: 96 words
-    assert decode.gemm2_preload_steps(DecodeConfig(block_n=64, block_kw=32), 2048, 768, 8,
-                                      False) == 0  # not asked for
-    assert decode.gemm2_preload_steps(on, 2048, 768, 8, True) == 0  # act-order
-    assert decode.gemm2_preload_steps(on, 2000, 768, 8, False) == 0  # ragged N
-    assert decode.gemm2_preload_steps(on, 2048, 704, 8, False) == 0  # ragged K (88 words)
-    assert decode.gemm2_preload_steps(on, 2048, 2048, 8, False) == 0  # 8 steps
-    assert decode.gemm2_preload_steps(replace(on, split_k=2), 2048, 2048, 8, False) == 4
-    assert decode.gemm2_preload_steps(replace(on, split_k=2), 2048, 1024, 8, False) == 2
-    assert decode.gemm2_preload_steps(replace(on, split_k=3), 2048, 768, 8, False) == 1
-    assert decode.gemm2_preload_steps(replace(on, topk_inner=8), 2048, 768, 8, False) == 0
-    assert decode.gemm2_preload_steps(replace(on, topk_inner=8), 2048, 768, 1, False) == 3
-    assert decode.gemm2_preload_steps(replace(on, num_stages=3), 2048, 768, 8, False) == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -54,7 +54,7 @@ from .common import (
     unit_float_chunk_dots,
     unpack_int4_to_unit_float,
 )
-from .pdl import dependent_launch_args, gdc_launch_dependents, gdc_wait
+from .pdl import dependent_launch_args, gdc_wait
 
 #: words per chunk: one thread's 16-byte load, 32 K values, the unit of in-thread sums
 CHUNK_WORDS = tl.constexpr(4)
@@ -82,24 +82,6 @@ def _activation_and_mul(gate, up, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _load_whole_step_weights(w_rows, s_rows, z_rows, kw0, GROUP_SIZE: tl.constexpr,
-                             BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr):
-    """The weight side of one whole K step (every row valid, the step inside K): words
-    ``[R, BLOCK_KW]`` and the fp32 scale and zero point of each 32-value chunk
-    ``[R, BLOCK_KW/4]`` (the scales again for symmetric weights, never used)."""
-    CHUNKS: tl.constexpr = BLOCK_KW // CHUNK_WORDS
-    offs_kw = kw0 + tl.arange(0, BLOCK_KW)
-    offs_g = (kw0 * 8 + tl.arange(0, CHUNKS) * (CHUNK_WORDS * 8)) // GROUP_SIZE
-    w = tl.load(w_rows + offs_kw[None, :])
-    s = tl.load(s_rows + offs_g[None, :]).to(tl.float32)
-    if HAS_ZEROS:
-        z = tl.load(z_rows + offs_g[None, :]).to(tl.float32)
-    else:
-        z = s  # unused
-    return w, s, z
-
-
-@triton.jit
 def _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0, kw_end, num_groups,
                GROUP_SIZE: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr,
                HAS_PERM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -119,8 +101,12 @@ def _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0, kw_end, num
     offs_g = offs_c // GROUP_SIZE
     if EVEN_K:
         if EVEN_N:
-            w, s, z = _load_whole_step_weights(w_rows, s_rows, z_rows, kw0, GROUP_SIZE,
-                                               BLOCK_KW, HAS_ZEROS)
+            w = tl.load(w_rows + offs_kw[None, :])
+            s = tl.load(s_rows + offs_g[None, :]).to(tl.float32)
+            if HAS_ZEROS:
+                z = tl.load(z_rows + offs_g[None, :]).to(tl.float32)
+            else:
+                z = s  # unused
         else:
             w = tl.load(w_rows + offs_kw[None, :], mask=mask_r[:, None], other=0)
             s = tl.load(s_rows + offs_g[None, :], mask=mask_r[:, None], other=0.0)
@@ -253,12 +239,10 @@ def _decode_gemm1_kernel(
     rows (one tile of ``2 * BLOCK_N`` interleaved rows) over words ``p*KW_PER_SPLIT ..
     (p+1)*KW_PER_SPLIT`` of K. A slot whose expert maps to -1 does no work and yields zeros.
     ``PDL``: launched as a dependent of the kernel before it, normally the router
-    (:mod:`.pdl`): wait for that kernel to complete before reading anything, then release
-    the next kernel (a GEMM2 launched as a dependent: one that preloads its weights).
+    (:mod:`.pdl`): wait for that kernel to complete before reading anything.
     """
     if PDL:
         gdc_wait()
-        gdc_launch_dependents()
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -324,17 +308,49 @@ def _decode_gemm1_kernel(
 
 
 @triton.jit
-def _gemm2_streamed_slots(x_ptr, stride_xm, qw_ptr, s_ptr, z_ptr, perm_ptr, ids_ptr, tw_ptr,
-                          emap_ptr, slot0, row_w, row_s, mask_n, N, K, KW, num_groups,
-                          kw_first, kw_last, one_bits, GROUP_SIZE: tl.constexpr,
-                          HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
-                          HAS_EMAP: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                          PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                          TOPK_INNER: tl.constexpr, STAGES: tl.constexpr):
-    """GEMM2's partial sums ``[BLOCK_N, BLOCK_KW/4]`` of slots ``slot0 ..
-    slot0 + TOPK_INNER`` over words ``kw_first .. kw_last``, router weights applied, the
-    weights streamed by :func:`_stream_rows`."""
+def _decode_gemm2_kernel(
+    x_ptr, stride_xm,
+    qw_ptr, s_ptr, z_ptr, perm_ptr,
+    ids_ptr, tw_ptr, emap_ptr,
+    out_ptr, stride_om,
+    acc_ptr, cnt_ptr,
+    N, K, KW, num_groups, top_k, one_bits,
+    GROUP_SIZE: tl.constexpr,
+    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_EMAP: tl.constexpr,
+    WEIGHT_ON_INPUT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
+    SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    TOPK_INNER: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGES: tl.constexpr,
+):
+    """GEMM2 of the decode MoE with the top-k weighted sum:
+    ``out[m, n] = sum_k w[m, k] * (inter[m * top_k + k] . W[e(m, k), n])``.
+
+    Shapes: inter ``[M * top_k, K]`` (row stride ``stride_xm``), qweight int32
+    ``[E, N, KW]`` (``KW = K / 8``), scales/zeros ``[E, N, num_groups]``, perm ``[E, K]``,
+    topk_ids / topk_weights ``[M * top_k]``, out ``[M, N]`` (row stride ``stride_om``), acc
+    fp32 ``[M, N]`` and cnt int32 ``[M * cdiv(N, BLOCK_N)]`` (zero on entry and exit; used
+    when ``NUM_SPLITS > 1``).
+
+    Grid ``(M * top_k / TOPK_INNER, cdiv(N, BLOCK_N), SPLIT_K)``: program ``(i, j, p)``
+    sums slots ``i*TOPK_INNER .. (i+1)*TOPK_INNER`` (``TOPK_INNER`` is 1 or ``top_k``) of
+    token ``i*TOPK_INNER // top_k`` for rows ``j*BLOCK_N ..`` over the p-th K range.
+    ``NUM_SPLITS = (top_k / TOPK_INNER) * SPLIT_K`` programs contribute to each output tile.
+    With ``WEIGHT_ON_INPUT`` the router weight was applied before GEMM1 and is not applied.
+    """
+    pid0 = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    slot0 = pid0 * TOPK_INNER
+    token = slot0 // top_k
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_w = (offs_n * KW)[:, None]
+    row_s = (offs_n * num_groups)[:, None]
+    kw_first = pid_k * KW_PER_SPLIT
+    kw_last = tl.minimum(kw_first + KW_PER_SPLIT, KW)
+
     acc = tl.zeros([BLOCK_N, BLOCK_KW // CHUNK_WORDS], dtype=tl.float32)
     for t in range(TOPK_INNER):
         slot = slot0 + t
@@ -353,135 +369,6 @@ def _gemm2_streamed_slots(x_ptr, stride_xm, qw_ptr, s_ptr, z_ptr, perm_ptr, ids_
             acc += part
         else:
             acc += part * tl.load(tw_ptr + slot).to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _load_x_step(x_row, kw0, BLOCK_KW: tl.constexpr):
-    """The ``8 * BLOCK_KW`` activations of the whole step at word ``kw0``, as fp32."""
-    return tl.load(x_row + kw0 * 8 + tl.arange(0, BLOCK_KW * 8)).to(tl.float32)
-
-
-@triton.jit
-def _gemm2_preloaded_slot(x_row, qw_ptr, s_ptr, z_ptr, ids_ptr, tw_ptr, emap_ptr, slot,
-                          row_w, row_s, N, KW, num_groups, kw_first, one_bits,
-                          GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                          HAS_EMAP: tl.constexpr, WEIGHT_ON_INPUT: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr, STEPS: tl.constexpr,
-                          PDL: tl.constexpr):
-    """GEMM2's partial sums of one slot over ``STEPS`` (1-4) whole steps from ``kw_first``,
-    every weight load issued before the first activation load: the expert id and the steps'
-    words, scales and zero points go to registers, then (``PDL``) the program waits for
-    GEMM1 to complete, then it loads the intermediate row and does the arithmetic. A slot
-    whose expert maps to -1 reads expert 0's words and contributes zeros."""
-    expert = tl.load(ids_ptr + slot).to(tl.int32)
-    if HAS_EMAP:
-        expert = tl.load(emap_ptr + expert).to(tl.int32)
-    live = expert >= 0
-    expert = tl.maximum(expert, 0).to(tl.int64)
-    w_rows = qw_ptr + expert * (N * KW) + row_w
-    s_rows = s_ptr + expert * (N * num_groups) + row_s
-    z_rows = z_ptr + expert * (N * num_groups) + row_s
-    w0, s0, z0 = _load_whole_step_weights(w_rows, s_rows, z_rows, kw_first, GROUP_SIZE,
-                                          BLOCK_KW, HAS_ZEROS)
-    if STEPS > 1:
-        w1, s1, z1 = _load_whole_step_weights(w_rows, s_rows, z_rows, kw_first + BLOCK_KW,
-                                              GROUP_SIZE, BLOCK_KW, HAS_ZEROS)
-    if STEPS > 2:
-        w2, s2, z2 = _load_whole_step_weights(w_rows, s_rows, z_rows,
-                                              kw_first + 2 * BLOCK_KW, GROUP_SIZE, BLOCK_KW,
-                                              HAS_ZEROS)
-    if STEPS > 3:
-        w3, s3, z3 = _load_whole_step_weights(w_rows, s_rows, z_rows,
-                                              kw_first + 3 * BLOCK_KW, GROUP_SIZE, BLOCK_KW,
-                                              HAS_ZEROS)
-    if PDL:
-        gdc_wait()
-    x0 = _load_x_step(x_row, kw_first, BLOCK_KW)
-    if STEPS > 1:
-        x1 = _load_x_step(x_row, kw_first + BLOCK_KW, BLOCK_KW)
-    if STEPS > 2:
-        x2 = _load_x_step(x_row, kw_first + 2 * BLOCK_KW, BLOCK_KW)
-    if STEPS > 3:
-        x3 = _load_x_step(x_row, kw_first + 3 * BLOCK_KW, BLOCK_KW)
-    acc = _step_dots(w0, x0, s0, z0, one_bits, BLOCK_N, BLOCK_KW, HAS_ZEROS)
-    if STEPS > 1:
-        acc += _step_dots(w1, x1, s1, z1, one_bits, BLOCK_N, BLOCK_KW, HAS_ZEROS)
-    if STEPS > 2:
-        acc += _step_dots(w2, x2, s2, z2, one_bits, BLOCK_N, BLOCK_KW, HAS_ZEROS)
-    if STEPS > 3:
-        acc += _step_dots(w3, x3, s3, z3, one_bits, BLOCK_N, BLOCK_KW, HAS_ZEROS)
-    acc = tl.where(live, acc, 0.0)
-    if not WEIGHT_ON_INPUT:
-        acc = acc * tl.load(tw_ptr + slot).to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _decode_gemm2_kernel(
-
-    x_ptr, stride_xm,
-    qw_ptr, s_ptr, z_ptr, perm_ptr,
-    ids_ptr, tw_ptr, emap_ptr,
-    out_ptr, stride_om,
-    acc_ptr, cnt_ptr,
-    N, K, KW, num_groups, top_k, one_bits,
-    GROUP_SIZE: tl.constexpr,
-    HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_EMAP: tl.constexpr,
-    WEIGHT_ON_INPUT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-    SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    TOPK_INNER: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGES: tl.constexpr,
-    PRELOAD_STEPS: tl.constexpr = 0, PDL: tl.constexpr = False,
-):
-    """GEMM2 of the decode MoE with the top-k weighted sum:
-    ``out[m, n] = sum_k w[m, k] * (inter[m * top_k + k] . W[e(m, k), n])``.
-
-    Shapes: inter ``[M * top_k, K]`` (row stride ``stride_xm``), qweight int32
-    ``[E, N, KW]`` (``KW = K / 8``), scales/zeros ``[E, N, num_groups]``, perm ``[E, K]``,
-    topk_ids / topk_weights ``[M * top_k]``, out ``[M, N]`` (row stride ``stride_om``), acc
-    fp32 ``[M, N]`` and cnt int32 ``[M * cdiv(N, BLOCK_N)]`` (zero on entry and exit; used
-    when ``NUM_SPLITS > 1``).
-
-    Grid ``(M * top_k / TOPK_INNER, cdiv(N, BLOCK_N), SPLIT_K)``: program ``(i, j, p)``
-    sums slots ``i*TOPK_INNER .. (i+1)*TOPK_INNER`` (``TOPK_INNER`` is 1 or ``top_k``) of
-    token ``i*TOPK_INNER // top_k`` for rows ``j*BLOCK_N ..`` over the p-th K range.
-    ``NUM_SPLITS = (top_k / TOPK_INNER) * SPLIT_K`` programs contribute to each output tile.
-    With ``WEIGHT_ON_INPUT`` the router weight was applied before GEMM1 and is not applied.
-
-    ``PRELOAD_STEPS`` > 0 (one slot a program, whole tiles, no act-order, the split's K
-    range exactly that many steps): the program loads its expert id and all of its weight
-    words, scales and zero points into registers first, and only then (after
-    ``griddepcontrol.wait`` with ``PDL``) the intermediate. Launched as a PDL dependent of
-    GEMM1, which releases it once GEMM1 has itself waited for the router, the weight reads
-    overlap GEMM1, and the routing they need is already complete. ``PDL`` is only used
-    with it.
-    """
-    pid0 = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
-    slot0 = pid0 * TOPK_INNER
-    token = slot0 // top_k
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    row_w = (offs_n * KW)[:, None]
-    row_s = (offs_n * num_groups)[:, None]
-    kw_first = pid_k * KW_PER_SPLIT
-    kw_last = tl.minimum(kw_first + KW_PER_SPLIT, KW)
-
-    if PRELOAD_STEPS > 0:
-        acc = _gemm2_preloaded_slot(x_ptr + slot0 * stride_xm, qw_ptr, s_ptr, z_ptr, ids_ptr,
-                                    tw_ptr, emap_ptr, slot0, row_w, row_s, N, KW, num_groups,
-                                    kw_first, one_bits, GROUP_SIZE, HAS_ZEROS, HAS_EMAP,
-                                    WEIGHT_ON_INPUT, BLOCK_N, BLOCK_KW, PRELOAD_STEPS, PDL)
-    else:
-        acc = _gemm2_streamed_slots(x_ptr, stride_xm, qw_ptr, s_ptr, z_ptr, perm_ptr, ids_ptr,
-                                    tw_ptr, emap_ptr, slot0, row_w, row_s, mask_n, N, K, KW,
-                                    num_groups, kw_first, kw_last, one_bits, GROUP_SIZE,
-                                    HAS_ZEROS, HAS_PERM, HAS_EMAP, WEIGHT_ON_INPUT, BLOCK_N,
-                                    BLOCK_KW, PREFETCH, EVEN_N, EVEN_K, TOPK_INNER, STAGES)
 
     acc = tl.sum(acc, axis=1)
     out_ptrs = out_ptr + token * stride_om + offs_n
@@ -518,11 +405,6 @@ class DecodeConfig:
         num_stages: 1 = the register prefetch above; 2 or more = Triton's software
             pipeline instead: ``cp.async`` into a ring of ``num_stages`` shared-memory
             steps, ``num_stages - 1`` of them in flight (``prefetch`` is then unused).
-        preload_weights: GEMM2 only: load a program's whole K range of weights into
-            registers before its activations, and (with PDL) start as a dependent of
-            GEMM1, so those loads overlap GEMM1. Used where :func:`gemm2_preload_steps`
-            allows it (one slot a program, whole tiles, at most
-            :data:`PRELOAD_MAX_STEPS` steps, no act-order), ignored elsewhere.
     """
 
     block_n: int = 16
@@ -532,7 +414,6 @@ class DecodeConfig:
     topk_inner: int = 1
     prefetch: int = 1
     num_stages: int = 1
-    preload_weights: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_kw", "num_warps"):
@@ -1047,7 +928,6 @@ def decode_gemm2(
     cfg = config or pick_config_gemm2(m, h, i, w2.num_experts, top_k, _num_sms(device))
     topk_inner = top_k if cfg.topk_inner >= top_k else 1
     per, split = _kw_per_split(i, cfg)
-    preload = gemm2_preload_steps(cfg, h, i, top_k, w2.perm is not None)
     num_splits = (top_k // topk_inner) * split
     n_tiles = triton.cdiv(h, cfg.block_n)
     acc, cnt = _split_buffers(workspace, num_splits, (m, h), m * n_tiles, "acc2", "cnt2",
@@ -1064,36 +944,10 @@ def decode_gemm2(
         PREFETCH=cfg.prefetch, STAGES=cfg.num_stages,
         TOPK_INNER=topk_inner, NUM_SPLITS=num_splits,
         EVEN_N=h % cfg.block_n == 0, EVEN_K=(i // PACK_FACTOR) % cfg.block_kw == 0,
-        PRELOAD_STEPS=preload, num_warps=cfg.num_warps, num_stages=1,
+        num_warps=cfg.num_warps, num_stages=1,
         **_weight_args(w2),
-        # with preloaded weights a PDL dependent of GEMM1 (which releases it after its own
-        # wait), so the weight reads overlap GEMM1; else launched normally: released at
-        # GEMM1's start, the streaming tiles made Mixtral M=1-2 18-22 % slower (session 17)
-        **(dependent_launch_args(device) if preload else {}),
     )
     return out
-
-
-#: most K steps a GEMM2 program preloads (``DecodeConfig.preload_weights``)
-PRELOAD_MAX_STEPS = 4
-#: most preloaded words a thread holds (the heuristic's limit: four rows of 16 bytes over
-#: three or four steps, next to the registers the arithmetic needs)
-PRELOAD_MAX_WORDS_PER_THREAD = 64
-
-
-def gemm2_preload_steps(cfg: DecodeConfig, n: int, k: int, top_k: int, has_perm: bool) -> int:
-    """K steps each GEMM2 program preloads under ``cfg`` (0: the tile streams its weights):
-    ``cfg.preload_weights`` where a program holds one slot, whole tiles (``n`` rows, ``k``
-    values) and one to :data:`PRELOAD_MAX_STEPS` equal steps per split, without act-order
-    (whose activation gather is not preloaded) or the ``cp.async`` ring."""
-    k_words = k // PACK_FACTOR
-    if (not cfg.preload_weights or has_perm or cfg.num_stages > 1
-            or (cfg.topk_inner >= top_k and top_k > 1)
-            or n % cfg.block_n or k_words % cfg.block_kw):
-        return 0
-    per, split = _kw_per_split(k, cfg)
-    steps = per // cfg.block_kw
-    return steps if per * split == k_words and steps <= PRELOAD_MAX_STEPS else 0
 
 
 def _split_buffers(workspace: DecodeWorkspace | None, splits: int, acc_shape: tuple[int, int],

@@ -182,6 +182,28 @@ def test_thresholds_file_read_and_malformed_file_warns(tmp_path, monkeypatch):
     assert experts_mod._read_thresholds(str(tmp_path / "missing.json")) == {}
 
 
+def test_gpu_without_thresholds_borrows_a_siblings(tmp_path, monkeypatch):
+    """A GPU with no thresholds file uses those of a GPU of the same compute capability and
+    multiprocessor count (warning once), not DEFAULT_DECODE_THRESHOLD; another GPU does not."""
+    from w4a16moe.kernels import configs as cfgmod
+
+    ex = random_experts(5, 64, 96, group_size=32, dtype=torch.float16, device=DEVICE, seed=3)
+    key = experts_mod.threshold_key(5, 64, 96, 2, 32)
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "multiprocessors": 132}
+    (tmp_path / "NVIDIA_H100_80GB_HBM3_thresholds.json").write_text(
+        json.dumps({"_meta": {"gpu": h100}, key: 6}))
+    monkeypatch.setattr(cfgmod, "CONFIG_DIR", tmp_path)
+    for fn in (cfgmod._warn_borrowed, cfgmod._cached_sibling, experts_mod._read_thresholds):
+        fn.cache_clear()
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(cfgmod, "gpu_traits", lambda device=None: {**h100, "name": "NVIDIA H200"})
+    with pytest.warns(RuntimeWarning, match="no tuned decode thresholds for NVIDIA H200"):
+        assert experts_mod.measured_decode_threshold(ex, 2, cuda) == 6
+    monkeypatch.setattr(cfgmod, "gpu_traits", lambda device=None: {**h100, "name": "A100",
+                                                                    "capability": [8, 0]})
+    assert experts_mod.measured_decode_threshold(ex, 2, cuda) is None
+
+
 @pytest.mark.parametrize("m,path,name", [(1, "decode", "fused_moe_wvsplitk_int4"),
                                          (3, "prefill", "hybrid_triton_moe")])
 def test_every_gemm_is_annotated(m, path, name):

@@ -602,14 +602,80 @@ def test_malformed_file_warns_and_falls_back(tmp_path, text, problem):
     assert cfg == cfgmod.heuristic_config(64, 256, 128, 8, 2)
 
 
-def test_unknown_gpu_warns_and_falls_back(monkeypatch, tmp_path):
+H100 = {"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0], "multiprocessors": 132}
+H200 = {"name": "NVIDIA H200", "capability": [9, 0], "multiprocessors": 132}
+
+
+def _fake_gpu(monkeypatch, tmp_path, traits):
+    """Config lookups as on a GPU with ``traits``, the package's files being ``tmp_path``'s."""
     monkeypatch.setattr(cfgmod, "_interpreted", lambda device: False)
     monkeypatch.setattr(cfgmod, "CONFIG_DIR", tmp_path)
-    monkeypatch.setattr(cfgmod, "device_config_filename", lambda device=None: "Mystery_GPU.json")
-    cfgmod._warn_missing.cache_clear()
+    monkeypatch.setattr(cfgmod, "gpu_traits", lambda device=None: dict(traits))
+    for fn in (cfgmod._warn_missing, cfgmod._warn_borrowed, cfgmod._cached_sibling):
+        fn.cache_clear()
+
+
+def _tuned(path, gpu, body):
+    path.write_text(json.dumps({"_meta": {"device": gpu and gpu["name"], "gpu": gpu}, **body}))
+    return path
+
+
+def test_unknown_gpu_warns_and_falls_back(monkeypatch, tmp_path):
+    _fake_gpu(monkeypatch, tmp_path, {"name": "Mystery GPU", "capability": [8, 0],
+                                      "multiprocessors": 108})
+    _tuned(tmp_path / "NVIDIA_H100_80GB_HBM3.json", H100, {"1536,2048": {"16": GOOD}})
     with pytest.warns(RuntimeWarning, match="Mystery_GPU.json"):
         cfg = cfgmod.get_prefill_config(4096, 1536, 2048, 128, 8, torch.bfloat16, DEVICE)
     assert cfg == cfgmod.heuristic_config(4096, 1536, 2048, 128, 8)
+
+
+def test_sibling_file_needs_the_same_capability_and_multiprocessors(tmp_path):
+    h100 = _tuned(tmp_path / "NVIDIA_H100_80GB_HBM3.json", H100, {})
+    h100_t = _tuned(tmp_path / "NVIDIA_H100_80GB_HBM3_thresholds.json", H100, {})
+    pcie = {"name": "NVIDIA H100 PCIe", "capability": [9, 0], "multiprocessors": 114}
+    _tuned(tmp_path / "NVIDIA_H100_PCIe.json", pcie, {})
+    _tuned(tmp_path / "Old_GPU.json", None, {})  # no GPU record: never borrowed
+    (tmp_path / "Broken_GPU.json").write_text("{not json")
+    assert cfgmod.sibling_file(H200, config_dir=tmp_path) == h100
+    assert cfgmod.sibling_file(H200, cfgmod.THRESHOLDS_SUFFIX, tmp_path) == h100_t
+    assert cfgmod.sibling_file({**pcie, "name": "Other PCIe"}, config_dir=tmp_path) == (
+        tmp_path / "NVIDIA_H100_PCIe.json")
+    assert cfgmod.sibling_file({**H200, "capability": [10, 0]}, config_dir=tmp_path) is None
+    assert cfgmod.sibling_file({**H200, "multiprocessors": 144}, config_dir=tmp_path) is None
+    assert cfgmod.sibling_file(H100, config_dir=tmp_path) is None  # not itself
+
+
+def test_gpu_without_files_borrows_a_siblings_table(monkeypatch, tmp_path):
+    """An H200 (no file of its own) runs the H100's tuned entries, and says so once; its own
+    file, once there, wins; with borrowing off it gets the heuristic."""
+    _fake_gpu(monkeypatch, tmp_path, H200)
+    tuned = {**GOOD, "BLOCK_SIZE_M": 32}
+    h100 = _tuned(tmp_path / "NVIDIA_H100_80GB_HBM3.json", H100, {"1536,2048": {"64": tuned}})
+    with pytest.warns(RuntimeWarning, match="NVIDIA H200.*NVIDIA H100 80GB HBM3") as rec:
+        cfg = cfgmod.get_prefill_config(64, 1536, 2048, 128, 8, torch.bfloat16, DEVICE)
+    assert cfg == tuned and str(h100) in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert cfgmod.get_prefill_config(64, 1536, 2048, 128, 8, torch.bfloat16, DEVICE) == tuned
+    monkeypatch.setattr(cfgmod, "BORROW_SIBLING_FILES", False)
+    with pytest.warns(RuntimeWarning, match="NVIDIA_H200.json"):
+        cfg = cfgmod.get_prefill_config(64, 1536, 2048, 128, 8, torch.bfloat16, DEVICE)
+    assert cfg == cfgmod.heuristic_config(64, 1536, 2048, 128, 8)
+    monkeypatch.setattr(cfgmod, "BORROW_SIBLING_FILES", True)
+    own = {**GOOD, "BLOCK_SIZE_M": 64}
+    _tuned(tmp_path / "NVIDIA_H200.json", H200, {"1536,2048": {"64": own}})
+    assert cfgmod.get_prefill_config(64, 1536, 2048, 128, 8, torch.bfloat16, DEVICE) == own
+
+
+def test_shipped_files_record_their_gpu():
+    """Every shipped tuned file names the GPU it was tuned on, with what makes a sibling."""
+    files = sorted(cfgmod.CONFIG_DIR.glob("*.json"))
+    assert files
+    for f in files:
+        gpu = json.loads(f.read_text())["_meta"]["gpu"]
+        assert f.name == cfgmod.gpu_file_name(gpu["name"], cfgmod.THRESHOLDS_SUFFIX if
+                                              f.name.endswith("_thresholds.json") else ".json")
+        assert len(gpu["capability"]) == 2 and gpu["multiprocessors"] > 0, f.name
 
 
 @pytest.mark.parametrize("m,top_k,e", [(1, 8, 128), (64, 8, 128), (4096, 8, 128),

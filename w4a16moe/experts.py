@@ -17,6 +17,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from .kernels.configs import THRESHOLDS_SUFFIX, gpu_file_name, tuned_file
 from .layout import PackedExperts, PackedWeights
 from .reference import ACTIVATIONS
 from .routing import fused_topk
@@ -35,7 +36,9 @@ DETERMINISTIC_PATH = "prefill"
 
 
 def thresholds_path(device_name: str) -> str:
-    return os.path.join(CONFIG_DIR, device_name.replace(" ", "_") + "_thresholds.json")
+    """This package's thresholds file of the GPU named ``device_name`` (where ``w4a16moe
+    tune --thresholds`` writes)."""
+    return os.path.join(CONFIG_DIR, gpu_file_name(device_name, THRESHOLDS_SUFFIX))
 
 
 def threshold_key(num_experts: int, hidden_size: int, intermediate_size: int, top_k: int,
@@ -61,12 +64,13 @@ def _read_thresholds(path: str) -> dict[str, int]:
 
 def measured_decode_threshold(experts: PackedExperts, top_k: int,
                               device: torch.device | None = None) -> int | None:
-    """The threshold measured for this GPU and layer shape, or None if none was shipped."""
+    """The threshold measured for this GPU and layer shape, or None if none was shipped
+    (for this GPU, or for a sibling GPU of the same architecture and size: see
+    :func:`~w4a16moe.kernels.configs.tuned_file`)."""
     device = device or experts.device
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    table = _read_thresholds(thresholds_path(name))
+    table = _read_thresholds(str(tuned_file(device, THRESHOLDS_SUFFIX)))
     key = threshold_key(experts.num_experts, experts.hidden_size, experts.intermediate_size,
                         top_k, experts.w13.group_size)
     return table.get(key)

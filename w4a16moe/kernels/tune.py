@@ -342,7 +342,7 @@ def tune_prefill(
     import triton
 
     from ..routing import align_block_size
-    from .configs import parse_table
+    from .configs import GPU_META_KEY, gpu_traits, parse_table
     from .prefill import _fragment_tiles
     from .prefill_rs import sorted_rows_unsupported
 
@@ -472,7 +472,8 @@ def tune_prefill(
         for sp, ms in by_space.items())
     if old_space:
         provenance = f"{old_space}; then {provenance}"
-    result = {"_meta": {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+    result = {"_meta": {"device": torch.cuda.get_device_name(), GPU_META_KEY: gpu_traits(),
+                        "triton": triton.__version__,
                         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
                         "space": provenance, "times_us": meta_times,
                         "note": "times_us: median kernel time under CUDA graphs, random "
@@ -675,6 +676,7 @@ def measure_thresholds(
     import triton
 
     from ..experts import threshold_key
+    from .configs import GPU_META_KEY, gpu_traits
 
     shapes = _resolve_models(models)
     results: dict[str, ThresholdResult] = {}
@@ -701,7 +703,8 @@ def measure_thresholds(
                     old = json.load(f).get("_meta", {}).get("timings", {})
             except (OSError, ValueError, AttributeError):
                 old = {}
-        meta = {"device": torch.cuda.get_device_name(), "triton": triton.__version__,
+        meta = {"device": torch.cuda.get_device_name(), GPU_META_KEY: gpu_traits(),
+                "triton": triton.__version__,
                 "torch": torch.__version__,
                 "dtype": str(dtype or torch.bfloat16).removeprefix("torch."),
                 "timings": {**old, **timings},

@@ -20,6 +20,11 @@ and ``"PREFETCH_SCALES"`` (booleans for that kernel; see :data:`OPTIONAL_KEYS`),
 whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the
 problem) fall back to :func:`heuristic_config`; nothing here raises for a bad file.
+
+A GPU without its own files borrows those of a *sibling*: a GPU of the same compute
+capability and multiprocessor count, recorded under ``"_meta": {"gpu": {...}}`` of each file
+(:func:`tuned_file`; it warns once, naming both GPUs). The tiles fit the same SMs; an H200
+runs the H100's table and thresholds instead of the generic heuristic.
 """
 
 from __future__ import annotations
@@ -67,6 +72,17 @@ OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True
 MAX_FRAG_WARPS = 4
 #: RS configs: the Gluon kernel's two or four consumer warpgroups
 RS_WARPS = (8, 16)
+
+#: file name suffixes: prefill configs, and the decode/prefill thresholds of
+#: :mod:`w4a16moe.experts`
+CONFIGS_SUFFIX = ".json"
+THRESHOLDS_SUFFIX = "_thresholds.json"
+#: ``_meta`` key of a tuned file naming the GPU it was tuned on:
+#: ``{"name": ..., "capability": [major, minor], "multiprocessors": n}``
+GPU_META_KEY = "gpu"
+#: let a GPU without its own files use a sibling's (:func:`tuned_file`); benchmarks turn it
+#: off to time the heuristic fallback
+BORROW_SIBLING_FILES = True
 
 #: the one config used under the Triton interpreter (CPU): small blocks keep tests fast
 INTERPRETER_CONFIG = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 32,
@@ -161,10 +177,93 @@ def _load_table(path: str, mtime_ns: int) -> dict[tuple[int, int], dict[int, dic
         return {}
 
 
-def device_config_filename(device: torch.device | str | int | None = None) -> str:
-    """``NVIDIA_H100_80GB_HBM3.json`` for the GPU ``device``."""
-    name = torch.cuda.get_device_name(device)
-    return name.replace(" ", "_").replace("/", "_") + ".json"
+def device_config_filename(device: torch.device | str | int | None = None,
+                           suffix: str = CONFIGS_SUFFIX) -> str:
+    """``NVIDIA_H100_80GB_HBM3.json`` (or another ``suffix``) for the GPU ``device``."""
+    return gpu_file_name(torch.cuda.get_device_name(device), suffix)
+
+
+def gpu_file_name(gpu_name: str, suffix: str = CONFIGS_SUFFIX) -> str:
+    """The file name of a GPU's tuned file: its name, spaces and slashes as underscores."""
+    return gpu_name.replace(" ", "_").replace("/", "_") + suffix
+
+
+def gpu_traits(device: torch.device | str | int | None = None) -> dict:
+    """What a tuned file records of its GPU (``_meta`` key :data:`GPU_META_KEY`): name,
+    compute capability and multiprocessor count."""
+    props = torch.cuda.get_device_properties(device)
+    return {"name": props.name, "capability": [props.major, props.minor],
+            "multiprocessors": props.multi_processor_count}
+
+
+def _recorded_gpu(path: Path) -> dict | None:
+    """The ``_meta`` GPU record of a tuned file, or None (no record, unreadable file)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f).get("_meta", {})
+        gpu = meta.get(GPU_META_KEY)
+        if (isinstance(gpu, dict) and isinstance(gpu.get("name"), str)
+                and isinstance(gpu.get("capability"), list)
+                and isinstance(gpu.get("multiprocessors"), int)):
+            return gpu
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def sibling_file(traits: dict, suffix: str = CONFIGS_SUFFIX,
+                 config_dir: str | os.PathLike | None = None) -> Path | None:
+    """A tuned file in ``config_dir`` (default :data:`CONFIG_DIR`; name ending in
+    ``suffix``) of another GPU with the compute capability and multiprocessor count of
+    ``traits`` (:func:`gpu_traits`); the first by file name, or None. Files without a GPU
+    record never match."""
+    for path in sorted(Path(config_dir or CONFIG_DIR).glob("*" + suffix)):
+        if suffix == CONFIGS_SUFFIX and path.name.endswith(THRESHOLDS_SUFFIX):
+            continue
+        gpu = _recorded_gpu(path)
+        if (gpu is not None and gpu["name"] != traits["name"]
+                and list(gpu["capability"]) == list(traits["capability"])
+                and gpu["multiprocessors"] == traits["multiprocessors"]):
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_sibling(name: str, capability: tuple[int, int], multiprocessors: int, suffix: str,
+                    config_dir: str) -> Path | None:
+    traits = {"name": name, "capability": list(capability), "multiprocessors": multiprocessors}
+    return sibling_file(traits, suffix, config_dir)
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_borrowed(name: str, path: str, what: str) -> None:
+    gpu = _recorded_gpu(Path(path)) or {}
+    cap = ".".join(str(v) for v in gpu.get("capability", []))
+    warnings.warn(f"no tuned {what} for {name}; using {path}, tuned on {gpu.get('name')} "
+                  f"(same compute capability {cap} and {gpu.get('multiprocessors')} "
+                  "multiprocessors). Run 'w4a16moe tune' on this GPU to make its own.",
+                  RuntimeWarning, stacklevel=4)
+
+
+def tuned_file(device: torch.device | str | int | None = None,
+               suffix: str = CONFIGS_SUFFIX,
+               config_dir: str | os.PathLike | None = None) -> Path:
+    """The tuned file (``suffix``: :data:`CONFIGS_SUFFIX` or :data:`THRESHOLDS_SUFFIX`) to
+    use on ``device``: its own when shipped; else, with :data:`BORROW_SIBLING_FILES`, a
+    sibling GPU's (:func:`sibling_file`; warns once); else its own path, which does not
+    exist (the callers fall back and say so)."""
+    t = gpu_traits(device)
+    config_dir = Path(config_dir or CONFIG_DIR)
+    own = config_dir / gpu_file_name(t["name"], suffix)
+    if own.exists() or not BORROW_SIBLING_FILES:
+        return own
+    sibling = _cached_sibling(t["name"], tuple(t["capability"]), t["multiprocessors"], suffix,
+                              str(config_dir))
+    if sibling is None:
+        return own
+    _warn_borrowed(t["name"], str(sibling),
+                   "decode thresholds" if suffix == THRESHOLDS_SUFFIX else "prefill configs")
+    return sibling
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -224,18 +323,19 @@ def get_prefill_config(m: int, n: int, k: int, num_experts: int, top_k: int,
     """Launch config of one prefill GEMM: ``m`` tokens, weights ``[num_experts, n, k]``.
 
     Under the Triton interpreter (or on a CPU tensor) returns :data:`INTERPRETER_CONFIG`.
-    Otherwise :func:`lookup_config` in ``config_file`` (default: this directory's file for
-    the GPU's name). ``dtype`` is accepted for future per-dtype tables (fp16 and bf16 share
-    one today).
+    Otherwise :func:`lookup_config` in ``config_file`` (default: :func:`tuned_file`, this
+    directory's file for the GPU, or a sibling GPU's). ``dtype`` is accepted for future
+    per-dtype tables (fp16 and bf16 share one today).
     """
     device = torch.device(device)
     if _interpreted(device):
         return dict(INTERPRETER_CONFIG)
     if config_file is None:
-        config_file = CONFIG_DIR / device_config_filename(device)
+        config_file = tuned_file(device)
     return lookup_config(config_file, m, n, k, num_experts, top_k)
 
 
-__all__ = ["CONFIG_DIR", "CONFIG_KEYS", "INTERPRETER_CONFIG", "device_config_filename",
-           "get_prefill_config", "heuristic_config", "lookup_config", "parse_table",
-           "validate_config"]
+__all__ = ["BORROW_SIBLING_FILES", "CONFIGS_SUFFIX", "CONFIG_DIR", "CONFIG_KEYS",
+           "GPU_META_KEY", "INTERPRETER_CONFIG", "THRESHOLDS_SUFFIX", "device_config_filename",
+           "get_prefill_config", "gpu_file_name", "gpu_traits", "heuristic_config",
+           "lookup_config", "parse_table", "sibling_file", "tuned_file", "validate_config"]

@@ -21,6 +21,31 @@ def triton_mode() -> str:
     return "native" if torch.cuda.is_available() else "unavailable"
 
 
+def tuned_files(device=None) -> dict[str, dict]:
+    """Which shipped tuned files the GPU uses: ``prefill_tiles`` and ``switch_points``, each
+    ``{"source": "own" | "sibling" | "none", "file": path or None, "tuned_on": GPU name}``
+    (see :func:`w4a16moe.kernels.configs.resolve_tuned_file`)."""
+    from .kernels import configs
+
+    out = {}
+    for key, suffix in (("prefill_tiles", configs.CONFIGS_SUFFIX),
+                        ("switch_points", configs.THRESHOLDS_SUFFIX)):
+        path, source = configs.resolve_tuned_file(device, suffix)
+        gpu = configs.recorded_gpu(path) if source != "none" else None
+        out[key] = {"source": source, "file": None if source == "none" else str(path),
+                    "tuned_on": gpu["name"] if gpu else None}
+    return out
+
+
+def _describe_tuned(entry: dict) -> str:
+    if entry["source"] == "own":
+        return f"{os.path.basename(entry['file'])} (tuned on this GPU)"
+    if entry["source"] == "sibling":
+        return (f"{os.path.basename(entry['file'])} (borrowed: tuned on {entry['tuned_on']}, "
+                "same compute capability and SM count)")
+    return "none (heuristic; 'w4a16moe tune' makes one)"
+
+
 def collect() -> dict[str, object]:
     import torch
 
@@ -45,6 +70,7 @@ def collect() -> dict[str, object]:
         info["sm_count"] = props.multi_processor_count
         info["memory_gib"] = round(props.total_memory / 2**30, 1)
         info["capability"] = f"{props.major}.{props.minor}"
+        info.update(tuned_files())
     else:
         info["device"] = f"cpu ({platform.processor() or platform.machine()}, "\
                          f"{os.cpu_count()} cores)"
@@ -62,6 +88,8 @@ def run(args) -> int:
 
     table = Table(show_header=False, box=None)
     for key, value in info.items():
+        if isinstance(value, dict):
+            value = _describe_tuned(value)
         table.add_row(key, "-" if value is None else str(value))
     Console().print(table)
     if info["triton_mode"] == "unavailable":

@@ -196,8 +196,9 @@ def gpu_traits(device: torch.device | str | int | None = None) -> dict:
             "multiprocessors": props.multi_processor_count}
 
 
-def _recorded_gpu(path: Path) -> dict | None:
-    """The ``_meta`` GPU record of a tuned file, or None (no record, unreadable file)."""
+def recorded_gpu(path: str | os.PathLike) -> dict | None:
+    """The ``_meta`` GPU record of a tuned file (:data:`GPU_META_KEY`), or None (no record,
+    unreadable file)."""
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f).get("_meta", {})
@@ -220,7 +221,7 @@ def sibling_file(traits: dict, suffix: str = CONFIGS_SUFFIX,
     for path in sorted(Path(config_dir or CONFIG_DIR).glob("*" + suffix)):
         if suffix == CONFIGS_SUFFIX and path.name.endswith(THRESHOLDS_SUFFIX):
             continue
-        gpu = _recorded_gpu(path)
+        gpu = recorded_gpu(path)
         if (gpu is not None and gpu["name"] != traits["name"]
                 and list(gpu["capability"]) == list(traits["capability"])
                 and gpu["multiprocessors"] == traits["multiprocessors"]):
@@ -237,7 +238,7 @@ def _cached_sibling(name: str, capability: tuple[int, int], multiprocessors: int
 
 @functools.lru_cache(maxsize=64)
 def _warn_borrowed(name: str, path: str, what: str) -> None:
-    gpu = _recorded_gpu(Path(path)) or {}
+    gpu = recorded_gpu(Path(path)) or {}
     cap = ".".join(str(v) for v in gpu.get("capability", []))
     warnings.warn(f"no tuned {what} for {name}; using {path}, tuned on {gpu.get('name')} "
                   f"(same compute capability {cap} and {gpu.get('multiprocessors')} "
@@ -245,25 +246,37 @@ def _warn_borrowed(name: str, path: str, what: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def tuned_file(device: torch.device | str | int | None = None,
-               suffix: str = CONFIGS_SUFFIX,
-               config_dir: str | os.PathLike | None = None) -> Path:
-    """The tuned file (``suffix``: :data:`CONFIGS_SUFFIX` or :data:`THRESHOLDS_SUFFIX`) to
-    use on ``device``: its own when shipped; else, with :data:`BORROW_SIBLING_FILES`, a
-    sibling GPU's (:func:`sibling_file`; warns once); else its own path, which does not
-    exist (the callers fall back and say so)."""
+def resolve_tuned_file(device: torch.device | str | int | None = None,
+                       suffix: str = CONFIGS_SUFFIX,
+                       config_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """``(path, source)`` of the tuned file (``suffix``: :data:`CONFIGS_SUFFIX` or
+    :data:`THRESHOLDS_SUFFIX`) for ``device``: ``"own"``, its own file; ``"sibling"``, with
+    :data:`BORROW_SIBLING_FILES`, a sibling GPU's (:func:`sibling_file`); ``"none"``, its
+    own path, which does not exist (the callers fall back and say so)."""
     t = gpu_traits(device)
     config_dir = Path(config_dir or CONFIG_DIR)
     own = config_dir / gpu_file_name(t["name"], suffix)
-    if own.exists() or not BORROW_SIBLING_FILES:
-        return own
-    sibling = _cached_sibling(t["name"], tuple(t["capability"]), t["multiprocessors"], suffix,
-                              str(config_dir))
-    if sibling is None:
-        return own
-    _warn_borrowed(t["name"], str(sibling),
-                   "decode thresholds" if suffix == THRESHOLDS_SUFFIX else "prefill configs")
-    return sibling
+    if own.exists():
+        return own, "own"
+    if BORROW_SIBLING_FILES:
+        sibling = _cached_sibling(t["name"], tuple(t["capability"]), t["multiprocessors"],
+                                  suffix, str(config_dir))
+        if sibling is not None:
+            return sibling, "sibling"
+    return own, "none"
+
+
+def tuned_file(device: torch.device | str | int | None = None,
+               suffix: str = CONFIGS_SUFFIX,
+               config_dir: str | os.PathLike | None = None) -> Path:
+    """The path of :func:`resolve_tuned_file`, warning once per GPU and file kind when it
+    is a sibling's."""
+    path, source = resolve_tuned_file(device, suffix, config_dir)
+    if source == "sibling":
+        _warn_borrowed(gpu_traits(device)["name"], str(path),
+                       "decode thresholds" if suffix == THRESHOLDS_SUFFIX
+                       else "prefill configs")
+    return path
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -338,4 +351,5 @@ def get_prefill_config(m: int, n: int, k: int, num_experts: int, top_k: int,
 __all__ = ["BORROW_SIBLING_FILES", "CONFIGS_SUFFIX", "CONFIG_DIR", "CONFIG_KEYS",
            "GPU_META_KEY", "INTERPRETER_CONFIG", "THRESHOLDS_SUFFIX", "device_config_filename",
            "get_prefill_config", "gpu_file_name", "gpu_traits", "heuristic_config",
-           "lookup_config", "parse_table", "sibling_file", "tuned_file", "validate_config"]
+           "lookup_config", "parse_table", "recorded_gpu", "resolve_tuned_file",
+           "sibling_file", "tuned_file", "validate_config"]

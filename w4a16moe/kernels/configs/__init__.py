@@ -23,8 +23,8 @@ problem) fall back to :func:`heuristic_config`; nothing here raises for a bad fi
 
 A GPU without its own files borrows those of a *sibling*: a GPU of the same compute
 capability and multiprocessor count, recorded under ``"_meta": {"gpu": {...}}`` of each file
-(:func:`tuned_file`; it warns once, naming both GPUs). The tiles fit the same SMs; an H200
-runs the H100's table and thresholds instead of the generic heuristic.
+(:func:`tuned_file`; it warns once, naming both GPUs). The tiles fit the same SMs: an H200
+runs the H100's table instead of the generic heuristic (and its own measured thresholds).
 """
 
 from __future__ import annotations
@@ -177,10 +177,9 @@ def _load_table(path: str, mtime_ns: int) -> dict[tuple[int, int], dict[int, dic
         return {}
 
 
-def device_config_filename(device: torch.device | str | int | None = None,
-                           suffix: str = CONFIGS_SUFFIX) -> str:
-    """``NVIDIA_H100_80GB_HBM3.json`` (or another ``suffix``) for the GPU ``device``."""
-    return gpu_file_name(torch.cuda.get_device_name(device), suffix)
+def device_config_filename(device: torch.device | str | int | None = None) -> str:
+    """``NVIDIA_H100_80GB_HBM3.json`` for the GPU ``device``."""
+    return gpu_file_name(torch.cuda.get_device_name(device))
 
 
 def gpu_file_name(gpu_name: str, suffix: str = CONFIGS_SUFFIX) -> str:

@@ -32,12 +32,11 @@ def main() -> None:
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     traits = cfgmod.gpu_traits()
-    res = {"gpu": traits, "own_files": [str(cfgmod.CONFIG_DIR / cfgmod.gpu_file_name(
-               traits["name"], s)) for s in (cfgmod.CONFIGS_SUFFIX, cfgmod.THRESHOLDS_SUFFIX)
-               if (cfgmod.CONFIG_DIR / cfgmod.gpu_file_name(traits["name"], s)).exists()],
-           "sibling": str(cfgmod.sibling_file(traits)), "torch": torch.__version__,
+    files = {s: [str(v) for v in cfgmod.resolve_tuned_file(None, s)]
+             for s in (cfgmod.CONFIGS_SUFFIX, cfgmod.THRESHOLDS_SUFFIX)}
+    res = {"gpu": traits, "files_with_borrowing": files, "torch": torch.__version__,
            "rows": []}
-    print(f"{traits}: own files {res['own_files']}, sibling {res['sibling']}", flush=True)
+    print(f"{traits}: files (path, source) with borrowing: {files}", flush=True)
     times: dict[tuple, list[float]] = {}
     paths: dict[tuple, str] = {}
     for name in args.models.split(","):

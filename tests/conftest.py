@@ -17,8 +17,6 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from w4a16moe.bench.timing import capture_graph  # noqa: E402,F401  (for the GPU tests)
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 

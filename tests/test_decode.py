@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, capture_graph
+from conftest import DEVICE, ON_GPU
 
+from w4a16moe.bench.timing import capture_graph
 from w4a16moe.kernels import decode
 from w4a16moe.kernels.decode import (
     DecodeConfig,

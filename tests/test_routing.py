@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import capture_graph
 
+from w4a16moe.bench.timing import capture_graph
 from w4a16moe.routing import AlignedBlocks, align_block_size, fused_topk, max_num_tokens_padded
 
 # --------------------------------------------------------------------------------------------

@@ -392,13 +392,12 @@ def main():
     ap.add_argument("--ms", nargs="*", type=int, default=None,
                     help="token counts to sweep (default: the built-in plan per model)")
     ap.add_argument("--g1", nargs="*", type=parse_config, default=None,
-                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TI[,STAGES[,CHUNK]]]]",
+                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TI[,STAGES]]]",
                     help="GEMM1 variants to time besides the default config (replaces the "
                          "built-in list; GEMM1 tiles hold 2*BN rows; TI is unused; STAGES "
-                         ">= 2 loads through a cp.async ring; CHUNK 1: one word a thread "
-                         "and row)")
+                         ">= 2 loads through a cp.async ring)")
     ap.add_argument("--g2", nargs="*", type=parse_config, default=None,
-                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER[,STAGES[,CHUNK]]]]",
+                    metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER[,STAGES]]]",
                     help="GEMM2 variants to time besides the default config")
     ap.add_argument("--routing", choices=tuple(ROUTINGS), default="disjoint",
                     help="disjoint: every slot of a launch on its own expert (the worst "

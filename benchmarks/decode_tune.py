@@ -1,11 +1,9 @@
 """Correctness at real shapes and timing of the decode kernels on the GPU (one run does all).
 
     PYTHONPATH=. python benchmarks/decode_tune.py [--out DIR] [--quick]
-        [--models NAME ...] [--ms M ...]
-        [--g1 BN,BKW,SPLIT,WARPS[,PF[,TI[,STAGES[,CHUNK]]]] ...] [--g2 ...]
-        [--routing disjoint|random]
-    (STAGES >= 2: loads through a cp.async ring instead of registers; CHUNK 1: one word a
-    thread and row, ``DecodeConfig.chunk_words``)
+        [--models NAME ...] [--ms M ...] [--g1 BN,BKW,SPLIT,WARPS[,PF[,TI[,STAGES]]] ...]
+        [--g2 ...] [--routing disjoint|random]
+    (STAGES >= 2: loads through a cp.async ring instead of registers)
 
 What it does, for Qwen3-30B-A3B (E=128, top_k=8, H=2048, I=768, G=128) and Mixtral-8x7B
 (E=8, top_k=2, H=4096, I=14336, G=128), and for deepseek-v2-lite, qwen3-235b-a22b and
@@ -207,9 +205,9 @@ def time_graph(fn_list, replays, profile=True):
     return times[len(times) // 2], kernel_us
 
 
-def _cfg(bn, bkw, split, nw, pf=1, ti=1, stages=1, chunk=4):
+def _cfg(bn, bkw, split, nw, pf=1, ti=1, stages=1):
     return DecodeConfig(block_n=bn, block_kw=bkw, split_k=split, num_warps=nw, prefetch=pf,
-                        topk_inner=ti, num_stages=stages, chunk_words=chunk)
+                        topk_inner=ti, num_stages=stages)
 
 
 # (block_n, block_kw, split_k, num_warps, prefetch[, topk_inner]); GEMM1 tiles hold 2*block_n
@@ -335,18 +333,18 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only,
 
 
 def parse_config(text):
-    """``"block_n,block_kw,split_k,num_warps[,prefetch[,topk_inner[,num_stages
-    [,chunk_words]]]]"`` -> DecodeConfig (``num_stages`` >= 2: the ``cp.async`` ring instead
-    of the register prefetch; ``chunk_words`` 1: one word a thread and row)."""
+    """``"block_n,block_kw,split_k,num_warps[,prefetch[,topk_inner[,num_stages]]]"`` ->
+    DecodeConfig (``num_stages`` >= 2: the ``cp.async`` ring instead of the register
+    prefetch)."""
     try:
         fields = [int(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected comma-separated integers") from None
-    if not 4 <= len(fields) <= 8:
+    if not 4 <= len(fields) <= 7:
         raise argparse.ArgumentTypeError(
             f"config {text!r}: expected block_n,block_kw,split_k,num_warps[,prefetch"
-            f"[,topk_inner[,num_stages[,chunk_words]]]], found {len(fields)} fields")
+            f"[,topk_inner[,num_stages]]], found {len(fields)} fields")
     try:
         return _cfg(*fields)
     except ValueError as exc:

@@ -56,7 +56,7 @@ def _reports() -> dict:
         gemm1 = dict(GROUP_SIZE=128, HAS_ZEROS=False, HAS_PERM=False, HAS_EMAP=False,
                      WEIGHT_ON_INPUT=False, ACTIVATION=0, BLOCK_N=8, BLOCK_KW=32, SPLIT_K=1,
                      KW_PER_SPLIT=256, PREFETCH=1, EVEN_N=True, EVEN_K=True, STAGES=1,
-                     PDL=pdl, CHUNK=4)
+                     PDL=pdl)
         ptrs = {n: "*bf16" for n in ("x_ptr", "s_ptr", "out_ptr")}
         ptrs.update({n: "*i32" for n in ("qw_ptr", "z_ptr", "perm_ptr", "ids_ptr", "emap_ptr",
                                          "cnt_ptr")})

@@ -220,42 +220,6 @@ def test_ring_with_act_order_zeros_and_expert_map(dtype, split):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "symmetric,act_order,split,stages,prefetch",
-    [(True, False, 1, 1, 1), (False, False, 2, 1, 2), (False, True, 1, 3, 1),
-     (True, True, 2, 1, 1)],
-    ids=["sym", "zeros-split2-prefetch2", "zeros-actorder-ring", "actorder-split2"],
-)
-def test_one_word_chunks(dtype, symmetric, act_order, split, stages, prefetch):
-    """``chunk_words=1`` (one word a thread and row, activations scaled by their in-word
-    divisor): symmetric and zero-point weights, act-order, split-K, the prefetch and the
-    ring, slots mapped to -1, and K not a multiple of the step (96 words = 1.5 steps)."""
-    local = random_experts(3, 768, 96, group_size=32, symmetric=symmetric,
-                           act_order=act_order, dtype=dtype, device=DEVICE, seed=23)
-    expert_map = torch.full((5,), -1, dtype=torch.int32, device=DEVICE)
-    expert_map[torch.tensor([4, 0, 2])] = torch.arange(3, dtype=torch.int32, device=DEVICE)
-    x = torch.randn(3, 768, dtype=dtype, device=DEVICE)
-    weights, ids = _routing(3, 5, 2)
-    ids[0] = torch.tensor([1, 3], dtype=torch.int32)  # token 0: no local expert
-    cfg1 = DecodeConfig(block_n=16, block_kw=64, split_k=split, num_warps=2,
-                        prefetch=prefetch, num_stages=stages, chunk_words=1)
-    cfg2 = DecodeConfig(block_n=32, block_kw=32, split_k=split, num_warps=1,
-                        prefetch=prefetch, num_stages=stages, chunk_words=1)
-    res, ref = _run(local, x, weights, ids, expert_map=expert_map, cfg1=cfg1, cfg2=cfg2,
-                    workspace=DecodeWorkspace.create(local, top_k=2, max_tokens=3))
-    _assert_close(res, ref, dtype)
-    assert torch.all(res[0] == 0)
-
-
-def test_chunk_words_validation():
-    with pytest.raises(ValueError, match="chunk_words is 2"):
-        DecodeConfig(chunk_words=2)
-    with pytest.raises(ValueError, match="block_kw is 2; expected >= chunk_words = 4"):
-        DecodeConfig(block_kw=2)
-    DecodeConfig(block_kw=1, chunk_words=1)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 def test_odd_shapes(dtype):
     """K not a multiple of the K step (96 = 1.5 x 64), N not a multiple of the tile
     (I = 96 rows per half vs 64-row tiles; H = 96 vs 64-row tiles), odd M."""

@@ -58,9 +58,6 @@ from .pdl import dependent_launch_args, gdc_wait
 
 #: words per chunk: one thread's 16-byte load, 32 K values, the unit of in-thread sums
 CHUNK_WORDS = tl.constexpr(4)
-#: chunk sizes a config may take (``DecodeConfig.chunk_words``): 4 words, or one word (one
-#: 4-byte weight load and one 16-byte activation load a thread, see ``_step_dots``)
-CHUNK_WORDS_CHOICES = (1, 4)
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 #: smallest BLOCK_N any config uses: sizes the arrival counters of a workspace
@@ -87,25 +84,20 @@ def _activation_and_mul(gate, up, ACTIVATION: tl.constexpr):
 @triton.jit
 def _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0, kw_end, num_groups,
                GROUP_SIZE: tl.constexpr, BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr,
-               HAS_PERM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-               CHUNK: tl.constexpr):
+               HAS_PERM: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
     """Loads of one K step: words ``[R, BLOCK_KW]``, activations ``[8 * BLOCK_KW]`` (fp32)
-    and the scale and zero point of each ``8 * CHUNK``-value chunk ``[R, BLOCK_KW/CHUNK]``
-    (one chunk = the words one thread loads; chunks never straddle a group since G >= 32).
-    With ``CHUNK == 1`` the word offsets are declared non-contiguous, so Triton gives each
-    thread one 4-byte word a row instead of a 16-byte run of four.
+    and the scale and zero point of each 32-value chunk ``[R, BLOCK_KW/4]`` (one chunk = the
+    4 words one thread loads; chunks never straddle a group since G >= 32).
 
     Without ``EVEN_K`` everything past ``kw_end`` is masked off (activations read as 0), so
     a prefetch beyond the end moves no data; with ``EVEN_K`` (the range is whole steps) the
     caller keeps ``kw0`` inside the range and no K mask is built. Without ``EVEN_N`` rows
     outside ``mask_r`` read as 0."""
     BLOCK_K: tl.constexpr = BLOCK_KW * 8
-    CHUNKS: tl.constexpr = BLOCK_KW // CHUNK
+    CHUNKS: tl.constexpr = BLOCK_KW // CHUNK_WORDS
     offs_kw = kw0 + tl.arange(0, BLOCK_KW)
-    if CHUNK == 1:
-        offs_kw = tl.max_contiguous(offs_kw, 1)
     offs_k = kw0 * 8 + tl.arange(0, BLOCK_K)
-    offs_c = kw0 * 8 + tl.arange(0, CHUNKS) * (CHUNK * 8)
+    offs_c = kw0 * 8 + tl.arange(0, CHUNKS) * (CHUNK_WORDS * 8)
     offs_g = offs_c // GROUP_SIZE
     if EVEN_K:
         if EVEN_N:
@@ -149,36 +141,16 @@ def _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0, kw_end, num
 
 @triton.jit
 def _step_dots(w, x, s, z, one_bits, ROWS: tl.constexpr, BLOCK_KW: tl.constexpr,
-               HAS_ZEROS: tl.constexpr, CHUNK: tl.constexpr):
+               HAS_ZEROS: tl.constexpr):
     """One K step of :func:`_stream_rows`: words ``[ROWS, BLOCK_KW]`` against activations
-    ``x`` -> scaled partial sums ``[ROWS, BLOCK_KW / CHUNK]`` (one per chunk of ``CHUNK``
-    words, with the chunk's scale ``s`` and zero point ``z``, or 8 for symmetric weights).
-
-    ``CHUNK == 4``: :func:`unit_float_chunk_dots`. ``CHUNK == 1`` (one word a chunk): the
-    activations are scaled once a step by the divisor ``d`` of their in-word position
-    (``x * d``, exact: ``d`` is a power of two), so that ``sum((1 + q/d) * x * d) =
-    sum(q x) + sum(d x)`` is one multiply-add chain a row; the row-independent
-    ``sum(d x) + zero * sum(x)`` is subtracted after it."""
+    ``x`` -> scaled partial sums ``[ROWS, BLOCK_KW / 4]`` (one per 32-value chunk, with the
+    chunk's scale ``s`` and zero point ``z``, or 8 for symmetric weights)."""
     f = unpack_int4_to_unit_float(w, BLOCK_KW * 8, one_bits)
-    if CHUNK == 1:
-        j = tl.arange(0, BLOCK_KW * 8) % 8
-        div = tl.where((j & 2) != 0, 16.0, 256.0)
-        xd = (x * div)[None, :]
-        dot = tl.sum(tl.reshape(f * xd, [ROWS, BLOCK_KW, 8]), axis=2)
-        # sums of the scaled activations (exact rescalings of xd: x = xd / d, 8 = d * 8/d)
-        if HAS_ZEROS:
-            sd = tl.sum(tl.reshape(xd, [1, BLOCK_KW, 8]), axis=2)
-            sx = tl.sum(tl.reshape(xd * (1.0 / div)[None, :], [1, BLOCK_KW, 8]), axis=2)
-            return s * (dot - sd - z * sx)
-        else:
-            c = tl.sum(tl.reshape(xd * (1.0 + 8.0 / div)[None, :], [1, BLOCK_KW, 8]), axis=2)
-            return s * (dot - c)
+    qx, xs = unit_float_chunk_dots(f, x, ROWS, BLOCK_KW // CHUNK_WORDS)
+    if HAS_ZEROS:
+        return s * (qx - z * xs)
     else:
-        qx, xs = unit_float_chunk_dots(f, x, ROWS, BLOCK_KW // CHUNK)
-        if HAS_ZEROS:
-            return s * (qx - z * xs)
-        else:
-            return s * (qx - 8.0 * xs)
+        return s * (qx - 8.0 * xs)
 
 
 @triton.jit
@@ -186,9 +158,9 @@ def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_e
                  num_groups, one_bits, ROWS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                  BLOCK_KW: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_PERM: tl.constexpr,
                  PREFETCH: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 STAGES: tl.constexpr, CHUNK: tl.constexpr):
+                 STAGES: tl.constexpr):
     """Dot products of ``ROWS`` weight rows with one activation row over packed words
-    ``kw_start .. kw_end``, returned unreduced as ``[ROWS, BLOCK_KW / CHUNK]`` fp32 partials
+    ``kw_start .. kw_end``, returned unreduced as ``[ROWS, BLOCK_KW / 4]`` fp32 partials
     (sum them along axis 1; callers that add several rows of activations first reduce once).
 
     ``w_rows``/``s_rows``/``z_rows``: ``[ROWS, 1]`` pointers to the start of each row of
@@ -196,20 +168,19 @@ def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_e
     activation row and (act-order) the expert's permutation. Loads run ``PREFETCH`` (1 or 2)
     steps ahead of the arithmetic, and each thread keeps its partial sums in registers (no
     cross-thread reduction inside the loop). ``EVEN_N``: all rows valid; ``EVEN_K``: the
-    range is whole steps (both drop masks from the loop). ``CHUNK``: words a thread loads
-    per row and step (4, or 1: see :func:`_step_dots`).
+    range is whole steps (both drop masks from the loop).
 
     ``STAGES > 1`` replaces the register prefetch by Triton's software pipeline: the loads
     of a step go to a ring of ``STAGES`` shared-memory buffers by ``cp.async`` and run
     ``STAGES - 1`` steps ahead, without holding the steps in flight in registers.
     """
-    acc = tl.zeros([ROWS, BLOCK_KW // CHUNK], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_KW // CHUNK_WORDS], dtype=tl.float32)
     if STAGES > 1:
         for kw0 in tl.range(kw_start, kw_end, BLOCK_KW, num_stages=STAGES):
             w, x, s, z = _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw0,
                                     kw_end, num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS,
-                                    HAS_PERM, EVEN_N, EVEN_K, CHUNK)
-            acc += _step_dots(w, x, s, z, one_bits, ROWS, BLOCK_KW, HAS_ZEROS, CHUNK)
+                                    HAS_PERM, EVEN_N, EVEN_K)
+            acc += _step_dots(w, x, s, z, one_bits, ROWS, BLOCK_KW, HAS_ZEROS)
         return acc
     # with EVEN_K the loads are unmasked: prefetches past the end re-read the last step
     if EVEN_K:
@@ -218,18 +189,17 @@ def _stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_e
         last = kw_end
     w, x, s, z = _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start, kw_end,
                             num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM, EVEN_N,
-                            EVEN_K, CHUNK)
+                            EVEN_K)
     if PREFETCH == 2:
         w1, x1, s1, z1 = _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row,
                                     tl.minimum(kw_start + BLOCK_KW, last), kw_end, num_groups,
-                                    GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM, EVEN_N, EVEN_K,
-                                    CHUNK)
+                                    GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM, EVEN_N, EVEN_K)
     for kw0 in range(kw_start, kw_end, BLOCK_KW):
         w_n, x_n, s_n, z_n = _load_step(w_rows, s_rows, z_rows, mask_r, x_row, perm_row,
                                         tl.minimum(kw0 + PREFETCH * BLOCK_KW, last), kw_end,
                                         num_groups, GROUP_SIZE, BLOCK_KW, HAS_ZEROS, HAS_PERM,
-                                        EVEN_N, EVEN_K, CHUNK)
-        acc += _step_dots(w, x, s, z, one_bits, ROWS, BLOCK_KW, HAS_ZEROS, CHUNK)
+                                        EVEN_N, EVEN_K)
+        acc += _step_dots(w, x, s, z, one_bits, ROWS, BLOCK_KW, HAS_ZEROS)
         if PREFETCH == 2:
             w, x, s, z = w1, x1, s1, z1
             w1, x1, s1, z1 = w_n, x_n, s_n, z_n
@@ -252,7 +222,7 @@ def _decode_gemm1_kernel(
     BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
     SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr = False, CHUNK: tl.constexpr = 4,
+    PDL: tl.constexpr = False,
 ):
     """GEMM1 of the decode MoE: ``out[s, n] = act(x[s // top_k] . W[e, n]) * (x . W[e, I + n])``.
 
@@ -297,8 +267,7 @@ def _decode_gemm1_kernel(
     perm_row = perm_ptr + expert * K
     acc = tl.sum(_stream_rows(w_rows, s_rows, z_rows, mask_r, x_row, perm_row, kw_start,
                               kw_end, num_groups, one_bits, 2 * BLOCK_N, GROUP_SIZE, BLOCK_KW,
-                              HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K, STAGES, CHUNK),
-                 axis=1)
+                              HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K, STAGES), axis=1)
     # de-interleave with a masked row sum, not tl.split: the interpreter hands tl.split's
     # strided views to tl.atomic_add as if they were contiguous
     pair = tl.reshape(acc, [BLOCK_N, 2])
@@ -353,7 +322,6 @@ def _decode_gemm2_kernel(
     SPLIT_K: tl.constexpr, KW_PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     TOPK_INNER: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGES: tl.constexpr,
-    CHUNK: tl.constexpr = 4,
 ):
     """GEMM2 of the decode MoE with the top-k weighted sum:
     ``out[m, n] = sum_k w[m, k] * (inter[m * top_k + k] . W[e(m, k), n])``.
@@ -383,7 +351,7 @@ def _decode_gemm2_kernel(
     kw_first = pid_k * KW_PER_SPLIT
     kw_last = tl.minimum(kw_first + KW_PER_SPLIT, KW)
 
-    acc = tl.zeros([BLOCK_N, BLOCK_KW // CHUNK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_KW // CHUNK_WORDS], dtype=tl.float32)
     for t in range(TOPK_INNER):
         slot = slot0 + t
         expert = tl.load(ids_ptr + slot).to(tl.int32)
@@ -396,8 +364,7 @@ def _decode_gemm2_kernel(
                             z_ptr + expert * (N * num_groups) + row_s,
                             mask_n, x_ptr + slot * stride_xm, perm_ptr + expert * K,
                             kw_first, kw_end, num_groups, one_bits, BLOCK_N, GROUP_SIZE,
-                            BLOCK_KW, HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K, STAGES,
-                            CHUNK)
+                            BLOCK_KW, HAS_ZEROS, HAS_PERM, PREFETCH, EVEN_N, EVEN_K, STAGES)
         if WEIGHT_ON_INPUT:
             acc += part
         else:
@@ -438,11 +405,6 @@ class DecodeConfig:
         num_stages: 1 = the register prefetch above; 2 or more = Triton's software
             pipeline instead: ``cp.async`` into a ring of ``num_stages`` shared-memory
             steps, ``num_stages - 1`` of them in flight (``prefetch`` is then unused).
-        chunk_words: words of a row one thread loads per step: 4 (one 16-byte load, 32
-            values) or 1 (one 4-byte load, 8 values, whose 8 activations are one 16-byte
-            load in the layout the multiply-adds use, so no step passes its activations
-            through shared memory; ``block_kw = 32 * num_warps`` lays one word on each
-            thread of the step).
     """
 
     block_n: int = 16
@@ -452,19 +414,15 @@ class DecodeConfig:
     topk_inner: int = 1
     prefetch: int = 1
     num_stages: int = 1
-    chunk_words: int = 4
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_kw", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
                 raise ValueError(f"DecodeConfig.{name} is {v}; expected a power of two")
-        if self.chunk_words not in CHUNK_WORDS_CHOICES:
-            raise ValueError(f"DecodeConfig.chunk_words is {self.chunk_words}; expected one "
-                             f"of {CHUNK_WORDS_CHOICES}")
-        if self.block_kw < self.chunk_words:
+        if self.block_kw < CHUNK_WORDS:
             raise ValueError(f"DecodeConfig.block_kw is {self.block_kw}; expected >= "
-                             f"chunk_words = {self.chunk_words} (one load per thread)")
+                             f"{int(CHUNK_WORDS)} (one 16-byte load per thread)")
         if self.block_n < MIN_BLOCK_N:
             raise ValueError(f"DecodeConfig.block_n is {self.block_n}; expected >= "
                              f"{MIN_BLOCK_N}")
@@ -916,7 +874,7 @@ def decode_gemm1(
         WEIGHT_ON_INPUT=apply_router_weight_on_input, ACTIVATION=ACTIVATIONS[activation],
         BLOCK_N=cfg.block_n, BLOCK_KW=cfg.block_kw, SPLIT_K=split, KW_PER_SPLIT=per,
         PREFETCH=cfg.prefetch, STAGES=cfg.num_stages, EVEN_N=i % cfg.block_n == 0,
-        EVEN_K=(h // PACK_FACTOR) % cfg.block_kw == 0, CHUNK=cfg.chunk_words,
+        EVEN_K=(h // PACK_FACTOR) % cfg.block_kw == 0,
         num_warps=cfg.num_warps, num_stages=1,
         **_weight_args(w13),
         # a PDL dependent of the kernel before (the router); GEMM2 is launched normally: as
@@ -986,7 +944,7 @@ def decode_gemm2(
         PREFETCH=cfg.prefetch, STAGES=cfg.num_stages,
         TOPK_INNER=topk_inner, NUM_SPLITS=num_splits,
         EVEN_N=h % cfg.block_n == 0, EVEN_K=(i // PACK_FACTOR) % cfg.block_kw == 0,
-        CHUNK=cfg.chunk_words, num_warps=cfg.num_warps, num_stages=1,
+        num_warps=cfg.num_warps, num_stages=1,
         **_weight_args(w2),
     )
     return out

@@ -1,9 +1,6 @@
-"""Device A/B of a module switch of the Gluon prefill kernel (``--switch``): by default
-``prefill_rs.STRIP_WAIT_BARRIERS``, the kernel with and without the CTA barrier that
-Triton's shared-memory analysis puts in front of every consumer ``mbarrier.wait``
-(``w4a16moe.kernels.membar``); ``--switch PREFETCH_NEXT_UNIT``: the expert ids, slot ids
-and first scales of a program's next unit loaded while the unit before runs, or at the
-start of each unit.
+"""Device A/B: the Gluon prefill kernel with and without the CTA barrier that Triton's
+shared-memory analysis puts in front of every consumer ``mbarrier.wait``
+(``w4a16moe.kernels.membar``; ``prefill_rs.STRIP_WAIT_BARRIERS`` picks the version).
 
 Triton's membar pass treats two ``mbarrier.wait`` on the same barrier allocation as a
 conflict, so each K step of the consumer warpgroups starts with ``bar.sync 0, <consumer
@@ -14,13 +11,11 @@ shipped table entry of each GEMM, run as the layer would (``tune.candidate_runs`
 CUDA graph per version and replays the two alternately.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_wait_barrier_ab.py --out $OUT
-        [--switch NAME] [--cases model:M,...]
 
-Both versions first run into NaN-poisoned outputs and must agree bit for bit (either switch
-only orders warps or moves loads), and the switched-on one must repeat bit for bit. Each
-record also lists, for every compiled kernel so far, how many waits still have their barrier
-(2 unstripped, 0 stripped). ``$OUT/prefill_<switch>_ab.json`` holds the records (``us_off``,
-``us_on``; session 16's wait-barrier records called them ``us_base``, ``us_stripped``).
+Both versions first run into NaN-poisoned outputs and must agree bit for bit (the barrier
+only orders warps), and the stripped one must repeat bit for bit. Each record also lists,
+for every compiled kernel so far, how many waits still have their barrier (2 unstripped, 0
+stripped). ``$OUT/prefill_wait_barrier_ab.json`` holds the records.
 """
 
 from __future__ import annotations
@@ -94,12 +89,8 @@ def main() -> int:
                     help="model:M pairs (M picks the table bucket as the layer would)")
     ap.add_argument("--reps", type=int, default=20, help="calls per graph")
     ap.add_argument("--rounds", type=int, default=7, help="alternating replays of each graph")
-    ap.add_argument("--switch", default="STRIP_WAIT_BARRIERS",
-                    choices=("STRIP_WAIT_BARRIERS", "PREFETCH_NEXT_UNIT"),
-                    help="the prefill_rs module switch to flip (both shipped on)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    shipped = getattr(prefill_rs, args.switch)
     import triton
 
     if not hasattr(triton.knobs.runtime, "add_stages_inspection_hook"):
@@ -161,10 +152,10 @@ def main() -> int:
                 return y.clone()
             graphs, outs = {}, {}
             for on in (False, True):
-                setattr(prefill_rs, args.switch, on)
+                prefill_rs.STRIP_WAIT_BARRIERS = on
                 outs[on] = [output() for _ in range(2)]
                 graphs[on] = capture(fn, args.reps)
-            setattr(prefill_rs, args.switch, shipped)
+            prefill_rs.STRIP_WAIT_BARRIERS = True
             left = wait_barriers_left()
 
             def same(a, b):
@@ -177,22 +168,23 @@ def main() -> int:
             for _ in range(args.rounds):
                 for on in (False, True):
                     times[on].append(replay_us(graphs[on], args.reps))
-            off_us, on_us = (statistics.median(times[on]) for on in (False, True))
+            base_us, strip_us = (statistics.median(times[on]) for on in (False, True))
             rec = {"model": model, "M": m, "bucket": bucket, "gemm": gemm, "config": entry,
-                   "switch": args.switch, "wait_barriers_left": left, "us_off": off_us,
-                   "us_on": on_us, "gain": 1 - on_us / off_us, "bit_identical": identical,
-                   "on_repeats": repeats, "times_off": times[False], "times_on": times[True]}
+                   "wait_barriers_left": left, "us_base": base_us, "us_stripped": strip_us,
+                   "gain": 1 - strip_us / base_us, "bit_identical": identical,
+                   "stripped_repeats": repeats, "times_base": times[False],
+                   "times_stripped": times[True]}
             records.append(rec)
             print(f"{model} M={m} {gemm} {bm}x{entry['BLOCK_SIZE_N']}x{entry['BLOCK_SIZE_K']}"
                   f"s{entry['num_stages']}{' sorted' if entry.get('SORTED_ROWS') else ''}"
                   f"{' split' + str(entry['SPLIT_K']) if splits else ''}: "
-                  f"{args.switch} off {off_us:.1f} us, on {on_us:.1f} us "
+                  f"base {base_us:.1f} us, stripped {strip_us:.1f} us "
                   f"({100 * rec['gain']:+.1f} %)"
                   f"{'' if identical else ' DIFFERENT OUTPUT'}"
                   f"{'' if repeats else ' NOT REPEATABLE'}", flush=True)
             del graphs
-    path = write_records(args.out, f"prefill_{args.switch.lower()}_ab.json", records,
-                         triton=__import__("triton").__version__, switch=args.switch)
+    path = write_records(args.out, "prefill_wait_barrier_ab.json", records,
+                         triton=__import__("triton").__version__)
     print(f"wrote {path}")
     return 0
 

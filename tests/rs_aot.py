@@ -81,8 +81,7 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=True, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
         SPLIT_K=config.get("SPLIT_K", 1),
-        LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"],
-        NEXT_UNIT=prefill_rs.PREFETCH_NEXT_UNIT)
+        LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"])
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
     w_layout = prefill_rs.weight_smem_layout(bk)
     box = [1, bn // 8, 2 if activation else 1, 8, bk // 8]

@@ -91,11 +91,6 @@ WEIGHT_TMA = True
 #: ``mbarrier.wait`` (:mod:`w4a16moe.kernels.membar`: it orders nothing here; the GEMMs
 #: 0.6-9.7 % faster on the H100); False keeps it (benchmarks flip this for A/Bs)
 STRIP_WAIT_BARRIERS = True
-#: load each unit's expert id and sorted slots a unit ahead (the consumer: the expert ids
-#: two units ahead and, with ``PREFETCH_SCALES``, the first scales one unit ahead), so a
-#: program does not start each tile with dependent round trips; False loads them at the
-#: start of the tile (benchmarks flip this for A/Bs)
-PREFETCH_NEXT_UNIT = True
 
 
 if HAVE_GLUON:
@@ -128,25 +123,6 @@ if HAVE_GLUON:
         return rows
 
     @gluon.jit
-    def _unit_expert(unit, num_units, num_pid_m, num_pid_n, num_post_padded, expert_ids_ptr,
-                     BLOCK_T: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
-                     SPLIT_K: gl.constexpr):
-        """Expert id of ``unit``'s block, -1 for a padding block or past the last unit."""
-        pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
-        valid = (unit < num_units) & (pid_m * BLOCK_T < num_post_padded)
-        return gl.load(expert_ids_ptr + pid_m, mask=valid, other=-1)
-
-    @gluon.jit
-    def _unit_slots(unit, num_units, num_pid_m, num_pid_n, sorted_ids_ptr,
-                    BLOCK_T: gl.constexpr, GROUP_SIZE_M: gl.constexpr, SPLIT_K: gl.constexpr,
-                    layout: gl.constexpr):
-        """The ``BLOCK_T`` sorted slot ids of ``unit``'s block (0 past the last unit)."""
-        pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
-        t = gl.arange(0, BLOCK_T, layout=layout)
-        return gl.load(sorted_ids_ptr + pid_m * BLOCK_T + t, mask=(t >= 0) & (unit < num_units),
-                       other=0)
-
-    @gluon.jit
     def _rs_loader(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                    num_post_padded_ptr,
                    x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM,
@@ -154,14 +130,13 @@ if HAVE_GLUON:
                    A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr,
                    BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                    GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
-                   A_SORTED: gl.constexpr, SPLIT_K: gl.constexpr, NEXT_UNIT: gl.constexpr):
+                   A_SORTED: gl.constexpr, SPLIT_K: gl.constexpr):
         """Worker partition (one warp): cp.async of each K step's gathered activation rows
         into the copy ring, as far ahead as the ring allows, each lane's copies arriving on the
         stage's barrier when they land; the packed words the same way, or with ``W_TMA`` as one
         TMA copy of the tile (``w_desc``: see :func:`weight_descriptor`) whose bytes the
         barrier expects. With ``A_SORTED`` the activation rows of a tile are the contiguous
-        rows ``row0 ...`` of ``a_desc`` and come as one TMA copy too. With ``NEXT_UNIT`` the
-        expert id and slot ids of the next unit are loaded while this one's copies go out."""
+        rows ``row0 ...`` of ``a_desc`` and come as one TMA copy too."""
         WORDS: gl.constexpr = BLOCK_K // 8
         # 16-byte chunks: a row's BLOCK_K activations over BLOCK_K / 8 lanes, 4 words a lane
         x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
@@ -171,41 +146,21 @@ if HAVE_GLUON:
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
         num_steps = K // BLOCK_K // SPLIT_K  # K steps of one unit (its K range)
-        num_units = num_pid_m * num_pid_n * SPLIT_K
-        step_units = gl.num_programs(0)
-        t_layout: gl.constexpr = gl.SliceLayout(1, x_layout)
-        if NEXT_UNIT:
-            next_expert = _unit_expert(gl.program_id(0), num_units, num_pid_m, num_pid_n,
-                                       num_post_padded, expert_ids_ptr, BLOCK_T, GROUP_SIZE_M,
-                                       SPLIT_K)
-            next_slots = _unit_slots(gl.program_id(0), num_units, num_pid_m, num_pid_n,
-                                     sorted_ids_ptr, BLOCK_T, GROUP_SIZE_M, SPLIT_K, t_layout)
         ring = 0  # K steps this program has put through the ring so far
-        for unit in range(gl.program_id(0), num_units, step_units):
+        for unit in range(gl.program_id(0), num_pid_m * num_pid_n * SPLIT_K,
+                          gl.num_programs(0)):
             pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
             kstep0 = (unit % SPLIT_K) * num_steps
             row0 = pid_m * BLOCK_T
-            if NEXT_UNIT:
-                expert = next_expert
-                slots = next_slots
-                next_expert = _unit_expert(unit + step_units, num_units, num_pid_m, num_pid_n,
-                                           num_post_padded, expert_ids_ptr, BLOCK_T,
-                                           GROUP_SIZE_M, SPLIT_K)
-                next_slots = _unit_slots(unit + step_units, num_units, num_pid_m, num_pid_n,
-                                         sorted_ids_ptr, BLOCK_T, GROUP_SIZE_M, SPLIT_K,
-                                         t_layout)
-            else:
-                expert = _unit_expert(unit, num_units, num_pid_m, num_pid_n, num_post_padded,
-                                      expert_ids_ptr, BLOCK_T, GROUP_SIZE_M, SPLIT_K)
+            expert = gl.load(expert_ids_ptr + pid_m, mask=row0 < num_post_padded, other=-1)
             if expert != -1:
                 wc_rows = _rs_tile_rows(pid_n * BLOCK_N_OUT, up_offset, BLOCK_N, ACTIVATION,
                                         gl.SliceLayout(1, wc_layout))
                 qw_base = qw_ptr + expert.to(gl.int64) * stride_qe
                 w_offs = wc_rows[:, None] * stride_qn + gl.arange(
                     0, WORDS, layout=gl.SliceLayout(0, wc_layout))[None, :]
-                if not NEXT_UNIT:
-                    t = gl.arange(0, BLOCK_T, layout=t_layout)
-                    slots = gl.load(sorted_ids_ptr + row0 + t)
+                t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, x_layout))
+                slots = gl.load(sorted_ids_ptr + row0 + t)
                 if A_IS_SLOTS:
                     a_rows = slots
                 else:
@@ -335,28 +290,6 @@ if HAVE_GLUON:
         return sc0, zr0, sc1, zr1
 
     @gluon.jit
-    def _rs_unit_scales(unit, expert, num_pid_m, num_pid_n, num_steps, s_ptr, z_ptr,
-                        up_offset, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                        stride_zg, vdtype: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                        SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
-                        GROUP_SIZE: gl.constexpr, BLOCK_N: gl.constexpr,
-                        BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr,
-                        GROUP_SIZE_M: gl.constexpr, SPLIT_K: gl.constexpr,
-                        row_layout: gl.constexpr):
-        """The scales of the first two K steps of ``unit`` (:func:`_rs_pair_scales`), read
-        for expert 0 where ``expert`` is -1 (a block of no expert, or past the last unit:
-        never used, but the addresses stay inside the tensors)."""
-        pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
-        e64 = gl.maximum(expert, 0).to(gl.int64)
-        w_rows = _rs_tile_rows(pid_n * BLOCK_N_OUT, up_offset, BLOCK_N, ACTIVATION,
-                               row_layout)
-        s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (stride_se // 2)
-        return _rs_pair_scales((unit % SPLIT_K) * num_steps, s_ptr + e64 * stride_se,
-                               s32_base, z_ptr + e64 * stride_ze, w_rows * stride_sn,
-                               w_rows * (stride_sn // 2), w_rows * stride_zn, stride_sg,
-                               stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
-
-    @gluon.jit
     def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc, zr, bias, vdtype: gl.constexpr,
                          HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
@@ -417,13 +350,11 @@ if HAVE_GLUON:
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
-                     SPLIT_K: gl.constexpr, NEXT_UNIT: gl.constexpr, num_warps: gl.constexpr):
+                     SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
         row ``row0 + t``, the sorted position, instead of row ``slot``; with ``SPLIT_K`` > 1
-        the unit's partial sums into ``C[split]``, ``stride_cs`` apart). With ``NEXT_UNIT`` the
-        expert ids come two units ahead and the slot ids one unit ahead, and with
-        ``PREFETCH_SCALES`` a unit's first scales are loaded while the unit before runs."""
+        the unit's partial sums into ``C[split]``, ``stride_cs`` apart)."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
@@ -448,57 +379,18 @@ if HAVE_GLUON:
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
         num_steps = K // BLOCK_K // SPLIT_K
-        num_units = num_pid_m * num_pid_n * SPLIT_K
-        step_units = gl.num_programs(0)
-        to_layout: gl.constexpr = gl.SliceLayout(0, out_layout)
-        if NEXT_UNIT:
-            # expert ids two units ahead, slot ids and (PREFETCH_SCALES) first scales one
-            next_expert = _unit_expert(gl.program_id(0), num_units, num_pid_m, num_pid_n,
-                                       num_post_padded, expert_ids_ptr, BLOCK_T, GROUP_SIZE_M,
-                                       SPLIT_K)
-            later_expert = _unit_expert(gl.program_id(0) + step_units, num_units, num_pid_m,
-                                        num_pid_n, num_post_padded, expert_ids_ptr, BLOCK_T,
-                                        GROUP_SIZE_M, SPLIT_K)
-            next_slots = _unit_slots(gl.program_id(0), num_units, num_pid_m, num_pid_n,
-                                     sorted_ids_ptr, BLOCK_T, GROUP_SIZE_M, SPLIT_K, to_layout)
-            if PREFETCH_SCALES:
-                usc0, uzr0, usc1, uzr1 = _rs_unit_scales(
-                    gl.program_id(0), next_expert, num_pid_m, num_pid_n, num_steps, s_ptr,
-                    z_ptr, up_offset, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                    stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, GROUP_SIZE,
-                    BLOCK_N, BLOCK_N_OUT, BLOCK_K, GROUP_SIZE_M, SPLIT_K, row_layout)
         ring = 0
-        for unit in range(gl.program_id(0), num_units, step_units):
+        for unit in range(gl.program_id(0), num_pid_m * num_pid_n * SPLIT_K,
+                          gl.num_programs(0)):
             pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
             split = unit % SPLIT_K
             kstep0 = split * num_steps
             row0 = pid_m * BLOCK_T
-            if NEXT_UNIT:
-                expert = next_expert
-                slots_next = next_slots
-                next_expert = later_expert
-                later_expert = _unit_expert(unit + 2 * step_units, num_units, num_pid_m,
-                                            num_pid_n, num_post_padded, expert_ids_ptr,
-                                            BLOCK_T, GROUP_SIZE_M, SPLIT_K)
-                next_slots = _unit_slots(unit + step_units, num_units, num_pid_m, num_pid_n,
-                                         sorted_ids_ptr, BLOCK_T, GROUP_SIZE_M, SPLIT_K,
-                                         to_layout)
-                if PREFETCH_SCALES:
-                    sc0, zr0, sc1, zr1 = usc0, uzr0, usc1, uzr1
-                    usc0, uzr0, usc1, uzr1 = _rs_unit_scales(
-                        unit + step_units, next_expert, num_pid_m, num_pid_n, num_steps, s_ptr,
-                        z_ptr, up_offset, stride_se, stride_sn, stride_sg, stride_ze,
-                        stride_zn, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                        GROUP_SIZE, BLOCK_N, BLOCK_N_OUT, BLOCK_K, GROUP_SIZE_M, SPLIT_K,
-                        row_layout)
             if row0 < num_post_padded:
+                expert = gl.load(expert_ids_ptr + pid_m)
                 n0 = pid_n * BLOCK_N_OUT
-                t_o = gl.arange(0, BLOCK_T, layout=to_layout)
-                if NEXT_UNIT:
-                    slots_o = slots_next.to(gl.int64)
-                else:
-                    expert = gl.load(expert_ids_ptr + pid_m)
-                    slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
+                t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
+                slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
                 col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
                 if OUT_FRAG:
                     # the output's columns in fragment order (the next GEMM reads them as is)
@@ -532,7 +424,7 @@ if HAVE_GLUON:
                     # PREFETCH_SCALES: the scales of a step pair are loaded one iteration
                     # ahead, so their latency (an L2/DRAM round trip) hides behind the
                     # previous pair's work instead of stalling its dequantization
-                    if PREFETCH_SCALES and not NEXT_UNIT:
+                    if PREFETCH_SCALES:
                         sc0, zr0, sc1, zr1 = _rs_pair_scales(
                             kstep0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
                             stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE,
@@ -608,7 +500,7 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
         W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
-        PDL: gl.constexpr = False, NEXT_UNIT: gl.constexpr = False,
+        PDL: gl.constexpr = False,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -667,13 +559,12 @@ if HAVE_GLUON:
                             stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                             MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T,
                             BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                            PREFETCH_SCALES, SPLIT_K, NEXT_UNIT, num_warps)),
+                            PREFETCH_SCALES, SPLIT_K, num_warps)),
             (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                           num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                           x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
                           stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT,
-                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED, SPLIT_K,
-                          NEXT_UNIT)),
+                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED, SPLIT_K)),
         ], [1], [LOADER_REGS])
 
 
@@ -865,5 +756,4 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             W_TMA=w_desc is not None,
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
-            NEXT_UNIT=PREFETCH_NEXT_UNIT,
             **prefill_pdl_args(a.device))

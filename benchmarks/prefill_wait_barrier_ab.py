@@ -1,6 +1,8 @@
 """Device A/B: the Gluon prefill kernel with and without the CTA barrier that Triton's
 shared-memory analysis puts in front of every consumer ``mbarrier.wait``
-(``w4a16moe.kernels.membar``; ``prefill_rs.STRIP_WAIT_BARRIERS`` picks the version).
+(``w4a16moe.kernels.membar``; ``prefill_rs.STRIP_WAIT_BARRIERS`` picks the version); or,
+with ``--flag PAIRED_STAGES``, each shipped entry against itself with that config flag on
+(two K steps a ring stage, half as many stages: the same steps in flight).
 
 Triton's membar pass treats two ``mbarrier.wait`` on the same barrier allocation as a
 conflict, so each K step of the consumer warpgroups starts with ``bar.sync 0, <consumer
@@ -11,11 +13,15 @@ shipped table entry of each GEMM, run as the layer would (``tune.candidate_runs`
 CUDA graph per version and replays the two alternately.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 benchmarks/prefill_wait_barrier_ab.py --out $OUT
+        [--flag PAIRED_STAGES [--more-stages N]] [--cases model:M,...]
 
 Both versions first run into NaN-poisoned outputs and must agree bit for bit (the barrier
 only orders warps), and the stripped one must repeat bit for bit. Each record also lists,
 for every compiled kernel so far, how many waits still have their barrier (2 unstripped, 0
-stripped). ``$OUT/prefill_wait_barrier_ab.json`` holds the records.
+stripped). ``$OUT/prefill_wait_barrier_ab.json`` holds the records (``us_base``: the
+shipped entry with the barriers, ``us_stripped``: without them), or
+``$OUT/prefill_<flag>_ab.json`` with ``--flag`` (``us_base``: the shipped entry,
+``us_stripped``: with the flag; both without the barriers, as shipped).
 """
 
 from __future__ import annotations
@@ -89,6 +95,10 @@ def main() -> int:
                     help="model:M pairs (M picks the table bucket as the layer would)")
     ap.add_argument("--reps", type=int, default=20, help="calls per graph")
     ap.add_argument("--rounds", type=int, default=7, help="alternating replays of each graph")
+    ap.add_argument("--flag", default=None, choices=("PAIRED_STAGES",),
+                    help="A/B this config flag of each entry instead of the wait barriers")
+    ap.add_argument("--more-stages", type=int, default=0,
+                    help="with --flag PAIRED_STAGES: stages beyond ceil(num_stages / 2)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     import triton
@@ -119,19 +129,32 @@ def main() -> int:
             if not entry.get("RS"):
                 continue
             entry = {**entry, "BLOCK_SIZE_M": bm}
-            base = {kk: v for kk, v in entry.items() if kk not in ("SORTED_ROWS", "SPLIT_K")}
             splits = (entry["SPLIT_K"],) if entry.get("SPLIT_K", 1) > 1 else ()
-            runs = candidate_runs(gemm, base, experts=experts, x=t["x"], inter=inter,
-                                  out=inter if gemm == "w13" else c2, blocks=t["blocks"],
-                                  topk_ids=t["ids"], topk_weights=t["w"], top_k=k,
-                                  x_sorted=t["x_sorted"], inter_sorted=t["inter_sorted"],
-                                  splits=splits)
-            want = entry
-            fn = next((f for c, f in runs
-                       if bool(c.get("SORTED_ROWS")) == bool(want.get("SORTED_ROWS"))
-                       and bool(c.get("PREFETCH_SCALES")) == bool(want.get("PREFETCH_SCALES"))
-                       and c.get("SPLIT_K", 1) == want.get("SPLIT_K", 1)), None)
-            if fn is None:
+
+            common = dict(experts=experts, x=t["x"], inter=inter,
+                          out=inter if gemm == "w13" else c2, blocks=t["blocks"],
+                          topk_ids=t["ids"], topk_weights=t["w"], top_k=k,
+                          x_sorted=t["x_sorted"], inter_sorted=t["inter_sorted"], splits=splits)
+
+            def run_of(cfg, entry=entry, gemm=gemm, common=common):
+                """The candidate run of ``cfg`` as the layer runs it (gathered or sorted,
+                with the entry's scale prefetch and split-K)."""
+                base = {kk: v for kk, v in cfg.items() if kk not in ("SORTED_ROWS", "SPLIT_K",
+                                                                     "PREFETCH_SCALES")}
+                runs = candidate_runs(gemm, base, **common)
+                return next((f for c, f in runs
+                             if bool(c.get("SORTED_ROWS")) == bool(entry.get("SORTED_ROWS"))
+                             and bool(c.get("PREFETCH_SCALES"))
+                             == bool(entry.get("PREFETCH_SCALES"))
+                             and c.get("SPLIT_K", 1) == entry.get("SPLIT_K", 1)), None)
+            fn = run_of(entry)
+            if args.flag:
+                on_entry = {**entry, args.flag: True,
+                            "num_stages": -(-entry["num_stages"] // 2) + args.more_stages}
+                fns = {False: fn, True: run_of(on_entry)}
+            else:
+                fns = {False: fn, True: fn}
+            if fn is None or fns[True] is None:
                 print(f"{case} {gemm}: no run for {entry}")
                 continue
             if splits:
@@ -141,7 +164,7 @@ def main() -> int:
             else:
                 result = c2
 
-            def output(fn=fn, result=result):
+            def output(fn, result=result):
                 if result is not None:
                     result.fill_(float("nan"))
                     fn()
@@ -152,9 +175,10 @@ def main() -> int:
                 return y.clone()
             graphs, outs = {}, {}
             for on in (False, True):
-                prefill_rs.STRIP_WAIT_BARRIERS = on
-                outs[on] = [output() for _ in range(2)]
-                graphs[on] = capture(fn, args.reps)
+                if not args.flag:
+                    prefill_rs.STRIP_WAIT_BARRIERS = on
+                outs[on] = [output(fns[on]) for _ in range(2)]
+                graphs[on] = capture(fns[on], args.reps)
             prefill_rs.STRIP_WAIT_BARRIERS = True
             left = wait_barriers_left()
 
@@ -170,6 +194,7 @@ def main() -> int:
                     times[on].append(replay_us(graphs[on], args.reps))
             base_us, strip_us = (statistics.median(times[on]) for on in (False, True))
             rec = {"model": model, "M": m, "bucket": bucket, "gemm": gemm, "config": entry,
+                   "flag": args.flag, "config_on": on_entry if args.flag else None,
                    "wait_barriers_left": left, "us_base": base_us, "us_stripped": strip_us,
                    "gain": 1 - strip_us / base_us, "bit_identical": identical,
                    "stripped_repeats": repeats, "times_base": times[False],
@@ -178,12 +203,14 @@ def main() -> int:
             print(f"{model} M={m} {gemm} {bm}x{entry['BLOCK_SIZE_N']}x{entry['BLOCK_SIZE_K']}"
                   f"s{entry['num_stages']}{' sorted' if entry.get('SORTED_ROWS') else ''}"
                   f"{' split' + str(entry['SPLIT_K']) if splits else ''}: "
-                  f"base {base_us:.1f} us, stripped {strip_us:.1f} us "
+                  f"base {base_us:.1f} us, {args.flag or 'stripped'}"
+                  f"{' s' + str(on_entry['num_stages']) if args.flag else ''} {strip_us:.1f} us "
                   f"({100 * rec['gain']:+.1f} %)"
                   f"{'' if identical else ' DIFFERENT OUTPUT'}"
                   f"{'' if repeats else ' NOT REPEATABLE'}", flush=True)
             del graphs
-    path = write_records(args.out, "prefill_wait_barrier_ab.json", records,
+    name = f"prefill_{args.flag.lower()}_ab.json" if args.flag else "prefill_wait_barrier_ab.json"
+    path = write_records(args.out, name, records,
                          triton=__import__("triton").__version__)
     print(f"wrote {path}")
     return 0

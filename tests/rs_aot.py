@@ -80,15 +80,16 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=False, BLOCK_T=bt, BLOCK_N_OUT=bn,
         BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=True, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
-        SPLIT_K=config.get("SPLIT_K", 1),
+        SPLIT_K=config.get("SPLIT_K", 1), PAIRED=bool(config.get("PAIRED_STAGES", False)),
         LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"])
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
-    w_layout = prefill_rs.weight_smem_layout(bk)
-    box = [1, bn // 8, 2 if activation else 1, 8, bk // 8]
+    stage_k = 2 * bk if config.get("PAIRED_STAGES") else bk
+    w_layout = prefill_rs.weight_smem_layout(stage_k)
+    box = [1, bn // 8, 2 if activation else 1, 8, stage_k // 8]
     descs = {"w_desc": f"tensordesc<i32[{','.join(map(str, box))}],{w_layout!r}>"}
     if a_sorted:
-        a_layout = prefill_rs.activation_smem_layout(bt, bk, torch.bfloat16)
-        descs["a_desc"] = f"tensordesc<bf16[{bt},{bk}],{a_layout!r}>"
+        a_layout = prefill_rs.activation_smem_layout(bt, stage_k, torch.bfloat16)
+        descs["a_desc"] = f"tensordesc<bf16[{bt},{stage_k}],{a_layout!r}>"
     else:
         constexprs["a_desc"] = None
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names or k == "num_warps"}

@@ -130,14 +130,17 @@ if HAVE_GLUON:
                    A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr,
                    BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                    GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
-                   A_SORTED: gl.constexpr, SPLIT_K: gl.constexpr):
+                   A_SORTED: gl.constexpr, SPLIT_K: gl.constexpr, PAIRED: gl.constexpr):
         """Worker partition (one warp): cp.async of each K step's gathered activation rows
         into the copy ring, as far ahead as the ring allows, each lane's copies arriving on the
         stage's barrier when they land; the packed words the same way, or with ``W_TMA`` as one
         TMA copy of the tile (``w_desc``: see :func:`weight_descriptor`) whose bytes the
         barrier expects. With ``A_SORTED`` the activation rows of a tile are the contiguous
-        rows ``row0 ...`` of ``a_desc`` and come as one TMA copy too."""
-        WORDS: gl.constexpr = BLOCK_K // 8
+        rows ``row0 ...`` of ``a_desc`` and come as one TMA copy too. With ``PAIRED`` a stage
+        is two K steps: the copies are ``2 * BLOCK_K`` columns wide, one stage per step pair."""
+        STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        STAGE_K: gl.constexpr = STEPS * BLOCK_K
+        WORDS: gl.constexpr = STAGE_K // 8
         # 16-byte chunks: a row's BLOCK_K activations over BLOCK_K / 8 lanes, 4 words a lane
         x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
         wc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4],
@@ -146,7 +149,8 @@ if HAVE_GLUON:
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
         num_steps = K // BLOCK_K // SPLIT_K  # K steps of one unit (its K range)
-        ring = 0  # K steps this program has put through the ring so far
+        num_fills = num_steps // STEPS  # stages one unit fills
+        ring = 0  # stages this program has filled so far
         for unit in range(gl.program_id(0), num_pid_m * num_pid_n * SPLIT_K,
                           gl.num_programs(0)):
             pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
@@ -168,14 +172,14 @@ if HAVE_GLUON:
                 # slots past the end (padding) read row 0: their results are never stored
                 a_rows = gl.where(slots < num_valid_slots, a_rows, 0)
                 x_offs = a_rows[:, None] * stride_am + gl.arange(
-                    0, BLOCK_K, layout=gl.SliceLayout(0, x_layout))[None, :]
-                for i in range(num_steps):
+                    0, STAGE_K, layout=gl.SliceLayout(0, x_layout))[None, :]
+                for i in range(num_fills):
                     stage = (ring + i) % STAGES
                     mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
-                    k0 = (kstep0 + i) * BLOCK_K
+                    k0 = (kstep0 + i * STEPS) * BLOCK_K
                     if A_SORTED:
                         mbarrier.expect(x_ready_bars.index(stage),
-                                        BLOCK_T * BLOCK_K * 2 + W_TMA * (BLOCK_N * BLOCK_K // 2))
+                                        BLOCK_T * STAGE_K * 2 + W_TMA * (BLOCK_N * STAGE_K // 2))
                         tma.async_copy_global_to_shared(a_desc, [row0, k0],
                                                         x_ready_bars.index(stage),
                                                         x_bufs.index(stage))
@@ -184,7 +188,7 @@ if HAVE_GLUON:
                                                                a_ptr + (x_offs + k0))
                     if W_TMA:
                         if not A_SORTED:
-                            mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * BLOCK_K // 2)
+                            mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * STAGE_K // 2)
                         tma.async_copy_global_to_shared(
                             w_desc, [expert, pid_n * (BLOCK_N_OUT // 8), 0, 0, k0 // 8],
                             x_ready_bars.index(stage), wd_tma.index(stage))
@@ -194,7 +198,7 @@ if HAVE_GLUON:
                     if not (A_SORTED and W_TMA):
                         async_copy.mbarrier_arrive(x_ready_bars.index(stage),
                                                    increment_count=False)
-                ring += num_steps
+                ring += num_fills
 
     @gluon.jit
     def _rs_pairs_layout(BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, a_layout: gl.constexpr):
@@ -290,14 +294,28 @@ if HAVE_GLUON:
         return sc0, zr0, sc1, zr1
 
     @gluon.jit
+    def _rs_step_x(x_bufs, i, ring, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                   PAIRED: gl.constexpr, HALF: gl.constexpr):
+        """Step ``i``'s activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: stage
+        ``ring + i`` of the ring, or with ``PAIRED`` half ``HALF`` (= ``i % 2``) of stage
+        ``ring + i // 2`` (``ring``: stages consumed before this unit)."""
+        if PAIRED:
+            x = x_bufs.index((ring + i // 2) % STAGES).slice(HALF * BLOCK_K, BLOCK_K, dim=1)
+        else:
+            x = x_bufs.index((ring + i) % STAGES)
+        return x.permute((1, 0))
+
+    @gluon.jit
     def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc, zr, bias, vdtype: gl.constexpr,
                          HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                         pairs_layout: gl.constexpr, row_layout: gl.constexpr,
-                         a_layout: gl.constexpr):
+                         PAIRED: gl.constexpr, HALF: gl.constexpr, pairs_layout: gl.constexpr,
+                         row_layout: gl.constexpr, a_layout: gl.constexpr):
         """Step ``i``'s weight tile in the wgmma A-operand registers, once its words and
         activations have landed; fences the activation tile for wgmma. ``sc``/``zr``: the
-        step's scales and raw zeros per row (:func:`_rs_pair_scales`).
+        step's scales and raw zeros per row (:func:`_rs_pair_scales`). ``ring``: stages
+        consumed before this unit; with ``PAIRED`` step ``i`` is half ``HALF`` (= ``i % 2``) of
+        stage ``ring + i // 2`` (its second half's wait finds the phase already complete).
 
         In the operand a thread (lane ``c`` of its quad) holds, per row and 32-column run,
         columns ``2c, 2c+1`` of each of the run's four 8-column words, i.e. value pair ``c``
@@ -314,17 +332,24 @@ if HAVE_GLUON:
         else:
             zz = _packed_pair(-zb)
         ss = _packed_pair(sc)
-        stage = (ring + i) % STAGES
-        mbarrier.wait(x_ready_bars.index(stage), ((ring + i) // STAGES) & 1)
+        if PAIRED:
+            fill = ring + i // 2
+        else:
+            fill = ring + i
+        stage = fill % STAGES
+        mbarrier.wait(x_ready_bars.index(stage), (fill // STAGES) & 1)
         # words (row, run, j), the same for the four lanes c of a quad: loaded as the 2-D
         # [row, word] tile (the ring's layout may be swizzled) in the layout that reshapes to
         # the pairs' word layout without moving data
         words_layout: gl.constexpr = gl.SliceLayout(2, pairs_layout)
         words2d_layout: gl.constexpr = _rs_words2d_layout(BLOCK_N, BLOCK_K,
                                                           words_layout).type.layout
-        words = gl.convert_layout(
-            gl.reshape(wd_bufs.index(stage).load(words2d_layout), [BLOCK_N, T, 4]),
-            words_layout, assert_trivial=True)
+        if PAIRED:
+            wd = wd_bufs.index(stage).slice(HALF * (BLOCK_K // 8), BLOCK_K // 8, dim=1)
+        else:
+            wd = wd_bufs.index(stage)
+        words = gl.convert_layout(gl.reshape(wd.load(words2d_layout), [BLOCK_N, T, 4]),
+                                  words_layout, assert_trivial=True)
         c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
             3, pairs_layout))))
         words4, shift = gl.broadcast(gl.expand_dims(words, 2), (c * 4)[None, None, :, None])
@@ -350,11 +375,13 @@ if HAVE_GLUON:
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
-                     SPLIT_K: gl.constexpr, num_warps: gl.constexpr):
+                     SPLIT_K: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
         row ``row0 + t``, the sorted position, instead of row ``slot``; with ``SPLIT_K`` > 1
-        the unit's partial sums into ``C[split]``, ``stride_cs`` apart)."""
+        the unit's partial sums into ``C[split]``, ``stride_cs`` apart). With ``PAIRED`` the
+        two steps of an iteration come from the two halves of one stage, which is released
+        once the second step's wgmma is retired."""
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
@@ -379,7 +406,8 @@ if HAVE_GLUON:
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
         num_steps = K // BLOCK_K // SPLIT_K
-        ring = 0
+        STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        ring = 0  # stages this program has consumed so far
         for unit in range(gl.program_id(0), num_pid_m * num_pid_n * SPLIT_K,
                           gl.num_programs(0)):
             pid_m, pid_n = _tile(unit // SPLIT_K, num_pid_m, num_pid_n, GROUP_SIZE_M)
@@ -442,31 +470,34 @@ if HAVE_GLUON:
                                 GROUP_SIZE, BLOCK_K)
                         a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
                                               vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
-                                              BLOCK_K, STAGES, pairs_layout, row_layout,
-                                              a_layout)
-                        acc = warpgroup_mma(a0, x_bufs.index((ring + i) % STAGES).permute(
-                            (1, 0)), acc, is_async=True)
+                                              BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
+                                              row_layout, a_layout)
+                        acc = warpgroup_mma(a0, _rs_step_x(x_bufs, i, ring, BLOCK_K, STAGES,
+                                                           PAIRED, 0), acc, is_async=True)
                         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
                         if i > 0:
+                            # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
                             async_copy.mbarrier_arrive(
-                                empty_bars.index((ring + i + STAGES - 1) % STAGES),
+                                empty_bars.index((ring + (i - 1) // STEPS) % STAGES),
                                 increment_count=False)
                         a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1,
                                               bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
-                                              BLOCK_N, BLOCK_K, STAGES, pairs_layout,
-                                              row_layout, a_layout)
-                        acc = warpgroup_mma(a1, x_bufs.index((ring + i + 1) % STAGES).permute(
-                            (1, 0)), acc, is_async=True)
+                                              BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
+                                              pairs_layout, row_layout, a_layout)
+                        acc = warpgroup_mma(a1, _rs_step_x(x_bufs, i + 1, ring, BLOCK_K, STAGES,
+                                                           PAIRED, 1), acc, is_async=True)
                         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-                        async_copy.mbarrier_arrive(empty_bars.index((ring + i) % STAGES),
-                                                   increment_count=False)
+                        if not PAIRED:
+                            # step i's stage (with PAIRED step i + 1's wgmma still reads it)
+                            async_copy.mbarrier_arrive(empty_bars.index((ring + i) % STAGES),
+                                                       increment_count=False)
                         if PREFETCH_SCALES:
                             sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
                     acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
-                    last = ring + num_steps - 1
+                    last = ring + (num_steps - 1) // STEPS
                     async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
                                                increment_count=False)
-                    ring += num_steps
+                    ring += num_steps // STEPS
                     if MUL_ROUTED_WEIGHT:
                         t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
                         slots = gl.load(sorted_ids_ptr + row0 + t)
@@ -500,7 +531,7 @@ if HAVE_GLUON:
         BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr, STAGES: gl.constexpr,
         W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
-        PDL: gl.constexpr = False,
+        PDL: gl.constexpr = False, PAIRED: gl.constexpr = False,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -510,7 +541,9 @@ if HAVE_GLUON:
         :func:`~w4a16moe.kernels.membar.stripped_wait_barriers` (its PTX without the
         barriers in front of the consumer waits) and Triton's caches would not tell the two
         apart otherwise. ``PDL``: launched as a programmatic dependent (:mod:`.pdl`): wait for
-        the kernel before to complete, then release the next."""
+        the kernel before to complete, then release the next. ``PAIRED``: each ring stage
+        holds two K steps (``2 * BLOCK_K`` columns), so each weight row comes as one copy of
+        ``BLOCK_K`` bytes instead of two of ``BLOCK_K / 2`` (``STAGES`` counts such pairs)."""
         if PDL:
             _wait_upstream_release_next()
         if ACTIVATION != 0:
@@ -518,16 +551,18 @@ if HAVE_GLUON:
         else:
             BLOCK_N: gl.constexpr = BLOCK_N_OUT
         dtype: gl.constexpr = a_ptr.dtype.element_ty
-        x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, BLOCK_K],
+        # K columns of one ring stage: one step, or two with PAIRED
+        STAGE_K: gl.constexpr = 2 * BLOCK_K if PAIRED else BLOCK_K
+        x_smem_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_T, STAGE_K],
                                                                            dtype)
-        x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, BLOCK_K], x_smem_layout)
+        x_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_T, STAGE_K], x_smem_layout)
         if W_TMA:
             # the TMA box [1, rows/8 (b), 1 or 2 (gate/up), 8 (j), words] lands as dense rows
             # 16b + 8h + j (with activation) or 8b + j, the loader's row order, with the
             # descriptor's swizzle (see weight_descriptor): 16-byte chunk c of row r at chunk
             # c ^ ((r // PER_PHASE) % MAX_PHASE), so the 8 rows a warp's quads read at once
             # fall in different banks
-            ROW_BYTES: gl.constexpr = BLOCK_K // 2
+            ROW_BYTES: gl.constexpr = STAGE_K // 2
             if ROW_BYTES >= 32:
                 wd_layout: gl.constexpr = gl.SwizzledSharedLayout(4, 128 // ROW_BYTES,
                                                                   ROW_BYTES // 16, [1, 0])
@@ -535,10 +570,10 @@ if HAVE_GLUON:
                 wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
             wd_tma = gl.allocate_shared_memory(gl.int32, [STAGES] + w_desc.block_type.shape,
                                                w_desc.layout)
-            wd_bufs = wd_tma._reinterpret(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8], wd_layout)
+            wd_bufs = wd_tma._reinterpret(gl.int32, [STAGES, BLOCK_N, STAGE_K // 8], wd_layout)
         else:
             wd_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-            wd_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, BLOCK_K // 8],
+            wd_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, STAGE_K // 8],
                                                 wd_layout)
             wd_tma = wd_bufs
         # arrivals per stage: the 32 lanes' cp.asyncs (unless everything comes by TMA) and
@@ -559,12 +594,13 @@ if HAVE_GLUON:
                             stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                             MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T,
                             BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                            PREFETCH_SCALES, SPLIT_K, num_warps)),
+                            PREFETCH_SCALES, SPLIT_K, PAIRED, num_warps)),
             (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                           num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                           x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
                           stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT,
-                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED, SPLIT_K)),
+                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED, SPLIT_K,
+                          PAIRED)),
         ], [1], [LOADER_REGS])
 
 
@@ -713,9 +749,14 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     :func:`sorted_rows_unsupported`); ``out_sorted``: write ``out`` so (row ``i`` for position
     ``i``, ``out`` with ``sorted_ids.numel()`` rows) instead of one row per slot. With
     ``config["SPLIT_K"]`` > 1, ``out`` is ``[SPLIT_K, rows, n_out]`` (float32) and gets each K
-    range's partial sums."""
+    range's partial sums. ``config["PAIRED_STAGES"]``: each ring stage (``num_stages`` of
+    them) holds two K steps, so the loader reads ``BLOCK_SIZE_K / 2``-byte runs of each
+    weight row instead of ``BLOCK_SIZE_K / 4``-byte ones (HBM streams runs under 128 bytes a
+    row at about two thirds of its rate: ``benchmarks/row_chunk_bandwidth.py``)."""
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     split = config.get("SPLIT_K", 1)
+    paired = bool(config.get("PAIRED_STAGES", False))
+    stage_k = 2 * bk if paired else bk  # K columns a ring stage (one TMA box) holds
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
     tw = topk_weights if topk_weights is not None else scales
@@ -728,11 +769,11 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         weight_tma = WEIGHT_TMA
     if weight_tma and weight_tma_unsupported(qweight) is None:
         w_desc = weight_descriptor(qweight, n_out=n_out, up_offset=up_offset,
-                                   activation=activation, block_n_out=bn, block_k=bk)
+                                   activation=activation, block_n_out=bn, block_k=stage_k)
     a_desc = None
     if a_sorted:
-        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bt, bk],
-                                  activation_smem_layout(bt, bk, a.dtype))
+        a_desc = TensorDescriptor(a, list(a.shape), list(a.stride()), [bt, stage_k],
+                                  activation_smem_layout(bt, stage_k, a.dtype))
     strip = STRIP_WAIT_BARRIERS
     with stripped_wait_barriers("_prefill_rs_kernel") if strip else contextlib.nullcontext():
         _prefill_rs_kernel[grid](
@@ -756,4 +797,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             W_TMA=w_desc is not None,
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
+            PAIRED=paired,
             **prefill_pdl_args(a.device))

@@ -14,7 +14,8 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
 Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
-and ``"PREFETCH_SCALES"`` (booleans for that kernel; see :data:`OPTIONAL_KEYS`),
+``"PREFETCH_SCALES"`` and ``"PAIRED_STAGES"`` (booleans for that kernel; see
+:data:`OPTIONAL_KEYS`),
 ``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
@@ -64,9 +65,15 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: whose few experts make fewer tiles than the GPU has SMs (benchmarks/notes_prefill.md,
 #: session 13); where the Gluon kernel does not run, the Triton kernel writes the whole sum
 #: into the first partial
+#: PAIRED_STAGES (RS entries): each ring stage of the Gluon kernel holds two K steps
+#: (num_stages counts such pairs), so every weight row is read in runs of BLOCK_SIZE_K / 2
+#: bytes instead of BLOCK_SIZE_K / 4: HBM streams 64-byte runs at about two thirds of the
+#: rate of 128-byte ones (benchmarks/notes_prefill.md, session 19); the Triton kernel
+#: ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
-                 "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8)}
+                 "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
+                 "PAIRED_STAGES": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4

@@ -360,6 +360,59 @@ def test_rs_prefetched_scales_give_the_same_bits(dtype, symmetric, tiles, sorted
 
 @hopper_only
 @pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("tiles", [(16, 256, 128, 4), (64, 128, 64, 4)])
+@pytest.mark.parametrize("sorted_rows,prefetch,weight_tma",
+                         [(False, False, True), (True, True, True), (False, True, False)])
+def test_rs_paired_stages_give_the_same_bits(dtype, symmetric, tiles, sorted_rows, prefetch,
+                                             weight_tma, monkeypatch):
+    """PAIRED_STAGES (two K steps a ring stage: the loader copies 2 * BLOCK_SIZE_K columns
+    at once and the consumer takes each step from its half of the stage) runs the same
+    arithmetic in the same order: both GEMMs give the same bits as without it, with
+    gathered or sorted activations, prefetched scales, the words by TMA or by cp.async,
+    many K steps and several tiles per program; split-K GEMM2 too."""
+    monkeypatch.setattr(prefill_rs, "WEIGHT_TMA", weight_tma)
+    bm, bn, bk, stages = tiles
+    e, h, i, top_k, m = 8, 1024, 512, 2, 300
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
+                                   seed=53)
+    blocks = align_block_size(ids, bm, e)
+    em, slots = blocks.sorted_token_ids.numel(), m * top_k
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
+    for gemm, n_out in (("gemm1", bn // 2), ("gemm2", bn), ("gemm2_split", bn)):
+        outs = []
+        for paired in (False, True):
+            cfg = {**rs_config(bm, n_out, bk, stages), "PREFETCH_SCALES": prefetch}
+            if paired:  # two steps a stage: half the stages keep the same steps in flight
+                cfg.update(PAIRED_STAGES=True, num_stages=stages // 2 + 1)
+            if gemm == "gemm1":
+                a = gather_sorted_rows(x, blocks, top_k=top_k) if sorted_rows else x
+                out = torch.full((em if sorted_rows else slots, i), float("nan"), dtype=dtype,
+                                 device=DEVICE)
+                prefill_gemm(a, experts.w13, activation="silu", config=cfg, out=out,
+                             a_sorted=sorted_rows, out_sorted=sorted_rows, **common)
+                inter = out
+            elif gemm == "gemm2":
+                out = torch.full((slots, h), float("nan"), dtype=dtype, device=DEVICE)
+                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
+                             config=cfg, out=out, a_sorted=sorted_rows, **common)
+            else:
+                out = torch.full((2, slots, h), float("nan"), device=DEVICE)
+                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
+                             config={**cfg, "SPLIT_K": 2}, out=out, a_sorted=sorted_rows,
+                             **common)
+            outs.append(out.nan_to_num(nan=7.0))
+        assert torch.equal(outs[0], outs[1]), f"{gemm} {tiles} sorted={sorted_rows}"
+    # and through the layer, against the reference
+    cfg1 = {**rs_config(bm, bn // 2, bk, stages // 2 + 1), "PAIRED_STAGES": True}
+    cfg2 = {**rs_config(bm, bn, bk, stages // 2 + 1), "PAIRED_STAGES": True}
+    y = fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2))
+    ref = moe_reference(x, experts, w, ids, round_intermediate=True)
+    err = ((y.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"layer {tiles}: {err:.2e}"
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
 @pytest.mark.parametrize("tiles", [(16, 256, 128, 4), (16, 128, 64, 6), (32, 256, 128, 4)])
 @pytest.mark.parametrize("splits", [2, 8])
 @pytest.mark.parametrize("sorted_rows,prefetch", [(False, False), (True, True)])

@@ -47,7 +47,7 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 DEFAULT_TOKENS = (64, 256, 1024, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps,
-#: num_stages[, FRAG_K[, RS]]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the
+#: num_stages[, FRAG_K[, RS[, PAIRED_STAGES]]]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the
 #: configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short device
 #: sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
 #: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
@@ -56,7 +56,8 @@ DEFAULT_TOKENS = (64, 256, 1024, 4096)
 #: 9; the 128-row tiles that won with 256 tokens in session 10; GEMM1's 256-row tiles with
 #: BLOCK_SIZE_K 32, whose 128-token version ptxas does not serialize, session 11) for large
 #: experts at M >= 1024, "rsmidm" (the "midm" space plus the Gluon kernel with 16/32-token
-#: tiles, session 8; a 6-stage 128x128 tile since its words come by TMA, session 9) for
+#: tiles, session 8; a 6-stage 128x128 tile since its words come by TMA, session 9; the
+#: BLOCK_SIZE_K 128 tiles with two K steps a stage, four such stages, session 19) for
 #: M = 16-256
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
@@ -79,7 +80,8 @@ SPACES["rsmidm"] = SPACES["midm"] + [
     (True, 128, 128, 8, 4, False, True), (True, 128, 128, 8, 6, False, True),
     (True, 128, 64, 8, 6, False, True),
     (True, 256, 128, 8, 4, False, True), (True, 256, 64, 8, 6, False, True),
-    (True, 64, 128, 8, 6, False, True)]
+    (True, 64, 128, 8, 6, False, True),
+    (True, 128, 128, 8, 4, False, True, True), (True, 256, 128, 8, 4, False, True, True)]
 #: "auto" (the default of ``w4a16moe tune``): per M, the space that won such buckets on the
 #: H100 (benchmarks/notes_prefill.md, session 9): on a Hopper GPU with Gluon "rsmidm" up to
 #: this many tokens and "rs" above; on any other GPU "default" (the broadest Triton space)
@@ -118,6 +120,8 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
             if rs_tiles_unsupported(cfg, fused_activation) is not None:
                 continue
             cfg["RS"] = True
+            if len(flags) > 2 and flags[2]:
+                cfg["PAIRED_STAGES"] = True
         out.append(cfg)
     return out
 

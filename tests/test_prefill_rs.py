@@ -45,6 +45,47 @@ def make_case(m, h, i, e, top_k, *, symmetric=True, dtype=torch.bfloat16, seed=0
     return experts, x, weights, ids
 
 
+def gemm_bits_with_and_without(flag_configs, *, bm, bn, bk, stages, dtype, symmetric,
+                               sorted_rows, seed, gemms=("gemm1", "gemm2")):
+    """For each of ``gemms`` (``"gemm1"``: w13 with SiLU on a 300-token case; ``"gemm2"``:
+    w2 on GEMM1's output; ``"gemm2_split"``: the same with SPLIT_K 2, float32 partials), the
+    outputs of the RS config ``bm x n x bk`` in ``stages`` stages changed by each function
+    of ``flag_configs`` (config -> config), NaN-poisoned first (NaN read back as 7). GEMM2
+    reads the intermediate of the first GEMM1 variant. Returns ``{gemm: [outputs]}``."""
+    e, h, i, top_k, m = 8, 1024, 512, 2, 300
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
+                                   seed=seed)
+    blocks = align_block_size(ids, bm, e)
+    em, slots = blocks.sorted_token_ids.numel(), m * top_k
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
+    results = {}
+    for gemm in gemms:
+        n_out = bn // 2 if gemm == "gemm1" else bn
+        outs = []
+        for change in flag_configs:
+            cfg = change(rs_config(bm, n_out, bk, stages))
+            if gemm == "gemm1":
+                a = gather_sorted_rows(x, blocks, top_k=top_k) if sorted_rows else x
+                out = torch.full((em if sorted_rows else slots, i), float("nan"), dtype=dtype,
+                                 device=DEVICE)
+                prefill_gemm(a, experts.w13, activation="silu", config=cfg, out=out,
+                             a_sorted=sorted_rows, out_sorted=sorted_rows, **common)
+                if not outs:
+                    inter = out
+            elif gemm == "gemm2":
+                out = torch.full((slots, h), float("nan"), dtype=dtype, device=DEVICE)
+                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
+                             config=cfg, out=out, a_sorted=sorted_rows, **common)
+            else:
+                out = torch.full((2, slots, h), float("nan"), device=DEVICE)
+                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
+                             config={**cfg, "SPLIT_K": 2}, out=out, a_sorted=sorted_rows,
+                             **common)
+            outs.append(out.nan_to_num(nan=7.0))
+        results[gemm] = outs
+    return results
+
+
 def test_rs_config_rules():
     base = rs_config()
     assert cfgmod.validate_config(base)["RS"] is True
@@ -333,29 +374,11 @@ def test_rs_prefetched_scales_give_the_same_bits(dtype, symmetric, tiles, sorted
     the last pair's load repeated) only moves loads: both GEMMs give the same bits as
     without it, over many K steps and several tiles per program."""
     bm, bn, bk, stages = tiles
-    e, h, i, top_k, m = 8, 1024, 512, 2, 300
-    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
-                                   seed=43)
-    blocks = align_block_size(ids, bm, e)
-    em, slots = blocks.sorted_token_ids.numel(), m * top_k
-    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
-    for gemm, n_out in (("gemm1", bn // 2), ("gemm2", bn)):
-        outs = []
-        for prefetch in (False, True):
-            cfg = {**rs_config(bm, n_out, bk, stages), "PREFETCH_SCALES": prefetch}
-            if gemm == "gemm1":
-                a = gather_sorted_rows(x, blocks, top_k=top_k) if sorted_rows else x
-                out = torch.full((em if sorted_rows else slots, i), float("nan"), dtype=dtype,
-                                 device=DEVICE)
-                prefill_gemm(a, experts.w13, activation="silu", config=cfg, out=out,
-                             a_sorted=sorted_rows, out_sorted=sorted_rows, **common)
-                inter = out
-            else:
-                out = torch.full((slots, h), float("nan"), dtype=dtype, device=DEVICE)
-                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
-                             config=cfg, out=out, a_sorted=sorted_rows, **common)
-            outs.append(out.nan_to_num(nan=7.0))
-        assert torch.equal(outs[0], outs[1]), f"{gemm} {tiles} sorted={sorted_rows}"
+    outs = gemm_bits_with_and_without(
+        [lambda c: c, lambda c: {**c, "PREFETCH_SCALES": True}], bm=bm, bn=bn, bk=bk,
+        stages=stages, dtype=dtype, symmetric=symmetric, sorted_rows=sorted_rows, seed=43)
+    for gemm, (off, on) in outs.items():
+        assert torch.equal(off, on), f"{gemm} {tiles} sorted={sorted_rows}"
 
 
 @hopper_only
@@ -372,37 +395,19 @@ def test_rs_paired_stages_give_the_same_bits(dtype, symmetric, tiles, sorted_row
     many K steps and several tiles per program; split-K GEMM2 too."""
     monkeypatch.setattr(prefill_rs, "WEIGHT_TMA", weight_tma)
     bm, bn, bk, stages = tiles
-    e, h, i, top_k, m = 8, 1024, 512, 2, 300
-    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
-                                   seed=53)
-    blocks = align_block_size(ids, bm, e)
-    em, slots = blocks.sorted_token_ids.numel(), m * top_k
-    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
-    for gemm, n_out in (("gemm1", bn // 2), ("gemm2", bn), ("gemm2_split", bn)):
-        outs = []
-        for paired in (False, True):
-            cfg = {**rs_config(bm, n_out, bk, stages), "PREFETCH_SCALES": prefetch}
-            if paired:  # two steps a stage: half the stages keep the same steps in flight
-                cfg.update(PAIRED_STAGES=True, num_stages=stages // 2 + 1)
-            if gemm == "gemm1":
-                a = gather_sorted_rows(x, blocks, top_k=top_k) if sorted_rows else x
-                out = torch.full((em if sorted_rows else slots, i), float("nan"), dtype=dtype,
-                                 device=DEVICE)
-                prefill_gemm(a, experts.w13, activation="silu", config=cfg, out=out,
-                             a_sorted=sorted_rows, out_sorted=sorted_rows, **common)
-                inter = out
-            elif gemm == "gemm2":
-                out = torch.full((slots, h), float("nan"), dtype=dtype, device=DEVICE)
-                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
-                             config=cfg, out=out, a_sorted=sorted_rows, **common)
-            else:
-                out = torch.full((2, slots, h), float("nan"), device=DEVICE)
-                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
-                             config={**cfg, "SPLIT_K": 2}, out=out, a_sorted=sorted_rows,
-                             **common)
-            outs.append(out.nan_to_num(nan=7.0))
-        assert torch.equal(outs[0], outs[1]), f"{gemm} {tiles} sorted={sorted_rows}"
+
+    def paired(cfg):  # two steps a stage: half the stages keep the same steps in flight
+        return {**cfg, "PAIRED_STAGES": True, "num_stages": stages // 2 + 1}
+    prefetched = {"PREFETCH_SCALES": prefetch}
+    outs = gemm_bits_with_and_without(
+        [lambda c: {**c, **prefetched}, lambda c: paired({**c, **prefetched})], bm=bm, bn=bn,
+        bk=bk, stages=stages, dtype=dtype, symmetric=symmetric, sorted_rows=sorted_rows,
+        seed=53, gemms=("gemm1", "gemm2", "gemm2_split"))
+    for gemm, (off, on) in outs.items():
+        assert torch.equal(off, on), f"{gemm} {tiles} sorted={sorted_rows}"
     # and through the layer, against the reference
+    experts, x, w, ids = make_case(300, 1024, 512, 8, 2, symmetric=symmetric, dtype=dtype,
+                                   seed=53)
     cfg1 = {**rs_config(bm, bn // 2, bk, stages // 2 + 1), "PAIRED_STAGES": True}
     cfg2 = {**rs_config(bm, bn, bk, stages // 2 + 1), "PAIRED_STAGES": True}
     y = fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2))

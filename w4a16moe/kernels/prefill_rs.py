@@ -23,6 +23,11 @@ never goes through shared memory; the activations stay in natural K order. A pro
   one-thread ``mbarrier.arrive`` needs a barrier over all consumer warps before it), and
   after the K loop run the epilogue (router weight, ``act(gate) * up``) and the store.
 
+With ``PAIRED_STAGES`` a ring stage holds two K steps instead of one (twice the columns, half
+the stages), so the loader reads each weight row in ``BLOCK_K / 2``-byte runs instead of
+``BLOCK_K / 4`` (HBM streams 64-byte runs of a row at about two thirds of the rate of 128-byte
+ones) and the consumer takes each step of its unrolled pair from one half of the stage.
+
 Consumer warps do not meet once a K step: Triton's shared-memory analysis puts a CTA barrier
 in front of each stage wait (two waits on one barrier array count as a conflict), which the
 launcher's compile hook removes, since the ring keeps every thread within a phase
@@ -141,7 +146,7 @@ if HAVE_GLUON:
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
         STAGE_K: gl.constexpr = STEPS * BLOCK_K
         WORDS: gl.constexpr = STAGE_K // 8
-        # 16-byte chunks: a row's BLOCK_K activations over BLOCK_K / 8 lanes, 4 words a lane
+        # 16-byte chunks: a row's STAGE_K activations over STAGE_K / 8 lanes, 4 words a lane
         x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
         wc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4],
                                                    [1, 1], [1, 0])

@@ -2,7 +2,8 @@
 shared-memory analysis puts in front of every consumer ``mbarrier.wait``
 (``w4a16moe.kernels.membar``; ``prefill_rs.STRIP_WAIT_BARRIERS`` picks the version); or,
 with ``--flag PAIRED_STAGES``, each shipped entry against itself with that config flag on
-(two K steps a ring stage, half as many stages: the same steps in flight).
+(two K steps a ring stage; ``ceil(num_stages / 2)`` stages keep the same steps in flight,
+``--more-stages`` adds to that).
 
 Triton's membar pass treats two ``mbarrier.wait`` on the same barrier allocation as a
 conflict, so each K step of the consumer warpgroups starts with ``bar.sync 0, <consumer

@@ -47,8 +47,9 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 DEFAULT_TOKENS = (64, 256, 1024, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps,
-#: num_stages[, FRAG_K[, RS[, PAIRED_STAGES]]]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the
-#: configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short device
+#: num_stages[, FRAG_K[, RS[, PAIRED_STAGES]]]) tried at every BLOCK_SIZE_M: "default" for
+#: users, "quick" (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for
+#: short device
 #: sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
 #: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
 #: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won

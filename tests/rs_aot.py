@@ -83,7 +83,7 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         SPLIT_K=config.get("SPLIT_K", 1), PAIRED=bool(config.get("PAIRED_STAGES", False)),
         LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"])
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
-    stage_k = 2 * bk if config.get("PAIRED_STAGES") else bk
+    stage_k = prefill_rs.stage_columns(config)
     w_layout = prefill_rs.weight_smem_layout(stage_k)
     box = [1, bn // 8, 2 if activation else 1, 8, stage_k // 8]
     descs = {"w_desc": f"tensordesc<i32[{','.join(map(str, box))}],{w_layout!r}>"}

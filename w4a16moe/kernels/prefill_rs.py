@@ -299,28 +299,26 @@ if HAVE_GLUON:
         return sc0, zr0, sc1, zr1
 
     @gluon.jit
-    def _rs_step_x(x_bufs, i, ring, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    def _rs_step_x(x_bufs, fill, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                    PAIRED: gl.constexpr, HALF: gl.constexpr):
-        """Step ``i``'s activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: stage
-        ``ring + i`` of the ring, or with ``PAIRED`` half ``HALF`` (= ``i % 2``) of stage
-        ``ring + i // 2`` (``ring``: stages consumed before this unit)."""
+        """A step's activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: the stage
+        of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``."""
+        x = x_bufs.index(fill % STAGES)
         if PAIRED:
-            x = x_bufs.index((ring + i // 2) % STAGES).slice(HALF * BLOCK_K, BLOCK_K, dim=1)
-        else:
-            x = x_bufs.index((ring + i) % STAGES)
+            x = x.slice(HALF * BLOCK_K, BLOCK_K, dim=1)
         return x.permute((1, 0))
 
     @gluon.jit
-    def _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc, zr, bias, vdtype: gl.constexpr,
+    def _rs_step_operand(fill, wd_bufs, x_ready_bars, sc, zr, bias, vdtype: gl.constexpr,
                          HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                          PAIRED: gl.constexpr, HALF: gl.constexpr, pairs_layout: gl.constexpr,
                          row_layout: gl.constexpr, a_layout: gl.constexpr):
-        """Step ``i``'s weight tile in the wgmma A-operand registers, once its words and
-        activations have landed; fences the activation tile for wgmma. ``sc``/``zr``: the
-        step's scales and raw zeros per row (:func:`_rs_pair_scales`). ``ring``: stages
-        consumed before this unit; with ``PAIRED`` step ``i`` is half ``HALF`` (= ``i % 2``) of
-        stage ``ring + i // 2`` (its second half's wait finds the phase already complete).
+        """A step's weight tile in the wgmma A-operand registers, once its words and
+        activations have landed in ring fill ``fill`` (its stage is ``fill % STAGES``; with
+        ``PAIRED`` the step is its half ``HALF``, and the second half's wait finds the phase
+        already complete); fences the activation tile for wgmma. ``sc``/``zr``: the step's
+        scales and raw zeros per row (:func:`_rs_pair_scales`).
 
         In the operand a thread (lane ``c`` of its quad) holds, per row and 32-column run,
         columns ``2c, 2c+1`` of each of the run's four 8-column words, i.e. value pair ``c``
@@ -337,10 +335,6 @@ if HAVE_GLUON:
         else:
             zz = _packed_pair(-zb)
         ss = _packed_pair(sc)
-        if PAIRED:
-            fill = ring + i // 2
-        else:
-            fill = ring + i
         stage = fill % STAGES
         mbarrier.wait(x_ready_bars.index(stage), (fill // STAGES) & 1)
         # words (row, run, j), the same for the four lanes c of a quad: loaded as the 2-D
@@ -473,28 +467,30 @@ if HAVE_GLUON:
                                 kstep0 + i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
                                 stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS,
                                 GROUP_SIZE, BLOCK_K)
-                        a0 = _rs_step_operand(i, ring, wd_bufs, x_ready_bars, sc0, zr0, bias,
+                        # ring fills of steps i and i + 1 (one fill with PAIRED)
+                        fill0 = ring + i // STEPS
+                        fill1 = ring + (i + 1) // STEPS
+                        a0 = _rs_step_operand(fill0, wd_bufs, x_ready_bars, sc0, zr0, bias,
                                               vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
                                               BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
                                               row_layout, a_layout)
-                        acc = warpgroup_mma(a0, _rs_step_x(x_bufs, i, ring, BLOCK_K, STAGES,
+                        acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
                                                            PAIRED, 0), acc, is_async=True)
                         acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
                         if i > 0:
                             # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
-                            async_copy.mbarrier_arrive(
-                                empty_bars.index((ring + (i - 1) // STEPS) % STAGES),
-                                increment_count=False)
-                        a1 = _rs_step_operand(i + 1, ring, wd_bufs, x_ready_bars, sc1, zr1,
+                            async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
+                                                       increment_count=False)
+                        a1 = _rs_step_operand(fill1, wd_bufs, x_ready_bars, sc1, zr1,
                                               bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
                                               BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
                                               pairs_layout, row_layout, a_layout)
-                        acc = warpgroup_mma(a1, _rs_step_x(x_bufs, i + 1, ring, BLOCK_K, STAGES,
+                        acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
                                                            PAIRED, 1), acc, is_async=True)
                         acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
                         if not PAIRED:
                             # step i's stage (with PAIRED step i + 1's wgmma still reads it)
-                            async_copy.mbarrier_arrive(empty_bars.index((ring + i) % STAGES),
+                            async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
                                                        increment_count=False)
                         if PREFETCH_SCALES:
                             sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
@@ -701,6 +697,12 @@ def sorted_rows_unsupported(a: torch.Tensor, *, rows: int) -> str | None:
     return None
 
 
+def stage_columns(config: dict) -> int:
+    """K columns one ring stage (one TMA box of words and of sorted activations) holds for
+    an ``RS`` config: ``BLOCK_SIZE_K``, or twice that with ``PAIRED_STAGES``."""
+    return config["BLOCK_SIZE_K"] * (2 if config.get("PAIRED_STAGES") else 1)
+
+
 def weight_smem_layout(block_k: int):
     """The shared-memory layout of one K step of packed words as TMA writes it (5-D, see
     :func:`weight_descriptor`): swizzled by the row's width (32 or 64 bytes; the 16-byte rows
@@ -760,8 +762,7 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     row at about two thirds of its rate: ``benchmarks/row_chunk_bandwidth.py``)."""
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     split = config.get("SPLIT_K", 1)
-    paired = bool(config.get("PAIRED_STAGES", False))
-    stage_k = 2 * bk if paired else bk  # K columns a ring stage (one TMA box) holds
+    stage_k = stage_columns(config)
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
     tw = topk_weights if topk_weights is not None else scales
@@ -802,5 +803,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             W_TMA=w_desc is not None,
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
-            PAIRED=paired,
+            PAIRED=stage_k != bk,
             **prefill_pdl_args(a.device))

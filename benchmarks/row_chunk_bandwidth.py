@@ -13,7 +13,8 @@ Each program of a Triton kernel reads one ``ROWS``-row tile over the whole K, ``
 a row per step (``tl.range`` pipelined, ``--stages`` steps in flight), XORs the words and
 stores one int32; the matrix (``--mbytes``, two copies alternated so the 50 MB L2 holds none
 of it) is read once per call. Loads are plain global loads (cp.async with the pipeline),
-with ``--pair`` also two adjacent chunks a step as two separate loads, or TMA copies of the
+with ``--pair`` also two adjacent chunks a step as two separate loads, with
+``--l2-prefetch`` also after an L2 bulk prefetch of each row's whole range, or TMA copies of the
 ``[ROWS, CHUNK]`` box (``tl.make_tensor_descriptor``) with ``--tma`` (and with both flags a
 ``[2, ROWS, CHUNK]`` box of two adjacent chunks, the chunk index outermost).
 ``$OUT/row_chunk_bandwidth.json`` holds GB/s per (rows, chunk, warps, stages, loads).
@@ -38,13 +39,21 @@ from w4a16moe.bench.timing import time_calls  # noqa: E402
 
 @triton.jit
 def _read_tiles(w_ptr, out_ptr, KW, ROWS: tl.constexpr, CHUNK: tl.constexpr,
-                STAGES: tl.constexpr, PAIR: tl.constexpr):
+                STAGES: tl.constexpr, PAIR: tl.constexpr, L2_PREFETCH: tl.constexpr):
     """Program ``p`` XORs rows ``p*ROWS ..`` of ``w`` (``[R, KW]`` int32, row stride ``KW``)
     over all ``KW`` words, ``CHUNK`` words a row per step, and stores the result at
     ``out[p]``. ``PAIR``: each step is two separate ``[ROWS, CHUNK]`` loads of adjacent
-    chunks (two ``CHUNK``-word requests a row issued together, not one twice as long)."""
+    chunks (two ``CHUNK``-word requests a row issued together, not one twice as long).
+    ``L2_PREFETCH``: before the loop each row's whole range (``4*KW`` bytes) is asked into
+    L2 by one ``cp.async.bulk.prefetch.L2`` (sm_90), so HBM sees one long run a row while
+    the loop still reads ``CHUNK`` words a step."""
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    if L2_PREFETCH:
+        tl.inline_asm_elementwise(
+            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+            [w_ptr + rows * KW, tl.full([ROWS], 4, tl.int32) * KW], dtype=tl.int32,
+            is_pure=False, pack=1)
     ptrs = w_ptr + rows[:, None] * KW + tl.arange(0, CHUNK)[None, :]
     acc = tl.zeros([ROWS, CHUNK], dtype=tl.int32)
     for kw in tl.range(0, KW, CHUNK * (1 + PAIR), num_stages=STAGES):
@@ -101,6 +110,9 @@ def main() -> int:
     ap.add_argument("--tma", action="store_true", help="also time the TMA version")
     ap.add_argument("--pair", action="store_true",
                     help="also time plain loads with two adjacent chunks a step (PAIR)")
+    ap.add_argument("--l2-prefetch", action="store_true",
+                    help="also time plain loads after an L2 bulk prefetch of each row "
+                         "(ldg_l2pf)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -121,6 +133,7 @@ def main() -> int:
     print(f"torch.sum over {nbytes / 1e6:.0f} MB: {base.median_us:.1f} us, "
           f"{nbytes / base.median_us / 1e3:.0f} GB/s", flush=True)
     kinds = (("ldg",) + (("ldg_pair",) if args.pair else ())
+             + (("ldg_l2pf",) if args.l2_prefetch else ())
              + (("tma",) + (("tma_pair",) if args.pair else ()) if args.tma else ()))
     for loads in kinds:
         for rows in map(int, args.rows.split(",")):
@@ -144,6 +157,7 @@ def main() -> int:
                                 _read_tiles[(r // rows,)](c, outs, kw, ROWS=rows, CHUNK=chunk,
                                                           STAGES=stages,
                                                           PAIR=loads == "ldg_pair",
+                                                          L2_PREFETCH=loads == "ldg_l2pf",
                                                           num_warps=warps)
                         try:
                             t = time_calls([lambda c=c: call(c) for c in copies], dev)

@@ -51,7 +51,9 @@ DEFAULT_TOKENS = (64, 256, 1024, 4096)
 #: users, "quick" (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for
 #: short device
 #: sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
-#: with and without fragment-order weight tiles) for M buckets of 1-16 rows per expert,
+#: with and without fragment-order weight tiles; the 64-column fragment-order tile with four
+#: stages that won qwen3-30b's GEMM2 at M = 16-64 in session 20) for M buckets of 1-16 rows
+#: per expert,
 #: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
 #: before, session 7 of the notes; four consumer warpgroups on 256-row tiles since session
 #: 9; the 128-row tiles that won with 256 tokens in session 10; GEMM1's 256-row tiles with
@@ -67,7 +69,7 @@ SPACES: dict[str, list[tuple]] = {
               (True, 64, 64, 8, 4), (False, 64, 64, 4, 4)],
     "midm": [(True, 64, 64, 4, 3), (True, 64, 128, 4, 3), (True, 128, 64, 4, 3),
              (True, 64, 64, 4, 4), (True, 64, 64, 4, 3, True), (True, 64, 128, 4, 3, True),
-             (True, 128, 64, 4, 3, True), (False, 128, 64, 8, 3)],
+             (True, 128, 64, 4, 3, True), (True, 64, 64, 4, 4, True), (False, 128, 64, 8, 3)],
     "rs": [(True, 128, 64, 8, 6, False, True), (True, 128, 64, 8, 8, False, True),
            (True, 256, 32, 8, 8, False, True), (True, 256, 32, 8, 12, False, True),
            (True, 64, 64, 8, 6, False, True), (True, 128, 64, 16, 6, False, True),

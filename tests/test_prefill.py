@@ -395,31 +395,6 @@ def test_fragment_order_needs_one_warpgroup():
                      config={**WIDE_K, "BLOCK_SIZE_M": 16, "num_warps": 8, "FRAG_K": True})
 
 
-@pytest.mark.parametrize("frag", [False, True])
-def test_register_cap_changes_nothing_but_registers(frag):
-    """A ``maxnreg`` entry (Triton's register cap, so more programs share an SM) gives the
-    same bits as the entry without it; bad values are refused naming the key."""
-    experts, x, w, ids = make_case(6, 128, 64, 4, 2, seed=21)
-    blocks = align_block_size(ids, 16, 4)
-    cfg = {**cfgmod.INTERPRETER_CONFIG, "FRAG_K": frag} if not ON_GPU else {
-        **WIDE_K, "BLOCK_SIZE_M": 16, "num_warps": 4, "FRAG_K": frag, "SWAP_AB": True}
-    for gemm in ("w13", "w2"):
-        weights = getattr(experts, gemm)
-        a = x if gemm == "w13" else torch.randn(x.shape[0] * 2, weights.k, dtype=x.dtype,
-                                                 device=DEVICE)
-        kw = dict(activation="silu") if gemm == "w13" else dict(a_is_slots=True,
-                                                                mul_routed_weight=True)
-        ref = prefill_gemm(a, weights, blocks, ids, w, top_k=2, config=cfg, **kw)
-        got = prefill_gemm(a, weights, blocks, ids, w, top_k=2,
-                           config={**cfg, "maxnreg": 48}, **kw)
-        assert torch.equal(got, ref), gemm
-    assert cfgmod.validate_config({**WIDE_K, "maxnreg": 48})["maxnreg"] == 48
-    for bad in (47, 16, 256, "48", True):
-        with pytest.raises(ValueError, match=f"maxnreg is {bad!r}; expected an int, a "
-                                             "multiple of 8 from 24 to 248"):
-            cfgmod.validate_config({**WIDE_K, "maxnreg": bad})
-
-
 @pytest.mark.skipif(not ON_GPU, reason="a compiled-kernel race check: GPU only")
 def test_shipped_fragment_order_configs_repeat_bit_for_bit():
     """Every FRAG_K entry of the shipped H100 table, run 8 times on NaN-poisoned outputs at a

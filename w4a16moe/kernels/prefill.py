@@ -890,8 +890,6 @@ def prefill_gemm(
         out = out[0]
     swap_ab = bool(config.get("SWAP_AB", _SWAP_AB_DEFAULT))
     grid = (triton.cdiv(em, bm) * triton.cdiv(n_out, bn),)
-    # a register cap lets more programs share an SM (the interpreter ignores it)
-    maxnreg = {"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}
     _prefill_kernel[grid](
         a, q, s, z, p, out, tw, sorted_ids, expert_ids, num_post_padded,
         n_out, k, em, slots, top_k, n_w // 2 if activation is not None else 0,
@@ -927,7 +925,6 @@ def prefill_gemm(
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **prefill_pdl_args(a.device),
-        **maxnreg,
     )
     return out_full if split > 1 else out
 

@@ -16,8 +16,7 @@ Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRA
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
 ``"PREFETCH_SCALES"`` and ``"PAIRED_STAGES"`` (booleans for that kernel; see
 :data:`OPTIONAL_KEYS`),
-``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs), ``"maxnreg"``
-(registers a thread of the Triton kernel may use: a multiple of 8 from 24 to 248) and
+``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the
@@ -42,9 +41,6 @@ import torch
 CONFIG_DIR = Path(__file__).resolve().parent
 CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps",
                "num_stages")
-#: allowed ``maxnreg`` values (an optional key, below): what ptxas accepts, in its
-#: allocation unit of 8 registers
-MAXNREG_VALUES = tuple(range(24, 256, 8))
 #: optional keys and their allowed values: SWAP_AB puts the weight tile on the wgmma M side;
 #: DEQUANT 0 int->float conversion, 1 exponent trick in Triton ops, 2 the same in PTX;
 #: FRAG_K builds the weight tile in fragment order (BLOCK_SIZE_K >= 32, num_warps <= 4:
@@ -74,14 +70,10 @@ MAXNREG_VALUES = tuple(range(24, 256, 8))
 #: bytes instead of BLOCK_SIZE_K / 4: HBM streams 64-byte runs at about two thirds of the
 #: rate of 128-byte ones (benchmarks/notes_prefill.md, session 19); the Triton kernel
 #: ignores it
-#: maxnreg (Triton kernel entries): registers a thread may use (Triton's launch option of
-#: that name, a multiple of 8), so that more programs fit an SM: for short-K tiles that wait
-#: more than they compute (benchmarks/notes_prefill.md, session 20); the Gluon kernel, which
-#: sets its own per-partition registers, ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
-                 "PAIRED_STAGES": (True, False), "maxnreg": MAXNREG_VALUES}
+                 "PAIRED_STAGES": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
@@ -145,9 +137,6 @@ def validate_config(config: object) -> dict:
         if key in config:
             v = config[key]
             if type(v) is not type(allowed[0]) or v not in allowed:
-                if key == "maxnreg":
-                    raise ValueError(f"maxnreg is {v!r}; expected an int, a multiple of 8 from "
-                                     f"{MAXNREG_VALUES[0]} to {MAXNREG_VALUES[-1]}")
                 raise ValueError(f"{key} is {v!r}; expected one of {list(allowed)}")
             out[key] = v
     return out

@@ -395,38 +395,6 @@ def test_fragment_order_needs_one_warpgroup():
                      config={**WIDE_K, "BLOCK_SIZE_M": 16, "num_warps": 8, "FRAG_K": True})
 
 
-@pytest.mark.parametrize("frag", [False, True])
-@pytest.mark.parametrize("group_size", [64, 32, -1])
-def test_k_unroll_gives_the_same_bits(frag, group_size):
-    """``K_UNROLL`` (several K steps an iteration, the scales loaded once an iteration where
-    one group spans it: G=64 here; G=32 takes them per step; per-channel scales are loaded
-    once anyway) only regroups the loop: the same sums in the same order, so the same bits,
-    for GEMM1 with its activation and GEMM2 with the router weight, with zero points."""
-    experts, x, w, ids = make_case(6, 128, 64, 4, 2, group_size=group_size, symmetric=False,
-                                   seed=22)
-    blocks = align_block_size(ids, 16, 4)
-    cfg = {**cfgmod.INTERPRETER_CONFIG, "FRAG_K": frag} if not ON_GPU else {
-        **WIDE_K, "BLOCK_SIZE_M": 16, "BLOCK_SIZE_K": 32, "FRAG_K": frag, "SWAP_AB": True}
-    inter = torch.randn(x.shape[0] * 2, 64, dtype=x.dtype, device=DEVICE)
-    for weights, a, kw in ((experts.w13, x, dict(activation="silu")),
-                           (experts.w2, inter, dict(a_is_slots=True, mul_routed_weight=True))):
-        ref = prefill_gemm(a, weights, blocks, ids, w, top_k=2, config=cfg, **kw)
-        got = prefill_gemm(a, weights, blocks, ids, w, top_k=2,
-                           config={**cfg, "K_UNROLL": 2}, **kw)
-        assert torch.equal(got, ref), weights.name
-
-
-def test_k_unroll_validation():
-    experts, x, w, ids = make_case(4, 96, 64, 3, 2, seed=23)
-    blocks = align_block_size(ids, 16, 3)
-    with pytest.raises(ValueError, match="K_UNROLL=2 with BLOCK_SIZE_K=64: K must be a "
-                                         "multiple of 128; found K=96"):
-        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu",
-                     config={**WIDE_K, "K_UNROLL": 2})
-    with pytest.raises(ValueError, match=r"K_UNROLL is 3; expected one of \[1, 2, 4\]"):
-        cfgmod.validate_config({**WIDE_K, "K_UNROLL": 3})
-
-
 @pytest.mark.skipif(not ON_GPU, reason="a compiled-kernel race check: GPU only")
 def test_shipped_fragment_order_configs_repeat_bit_for_bit():
     """Every FRAG_K entry of the shipped H100 table, run 8 times on NaN-poisoned outputs at a

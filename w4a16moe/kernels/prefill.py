@@ -353,7 +353,6 @@ def _prefill_kernel(
     BLOCK_SIZE_N: tl.constexpr,
     BLOCK_SIZE_K: tl.constexpr,
     GROUP_SIZE_M: tl.constexpr,
-    K_UNROLL: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] for the slots of one sorted block.
@@ -367,9 +366,6 @@ def _prefill_kernel(
     the program computes the gate tile (rows ``n``) and the up tile (rows ``n + up_offset``)
     and stores ``act(gate) * up``; ``N`` is then the intermediate size. Grid:
     ``cdiv(EM, BLOCK_SIZE_M) * cdiv(N, BLOCK_SIZE_N)`` with ``EM = len(sorted_token_ids)``.
-    ``K_UNROLL``: K steps an iteration of the K loop (``K`` a multiple of ``K_UNROLL *
-    BLOCK_SIZE_K``): the loop's bookkeeping, and the scale loads where one group spans the
-    iteration, are paid once for them.
     ``PDL``: launched as a programmatic dependent (:mod:`.pdl`): wait for the kernel
     before to complete, then release the next.
     """
@@ -443,79 +439,57 @@ def _prefill_kernel(
         acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32)
     acc_up = acc
 
-    # K_UNROLL steps an iteration (K a multiple of K_UNROLL * BLOCK_SIZE_K): the loop's
-    # bookkeeping is paid once for them, and with HOIST_SCALES (one group spans the
-    # iteration) so are the scale loads
-    HOIST_SCALES: tl.constexpr = (K_UNROLL > 1 and GROUP_MODE == 1
-                                  and GROUP_SIZE % (K_UNROLL * BLOCK_SIZE_K) == 0)
-    STEP_GROUP_MODE: tl.constexpr = 0 if HOIST_SCALES else GROUP_MODE
-    for k_outer in range(0, K, BLOCK_SIZE_K * K_UNROLL):
-        s_it = s_pc
-        z_it = z_pc
-        s_it_up = s_pc_up
-        z_it_up = z_pc_up
-        if HOIST_SCALES:
-            s_it, z_it = _load_group_params(s_base, z_base, offs_n, n_mask,
-                                            k_outer // GROUP_SIZE, stride_sn, stride_sg,
-                                            stride_zn, stride_zg, HAS_ZEROS)
-            if ACTIVATION != 0:
-                s_it_up, z_it_up = _load_group_params(s_base, z_base, up_rows, n_mask,
-                                                      k_outer // GROUP_SIZE, stride_sn,
-                                                      stride_sg, stride_zn, stride_zg,
-                                                      HAS_ZEROS)
-        for step in tl.static_range(K_UNROLL):
-            k_start = k_outer + step * BLOCK_SIZE_K
-            offs_k = k_start + offs_kb
+    for k_start in range(0, K, BLOCK_SIZE_K):
+        offs_k = k_start + offs_kb
+        if EVEN_K:
+            a_mask = slot_mask[:, None]
+        else:
+            a_mask = slot_mask[:, None] & (offs_k[None, :] < K)
+        if A_CONTIGUOUS:
+            # both orders cancel: a plain contiguous tile (K % 32 == 0, so no ragged run)
+            a_cols = k_start + tl.arange(0, BLOCK_SIZE_K)
+        elif HAS_PERM:
             if EVEN_K:
-                a_mask = slot_mask[:, None]
+                a_cols = tl.load(perm_ptr + expert * stride_pe + offs_k)
             else:
-                a_mask = slot_mask[:, None] & (offs_k[None, :] < K)
-            if A_CONTIGUOUS:
-                # both orders cancel: a plain contiguous tile (K % 32 == 0, so no ragged run)
-                a_cols = k_start + tl.arange(0, BLOCK_SIZE_K)
-            elif HAS_PERM:
-                if EVEN_K:
-                    a_cols = tl.load(perm_ptr + expert * stride_pe + offs_k)
-                else:
-                    a_cols = tl.load(perm_ptr + expert * stride_pe + offs_k, mask=offs_k < K,
-                                     other=0)
-            else:
-                a_cols = offs_k
-            if A_FRAG and not A_CONTIGUOUS:
-                a_cols = fragment_order(a_cols)
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
-                        mask=a_mask, other=0.0)
+                a_cols = tl.load(perm_ptr + expert * stride_pe + offs_k, mask=offs_k < K,
+                                 other=0)
+        else:
+            a_cols = offs_k
+        if A_FRAG and not A_CONTIGUOUS:
+            a_cols = fragment_order(a_cols)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + a_cols[None, :] * stride_ak,
+                    mask=a_mask, other=0.0)
+        if FRAG_K:
+            w = _weight_tile_frag(qw_base, s_base, z_base, offs_n, n_mask, k_start, K,
+                                  stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
+                                  stride_zg, s_pc, z_pc, GROUP_SIZE, GROUP_MODE, HAS_ZEROS,
+                                  EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
+        else:
+            w = _weight_tile(qw_base, s_base, z_base, offs_n, n_mask, k_start, K, stride_qn,
+                             stride_qk, stride_sn, stride_sg, stride_zn, stride_zg, s_pc, z_pc,
+                             GROUP_SIZE, GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT,
+                             IS_FP16)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
+        if ACTIVATION != 0:
             if FRAG_K:
-                w = _weight_tile_frag(qw_base, s_base, z_base, offs_n, n_mask, k_start, K,
-                                      stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
-                                      stride_zg, s_it, z_it, GROUP_SIZE, STEP_GROUP_MODE,
-                                      HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
+                w_up = _weight_tile_frag(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
+                                         stride_qn, stride_qk, stride_sn, stride_sg,
+                                         stride_zn, stride_zg, s_pc_up, z_pc_up, GROUP_SIZE,
+                                         GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT,
+                                         IS_FP16)
             else:
-                w = _weight_tile(qw_base, s_base, z_base, offs_n, n_mask, k_start, K,
-                                 stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
-                                 stride_zg, s_it, z_it, GROUP_SIZE, STEP_GROUP_MODE, HAS_ZEROS,
-                                 EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
+                w_up = _weight_tile(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
+                                    stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
+                                    stride_zg, s_pc_up, z_pc_up, GROUP_SIZE, GROUP_MODE,
+                                    HAS_ZEROS, EVEN_K, BLOCK_SIZE_K, DEQUANT, IS_FP16)
             if SWAP_AB:
-                acc = tl.dot(w, tl.trans(a), acc)
+                acc_up = tl.dot(w_up, tl.trans(a), acc_up)
             else:
-                acc = tl.dot(a, tl.trans(w), acc)
-            if ACTIVATION != 0:
-                if FRAG_K:
-                    w_up = _weight_tile_frag(qw_base, s_base, z_base, up_rows, n_mask, k_start,
-                                             K, stride_qn, stride_qk, stride_sn, stride_sg,
-                                             stride_zn, stride_zg, s_it_up, z_it_up,
-                                             GROUP_SIZE, STEP_GROUP_MODE, HAS_ZEROS, EVEN_K,
-                                             BLOCK_SIZE_K, DEQUANT, IS_FP16)
-                else:
-                    w_up = _weight_tile(qw_base, s_base, z_base, up_rows, n_mask, k_start, K,
-                                        stride_qn, stride_qk, stride_sn, stride_sg, stride_zn,
-                                        stride_zg, s_it_up, z_it_up, GROUP_SIZE,
-                                        STEP_GROUP_MODE, HAS_ZEROS, EVEN_K, BLOCK_SIZE_K,
-                                        DEQUANT, IS_FP16)
-                if SWAP_AB:
-                    acc_up = tl.dot(w_up, tl.trans(a), acc_up)
-                else:
-                    acc_up = tl.dot(a, tl.trans(w_up), acc_up)
+                acc_up = tl.dot(a, tl.trans(w_up), acc_up)
 
     if SWAP_AB:
         acc = tl.trans(acc)
@@ -840,11 +814,6 @@ def prefill_gemm(
                   "BLOCK_SIZE_M": block_m}
         config.pop("DENSE", None)
     config = validate_config(config)
-    k_unroll = config.get("K_UNROLL", 1)
-    if k % (k_unroll * config["BLOCK_SIZE_K"]):
-        raise ValueError(f"config has K_UNROLL={k_unroll} with BLOCK_SIZE_K="
-                         f"{config['BLOCK_SIZE_K']}: K must be a multiple of "
-                         f"{k_unroll * config['BLOCK_SIZE_K']}; found K={k}")
     split = config.get("SPLIT_K", 1)
     if split > 1 and (activation is not None or atomic_topk_sum or out_sorted
                       or out_fragment_order):
@@ -953,7 +922,6 @@ def prefill_gemm(
         BLOCK_SIZE_N=bn,
         BLOCK_SIZE_K=bk,
         GROUP_SIZE_M=config["GROUP_SIZE_M"],
-        K_UNROLL=k_unroll,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
         **prefill_pdl_args(a.device),

@@ -16,8 +16,7 @@ Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRA
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
 ``"PREFETCH_SCALES"`` and ``"PAIRED_STAGES"`` (booleans for that kernel; see
 :data:`OPTIONAL_KEYS`),
-``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs),
-``"K_UNROLL"`` (1, 2 or 4: K steps an iteration of the Triton kernel's K loop) and
+``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
 A missing file, an unknown shape or a malformed file (which warns, naming the file and the
@@ -71,14 +70,10 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: bytes instead of BLOCK_SIZE_K / 4: HBM streams 64-byte runs at about two thirds of the
 #: rate of 128-byte ones (benchmarks/notes_prefill.md, session 19); the Triton kernel
 #: ignores it
-#: K_UNROLL (Triton kernel entries): K steps an iteration of its K loop (K must be a multiple
-#: of K_UNROLL * BLOCK_SIZE_K), so the loop's bookkeeping and, where one scale group spans
-#: the iteration, the scale loads are paid once for them (benchmarks/notes_prefill.md,
-#: session 20); the Gluon kernel ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
-                 "PAIRED_STAGES": (True, False), "K_UNROLL": (1, 2, 4)}
+                 "PAIRED_STAGES": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4

@@ -803,5 +803,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             W_TMA=w_desc is not None,
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
-            PAIRED=stage_k != bk,
+            PAIRED=bool(config.get("PAIRED_STAGES", False)),
             **prefill_pdl_args(a.device))

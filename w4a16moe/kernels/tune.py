@@ -46,22 +46,19 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 
 DEFAULT_TOKENS = (64, 256, 1024, 4096)
 
-#: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps,
-#: num_stages[, FRAG_K[, RS[, PAIRED_STAGES]]]) tried at every BLOCK_SIZE_M: "default" for
-#: users, "quick" (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for
-#: short device
-#: sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
-#: with and without fragment-order weight tiles; the 64-column fragment-order tile with four
-#: stages that won qwen3-30b's GEMM2 at M = 16-64 in session 20) for M buckets of 1-16 rows
-#: per expert,
-#: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won
-#: before, session 7 of the notes; four consumer warpgroups on 256-row tiles since session
-#: 9; the 128-row tiles that won with 256 tokens in session 10; GEMM1's 256-row tiles with
-#: BLOCK_SIZE_K 32, whose 128-token version ptxas does not serialize, session 11) for large
-#: experts at M >= 1024, "rsmidm" (the "midm" space plus the Gluon kernel with 16/32-token
-#: tiles, session 8; a 6-stage 128x128 tile since its words come by TMA, session 9; the
-#: BLOCK_SIZE_K 128 tiles with two K steps a stage, four such stages, session 19) for
-#: M = 16-256
+#: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps, num_stages[,
+#: FRAG_K[, RS[, PAIRED_STAGES]]]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the
+#: configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short device sessions,
+#: "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes, with and without
+#: fragment-order weight tiles; the 64-column fragment-order tile with four stages that won
+#: qwen3-30b's GEMM2 at M = 16-64 in session 20) for M buckets of 1-16 rows per expert, "rs" (the
+#: register-operand Gluon kernel on Hopper against the Triton tiles that won before, session 7 of
+#: the notes; four consumer warpgroups on 256-row tiles since session 9; the 128-row tiles that won
+#: with 256 tokens in session 10; GEMM1's 256-row tiles with BLOCK_SIZE_K 32, whose 128-token
+#: version ptxas does not serialize, session 11) for large experts at M >= 1024, "rsmidm" (the
+#: "midm" space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
+#: since its words come by TMA, session 9; the BLOCK_SIZE_K 128 tiles with two K steps a stage, four
+#: such stages, session 19) for M = 16-256
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),

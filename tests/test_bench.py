@@ -253,6 +253,18 @@ def test_time_calls_cpu():
     assert t.method == "cpu" and t.median_us > 0 and t.calls_per_rep == 2 and t.reps >= 3
     with pytest.raises(ValueError, match="calls is empty"):
         time_calls([], "cpu")
+    with pytest.raises(ValueError, match="min_calls is 0"):
+        time_calls([lambda: x @ x], "cpu", min_calls=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_time_calls_repeats_calls_in_the_graph():
+    x = torch.randn(256, 256, device="cuda")
+    calls = [lambda: x @ x, lambda: x @ x]
+    assert time_calls(calls, "cuda", target_ms=5).calls_per_rep == 2
+    assert time_calls(calls, "cuda", target_ms=5, min_calls=5).calls_per_rep == 6
+    t = time_calls(calls, "cuda", target_ms=5, min_replay_us=500.0, max_repeat=8)
+    assert t.method == "cuda_graph" and 2 < t.calls_per_rep <= 16 and t.median_us > 0
 
 
 # -- bench_layer records ---------------------------------------------------------------------

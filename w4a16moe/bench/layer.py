@@ -4,7 +4,8 @@ For every (path, M) :func:`bench_layer` produces one record::
 
     {"model", "M", "path", "impl", "kernel_us", "layer_us", "floor_us", "bf16_us",
      "read_gbps", "x_floor", "speedup_vs_bf16", "rel_err", "u", "bytes", "flops", "copies",
-     "timing", "dtype", "device", "gpu", "torch", "triton", "date", "rates", "shape", "error"}
+     "timing", "calls_per_graph", "dtype", "device", "gpu", "torch", "triton", "date", "rates",
+     "shape", "error"}
 
 * ``kernel_us``: the experts computation alone (routing precomputed), median per call.
 * ``layer_us``: router logits -> ``fused_topk`` -> experts -> output.
@@ -15,7 +16,9 @@ For every (path, M) :func:`bench_layer` produces one record::
 * ``rel_err``: ``|out - ref| / |ref|`` of copy 0 against an fp32 oracle (M <= 64), else None.
 
 Weights are rotated over several random copies (L2 defeated, see :mod:`.timing`); each copy
-also has its own tokens and routing.
+also has its own tokens and routing. One CUDA graph replay runs the copies' calls repeated
+until it holds about 1 ms of work (``calls_per_graph`` calls), so the ~3 us gap between
+two replays is not charged to one or two calls.
 """
 
 from __future__ import annotations
@@ -208,7 +211,8 @@ def _oracle(copies: LayerCopies, inp: Inputs, activation: str) -> torch.Tensor:
 
 def _time_path(spec: PathSpec, fn: Callable, copies: LayerCopies, inputs: Sequence[Inputs],
                activation: str, layer: bool, device: torch.device, target_ms: float,
-               warm: bool = False) -> object:
+               warm: bool = False, min_calls: int = 1,
+               min_replay_us: float = 0.0) -> object:
     calls = []
     for i, inp in enumerate(inputs):
         if warm:  # every call on copy 0 with the same routing: its weights stay in L2
@@ -222,7 +226,8 @@ def _time_path(spec: PathSpec, fn: Callable, copies: LayerCopies, inputs: Sequen
             def call(inp=inp, w=w):
                 return fn(inp.x, w, inp.topk_weights, inp.topk_ids, activation=activation)
         calls.append(call)
-    return time_calls(calls, device, use_graph=spec.graph_safe, target_ms=target_ms)
+    return time_calls(calls, device, use_graph=spec.graph_safe, target_ms=target_ms,
+                      min_calls=min_calls, min_replay_us=min_replay_us)
 
 
 def bench_layer(
@@ -239,6 +244,8 @@ def bench_layer(
     layer_time: bool = True,
     max_m: dict[str, int] | None = None,
     seed: int = 0,
+    min_calls: int = 1,
+    min_replay_us: float = 1000.0,
     on_step: Callable[[str], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
@@ -256,6 +263,10 @@ def bench_layer(
         check: compare copy 0's output with an fp32 oracle for M <= 64 (``rel_err``).
         layer_time: also time routing + experts (``layer_us``); else it is None.
         max_m: per-path cap on M (e.g. ``{"decode": 256}``); larger M are skipped.
+        min_calls, min_replay_us: a CUDA graph replay holds at least ``min_calls`` calls and
+            about ``min_replay_us`` of work (the copies' calls repeated), so that the gap
+            between two replays (~3 us on an H100) is shared by enough calls; see
+            :func:`.timing.time_calls`. ``calls_per_graph`` in a record says how many ran.
         on_step: called with a label after each (path, M) measurement (progress bars).
         log: called with notes (skipped paths, copies used).
 
@@ -338,7 +349,8 @@ def bench_layer(
                     else:
                         err = None
                     t = _time_path(cand, fn, copies, use, shape.activation, False, device,
-                                   target_ms)
+                                   target_ms, min_calls=min_calls,
+                                   min_replay_us=min_replay_us)
                 except Exception as exc:  # noqa: BLE001 - a failing path must not stop the run
                     msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     log(f"{cand.name} at M={m}: {msg}")
@@ -353,7 +365,7 @@ def bench_layer(
                 cand, t, fn, err = best
                 rec.update(impl=cand.name, kernel_us=t.median_us, timing=t.method, rel_err=err,
                            error=None, read_gbps=rec["bytes"] / (t.median_us * 1e3),
-                           x_floor=t.median_us / floor.us)
+                           x_floor=t.median_us / floor.us, calls_per_graph=t.calls_per_rep)
                 if spec.name == "hybrid":
                     from .adapters import hybrid_choice
 
@@ -362,7 +374,8 @@ def bench_layer(
                 if layer_time:
                     use = inputs[:n_copies[spec.weights]]
                     lt = _time_path(cand, fn, copies, use, shape.activation, True, device,
-                                    target_ms)
+                                    target_ms, min_calls=min_calls,
+                                   min_replay_us=min_replay_us)
                     rec["layer_us"] = lt.median_us
                 if err is not None and err > REL_TOL:
                     log(f"{spec.name} at M={m}: output differs from the oracle "

@@ -137,19 +137,32 @@ def capture_graph(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, objec
 
 def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device | None = None,
                *, use_graph: bool = True, target_ms: float = 200.0, min_reps: int = 5,
-               max_reps: int = 500, warmup: int = 2) -> Timing:
+               max_reps: int = 500, warmup: int = 2, min_calls: int = 1,
+               min_replay_us: float = 0.0, max_repeat: int = 64) -> Timing:
     """Median time of one call of ``calls`` (each typically runs the same layer on its own
     weight copy, so consecutive calls do not find each other's weights in L2).
 
     GPU: the calls run eagerly ``warmup`` times (compiling kernels), then are captured in one
     CUDA graph (``use_graph``; falls back to eager launches timed with CUDA events if capture
     fails), replayed until about ``target_ms`` of samples are taken; each sample is one replay
-    divided by ``len(calls)``. CPU: a plain loop timed with ``time.perf_counter``.
+    divided by the calls it ran. CPU: a plain loop timed with ``time.perf_counter``.
+
+    Two replays are separated by a gap (the graph launch on the device, two event records;
+    about 3 us on an H100, benchmarks/RESULTS.md) that a layer inside a model's graph does
+    not pay. So the graph holds ``calls`` repeated until it has at least ``min_calls`` calls
+    and, when one replay of them takes less than ``min_replay_us``, repeated again (at most
+    ``max_repeat`` times in all) until a replay takes about that long. Repeating the cycle
+    keeps the L2 cold when ``calls`` alone streams more than the L2 between two uses of a
+    copy.
     """
     if not calls:
         raise ValueError("calls is empty; expected at least one callable")
+    if min_calls < 1 or max_repeat < 1:
+        raise ValueError(f"min_calls is {min_calls} and max_repeat {max_repeat}; expected at "
+                         "least 1")
     device = as_device(device)
-    n = len(calls)
+    base = list(calls)
+    calls = base * (math.ceil(min_calls / len(base)) if device.type == "cuda" else 1)
 
     def run_all() -> None:
         for c in calls:
@@ -157,6 +170,7 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
 
     if device.type != "cuda":
         run_all()  # one warm-up: no kernels to compile on a CPU
+        n = len(calls)
         min_reps = min(min_reps, 3)
         t0 = time.perf_counter()
         run_all()
@@ -170,29 +184,44 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
         return Timing(statistics.median(samples), percentile(samples, 0.1),
                       percentile(samples, 0.9), reps, n, "cpu")
 
-    with torch.cuda.device(device):
-        warm_up_on_side_stream(run_all, max(1, warmup))
-        torch.cuda.synchronize()
-        graph = None
-        method = "cuda_eager"
+    def capture() -> tuple[object, str]:
         if use_graph:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
                     run_all()
-                method = "cuda_graph"
+                return graph, "cuda_graph"
             except RuntimeError:
-                graph = None
                 torch.cuda.synchronize()
-        replay = graph.replay if graph is not None else run_all
-        replay()
-        torch.cuda.synchronize()
+        return None, "cuda_eager"
+
+    def time_one(replay) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         replay()
         end.record()
         torch.cuda.synchronize()
-        first_ms = start.elapsed_time(end)
+        return start.elapsed_time(end)
+
+    with torch.cuda.device(device):
+        warm_up_on_side_stream(run_all, max(1, warmup))
+        torch.cuda.synchronize()
+        graph, method = capture()
+        replay = graph.replay if graph is not None else run_all
+        replay()
+        torch.cuda.synchronize()
+        first_ms = time_one(replay)
+        repeat = min(math.ceil(min_replay_us / max(first_ms * 1e3, 1e-3)),
+                     len(base) * max_repeat // len(calls))
+        if graph is not None and repeat > 1:
+            del graph, replay
+            calls = calls * repeat
+            graph, method = capture()
+            replay = graph.replay if graph is not None else run_all
+            replay()
+            torch.cuda.synchronize()
+            first_ms = time_one(replay)
+        n = len(calls)
         reps = int(min(max_reps, max(min_reps, target_ms / max(first_ms, 1e-6))))
         samples = event_samples(replay, reps, n)
         del graph

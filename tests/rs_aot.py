@@ -30,7 +30,8 @@ def _signature(fn, constexprs: dict, tensor_descs: dict, c_type: str = "*bf16"
                ) -> tuple[dict, dict]:
     pointers = {"a_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*u8",
                 "c_ptr": c_type, "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
-                "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32", **tensor_descs}
+                "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32",
+                "sk_partials_ptr": "*fp32", "sk_counters_ptr": "*i32", **tensor_descs}
     return kernel_signature(
         fn, constexprs, pointers,
         divisible=lambda name: name.startswith("stride") or name in ("N", "K", "EM"))
@@ -81,7 +82,8 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         BLOCK_K=bk, GROUP_SIZE_M=config["GROUP_SIZE_M"], STAGES=config["num_stages"],
         W_TMA=True, PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)),
         SPLIT_K=config.get("SPLIT_K", 1), PAIRED=bool(config.get("PAIRED_STAGES", False)),
-        LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"])
+        LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"],
+        STREAM_K=bool(config.get("STREAM_K", False)))
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
     stage_k = prefill_rs.stage_columns(config)
     w_layout = prefill_rs.weight_smem_layout(stage_k)

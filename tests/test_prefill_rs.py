@@ -585,3 +585,115 @@ def test_shipped_rs_configs_keep_their_wgmmas_async():
             serialized.add((cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"],
                             cfg["num_stages"], v["activation"], v["a_sorted"]))
     assert serialized == KNOWN_SERIALIZED
+
+
+def sk_config(bm, bn, bk, stages, paired):
+    """An RS config with STREAM_K (GROUP_SIZE_M 1, as it needs)."""
+    cfg = {**rs_config(bm, bn, bk, stages), "GROUP_SIZE_M": 1, "STREAM_K": True}
+    return {**cfg, "PAIRED_STAGES": True} if paired else cfg
+
+
+def test_stream_k_config_rules():
+    """STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K (its programs already share a tile's
+    K steps); the rules name what they found."""
+    cfg = sk_config(16, 128, 128, 4, True)
+    assert cfgmod.validate_config(cfg)["STREAM_K"] is True
+    with pytest.raises(ValueError, match="STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K; "
+                                         "found GROUP_SIZE_M 8, SPLIT_K 1"):
+        cfgmod.validate_config({**cfg, "GROUP_SIZE_M": 8})
+    with pytest.raises(ValueError, match="found GROUP_SIZE_M 1, SPLIT_K 2"):
+        cfgmod.validate_config({**cfg, "SPLIT_K": 2})
+    with pytest.raises(ValueError, match=r"STREAM_K is 1; expected one of \[True, False\]"):
+        cfgmod.validate_config({**cfg, "STREAM_K": 1})
+
+
+def test_stream_k_compiles_with_async_wgmmas():
+    """The Stream-K partitions compile for sm_90 as the launcher compiles them: the two
+    consumer-wait barriers stripped and no other, every shared-memory write of the epilogue
+    behind a barrier, the wgmmas asynchronous. Runs without a GPU."""
+    if not prefill_rs.HAVE_GLUON:
+        pytest.skip("triton.experimental.gluon is not available")
+    from rs_aot import ptxas_reports
+
+    variants = [dict(config=sk_config(16, 128, 128, 4, True), activation=True, a_sorted=False,
+                     out_sorted=False, mul_routed_weight=False),
+                dict(config={**sk_config(32, 256, 128, 4, True), "PREFETCH_SCALES": True},
+                     activation=False, a_sorted=False, out_sorted=False,
+                     mul_routed_weight=True),
+                dict(config=sk_config(64, 64, 64, 4, False), activation=True, a_sorted=True,
+                     out_sorted=True, mul_routed_weight=False)]
+    for v, result in zip(variants, ptxas_reports(variants), strict=True):
+        assert "Used" in result["ptxas"], result["ptxas"]
+        assert (result["stripped"], result["left"]) == (2, 0), (v, result)
+        assert result["unguarded"] == [], (v, result["unguarded"])
+        assert "wgmma.mma_async instructions are serialized" not in result["ptxas"], v
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("tiles", [(16, 256, 128, 4, True), (32, 256, 128, 4, True),
+                                   (64, 128, 64, 4, False)])
+@pytest.mark.parametrize("m", [1, 37, 300])
+@pytest.mark.parametrize("sorted_rows", [False, True])
+def test_rs_stream_k_matches_and_repeats(dtype, symmetric, tiles, m, sorted_rows):
+    """STREAM_K: whole tiles round by round, then the last round's tiles split by K steps
+    over the programs, a tile cut between programs summed from float32 partials by the
+    program that completes it. Both GEMMs equal the same tiles without it within one
+    rounding (the float32 sums come in another order), every element is written, the bits
+    repeat on every run (the partials are summed in program order, whichever finishes last)
+    and the tile counters reset themselves; m=1 has fewer tiles than SMs, so every tile is
+    cut, into pieces as short as one K-step pair."""
+    bm, bn, bk, stages, paired = tiles
+    e, h, i, top_k = 8, 1024, 512, 2
+    experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
+                                   seed=61 + m)
+    blocks = align_block_size(ids, bm, e)
+    em, slots = blocks.sorted_token_ids.numel(), m * top_k
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
+    for gemm in ("gemm1", "gemm2"):
+        n_out = bn // 2 if gemm == "gemm1" else bn
+        outs = []
+        for cfg in [sk_config(bm, n_out, bk, stages, paired)] * 3 + [
+                {**sk_config(bm, n_out, bk, stages, paired), "STREAM_K": False}]:
+            if gemm == "gemm1":
+                a = gather_sorted_rows(x, blocks, top_k=top_k) if sorted_rows else x
+                out = torch.full((em if sorted_rows else slots, i), float("nan"), dtype=dtype,
+                                 device=DEVICE)
+                prefill_gemm(a, experts.w13, activation="silu", config=cfg, out=out,
+                             a_sorted=sorted_rows, out_sorted=sorted_rows, **common)
+                inter = out
+            else:
+                out = torch.full((slots, h), float("nan"), dtype=dtype, device=DEVICE)
+                prefill_gemm(inter, experts.w2, a_is_slots=True, mul_routed_weight=True,
+                             config=cfg, out=out, a_sorted=sorted_rows, **common)
+            outs.append(out)
+        *runs, plain = outs
+        valid = slice(None) if not (sorted_rows and gemm == "gemm1") else (
+            blocks.sorted_token_ids < slots)
+        assert torch.isfinite(runs[0][valid]).all(), f"{gemm}: unwritten elements"
+        assert all(torch.equal(runs[0][valid], r[valid]) for r in runs[1:]), f"{gemm}: runs"
+        got, want = runs[0][valid].float(), plain[valid].float()
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-2, f"{gemm} {tiles} m={m}: {err:.2e}"
+
+
+@hopper_only
+@pytest.mark.parametrize("on_input", [False, True])
+def test_rs_stream_k_layer_with_expert_map(on_input):
+    """The whole prefill layer on STREAM_K configs against the float32 reference, with
+    experts of another rank (-1 blocks: one piece writes the zero rows)."""
+    e, h, i, top_k, m = 8, 512, 256, 2, 200
+    _, x, w, ids = make_case(m, h, i, e, top_k, symmetric=False, seed=5)
+    expert_map = torch.tensor([0, 1, 2, 3, -1, -1, 4, 5], dtype=torch.int32, device=DEVICE)
+    local = random_experts(6, h, i, group_size=128, symmetric=False, dtype=torch.bfloat16,
+                           device=DEVICE, seed=6)
+    cfg1, cfg2 = sk_config(16, 64, 128, 4, True), sk_config(32, 128, 64, 4, False)
+    for _ in range(2):
+        out = torch.full((m, h), float("nan"), dtype=x.dtype, device=DEVICE)
+        got = fused_moe_prefill(x, local, w, ids, expert_map=expert_map, out=out,
+                                configs=(cfg1, cfg2), apply_router_weight_on_input=on_input)
+        ref = moe_reference(x, local, w, ids, expert_map=expert_map,
+                            apply_router_weight_on_input=on_input, round_intermediate=True)
+        assert torch.isfinite(got).all()
+        err = ((got.float() - ref).norm() / ref.norm()).item()
+        assert err < 2e-2, f"relative error {err:.2e}"

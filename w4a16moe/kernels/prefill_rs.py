@@ -87,6 +87,13 @@ try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everyt
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
+#: STREAM_K: the last round of units is split by K steps only when it would keep at most
+#: SK_TAIL_NUM / SK_TAIL_DEN of the programs busy (else the pieces' partial sums cost more
+#: than the idle SMs: benchmarks/notes_prefill.md, session 21)
+SK_TAIL_NUM, SK_TAIL_DEN = 4, 5
+#: STREAM_K: a unit of the last round is cut into at most about this many pieces, so the
+#: program that completes it adds up few partial sums (all loaded at once)
+SK_PIECES = 4
 #: registers per thread of the loader warp (setmaxnreg)
 LOADER_REGS = 64
 #: read the packed words with TMA (one bulk copy per K step) where the strides allow; False:
@@ -99,6 +106,12 @@ STRIP_WAIT_BARRIERS = True
 
 
 if HAVE_GLUON:
+
+    # a barrier over the partition's warps: gl.thread_barrier in triton 3.6, gl.barrier since
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    _SK_TAIL_NUM = gl.constexpr(SK_TAIL_NUM)
+    _SK_TAIL_DEN = gl.constexpr(SK_TAIL_DEN)
+    _SK_PIECES = gl.constexpr(SK_PIECES)
 
     # the Triton kernel's helpers, compiled as Gluon functions
     _act = gluon.jit(activation.fn)
@@ -519,9 +532,319 @@ if HAVE_GLUON:
                     gl.store(c_ptrs, res, mask=c_mask)
 
     @gluon.jit
+    def _sk_schedule(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
+                     BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr):
+        """This program's work under ``STREAM_K``. The launch's valid units (aligned blocks up
+        to ``num_post_padded`` x output tiles), ``U = F P + R`` for ``P`` programs: the first
+        ``F P`` go to the programs whole, units ``p, p + P, ...`` as without STREAM_K. The
+        last ``R``, when they would keep at most :data:`SK_TAIL_NUM` / :data:`SK_TAIL_DEN` of
+        the programs busy for a whole round, are split by K steps instead: their ``W = R G``
+        granules of two K steps (``G`` a unit) in ``P' = min(P, R SK_PIECES)`` contiguous
+        ranges ``[p W / P', (p + 1) W / P')`` of the first ``P'`` programs (Stream-K; a unit
+        in at most ``SK_PIECES + 1`` pieces, whose sums one program adds up); else program
+        ``p < R`` takes unit ``F P + p`` whole.
+
+        Returns (tiles a block row, G, F, W, P', this program's granule range [t0, t1) of
+        the last round's)."""
+        num_pid_n = N // BLOCK_N_OUT
+        g_unit = K // BLOCK_K // 2
+        num_post_padded = gl.load(num_post_padded_ptr)
+        units = gl.cdiv(num_post_padded, BLOCK_T) * num_pid_n
+        p = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        full = units // nprog
+        rest = units - full * nprog
+        w = rest * g_unit
+        if rest * _SK_TAIL_DEN <= nprog * _SK_TAIL_NUM:
+            # at most SK_PIECES pieces a unit: fewer, longer pieces when few units remain
+            tail_progs = gl.minimum(nprog, rest * _SK_PIECES)
+            t0 = gl.minimum(p, tail_progs) * w // tail_progs
+            t1 = gl.minimum(p + 1, tail_progs) * w // tail_progs
+        else:
+            tail_progs = nprog
+            t0 = gl.minimum(p, rest) * g_unit
+            t1 = gl.minimum(p + 1, rest) * g_unit
+        return num_pid_n, g_unit, full, w, tail_progs, t0, t1
+
+    @gluon.jit
+    def _rs_loader_sk(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                      num_post_padded_ptr,
+                      x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM,
+                      num_valid_slots, top_k, up_offset, stride_am, stride_qe, stride_qn,
+                      A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr,
+                      BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
+                      A_SORTED: gl.constexpr, PAIRED: gl.constexpr):
+        """:func:`_rs_loader` over this program's pieces (:func:`_sk_schedule`): whole units,
+        then the K steps of the last round's units that fall in the program's range."""
+        STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        STAGE_K: gl.constexpr = STEPS * BLOCK_K
+        WORDS: gl.constexpr = STAGE_K // 8
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
+        wc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4],
+                                                   [1, 1], [1, 0])
+        num_pid_n, g_unit, full, w, tail_progs, t0, t1 = _sk_schedule(
+            num_post_padded_ptr, N, K, BLOCK_T, BLOCK_N_OUT, BLOCK_K)
+        pid = gl.program_id(0)
+        nprog = gl.num_programs(0)
+        n_whole = full * g_unit  # granules of the whole units, then the last round's
+        ring = 0  # stages this program has filled so far
+        g = 0
+        while g < n_whole + (t1 - t0):
+            if g < n_whole:
+                unit = pid + (g // g_unit) * nprog
+                gu0 = 0
+                gu1 = g_unit
+            else:
+                tg = t0 + (g - n_whole)
+                unit = full * nprog + tg // g_unit
+                gu0 = tg % g_unit
+                gu1 = gl.minimum(g_unit, gu0 + (t1 - tg))
+            pid_m = unit // num_pid_n
+            pid_n = unit % num_pid_n
+            kstep0 = 2 * gu0
+            num_fills = 2 * (gu1 - gu0) // STEPS
+            row0 = pid_m * BLOCK_T
+            expert = gl.load(expert_ids_ptr + pid_m)
+            if expert != -1:
+                wc_rows = _rs_tile_rows(pid_n * BLOCK_N_OUT, up_offset, BLOCK_N, ACTIVATION,
+                                        gl.SliceLayout(1, wc_layout))
+                qw_base = qw_ptr + expert.to(gl.int64) * stride_qe
+                w_offs = wc_rows[:, None] * stride_qn + gl.arange(
+                    0, WORDS, layout=gl.SliceLayout(0, wc_layout))[None, :]
+                t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, x_layout))
+                slots = gl.load(sorted_ids_ptr + row0 + t)
+                if A_IS_SLOTS:
+                    a_rows = slots
+                else:
+                    a_rows = slots // top_k
+                a_rows = gl.where(slots < num_valid_slots, a_rows, 0)
+                x_offs = a_rows[:, None] * stride_am + gl.arange(
+                    0, STAGE_K, layout=gl.SliceLayout(0, x_layout))[None, :]
+                for i in range(num_fills):
+                    stage = (ring + i) % STAGES
+                    mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
+                    k0 = (kstep0 + i * STEPS) * BLOCK_K
+                    if A_SORTED:
+                        mbarrier.expect(x_ready_bars.index(stage),
+                                        BLOCK_T * STAGE_K * 2 + W_TMA * (BLOCK_N * STAGE_K // 2))
+                        tma.async_copy_global_to_shared(a_desc, [row0, k0],
+                                                        x_ready_bars.index(stage),
+                                                        x_bufs.index(stage))
+                    else:
+                        async_copy.async_copy_global_to_shared(x_bufs.index(stage),
+                                                               a_ptr + (x_offs + k0))
+                    if W_TMA:
+                        if not A_SORTED:
+                            mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * STAGE_K // 2)
+                        tma.async_copy_global_to_shared(
+                            w_desc, [expert, pid_n * (BLOCK_N_OUT // 8), 0, 0, k0 // 8],
+                            x_ready_bars.index(stage), wd_tma.index(stage))
+                    else:
+                        async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
+                                                               qw_base + (w_offs + k0 // 8))
+                    if not (A_SORTED and W_TMA):
+                        async_copy.mbarrier_arrive(x_ready_bars.index(stage),
+                                                   increment_count=False)
+                ring += num_fills
+            g += gu1 - gu0
+
+    @gluon.jit
+    def _rs_consumer_sk(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
+                        topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+                        sk_partials_ptr, sk_counters_ptr,
+                        N, K, EM, num_valid_slots, up_offset, stride_cm, stride_se,
+                        stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                        GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                        SCALE_PAIRS: gl.constexpr,
+                        ACTIVATION: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
+                        OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr,
+                        C_SORTED: gl.constexpr, IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr,
+                        BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr,
+                        BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                        PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr,
+                        num_warps: gl.constexpr):
+        """:func:`_rs_consumer` over this program's pieces (:func:`_sk_schedule`). A piece
+        that is a whole unit ends as there. A piece of part of a unit stores its float32
+        accumulator in its program's slot of ``sk_partials`` (``[2 P, BLOCK_N, BLOCK_T]``:
+        slot ``2p`` for the program's first piece of the last round, ``2p + 1`` for its
+        last), then adds its
+        granules to the unit's counter (``sk_counters``, acq_rel, after a barrier over the
+        consumer warps, as the decode kernel's split-K arrival). The piece whose granules
+        complete the unit sums every piece's stored partial in program order (so the result
+        does not depend on which piece came last), resets the counter and runs the
+        epilogue."""
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
+                                                     k_width=2)
+        pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
+        row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, pairs_layout)))
+        OUT_WARPS_T: gl.constexpr = min(num_warps, BLOCK_T // 4)
+        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4],
+                                                    [num_warps // OUT_WARPS_T, OUT_WARPS_T],
+                                                    [0, 1])
+        if IS_FP16:
+            bias = 1024
+            vdtype: gl.constexpr = gl.float16
+        else:
+            bias = 128
+            vdtype: gl.constexpr = gl.bfloat16
+        # a partial accumulator's elements, in the accumulator's own layout
+        pr = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
+        pt = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
+        p_offs = pr[:, None] * BLOCK_T + pt[None, :]
+        TILE: gl.constexpr = BLOCK_N * BLOCK_T
+        num_pid_n, g_unit, full, w, tail_progs, t0, t1 = _sk_schedule(
+            num_post_padded_ptr, N, K, BLOCK_T, BLOCK_N_OUT, BLOCK_K)
+        nprog = gl.num_programs(0)
+        pid = gl.program_id(0)
+        n_whole = full * g_unit  # granules of the whole units, then the last round's
+        STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        ring = 0  # stages this program has consumed so far
+        g = 0
+        while g < n_whole + (t1 - t0):
+            if g < n_whole:
+                unit = pid + (g // g_unit) * nprog
+                gu0 = 0
+                gu1 = g_unit
+                tg = 0
+            else:
+                tg = t0 + (g - n_whole)
+                unit = full * nprog + tg // g_unit
+                gu0 = tg % g_unit
+                gu1 = gl.minimum(g_unit, gu0 + (t1 - tg))
+            pid_m = unit // num_pid_n
+            pid_n = unit % num_pid_n
+            kstep0 = 2 * gu0
+            num_steps = 2 * (gu1 - gu0)
+            row0 = pid_m * BLOCK_T
+            expert = gl.load(expert_ids_ptr + pid_m)
+            n0 = pid_n * BLOCK_N_OUT
+            t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
+            slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
+            col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
+            if OUT_FRAG:
+                col = _fragment_order(col)
+            if C_SORTED:
+                c_rows = row0 + t_o.to(gl.int64)
+            else:
+                c_rows = slots_o
+            c_ptrs = c_ptr + c_rows[None, :] * stride_cm + col[:, None]
+            c_mask = (slots_o < num_valid_slots)[None, :]
+            if expert == -1:
+                if gu0 == 0:  # one piece of the unit writes its zeros
+                    gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
+                                              out_layout), mask=c_mask)
+            else:
+                e64 = expert.to(gl.int64)
+                w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
+                s_base = s_ptr + e64 * stride_se
+                z_base = z_ptr + e64 * stride_ze
+                s_offs = w_rows * stride_sn
+                z_offs = w_rows * stride_zn
+                s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
+                    stride_se // 2)
+                s32_offs = w_rows * (stride_sn // 2)
+                acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+                a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
+                if PREFETCH_SCALES:
+                    sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                        kstep0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
+                        stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE,
+                        BLOCK_K)
+                for i in range(0, num_steps, 2):
+                    if PREFETCH_SCALES:
+                        nsc0, nzr0, nsc1, nzr1 = _rs_pair_scales(
+                            kstep0 + gl.minimum(i + 2, num_steps - 2), s_base, s32_base,
+                            z_base, s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
+                            HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
+                    else:
+                        sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                            kstep0 + i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
+                            stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS,
+                            GROUP_SIZE, BLOCK_K)
+                    fill0 = ring + i // STEPS
+                    fill1 = ring + (i + 1) // STEPS
+                    a0 = _rs_step_operand(fill0, wd_bufs, x_ready_bars, sc0, zr0, bias,
+                                          vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
+                                          BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
+                                          row_layout, a_layout)
+                    acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
+                                                       PAIRED, 0), acc, is_async=True)
+                    acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+                    if i > 0:
+                        async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
+                                                   increment_count=False)
+                    a1 = _rs_step_operand(fill1, wd_bufs, x_ready_bars, sc1, zr1,
+                                          bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
+                                          BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
+                                          pairs_layout, row_layout, a_layout)
+                    acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
+                                                       PAIRED, 1), acc, is_async=True)
+                    acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
+                    if not PAIRED:
+                        async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
+                                                   increment_count=False)
+                    if PREFETCH_SCALES:
+                        sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
+                acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+                last = ring + (num_steps - 1) // STEPS
+                async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
+                                           increment_count=False)
+                ring += num_steps // STEPS
+                finish = gu1 - gu0 == g_unit
+                if gu1 - gu0 < g_unit:
+                    # a part of the unit: store it, count its granules in
+                    # (only the last round's units are cut, so tg is a granule of its W)
+                    slot = 2 * pid + (tg != t0).to(gl.int32)
+                    gl.store(sk_partials_ptr + slot.to(gl.int64) * TILE + p_offs, acc)
+                    _cta_barrier()
+                    done = gl.atomic_add(sk_counters_ptr + unit, gu1 - gu0, sem="acq_rel",
+                                         scope="gpu")
+                    finish = done + (gu1 - gu0) == g_unit
+                    if finish:
+                        # every piece's partial, in program order: the programs whose ranges
+                        # meet the unit's granules [u G, (u + 1) G) of the last round's W
+                        # (at most SK_PIECES + 2 programs meet it: all loads at once)
+                        u0 = (unit - full * nprog) * g_unit
+                        q0 = ((u0 + 1) * tail_progs - 1) // w
+                        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+                        for j in gl.static_range(_SK_PIECES + 2):
+                            q = q0 + j
+                            qs = q * w // tail_progs
+                            meets = ((q < tail_progs) & (qs < u0 + g_unit)
+                                     & ((q + 1) * w // tail_progs > qs))
+                            qslot = 2 * q + (qs < u0).to(gl.int32)
+                            acc += gl.load(sk_partials_ptr + qslot.to(gl.int64) * TILE
+                                           + p_offs, mask=(p_offs < TILE) & meets,
+                                           other=0.0, cache_modifier=".cg")
+                        gl.store(sk_counters_ptr + unit, 0)
+                if finish:
+                    if MUL_ROUTED_WEIGHT:
+                        t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
+                        slots = gl.load(sorted_ids_ptr + row0 + t)
+                        rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
+                                     other=0.0).to(gl.float32)
+                        acc = acc * rw[None, :]
+                    if ACTIVATION != 0:
+                        acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
+                                          (0, 2, 3, 1))
+                        gate, up = gl.split(acc4)
+                        h = _act(gate, ACTIVATION) * up
+                        res = gl.convert_layout(
+                            gl.reshape(h, [BLOCK_N_OUT, BLOCK_T]).to(c_ptr.dtype.element_ty),
+                            out_layout)
+                    else:
+                        res = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
+                    gl.store(c_ptrs, res, mask=c_mask)
+            g += gu1 - gu0
+
+    @gluon.jit
     def _prefill_rs_kernel(
         a_ptr, a_desc, qw_ptr, w_desc, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
-        sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+        sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr, sk_partials_ptr, sk_counters_ptr,
         N, K, EM, num_valid_slots, top_k, up_offset,
         stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
         stride_ze, stride_zn, stride_zg, stride_cm, stride_cs,
@@ -533,6 +856,7 @@ if HAVE_GLUON:
         W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, PAIRED: gl.constexpr = False,
+        STREAM_K: gl.constexpr = False,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -587,22 +911,42 @@ if HAVE_GLUON:
         for s in gl.static_range(STAGES):
             mbarrier.init(empty_bars.index(s), count=num_warps * 32)
             mbarrier.init(x_ready_bars.index(s), count=READY_ARRIVALS)
-        gl.warp_specialize([
-            (_rs_consumer, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
-                            topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
-                            num_post_padded_ptr, N, K, EM, num_valid_slots, up_offset,
-                            stride_cm, stride_cs, stride_se, stride_sn, stride_sg, stride_ze,
-                            stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
-                            MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16, BLOCK_T,
-                            BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES,
-                            PREFETCH_SCALES, SPLIT_K, PAIRED, num_warps)),
-            (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
-                          num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
-                          x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset, stride_am,
-                          stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT,
-                          BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA, A_SORTED, SPLIT_K,
-                          PAIRED)),
-        ], [1], [LOADER_REGS])
+        if STREAM_K:
+            gl.warp_specialize([
+                (_rs_consumer_sk, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
+                                   z_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+                                   num_post_padded_ptr, sk_partials_ptr, sk_counters_ptr, N, K,
+                                   EM, num_valid_slots, up_offset, stride_cm, stride_se,
+                                   stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                                   GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
+                                   MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
+                                   BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
+                                   PREFETCH_SCALES, PAIRED, num_warps)),
+                (_rs_loader_sk, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                                 num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
+                                 x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
+                                 stride_am, stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION,
+                                 BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES, W_TMA,
+                                 A_SORTED, PAIRED)),
+            ], [1], [LOADER_REGS])
+        else:
+            gl.warp_specialize([
+                (_rs_consumer, (x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
+                                topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+                                num_post_padded_ptr, N, K, EM, num_valid_slots, up_offset,
+                                stride_cm, stride_cs, stride_se, stride_sn, stride_sg,
+                                stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS,
+                                SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED,
+                                C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
+                                GROUP_SIZE_M, STAGES, PREFETCH_SCALES, SPLIT_K, PAIRED,
+                                num_warps)),
+                (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                              num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
+                              x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
+                              stride_am, stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T,
+                              BLOCK_N_OUT, BLOCK_N, BLOCK_K, GROUP_SIZE_M, STAGES, W_TMA,
+                              A_SORTED, SPLIT_K, PAIRED)),
+            ], [1], [LOADER_REGS])
 
 
 
@@ -741,6 +1085,33 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+#: Stream-K scratch per device: (float32 partials, int32 unit counters), grown on demand
+_STREAM_K_SCRATCH: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def stream_k_scratch(device: torch.device, partial_elems: int, units: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers of a ``STREAM_K`` launch on ``device``: at least ``partial_elems`` float32
+    partial sums and ``units`` int32 counters, zero between launches (the program that
+    completes a tile resets its counter). Kept per device and grown outside CUDA-graph
+    capture; launches on two streams at once must not share them."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cur = _STREAM_K_SCRATCH.get(index)
+    if cur is None or cur[0].numel() < partial_elems or cur[1].numel() < units:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"a STREAM_K launch needs {partial_elems} partial sums and {units} counters, "
+                "more than its scratch holds, during CUDA-graph capture; run the layer once "
+                "at its largest size before capturing")
+        old_p, old_c = cur if cur is not None else (None, None)
+        cur = (torch.empty(max(partial_elems, 0 if old_p is None else old_p.numel()),
+                           dtype=torch.float32, device=device),
+               torch.zeros(max(units, 0 if old_c is None else old_c.numel()),
+                           dtype=torch.int32, device=device))
+        _STREAM_K_SCRATCH[index] = cur
+    return cur
+
+
 def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                       zeros: torch.Tensor | None, out: torch.Tensor,
                       topk_weights: torch.Tensor | None, sorted_ids: torch.Tensor,
@@ -770,6 +1141,16 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     index = a.device.index if a.device.index is not None else torch.cuda.current_device()
     grid = (min(units, _sm_count(index)),)
     activation = activation_code != 0
+    stream_k = bool(config.get("STREAM_K", False))
+    sk_partials = sk_counters = out  # dummy pointers without STREAM_K
+    if stream_k:
+        if split > 1 or config["GROUP_SIZE_M"] != 1:
+            raise ValueError(f"STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K; found "
+                             f"GROUP_SIZE_M {config['GROUP_SIZE_M']}, SPLIT_K {split}")
+        # every SM, so that a last round of fewer units than SMs can be spread over all
+        grid = (min(units * (k // bk // 2), _sm_count(index)),)
+        rows = 2 * bn if activation else bn
+        sk_partials, sk_counters = stream_k_scratch(a.device, 2 * grid[0] * rows * bt, units)
     w_desc = None
     if weight_tma is None:
         weight_tma = WEIGHT_TMA
@@ -784,7 +1165,7 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     with stripped_wait_barriers("_prefill_rs_kernel") if strip else contextlib.nullcontext():
         _prefill_rs_kernel[grid](
             a, a_desc, qweight, w_desc, scales, z, out, tw, sorted_ids, expert_ids,
-            num_post_padded, n_out, k, em, slots, top_k, up_offset,
+            num_post_padded, sk_partials, sk_counters, n_out, k, em, slots, top_k, up_offset,
             a.stride(0), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), scales.stride(2),
             z.stride(0), z.stride(1), z.stride(2), out.stride(-2),
@@ -803,5 +1184,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             W_TMA=w_desc is not None,
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
-            PAIRED=bool(config.get("PAIRED_STAGES", False)),
+            PAIRED=bool(config.get("PAIRED_STAGES", False)), STREAM_K=stream_k,
             **prefill_pdl_args(a.device))

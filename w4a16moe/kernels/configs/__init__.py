@@ -14,8 +14,8 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
 Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
-``"PREFETCH_SCALES"`` and ``"PAIRED_STAGES"`` (booleans for that kernel; see
-:data:`OPTIONAL_KEYS`),
+``"PREFETCH_SCALES"``, ``"PAIRED_STAGES"`` and ``"STREAM_K"`` (booleans for that kernel;
+see :data:`OPTIONAL_KEYS`),
 ``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
@@ -70,10 +70,15 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: bytes instead of BLOCK_SIZE_K / 4: HBM streams 64-byte runs at about two thirds of the
 #: rate of 128-byte ones (benchmarks/notes_prefill.md, session 19); the Triton kernel
 #: ignores it
+#: STREAM_K (RS entries, GROUP_SIZE_M 1, no SPLIT_K): the Gluon kernel's programs share the
+#: launch's work by K steps, not by whole tiles (Stream-K), so no program waits a round for
+#: the last tiles; a tile split between programs is summed from float32 partials by the
+#: program that completes it (benchmarks/notes_prefill.md, session 21); the Triton kernel
+#: ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
-                 "PAIRED_STAGES": (True, False)}
+                 "PAIRED_STAGES": (True, False), "STREAM_K": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
@@ -139,6 +144,9 @@ def validate_config(config: object) -> dict:
             if type(v) is not type(allowed[0]) or v not in allowed:
                 raise ValueError(f"{key} is {v!r}; expected one of {list(allowed)}")
             out[key] = v
+    if out.get("STREAM_K") and (out.get("SPLIT_K", 1) > 1 or out["GROUP_SIZE_M"] != 1):
+        raise ValueError(f"STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K; found GROUP_SIZE_M "
+                         f"{out['GROUP_SIZE_M']}, SPLIT_K {out.get('SPLIT_K', 1)}")
     return out
 
 

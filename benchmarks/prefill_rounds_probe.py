@@ -48,6 +48,9 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--experts", default="60,66,67,72,88,89,99,100")
     ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--stream-k", default="off",
+                    help="off, on, or both (each u timed with and without STREAM_K on the "
+                         "shipped configs of both GEMMs)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     s = MODEL_SHAPES[args.model]
@@ -58,6 +61,16 @@ def main() -> int:
     ws = PrefillWorkspace.allocate(args.m, copies[0], s.top_k)
     cfg1 = get_prefill_config(args.m, 2 * s.intermediate_size, s.hidden_size, s.num_experts,
                               s.top_k, torch.bfloat16, DEV)
+    cfg2 = get_prefill_config(args.m, s.hidden_size, s.intermediate_size, s.num_experts,
+                              s.top_k, torch.bfloat16, DEV)
+
+    def with_sk(cfg, on):
+        cfg = {k: v for k, v in cfg.items() if k != "DENSE"}
+        if on and cfg.get("RS") and cfg["GROUP_SIZE_M"] == 1:
+            cfg.pop("SPLIT_K", None)
+            cfg["STREAM_K"] = True
+        return cfg
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.stream_k]
     gen = torch.Generator(device=DEV)
     gen.manual_seed(0)
     records = []
@@ -65,30 +78,35 @@ def main() -> int:
         routes = [routing(args.m, s.top_k, torch.randperm(s.num_experts, device=DEV,
                                                           generator=gen)[:u])
                   for _ in range(args.iters)]
-        for i in range(4):
-            fused_moe_prefill(x, copies[i % 2], *routes[i], out=y, workspace=ws)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for i, (w, ids) in enumerate(routes):
-                fused_moe_prefill(x, copies[i % 2], w, ids, out=y, workspace=ws)
+        for sk in modes:
+            cfgs = (with_sk(cfg1, sk), with_sk(cfg2, sk))
+            for i in range(4):
+                fused_moe_prefill(x, copies[i % 2], *routes[i], out=y, workspace=ws,
+                                  configs=cfgs)
             torch.cuda.synchronize()
-        per = collections.defaultdict(list)
-        for ev in prof.events():
-            if ev.device_type == torch.autograd.DeviceType.CUDA:
-                per[ev.name[:40]].append(ev.device_time)
-        med = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
-        bpe = max(1, math.ceil(args.m * s.top_k / u / cfg1["BLOCK_SIZE_M"]))
-        units = u * bpe * (s.intermediate_size // cfg1["BLOCK_SIZE_N"])
-        rec = {"model": args.model, "M": args.m, "u": u, "gemm1_units": units,
-               "gemm1_rounds": math.ceil(units / sms), "units_per_sm": units / sms,
-               "kernels_us": med, "gemm1_config": cfg1}
-        records.append(rec)
-        g1 = med.get("_prefill_rs_kernel", float("nan"))
-        print(f"u={u:4d} units={units:5d} ({units / sms:5.2f} a program, "
-              f"{math.ceil(units / sms)} rounds): " + ", ".join(
-                  f"{k} {v:.1f}" for k, v in sorted(med.items(), key=lambda kv: -kv[1])[:3])
-              + f" | GEMM1 per round {g1 / math.ceil(units / sms):.2f} us, per unit-of-a-"
-              f"program {g1 / (units / sms):.2f} us", flush=True)
+            with torch.profiler.profile(
+                    activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for i, (w, ids) in enumerate(routes):
+                    fused_moe_prefill(x, copies[i % 2], w, ids, out=y, workspace=ws,
+                                      configs=cfgs)
+                torch.cuda.synchronize()
+            per = collections.defaultdict(list)
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    per[ev.name[:40]].append(ev.device_time)
+            med = {k: sorted(v)[len(v) // 2] for k, v in per.items()}
+            bpe = max(1, math.ceil(args.m * s.top_k / u / cfg1["BLOCK_SIZE_M"]))
+            units = u * bpe * (s.intermediate_size // cfg1["BLOCK_SIZE_N"])
+            rec = {"model": args.model, "M": args.m, "u": u, "stream_k": sk,
+                   "gemm1_units": units, "gemm1_rounds": math.ceil(units / sms),
+                   "units_per_sm": units / sms, "kernels_us": med, "configs": cfgs}
+            records.append(rec)
+            g1 = med.get("_prefill_rs_kernel", float("nan"))
+            print(f"u={u:4d} stream_k={sk!s:5} units={units:5d} ({units / sms:5.2f} a "
+                  f"program, {math.ceil(units / sms)} rounds): " + ", ".join(
+                      f"{k} {v:.1f}" for k, v in sorted(med.items(), key=lambda kv: -kv[1])[:3])
+                  + f" | rs kernels per round {g1 / math.ceil(units / sms):.2f} us",
+                  flush=True)
     print("wrote", write_records(args.out, "prefill_rounds_probe.json", records))
     return 0
 

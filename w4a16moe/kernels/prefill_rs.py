@@ -43,7 +43,11 @@ One program walks output tiles ``pid, pid + num_programs, ...``; a tile is one a
 equal K ranges of it (the innermost tile index, so the valid units of a launch are contiguous
 and spread evenly over the programs) whose float32 partial sums go to ``C[split]`` of a
 ``[SPLIT_K, rows, N_out]`` output, summed afterwards in a fixed order (split-K: when the
-experts a few tokens touch make fewer tiles than the GPU has SMs). With ``ACTIVATION`` the
+experts a few tokens touch make fewer tiles than the GPU has SMs). With ``STREAM_K``
+the programs take whole tiles round by round, then split the last round's tiles by K steps
+(when that round would leave more than a fifth of the programs idle): a tile cut between
+programs is summed from float32 partials, in program order, by the piece that completes it
+(see ``_sk_schedule`` and ``_rs_consumer_sk``). With ``ACTIVATION`` the
 weight tile holds ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each
 accumulator thread holds a column's gate and up values.
 

@@ -641,10 +641,11 @@ def test_rs_stream_k_matches_and_repeats(dtype, symmetric, tiles, m, sorted_rows
     program that completes it. Both GEMMs equal the same tiles without it within one
     rounding (the float32 sums come in another order), every element is written, the bits
     repeat on every run (the partials are summed in program order, whichever finishes last)
-    and the tile counters reset themselves; m=1 has fewer tiles than SMs, so every tile is
-    cut, into pieces as short as one K-step pair."""
+    and the tile counters reset themselves. K is long enough (32 and 16 steps of 128) for the
+    split to pay, so m=1 (fewer tiles than SMs) cuts every tile; at m=37 and 300 the last
+    round is split or not depending on its size."""
     bm, bn, bk, stages, paired = tiles
-    e, h, i, top_k = 8, 1024, 512, 2
+    e, h, i, top_k = 8, 4096, 2048, 2
     experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,
                                    seed=61 + m)
     blocks = align_block_size(ids, bm, e)
@@ -681,14 +682,18 @@ def test_rs_stream_k_matches_and_repeats(dtype, symmetric, tiles, m, sorted_rows
 @pytest.mark.parametrize("on_input", [False, True])
 def test_rs_stream_k_layer_with_expert_map(on_input):
     """The whole prefill layer on STREAM_K configs against the float32 reference, with
-    experts of another rank (-1 blocks: one piece writes the zero rows)."""
-    e, h, i, top_k, m = 8, 512, 256, 2, 200
-    _, x, w, ids = make_case(m, h, i, e, top_k, symmetric=False, seed=5)
+    experts of another rank (-1 blocks: one piece writes the zero rows): 2 tokens, whose
+    few tiles are all cut, and 200, whose last round is not."""
+    e, h, i, top_k = 8, 2048, 1024, 2
     expert_map = torch.tensor([0, 1, 2, 3, -1, -1, 4, 5], dtype=torch.int32, device=DEVICE)
     local = random_experts(6, h, i, group_size=128, symmetric=False, dtype=torch.bfloat16,
                            device=DEVICE, seed=6)
     cfg1, cfg2 = sk_config(16, 64, 128, 4, True), sk_config(32, 128, 64, 4, False)
-    for _ in range(2):
+    _, x200, w200, ids200 = make_case(200, h, i, e, top_k, symmetric=False, seed=5)
+    ids2 = torch.tensor([[0, 4], [5, 1]], dtype=ids200.dtype, device=DEVICE)  # two on rank -1
+    for x, w, ids in ((x200[:2], w200[:2], ids2), (x200, w200, ids200),
+                      (x200[:2], w200[:2], ids2)):
+        m = x.shape[0]
         out = torch.full((m, h), float("nan"), dtype=x.dtype, device=DEVICE)
         got = fused_moe_prefill(x, local, w, ids, expert_map=expert_map, out=out,
                                 configs=(cfg1, cfg2), apply_router_weight_on_input=on_input)

@@ -45,7 +45,7 @@ and spread evenly over the programs) whose float32 partial sums go to ``C[split]
 ``[SPLIT_K, rows, N_out]`` output, summed afterwards in a fixed order (split-K: when the
 experts a few tokens touch make fewer tiles than the GPU has SMs). With ``STREAM_K``
 the programs take whole tiles round by round, then split the last round's tiles by K steps
-(when that round would leave more than a fifth of the programs idle): a tile cut between
+(when the idle part of that round would be long enough to pay for it): a tile cut between
 programs is summed from float32 partials, in program order, by the piece that completes it
 (see ``_sk_schedule`` and ``_rs_consumer_sk``). With ``ACTIVATION`` the
 weight tile holds ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each
@@ -91,10 +91,11 @@ try:  # Gluon ships with triton >= 3.5; without it the Triton kernel runs everyt
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
 
-#: STREAM_K: the last round of units is split by K steps only when it would keep at most
-#: SK_TAIL_NUM / SK_TAIL_DEN of the programs busy (else the pieces' partial sums cost more
-#: than the idle SMs: benchmarks/notes_prefill.md, session 21)
-SK_TAIL_NUM, SK_TAIL_DEN = 4, 5
+#: STREAM_K: the last round of units is split by K steps only when that saves each program
+#: at least this many granules (two K steps each) on average, i.e. when its idle part,
+#: ``(P - R) G``, is at least ``SK_MIN_SAVED P``: a cut unit's partial sums (store, count,
+#: reload, epilogue) cost about that much (benchmarks/notes_prefill.md, session 21)
+SK_MIN_SAVED = 4
 #: STREAM_K: a unit of the last round is cut into at most about this many pieces, so the
 #: program that completes it adds up few partial sums (all loaded at once)
 SK_PIECES = 4
@@ -113,8 +114,7 @@ if HAVE_GLUON:
 
     # a barrier over the partition's warps: gl.thread_barrier in triton 3.6, gl.barrier since
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-    _SK_TAIL_NUM = gl.constexpr(SK_TAIL_NUM)
-    _SK_TAIL_DEN = gl.constexpr(SK_TAIL_DEN)
+    _SK_MIN_SAVED = gl.constexpr(SK_MIN_SAVED)
     _SK_PIECES = gl.constexpr(SK_PIECES)
 
     # the Triton kernel's helpers, compiled as Gluon functions
@@ -541,9 +541,10 @@ if HAVE_GLUON:
         """This program's work under ``STREAM_K``. The launch's valid units (aligned blocks up
         to ``num_post_padded`` x output tiles), ``U = F P + R`` for ``P`` programs: the first
         ``F P`` go to the programs whole, units ``p, p + P, ...`` as without STREAM_K. The
-        last ``R``, when they would keep at most :data:`SK_TAIL_NUM` / :data:`SK_TAIL_DEN` of
-        the programs busy for a whole round, are split by K steps instead: their ``W = R G``
-        granules of two K steps (``G`` a unit) in ``P' = min(P, R SK_PIECES)`` contiguous
+        last ``R``, when their round would leave at least :data:`SK_MIN_SAVED` granules of
+        two K steps a program idle (``(P - R) G >= SK_MIN_SAVED P``, ``G`` granules a
+        unit), are split by K steps instead: their ``W = R G``
+        granules in ``P' = min(P, R SK_PIECES)`` contiguous
         ranges ``[p W / P', (p + 1) W / P')`` of the first ``P'`` programs (Stream-K; a unit
         in at most ``SK_PIECES + 1`` pieces, whose sums one program adds up); else program
         ``p < R`` takes unit ``F P + p`` whole.
@@ -559,7 +560,7 @@ if HAVE_GLUON:
         full = units // nprog
         rest = units - full * nprog
         w = rest * g_unit
-        if rest * _SK_TAIL_DEN <= nprog * _SK_TAIL_NUM:
+        if (nprog - rest) * g_unit >= _SK_MIN_SAVED * nprog:
             # at most SK_PIECES pieces a unit: fewer, longer pieces when few units remain
             tail_progs = gl.minimum(nprog, rest * _SK_PIECES)
             t0 = gl.minimum(p, tail_progs) * w // tail_progs

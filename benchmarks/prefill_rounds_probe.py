@@ -65,7 +65,7 @@ def main() -> int:
                               s.top_k, torch.bfloat16, DEV)
 
     def with_sk(cfg, on):
-        cfg = {k: v for k, v in cfg.items() if k != "DENSE"}
+        cfg = {k: v for k, v in cfg.items() if k not in ("DENSE", "STREAM_K")}
         if on and cfg.get("RS") and cfg["GROUP_SIZE_M"] == 1:
             cfg.pop("SPLIT_K", None)
             cfg["STREAM_K"] = True

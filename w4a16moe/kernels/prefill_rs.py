@@ -145,6 +145,65 @@ if HAVE_GLUON:
         return rows
 
     @gluon.jit
+    def _rs_load_unit(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, x_bufs, wd_bufs, wd_tma,
+                      empty_bars, x_ready_bars, num_valid_slots, top_k, up_offset, stride_am,
+                      stride_qe, stride_qn, expert, pid_n, row0, kstep0, num_fills, ring,
+                      A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr,
+                      BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr,
+                      BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
+                      A_SORTED: gl.constexpr, PAIRED: gl.constexpr):
+        """The loader's copies of one unit (or of a piece of one): ``num_fills`` ring stages
+        from K step ``kstep0`` of the tile (block ``row0``, output tile ``pid_n``, weights of
+        ``expert``), the ring's fills counted from ``ring``."""
+        STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        STAGE_K: gl.constexpr = STEPS * BLOCK_K
+        WORDS: gl.constexpr = STAGE_K // 8
+        # 16-byte chunks: a row's STAGE_K activations over STAGE_K / 8 lanes, 4 words a lane
+        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
+        wc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4],
+                                                   [1, 1], [1, 0])
+        wc_rows = _rs_tile_rows(pid_n * BLOCK_N_OUT, up_offset, BLOCK_N, ACTIVATION,
+                                gl.SliceLayout(1, wc_layout))
+        qw_base = qw_ptr + expert.to(gl.int64) * stride_qe
+        w_offs = wc_rows[:, None] * stride_qn + gl.arange(
+            0, WORDS, layout=gl.SliceLayout(0, wc_layout))[None, :]
+        t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, x_layout))
+        slots = gl.load(sorted_ids_ptr + row0 + t)
+        if A_IS_SLOTS:
+            a_rows = slots
+        else:
+            a_rows = slots // top_k
+        # slots past the end (padding) read row 0: their results are never stored
+        a_rows = gl.where(slots < num_valid_slots, a_rows, 0)
+        x_offs = a_rows[:, None] * stride_am + gl.arange(
+            0, STAGE_K, layout=gl.SliceLayout(0, x_layout))[None, :]
+        for i in range(num_fills):
+            stage = (ring + i) % STAGES
+            mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
+            k0 = (kstep0 + i * STEPS) * BLOCK_K
+            if A_SORTED:
+                mbarrier.expect(x_ready_bars.index(stage),
+                                BLOCK_T * STAGE_K * 2 + W_TMA * (BLOCK_N * STAGE_K // 2))
+                tma.async_copy_global_to_shared(a_desc, [row0, k0],
+                                                x_ready_bars.index(stage),
+                                                x_bufs.index(stage))
+            else:
+                async_copy.async_copy_global_to_shared(x_bufs.index(stage),
+                                                       a_ptr + (x_offs + k0))
+            if W_TMA:
+                if not A_SORTED:
+                    mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * STAGE_K // 2)
+                tma.async_copy_global_to_shared(
+                    w_desc, [expert, pid_n * (BLOCK_N_OUT // 8), 0, 0, k0 // 8],
+                    x_ready_bars.index(stage), wd_tma.index(stage))
+            else:
+                async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
+                                                       qw_base + (w_offs + k0 // 8))
+            if not (A_SORTED and W_TMA):
+                async_copy.mbarrier_arrive(x_ready_bars.index(stage),
+                                           increment_count=False)
+
+    @gluon.jit
     def _rs_loader(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                    num_post_padded_ptr,
                    x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM,
@@ -161,12 +220,6 @@ if HAVE_GLUON:
         rows ``row0 ...`` of ``a_desc`` and come as one TMA copy too. With ``PAIRED`` a stage
         is two K steps: the copies are ``2 * BLOCK_K`` columns wide, one stage per step pair."""
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
-        STAGE_K: gl.constexpr = STEPS * BLOCK_K
-        WORDS: gl.constexpr = STAGE_K // 8
-        # 16-byte chunks: a row's STAGE_K activations over STAGE_K / 8 lanes, 4 words a lane
-        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
-        wc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4],
-                                                   [1, 1], [1, 0])
         num_pid_m = gl.cdiv(EM, BLOCK_T)
         num_pid_n = N // BLOCK_N_OUT
         num_post_padded = gl.load(num_post_padded_ptr)
@@ -180,46 +233,11 @@ if HAVE_GLUON:
             row0 = pid_m * BLOCK_T
             expert = gl.load(expert_ids_ptr + pid_m, mask=row0 < num_post_padded, other=-1)
             if expert != -1:
-                wc_rows = _rs_tile_rows(pid_n * BLOCK_N_OUT, up_offset, BLOCK_N, ACTIVATION,
-                                        gl.SliceLayout(1, wc_layout))
-                qw_base = qw_ptr + expert.to(gl.int64) * stride_qe
-                w_offs = wc_rows[:, None] * stride_qn + gl.arange(
-                    0, WORDS, layout=gl.SliceLayout(0, wc_layout))[None, :]
-                t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, x_layout))
-                slots = gl.load(sorted_ids_ptr + row0 + t)
-                if A_IS_SLOTS:
-                    a_rows = slots
-                else:
-                    a_rows = slots // top_k
-                # slots past the end (padding) read row 0: their results are never stored
-                a_rows = gl.where(slots < num_valid_slots, a_rows, 0)
-                x_offs = a_rows[:, None] * stride_am + gl.arange(
-                    0, STAGE_K, layout=gl.SliceLayout(0, x_layout))[None, :]
-                for i in range(num_fills):
-                    stage = (ring + i) % STAGES
-                    mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
-                    k0 = (kstep0 + i * STEPS) * BLOCK_K
-                    if A_SORTED:
-                        mbarrier.expect(x_ready_bars.index(stage),
-                                        BLOCK_T * STAGE_K * 2 + W_TMA * (BLOCK_N * STAGE_K // 2))
-                        tma.async_copy_global_to_shared(a_desc, [row0, k0],
-                                                        x_ready_bars.index(stage),
-                                                        x_bufs.index(stage))
-                    else:
-                        async_copy.async_copy_global_to_shared(x_bufs.index(stage),
-                                                               a_ptr + (x_offs + k0))
-                    if W_TMA:
-                        if not A_SORTED:
-                            mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * STAGE_K // 2)
-                        tma.async_copy_global_to_shared(
-                            w_desc, [expert, pid_n * (BLOCK_N_OUT // 8), 0, 0, k0 // 8],
-                            x_ready_bars.index(stage), wd_tma.index(stage))
-                    else:
-                        async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
-                                                               qw_base + (w_offs + k0 // 8))
-                    if not (A_SORTED and W_TMA):
-                        async_copy.mbarrier_arrive(x_ready_bars.index(stage),
-                                                   increment_count=False)
+                _rs_load_unit(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, x_bufs, wd_bufs,
+                              wd_tma, empty_bars, x_ready_bars, num_valid_slots, top_k,
+                              up_offset, stride_am, stride_qe, stride_qn, expert, pid_n, row0,
+                              kstep0, num_fills, ring, A_IS_SLOTS, ACTIVATION, BLOCK_T,
+                              BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES, W_TMA, A_SORTED, PAIRED)
                 ring += num_fills
 
     @gluon.jit
@@ -379,6 +397,160 @@ if HAVE_GLUON:
             fence_async_shared()
         return a
 
+    @gluon.constexpr_function
+    def _rs_mma_layout(num_warps, BLOCK_T):
+        """The wgmma accumulator layout: ``num_warps`` warps down the weight rows."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                         instr_shape=[16, BLOCK_T, 16])
+
+    @gluon.constexpr_function
+    def _rs_a_layout(mma_layout):
+        """The register A operand of that wgmma (16-bit, two values a register)."""
+        return gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+
+    @gluon.constexpr_function
+    def _rs_row_layout(pairs_layout):
+        """One value a weight row, as the pairs hold them (scales, zero points)."""
+        return gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, pairs_layout)))
+
+    @gluon.constexpr_function
+    def _rs_out_layout(num_warps, BLOCK_T):
+        """Stores: 8 rows x 1 slot per thread, warps across the slots (fewer for narrow
+        tiles, so no two threads store the same element)."""
+        warps_t = min(num_warps, BLOCK_T // 4)
+        return gl.BlockedLayout([8, 1], [8, 4], [num_warps // warps_t, warps_t], [0, 1])
+
+    @gluon.jit
+    def _rs_out_tile(c_base, sorted_ids_ptr, row0, n0, stride_cm, num_valid_slots,
+                     OUT_FRAG: gl.constexpr, C_SORTED: gl.constexpr, BLOCK_T: gl.constexpr,
+                     BLOCK_N_OUT: gl.constexpr, out_layout: gl.constexpr):
+        """Output pointers ``[BLOCK_N_OUT, BLOCK_T]`` of the tile at block ``row0``, columns
+        ``n0 ...`` (row ``slot``, or ``row0 + t`` with ``C_SORTED``; columns in fragment order
+        with ``OUT_FRAG``) from ``c_base``, and the mask of the block's real slots."""
+        t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
+        slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
+        col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
+        if OUT_FRAG:
+            # the output's columns in fragment order (the next GEMM reads them as is)
+            col = _fragment_order(col)
+        if C_SORTED:
+            c_rows = row0 + t_o.to(gl.int64)
+        else:
+            c_rows = slots_o
+        c_ptrs = c_base + c_rows[None, :] * stride_cm + col[:, None]
+        c_mask = (slots_o < num_valid_slots)[None, :]
+        return c_ptrs, c_mask
+
+    @gluon.jit
+    def _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
+                     up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn, stride_sg,
+                     stride_ze, stride_zn, stride_zg, GROUP_SIZE: gl.constexpr,
+                     HAS_ZEROS: gl.constexpr, SCALE_PAIRS: gl.constexpr,
+                     ACTIVATION: gl.constexpr, IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
+                     BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                     STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
+                     PAIRED: gl.constexpr, vdtype: gl.constexpr, pairs_layout: gl.constexpr,
+                     row_layout: gl.constexpr, a_layout: gl.constexpr,
+                     mma_layout: gl.constexpr):
+        """The consumer's K loop over ``num_steps`` steps of one unit (or of a piece of one)
+        from K step ``kstep0``: the float32 accumulator ``[BLOCK_N, BLOCK_T]`` of the tile's
+        weight rows (``n0 ...`` of ``expert``), the ring's fills counted from ``ring``, every
+        stage it used released."""
+        STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        e64 = expert.to(gl.int64)
+        w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
+        s_base = s_ptr + e64 * stride_se
+        z_base = z_ptr + e64 * stride_ze
+        s_offs = w_rows * stride_sn
+        z_offs = w_rows * stride_zn
+        # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
+        s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
+            stride_se // 2)
+        s32_offs = w_rows * (stride_sn // 2)
+        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+        a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
+        # two steps per iteration, each with its own A registers: a wgmma reads
+        # its register operand while it runs, so step i + 1 must not dequantize
+        # into the registers step i's wgmma may still be reading
+        # PREFETCH_SCALES: the scales of a step pair are loaded one iteration
+        # ahead, so their latency (an L2/DRAM round trip) hides behind the
+        # previous pair's work instead of stalling its dequantization
+        if PREFETCH_SCALES:
+            sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                kstep0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
+                stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE,
+                BLOCK_K)
+        for i in range(0, num_steps, 2):
+            if PREFETCH_SCALES:
+                nsc0, nzr0, nsc1, nzr1 = _rs_pair_scales(
+                    kstep0 + gl.minimum(i + 2, num_steps - 2), s_base, s32_base,
+                    z_base, s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
+                    HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
+            else:
+                sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                    kstep0 + i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
+                    stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS,
+                    GROUP_SIZE, BLOCK_K)
+            # ring fills of steps i and i + 1 (one fill with PAIRED)
+            fill0 = ring + i // STEPS
+            fill1 = ring + (i + 1) // STEPS
+            a0 = _rs_step_operand(fill0, wd_bufs, x_ready_bars, sc0, zr0, bias,
+                                  vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
+                                  BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
+                                  row_layout, a_layout)
+            acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
+                                               PAIRED, 0), acc, is_async=True)
+            acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+            if i > 0:
+                # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
+                async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
+                                           increment_count=False)
+            a1 = _rs_step_operand(fill1, wd_bufs, x_ready_bars, sc1, zr1,
+                                  bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
+                                  BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
+                                  pairs_layout, row_layout, a_layout)
+            acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
+                                               PAIRED, 1), acc, is_async=True)
+            acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
+            if not PAIRED:
+                # step i's stage (with PAIRED step i + 1's wgmma still reads it)
+                async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
+                                           increment_count=False)
+            if PREFETCH_SCALES:
+                sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
+        acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+        last = ring + (num_steps - 1) // STEPS
+        async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
+                                   increment_count=False)
+        return acc
+
+    @gluon.jit
+    def _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
+                     num_valid_slots, MUL_ROUTED_WEIGHT: gl.constexpr,
+                     ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+                     BLOCK_N_OUT: gl.constexpr, mma_layout: gl.constexpr,
+                     out_layout: gl.constexpr):
+        """A tile's epilogue: the router weight (``MUL_ROUTED_WEIGHT``), ``act(gate) * up``
+        (``ACTIVATION``), the store of the real slots' rows."""
+        if MUL_ROUTED_WEIGHT:
+            t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
+            slots = gl.load(sorted_ids_ptr + row0 + t)
+            rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
+                         other=0.0).to(gl.float32)
+            acc = acc * rw[None, :]
+        if ACTIVATION != 0:
+            # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
+            acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
+                              (0, 2, 3, 1))
+            gate, up = gl.split(acc4)
+            h = _act(gate, ACTIVATION) * up
+            res = gl.convert_layout(
+                gl.reshape(h, [BLOCK_N_OUT, BLOCK_T]).to(c_ptrs.dtype.element_ty),
+                out_layout)
+        else:
+            res = gl.convert_layout(acc.to(c_ptrs.dtype.element_ty), out_layout)
+        gl.store(c_ptrs, res, mask=c_mask)
+
     @gluon.jit
     def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
                      topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
@@ -398,25 +570,13 @@ if HAVE_GLUON:
         the unit's partial sums into ``C[split]``, ``stride_cs`` apart). With ``PAIRED`` the
         two steps of an iteration come from the two halves of one stage, which is released
         once the second step's wgmma is retired."""
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
-                                                     k_width=2)
+        mma_layout: gl.constexpr = _rs_mma_layout(num_warps, BLOCK_T)
+        a_layout: gl.constexpr = _rs_a_layout(mma_layout)
         pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
-        row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
-            3, pairs_layout)))
-        # stores: 8 rows x 1 slot per thread, warps across the slots (fewer for narrow tiles,
-        # so no two threads store the same element)
-        OUT_WARPS_T: gl.constexpr = min(num_warps, BLOCK_T // 4)
-        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4],
-                                                    [num_warps // OUT_WARPS_T, OUT_WARPS_T],
-                                                    [0, 1])
-        if IS_FP16:
-            bias = 1024
-            vdtype: gl.constexpr = gl.float16
-        else:
-            bias = 128
-            vdtype: gl.constexpr = gl.bfloat16
+        row_layout: gl.constexpr = _rs_row_layout(pairs_layout)
+        out_layout: gl.constexpr = _rs_out_layout(num_warps, BLOCK_T)
+        vdtype: gl.constexpr = gl.float16 if IS_FP16 else gl.bfloat16
+        bias = 1024 if IS_FP16 else 128  # the magic exponent's value in vdtype
 
         num_pid_m = gl.cdiv(EM, BLOCK_T)
         num_pid_n = N // BLOCK_N_OUT
@@ -433,107 +593,25 @@ if HAVE_GLUON:
             if row0 < num_post_padded:
                 expert = gl.load(expert_ids_ptr + pid_m)
                 n0 = pid_n * BLOCK_N_OUT
-                t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
-                slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
-                col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
-                if OUT_FRAG:
-                    # the output's columns in fragment order (the next GEMM reads them as is)
-                    col = _fragment_order(col)
-                if C_SORTED:
-                    c_rows = row0 + t_o.to(gl.int64)
-                else:
-                    c_rows = slots_o
-                c_ptrs = (c_ptr + split.to(gl.int64) * stride_cs + c_rows[None, :] * stride_cm
-                          + col[:, None])
-                c_mask = (slots_o < num_valid_slots)[None, :]
+                c_ptrs, c_mask = _rs_out_tile(c_ptr + split.to(gl.int64) * stride_cs,
+                                              sorted_ids_ptr, row0, n0, stride_cm,
+                                              num_valid_slots, OUT_FRAG, C_SORTED, BLOCK_T,
+                                              BLOCK_N_OUT, out_layout)
                 if expert == -1:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
                                               out_layout), mask=c_mask)
                 else:
-                    e64 = expert.to(gl.int64)
-                    w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
-                    s_base = s_ptr + e64 * stride_se
-                    z_base = z_ptr + e64 * stride_ze
-                    s_offs = w_rows * stride_sn
-                    z_offs = w_rows * stride_zn
-                    # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
-                    s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
-                        stride_se // 2)
-                    s32_offs = w_rows * (stride_sn // 2)
-                    acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
-                    a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
-                    # two steps per iteration, each with its own A registers: a wgmma reads
-                    # its register operand while it runs, so step i + 1 must not dequantize
-                    # into the registers step i's wgmma may still be reading
-                    # PREFETCH_SCALES: the scales of a step pair are loaded one iteration
-                    # ahead, so their latency (an L2/DRAM round trip) hides behind the
-                    # previous pair's work instead of stalling its dequantization
-                    if PREFETCH_SCALES:
-                        sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                            kstep0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
-                            stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE,
-                            BLOCK_K)
-                    for i in range(0, num_steps, 2):
-                        if PREFETCH_SCALES:
-                            nsc0, nzr0, nsc1, nzr1 = _rs_pair_scales(
-                                kstep0 + gl.minimum(i + 2, num_steps - 2), s_base, s32_base,
-                                z_base, s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
-                                HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
-                        else:
-                            sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                                kstep0 + i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
-                                stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS,
-                                GROUP_SIZE, BLOCK_K)
-                        # ring fills of steps i and i + 1 (one fill with PAIRED)
-                        fill0 = ring + i // STEPS
-                        fill1 = ring + (i + 1) // STEPS
-                        a0 = _rs_step_operand(fill0, wd_bufs, x_ready_bars, sc0, zr0, bias,
-                                              vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
-                                              BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
-                                              row_layout, a_layout)
-                        acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
-                                                           PAIRED, 0), acc, is_async=True)
-                        acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-                        if i > 0:
-                            # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
-                            async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
-                                                       increment_count=False)
-                        a1 = _rs_step_operand(fill1, wd_bufs, x_ready_bars, sc1, zr1,
-                                              bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
-                                              BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
-                                              pairs_layout, row_layout, a_layout)
-                        acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
-                                                           PAIRED, 1), acc, is_async=True)
-                        acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-                        if not PAIRED:
-                            # step i's stage (with PAIRED step i + 1's wgmma still reads it)
-                            async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
-                                                       increment_count=False)
-                        if PREFETCH_SCALES:
-                            sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
-                    acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
-                    last = ring + (num_steps - 1) // STEPS
-                    async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
-                                               increment_count=False)
+                    acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr,
+                                       expert, n0, up_offset, kstep0, num_steps, ring, bias,
+                                       stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                                       stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
+                                       ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N,
+                                       BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype,
+                                       pairs_layout, row_layout, a_layout, mma_layout)
                     ring += num_steps // STEPS
-                    if MUL_ROUTED_WEIGHT:
-                        t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
-                        slots = gl.load(sorted_ids_ptr + row0 + t)
-                        rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
-                                     other=0.0).to(gl.float32)
-                        acc = acc * rw[None, :]
-                    if ACTIVATION != 0:
-                        # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
-                        acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
-                                          (0, 2, 3, 1))
-                        gate, up = gl.split(acc4)
-                        h = _act(gate, ACTIVATION) * up
-                        res = gl.convert_layout(
-                            gl.reshape(h, [BLOCK_N_OUT, BLOCK_T]).to(c_ptr.dtype.element_ty),
-                            out_layout)
-                    else:
-                        res = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
-                    gl.store(c_ptrs, res, mask=c_mask)
+                    _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
+                                 num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
+                                 BLOCK_N, BLOCK_N_OUT, mma_layout, out_layout)
 
     @gluon.jit
     def _sk_schedule(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
@@ -572,6 +650,24 @@ if HAVE_GLUON:
         return num_pid_n, g_unit, full, w, tail_progs, t0, t1
 
     @gluon.jit
+    def _sk_piece(g, n_whole, full, g_unit, t0, t1):
+        """The piece at granule ``g`` of this program's walk (:func:`_sk_schedule`): whole
+        units ``p, p + P, ...`` for its first ``n_whole`` granules, then its range ``[t0,
+        t1)`` of the last round's. Returns (unit, granule of the last round's W or 0, first
+        and end granule of the piece within its unit)."""
+        if g < n_whole:
+            unit = gl.program_id(0) + (g // g_unit) * gl.num_programs(0)
+            gu0 = 0
+            gu1 = g_unit
+            tg = 0
+        else:
+            tg = t0 + (g - n_whole)
+            unit = full * gl.num_programs(0) + tg // g_unit
+            gu0 = tg % g_unit
+            gu1 = gl.minimum(g_unit, gu0 + (t1 - tg))
+        return unit, tg, gu0, gu1
+
+    @gluon.jit
     def _rs_loader_sk(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                       num_post_padded_ptr,
                       x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM,
@@ -583,28 +679,13 @@ if HAVE_GLUON:
         """:func:`_rs_loader` over this program's pieces (:func:`_sk_schedule`): whole units,
         then the K steps of the last round's units that fall in the program's range."""
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
-        STAGE_K: gl.constexpr = STEPS * BLOCK_K
-        WORDS: gl.constexpr = STAGE_K // 8
-        x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // WORDS, WORDS], [1, 1], [1, 0])
-        wc_layout: gl.constexpr = gl.BlockedLayout([1, 4], [32 // (WORDS // 4), WORDS // 4],
-                                                   [1, 1], [1, 0])
         num_pid_n, g_unit, full, w, tail_progs, t0, t1 = _sk_schedule(
             num_post_padded_ptr, N, K, BLOCK_T, BLOCK_N_OUT, BLOCK_K)
-        pid = gl.program_id(0)
-        nprog = gl.num_programs(0)
         n_whole = full * g_unit  # granules of the whole units, then the last round's
         ring = 0  # stages this program has filled so far
         g = 0
         while g < n_whole + (t1 - t0):
-            if g < n_whole:
-                unit = pid + (g // g_unit) * nprog
-                gu0 = 0
-                gu1 = g_unit
-            else:
-                tg = t0 + (g - n_whole)
-                unit = full * nprog + tg // g_unit
-                gu0 = tg % g_unit
-                gu1 = gl.minimum(g_unit, gu0 + (t1 - tg))
+            unit, tg, gu0, gu1 = _sk_piece(g, n_whole, full, g_unit, t0, t1)
             pid_m = unit // num_pid_n
             pid_n = unit % num_pid_n
             kstep0 = 2 * gu0
@@ -612,45 +693,11 @@ if HAVE_GLUON:
             row0 = pid_m * BLOCK_T
             expert = gl.load(expert_ids_ptr + pid_m)
             if expert != -1:
-                wc_rows = _rs_tile_rows(pid_n * BLOCK_N_OUT, up_offset, BLOCK_N, ACTIVATION,
-                                        gl.SliceLayout(1, wc_layout))
-                qw_base = qw_ptr + expert.to(gl.int64) * stride_qe
-                w_offs = wc_rows[:, None] * stride_qn + gl.arange(
-                    0, WORDS, layout=gl.SliceLayout(0, wc_layout))[None, :]
-                t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, x_layout))
-                slots = gl.load(sorted_ids_ptr + row0 + t)
-                if A_IS_SLOTS:
-                    a_rows = slots
-                else:
-                    a_rows = slots // top_k
-                a_rows = gl.where(slots < num_valid_slots, a_rows, 0)
-                x_offs = a_rows[:, None] * stride_am + gl.arange(
-                    0, STAGE_K, layout=gl.SliceLayout(0, x_layout))[None, :]
-                for i in range(num_fills):
-                    stage = (ring + i) % STAGES
-                    mbarrier.wait(empty_bars.index(stage), (((ring + i) // STAGES) & 1) ^ 1)
-                    k0 = (kstep0 + i * STEPS) * BLOCK_K
-                    if A_SORTED:
-                        mbarrier.expect(x_ready_bars.index(stage),
-                                        BLOCK_T * STAGE_K * 2 + W_TMA * (BLOCK_N * STAGE_K // 2))
-                        tma.async_copy_global_to_shared(a_desc, [row0, k0],
-                                                        x_ready_bars.index(stage),
-                                                        x_bufs.index(stage))
-                    else:
-                        async_copy.async_copy_global_to_shared(x_bufs.index(stage),
-                                                               a_ptr + (x_offs + k0))
-                    if W_TMA:
-                        if not A_SORTED:
-                            mbarrier.expect(x_ready_bars.index(stage), BLOCK_N * STAGE_K // 2)
-                        tma.async_copy_global_to_shared(
-                            w_desc, [expert, pid_n * (BLOCK_N_OUT // 8), 0, 0, k0 // 8],
-                            x_ready_bars.index(stage), wd_tma.index(stage))
-                    else:
-                        async_copy.async_copy_global_to_shared(wd_bufs.index(stage),
-                                                               qw_base + (w_offs + k0 // 8))
-                    if not (A_SORTED and W_TMA):
-                        async_copy.mbarrier_arrive(x_ready_bars.index(stage),
-                                                   increment_count=False)
+                _rs_load_unit(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, x_bufs, wd_bufs,
+                              wd_tma, empty_bars, x_ready_bars, num_valid_slots, top_k,
+                              up_offset, stride_am, stride_qe, stride_qn, expert, pid_n, row0,
+                              kstep0, num_fills, ring, A_IS_SLOTS, ACTIVATION, BLOCK_T,
+                              BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES, W_TMA, A_SORTED, PAIRED)
                 ring += num_fills
             g += gu1 - gu0
 
@@ -679,23 +726,13 @@ if HAVE_GLUON:
         complete the unit sums every piece's stored partial in program order (so the result
         does not depend on which piece came last), resets the counter and runs the
         epilogue."""
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_T, 16])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
-                                                     k_width=2)
+        mma_layout: gl.constexpr = _rs_mma_layout(num_warps, BLOCK_T)
+        a_layout: gl.constexpr = _rs_a_layout(mma_layout)
         pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
-        row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
-            3, pairs_layout)))
-        OUT_WARPS_T: gl.constexpr = min(num_warps, BLOCK_T // 4)
-        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4],
-                                                    [num_warps // OUT_WARPS_T, OUT_WARPS_T],
-                                                    [0, 1])
-        if IS_FP16:
-            bias = 1024
-            vdtype: gl.constexpr = gl.float16
-        else:
-            bias = 128
-            vdtype: gl.constexpr = gl.bfloat16
+        row_layout: gl.constexpr = _rs_row_layout(pairs_layout)
+        out_layout: gl.constexpr = _rs_out_layout(num_warps, BLOCK_T)
+        vdtype: gl.constexpr = gl.float16 if IS_FP16 else gl.bfloat16
+        bias = 1024 if IS_FP16 else 128  # the magic exponent's value in vdtype
         # a partial accumulator's elements, in the accumulator's own layout
         pr = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, mma_layout))
         pt = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
@@ -710,16 +747,7 @@ if HAVE_GLUON:
         ring = 0  # stages this program has consumed so far
         g = 0
         while g < n_whole + (t1 - t0):
-            if g < n_whole:
-                unit = pid + (g // g_unit) * nprog
-                gu0 = 0
-                gu1 = g_unit
-                tg = 0
-            else:
-                tg = t0 + (g - n_whole)
-                unit = full * nprog + tg // g_unit
-                gu0 = tg % g_unit
-                gu1 = gl.minimum(g_unit, gu0 + (t1 - tg))
+            unit, tg, gu0, gu1 = _sk_piece(g, n_whole, full, g_unit, t0, t1)
             pid_m = unit // num_pid_n
             pid_n = unit % num_pid_n
             kstep0 = 2 * gu0
@@ -727,77 +755,21 @@ if HAVE_GLUON:
             row0 = pid_m * BLOCK_T
             expert = gl.load(expert_ids_ptr + pid_m)
             n0 = pid_n * BLOCK_N_OUT
-            t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, out_layout))
-            slots_o = gl.load(sorted_ids_ptr + row0 + t_o).to(gl.int64)
-            col = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(1, out_layout))
-            if OUT_FRAG:
-                col = _fragment_order(col)
-            if C_SORTED:
-                c_rows = row0 + t_o.to(gl.int64)
-            else:
-                c_rows = slots_o
-            c_ptrs = c_ptr + c_rows[None, :] * stride_cm + col[:, None]
-            c_mask = (slots_o < num_valid_slots)[None, :]
+            c_ptrs, c_mask = _rs_out_tile(c_ptr, sorted_ids_ptr, row0, n0, stride_cm,
+                                          num_valid_slots, OUT_FRAG, C_SORTED, BLOCK_T,
+                                          BLOCK_N_OUT, out_layout)
             if expert == -1:
                 if gu0 == 0:  # one piece of the unit writes its zeros
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
                                               out_layout), mask=c_mask)
             else:
-                e64 = expert.to(gl.int64)
-                w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
-                s_base = s_ptr + e64 * stride_se
-                z_base = z_ptr + e64 * stride_ze
-                s_offs = w_rows * stride_sn
-                z_offs = w_rows * stride_zn
-                s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
-                    stride_se // 2)
-                s32_offs = w_rows * (stride_sn // 2)
-                acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
-                a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
-                if PREFETCH_SCALES:
-                    sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                        kstep0, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
-                        stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE,
-                        BLOCK_K)
-                for i in range(0, num_steps, 2):
-                    if PREFETCH_SCALES:
-                        nsc0, nzr0, nsc1, nzr1 = _rs_pair_scales(
-                            kstep0 + gl.minimum(i + 2, num_steps - 2), s_base, s32_base,
-                            z_base, s_offs, s32_offs, z_offs, stride_sg, stride_zg, vdtype,
-                            HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
-                    else:
-                        sc0, zr0, sc1, zr1 = _rs_pair_scales(
-                            kstep0 + i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs,
-                            stride_sg, stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS,
-                            GROUP_SIZE, BLOCK_K)
-                    fill0 = ring + i // STEPS
-                    fill1 = ring + (i + 1) // STEPS
-                    a0 = _rs_step_operand(fill0, wd_bufs, x_ready_bars, sc0, zr0, bias,
-                                          vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
-                                          BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
-                                          row_layout, a_layout)
-                    acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
-                                                       PAIRED, 0), acc, is_async=True)
-                    acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
-                    if i > 0:
-                        async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
-                                                   increment_count=False)
-                    a1 = _rs_step_operand(fill1, wd_bufs, x_ready_bars, sc1, zr1,
-                                          bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
-                                          BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
-                                          pairs_layout, row_layout, a_layout)
-                    acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
-                                                       PAIRED, 1), acc, is_async=True)
-                    acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
-                    if not PAIRED:
-                        async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
-                                                   increment_count=False)
-                    if PREFETCH_SCALES:
-                        sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
-                acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
-                last = ring + (num_steps - 1) // STEPS
-                async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
-                                           increment_count=False)
+                acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert,
+                                   n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
+                                   stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                                   GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, IS_FP16,
+                                   A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES,
+                                   PREFETCH_SCALES, PAIRED, vdtype, pairs_layout, row_layout,
+                                   a_layout, mma_layout)
                 ring += num_steps // STEPS
                 finish = gu1 - gu0 == g_unit
                 if gu1 - gu0 < g_unit:
@@ -827,23 +799,9 @@ if HAVE_GLUON:
                                            other=0.0, cache_modifier=".cg")
                         gl.store(sk_counters_ptr + unit, 0)
                 if finish:
-                    if MUL_ROUTED_WEIGHT:
-                        t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
-                        slots = gl.load(sorted_ids_ptr + row0 + t)
-                        rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
-                                     other=0.0).to(gl.float32)
-                        acc = acc * rw[None, :]
-                    if ACTIVATION != 0:
-                        acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
-                                          (0, 2, 3, 1))
-                        gate, up = gl.split(acc4)
-                        h = _act(gate, ACTIVATION) * up
-                        res = gl.convert_layout(
-                            gl.reshape(h, [BLOCK_N_OUT, BLOCK_T]).to(c_ptr.dtype.element_ty),
-                            out_layout)
-                    else:
-                        res = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out_layout)
-                    gl.store(c_ptrs, res, mask=c_mask)
+                    _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
+                                 num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
+                                 BLOCK_N, BLOCK_N_OUT, mma_layout, out_layout)
             g += gu1 - gu0
 
     @gluon.jit

@@ -702,3 +702,30 @@ def test_rs_stream_k_layer_with_expert_map(on_input):
         assert torch.isfinite(got).all()
         err = ((got.float() - ref).norm() / ref.norm()).item()
         assert err < 2e-2, f"relative error {err:.2e}"
+
+
+@hopper_only
+def test_reserve_sizes_the_stream_k_scratch(monkeypatch):
+    """``HybridW4A16MoEExperts.reserve(m)`` allocates the Stream-K scratch that the shipped
+    table's ``STREAM_K`` entries need for up to ``m`` tokens (qwen3-30b's GEMM1 at M = 16-128),
+    so a graph captured afterwards never has to grow it."""
+    from w4a16moe.experts import HybridW4A16MoEExperts
+    from w4a16moe.kernels.prefill import layer_configs
+    from w4a16moe.routing import max_num_tokens_padded
+
+    monkeypatch.setattr(prefill_rs, "_STREAM_K_SCRATCH", {})
+    e, h, i, top_k = 128, 2048, 768, 8
+    experts = random_experts(e, h, i, group_size=128, symmetric=True, dtype=torch.bfloat16,
+                             device=DEVICE, seed=7)
+    moe = HybridW4A16MoEExperts(experts, top_k)
+    cfg1 = layer_configs(experts, top_k, 128)[0]
+    if not (cfg1.get("RS") and cfg1.get("STREAM_K")):
+        pytest.skip("this GPU's table has no STREAM_K entry for qwen3-30b's GEMM1")
+    moe.reserve(128)
+    partials, counters = prefill_rs._STREAM_K_SCRATCH[torch.cuda.current_device()]
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    em = max_num_tokens_padded(128 * top_k, cfg1["BLOCK_SIZE_M"], e)
+    _, elems, units = prefill_rs.stream_k_sizes(cfg1, em=em, n_out=i, k=h, activation=True,
+                                                sms=sms)
+    assert partials.numel() >= elems and counters.numel() >= units
+    assert not counters.any()

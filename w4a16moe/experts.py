@@ -229,10 +229,39 @@ class HybridW4A16MoEExperts(nn.Module):
                 max(m, 1), ex, self.top_k, num_global_experts=self.num_global_experts,
                 sorted_block=self._sorted_block(max(m, 1)),
                 split_partials=self._split_partials(max(m, 1)))
+            self._reserve_stream_k(max(m, 1))
         return ws
 
-    #: token counts scanned for split-K GEMM2 configs when sizing the workspace (the tuned
-    #: tables split only at small M)
+    def _reserve_stream_k(self, m: int) -> None:
+        """Allocate the Gluon kernel's Stream-K scratch (``STREAM_K`` configs, see
+        ``kernels.prefill_rs.stream_k_scratch``) for the largest such launch of up to ``m``
+        tokens, so that a graph captured later does not need to grow it."""
+        ex = self.experts
+        if ex.device.type != "cuda":
+            return
+        from .kernels import prefill_rs
+        from .kernels.prefill import layer_configs
+        from .routing import max_num_tokens_padded
+
+        if prefill_rs.gluon_unsupported(ex.device) is not None:
+            return
+        sms = torch.cuda.get_device_properties(ex.device).multi_processor_count
+        i, h = ex.intermediate_size, ex.hidden_size
+        elems = units = 0
+        for tokens in range(1, min(m, self.SPLIT_SCAN_TOKENS) + 1):
+            cfgs = layer_configs(ex, self.top_k, tokens, deterministic=self.deterministic)
+            for cfg, n_out, k, act in ((cfgs[0], i, h, True), (cfgs[1], h, i, False)):
+                if cfg.get("RS") and cfg.get("STREAM_K"):
+                    em = max_num_tokens_padded(tokens * self.top_k, cfg["BLOCK_SIZE_M"],
+                                               self.num_global_experts)
+                    _, e, u = prefill_rs.stream_k_sizes(cfg, em=em, n_out=n_out, k=k,
+                                                        activation=act, sms=sms)
+                    elems, units = max(elems, e), max(units, u)
+        if units:
+            prefill_rs.stream_k_scratch(ex.device, elems, units)
+
+    #: token counts scanned for split-K GEMM2 and Stream-K configs when sizing the workspace
+    #: (the tuned tables use them only at small M)
     SPLIT_SCAN_TOKENS = 512
 
     def _split_partials(self, m: int) -> int:

@@ -375,7 +375,7 @@ def bench_layer(
                     use = inputs[:n_copies[spec.weights]]
                     lt = _time_path(cand, fn, copies, use, shape.activation, True, device,
                                     target_ms, min_calls=min_calls,
-                                   min_replay_us=min_replay_us)
+                                    min_replay_us=min_replay_us)
                     rec["layer_us"] = lt.median_us
                 if err is not None and err > REL_TOL:
                     log(f"{spec.name} at M={m}: output differs from the oracle "

@@ -1052,12 +1052,25 @@ def _sm_count(index: int) -> int:
 _STREAM_K_SCRATCH: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def stream_k_sizes(config: dict, *, em: int, n_out: int, k: int, activation: bool,
+                   sms: int) -> tuple[int, int, int]:
+    """(programs, float32 partial elements, unit counters) of a ``STREAM_K`` launch over
+    ``em`` aligned slots with ``sms`` SMs: a program for each SM (at most one per granule of
+    two K steps), two ``[rows, BLOCK_SIZE_M]`` partial tiles a program, a counter a unit."""
+    bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
+    units = -(-em // bt) * (n_out // bn)
+    programs = max(1, min(units * (k // bk // 2), sms))
+    rows = 2 * bn if activation else bn
+    return programs, 2 * programs * rows * bt, units
+
+
 def stream_k_scratch(device: torch.device, partial_elems: int, units: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Buffers of a ``STREAM_K`` launch on ``device``: at least ``partial_elems`` float32
     partial sums and ``units`` int32 counters, zero between launches (the program that
     completes a tile resets its counter). Kept per device and grown outside CUDA-graph
-    capture; launches on two streams at once must not share them."""
+    capture (``HybridW4A16MoEExperts.reserve`` sizes them for its layer); launches on two
+    streams at once must not share them."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     cur = _STREAM_K_SCRATCH.get(index)
     if cur is None or cur[0].numel() < partial_elems or cur[1].numel() < units:
@@ -1111,9 +1124,11 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             raise ValueError(f"STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K; found "
                              f"GROUP_SIZE_M {config['GROUP_SIZE_M']}, SPLIT_K {split}")
         # every SM, so that a last round of fewer units than SMs can be spread over all
-        grid = (min(units * (k // bk // 2), _sm_count(index)),)
-        rows = 2 * bn if activation else bn
-        sk_partials, sk_counters = stream_k_scratch(a.device, 2 * grid[0] * rows * bt, units)
+        programs, partial_elems, units = stream_k_sizes(config, em=em, n_out=n_out, k=k,
+                                                        activation=activation,
+                                                        sms=_sm_count(index))
+        grid = (programs,)
+        sk_partials, sk_counters = stream_k_scratch(a.device, partial_elems, units)
     w_desc = None
     if weight_tma is None:
         weight_tma = WEIGHT_TMA

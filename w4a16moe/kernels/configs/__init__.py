@@ -70,11 +70,11 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: bytes instead of BLOCK_SIZE_K / 4: HBM streams 64-byte runs at about two thirds of the
 #: rate of 128-byte ones (benchmarks/notes_prefill.md, session 19); the Triton kernel
 #: ignores it
-#: STREAM_K (RS entries, GROUP_SIZE_M 1, no SPLIT_K): the Gluon kernel's programs share the
-#: launch's work by K steps, not by whole tiles (Stream-K), so no program waits a round for
-#: the last tiles; a tile split between programs is summed from float32 partials by the
-#: program that completes it (benchmarks/notes_prefill.md, session 21); the Triton kernel
-#: ignores it
+#: STREAM_K (RS entries, GROUP_SIZE_M 1, no SPLIT_K): the Gluon kernel's programs take whole
+#: tiles round by round, then split the last round's tiles by K steps (Stream-K) when that
+#: round would leave SMs idle long enough to pay for it; a tile split between programs is
+#: summed from float32 partials by the program that completes it (benchmarks/notes_prefill.md,
+#: session 21); the Triton kernel ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),

@@ -650,11 +650,11 @@ if HAVE_GLUON:
         return num_pid_n, g_unit, full, w, tail_progs, t0, t1
 
     @gluon.jit
-    def _sk_piece(g, n_whole, full, g_unit, t0, t1):
+    def _sk_piece(g, n_whole, full, g_unit, t0, t1, num_pid_n):
         """The piece at granule ``g`` of this program's walk (:func:`_sk_schedule`): whole
         units ``p, p + P, ...`` for its first ``n_whole`` granules, then its range ``[t0,
-        t1)`` of the last round's. Returns (unit, granule of the last round's W or 0, first
-        and end granule of the piece within its unit)."""
+        t1)`` of the last round's. Returns (unit, its block and output tile, granule of the
+        last round's W or 0, first and end granule of the piece within its unit)."""
         if g < n_whole:
             unit = gl.program_id(0) + (g // g_unit) * gl.num_programs(0)
             gu0 = 0
@@ -665,7 +665,7 @@ if HAVE_GLUON:
             unit = full * gl.num_programs(0) + tg // g_unit
             gu0 = tg % g_unit
             gu1 = gl.minimum(g_unit, gu0 + (t1 - tg))
-        return unit, tg, gu0, gu1
+        return unit, unit // num_pid_n, unit % num_pid_n, tg, gu0, gu1
 
     @gluon.jit
     def _rs_loader_sk(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
@@ -685,9 +685,8 @@ if HAVE_GLUON:
         ring = 0  # stages this program has filled so far
         g = 0
         while g < n_whole + (t1 - t0):
-            unit, tg, gu0, gu1 = _sk_piece(g, n_whole, full, g_unit, t0, t1)
-            pid_m = unit // num_pid_n
-            pid_n = unit % num_pid_n
+            _, pid_m, pid_n, _, gu0, gu1 = _sk_piece(g, n_whole, full, g_unit, t0, t1,
+                                                     num_pid_n)
             kstep0 = 2 * gu0
             num_fills = 2 * (gu1 - gu0) // STEPS
             row0 = pid_m * BLOCK_T
@@ -747,9 +746,8 @@ if HAVE_GLUON:
         ring = 0  # stages this program has consumed so far
         g = 0
         while g < n_whole + (t1 - t0):
-            unit, tg, gu0, gu1 = _sk_piece(g, n_whole, full, g_unit, t0, t1)
-            pid_m = unit // num_pid_n
-            pid_n = unit % num_pid_n
+            unit, pid_m, pid_n, tg, gu0, gu1 = _sk_piece(g, n_whole, full, g_unit, t0, t1,
+                                                         num_pid_n)
             kstep0 = 2 * gu0
             num_steps = 2 * (gu1 - gu0)
             row0 = pid_m * BLOCK_T

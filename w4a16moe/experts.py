@@ -225,58 +225,50 @@ class HybridW4A16MoEExperts(nn.Module):
             return ws
         ws = self._prefill_ws
         if ws is None or ws.intermediate.shape[0] < m * self.top_k:
+            split_partials, stream_k = self._small_m_scratch(max(m, 1))
             ws = self._prefill_ws = PrefillWorkspace.allocate(
                 max(m, 1), ex, self.top_k, num_global_experts=self.num_global_experts,
-                sorted_block=self._sorted_block(max(m, 1)),
-                split_partials=self._split_partials(max(m, 1)))
-            self._reserve_stream_k(max(m, 1))
+                sorted_block=self._sorted_block(max(m, 1)), split_partials=split_partials)
+            if stream_k[1]:
+                # the Gluon kernel's Stream-K scratch, so that a graph captured later does
+                # not need to grow it
+                from .kernels.prefill_rs import stream_k_scratch
+
+                stream_k_scratch(ex.device, *stream_k)
         return ws
-
-    def _reserve_stream_k(self, m: int) -> None:
-        """Allocate the Gluon kernel's Stream-K scratch (``STREAM_K`` configs, see
-        ``kernels.prefill_rs.stream_k_scratch``) for the largest such launch of up to ``m``
-        tokens, so that a graph captured later does not need to grow it."""
-        ex = self.experts
-        if ex.device.type != "cuda":
-            return
-        from .kernels import prefill_rs
-        from .kernels.prefill import layer_configs
-        from .routing import max_num_tokens_padded
-
-        if prefill_rs.gluon_unsupported(ex.device) is not None:
-            return
-        sms = torch.cuda.get_device_properties(ex.device).multi_processor_count
-        i, h = ex.intermediate_size, ex.hidden_size
-        elems = units = 0
-        for tokens in range(1, min(m, self.SPLIT_SCAN_TOKENS) + 1):
-            cfgs = layer_configs(ex, self.top_k, tokens, deterministic=self.deterministic)
-            for cfg, n_out, k, act in ((cfgs[0], i, h, True), (cfgs[1], h, i, False)):
-                if cfg.get("RS") and cfg.get("STREAM_K"):
-                    em = max_num_tokens_padded(tokens * self.top_k, cfg["BLOCK_SIZE_M"],
-                                               self.num_global_experts)
-                    _, e, u = prefill_rs.stream_k_sizes(cfg, em=em, n_out=n_out, k=k,
-                                                        activation=act, sms=sms)
-                    elems, units = max(elems, e), max(units, u)
-        if units:
-            prefill_rs.stream_k_scratch(ex.device, elems, units)
 
     #: token counts scanned for split-K GEMM2 and Stream-K configs when sizing the workspace
     #: (the tuned tables use them only at small M)
     SPLIT_SCAN_TOKENS = 512
 
-    def _split_partials(self, m: int) -> int:
-        """Float32 elements the largest split-K GEMM2 (``SPLIT_K`` configs) of up to ``m``
-        tokens needs for its partial sums (splits x slots x H; 0 when none splits)."""
+    def _small_m_scratch(self, m: int) -> tuple[int, tuple[int, int]]:
+        """What the configs of up to ``m`` tokens (scanned up to :data:`SPLIT_SCAN_TOKENS`)
+        need besides the workspace's fixed buffers: float32 elements for the largest split-K
+        GEMM2's partial sums (``SPLIT_K``: splits x slots x H), and (float32 partials,
+        counters) of the largest Stream-K launch of the Gluon kernel (``STREAM_K``; see
+        ``kernels.prefill_rs.stream_k_scratch``); 0 where none needs them."""
+        from .kernels import prefill_rs
         from .kernels.prefill import layer_configs
+        from .routing import max_num_tokens_padded
 
-        need = 0
+        ex = self.experts
+        i, h = ex.intermediate_size, ex.hidden_size
+        gluon = ex.device.type == "cuda" and prefill_rs.gluon_unsupported(ex.device) is None
+        sms = torch.cuda.get_device_properties(ex.device).multi_processor_count if gluon else 0
+        split = elems = units = 0
         for tokens in range(1, min(m, self.SPLIT_SCAN_TOKENS) + 1):
-            cfg2 = layer_configs(self.experts, self.top_k, tokens,
-                                 deterministic=self.deterministic)[1]
-            splits = cfg2.get("SPLIT_K", 1)
+            cfgs = layer_configs(ex, self.top_k, tokens, deterministic=self.deterministic)
+            splits = cfgs[1].get("SPLIT_K", 1)
             if splits > 1:
-                need = max(need, splits * tokens * self.top_k * self.experts.hidden_size)
-        return need
+                split = max(split, splits * tokens * self.top_k * h)
+            for cfg, n_out, k, act in ((cfgs[0], i, h, True), (cfgs[1], h, i, False)):
+                if gluon and cfg.get("RS") and cfg.get("STREAM_K"):
+                    em = max_num_tokens_padded(tokens * self.top_k, cfg["BLOCK_SIZE_M"],
+                                               self.num_global_experts)
+                    _, e, u = prefill_rs.stream_k_sizes(cfg, em=em, n_out=n_out, k=k,
+                                                        activation=act, sms=sms)
+                    elems, units = max(elems, e), max(units, u)
+        return split, (elems, units)
 
     def _sorted_block(self, m: int) -> int:
         """BLOCK_SIZE_M of the prefill configs for ``m`` tokens when they read sorted rows

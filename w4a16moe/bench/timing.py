@@ -195,14 +195,6 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
                 torch.cuda.synchronize()
         return None, "cuda_eager"
 
-    def time_one(replay) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-
     with torch.cuda.device(device):
         warm_up_on_side_stream(run_all, max(1, warmup))
         torch.cuda.synchronize()
@@ -210,7 +202,7 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
         replay = graph.replay if graph is not None else run_all
         replay()
         torch.cuda.synchronize()
-        first_ms = time_one(replay)
+        first_ms = event_samples(replay, 1, 1)[0] / 1e3
         repeat = min(math.ceil(min_replay_us / max(first_ms * 1e3, 1e-3)),
                      len(base) * max_repeat // len(calls))
         if graph is not None and repeat > 1:
@@ -220,7 +212,7 @@ def time_calls(calls: Sequence[Callable[[], object]], device: str | torch.device
             replay = graph.replay if graph is not None else run_all
             replay()
             torch.cuda.synchronize()
-            first_ms = time_one(replay)
+            first_ms = event_samples(replay, 1, 1)[0] / 1e3
         n = len(calls)
         reps = int(min(max_reps, max(min_reps, target_ms / max(first_ms, 1e-6))))
         samples = event_samples(replay, reps, n)

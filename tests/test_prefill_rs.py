@@ -705,6 +705,37 @@ def test_rs_stream_k_layer_with_expert_map(on_input):
 
 
 @hopper_only
+@pytest.mark.parametrize("tiles_a_block", [1, 2])
+def test_rs_stream_k_whole_rounds_are_the_plain_kernel_bit_for_bit(tiles_a_block):
+    """When the units are a multiple of the programs (one token on each of as many experts
+    as the GPU has SMs, 1 or 2 output tiles a block), there is no last round to cut: every
+    program runs whole units, so STREAM_K gives the plain kernel's bits."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    e = m = sms
+    h, i = 128 * tiles_a_block, 2048
+    experts = random_experts(e, h, i, group_size=128, symmetric=True, dtype=torch.bfloat16,
+                             device=DEVICE, seed=9)
+    ids = torch.arange(m, device=DEVICE, dtype=torch.int32).view(m, 1)
+    w = torch.rand(m, 1, device=DEVICE)
+    inter = torch.randn(m, i, dtype=torch.bfloat16, device=DEVICE)
+    blocks = align_block_size(ids, 16, e)
+    cfg = sk_config(16, 128, 128, 4, True)
+    units = m * tiles_a_block
+    programs, _, _ = prefill_rs.stream_k_sizes(cfg, em=blocks.sorted_token_ids.numel(),
+                                               n_out=h, k=i, activation=False, sms=sms)
+    assert (programs, prefill_rs.stream_k_cut_units(units, i // 128, programs)) == (sms, 0)
+    outs = []
+    for stream_k in (True, False):
+        out = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        prefill_gemm(inter, experts.w2, blocks=blocks, topk_ids=ids, topk_weights=w, top_k=1,
+                     a_is_slots=True, mul_routed_weight=True,
+                     config={**cfg, "STREAM_K": stream_k}, out=out)
+        outs.append(out)
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
+@hopper_only
 def test_reserve_sizes_the_stream_k_scratch(monkeypatch):
     """``HybridW4A16MoEExperts.reserve(m)`` allocates the Stream-K scratch that the shipped
     table's ``STREAM_K`` entries need for up to ``m`` tokens (qwen3-30b's GEMM1 at M = 16-128),

@@ -245,6 +245,65 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     assert ((got_sum.float() - want_sum).abs().max() / want_sum.abs().max()).item() < 2e-3
     with pytest.raises(ValueError, match="SPLIT_K applies to GEMM2"):
         tune.candidate_runs("w13", rs, inter=inter, out=inter, splits=(2,), **kw)
+    # stream_k: the four runs again with STREAM_K (never on the split runs), each within one
+    # rounding of the same run without it (its cut tiles add float32 partials in another
+    # order on the Gluon kernel; the Triton kernel runs the tiles whole)
+    g2k = tune.candidate_runs("w2", {**rs, "BLOCK_SIZE_N": 128}, inter=inter, out=out,
+                              splits=(2,), stream_k=True, **kw)
+    assert [(bool(c.get("STREAM_K")), bool(c.get("PREFETCH_SCALES")),
+             bool(c.get("SORTED_ROWS")), c.get("SPLIT_K", 1)) for c, _ in g2k] == [
+        (False, False, False, 1), (False, False, True, 1), (False, True, False, 1),
+        (False, True, True, 1), (True, False, False, 1), (True, False, True, 1),
+        (True, True, False, 1), (True, True, True, 1), (False, False, False, 2),
+        (False, True, False, 2)]
+    for cfg, run in g2k[4:8]:
+        out.fill_(float("nan"))
+        run()
+        assert ((out.float() - want.float()).abs().max() / want.float().abs().max()).item(
+        ) < 1e-2, cfg
+    for bad in (plain, {**rs, "GROUP_SIZE_M": 8}):
+        with pytest.raises(ValueError, match="STREAM_K needs the Gluon kernel"):
+            tune.candidate_runs("w13", bad, inter=inter, out=inter, stream_k=True, **kw)
+
+
+def test_stream_k_cut_units_is_the_kernels_rule():
+    """The host's copy of the Gluon kernel's Stream-K rule: the last round's R units are cut
+    when they leave each of the P programs at least SK_MIN_SAVED idle granules (two K steps
+    each), (P - R) G >= SK_MIN_SAVED P; the cases of benchmarks/notes_prefill.md,
+    session 21."""
+    from w4a16moe.kernels.prefill_rs import SK_MIN_SAVED, stream_k_cut_units
+
+    assert SK_MIN_SAVED == 4
+    assert stream_k_cut_units(67 * 6, 16, 132) == 6    # qwen3 GEMM1, 67 experts: 6 of 132
+    assert stream_k_cut_units(80 * 6, 16, 132) == 0    # 84 of 132 left: (48 * 8) < 4 * 132
+    assert stream_k_cut_units(5 * 112, 32, 132) == 32  # Mixtral GEMM1, 5 blocks: 32 of 132
+    assert stream_k_cut_units(6 * 112, 32, 132) == 12
+    assert stream_k_cut_units(2 * 132, 16, 132) == 0   # no last round to cut
+    assert stream_k_cut_units(5, 32, 80) == 5          # fewer units than programs
+    assert stream_k_cut_units(5, 1, 80) == 0           # one K step: no granule to move
+    assert stream_k_cut_units(0, 16, 132) == 0
+    with pytest.raises(ValueError, match="units=-1, k_steps=16, programs=132"):
+        stream_k_cut_units(-1, 16, 132)
+    with pytest.raises(ValueError, match="programs=0"):
+        stream_k_cut_units(4, 16, 0)
+
+
+def test_stream_k_candidate_where_the_kernel_would_cut():
+    """The tuner times a candidate with STREAM_K only where the kernel would cut its last
+    round at the routing being tuned, and only RS configs with GROUP_SIZE_M 1, no SPLIT_K."""
+    rs = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1,
+          "num_warps": 8, "num_stages": 4, "SWAP_AB": True, "RS": True}
+    qwen3_gemm1 = dict(n_out=768, k=2048, num_sms=132)    # 6 tiles a block, 16 K steps
+
+    def cut(cfg, blocks):
+        return tune.stream_k_candidate(cfg, valid_blocks=blocks, em=16 * (blocks + 10),
+                                       **qwen3_gemm1)
+
+    assert cut(rs, 67) and cut({**rs, "PREFETCH_SCALES": True}, 89)
+    assert not cut(rs, 80) and not cut(rs, 88)
+    assert not cut({k: v for k, v in rs.items() if k != "RS"}, 67)
+    assert not cut({**rs, "GROUP_SIZE_M": 8}, 67)
+    assert not cut({**rs, "SPLIT_K": 2}, 67)
 
 
 def test_split_k_candidates_only_where_tiles_leave_sms_idle():

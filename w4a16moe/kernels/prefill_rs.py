@@ -638,7 +638,7 @@ if HAVE_GLUON:
         full = units // nprog
         rest = units - full * nprog
         w = rest * g_unit
-        if (nprog - rest) * g_unit >= _SK_MIN_SAVED * nprog:
+        if (rest > 0) & ((nprog - rest) * g_unit >= _SK_MIN_SAVED * nprog):
             # at most SK_PIECES pieces a unit: fewer, longer pieces when few units remain
             tail_progs = gl.minimum(nprog, rest * _SK_PIECES)
             t0 = gl.minimum(p, tail_progs) * w // tail_progs
@@ -1060,6 +1060,21 @@ def stream_k_sizes(config: dict, *, em: int, n_out: int, k: int, activation: boo
     programs = max(1, min(units * (k // bk // 2), sms))
     rows = 2 * bn if activation else bn
     return programs, 2 * programs * rows * bt, units
+
+
+def stream_k_cut_units(units: int, k_steps: int, programs: int) -> int:
+    """How many of ``units`` valid units (aligned blocks x output tiles) of ``k_steps`` K
+    steps each a ``STREAM_K`` launch on ``programs`` programs cuts into pieces: the last
+    round's ``R = units mod P`` when that round would leave at least :data:`SK_MIN_SAVED`
+    granules of two K steps a program idle (``(P - R) G >= SK_MIN_SAVED P``, ``G = k_steps
+    // 2``), else 0 (every unit runs whole, as without the flag). The host's copy of
+    ``_sk_schedule``'s rule, for the tuner."""
+    if units < 0 or k_steps < 1 or programs < 1:
+        raise ValueError(f"units={units}, k_steps={k_steps}, programs={programs}; expected "
+                         "units >= 0, k_steps >= 1 and programs >= 1")
+    rest = units % programs
+    saved = (programs - rest) * (k_steps // 2)
+    return rest if rest > 0 and saved >= SK_MIN_SAVED * programs else 0
 
 
 def stream_k_scratch(device: torch.device, partial_elems: int, units: int

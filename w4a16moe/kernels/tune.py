@@ -8,7 +8,9 @@ Gluon kernel) is timed four times: on gathered activations and on rows in sorted
 (``SORTED_ROWS``, GEMM1 with the gather of its input), each with and without
 ``PREFETCH_SCALES`` (see :func:`candidate_runs`); a GEMM2 ``RS`` candidate whose tiles leave
 SMs idle at that M (few touched experts) also with ``SPLIT_K`` 2, 4 and 8
-(:func:`split_k_candidates`). The result is the JSON table read by
+(:func:`split_k_candidates`); and an ``RS`` candidate whose last round of tiles the Gluon
+kernel would cut by K steps at that M's routing also with ``STREAM_K``, each of the four
+ways (:func:`stream_k_candidate`). The result is the JSON table read by
 :mod:`w4a16moe.kernels.configs`.
 """
 
@@ -181,9 +183,29 @@ def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int
     return SPLIT_K_CANDIDATES if tiles < num_sms else ()
 
 
+def stream_k_candidate(config: dict, *, valid_blocks: int, em: int, n_out: int, k: int,
+                       num_sms: int) -> bool:
+    """Whether to time ``config`` also with ``STREAM_K``: an ``RS`` config with GROUP_SIZE_M
+    1 and no ``SPLIT_K`` whose launch over ``valid_blocks`` aligned blocks (``em`` padded
+    slots; ``n_out`` output columns, ``k`` the reduction) would cut its last round of tiles
+    by K steps. Where the kernel's rule (:func:`~w4a16moe.kernels.prefill_rs.stream_k_cut_units`)
+    cuts nothing, the flag runs the same tiles whole, and timing it again would only measure
+    noise."""
+    if (not config.get("RS") or config.get("GROUP_SIZE_M") != 1
+            or config.get("SPLIT_K", 1) > 1):
+        return False
+    from .prefill_rs import stream_k_cut_units, stream_k_sizes
+
+    programs, _, _ = stream_k_sizes(config, em=em, n_out=n_out, k=k, activation=False,
+                                    sms=num_sms)
+    units = valid_blocks * (n_out // config["BLOCK_SIZE_N"])
+    return stream_k_cut_units(units, k // config["BLOCK_SIZE_K"], programs) > 0
+
+
 def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, topk_ids,
                    topk_weights, top_k: int, x_sorted=None, inter_sorted=None,
-                   splits: Iterable[int] = ()) -> list[tuple[dict, Callable[[], object]]]:
+                   splits: Iterable[int] = (), stream_k: bool = False
+                   ) -> list[tuple[dict, Callable[[], object]]]:
     """The ``(config, fn)`` pairs the tuner times for one candidate of GEMM ``gemm``
     (``"w13"``: GEMM1 with the fused SiLU on ``x`` into ``out``; ``"w2"``: GEMM2 on ``inter``
     by slot, router weight applied, into ``out``), as :func:`fused_moe_prefill` would run
@@ -196,7 +218,8 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     and without ``PREFETCH_SCALES``) with ``SPLIT_K`` S, timed with the top-k sum that adds
     its float32 partials (:func:`~w4a16moe.kernels.prefill.topk_sum`, whose ``[M, H]``
     result the run returns; the unsplit runs' top-k sum is not timed, so the split pays for
-    its extra reduction)."""
+    its extra reduction). With ``stream_k``, every run but the split ones is also timed with
+    ``STREAM_K`` (see :func:`stream_k_candidate`)."""
     import torch
 
     from .prefill import (
@@ -213,10 +236,18 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     if splits and (gemm != "w2" or not config.get("RS")):
         raise ValueError(f"splits={splits} for {gemm!r} with RS={config.get('RS')}; SPLIT_K "
                          "applies to GEMM2 ('w2') candidates of the Gluon kernel (RS) only")
+    if stream_k and (not config.get("RS") or config.get("GROUP_SIZE_M") != 1
+                     or config.get("SPLIT_K", 1) > 1):
+        raise ValueError(f"stream_k for a config with RS={config.get('RS')}, GROUP_SIZE_M "
+                         f"{config.get('GROUP_SIZE_M')}, SPLIT_K {config.get('SPLIT_K', 1)}; "
+                         "STREAM_K needs the Gluon kernel (RS), GROUP_SIZE_M 1 and no SPLIT_K")
     frag = _fragment_tiles(config)
     variants = [config]
     if config.get("RS"):
         variants.append({**config, "PREFETCH_SCALES": True})
+    split_variants = list(variants)
+    if stream_k:
+        variants += [{**cfg, "STREAM_K": True} for cfg in split_variants]
     runs = []
     for cfg in variants:
         common = dict(blocks=blocks, topk_ids=topk_ids, topk_weights=topk_weights,
@@ -244,7 +275,7 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
                              mul_routed_weight=True, out=out, a_sorted=True, **common)
         runs.append(({**cfg, "SORTED_ROWS": True}, run_sorted))
     m = topk_ids.shape[0]
-    for cfg in variants if splits else ():
+    for cfg in split_variants if splits else ():
         for split in splits:
             parts = torch.empty(split, *out.shape, dtype=torch.float32, device=out.device)
             total = torch.empty(m, out.shape[1], dtype=out.dtype, device=out.device)
@@ -369,19 +400,29 @@ def tune_prefill(
             for bm in block_m_candidates(rows):
                 blocks = align_block_size(ids, bm, shape.num_experts)
                 valid_blocks = int(blocks.num_tokens_post_padded.item()) // bm
-                w2 = candidate_configs(bm, rows, spaces[m], False)
+                em = blocks.sorted_token_ids.numel()
+                cands = {"w13": candidate_configs(bm, rows, spaces[m], True),
+                         "w2": candidate_configs(bm, rows, spaces[m], False)}
                 # GEMM2 RS candidates whose tiles leave SMs idle are also timed split over K
                 splits = [split_k_candidates(valid_blocks, shape.hidden_size,
                                              cfg["BLOCK_SIZE_N"], num_sms)
-                          if cfg.get("RS") else () for cfg in w2]
-                plan.append((name, shape, m, bm,
-                             {"w13": candidate_configs(bm, rows, spaces[m], True), "w2": w2},
-                             splits, (weights, ids, blocks)))
+                          if cfg.get("RS") else () for cfg in cands["w2"]]
+                # RS candidates whose last round the kernel would cut: also with STREAM_K
+                n_k = {"w13": (shape.intermediate_size, shape.hidden_size),
+                       "w2": (shape.hidden_size, shape.intermediate_size)}
+                stream_k = {gemm: [stream_k_candidate(cfg, valid_blocks=valid_blocks, em=em,
+                                                      n_out=n_k[gemm][0], k=n_k[gemm][1],
+                                                      num_sms=num_sms) for cfg in c]
+                            for gemm, c in cands.items()}
+                plan.append((name, shape, m, bm, cands, splits, stream_k,
+                             (weights, ids, blocks)))
     # an RS candidate is timed four times: gathered and on sorted rows, each with and
-    # without PREFETCH_SCALES (see candidate_runs), and twice more per SPLIT_K value
+    # without PREFETCH_SCALES (see candidate_runs), four more with STREAM_K, and twice more
+    # per SPLIT_K value
     total = sum(len(c) + 3 * sum(1 for cfg in c if cfg.get("RS"))
-                for *_, cands, _, _ in plan for c in cands.values())
-    total += sum(2 * len(sp) for *_, splits, _ in plan for sp in splits)
+                for *_, cands, _, _, _ in plan for c in cands.values())
+    total += sum(2 * len(sp) for *_, splits, _, _ in plan for sp in splits)
+    total += sum(4 * sum(sk) for *_, stream_k, _ in plan for sk in stream_k.values())
     done = 0
 
     table: dict = {}
@@ -400,7 +441,7 @@ def tune_prefill(
 
     results: dict[tuple[str, int], dict[int, tuple]] = {}
     experts_cache: dict[str, object] = {}
-    for name, shape, m, bm, cands, w2_splits, (weights, ids, blocks) in plan:
+    for name, shape, m, bm, cands, w2_splits, stream_k, (weights, ids, blocks) in plan:
         if name not in experts_cache:
             experts_cache.clear()
             torch.cuda.empty_cache()
@@ -424,7 +465,8 @@ def tune_prefill(
                                       out=out_t, blocks=blocks, topk_ids=ids,
                                       topk_weights=weights, top_k=shape.top_k,
                                       x_sorted=x_sorted, inter_sorted=inter_sorted,
-                                      splits=w2_splits[n_cand] if gemm == "w2" else ())
+                                      splits=w2_splits[n_cand] if gemm == "w2" else (),
+                                      stream_k=stream_k[gemm][n_cand])
                 for cfg, fn in runs:
                     note, why = "", skip
                     if cfg.get("SPLIT_K", 1) > 1:
@@ -432,6 +474,8 @@ def tune_prefill(
                         why = rs_skip_reason(cfg, a, packed, out_t, activation=False)
                     if cfg.get("PREFETCH_SCALES"):
                         note += " prefetched scales"
+                    if cfg.get("STREAM_K"):
+                        note += " stream-K"
                     if cfg.get("SORTED_ROWS"):
                         note += " sorted rows"
                         why = why or sorted_rows_unsupported(

@@ -125,6 +125,20 @@ def test_cli_has_thresholds_option():
         tune._parse_tokens("a", "--candidates")
 
 
+def test_cli_verbose_option_and_config_labels():
+    parser = argparse.ArgumentParser()
+    tune.register(parser.add_subparsers())
+    assert parser.parse_args(["tune", "--model", "all", "-v"]).verbose
+    assert not parser.parse_args(["tune", "--model", "all"]).verbose
+    rs = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1,
+          "num_warps": 8, "num_stages": 4, "SWAP_AB": True, "RS": True,
+          "PAIRED_STAGES": True, "STREAM_K": True}
+    assert tune.config_label(rs) == "16x128x128 w8 s4 RS paired SWAP_AB"
+    assert tune.config_label({**rs, "RS": False, "PAIRED_STAGES": False, "FRAG_K": True,
+                              "SWAP_AB": False, "GROUP_SIZE_M": 8, "num_stages": 3}) == (
+        "16x128x128 w8 s3 FRAG_K GROUP_SIZE_M=8")
+
+
 def test_rs_candidates_only_with_tiles_the_gluon_kernel_has():
     """Every RS candidate of every space is one the Gluon kernel runs as such (an RS entry
     whose tiles it lacks would be timed on the Triton fallback under the RS name); the

@@ -183,6 +183,19 @@ def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int
     return SPLIT_K_CANDIDATES if tiles < num_sms else ()
 
 
+def config_label(config: dict) -> str:
+    """A config in one short line: ``BMxBNxBK w<warps> s<stages>``, then its kernel flags
+    (``RS``, ``paired``, ``FRAG_K``, ``SWAP_AB``) and ``GROUP_SIZE_M`` when not 1."""
+    label = (f"{config['BLOCK_SIZE_M']}x{config['BLOCK_SIZE_N']}x{config['BLOCK_SIZE_K']} "
+             f"w{config['num_warps']} s{config['num_stages']}")
+    flags = [name for key, name in (("RS", "RS"), ("PAIRED_STAGES", "paired"),
+                                    ("FRAG_K", "FRAG_K"), ("SWAP_AB", "SWAP_AB"))
+             if config.get(key)]
+    if config.get("GROUP_SIZE_M", 1) != 1:
+        flags.append(f"GROUP_SIZE_M={config['GROUP_SIZE_M']}")
+    return " ".join([label, *flags])
+
+
 def stream_k_candidate(config: dict, *, valid_blocks: int, em: int, n_out: int, k: int,
                        num_sms: int) -> bool:
     """Whether to time ``config`` also with ``STREAM_K``: an ``RS`` config with GROUP_SIZE_M
@@ -495,7 +508,7 @@ def tune_prefill(
                         best[gemm] = (t, cfg)
                     if on_step is not None:
                         on_step(done, total,
-                                f"{name} M={m} {gemm} BLOCK_M={bm}: {t:.1f} us{note}")
+                                f"{name} M={m} {gemm} {config_label(cfg)}: {t:.1f} us{note}")
         if "w13" in best and "w2" in best:
             results.setdefault((name, m), {})[bm] = (best["w13"], best["w2"])
 
@@ -828,6 +841,8 @@ def run(args) -> int:
 
         def step(done: int, total: int, desc: str) -> None:
             bar.update(task, completed=done, total=total, description=desc)
+            if args.verbose:   # one line a timed candidate, above the bar
+                bar.console.print(desc, highlight=False, markup=False)
 
         tune_prefill(names, _parse_tokens(args.tokens), dtype=dtype, space=args.space,
                      out=out, rep_ms=args.rep_ms, on_step=step)
@@ -858,6 +873,10 @@ def register(sub) -> None:
                    help="instead of tuning configs, measure the decode/prefill switch point "
                         "of each model and merge it into the thresholds JSON (default "
                         "--out: the package's <gpu>_thresholds.json)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="print a line for every timed candidate: GEMM, tile, time and how "
+                        "it ran (prefetched scales, sorted rows, SPLIT_K, stream-K) or why it "
+                        "was skipped; not only the progress bar")
     p.add_argument("--candidates", default=",".join(map(str, DEFAULT_THRESHOLD_CANDIDATES)),
                    help="with --thresholds: token counts to time (default: %(default)s)")
     p.set_defaults(func=run)

@@ -40,23 +40,25 @@ def main() -> int:
                     help="'shipped' or a config JSON file; repeat for each table")
     ap.add_argument("--cases", default="mixtral-8x7b:1024,mixtral-8x7b:2048,mixtral-8x7b:4096")
     ap.add_argument("--rep", type=float, default=20.0)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="routings per case: seeds M, M + 1000, ... (default: %(default)s)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dtype = torch.bfloat16
     cache: dict = {}
     records = []
-    for case in args.cases.split(","):
-        model, m = case.split(":")
+    cases = [(*case.split(":"), r) for case in args.cases.split(",") for r in range(args.seeds)]
+    for model, m, r in cases:
         m = int(m)
         s = MODEL_SHAPES[model]
         h, i, e, k = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k
         ex, w13d, w2d = experts_of(model, cache, dtype)
         x = torch.randn(m, h, device=DEV, dtype=dtype)
-        w, ids = random_routing(m, s, DEV, seed=m)
+        w, ids = random_routing(m, s, DEV, seed=m + 1000 * r)
         layer_ref = reference(x, w13d, w2d, w, ids)[3]
         ws = PrefillWorkspace.allocate(m, ex, k)
         y = torch.empty(m, h, device=DEV, dtype=dtype)
-        fns, rec = {}, {"model": model, "M": m, "tables": {}}
+        fns, rec = {}, {"model": model, "M": m, "seed": m + 1000 * r, "tables": {}}
         for t in args.table:
             file = None if t == "shipped" else t
             cfgs = (get_prefill_config(m, 2 * i, h, e, k, dtype, DEV, config_file=file),
@@ -78,7 +80,7 @@ def main() -> int:
             rec["tables"].setdefault(name, {})["us"] = t_us
         rec["bf16_impl"] = base_name
         records.append(rec)
-        print(f"{model} M={m}: " + ", ".join(
+        print(f"{model} M={m} seed {m + 1000 * r}: " + ", ".join(
             f"{n} {v['us']:.1f} us" + (f" (err {v['err']:.1e}, same {v['same']})"
                                        if "err" in v else "")
             for n, v in rec["tables"].items() if "us" in v), flush=True)

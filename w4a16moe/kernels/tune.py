@@ -842,7 +842,7 @@ def run(args) -> int:
         def step(done: int, total: int, desc: str) -> None:
             bar.update(task, completed=done, total=total, description=desc)
             if args.verbose:   # one line a timed candidate, above the bar
-                bar.console.print(desc, highlight=False, markup=False)
+                bar.console.print(desc, highlight=False, markup=False, soft_wrap=True)
 
         tune_prefill(names, _parse_tokens(args.tokens), dtype=dtype, space=args.space,
                      out=out, rep_ms=args.rep_ms, on_step=step)

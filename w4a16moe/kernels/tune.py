@@ -827,6 +827,8 @@ def run(args) -> int:
 
             def tstep(done: int, total: int, desc: str) -> None:
                 bar.update(task, completed=done, total=total, description=desc)
+                if args.verbose:
+                    bar.console.print(desc, highlight=False, markup=False, soft_wrap=True)
 
             res = measure_thresholds(names, dtype=dtype, candidates=cands, out=out,
                                      rep_ms=min(args.rep_ms, 5.0), on_step=tstep)
@@ -876,7 +878,8 @@ def register(sub) -> None:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print a line for every timed candidate: GEMM, tile, time and how "
                         "it ran (prefetched scales, sorted rows, SPLIT_K, stream-K) or why it "
-                        "was skipped; not only the progress bar")
+                        "was skipped (with --thresholds: each M's decode and prefill layer "
+                        "times); not only the progress bar")
     p.add_argument("--candidates", default=",".join(map(str, DEFAULT_THRESHOLD_CANDIDATES)),
                    help="with --thresholds: token counts to time (default: %(default)s)")
     p.set_defaults(func=run)

@@ -46,7 +46,12 @@ MODEL_SHAPES: dict[str, ModelShape] = {
     "olmoe-1b-7b": ModelShape(64, 8, 2048, 1024),
 }
 
-DEFAULT_TOKENS = (64, 256, 1024, 4096)
+#: token counts ``w4a16moe tune`` tunes by default: one table bucket each. A config is looked up
+#: at the nearest bucket, and the best tiles change within a factor of two of M (on the H100,
+#: session 22: a qwen3-30b bucket 512 made M=640 22-25 % faster than bucket 256's entries, and
+#: Mixtral buckets 128 and 224 12-32 % at M = 100-240), so the grid doubles from 4 to 4096
+#: (about 1-4 minutes a token count and model on an H100)
+DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps, num_stages[,
 #: FRAG_K[, RS[, PAIRED_STAGES]]]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the

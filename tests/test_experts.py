@@ -10,7 +10,7 @@ from conftest import DEVICE, ON_GPU
 from w4a16moe import HybridW4A16MoEExperts, random_experts
 from w4a16moe import experts as experts_mod
 from w4a16moe.reference import moe_reference
-from w4a16moe.routing import fused_topk
+from w4a16moe.routing import fused_topk, max_num_tokens_padded
 
 DTYPES = [torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 
@@ -140,6 +140,42 @@ def test_reserve_makes_room_for_sorted_rows(monkeypatch):
         _check(moe(x, tw, ti), ref, torch.float16)
     assert moe._prefill_ws is pws
     assert (pws.intermediate.data_ptr(), pws.gemm2_out.data_ptr()) == ptrs
+
+
+def test_reserve_makes_room_for_a_smaller_calls_sorted_rows(monkeypatch):
+    """A smaller call may take a table bucket with SORTED_ROWS that the reserved size's
+    bucket lacks (the H100 table: Mixtral buckets 3 and 4 sort, bucket 8 does not), and its
+    padded blocks need more rows than the reserved size's slots. reserve() scans every token
+    count, so no later call replaces a buffer (inside a CUDA graph that would leave the
+    graphs captured before it pointing at freed memory); each count is scanned once."""
+    from w4a16moe.kernels import configs as cfgmod
+    from w4a16moe.kernels import prefill as prefill_mod
+
+    looked_up = []
+
+    def small_m_sorts(m, *args, **kwargs):
+        looked_up.append(m)
+        return {**cfgmod.INTERPRETER_CONFIG, "SORTED_ROWS": m <= 3}
+
+    monkeypatch.setattr(cfgmod, "get_prefill_config", small_m_sorts)
+    monkeypatch.setattr(prefill_mod, "get_prefill_config", small_m_sorts)
+    moe = HybridW4A16MoEExperts(_layer(), top_k=2, decode_threshold=1)
+    moe.reserve(6)
+    assert sorted(set(looked_up)) == [1, 2, 3, 4, 5, 6]
+    pws = moe._prefill_ws
+    bm = cfgmod.INTERPRETER_CONFIG["BLOCK_SIZE_M"]
+    assert pws.intermediate.shape[0] >= max_num_tokens_padded(3 * 2, bm, 5) > 6 * 2
+    ptrs = (pws.intermediate.data_ptr(), pws.gemm2_out.data_ptr())
+    for m in (3, 6, 2):
+        x = torch.randn(m, 64, device=DEVICE, dtype=torch.float16)
+        tw, ti = _routing(m, 5, 2)
+        ref = moe_reference(x, moe.experts, tw, ti, round_intermediate=True)
+        _check(moe(x, tw, ti), ref, torch.float16)
+    assert moe._prefill_ws is pws
+    assert (pws.intermediate.data_ptr(), pws.gemm2_out.data_ptr()) == ptrs
+    looked_up.clear()
+    moe.reserve(8)   # grows: scans only the new counts
+    assert sorted(set(looked_up)) == [7, 8]
 
 
 def test_module_to_rebuilds_packed_experts():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -92,6 +93,22 @@ def _check_expert_map(expert_map: torch.Tensor, num_local: int) -> None:
                          f"[0, {num_local}) or -1")
 
 
+@dataclass
+class _ConfigNeeds:
+    """What the prefill configs of every token count up to ``tokens`` need besides a
+    workspace's fixed buffers, found by :meth:`HybridW4A16MoEExperts._config_needs`: rows for
+    activations in sorted order (``SORTED_ROWS``: the most padded positions of any such
+    launch), float32 elements for a split-K GEMM2's partial sums (``SPLIT_K``: splits x
+    slots x H) and the largest Stream-K launch's float32 partials and tile counters
+    (``STREAM_K``; see ``kernels.prefill_rs.stream_k_scratch``); 0 where none needs them."""
+
+    tokens: int = 0
+    sorted_rows: int = 0
+    split_partials: int = 0
+    stream_k_partials: int = 0
+    stream_k_counters: int = 0
+
+
 class HybridW4A16MoEExperts(nn.Module):
     """The routed experts of one MoE layer with int4 weights.
 
@@ -160,6 +177,8 @@ class HybridW4A16MoEExperts(nn.Module):
         self._experts = experts
         self._decode_ws = None
         self._prefill_ws = None
+        self._prefill_tokens = 0   # the token count the prefill workspace was sized for
+        self._config_scan = _ConfigNeeds()
 
     # -- weights --------------------------------------------------------------------------
     @property
@@ -179,6 +198,7 @@ class HybridW4A16MoEExperts(nn.Module):
                                w2=weights("w2", self._group_sizes[1]), **meta)
             self._experts = ex
             self._decode_ws = self._prefill_ws = None
+            self._config_scan = _ConfigNeeds()
         return ex
 
     @property
@@ -224,61 +244,56 @@ class HybridW4A16MoEExperts(nn.Module):
                 ws = self._decode_ws = DecodeWorkspace.create(ex, self.top_k, max(m, 1))
             return ws
         ws = self._prefill_ws
-        if ws is None or ws.intermediate.shape[0] < m * self.top_k:
-            split_partials, stream_k = self._small_m_scratch(max(m, 1))
+        # (not the intermediate's rows: room for sorted rows makes them more than the slots)
+        if ws is None or self._prefill_tokens < m:
+            need = self._config_needs(max(m, 1))
             ws = self._prefill_ws = PrefillWorkspace.allocate(
                 max(m, 1), ex, self.top_k, num_global_experts=self.num_global_experts,
-                sorted_block=self._sorted_block(max(m, 1)), split_partials=split_partials)
-            if stream_k[1]:
+                sorted_rows=need.sorted_rows, split_partials=need.split_partials)
+            self._prefill_tokens = max(m, 1)
+            if need.stream_k_counters:
                 # the Gluon kernel's Stream-K scratch, so that a graph captured later does
                 # not need to grow it
                 from .kernels.prefill_rs import stream_k_scratch
 
-                stream_k_scratch(ex.device, *stream_k)
+                stream_k_scratch(ex.device, need.stream_k_partials, need.stream_k_counters)
         return ws
 
-    #: token counts scanned for split-K GEMM2 and Stream-K configs when sizing the workspace
-    #: (the tuned tables use them only at small M)
-    SPLIT_SCAN_TOKENS = 512
-
-    def _small_m_scratch(self, m: int) -> tuple[int, tuple[int, int]]:
-        """What the configs of up to ``m`` tokens (scanned up to :data:`SPLIT_SCAN_TOKENS`)
-        need besides the workspace's fixed buffers: float32 elements for the largest split-K
-        GEMM2's partial sums (``SPLIT_K``: splits x slots x H), and (float32 partials,
-        counters) of the largest Stream-K launch of the Gluon kernel (``STREAM_K``; see
-        ``kernels.prefill_rs.stream_k_scratch``); 0 where none needs them."""
+    def _config_needs(self, m: int) -> _ConfigNeeds:
+        """What the prefill configs of every token count up to ``m`` need besides the
+        workspace's fixed buffers (:class:`_ConfigNeeds`). Every count is looked at, since a
+        smaller call may take a table bucket with sorted rows, a split or Stream-K that
+        ``m``'s bucket does not have; each count is scanned once per module (the result
+        covers at least ``m``)."""
         from .kernels import prefill_rs
         from .kernels.prefill import layer_configs
         from .routing import max_num_tokens_padded
 
+        scan = self._config_scan
+        if m <= scan.tokens:
+            return scan
         ex = self.experts
         i, h = ex.intermediate_size, ex.hidden_size
         gluon = ex.device.type == "cuda" and prefill_rs.gluon_unsupported(ex.device) is None
         sms = torch.cuda.get_device_properties(ex.device).multi_processor_count if gluon else 0
-        split = elems = units = 0
-        for tokens in range(1, min(m, self.SPLIT_SCAN_TOKENS) + 1):
+        for tokens in range(scan.tokens + 1, m + 1):
             cfgs = layer_configs(ex, self.top_k, tokens, deterministic=self.deterministic)
+            em = max_num_tokens_padded(tokens * self.top_k, cfgs[0]["BLOCK_SIZE_M"],
+                                       self.num_global_experts)
+            if any(c.get("SORTED_ROWS") for c in cfgs):
+                scan.sorted_rows = max(scan.sorted_rows, em)
             splits = cfgs[1].get("SPLIT_K", 1)
             if splits > 1:
-                split = max(split, splits * tokens * self.top_k * h)
+                scan.split_partials = max(scan.split_partials,
+                                          splits * tokens * self.top_k * h)
             for cfg, n_out, k, act in ((cfgs[0], i, h, True), (cfgs[1], h, i, False)):
                 if gluon and cfg.get("RS") and cfg.get("STREAM_K"):
-                    em = max_num_tokens_padded(tokens * self.top_k, cfg["BLOCK_SIZE_M"],
-                                               self.num_global_experts)
                     _, e, u = prefill_rs.stream_k_sizes(cfg, em=em, n_out=n_out, k=k,
                                                         activation=act, sms=sms)
-                    elems, units = max(elems, e), max(units, u)
-        return split, (elems, units)
-
-    def _sorted_block(self, m: int) -> int:
-        """BLOCK_SIZE_M of the prefill configs for ``m`` tokens when they read sorted rows
-        (``SORTED_ROWS``: the workspace then makes room for them), else 0."""
-        from .kernels.prefill import layer_configs
-
-        cfgs = layer_configs(self.experts, self.top_k, m, deterministic=self.deterministic)
-        if any(c.get("SORTED_ROWS") for c in cfgs):
-            return cfgs[0]["BLOCK_SIZE_M"]
-        return 0
+                    scan.stream_k_partials = max(scan.stream_k_partials, e)
+                    scan.stream_k_counters = max(scan.stream_k_counters, u)
+        scan.tokens = m
+        return scan
 
     # -- forward --------------------------------------------------------------------------
     def choose_path(self, num_tokens: int) -> str:

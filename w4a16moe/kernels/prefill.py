@@ -1051,7 +1051,8 @@ class PrefillWorkspace:
     With ``SORTED_ROWS`` configs ``intermediate`` and ``gemm2_out`` also hold the
     intermediate and the hidden states in sorted order, one row per position of the aligned
     blocks (padding included, so more rows than ``max_slots``): ``allocate(...,
-    sorted_block=B)`` makes room for blocks up to ``B``, else the first such call grows them
+    sorted_block=B)`` makes room for blocks up to ``B`` at ``max_tokens``, ``allocate(...,
+    sorted_rows=R)`` for ``R`` positions, else the first such call grows them
     (:meth:`sorted_views`).
     """
 
@@ -1070,12 +1071,14 @@ class PrefillWorkspace:
     def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
                  device: torch.device | str | None = None,
                  num_global_experts: int | None = None,
-                 dense: bool = False, sorted_block: int = 0,
+                 dense: bool = False, sorted_block: int = 0, sorted_rows: int = 0,
                  split_partials: int = 0) -> PrefillWorkspace:
         """Buffers for up to ``max_tokens`` tokens; ``num_global_experts`` (default
         ``experts.num_experts``) sizes the alignment buffers (pass the global count when an
         ``expert_map`` is used); ``sorted_block``: room for the sorted rows of blocks up to
-        that ``BLOCK_SIZE_M`` (``SORTED_ROWS`` configs; 0: none); ``split_partials``: float32
+        that ``BLOCK_SIZE_M`` (``SORTED_ROWS`` configs; 0: none); ``sorted_rows``: room for
+        that many sorted positions (the most a smaller call's blocks pad to may exceed
+        ``max_tokens``' at ``sorted_block``); ``split_partials``: float32
         elements for GEMM2's partial sums (``SPLIT_K`` configs: splits x slots x H; 0:
         none)."""
         device = experts.device if device is None else device
@@ -1085,7 +1088,10 @@ class PrefillWorkspace:
         sizes = [max_num_tokens_padded(slots, b, e) for b in WORKSPACE_BLOCK_SIZES]
         blocks = max(n // b for n, b in zip(sizes, WORKSPACE_BLOCK_SIZES, strict=True))
         ikw = {"dtype": torch.int32, "device": device}
-        rows = max(slots, max_num_tokens_padded(slots, sorted_block, e) if sorted_block else 0)
+        if sorted_rows < 0:
+            raise ValueError(f"sorted_rows is {sorted_rows}; expected >= 0")
+        rows = max(slots, sorted_rows,
+                   max_num_tokens_padded(slots, sorted_block, e) if sorted_block else 0)
         return cls(intermediate=torch.empty(rows, experts.intermediate_size, **kw),
                    gemm2_out=torch.empty(rows, experts.hidden_size, **kw),
                    sorted_ids=torch.empty(max(sizes), **ikw),

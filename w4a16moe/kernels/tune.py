@@ -49,7 +49,7 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 #: token counts ``w4a16moe tune`` tunes by default: one table bucket each. A config is looked up
 #: at the nearest bucket, and the best tiles change within a factor of two of M (on the H100,
 #: session 22: a qwen3-30b bucket 512 made M=640 22-25 % faster than bucket 256's entries, and
-#: Mixtral buckets 128 and 224 12-32 % at M = 100-240), so the grid doubles from 4 to 4096
+#: Mixtral buckets 128 and 224 up to 32 % at M = 100-240), so the grid doubles from 4 to 4096
 #: (about 1-4 minutes a token count and model on an H100)
 DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 

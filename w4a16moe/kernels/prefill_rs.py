@@ -72,6 +72,7 @@ import functools
 import torch
 
 from .common import activation, fragment_order, grouped_tile
+from .configs import stream_k_conflict
 from .membar import stripped_wait_barriers
 from .pdl import prefill_pdl_args
 
@@ -1133,9 +1134,8 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     stream_k = bool(config.get("STREAM_K", False))
     sk_partials = sk_counters = out  # dummy pointers without STREAM_K
     if stream_k:
-        if split > 1 or config["GROUP_SIZE_M"] != 1:
-            raise ValueError(f"STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K; found "
-                             f"GROUP_SIZE_M {config['GROUP_SIZE_M']}, SPLIT_K {split}")
+        if (why := stream_k_conflict(config)) is not None:
+            raise ValueError(why)
         # every SM, so that a last round of fewer units than SMs can be spread over all
         programs, partial_elems, units = stream_k_sizes(config, em=em, n_out=n_out, k=k,
                                                         activation=activation,

@@ -201,6 +201,14 @@ def config_label(config: dict) -> str:
     return " ".join([label, *flags])
 
 
+def stream_k_candidate_config(config: dict) -> bool:
+    """Whether ``config`` can take ``STREAM_K``: an ``RS`` config (the Gluon kernel) whose
+    other keys allow it (:func:`~w4a16moe.kernels.configs.stream_k_conflict`)."""
+    from .configs import stream_k_conflict
+
+    return bool(config.get("RS")) and stream_k_conflict(config) is None
+
+
 def stream_k_candidate(config: dict, *, valid_blocks: int, em: int, n_out: int, k: int,
                        num_sms: int) -> bool:
     """Whether to time ``config`` also with ``STREAM_K``: an ``RS`` config with GROUP_SIZE_M
@@ -209,10 +217,10 @@ def stream_k_candidate(config: dict, *, valid_blocks: int, em: int, n_out: int, 
     by K steps. Where the kernel's rule (:func:`~w4a16moe.kernels.prefill_rs.stream_k_cut_units`)
     cuts nothing, the flag runs the same tiles whole, and timing it again would only measure
     noise."""
-    if (not config.get("RS") or config.get("GROUP_SIZE_M") != 1
-            or config.get("SPLIT_K", 1) > 1):
-        return False
     from .prefill_rs import stream_k_cut_units, stream_k_sizes
+
+    if not stream_k_candidate_config(config):
+        return False
 
     programs, _, _ = stream_k_sizes(config, em=em, n_out=n_out, k=k, activation=False,
                                     sms=num_sms)
@@ -254,8 +262,7 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     if splits and (gemm != "w2" or not config.get("RS")):
         raise ValueError(f"splits={splits} for {gemm!r} with RS={config.get('RS')}; SPLIT_K "
                          "applies to GEMM2 ('w2') candidates of the Gluon kernel (RS) only")
-    if stream_k and (not config.get("RS") or config.get("GROUP_SIZE_M") != 1
-                     or config.get("SPLIT_K", 1) > 1):
+    if stream_k and not stream_k_candidate_config(config):
         raise ValueError(f"stream_k for a config with RS={config.get('RS')}, GROUP_SIZE_M "
                          f"{config.get('GROUP_SIZE_M')}, SPLIT_K {config.get('SPLIT_K', 1)}; "
                          "STREAM_K needs the Gluon kernel (RS), GROUP_SIZE_M 1 and no SPLIT_K")

@@ -144,10 +144,19 @@ def validate_config(config: object) -> dict:
             if type(v) is not type(allowed[0]) or v not in allowed:
                 raise ValueError(f"{key} is {v!r}; expected one of {list(allowed)}")
             out[key] = v
-    if out.get("STREAM_K") and (out.get("SPLIT_K", 1) > 1 or out["GROUP_SIZE_M"] != 1):
-        raise ValueError(f"STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K; found GROUP_SIZE_M "
-                         f"{out['GROUP_SIZE_M']}, SPLIT_K {out.get('SPLIT_K', 1)}")
+    if out.get("STREAM_K") and (why := stream_k_conflict(out)) is not None:
+        raise ValueError(why)
     return out
+
+
+def stream_k_conflict(config: dict) -> str | None:
+    """Why ``STREAM_K`` cannot go with ``config``'s other keys (it needs GROUP_SIZE_M 1 and
+    no SPLIT_K: its programs already share a tile's K steps), or None if it can."""
+    group, split = config.get("GROUP_SIZE_M", 1), config.get("SPLIT_K", 1)
+    if group == 1 and split == 1:
+        return None
+    return (f"STREAM_K needs GROUP_SIZE_M 1 and no SPLIT_K; found GROUP_SIZE_M {group}, "
+            f"SPLIT_K {split}")
 
 
 def parse_table(data: object) -> dict[tuple[int, int], dict[int, dict]]:
@@ -366,4 +375,4 @@ __all__ = ["BORROW_SIBLING_FILES", "CONFIGS_SUFFIX", "CONFIG_DIR", "CONFIG_KEYS"
            "GPU_META_KEY", "INTERPRETER_CONFIG", "THRESHOLDS_SUFFIX", "device_config_filename",
            "get_prefill_config", "gpu_file_name", "gpu_traits", "heuristic_config",
            "lookup_config", "parse_table", "recorded_gpu", "resolve_tuned_file",
-           "sibling_file", "tuned_file", "validate_config"]
+           "sibling_file", "stream_k_conflict", "tuned_file", "validate_config"]

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .boundaries import DEFAULT_POINTS, DEFAULT_SEEDS
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -849,6 +851,8 @@ def run(args) -> int:
         print(f"wrote {out}")
         return 0
     out = args.out or str(CONFIG_DIR / device_config_filename())
+    if args.boundaries:
+        return _run_boundaries(args, names, out, dtype)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
         task = bar.add_task("tuning", total=None)
@@ -864,9 +868,67 @@ def run(args) -> int:
     return 0
 
 
+def _run_boundaries(args, names: list[str], out: str, dtype) -> int:
+    """``w4a16moe tune --boundaries``: move the handovers between the buckets of ``out``."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from .boundaries import gpu_measure, refine_boundaries
+    from .configs import parse_table
+
+    for flag, value in (("--points", args.points), ("--routings", args.routings)):
+        if value < 1:
+            raise ValueError(f"{flag} is {value}; expected at least 1")
+    try:
+        with open(out, encoding="utf-8") as f:
+            data = json.load(f)
+        parse_table(data)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--boundaries reads the config table {out}, which could not be "
+                         f"used: {exc}") from None
+    models = {n: MODEL_SHAPES[n] for n in names}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("bucket handovers", total=None)
+
+        def step(done: int, total: int, desc: str) -> None:
+            bar.update(task, completed=done, total=total, description=desc)
+            if args.verbose:
+                bar.console.print(desc, highlight=False, markup=False, soft_wrap=True)
+
+        new, changes = refine_boundaries(
+            data, models, measure=gpu_measure(models, dtype, rep_ms=min(args.rep_ms, 10.0)),
+            points=args.points, seeds=args.routings, on_step=step)
+    table = Table(title=f"bucket handovers moved ({len(changes)})")
+    for col in ("model", "buckets", "low's entries up to M", "added bucket", "times at M (us)"):
+        table.add_column(col)
+    for c in changes:
+        times = ", ".join(f"{m}: {a:.1f} / {b:.1f}"
+                          for m, a, b in zip(c.points, c.low_us, c.high_us, strict=True))
+        table.add_row(c.model, f"{c.low} / {c.high}", str(c.last_low),
+                      f"{c.bucket} ({c.holds}'s entries)", times)
+    Console().print(table)
+    if changes:
+        meta = dict(new.get("_meta", {}))
+        done = "; ".join(f"{c.model} bucket {c.bucket} = bucket "
+                         f"{c.low if c.holds == 'low' else c.high}'s entries (M <= {c.last_low}"
+                         f" on bucket {c.low}'s)" for c in changes)
+        meta["space"] = (f"{meta['space']}; then " if meta.get("space") else "") + (
+            f"boundaries ({done})")
+        new["_meta"] = meta
+        _write_json(Path(out), new)
+        print(f"wrote {out}")
+    else:
+        print(f"every handover stays at its midpoint; {out} unchanged")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("tune", help="tune the prefill kernel's configs (or, with "
-                                      "--thresholds, the decode/prefill switch) on this GPU",
+                                      "--thresholds, the decode/prefill switch; with "
+                                      "--boundaries, where the config buckets hand over) on "
+                                      "this GPU",
                        description="Time candidate prefill-kernel configs for a model's MoE "
                                    "shapes on the running GPU and write the JSON config table.")
     p.add_argument("--model", required=True,
@@ -894,4 +956,16 @@ def register(sub) -> None:
                         "times); not only the progress bar")
     p.add_argument("--candidates", default=",".join(map(str, DEFAULT_THRESHOLD_CANDIDATES)),
                    help="with --thresholds: token counts to time (default: %(default)s)")
+    p.add_argument("--boundaries", action="store_true",
+                   help="instead of tuning configs, time the prefill layer with the entries "
+                        "of each pair of neighbouring M buckets of the table (--out) at token "
+                        "counts between them, and add a bucket wherever the layer is faster "
+                        "with the handover away from their midpoint (the best tiles change "
+                        "with the rows an expert holds, not at midpoints)")
+    p.add_argument("--points", type=int, default=DEFAULT_POINTS,
+                   help="with --boundaries: token counts timed between two buckets (default: "
+                        "%(default)s)")
+    p.add_argument("--routings", type=int, default=DEFAULT_SEEDS,
+                   help="with --boundaries: random routings each time is the mean of "
+                        "(default: %(default)s)")
     p.set_defaults(func=run)

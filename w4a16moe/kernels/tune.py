@@ -11,7 +11,8 @@ SMs idle at that M (few touched experts) also with ``SPLIT_K`` 2, 4 and 8
 (:func:`split_k_candidates`); and an ``RS`` candidate whose last round of tiles the Gluon
 kernel would cut by K steps at that M's routing also with ``STREAM_K``, each of the four
 ways (:func:`stream_k_candidate`). The result is the JSON table read by
-:mod:`w4a16moe.kernels.configs`.
+:mod:`w4a16moe.kernels.configs`; ``--boundaries`` then moves where its neighbouring M buckets
+hand over (:mod:`w4a16moe.kernels.boundaries`).
 """
 
 from __future__ import annotations

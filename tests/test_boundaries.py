@@ -102,10 +102,14 @@ def fake_measure(calls):
 def test_refine_boundaries_adds_the_bucket_that_moves_the_handover(tmp_path):
     table = small_table()
     before = copy.deepcopy(table)
-    calls = []
-    new, changes = refine_boundaries(table, {"toy": SHAPE}, measure=fake_measure(calls))
+    calls, steps = [], []
+    new, changes = refine_boundaries(table, {"toy": SHAPE}, measure=fake_measure(calls),
+                                     on_step=lambda *a: steps.append(a))
     assert table == before                       # the input is not changed
     assert len(calls) == 3 * 2 * 2               # 3 points, 2 routings, both buckets' entries
+    assert [s[:2] for s in steps] == [(i, 6) for i in range(1, 7)]
+    assert steps[-1][2] == ("toy M=832 (between buckets 256 and 1024), mean of 2 of 2 "
+                            "routings: 832.0 us with bucket 256's entries, 699.2 with 1024's")
     assert {seed for *_, seed, _ in calls} == {448, 1448, 640, 1640, 832, 1832}
     (c,) = changes
     assert (c.model, c.low, c.high, c.points) == ("toy", 256, 1024, (448, 640, 832))

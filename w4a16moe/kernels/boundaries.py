@@ -165,8 +165,10 @@ def refine_boundaries(table: dict, models: dict, *, measure: Measure,
                 done += 1
                 if on_step is not None:
                     on_step(done, total, f"{name} M={m} (between buckets {low} and {high}), "
-                                         f"routing {seed}: {t_low * seeds / (seed + 1):.1f} "
-                                         f"against {t_high * seeds / (seed + 1):.1f} us")
+                                         f"mean of {seed + 1} of {seeds} routings: "
+                                         f"{t_low * seeds / (seed + 1):.1f} us with bucket "
+                                         f"{low}'s entries, {t_high * seeds / (seed + 1):.1f} "
+                                         f"with {high}'s")
             low_us.append(t_low)
             high_us.append(t_high)
         last_low = best_split(pts, low_us, high_us, low=low, high=high, min_gain=min_gain)

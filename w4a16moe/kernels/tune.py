@@ -866,6 +866,8 @@ def run(args) -> int:
         tune_prefill(names, _parse_tokens(args.tokens), dtype=dtype, space=args.space,
                      out=out, rep_ms=args.rep_ms, on_step=step)
     print(f"wrote {out}")
+    print(f"next, to move where its M buckets hand over: w4a16moe tune --model {args.model} "
+          f"--boundaries --out {out}")
     return 0
 
 

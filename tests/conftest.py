@@ -30,3 +30,14 @@ def device() -> str:
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_config_scans():
+    """Tests that patch the config lookup must not see another test's cached scan of what
+    the configs need (w4a16moe.experts._CONFIG_NEEDS)."""
+    from w4a16moe import experts
+
+    experts._CONFIG_NEEDS.clear()
+    yield
+    experts._CONFIG_NEEDS.clear()

@@ -153,7 +153,8 @@ def test_reserve_makes_room_for_a_smaller_calls_sorted_rows(monkeypatch):
     bucket lacks (the H100 table: Mixtral buckets 3 and 4 sort, bucket 8 does not), and its
     padded blocks need more rows than the reserved size's slots. reserve() scans every token
     count, so no later call replaces a buffer (inside a CUDA graph that would leave the
-    graphs captured before it pointing at freed memory); each count is scanned once."""
+    graphs captured before it pointing at freed memory); each count is scanned once, for
+    every module of the same configs."""
     from w4a16moe.kernels import configs as cfgmod
     from w4a16moe.kernels import prefill as prefill_mod
 
@@ -175,6 +176,13 @@ def test_reserve_makes_room_for_a_smaller_calls_sorted_rows(monkeypatch):
     looked_up.clear()
     moe.reserve(8)   # grows: scans only the new counts
     assert sorted(set(looked_up)) == [7, 8]
+    looked_up.clear()
+    other = HybridW4A16MoEExperts(_layer(), top_k=2, decode_threshold=1)  # the next layer
+    other.reserve(8)   # its configs are the first module's: nothing is looked up again
+    assert looked_up == []
+    assert other._prefill_ws.intermediate.shape[0] == moe._prefill_ws.intermediate.shape[0]
+    HybridW4A16MoEExperts(_layer(), top_k=1, decode_threshold=1).reserve(2)  # other configs
+    assert sorted(set(looked_up)) == [1, 2]
 
 
 def test_module_to_rebuilds_packed_experts():

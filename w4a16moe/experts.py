@@ -109,6 +109,12 @@ class _ConfigNeeds:
     stream_k_counters: int = 0
 
 
+#: the scans of :meth:`HybridW4A16MoEExperts._config_needs`, shared by the modules whose
+#: configs are the same (every layer of a model), so that reserving many layers' workspaces
+#: looks each token count up once, not once a layer; keyed by ``_config_key``
+_CONFIG_NEEDS: dict[tuple, _ConfigNeeds] = {}
+
+
 class HybridW4A16MoEExperts(nn.Module):
     """The routed experts of one MoE layer with int4 weights.
 
@@ -178,7 +184,6 @@ class HybridW4A16MoEExperts(nn.Module):
         self._decode_ws = None
         self._prefill_ws = None
         self._prefill_tokens = 0   # the token count the prefill workspace was sized for
-        self._config_scan = _ConfigNeeds()
 
     # -- weights --------------------------------------------------------------------------
     @property
@@ -198,7 +203,6 @@ class HybridW4A16MoEExperts(nn.Module):
                                w2=weights("w2", self._group_sizes[1]), **meta)
             self._experts = ex
             self._decode_ws = self._prefill_ws = None
-            self._config_scan = _ConfigNeeds()
         return ex
 
     @property
@@ -259,17 +263,29 @@ class HybridW4A16MoEExperts(nn.Module):
                 stream_k_scratch(ex.device, need.stream_k_partials, need.stream_k_counters)
         return ws
 
+    def _config_key(self) -> tuple:
+        """What the prefill configs (and so :meth:`_config_needs`) depend on: the layer's
+        shape, dtype and device, top-k, the deterministic mode, the global expert count and,
+        on a GPU, the version of the tuned table file."""
+        ex = self.experts
+        table = None
+        if ex.device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            path = tuned_file(ex.device)
+            table = (str(path), path.stat().st_mtime_ns if path.exists() else None)
+        return (ex.num_experts, ex.hidden_size, ex.intermediate_size, ex.dtype, ex.device,
+                self.top_k, self.deterministic, self.num_global_experts, table)
+
     def _config_needs(self, m: int) -> _ConfigNeeds:
         """What the prefill configs of every token count up to ``m`` need besides the
         workspace's fixed buffers (:class:`_ConfigNeeds`). Every count is looked at, since a
         smaller call may take a table bucket with sorted rows, a split or Stream-K that
-        ``m``'s bucket does not have; each count is scanned once per module (the result
-        covers at least ``m``)."""
+        ``m``'s bucket does not have; each count is scanned once for all the modules of
+        the same :meth:`_config_key` (the result covers at least ``m``)."""
         from .kernels import prefill_rs
         from .kernels.prefill import layer_configs
         from .routing import max_num_tokens_padded
 
-        scan = self._config_scan
+        scan = _CONFIG_NEEDS.setdefault(self._config_key(), _ConfigNeeds())
         if m <= scan.tokens:
             return scan
         ex = self.experts

@@ -341,3 +341,11 @@ def test_auto_space_per_token_count(monkeypatch):
     assert tune.resolve_space("midm", 4096) == "midm"
     with pytest.raises(ValueError, match=r"space is 'bogus'; expected 'auto' or one of"):
         tune.resolve_space("bogus", 64)
+
+
+def test_progress_prints_every_step_when_verbose(capsys):
+    with tune._progress("tuning", True) as step:
+        step(1, 2, "qwen3-30b-a3b M=4 w13 16x64x64 w4 s4: 1.0 us")
+        step(2, 2, "qwen3-30b-a3b M=4 w2 16x64x64 w4 s4: 2.0 us")
+    out = capsys.readouterr().out
+    assert "M=4 w13 16x64x64 w4 s4: 1.0 us" in out and "M=4 w2 16x64x64 w4 s4: 2.0 us" in out

@@ -17,6 +17,7 @@ hand over (:mod:`w4a16moe.kernels.boundaries`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -815,9 +816,28 @@ def _parse_tokens(text: str, flag: str = "--tokens") -> tuple[int, ...]:
     return vals
 
 
+@contextlib.contextmanager
+def _progress(description: str, verbose: bool, time_left: bool = True):
+    """A progress bar for the ``tune`` command, yielding the ``on_step(done, total,
+    description)`` callback that moves it; with ``verbose`` each step's description is also
+    printed above the bar (one line a timed candidate or point)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}")]
+    with Progress(*columns, *([TimeRemainingColumn()] if time_left else [])) as bar:
+        task = bar.add_task(description, total=None)
+
+        def step(done: int, total: int, desc: str) -> None:
+            bar.update(task, completed=done, total=total, description=desc)
+            if verbose:
+                bar.console.print(desc, highlight=False, markup=False, soft_wrap=True)
+
+        yield step
+
+
 def run(args) -> int:
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .configs import CONFIG_DIR, device_config_filename
 
@@ -836,15 +856,7 @@ def run(args) -> int:
 
         out = args.out or thresholds_path(torch.cuda.get_device_name())
         cands = _parse_tokens(args.candidates, "--candidates")
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total}")) as bar:
-            task = bar.add_task("thresholds", total=None)
-
-            def tstep(done: int, total: int, desc: str) -> None:
-                bar.update(task, completed=done, total=total, description=desc)
-                if args.verbose:
-                    bar.console.print(desc, highlight=False, markup=False, soft_wrap=True)
-
+        with _progress("thresholds", args.verbose, time_left=False) as tstep:
             res = measure_thresholds(names, dtype=dtype, candidates=cands, out=out,
                                      rep_ms=min(args.rep_ms, 5.0), on_step=tstep)
         for name, r in res.items():
@@ -854,15 +866,7 @@ def run(args) -> int:
     out = args.out or str(CONFIG_DIR / device_config_filename())
     if args.boundaries:
         return _run_boundaries(args, names, out, dtype)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
-        task = bar.add_task("tuning", total=None)
-
-        def step(done: int, total: int, desc: str) -> None:
-            bar.update(task, completed=done, total=total, description=desc)
-            if args.verbose:   # one line a timed candidate, above the bar
-                bar.console.print(desc, highlight=False, markup=False, soft_wrap=True)
-
+    with _progress("tuning", args.verbose) as step:
         tune_prefill(names, _parse_tokens(args.tokens), dtype=dtype, space=args.space,
                      out=out, rep_ms=args.rep_ms, on_step=step)
     print(f"wrote {out}")
@@ -874,7 +878,6 @@ def run(args) -> int:
 def _run_boundaries(args, names: list[str], out: str, dtype) -> int:
     """``w4a16moe tune --boundaries``: move the handovers between the buckets of ``out``."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from .boundaries import gpu_measure, refine_boundaries
@@ -891,15 +894,7 @@ def _run_boundaries(args, names: list[str], out: str, dtype) -> int:
         raise ValueError(f"--boundaries reads the config table {out}, which could not be "
                          f"used: {exc}") from None
     models = {n: MODEL_SHAPES[n] for n in names}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total}"), TimeRemainingColumn()) as bar:
-        task = bar.add_task("bucket handovers", total=None)
-
-        def step(done: int, total: int, desc: str) -> None:
-            bar.update(task, completed=done, total=total, description=desc)
-            if args.verbose:
-                bar.console.print(desc, highlight=False, markup=False, soft_wrap=True)
-
+    with _progress("bucket handovers", args.verbose) as step:
         new, changes = refine_boundaries(
             data, models, measure=gpu_measure(models, dtype, rep_ms=min(args.rep_ms, 10.0)),
             points=args.points, seeds=args.routings, on_step=step)

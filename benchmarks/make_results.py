@@ -7,8 +7,9 @@ and the markdown tables of ``benchmarks/RESULTS.md``.
 Layer records keep the keys of the issue ({"model", "M", "path", "kernel_us", "layer_us",
 "floor_us", "bf16_us", "read_gbps", "gpu", "torch", "triton", "date"}) plus what explains
 them (impl, hybrid_kernel, x_floor, speedup_vs_bf16, rel_err, bytes, flops, u, copies,
-section); end-to-end records are kept whole. Records of the same run (same gpu and date
-day) replace older ones with the same key.
+section, and the SM clock during the timings: clocks, layer_clocks); end-to-end records are
+kept whole. A time measured while the card held its SM clock down is marked with a dagger.
+Records of the same run (same gpu and date day) replace older ones with the same key.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import argparse
 import json
 import os
 
+from w4a16moe.bench.clocks import SLOW_CLOCK_RATIO, SLOWED_MARK_FRACTION, slowed
+
 LAYER_KEYS = ("model", "M", "path", "impl", "hybrid_kernel", "kernel_us", "layer_us",
               "floor_us", "floor_bound", "bf16_us", "read_gbps", "x_floor", "speedup_vs_bf16",
               "rel_err", "bytes", "flops", "u", "copies", "timing", "section", "gpu", "torch",
-              "triton", "date", "error")
+              "triton", "date", "error", "clocks", "layer_clocks")
+SLOWED_NOTE = (f"&dagger;: the card held its SM clock below {SLOW_CLOCK_RATIO:.0%} of its maximum "
+               f"(NVML: power cap) for at least {SLOWED_MARK_FRACTION:.0%} of that timing; the "
+               "record's `clocks` / `layer_clocks` give its median and lowest clock.")
 
 
 def layer_records(report: dict) -> list[dict]:
@@ -55,7 +61,13 @@ def _f(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _t(v, clocks: dict | None) -> str:
+    """A time, marked when its timing ran with the SM clock held down."""
+    return _f(v) + (" &dagger;" if v is not None and slowed(clocks) else "")
+
+
 def layer_table(records: list[dict], section: str) -> str:
+    marked = False
     lines = ["| model | M | path (kernel) | experts us | layer us | floor us | x floor | "
              "bf16 us | vs bf16 | GB/s | rel err |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -63,10 +75,15 @@ def layer_table(records: list[dict], section: str) -> str:
         if r.get("kind") != "layer" or r.get("section") != section:
             continue
         name = r["path"] if r.get("impl") in (None, r["path"]) else f"{r['path']} ({r['impl']})"
-        lines.append(f"| {r['model']} | {r['M']} | {name} | {_f(r['kernel_us'])} | "
-                     f"{_f(r['layer_us'])} | {_f(r['floor_us'])} | {_f(r['x_floor'], '.2f')} | "
+        marked = marked or slowed(r.get("clocks")) or slowed(r.get("layer_clocks"))
+        lines.append(f"| {r['model']} | {r['M']} | {name} | "
+                     f"{_t(r['kernel_us'], r.get('clocks'))} | "
+                     f"{_t(r['layer_us'], r.get('layer_clocks'))} | {_f(r['floor_us'])} | "
+                     f"{_f(r['x_floor'], '.2f')} | "
                      f"{_f(r['bf16_us'])} | {_f(r['speedup_vs_bf16'], '.2f')} | "
                      f"{_f(r['read_gbps'], '.0f')} | {_f(r.get('rel_err'), '.1e')} |")
+    if marked:
+        lines += ["", SLOWED_NOTE]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ import torch
 from ..layout import PACK_FACTOR, PackedExperts, PackedWeights
 from ..routing import fused_topk
 from .baseline import dense_reference
+from .clocks import nvml_reader, sample_clocks
 from .floors import distinct_experts, layer_bytes, layer_floor, layer_flops
 from .models import MoEShape
 from .paths import PathSpec, clear_path_caches, get_path
@@ -272,7 +273,10 @@ def bench_layer(
 
     Returns:
         One record per (path, M) measured, in the order of ``paths`` then ``ms``; a path
-        that raised at some M gets a record with ``error`` set and no times.
+        that raised at some M gets a record with ``error`` set and no times. On a GPU with
+        NVML, ``clocks`` and ``layer_clocks`` summarize the SM clock during the experts and
+        the layer timing (:func:`.clocks.summarize`: how often the card held it down, and
+        why); else they are None.
     """
     dtype = parse_dtype(dtype)
     device = as_device(device)
@@ -299,6 +303,7 @@ def bench_layer(
             "shape": asdict(shape)}
 
     copies = LayerCopies(shape, dtype, device, seed=seed)
+    read_clocks = nvml_reader(device)  # None on a CPU or without pynvml
     kinds = {s.weights for s in specs}
     n_copies: dict[str, int] = {}
     for kind in sorted(kinds):
@@ -325,7 +330,7 @@ def bench_layer(
                        layer_us=None, floor_us=floor.us, floor_bound=floor.bound, bf16_us=None,
                        read_gbps=None, x_floor=None, speedup_vs_bf16=None, rel_err=None,
                        u=u, flops=layer_flops(shape, m), copies=n_copies[spec.weights],
-                       timing=None, error=None)
+                       timing=None, error=None, clocks=None, layer_clocks=None)
             fmt = "int4" if spec.weights == "int4" else "bf16"
             rec["bytes"] = layer_bytes(shape, m, dtype.itemsize, u=u, weight_format=fmt)
             cap = (max_m or {}).get(spec.name)
@@ -348,9 +353,10 @@ def bench_layer(
                         del out
                     else:
                         err = None
-                    t = _time_path(cand, fn, copies, use, shape.activation, False, device,
-                                   target_ms, min_calls=min_calls,
-                                   min_replay_us=min_replay_us)
+                    with sample_clocks(read_clocks) as clocks:
+                        t = _time_path(cand, fn, copies, use, shape.activation, False, device,
+                                       target_ms, min_calls=min_calls,
+                                       min_replay_us=min_replay_us)
                 except Exception as exc:  # noqa: BLE001 - a failing path must not stop the run
                     msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     log(f"{cand.name} at M={m}: {msg}")
@@ -360,12 +366,13 @@ def bench_layer(
                         torch.cuda.synchronize()
                     continue
                 if best is None or t.median_us < best[1].median_us:
-                    best = (cand, t, fn, err)
+                    best = (cand, t, fn, err, clocks["summary"])
             if best is not None:
-                cand, t, fn, err = best
+                cand, t, fn, err, kernel_clocks = best
                 rec.update(impl=cand.name, kernel_us=t.median_us, timing=t.method, rel_err=err,
                            error=None, read_gbps=rec["bytes"] / (t.median_us * 1e3),
-                           x_floor=t.median_us / floor.us, calls_per_graph=t.calls_per_rep)
+                           x_floor=t.median_us / floor.us, calls_per_graph=t.calls_per_rep,
+                           clocks=kernel_clocks)
                 if spec.name == "hybrid":
                     from .adapters import hybrid_choice
 
@@ -373,10 +380,12 @@ def bench_layer(
                         copies.weights("int4", 0), shape.top_k, m)
                 if layer_time:
                     use = inputs[:n_copies[spec.weights]]
-                    lt = _time_path(cand, fn, copies, use, shape.activation, True, device,
-                                    target_ms, min_calls=min_calls,
-                                    min_replay_us=min_replay_us)
+                    with sample_clocks(read_clocks) as clocks:
+                        lt = _time_path(cand, fn, copies, use, shape.activation, True, device,
+                                        target_ms, min_calls=min_calls,
+                                        min_replay_us=min_replay_us)
                     rec["layer_us"] = lt.median_us
+                    rec["layer_clocks"] = clocks["summary"]
                 if err is not None and err > REL_TOL:
                     log(f"{spec.name} at M={m}: output differs from the oracle "
                         f"(rel err {err:.3g})")

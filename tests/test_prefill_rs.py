@@ -758,3 +758,93 @@ def test_reserve_sizes_the_stream_k_scratch(monkeypatch):
                                                 sms=sms)
     assert partials.numel() >= elems and counters.numel() >= units
     assert not counters.any()
+
+
+def test_short_block_config_rules():
+    """SHORT_BLOCK_T needs an RS entry, a BLOCK_SIZE_M above it and no STREAM_K; the rules
+    name what they found."""
+    cfg = {**rs_config(128, 128, 64, 6), "SHORT_BLOCK_T": 64}
+    assert cfgmod.validate_config(cfg)["SHORT_BLOCK_T"] == 64
+    with pytest.raises(ValueError, match="found SHORT_BLOCK_T 128, RS True, BLOCK_SIZE_M 128"):
+        cfgmod.validate_config({**cfg, "SHORT_BLOCK_T": 128})
+    with pytest.raises(ValueError, match="found SHORT_BLOCK_T 64, RS False"):
+        cfgmod.validate_config({**cfg, "RS": False})
+    with pytest.raises(ValueError, match="STREAM_K True"):
+        cfgmod.validate_config({**cfg, "GROUP_SIZE_M": 1, "STREAM_K": True})
+    with pytest.raises(ValueError, match=r"SHORT_BLOCK_T is 48; expected one of \[16, 32"):
+        cfgmod.validate_config({**cfg, "SHORT_BLOCK_T": 48})
+
+
+def test_short_blocks_compile_with_async_wgmmas():
+    """With SHORT_BLOCK_T the consumer has a second K loop for the short blocks: it compiles
+    for sm_90 with its two wait barriers stripped as well (four in all), every scratch write
+    behind a barrier and the wgmmas of both loops asynchronous. Runs without a GPU."""
+    if not prefill_rs.HAVE_GLUON:
+        pytest.skip("triton.experimental.gluon is not available")
+    from rs_aot import ptxas_reports
+
+    variants = [dict(config={**rs_config(256, 64, 64, 4), "SORTED_ROWS": True,
+                             "SHORT_BLOCK_T": 64},
+                     activation=True, a_sorted=True, out_sorted=True, mul_routed_weight=False),
+                dict(config={**rs_config(128, 256, 32, 8), "PREFETCH_SCALES": True,
+                             "SHORT_BLOCK_T": 32},
+                     activation=False, a_sorted=False, out_sorted=False,
+                     mul_routed_weight=True)]
+    for v, result in zip(variants, ptxas_reports(variants), strict=True):
+        assert "Used" in result["ptxas"], result["ptxas"]
+        assert (result["stripped"], result["left"]) == (4, 0), (v, result)
+        assert result["unguarded"] == [], (v, result["unguarded"])
+        assert "wgmma.mma_async instructions are serialized" not in result["ptxas"], v
+
+
+def routing_with_counts(counts, top_k, e, seed):
+    """(weights, ids) of ``counts[j]`` slots on expert j, shuffled into tokens of ``top_k``
+    (a token may repeat an expert: the GEMMs treat slots independently)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
+    ids = ids[torch.randperm(ids.numel(), generator=gen)].view(-1, top_k)
+    w = torch.rand(ids.shape, generator=gen) + 0.1
+    return (w / w.sum(1, keepdim=True)).to(DEVICE), ids.to(torch.int32).to(DEVICE)
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("tiles", [(128, 128, 64, 6, 64), (128, 128, 64, 6, 16),
+                                   (256, 128, 64, 5, 64), (256, 128, 64, 5, 128),
+                                   (64, 128, 64, 4, 32)])
+@pytest.mark.parametrize("sorted_rows,prefetch,paired", [(False, False, False),
+                                                         (True, True, False),
+                                                         (True, False, True)])
+def test_rs_short_blocks_give_the_same_bits(dtype, symmetric, tiles, sorted_rows, prefetch,
+                                            paired):
+    """SHORT_BLOCK_T runs the blocks whose real rows fit in their first SHORT_BLOCK_T
+    positions on SHORT_BLOCK_T-column wgmmas: each output column is the same sum in the same
+    order, so the layer gives the same bits as without it, and matches the reference. The
+    routing puts experts on every side of the rule: whole blocks, a last block of 1 row, of
+    exactly SHORT_BLOCK_T rows, of one more, and an empty expert."""
+    bm, bn, bk, stages, short = tiles
+    e, h, i, top_k = 8, 1024, 512, 2
+    counts = [2 * bm + 3, 5, short, short + 1, bm + 1, 0, 2 * bm, 2]
+    if sum(counts) % top_k:
+        counts[1] += 1
+    experts = random_experts(e, h, i, group_size=128, symmetric=symmetric, dtype=dtype,
+                             device=DEVICE, seed=61)
+    w, ids = routing_with_counts(counts, top_k, e, seed=61)
+    x = torch.randn(ids.shape[0], h, dtype=dtype, device=DEVICE)
+    flags = {"SORTED_ROWS": sorted_rows, "PREFETCH_SCALES": prefetch}
+    if paired:
+        flags.update(PAIRED_STAGES=True)
+        stages = stages // 2 + 1
+    cfg1 = {**rs_config(bm, bn // 2, bk, stages), **flags}
+    cfg2 = {**rs_config(bm, bn, bk, stages), **flags}
+    outs = []
+    for extra in ({}, {"SHORT_BLOCK_T": short}):
+        y = torch.full((ids.shape[0], h), float("nan"), dtype=dtype, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, out=y,
+                          configs=({**cfg1, **extra}, {**cfg2, **extra}))
+        outs.append(y)
+    assert not outs[1].isnan().any()
+    assert torch.equal(outs[0], outs[1]), f"{tiles} sorted={sorted_rows}"
+    ref = moe_reference(x, experts, w, ids, round_intermediate=True)
+    err = ((outs[1].float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"layer {tiles}: {err:.2e}"

@@ -336,15 +336,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _rs_step_x(x_bufs, fill, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                   PAIRED: gl.constexpr, HALF: gl.constexpr, ROWS: gl.constexpr):
+                   PAIRED: gl.constexpr, HALF: gl.constexpr):
         """A step's activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: the stage
-        of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``; with ``ROWS`` > 0 only
-        its first ``ROWS`` token rows (``[BLOCK_K, ROWS]``)."""
+        of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``."""
         x = x_bufs.index(fill % STAGES)
         if PAIRED:
             x = x.slice(HALF * BLOCK_K, BLOCK_K, dim=1)
-        if ROWS > 0:
-            x = x.slice(0, ROWS, dim=0)
         return x.permute((1, 0))
 
     @gluon.jit
@@ -455,12 +452,11 @@ if HAVE_GLUON:
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
                      PAIRED: gl.constexpr, vdtype: gl.constexpr, pairs_layout: gl.constexpr,
                      row_layout: gl.constexpr, a_layout: gl.constexpr,
-                     mma_layout: gl.constexpr, X_ROWS: gl.constexpr):
+                     mma_layout: gl.constexpr):
         """The consumer's K loop over ``num_steps`` steps of one unit (or of a piece of one)
         from K step ``kstep0``: the float32 accumulator ``[BLOCK_N, BLOCK_T]`` of the tile's
         weight rows (``n0 ...`` of ``expert``), the ring's fills counted from ``ring``, every
-        stage it used released. ``X_ROWS`` > 0: the staged activation tiles have more rows
-        than ``BLOCK_T``, and the wgmmas read only their first ``X_ROWS`` (= ``BLOCK_T``)."""
+        stage it used released."""
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
         e64 = expert.to(gl.int64)
         w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
@@ -504,7 +500,7 @@ if HAVE_GLUON:
                                   BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
                                   row_layout, a_layout)
             acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
-                                               PAIRED, 0, X_ROWS), acc, is_async=True)
+                                               PAIRED, 0), acc, is_async=True)
             acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
             if i > 0:
                 # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
@@ -515,7 +511,7 @@ if HAVE_GLUON:
                                   BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
                                   pairs_layout, row_layout, a_layout)
             acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
-                                               PAIRED, 1, X_ROWS), acc, is_async=True)
+                                               PAIRED, 1), acc, is_async=True)
             acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
             if not PAIRED:
                 # step i's stage (with PAIRED step i + 1's wgmma still reads it)
@@ -557,34 +553,6 @@ if HAVE_GLUON:
         gl.store(c_ptrs, res, mask=c_mask)
 
     @gluon.jit
-    def _rs_unit_store(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
-                       up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn,
-                       stride_sg, stride_ze, stride_zn, stride_zg, c_ptrs, c_mask,
-                       topk_weights_ptr, sorted_ids_ptr, row0, num_valid_slots,
-                       GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                       SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
-                       MUL_ROUTED_WEIGHT: gl.constexpr, IS_FP16: gl.constexpr,
-                       A_SORTED: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
-                       BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                       PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr,
-                       vdtype: gl.constexpr, pairs_layout: gl.constexpr,
-                       row_layout: gl.constexpr, a_layout: gl.constexpr,
-                       mma_layout: gl.constexpr, out_layout: gl.constexpr,
-                       X_ROWS: gl.constexpr):
-        """One whole unit: its K loop (:func:`_rs_unit_acc`) and its epilogue into
-        ``c_ptrs``, on ``BLOCK_T`` token columns (with ``X_ROWS`` > 0, the first ``X_ROWS``
-        rows of larger staged tiles)."""
-        acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
-                           up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn,
-                           stride_sg, stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS,
-                           SCALE_PAIRS, ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N,
-                           BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype, pairs_layout,
-                           row_layout, a_layout, mma_layout, X_ROWS)
-        _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
-                     num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T, BLOCK_N,
-                     BLOCK_N_OUT, mma_layout, out_layout)
-
-    @gluon.jit
     def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
                      topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
                      N, K, EM, num_valid_slots, up_offset, stride_cm, stride_cs, stride_se,
@@ -596,18 +564,13 @@ if HAVE_GLUON:
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
-                     SPLIT_K: gl.constexpr, PAIRED: gl.constexpr, SHORT_T: gl.constexpr,
-                     num_warps: gl.constexpr):
+                     SPLIT_K: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
         row ``row0 + t``, the sorted position, instead of row ``slot``; with ``SPLIT_K`` > 1
         the unit's partial sums into ``C[split]``, ``stride_cs`` apart). With ``PAIRED`` the
         two steps of an iteration come from the two halves of one stage, which is released
-        once the second step's wgmma is retired. ``SHORT_T`` > 0: a block whose real slots
-        all lie in its first ``SHORT_T`` positions (an expert's last, nearly empty block; the
-        alignment puts a block's padding last) runs ``SHORT_T``-column wgmmas on those
-        columns only, the same ring stages consumed, so it costs its dequantization and
-        ``SHORT_T / BLOCK_T`` of the multiply-adds."""
+        once the second step's wgmma is retired."""
         mma_layout: gl.constexpr = _rs_mma_layout(num_warps, BLOCK_T)
         a_layout: gl.constexpr = _rs_a_layout(mma_layout)
         pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
@@ -615,14 +578,6 @@ if HAVE_GLUON:
         out_layout: gl.constexpr = _rs_out_layout(num_warps, BLOCK_T)
         vdtype: gl.constexpr = gl.float16 if IS_FP16 else gl.bfloat16
         bias = 1024 if IS_FP16 else 128  # the magic exponent's value in vdtype
-        # the same layouts for the short blocks' SHORT_T columns (unused when SHORT_T is 0)
-        T_S: gl.constexpr = SHORT_T if SHORT_T > 0 else BLOCK_T
-        mma_layout_s: gl.constexpr = _rs_mma_layout(num_warps, T_S)
-        a_layout_s: gl.constexpr = _rs_a_layout(mma_layout_s)
-        pairs_layout_s: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K,
-                                                        a_layout_s).type.layout
-        row_layout_s: gl.constexpr = _rs_row_layout(pairs_layout_s)
-        out_layout_s: gl.constexpr = _rs_out_layout(num_warps, T_S)
 
         num_pid_m = gl.cdiv(EM, BLOCK_T)
         num_pid_n = N // BLOCK_N_OUT
@@ -647,48 +602,17 @@ if HAVE_GLUON:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
                                               out_layout), mask=c_mask)
                 else:
-                    # (SHORT_T is a compile-time branch: without it the kernel is as before)
-                    if SHORT_T > 0:
-                        # the block's position SHORT_T holds padding: so do all after it
-                        if gl.load(sorted_ids_ptr + row0 + SHORT_T) >= num_valid_slots:
-                            c_ptrs_s, c_mask_s = _rs_out_tile(
-                                c_ptr + split.to(gl.int64) * stride_cs, sorted_ids_ptr, row0,
-                                n0, stride_cm, num_valid_slots, OUT_FRAG, C_SORTED, T_S,
-                                BLOCK_N_OUT, out_layout_s)
-                            _rs_unit_store(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr,
-                                           z_ptr, expert, n0, up_offset, kstep0, num_steps,
-                                           ring, bias, stride_se, stride_sn, stride_sg,
-                                           stride_ze, stride_zn, stride_zg, c_ptrs_s, c_mask_s,
-                                           topk_weights_ptr, sorted_ids_ptr, row0,
-                                           num_valid_slots, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
-                                           ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16, A_SORTED,
-                                           T_S, BLOCK_N, BLOCK_N_OUT, BLOCK_K, STAGES,
-                                           PREFETCH_SCALES, PAIRED, vdtype, pairs_layout_s,
-                                           row_layout_s, a_layout_s, mma_layout_s,
-                                           out_layout_s, SHORT_T)
-                        else:
-                            _rs_unit_store(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr,
-                                           z_ptr, expert, n0, up_offset, kstep0, num_steps,
-                                           ring, bias, stride_se, stride_sn, stride_sg,
-                                           stride_ze, stride_zn, stride_zg, c_ptrs, c_mask,
-                                           topk_weights_ptr, sorted_ids_ptr, row0,
-                                           num_valid_slots, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
-                                           ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16, A_SORTED,
-                                           BLOCK_T, BLOCK_N, BLOCK_N_OUT, BLOCK_K, STAGES,
-                                           PREFETCH_SCALES, PAIRED, vdtype, pairs_layout,
-                                           row_layout, a_layout, mma_layout, out_layout, 0)
-                    else:
-                        _rs_unit_store(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr,
+                    acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr,
                                        expert, n0, up_offset, kstep0, num_steps, ring, bias,
                                        stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                       stride_zg, c_ptrs, c_mask, topk_weights_ptr,
-                                       sorted_ids_ptr, row0, num_valid_slots, GROUP_SIZE,
-                                       HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
-                                       IS_FP16, A_SORTED, BLOCK_T, BLOCK_N, BLOCK_N_OUT,
+                                       stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
+                                       ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N,
                                        BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype,
-                                       pairs_layout, row_layout, a_layout, mma_layout,
-                                       out_layout, 0)
+                                       pairs_layout, row_layout, a_layout, mma_layout)
                     ring += num_steps // STEPS
+                    _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
+                                 num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
+                                 BLOCK_N, BLOCK_N_OUT, mma_layout, out_layout)
 
     @gluon.jit
     def _sk_schedule(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
@@ -844,7 +768,7 @@ if HAVE_GLUON:
                                    GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, IS_FP16,
                                    A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES,
                                    PREFETCH_SCALES, PAIRED, vdtype, pairs_layout, row_layout,
-                                   a_layout, mma_layout, 0)
+                                   a_layout, mma_layout)
                 ring += num_steps // STEPS
                 finish = gu1 - gu0 == g_unit
                 if gu1 - gu0 < g_unit:
@@ -894,7 +818,7 @@ if HAVE_GLUON:
         W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, PAIRED: gl.constexpr = False,
-        STREAM_K: gl.constexpr = False, SHORT_T: gl.constexpr = 0,
+        STREAM_K: gl.constexpr = False,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -977,7 +901,7 @@ if HAVE_GLUON:
                                 SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED,
                                 C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
                                 GROUP_SIZE_M, STAGES, PREFETCH_SCALES, SPLIT_K, PAIRED,
-                                SHORT_T, num_warps)),
+                                num_warps)),
                 (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                               num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                               x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
@@ -1196,9 +1120,7 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     range's partial sums. ``config["PAIRED_STAGES"]``: each ring stage (``num_stages`` of
     them) holds two K steps, so the loader reads ``BLOCK_SIZE_K / 2``-byte runs of each
     weight row instead of ``BLOCK_SIZE_K / 4``-byte ones (HBM streams runs under 128 bytes a
-    row at about two thirds of its rate: ``benchmarks/row_chunk_bandwidth.py``).
-    ``config["SHORT_BLOCK_T"]``: blocks whose real rows all lie in their first that many
-    positions multiply only those columns (see ``_rs_consumer``)."""
+    row at about two thirds of its rate: ``benchmarks/row_chunk_bandwidth.py``)."""
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     split = config.get("SPLIT_K", 1)
     stage_k = stage_columns(config)
@@ -1210,11 +1132,6 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     grid = (min(units, _sm_count(index)),)
     activation = activation_code != 0
     stream_k = bool(config.get("STREAM_K", False))
-    # SHORT_BLOCK_T: blocks with no real row past it take the short path (none when GEMM2's
-    # entry is run with GEMM1's smaller BLOCK_SIZE_M; Stream-K has no short path)
-    short_t = config.get("SHORT_BLOCK_T", 0)
-    if short_t >= bt or stream_k:
-        short_t = 0
     sk_partials = sk_counters = out  # dummy pointers without STREAM_K
     if stream_k:
         if (why := stream_k_conflict(config)) is not None:
@@ -1259,4 +1176,4 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
             PAIRED=bool(config.get("PAIRED_STAGES", False)), STREAM_K=stream_k,
-            SHORT_T=short_t, **prefill_pdl_args(a.device))
+            **prefill_pdl_args(a.device))

@@ -15,7 +15,7 @@ Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRA
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
 ``"PREFETCH_SCALES"``, ``"PAIRED_STAGES"`` and ``"STREAM_K"`` (booleans for that kernel;
-see :data:`OPTIONAL_KEYS`), ``"SHORT_BLOCK_T"`` (16, 32, 64 or 128, for that kernel too),
+see :data:`OPTIONAL_KEYS`),
 ``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
@@ -75,16 +75,10 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: round would leave SMs idle long enough to pay for it; a tile split between programs is
 #: summed from float32 partials by the program that completes it (benchmarks/notes_prefill.md,
 #: session 21); the Triton kernel ignores it
-#: SHORT_BLOCK_T (RS entries, less than BLOCK_SIZE_M, no STREAM_K): a block whose real rows
-#: all lie in its first SHORT_BLOCK_T positions (an expert's last block, nearly empty) runs
-#: SHORT_BLOCK_T-column wgmmas on those alone, so it costs its dequantization and
-#: SHORT_BLOCK_T / BLOCK_SIZE_M of the multiply-adds of a full block
-#: (benchmarks/notes_prefill.md, session 24); the Triton kernel ignores it
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
-                 "PAIRED_STAGES": (True, False), "STREAM_K": (True, False),
-                 "SHORT_BLOCK_T": (16, 32, 64, 128)}
+                 "PAIRED_STAGES": (True, False), "STREAM_K": (True, False)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
@@ -152,21 +146,7 @@ def validate_config(config: object) -> dict:
             out[key] = v
     if out.get("STREAM_K") and (why := stream_k_conflict(out)) is not None:
         raise ValueError(why)
-    if "SHORT_BLOCK_T" in out and (why := short_block_conflict(out)) is not None:
-        raise ValueError(why)
     return out
-
-
-def short_block_conflict(config: dict) -> str | None:
-    """Why ``SHORT_BLOCK_T`` cannot go with ``config``'s other keys (it needs an ``RS``
-    entry, a BLOCK_SIZE_M above it and no STREAM_K, whose consumer has no short path), or
-    None if it can."""
-    short, bm = config["SHORT_BLOCK_T"], config["BLOCK_SIZE_M"]
-    if config.get("RS") is True and short < bm and not config.get("STREAM_K"):
-        return None
-    return (f"SHORT_BLOCK_T needs RS, a BLOCK_SIZE_M above it and no STREAM_K; found "
-            f"SHORT_BLOCK_T {short}, RS {config.get('RS', False)}, BLOCK_SIZE_M {bm}, "
-            f"STREAM_K {config.get('STREAM_K', False)}")
 
 
 def stream_k_conflict(config: dict) -> str | None:

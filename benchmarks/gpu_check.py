@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         if r.get("section") == "decode" or r["M"] in short_ms:
             short.append(line)
     if any(held):
-        note = ("* the SM clock was held down (below 95 % of its maximum, NVML) for at least "
-                "10 % of that timing: see the record's clocks / layer_clocks")
+        note = ("* the SM clock was below 95 % of its maximum (NVML: power cap or heat) for "
+                "at least 10 % of that timing: see the record's clocks / layer_clocks")
         lines.append(note)
         short.append(note)
     log.f.write("\nall records:\n" + "\n".join(lines) + "\n\n")

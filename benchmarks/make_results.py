@@ -25,8 +25,9 @@ LAYER_KEYS = ("model", "M", "path", "impl", "hybrid_kernel", "kernel_us", "layer
               "rel_err", "bytes", "flops", "u", "copies", "timing", "section", "gpu", "torch",
               "triton", "date", "error", "clocks", "layer_clocks")
 SLOWED_NOTE = (f"&dagger;: the card held its SM clock below {SLOW_CLOCK_RATIO:.0%} of its maximum "
-               f"(NVML: power cap) for at least {SLOWED_MARK_FRACTION:.0%} of that timing; the "
-               "record's `clocks` / `layer_clocks` give its median and lowest clock.")
+               f"(NVML: power cap or heat) for at least {SLOWED_MARK_FRACTION:.0%} of that "
+               "timing; the record's `clocks` / `layer_clocks` give its median and lowest "
+               "clock and NVML's reasons.")
 
 
 def layer_records(report: dict) -> list[dict]:

@@ -159,3 +159,19 @@ def test_nvml_reader_on_the_gpu():
         torch.cuda.synchronize()
     assert box["summary"]["samples"] >= 2
     assert box["summary"]["sm_max_mhz"] == s.sm_max_mhz
+
+
+def test_bench_table_marks_held_clocks():
+    from rich.console import Console
+
+    from w4a16moe.bench.cli import records_table
+
+    held = summarize([sample(1620.0, 0x4)] * 3 + [sample(MAX)] * 5)
+    steady = summarize([sample(MAX)] * 8)
+    table = records_table([_record(clocks=steady, layer_clocks=held)])
+    console = Console(width=200, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "290.0*" in text and "270.0*" not in text
+    assert "power cap" in table.caption
+    assert records_table([_record(clocks=steady, layer_clocks=steady)]).caption is None

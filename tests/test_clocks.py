@@ -34,19 +34,21 @@ def sample(mhz: float, reasons: int = 0, power: float = 500.0, t: float = 0.0) -
 
 def test_summarize_counts_the_clock_not_the_cap_flag():
     # the power-cap bit is set through most of a heavy run while the clock stays near its
-    # maximum; only samples whose clock is below SLOW_CLOCK_RATIO of it count as slowed
+    # maximum; only samples whose clock is below SLOW_CLOCK_RATIO of it count as slowed, and
+    # only for a slowdown reason (0x1, idle, is not one)
     near = SLOW_CLOCK_RATIO * MAX + 1
     samples = ([sample(MAX)] * 5 + [sample(near, 0x4)] * 2
                + [sample(1620.0, 0x4, 690.0), sample(1700.0, 0x4 | 0x40, 695.0),
                   sample(1750.0, 0x1)])
     s = summarize(samples)
     assert s["samples"] == 10
-    assert s["slowed_fraction"] == pytest.approx(0.3)
+    assert s["slowed_fraction"] == pytest.approx(0.2)
     assert s["sm_mhz_min"] == 1620.0 and s["sm_max_mhz"] == MAX
     assert s["sm_mhz_median"] == pytest.approx((near + MAX) / 2)  # 10 samples: the middle two
     assert s["power_w_max"] == 695.0
-    # reasons of the slowed samples only, slowdown reasons only (0x1 is "idle")
+    # reasons of the slowed samples only
     assert s["reasons"] == ["sw_power_cap", "hw_thermal_slowdown"]
+    assert summarize([sample(345.0, 0x1)] * 3)["slowed_fraction"] == 0.0  # idle
     assert summarize([]) is None
     flag_only = summarize([sample(near, 0x4)] * 4)
     assert flag_only["slowed_fraction"] == 0.0 and flag_only["reasons"] == []

@@ -32,8 +32,11 @@ SLOWDOWN_REASONS = {
     0x40: "hw_thermal_slowdown",
     0x80: "hw_power_brake_slowdown",
 }
+SLOWDOWN_MASK = sum(SLOWDOWN_REASONS)
 
-#: a sample is slowed when its SM clock is below this fraction of the card's maximum
+#: a sample is slowed when its SM clock is below this fraction of the card's maximum and
+#: NVML gives one of :data:`SLOWDOWN_REASONS` (a clock that is low because the GPU idles,
+#: say between a graph's capture and its replays, does not count)
 SLOW_CLOCK_RATIO = 0.95
 #: a timing whose samples were slowed at least this often is marked in the result tables
 SLOWED_MARK_FRACTION = 0.1
@@ -51,7 +54,8 @@ class ClockSample:
 
     @property
     def slowed(self) -> bool:
-        return self.sm_mhz < SLOW_CLOCK_RATIO * self.sm_max_mhz
+        return (self.sm_mhz < SLOW_CLOCK_RATIO * self.sm_max_mhz
+                and bool(self.reasons & SLOWDOWN_MASK))
 
 
 def summarize(samples: list[ClockSample]) -> dict | None:
@@ -59,9 +63,9 @@ def summarize(samples: list[ClockSample]) -> dict | None:
     "slowed_fraction", "reasons"}`` of ``samples`` (None when empty).
 
     ``slowed_fraction``: the share of samples whose SM clock is below
-    :data:`SLOW_CLOCK_RATIO` of the maximum (the power-cap flag alone is set through most of
-    a heavy run while the clock stays within 1-2 % of its maximum, so the clock decides);
-    ``reasons``: the :data:`SLOWDOWN_REASONS` NVML gave in those samples.
+    :data:`SLOW_CLOCK_RATIO` of the maximum for one of :data:`SLOWDOWN_REASONS` (the
+    power-cap flag alone is set through most of a heavy run while the clock stays within
+    1-2 % of its maximum, so the clock decides); ``reasons``: the reasons of those samples.
     """
     if not samples:
         return None

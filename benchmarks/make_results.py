@@ -22,8 +22,8 @@ from w4a16moe.bench.clocks import SLOW_CLOCK_RATIO, SLOWED_MARK_FRACTION, slowed
 
 LAYER_KEYS = ("model", "M", "path", "impl", "hybrid_kernel", "kernel_us", "layer_us",
               "floor_us", "floor_bound", "bf16_us", "read_gbps", "x_floor", "speedup_vs_bf16",
-              "rel_err", "bytes", "flops", "u", "copies", "timing", "section", "gpu", "torch",
-              "triton", "date", "error", "clocks", "layer_clocks")
+              "rel_err", "bytes", "flops", "u", "copies", "routings", "timing", "section", "gpu",
+              "torch", "triton", "date", "error", "clocks", "layer_clocks")
 SLOWED_NOTE = (f"&dagger;: the card held its SM clock below {SLOW_CLOCK_RATIO:.0%} of its maximum "
                f"(NVML: power cap or heat) for at least {SLOWED_MARK_FRACTION:.0%} of that "
                "timing; the record's `clocks` / `layer_clocks` give its median and lowest "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -365,3 +366,29 @@ def test_records_table_and_plot(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no records with layer_us"):
         plot_records(recs, tmp_path / "u.png", metric="layer_us")
+
+
+def test_time_path_cycles_weights_under_more_routings():
+    """With more routings than weight copies (MIN_ROUTINGS on a GPU), call i runs on copy
+    i % copies, so every path sees the same routings while consecutive calls still take
+    different copies."""
+    from w4a16moe.bench import layer as layer_mod
+
+    class Copies:
+        asked: list[int] = []
+
+        def weights(self, kind, i):
+            self.asked.append(i)
+            return i
+
+    class Inp:
+        x = topk_weights = topk_ids = None
+
+    seen = []
+    spec = dataclasses.replace(layer_mod.get_path("reference"), graph_safe=False)
+    layer_mod._time_path(spec, lambda x, w, tw, ti, activation: seen.append(w), Copies(),
+                         [Inp() for _ in range(5)], "silu", False, torch.device("cpu"), 1.0,
+                         n_weights=2)
+    assert Copies.asked == [0, 1, 0, 1, 0]
+    assert seen[:5] == [0, 1, 0, 1, 0]
+    assert layer_mod.MIN_ROUTINGS >= 2

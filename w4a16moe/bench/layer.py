@@ -45,6 +45,10 @@ RECORD_KEYS = ("model", "M", "path", "kernel_us", "layer_us", "floor_us", "bf16_
                "read_gbps", "gpu", "torch", "triton", "date")
 CHECK_MAX_M = 64
 REL_TOL = 3e-2
+#: routings every path is timed on at each token count on a GPU (more when more weight
+#: copies are rotated), so that a time does not hang on one routing's count of distinct
+#: experts; the calls of a replay cycle through them, the weights through their copies
+MIN_ROUTINGS = 4
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -213,12 +217,15 @@ def _oracle(copies: LayerCopies, inp: Inputs, activation: str) -> torch.Tensor:
 def _time_path(spec: PathSpec, fn: Callable, copies: LayerCopies, inputs: Sequence[Inputs],
                activation: str, layer: bool, device: torch.device, target_ms: float,
                warm: bool = False, min_calls: int = 1,
-               min_replay_us: float = 0.0) -> object:
+               min_replay_us: float = 0.0, n_weights: int | None = None) -> object:
+    """Time ``fn`` over ``inputs``, call ``i`` on weight copy ``i % n_weights`` (default: one
+    copy per input)."""
+    n_weights = n_weights or len(inputs)
     calls = []
     for i, inp in enumerate(inputs):
         if warm:  # every call on copy 0 with the same routing: its weights stay in L2
             i, inp = 0, inputs[0]
-        w = copies.weights(spec.weights, i)
+        w = copies.weights(spec.weights, i % n_weights)
         if layer:
             def call(inp=inp, w=w):
                 tw, ti = inp.route()
@@ -273,7 +280,9 @@ def bench_layer(
 
     Returns:
         One record per (path, M) measured, in the order of ``paths`` then ``ms``; a path
-        that raised at some M gets a record with ``error`` set and no times. On a GPU with
+        that raised at some M gets a record with ``error`` set and no times. Every path at
+        one M runs on the same ``routings`` (at least :data:`MIN_ROUTINGS` on a GPU, one a
+        weight copy if more), which ``u`` and the floor average over. On a GPU with
         NVML, ``clocks`` and ``layer_clocks`` summarize the SM clock during the experts and
         the layer timing (:func:`.clocks.summarize`: how often the card held it down, and
         why); else they are None.
@@ -313,7 +322,9 @@ def bench_layer(
         n_copies[kind] = copies_for(active, copies.copy_bytes(kind), device, max_copies)
         log(f"{kind} weights: {n_copies[kind]} copies of "
             f"{copies.copy_bytes(kind) / 2**20:.0f} MiB rotated")
-    n_inputs = max(n_copies.values(), default=1)
+    # every path at one token count runs on the same routings
+    n_inputs = max(max(n_copies.values(), default=1),
+                   MIN_ROUTINGS if device.type == "cuda" else 1)
 
     records: list[dict] = []
     by_m: dict[int, dict] = {}
@@ -330,6 +341,7 @@ def bench_layer(
                        layer_us=None, floor_us=floor.us, floor_bound=floor.bound, bf16_us=None,
                        read_gbps=None, x_floor=None, speedup_vs_bf16=None, rel_err=None,
                        u=u, flops=layer_flops(shape, m), copies=n_copies[spec.weights],
+                       routings=n_inputs,
                        timing=None, error=None, clocks=None, layer_clocks=None)
             fmt = "int4" if spec.weights == "int4" else "bf16"
             rec["bytes"] = layer_bytes(shape, m, dtype.itemsize, u=u, weight_format=fmt)
@@ -345,18 +357,19 @@ def bench_layer(
                     continue
                 try:
                     fn = cand.resolve()
-                    use = inputs[:n_copies[spec.weights]]
                     if ref is not None:
-                        out = fn(use[0].x, copies.weights(cand.weights, 0), use[0].topk_weights,
-                                 use[0].topk_ids, activation=shape.activation)
+                        out = fn(inputs[0].x, copies.weights(cand.weights, 0),
+                                 inputs[0].topk_weights, inputs[0].topk_ids,
+                                 activation=shape.activation)
                         err = _rel_err(out, ref)
                         del out
                     else:
                         err = None
                     with sample_clocks(read_clocks) as clocks:
-                        t = _time_path(cand, fn, copies, use, shape.activation, False, device,
+                        t = _time_path(cand, fn, copies, inputs, shape.activation, False, device,
                                        target_ms, min_calls=min_calls,
-                                       min_replay_us=min_replay_us)
+                                       min_replay_us=min_replay_us,
+                                       n_weights=n_copies[spec.weights])
                 except Exception as exc:  # noqa: BLE001 - a failing path must not stop the run
                     msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     log(f"{cand.name} at M={m}: {msg}")
@@ -379,11 +392,11 @@ def bench_layer(
                     rec["hybrid_kernel"] = rec["impl"] = hybrid_choice(
                         copies.weights("int4", 0), shape.top_k, m)
                 if layer_time:
-                    use = inputs[:n_copies[spec.weights]]
                     with sample_clocks(read_clocks) as clocks:
-                        lt = _time_path(cand, fn, copies, use, shape.activation, True, device,
-                                        target_ms, min_calls=min_calls,
-                                        min_replay_us=min_replay_us)
+                        lt = _time_path(cand, fn, copies, inputs, shape.activation, True,
+                                        device, target_ms, min_calls=min_calls,
+                                        min_replay_us=min_replay_us,
+                                        n_weights=n_copies[spec.weights])
                     rec["layer_us"] = lt.median_us
                     rec["layer_clocks"] = clocks["summary"]
                 if err is not None and err > REL_TOL:

@@ -392,3 +392,16 @@ def test_time_path_cycles_weights_under_more_routings():
     assert Copies.asked == [0, 1, 0, 1, 0]
     assert seen[:5] == [0, 1, 0, 1, 0]
     assert layer_mod.MIN_ROUTINGS >= 2
+
+
+def test_int4_paths_are_checked_against_their_own_weights_on_a_cpu():
+    """On a CPU a large layer's float copies are random fill-ins, not the int4 weights
+    dequantized (exact dequantization there is slow): the int4 paths must then be checked
+    against the int4 weights and the float paths against the fill-ins, each close to its
+    own oracle (before, the int4 paths were measured against the fill-ins: rel err ~1e2)."""
+    big = MoEShape("big", num_experts=8, top_k=2, hidden_size=1024, intermediate_size=768)
+    assert not LayerCopies(big, torch.bfloat16, torch.device("cpu")).exact
+    recs = bench_layer(big, [1], ["bf16-loop", "reference"], "bf16", "cpu", rates=RATES,
+                       target_ms=1, layer_time=False)
+    errs = {r["path"]: r["rel_err"] for r in recs}
+    assert errs["bf16-loop"] < 2e-2 and errs["reference"] < 2e-2, errs

@@ -200,10 +200,13 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def _oracle(copies: LayerCopies, inp: Inputs, activation: str) -> torch.Tensor:
-    """fp32 output of copy 0 from the float weights (or the int4 weights of the experts
-    touched, dequantized, when no float copy is needed)."""
-    if copies.exact:
+def _oracle(copies: LayerCopies, inp: Inputs, activation: str,
+            kind: str = "int4") -> torch.Tensor:
+    """fp32 output of copy 0 for the paths on ``kind`` weights: from the int4 weights of the
+    experts touched, dequantized (``"int4"``, and ``"bf16"`` when the float copies are that
+    dequantization), else from the float copy (random fill-ins on a CPU, see
+    :class:`LayerCopies`)."""
+    if kind == "int4" or copies.exact:
         experts = copies.int4(0)
         used = torch.unique(inp.topk_ids.to(torch.int64))
         sub = experts.select_experts(used)
@@ -333,8 +336,7 @@ def bench_layer(
                   for i in range(n_inputs)]
         u = sum(distinct_experts(inp.topk_ids) for inp in inputs) / len(inputs)
         floor = layer_floor(shape, m, rates.read_gbps, rates.matmul_tflops, dtype.itemsize, u=u)
-        ref = _oracle(copies, inputs[0], shape.activation) if check and m <= CHECK_MAX_M \
-            else None
+        refs: dict[str, torch.Tensor] = {}  # oracle per weight kind, made when first needed
         by_m[m] = {"floor": floor, "u": u}
         for spec in specs:
             rec = dict(base, M=m, path=spec.name, impl=spec.name, kernel_us=None,
@@ -357,11 +359,14 @@ def bench_layer(
                     continue
                 try:
                     fn = cand.resolve()
-                    if ref is not None:
+                    if check and m <= CHECK_MAX_M:
+                        kind = "int4" if cand.weights == "int4" or copies.exact else "bf16"
+                        if kind not in refs:
+                            refs[kind] = _oracle(copies, inputs[0], shape.activation, kind)
                         out = fn(inputs[0].x, copies.weights(cand.weights, 0),
                                  inputs[0].topk_weights, inputs[0].topk_ids,
                                  activation=shape.activation)
-                        err = _rel_err(out, ref)
+                        err = _rel_err(out, refs[kind])
                         del out
                     else:
                         err = None

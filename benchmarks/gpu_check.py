@@ -253,14 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
 
-    from w4a16moe.bench.clocks import slowed
-
-    held = []
-
-    def timed(v, clocks):  # a time, with * when the card held its SM clock down during it
-        mark = v is not None and slowed(clocks)
-        held.append(mark)
-        return f(v) + ("*" if mark else "")
+    from w4a16moe.bench.clocks import any_held, held_note, held_time
 
     for r in records:
         name = r["path"] if r["impl"] == r["path"] else f"{r['path']}({r['impl']})"
@@ -268,19 +261,17 @@ def main(argv: list[str] | None = None) -> int:
             line = f"{r['model'][:15]:15} {r['M']:>5} {name[:22]:22} ERROR {r['error'][:60]}"
         else:
             line = (f"{r['model'][:15]:15} {r['M']:>5} {name[:22]:22} "
-                    f"{timed(r['kernel_us'], r.get('clocks')):>9} "
-                    f"{timed(r['layer_us'], r.get('layer_clocks')):>9} {f(r['floor_us']):>8} "
+                    f"{held_time(r['kernel_us'], r.get('clocks')):>9} "
+                    f"{held_time(r['layer_us'], r.get('layer_clocks')):>9} {f(r['floor_us']):>8} "
                     f"{f(r['x_floor'], '.2f'):>6} "
                     f"{f(r['bf16_us']):>9} {f(r['speedup_vs_bf16'], '.2f'):>7} "
                     f"{f(r['read_gbps'], '.0f'):>6} {f(r['rel_err'], '.1e'):>8}")
         lines.append(line)
         if r.get("section") == "decode" or r["M"] in short_ms:
             short.append(line)
-    if any(held):
-        note = ("* the SM clock was below 95 % of its maximum (NVML: power cap or heat) for "
-                "at least 10 % of that timing: see the record's clocks / layer_clocks")
-        lines.append(note)
-        short.append(note)
+    if any_held(records):
+        lines.append(held_note())
+        short.append(held_note())
     log.f.write("\nall records:\n" + "\n".join(lines) + "\n\n")
     log("")
     if "tests" in report:

@@ -32,8 +32,8 @@ def main() -> None:
     shape = get_shape(args.model)
     ms = [int(v) for v in args.ms.split(",")]
     rows = []
+    paths = tuple(args.paths.split(","))
     for rep in range(args.repeats):
-        paths = tuple(args.paths.split(","))
         for order in (paths, paths[::-1]):
             stamps: list[float] = []
             recs = bench_layer(shape, ms, list(order), check=False,

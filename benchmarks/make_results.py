@@ -18,16 +18,14 @@ import argparse
 import json
 import os
 
-from w4a16moe.bench.clocks import SLOW_CLOCK_RATIO, SLOWED_MARK_FRACTION, slowed
+from w4a16moe.bench.clocks import any_held, held_note, held_time
 
 LAYER_KEYS = ("model", "M", "path", "impl", "hybrid_kernel", "kernel_us", "layer_us",
               "floor_us", "floor_bound", "bf16_us", "read_gbps", "x_floor", "speedup_vs_bf16",
               "rel_err", "bytes", "flops", "u", "copies", "routings", "timing", "section", "gpu",
               "torch", "triton", "date", "error", "clocks", "layer_clocks")
-SLOWED_NOTE = (f"&dagger;: the card held its SM clock below {SLOW_CLOCK_RATIO:.0%} of its maximum "
-               f"(NVML: power cap or heat) for at least {SLOWED_MARK_FRACTION:.0%} of that "
-               "timing; the record's `clocks` / `layer_clocks` give its median and lowest "
-               "clock and NVML's reasons.")
+DAGGER = " &dagger;"
+SLOWED_NOTE = held_note(DAGGER.strip() + ":") + "."
 
 
 def layer_records(report: dict) -> list[dict]:
@@ -62,28 +60,21 @@ def _f(v, spec=".1f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def _t(v, clocks: dict | None) -> str:
-    """A time, marked when its timing ran with the SM clock held down."""
-    return _f(v) + (" &dagger;" if v is not None and slowed(clocks) else "")
-
-
 def layer_table(records: list[dict], section: str) -> str:
-    marked = False
+    rows = [r for r in records if r.get("kind") == "layer" and r.get("section") == section]
     lines = ["| model | M | path (kernel) | experts us | layer us | floor us | x floor | "
              "bf16 us | vs bf16 | GB/s | rel err |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in records:
-        if r.get("kind") != "layer" or r.get("section") != section:
-            continue
+    for r in rows:
         name = r["path"] if r.get("impl") in (None, r["path"]) else f"{r['path']} ({r['impl']})"
-        marked = marked or slowed(r.get("clocks")) or slowed(r.get("layer_clocks"))
         lines.append(f"| {r['model']} | {r['M']} | {name} | "
-                     f"{_t(r['kernel_us'], r.get('clocks'))} | "
-                     f"{_t(r['layer_us'], r.get('layer_clocks'))} | {_f(r['floor_us'])} | "
+                     f"{held_time(r['kernel_us'], r.get('clocks'), DAGGER)} | "
+                     f"{held_time(r['layer_us'], r.get('layer_clocks'), DAGGER)} | "
+                     f"{_f(r['floor_us'])} | "
                      f"{_f(r['x_floor'], '.2f')} | "
                      f"{_f(r['bf16_us'])} | {_f(r['speedup_vs_bf16'], '.2f')} | "
                      f"{_f(r['read_gbps'], '.0f')} | {_f(r.get('rel_err'), '.1e')} |")
-    if marked:
+    if any_held(rows):
         lines += ["", SLOWED_NOTE]
     return "\n".join(lines)
 

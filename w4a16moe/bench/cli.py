@@ -62,26 +62,17 @@ def _fmt(value, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _time(value, clocks: dict | None) -> str:
-    """A time, marked ``*`` when the card held its SM clock down during it (``clocks``)."""
-    from .clocks import slowed
-
-    return _fmt(value) + ("*" if value is not None and slowed(clocks) else "")
-
-
 def records_table(records: list[dict], title: str | None = None):
     """A rich Table of the records: M, path, kernel/layer/floor us, x floor, bf16 us,
     speedup, GB/s, relative error. A time measured while the card held its SM clock down
     (see :mod:`.clocks`) carries a ``*``, explained in the caption."""
     from rich.table import Table
 
-    from .clocks import SLOW_CLOCK_RATIO, SLOWED_MARK_FRACTION, slowed
+    from .clocks import any_held, held_note, held_time
 
     table = Table(title=title, header_style="bold")
-    if any(slowed(r.get("clocks")) or slowed(r.get("layer_clocks")) for r in records):
-        table.caption = (f"* the SM clock was below {SLOW_CLOCK_RATIO:.0%} of its maximum "
-                         f"(NVML: power cap or heat) for at least {SLOWED_MARK_FRACTION:.0%} "
-                         "of that timing")
+    if any_held(records):
+        table.caption = held_note()
     for col in ("M", "path", "kernel us", "layer us", "floor us", "x floor", "bf16 us",
                 "vs bf16", "GB/s", "rel err"):
         table.add_column(col, justify="left" if col == "path" else "right")
@@ -96,8 +87,8 @@ def records_table(records: list[dict], title: str | None = None):
             continue
         err = r.get("rel_err")
         err_s = "-" if err is None else (f"{err:.1e}" if err <= 3e-2 else f"[red]{err:.1e}[/red]")
-        table.add_row(str(r["M"]), name, _time(r["kernel_us"], r.get("clocks")),
-                      _time(r.get("layer_us"), r.get("layer_clocks")),
+        table.add_row(str(r["M"]), name, held_time(r["kernel_us"], r.get("clocks")),
+                      held_time(r.get("layer_us"), r.get("layer_clocks")),
                       _fmt(r.get("floor_us")), _fmt(r.get("x_floor"), ".2f"),
                       _fmt(r.get("bf16_us")), _fmt(r.get("speedup_vs_bf16"), ".2f"),
                       _fmt(r.get("read_gbps"), ".0f"), err_s)

@@ -18,7 +18,7 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +85,27 @@ def summarize(samples: list[ClockSample]) -> dict | None:
 def slowed(summary: dict | None, fraction: float = SLOWED_MARK_FRACTION) -> bool:
     """Whether a :func:`summarize` result was slowed for at least ``fraction`` of it."""
     return summary is not None and summary.get("slowed_fraction", 0.0) >= fraction
+
+
+def held_time(value: float | None, summary: dict | None, mark: str = "*") -> str:
+    """``value`` (us) for a table, ``-`` when None, followed by ``mark`` when its timing was
+    :func:`slowed` (``summary``: its record's ``clocks`` or ``layer_clocks``)."""
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (mark if slowed(summary) else "")
+
+
+def any_held(records: Iterable[dict]) -> bool:
+    """Whether any of ``records`` has a :func:`slowed` timing."""
+    return any(slowed(r.get("clocks")) or slowed(r.get("layer_clocks")) for r in records)
+
+
+def held_note(mark: str = "*") -> str:
+    """The line under a table that explains ``mark`` (see :func:`held_time`)."""
+    return (f"{mark} the card held its SM clock below {SLOW_CLOCK_RATIO:.0%} of its maximum "
+            f"(NVML: power cap or heat) for at least {SLOWED_MARK_FRACTION:.0%} of that "
+            "timing; the record's clocks / layer_clocks give its median and lowest clock and "
+            "NVML's reasons")
 
 
 def nvml_reader(device: torch.device | str | int | None = None) -> Callable[[], ClockSample] | None:

@@ -39,6 +39,7 @@ from .align import scratch_numel
 from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
 from .pdl import prefill_chain, prefill_pdl_args, wait_upstream_release_next
+from .prefill_mma import launch_prefill_mma, mma_unsupported
 from .prefill_rs import launch_prefill_rs, rs_unsupported, sorted_rows_unsupported
 
 #: activation name -> the kernel's ACTIVATION constexpr (0 = no fused activation)
@@ -862,6 +863,22 @@ def prefill_gemm(
     z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
     p = weights.perm if weights.perm is not None else q
     tw = topk_weights if mul_routed_weight else s
+    if config.get("MMA"):
+        reason = mma_unsupported(
+            device=a.device, k=k, n_out=n_out, group_size=weights.group_size, config=config,
+            has_perm=weights.perm is not None, a_fragment_order=a_fragment_order,
+            atomic_topk_sum=atomic_topk_sum, activation=activation is not None, a=a,
+            qweight=q)
+        if reason is None:
+            launch_prefill_mma(
+                a, q, s, weights.zeros, out, topk_weights if mul_routed_weight else None,
+                sorted_ids, expert_ids, num_post_padded, n_out=n_out, k=k, slots=slots,
+                top_k=top_k, up_offset=n_w // 2 if activation is not None else 0,
+                group_size=weights.group_size, a_is_slots=a_is_slots,
+                activation_code=ACTIVATION_CODES[activation], config=config,
+                a_sorted=a_sorted, out_sorted=out_sorted)
+            return out
+        # else the same block size on the Triton kernel
     if config.get("RS"):
         reason = rs_unsupported(
             device=a.device, k=k, n_out=n_out, group_size=weights.group_size, config=config,

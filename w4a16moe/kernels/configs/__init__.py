@@ -75,8 +75,13 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: round would leave SMs idle long enough to pay for it; a tile split between programs is
 #: summed from float32 partials by the program that completes it (benchmarks/notes_prefill.md,
 #: session 21); the Triton kernel ignores it
+#: MMA: the ``mma.sync`` kernel of :mod:`~w4a16moe.kernels.prefill_mma` (weights streamed into
+#: registers in a K order where each lane owns whole words; blocks of 8-32 slots, K steps of
+#: BLOCK_SIZE_K = 128, 256 or 512 columns; GROUP_SIZE_M and num_stages are not used); where it
+#: cannot run, the Triton kernel runs the same entry
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
-                 "DENSE": (True, False), "RS": (True, False), "SORTED_ROWS": (True, False),
+                 "DENSE": (True, False), "RS": (True, False), "MMA": (True, False),
+                 "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
                  "PAIRED_STAGES": (True, False), "STREAM_K": (True, False)}
 
@@ -134,6 +139,8 @@ def validate_config(config: object) -> dict:
         raise ValueError(f"RS needs SWAP_AB, num_warps in {RS_WARPS} and no FRAG_K; found "
                          f"SWAP_AB={config.get('SWAP_AB', True)}, num_warps="
                          f"{out['num_warps']}, FRAG_K={config.get('FRAG_K')}")
+    if rs and config.get("MMA") is True:
+        raise ValueError("RS and MMA name two different kernels; expected at most one")
     if config.get("FRAG_K") is True and out["num_warps"] > MAX_FRAG_WARPS:
         raise ValueError(f"FRAG_K needs num_warps <= {MAX_FRAG_WARPS} (one warpgroup); found "
                          f"{out['num_warps']}: with more warps the compiled kernel gave wrong "

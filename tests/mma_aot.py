@@ -1,0 +1,77 @@
+"""Ahead-of-time compilation of the ``mma.sync`` prefill kernel for sm_90, no GPU needed.
+
+``ptxas_report(...)`` compiles ``_prefill_mma_kernel`` the way ``launch_prefill_mma`` would
+launch it and returns what ``ptxas -v`` says (registers, spills); compiling at all checks that
+every layout conversion of the K permutation is free (``assert_trivial``).
+``ptxas_reports(variants)`` does that for many in a fresh Python process (the test session
+runs Triton's interpreter, see ``rs_aot.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from aot import kernel_signature
+
+
+def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool,
+                 has_zeros: bool = False, fp16: bool = False, mul_routed_weight: bool = False,
+                 a_sorted: bool = False, out_sorted: bool = False, groups: int = 1) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from w4a16moe.kernels import prefill_mma
+
+    fn = prefill_mma._prefill_mma_kernel
+    rows = 2 * block_n if activation else block_n
+    words, x, sz, pairs = prefill_mma.mma_layouts(rows, block_t, num_warps, groups)
+    constexprs = dict(
+        GROUP_SIZE=128, HAS_ZEROS=has_zeros, ACTIVATION=1 if activation else 0,
+        MUL_ROUTED_WEIGHT=mul_routed_weight, A_IS_SLOTS=not activation, A_SORTED=a_sorted,
+        C_SORTED=out_sorted, IS_FP16=fp16, BLOCK_T=block_t, BLOCK_N=rows, GROUPS=groups,
+        WORDS_LAYOUT=words, X_LAYOUT=x, SZ_LAYOUT=sz, PAIRS_LAYOUT=pairs,
+        OUT_LAYOUT=prefill_mma.store_layout(block_t, block_n, num_warps),
+        num_warps=num_warps, PDL=True)
+    h = "*fp16" if fp16 else "*bf16"
+    pointers = {"a_ptr": h, "qw_ptr": "*i32", "s_ptr": h, "z_ptr": "*u8", "c_ptr": h,
+                "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
+                "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32"}
+    sig, attrs = kernel_signature(fn, constexprs, pointers,
+                                  divisible=lambda name: name.startswith("stride")
+                                  or name in ("N", "K"))
+    kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
+                              os.path.join(tmp, "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    return {"ptxas": run.stdout + run.stderr, "mma": kernel.asm["ptx"].count("mma.sync")}
+
+
+def ptxas_reports(variants: list[dict]) -> list[dict]:
+    """:func:`ptxas_report` of each variant (its keyword arguments), in a child process
+    without ``TRITON_INTERPRET``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), here,
+                                                      env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory() as cache:
+        env["TRITON_CACHE_DIR"] = cache
+        run = subprocess.run([sys.executable, os.path.abspath(__file__)],
+                             input=json.dumps(variants), capture_output=True, text=True,
+                             env=env, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"mma_aot.py failed:\n{run.stderr[-4000:]}")
+    return json.loads(run.stdout)
+
+
+if __name__ == "__main__":
+    print(json.dumps([ptxas_report(**v) for v in json.loads(sys.stdin.read())]))

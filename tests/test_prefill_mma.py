@@ -1,0 +1,184 @@
+"""The ``mma.sync`` prefill kernel (``MMA`` configs, kernels/prefill_mma.py).
+
+On an sm_80+ GPU with Gluon the kernel is checked against the float32 reference and against
+the Triton kernel on the same blocks, into NaN-poisoned outputs, for every option it takes. On
+any machine: the K permutation, the config rules, the fallback, and (with Gluon) an sm_90
+compile of each kernel variant through ptxas, which also proves every layout conversion of
+the permutation free (the kernel asserts it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU
+
+from w4a16moe.kernels import configs as cfgmod
+from w4a16moe.kernels import prefill_mma
+from w4a16moe.kernels.prefill import fused_moe_prefill, prefill_gemm
+from w4a16moe.quantize import random_experts
+from w4a16moe.reference import moe_reference
+from w4a16moe.routing import align_block_size, fused_topk
+
+ON_MMA_GPU = (ON_GPU and prefill_mma.HAVE_GLUON
+              and torch.cuda.get_device_capability()[0] >= 8)
+gpu_only = pytest.mark.skipif(not ON_MMA_GPU, reason="the Gluon kernel needs an sm_80+ GPU")
+
+
+def mma_config(bt=8, bn=64, warps=4, bk=128):
+    return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 1,
+            "num_warps": warps, "num_stages": 1, "MMA": True}
+
+
+def test_permutation_pairs_each_lane_with_its_own_words():
+    """Logical column 16j + 8h + 2c + q is physical 32c + 4j + 2h + q: a permutation of each
+    group, and lane c's columns (2c, 2c+1, 2c+8, 2c+9 of every mma) are exactly the 32
+    physical columns of its words 4c .. 4c+3."""
+    perm = prefill_mma.permuted_columns(256)
+    assert sorted(perm) == list(range(256))
+    for c in range(4):
+        lane = [perm[g * 128 + 16 * j + 8 * h + 2 * c + q]
+                for g in range(2) for j in range(8) for h in range(2) for q in range(2)]
+        assert sorted(lane) == [g * 128 + 32 * c + v for g in range(2) for v in range(32)]
+    # a dot product is the same in either order
+    w, x = torch.randn(3, 256, dtype=torch.float64), torch.randn(256, dtype=torch.float64)
+    torch.testing.assert_close(w[:, perm] @ x[perm], w @ x)
+
+
+def test_mma_config_rules():
+    assert cfgmod.validate_config(mma_config())["MMA"] is True
+    with pytest.raises(ValueError, match="RS and MMA name two different kernels"):
+        cfgmod.validate_config({**mma_config(warps=8), "RS": True, "SWAP_AB": True})
+    assert prefill_mma.mma_tiles_unsupported(mma_config(), activation=True) is None
+    assert prefill_mma.mma_tiles_unsupported(mma_config(bn=32), activation=True) is None
+    assert "8, 16 or 32 slots" in prefill_mma.mma_tiles_unsupported(mma_config(bt=64),
+                                                                     activation=False)
+    assert "16-row slabs" in prefill_mma.mma_tiles_unsupported(mma_config(bn=32, warps=4),
+                                                               activation=False)
+    assert "16-row slabs" in prefill_mma.mma_tiles_unsupported(mma_config(bn=192 // 2),
+                                                               activation=True)
+    assert prefill_mma.mma_tiles_unsupported(mma_config(bk=512), activation=False) is None
+    assert "128, 256 or 512" in prefill_mma.mma_tiles_unsupported(mma_config(bk=64),
+                                                                  activation=False)
+
+
+def test_mma_config_falls_back_off_the_gpu():
+    """Where the kernel cannot run (here: no GPU, or a K that is not whole groups), the same
+    block size runs on the Triton kernel and the layer is still right."""
+    if ON_MMA_GPU:
+        pytest.skip("the kernel runs here")
+    experts = random_experts(4, 64, 64, group_size=32, dtype=torch.float16, device=DEVICE,
+                             seed=1)
+    x = torch.randn(5, 64, dtype=torch.float16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(5, 4, device=DEVICE), 2)
+    cfg = {**mma_config(bt=16, bn=32), "BLOCK_SIZE_K": 32, "num_warps": 2}
+    out = fused_moe_prefill(x, experts, w, ids, configs=(cfg, cfg))
+    ref = moe_reference(x, experts, w, ids)
+    assert (out.float() - ref.float()).abs().max() <= 2e-2 * ref.float().abs().max()
+
+
+@pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
+def test_every_variant_compiles_for_sm90_without_spills():
+    from mma_aot import ptxas_reports
+
+    variants = [
+        dict(block_t=8, block_n=32, num_warps=4, activation=True),
+        dict(block_t=16, block_n=64, num_warps=4, activation=False, mul_routed_weight=True,
+             a_sorted=True),
+        dict(block_t=32, block_n=32, num_warps=2, activation=True, has_zeros=True, fp16=True,
+             out_sorted=True),
+        dict(block_t=8, block_n=128, num_warps=4, activation=False, has_zeros=True),
+        dict(block_t=8, block_n=32, num_warps=4, activation=True, groups=2),
+        dict(block_t=8, block_n=64, num_warps=4, activation=False, groups=4, has_zeros=True),
+    ]
+    for v, rep in zip(variants, ptxas_reports(variants), strict=True):
+        # 8 mmas a group and n-tile, two groups an unrolled iteration
+        assert rep["mma"] == 16 * v.get("groups", 1) * (v["block_t"] // 8) * (
+            (2 * v["block_n"] if v["activation"] else v["block_n"]) // (16 * v["num_warps"])), v
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
+
+
+def _case(m, h, i, e, top_k, *, dtype, symmetric, seed):
+    experts = random_experts(e, h, i, group_size=128, symmetric=symmetric, dtype=dtype,
+                             device=DEVICE, seed=seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(m, h, dtype=dtype, device=DEVICE, generator=gen)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE, generator=gen), top_k)
+    return experts, x, w, ids
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bt,bn,warps,bk", [(8, 64, 4, 128), (16, 128, 4, 128),
+                                             (32, 32, 2, 128), (8, 64, 1, 128),
+                                             (8, 64, 4, 256), (16, 32, 2, 512)])
+def test_gemms_match_the_triton_kernel_and_the_reference(dtype, symmetric, bt, bn, warps, bk):
+    """GEMM1 (SiLU, router weight on the input) and GEMM2 (router weight on the output),
+    natural and sorted rows, against the Triton kernel on the same blocks (float32
+    accumulation in another order: close, not equal) and the float32 reference. K steps of
+    one group over 3 groups (an odd step count), of two and four groups over 4 and 8."""
+    e, h, top_k, m = 8, 1024 if bk > 128 else 512, 2, 37
+    i = 512 if bk > 128 else 384
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric, seed=bt)
+    blocks = align_block_size(ids, bt, e)
+    em, slots = blocks.sorted_token_ids.numel(), m * top_k
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
+    cfg = mma_config(bt, bn, warps, bk)
+    triton_cfg = {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64,
+                  "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}
+    for sorted_rows in (False, True):
+        rows1 = em if sorted_rows else slots
+        outs = []
+        for c in (cfg, triton_cfg):
+            o = torch.full((rows1, i), float("nan"), dtype=dtype, device=DEVICE)
+            prefill_gemm(x, experts.w13, activation="silu", mul_routed_weight=True, config=c,
+                         out=o, out_sorted=sorted_rows, **common)
+            outs.append(o)
+        valid = (blocks.sorted_token_ids < slots) if sorted_rows else slice(None)
+        got, want = outs[0][valid].float(), outs[1][valid].float()
+        assert not got.isnan().any()
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+        # GEMM2 on the mma kernel's intermediate (slot rows, or sorted rows)
+        outs2 = []
+        for c in (cfg, triton_cfg):
+            o = torch.full((slots, h), float("nan"), dtype=dtype, device=DEVICE)
+            prefill_gemm(outs[0], experts.w2, a_is_slots=True, mul_routed_weight=True,
+                         config=c, out=o, a_sorted=sorted_rows, **common)
+            outs2.append(o)
+        got, want = outs2[0].float(), outs2[1].float()
+        assert not got.isnan().any()
+        assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+    # and the float32 reference of GEMM1 on the dequantized weights
+    w13 = experts.w13.dequantize(torch.float32)
+    slot_ids = ids.flatten().long()
+    gu = torch.einsum("sh,snh->sn", x.float().repeat_interleave(top_k, 0) * w.flatten()[:, None],
+                      w13[slot_ids])
+    ref = torch.nn.functional.silu(gu[:, :i]) * gu[:, i:]
+    o = torch.full((slots, i), float("nan"), dtype=dtype, device=DEVICE)
+    prefill_gemm(x, experts.w13, activation="silu", mul_routed_weight=True, config=cfg, out=o,
+                 **common)
+    assert (o.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_matches_the_reference_with_expert_map(dtype):
+    """The whole layer on MMA configs, sorted intermediate, some experts remote (their slots
+    contribute zero), against the float32 reference; repeated bit for bit."""
+    e, h, i, top_k, m = 16, 768, 256, 4, 23
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=False, seed=5)
+    local = torch.arange(e, device=DEVICE, dtype=torch.int32)
+    expert_map = torch.where(local % 5 == 3, -1, local // 1).to(torch.int32)
+    cfg1 = mma_config(8, 64, 4)
+    cfg2 = {**mma_config(8, 64, 4), "SORTED_ROWS": True}
+    outs = []
+    for _ in range(2):
+        y = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=(cfg1, cfg2),
+                          out=y)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
+    ref = moe_reference(x, experts, w, ids, expert_map=expert_map)
+    err = (outs[0].float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err < 1e-2, err
+

@@ -1,0 +1,509 @@
+"""Grouped int4 GEMM for few tokens an expert on ``mma.sync`` tensor cores, written in Gluon.
+
+The same product as the prefill kernels (:mod:`w4a16moe.kernels.prefill`,
+:mod:`w4a16moe.kernels.prefill_rs`): the aligned blocks of :func:`align_block_size`, one
+expert each, times that expert's packed weights, read once a block. It is made for blocks of
+8-32 slots (a decode-sized or mid-sized batch over many experts), where the wgmma kernel's
+shared-memory ring and warp specialisation cost more than they give: here every warp streams
+its weight rows from global memory straight into registers and multiplies them on the tensor
+cores itself. A program computes ``BLOCK_N`` weight rows (``num_warps`` warps of
+``BLOCK_N / num_warps`` rows, in 16-row slabs) of one block over the whole K.
+
+**The K permutation.** A dot product does not change when both operands' K are permuted the
+same way. In ``mma.sync.m16n8k16`` lane ``(g, c)`` (``g = lane / 4``, ``c = lane % 4``) holds
+columns ``2c, 2c+1, 2c+8, 2c+9`` of its rows ``g`` and ``g + 8``; in the ExLlama order one
+packed word holds 8 consecutive K values of one row, so in natural K order each word would
+feed all four lanes of a quad (loaded four times, or staged in shared memory: why session 14's
+tensor-core decode kernel lost, ``benchmarks/notes_decode.md``). Here logical column ``16j +
+8h + 2c + q`` of a 128-column group (``j < 8`` the mma of the group, ``h, q < 2``) is physical
+column ``32c + 4j + 2h + q``. So lane ``c`` owns the words ``4c .. 4c+3`` of each of its two
+rows (one 16-byte load each); pair ``p = 2 (j % 2) + h`` of word ``4c + j / 2`` (bits ``4p``
+and ``16 + 4p``: one shift, one LOP3, one packed add) is exactly its A registers for mma
+``j``; and its B registers for the tokens ``g`` are their activations ``32c .. 32c + 31`` of
+the group, contiguous (four 16-byte loads, the same for every warp: L1 hits). No value is
+loaded twice and nothing goes through shared memory.
+
+The codes minus their zero point are exact in 16 bits; each group's products go to a fresh
+float32 accumulator that is scaled per row once the group is done (``G`` a multiple of 128).
+A K step reads ``GROUPS`` = ``BLOCK_SIZE_K / 128`` groups, so a weight row is read in runs of
+``64 GROUPS`` bytes (a quad's four 16-byte loads of a group are one 64-byte run, and HBM
+streams 64-byte runs of a row at about two thirds of its rate: ``row_chunk_bandwidth.py``).
+Words run two K steps ahead of the arithmetic in registers (the loop is unrolled by two),
+scales one step ahead, activations one step ahead for 8-slot blocks.
+
+Shapes: A ``[M, K]`` (rows ``slot // top_k``), ``[M*top_k, K]`` (``A_IS_SLOTS``) or ``[EM,
+K]`` (``A_SORTED``: row ``p`` for sorted position ``p``); qweight int32 ``[E, N_w, K/8]``;
+scales ``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` or ``[EM,
+N_out]`` (``C_SORTED``). With ``ACTIVATION`` the program's rows are gate and up rows
+interleaved in runs of 8 and it stores ``act(gate) * up`` (``N_out = N_w / 2``).
+
+:func:`mma_unsupported` says which calls qualify; ``prefill_gemm`` runs the same block size on
+the Triton kernel otherwise. Gluon does not run under the Triton interpreter: the CPU tests
+compile the kernel for sm_90 and check the permutation on the host
+(:func:`permuted_columns`); the numerical tests are GPU tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import activation
+from .pdl import prefill_pdl_args
+from .prefill_rs import HAVE_GLUON
+
+if HAVE_GLUON:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    from .prefill_rs import _packed_pair, _rs_tile_rows
+
+#: columns of one quantization group as the kernel takes them (``G`` and ``BLOCK_SIZE_K`` must
+#: be multiples of it)
+MMA_BLOCK_K = 128
+
+
+def permuted_columns(k: int = MMA_BLOCK_K) -> list[int]:
+    """Physical K column of each logical mma column ``16j + 8h + 2c + q`` (see the module
+    docstring): ``32c + 4j + 2h + q`` within each group of 128."""
+    out = []
+    for logical in range(k):
+        g, r = divmod(logical, 128)
+        j, r = divmod(r, 16)
+        h, r = divmod(r, 8)
+        c, q = divmod(r, 2)
+        out.append(128 * g + 32 * c + 4 * j + 2 * h + q)
+    return out
+
+
+if HAVE_GLUON:
+
+    _act = gluon.jit(activation.fn)
+
+    @gluon.jit
+    def _wait_upstream_release_next():
+        """``griddepcontrol.wait`` then ``griddepcontrol.launch_dependents`` (PDL chain)."""
+        gl.inline_asm_elementwise(
+            "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents; // dummy $0", "=r", [],
+            dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _code_pair(words, shift, zz, IS_FP16: gl.constexpr):
+        """Values ``2p`` and ``2p+1`` of each word (``shift`` = 4p: bits 4p and 16+4p in the
+        ExLlama order) minus their zero point, packed: (bias + v) by one shift and one LOP3,
+        then one packed add of ``zz`` (the negated bias + zero point), exact."""
+        if IS_FP16:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, one;
+                mov.b32 one, 0x3C003C00;
+                shr.u32 t, $2, $3;
+                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+                fma.rn.f16x2 t, t, one, $4;
+                mov.b32 {$0, $1}, t;
+                }""",
+                constraints="=h,=h,r,r,r", args=[words, shift, zz],
+                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, one;
+                mov.b32 one, 0x3F803F80;
+                shr.u32 t, $2, $3;
+                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 t, t, one, $4;
+                mov.b32 {$0, $1}, t;
+                }""",
+                constraints="=h,=h,r,r,r", args=[words, shift, zz],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        return lo, hi
+
+    @gluon.jit
+    def _mma_group(acc, words, x, sc, zr, IS_FP16: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                   BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, a_layout: gl.constexpr,
+                   b_layout: gl.constexpr, mma_layout: gl.constexpr,
+                   pairs_layout: gl.constexpr):
+        """``acc + sc * ((W_q - z) @ x)`` over one group of 128 columns. ``words``: the rows'
+        16 words ``[BLOCK_N, 16]`` (lane ``c`` holding words ``4c .. 4c+3``); ``x``: the
+        tokens' 128 activations ``[128, BLOCK_T]`` in physical order (lane ``c`` holding
+        ``32c .. 32c+31``); ``sc``, ``zr``: the group's scale and raw zero point per row
+        (``zr`` unused without ``HAS_ZEROS``: the zero point is 8)."""
+        row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
+            3, pairs_layout)))
+        if IS_FP16:
+            bias = 1024
+            vdtype: gl.constexpr = gl.float16
+        else:
+            bias = 128
+            vdtype: gl.constexpr = gl.bfloat16
+        if HAS_ZEROS:
+            zneg = -(bias + gl.convert_layout(zr, row_layout, assert_trivial=True).to(
+                gl.int32))
+        else:
+            zneg = gl.full([BLOCK_N], -(bias + 8), gl.int32, layout=row_layout)
+        zz = _packed_pair(zneg.to(vdtype))
+        words4 = gl.convert_layout(gl.reshape(words, [BLOCK_N, 4, 4]),
+                                   gl.SliceLayout(3, pairs_layout), assert_trivial=True)
+        p = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
+            2, pairs_layout))))
+        w4, shift = gl.broadcast(gl.expand_dims(words4, 3), (p * 4)[None, None, None, :])
+        zz4 = gl.broadcast(zz[:, None, None, None], w4)[0]
+        lo, hi = _code_pair(w4, shift, zz4, IS_FP16)
+        # (row, c, w, p = 2 jl + h, q) -> logical column 32 w + 16 jl + 8 h + 2 c + q
+        v = gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, 4, 2, 2, 2])  # (row, c, w, jl, h, q)
+        v = gl.permute(v, (0, 2, 3, 4, 1, 5))
+        a = gl.convert_layout(gl.reshape(v, [BLOCK_N, 128]), a_layout, assert_trivial=True)
+        # physical 32 c + 8 w + 4 jl + 2 h + q -> the same logical column
+        xb = gl.reshape(x, [4, 4, 2, 2, 2, BLOCK_T])  # (c, w, jl, h, q, t)
+        xb = gl.permute(xb, (1, 2, 3, 0, 4, 5))
+        b = gl.convert_layout(gl.reshape(xb, [128, BLOCK_T]), b_layout, assert_trivial=True)
+        part = mma_v2(a, b, gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout))
+        scale = gl.convert_layout(sc, gl.SliceLayout(1, mma_layout), assert_trivial=True)
+        return acc + part * scale.to(gl.float32)[:, None]
+
+    @gluon.jit
+    def _col_halves(t, R: gl.constexpr, C: gl.constexpr):
+        """``[R, 2C]`` -> its columns ``[0, C)`` and ``[C, 2C)`` (held by the same threads)."""
+        return gl.split(gl.permute(gl.reshape(t, [R, 2, C]), (0, 2, 1)))
+
+    @gluon.jit
+    def _row_halves(t, R: gl.constexpr, C: gl.constexpr):
+        """``[2R, C]`` -> its rows ``[0, R)`` and ``[R, 2R)`` (held by the same threads)."""
+        return gl.split(gl.permute(gl.reshape(t, [2, R, C]), (1, 2, 0)))
+
+    @gluon.jit
+    def _mma_two(acc, words, x, sc, zr, IS_FP16: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, a_layout: gl.constexpr,
+                 b_layout: gl.constexpr, mma_layout: gl.constexpr,
+                 pairs_layout: gl.constexpr):
+        """:func:`_mma_group` over two groups: words ``[BLOCK_N, 32]``, x ``[256, BLOCK_T]``,
+        scales and zeros ``[BLOCK_N, 2]``."""
+        w0, w1 = _col_halves(words, BLOCK_N, 16)
+        x0, x1 = _row_halves(x, 128, BLOCK_T)
+        s0, s1 = gl.split(sc)
+        z0, z1 = gl.split(zr)
+        acc = _mma_group(acc, w0, x0, s0, z0, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
+                         a_layout, b_layout, mma_layout, pairs_layout)
+        return _mma_group(acc, w1, x1, s1, z1, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
+                          a_layout, b_layout, mma_layout, pairs_layout)
+
+    @gluon.jit
+    def _mma_step(acc, words, x, sc, zr, GROUPS: gl.constexpr, IS_FP16: gl.constexpr,
+                  HAS_ZEROS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr,
+                  a_layout: gl.constexpr, b_layout: gl.constexpr, mma_layout: gl.constexpr,
+                  pairs_layout: gl.constexpr):
+        """One K step of ``GROUPS`` groups: words ``[BLOCK_N, 16 GROUPS]``, x ``[128 GROUPS,
+        BLOCK_T]``, scales and raw zeros ``[BLOCK_N, GROUPS]``."""
+        if GROUPS == 1:
+            acc = _mma_group(acc, gl.reshape(words, [BLOCK_N, 16]),
+                             gl.reshape(x, [128, BLOCK_T]), gl.reshape(sc, [BLOCK_N]),
+                             gl.reshape(zr, [BLOCK_N]), IS_FP16, HAS_ZEROS, BLOCK_N,
+                             BLOCK_T, a_layout, b_layout, mma_layout, pairs_layout)
+        elif GROUPS == 2:
+            acc = _mma_two(acc, words, x, sc, zr, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
+                           a_layout, b_layout, mma_layout, pairs_layout)
+        else:
+            w01, w23 = _col_halves(words, BLOCK_N, 32)
+            x01, x23 = _row_halves(x, 256, BLOCK_T)
+            s01, s23 = _col_halves(sc, BLOCK_N, 2)
+            z01, z23 = _col_halves(zr, BLOCK_N, 2)
+            acc = _mma_two(acc, w01, x01, s01, z01, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
+                           a_layout, b_layout, mma_layout, pairs_layout)
+            acc = _mma_two(acc, w23, x23, s23, z23, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
+                           a_layout, b_layout, mma_layout, pairs_layout)
+        return acc
+
+    @gluon.jit
+    def _prefill_mma_kernel(
+        a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
+        sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+        N, K, num_valid_slots, top_k, up_offset,
+        stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
+        stride_ze, stride_zn, stride_zg, stride_cm,
+        GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr, ACTIVATION: gl.constexpr,
+        MUL_ROUTED_WEIGHT: gl.constexpr, A_IS_SLOTS: gl.constexpr, A_SORTED: gl.constexpr,
+        C_SORTED: gl.constexpr, IS_FP16: gl.constexpr,
+        BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUPS: gl.constexpr,
+        WORDS_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, SZ_LAYOUT: gl.constexpr,
+        PAIRS_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+        PDL: gl.constexpr = False,
+    ):
+        """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
+        output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
+        groups. ``WORDS_LAYOUT``, ``X_LAYOUT``, ``SZ_LAYOUT``, ``PAIRS_LAYOUT``:
+        :func:`mma_layouts` (a lane's words and activations of a group as its contiguous
+        registers, so they load as 16-byte vectors); ``OUT_LAYOUT``: :func:`store_layout`."""
+        BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
+                                                     k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma_layout,
+                                                     k_width=2)
+
+        num_pid_n = N // BLOCK_N_OUT
+        pid = gl.program_id(0)
+        pid_m = pid // num_pid_n
+        n0 = (pid % num_pid_n) * BLOCK_N_OUT
+        row0 = pid_m * BLOCK_T
+        if PDL:
+            _wait_upstream_release_next()
+        num_post_padded = gl.load(num_post_padded_ptr)
+        if row0 < num_post_padded:
+            expert = gl.load(expert_ids_ptr + pid_m)
+            out_layout: gl.constexpr = OUT_LAYOUT
+            t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, out_layout))
+            slots_o = gl.load(sorted_ids_ptr + row0 + t_o)
+            if C_SORTED:
+                c_rows = row0 + t_o.to(gl.int64)
+            else:
+                c_rows = slots_o.to(gl.int64)
+            cols = n0 + gl.arange(0, BLOCK_N_OUT, layout=gl.SliceLayout(0, out_layout))
+            c_ptrs = c_ptr + c_rows[:, None] * stride_cm + cols[None, :]
+            c_mask = (slots_o < num_valid_slots)[:, None]
+            if expert == -1:
+                gl.store(c_ptrs, gl.zeros([BLOCK_T, BLOCK_N_OUT], c_ptr.dtype.element_ty,
+                                          out_layout), mask=c_mask)
+            else:
+                e64 = expert.to(gl.int64)
+                # the words: rows of this program in the word-load layout, a step's
+                # GROUPS groups (16 words each) side by side
+                w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION,
+                                       gl.SliceLayout(1, WORDS_LAYOUT))
+                w_cols = gl.arange(0, 16 * GROUPS, layout=gl.SliceLayout(0, WORDS_LAYOUT))
+                w_ptrs = qw_ptr + e64 * stride_qe + (w_rows[:, None] * stride_qn
+                                                     + w_cols[None, :])
+                # scales and zero points: [BLOCK_N, GROUPS] a step
+                s_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION,
+                                       gl.SliceLayout(1, SZ_LAYOUT))
+                s_grp = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, SZ_LAYOUT)) * 128
+                s_ptrs = s_ptr + e64 * stride_se + s_rows[:, None] * stride_sn
+                z_ptrs = z_ptr + e64 * stride_ze + s_rows[:, None] * stride_zn
+                # the activations: [128 GROUPS, BLOCK_T] of the block's tokens, k fastest
+                t_x = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, X_LAYOUT))
+                slots_x = gl.load(sorted_ids_ptr + row0 + t_x)
+                valid_x = slots_x < num_valid_slots
+                if A_SORTED:
+                    a_rows = (row0 + t_x).to(gl.int64)
+                elif A_IS_SLOTS:
+                    a_rows = gl.where(valid_x, slots_x, 0).to(gl.int64)
+                else:
+                    a_rows = gl.where(valid_x, slots_x // top_k, 0).to(gl.int64)
+                k_x = gl.arange(0, 128 * GROUPS, layout=gl.SliceLayout(1, X_LAYOUT))
+                x_ptrs = a_ptr + (a_rows[None, :] * stride_am + k_x[:, None])
+                x_mask = valid_x[None, :] & (k_x[:, None] >= 0)
+
+                acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+                STEP_K: gl.constexpr = 128 * GROUPS
+                STEP_W: gl.constexpr = 16 * GROUPS
+                num_steps = K // STEP_K
+                # words two steps ahead in registers (unrolled by two, each step with its
+                # own buffer), scales and zero points one step ahead; the activations one
+                # step ahead too for 8-slot blocks (X_AHEAD: 16 registers a group), else
+                # loaded at their step (L1 hits after the first warp): on the H100 the
+                # prefetch made 8-slot blocks faster (Mixtral M=4-8, four groups a step:
+                # 262 -> 217 us a layer) and 16-slot ones slower (qwen3 M=64: 162 -> 181)
+                X_AHEAD: gl.constexpr = BLOCK_T == 8
+                words_a = gl.load(w_ptrs)
+                words_b = gl.load(w_ptrs + gl.minimum(1, num_steps - 1) * STEP_W)
+                sc_next = gl.load(s_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_sg)
+                if HAS_ZEROS:
+                    zr_next = gl.load(z_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_zg)
+                else:
+                    zr_next = sc_next
+                if X_AHEAD:
+                    x_next = gl.load(x_ptrs, mask=x_mask, other=0.0)
+                for i in range(0, num_steps, 2):
+                    sc = sc_next
+                    zr = zr_next
+                    k1 = gl.minimum(i + 1, num_steps - 1) * STEP_K
+                    g1 = ((k1 + s_grp[None, :]) // GROUP_SIZE)
+                    sc_next = gl.load(s_ptrs + g1 * stride_sg)
+                    if HAS_ZEROS:
+                        zr_next = gl.load(z_ptrs + g1 * stride_zg)
+                    if X_AHEAD:
+                        x = x_next
+                        x_next = gl.load(x_ptrs + k1, mask=x_mask, other=0.0)
+                    else:
+                        x = gl.load(x_ptrs + i * STEP_K, mask=x_mask, other=0.0)
+                    acc = _mma_step(acc, words_a, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
+                                    BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
+                                    PAIRS_LAYOUT)
+                    words_a = gl.load(w_ptrs + gl.minimum(i + 2, num_steps - 1) * STEP_W)
+                    if i + 1 < num_steps:
+                        sc = sc_next
+                        zr = zr_next
+                        k2 = gl.minimum(i + 2, num_steps - 1) * STEP_K
+                        g2 = ((k2 + s_grp[None, :]) // GROUP_SIZE)
+                        sc_next = gl.load(s_ptrs + g2 * stride_sg)
+                        if HAS_ZEROS:
+                            zr_next = gl.load(z_ptrs + g2 * stride_zg)
+                        if X_AHEAD:
+                            x = x_next
+                            x_next = gl.load(x_ptrs + k2, mask=x_mask, other=0.0)
+                        else:
+                            x = gl.load(x_ptrs + (i + 1) * STEP_K, mask=x_mask, other=0.0)
+                        acc = _mma_step(acc, words_b, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
+                                        BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
+                                        PAIRS_LAYOUT)
+                        words_b = gl.load(w_ptrs + gl.minimum(i + 3, num_steps - 1) * STEP_W)
+
+                if MUL_ROUTED_WEIGHT:
+                    t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
+                    slots = gl.load(sorted_ids_ptr + row0 + t)
+                    rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
+                                 other=0.0).to(gl.float32)
+                    acc = acc * rw[None, :]
+                if ACTIVATION != 0:
+                    # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
+                    acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
+                                      (0, 2, 3, 1))
+                    gate, up = gl.split(acc4)
+                    res = gl.reshape(_act(gate, ACTIVATION) * up, [BLOCK_N_OUT, BLOCK_T])
+                else:
+                    res = acc
+                res = gl.convert_layout(gl.permute(res.to(c_ptr.dtype.element_ty), (1, 0)),
+                                        out_layout)
+                gl.store(c_ptrs, res, mask=c_mask)
+
+
+def mma_layouts(block_n: int, block_t: int, num_warps: int, groups: int = 1):
+    """(words, activations, scales, pairs) layouts of :func:`_prefill_mma_kernel` for a K
+    step of ``groups`` groups of 128 columns.
+
+    * words ``[block_n, 16 groups]`` (the step's words of the program's rows): lane ``4g + c``
+      of warp ``w`` holds words ``16t + 4c .. 16t + 4c + 3`` of each group ``t`` of rows ``16
+      (w + num_warps s) + g`` and ``... + 8`` (``s`` the warp's slabs), each row's four words
+      of a group contiguous registers (a 16-byte load);
+    * activations ``[128 groups, block_t]`` (k first): lane ``4g + c`` holds ``k = 128t + 32c
+      .. 128t + 32c + 31`` of tokens ``g, g + 8, ...``, k its first registers (16-byte
+      loads); every warp holds them all;
+    * scales (and zero points) ``[block_n, groups]``: a thread holds the groups of its rows
+      (as the accumulator's rows: lanes ``c`` of a quad share them);
+    * pairs ``[block_n, 4 (c), 4 (w), 4 (p)]``: the value pairs of one group as
+      :func:`_code_pair` makes them (the layout their assembly into the A operand needs,
+      checked by the kernel's ``assert_trivial`` conversions).
+    """
+    def log2(v: int) -> int:
+        return v.bit_length() - 1
+
+    slabs = block_n // (16 * num_warps)
+    slab_bases = [[16 * num_warps << b, 0] for b in range(log2(slabs))]
+    warp = [[16 << b, 0] for b in range(log2(num_warps))]
+    reg = ([[0, 1], [0, 2]] + [[0, 16 << b] for b in range(log2(groups))] + [[8, 0]]
+           + slab_bases)
+    lane = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
+    words = gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, 16 * groups])
+    xreg = ([[1 << b, 0] for b in range(5)] + [[128 << b, 0] for b in range(log2(groups))]
+            + [[0, 8 << b] for b in range(log2(block_t // 8))])
+    xlane = [[32, 0], [64, 0], [0, 1], [0, 2], [0, 4]]
+    xwarp = [[0, 0] for _ in range(log2(num_warps))]
+    x = gl.DistributedLinearLayout(xreg, xlane, xwarp, [], [128 * groups, block_t])
+    sreg = [[0, 1 << b] for b in range(log2(groups))] + [[8, 0]] + slab_bases
+    slane = [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]]
+    sz = gl.DistributedLinearLayout(sreg, slane, warp, [], [block_n, groups])
+    # pairs: (row, c, w, p); registers: w (4), p (4), row + 8, slabs; lanes: c, g
+    preg = ([[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 1], [0, 0, 0, 2], [8, 0, 0, 0]]
+            + [[16 * num_warps << b, 0, 0, 0] for b in range(log2(slabs))])
+    plane = [[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
+    pwarp = [[16 << b, 0, 0, 0] for b in range(log2(num_warps))]
+    pairs = gl.DistributedLinearLayout(preg, plane, pwarp, [], [block_n, 4, 4, 4])
+    return words, x, sz, pairs
+
+
+def store_layout(block_t: int, block_n_out: int, num_warps: int):
+    """Stores ``[block_t, block_n_out]``: 8 contiguous columns a thread, a row's columns
+    across lanes first (no two threads store one element where the tile allows)."""
+    lanes_n = max(1, min(32, block_n_out // 8))
+    lanes_t = 32 // lanes_n
+    warps_t = max(1, min(num_warps, block_t // lanes_t))
+    return gl.BlockedLayout([1, 8], [lanes_t, lanes_n], [warps_t, num_warps // warps_t], [1, 0])
+
+
+def mma_groups(config: dict) -> int:
+    """Groups of 128 columns a K step of an ``MMA`` config reads (``BLOCK_SIZE_K / 128``):
+    a weight row is read in runs of 64 bytes times this (HBM streams runs of 128 bytes and
+    more near its full rate, 64-byte ones at about two thirds: ``row_chunk_bandwidth.py``)."""
+    return config["BLOCK_SIZE_K"] // MMA_BLOCK_K
+
+
+def mma_tiles_unsupported(config: dict, *, activation: bool) -> str | None:
+    """Why an ``MMA`` config's tiles can't run on :func:`_prefill_mma_kernel`, or None."""
+    bt, bn, warps = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["num_warps"]
+    if bt not in (8, 16, 32):
+        return f"BLOCK_SIZE_M is {bt}; the mma kernel takes 8, 16 or 32 slots a block"
+    if config["BLOCK_SIZE_K"] not in (128, 256, 512):
+        return (f"BLOCK_SIZE_K is {config['BLOCK_SIZE_K']}; the mma kernel takes 128, 256 or "
+                "512 (1, 2 or 4 groups of 128 a K step)")
+    rows = 2 * bn if activation else bn
+    if warps not in (1, 2, 4, 8) or rows % (16 * warps) or (rows // (16 * warps)) & (
+            rows // (16 * warps) - 1):
+        return (f"BLOCK_SIZE_N {bn} ({rows} weight rows) with num_warps {warps}; expected "
+                f"a power-of-two count of 16-row slabs per warp, 1-8 warps")
+    return None
+
+
+def mma_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int,
+                    config: dict, has_perm: bool, a_fragment_order: bool,
+                    atomic_topk_sum: bool, activation: bool, a: torch.Tensor,
+                    qweight: torch.Tensor) -> str | None:
+    """Why an ``MMA`` config can't run this ``prefill_gemm`` call on
+    :func:`_prefill_mma_kernel` (then the Triton kernel runs the same block size), or
+    None."""
+    if not HAVE_GLUON:
+        return "this triton has no Gluon"
+    if device.type != "cuda" or torch.version.hip is not None:
+        return f"needs an NVIDIA GPU; the tensors are on {device}"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if torch.cuda.get_device_capability(index)[0] < 8:
+        return "needs mma.sync (sm_80 or newer)"
+    if (why := mma_tiles_unsupported(config, activation=activation)) is not None:
+        return why
+    if k % config["BLOCK_SIZE_K"] or group_size % MMA_BLOCK_K:
+        return (f"K = {k} must be a multiple of BLOCK_SIZE_K = {config['BLOCK_SIZE_K']} and "
+                f"G = {group_size} one of {MMA_BLOCK_K}")
+    if n_out % config["BLOCK_SIZE_N"]:
+        return f"{n_out} output columns are not a multiple of BLOCK_SIZE_N"
+    if has_perm or a_fragment_order or atomic_topk_sum or config.get("SPLIT_K", 1) > 1:
+        return ("act-order, fragment-order inputs, the atomic top-k sum and SPLIT_K are not "
+                "supported")
+    if a.stride(1) != 1 or qweight.stride(2) != 1:
+        return "the activations' and the packed words' K must be contiguous"
+    return None
+
+
+def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       zeros: torch.Tensor | None, out: torch.Tensor,
+                       topk_weights: torch.Tensor | None, sorted_ids: torch.Tensor,
+                       expert_ids: torch.Tensor, num_post_padded: torch.Tensor, *,
+                       n_out: int, k: int, slots: int, top_k: int, up_offset: int,
+                       group_size: int, a_is_slots: bool, activation_code: int,
+                       config: dict, a_sorted: bool = False,
+                       out_sorted: bool = False) -> None:
+    """Run :func:`_prefill_mma_kernel`; inputs already validated by ``prefill_gemm`` and
+    :func:`mma_unsupported`."""
+    bt, bn, warps = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["num_warps"]
+    rows = 2 * bn if activation_code else bn
+    em = sorted_ids.numel()
+    z = zeros if zeros is not None else qweight  # dummy pointer when absent
+    tw = topk_weights if topk_weights is not None else scales
+    groups = mma_groups(config)
+    words, x, sz, pairs = mma_layouts(rows, bt, warps, groups)
+    grid = ((em // bt) * (n_out // bn),)
+    _prefill_mma_kernel[grid](
+        a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
+        n_out, k, slots, top_k, up_offset,
+        a.stride(0), qweight.stride(0), qweight.stride(1),
+        scales.stride(0), scales.stride(1), scales.stride(2),
+        z.stride(0), z.stride(1), z.stride(2), out.stride(0),
+        GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, ACTIVATION=activation_code,
+        MUL_ROUTED_WEIGHT=topk_weights is not None, A_IS_SLOTS=a_is_slots,
+        A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16,
+        BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, WORDS_LAYOUT=words, X_LAYOUT=x,
+        SZ_LAYOUT=sz, PAIRS_LAYOUT=pairs,
+        OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
+        **prefill_pdl_args(a.device))
+
+
+__all__ = ["MMA_BLOCK_K", "launch_prefill_mma", "mma_groups", "mma_layouts",
+           "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "store_layout"]

@@ -5,7 +5,11 @@ router included, checked against the float32 oracle)::
     PYTHONPATH=.:benchmarks w4a16moe bench --model qwen3-30b-a3b --m 8,16,32,64 \\
         --paths hybrid,mma_a=prefill_mma_ab:mma_a,mma_b=prefill_mma_ab:mma_b
 
-Each path runs :func:`~w4a16moe.kernels.prefill.fused_moe_prefill` with both GEMMs on the
+A candidate config table against the shipped one: ``--paths prefill,mma_table=prefill_mma_ab:
+table_layer`` with ``W4A16MOE_AB_TABLE`` naming the candidate file (session 25's run:
+``benchmarks/results/h100_prefill_mma_table_ab_*_session25.json``).
+
+Each ``mma_*`` path runs :func:`~w4a16moe.kernels.prefill.fused_moe_prefill` with both GEMMs on the
 mma kernel: blocks of 8, 16 or 32 slots by the expected slots an expert (``BLOCK_T``), GEMM1
 writing its output in sorted order for GEMM2 (``SORTED_ROWS``). The variants differ in the
 weight rows a program takes (16-row slabs a warp, warps a program)."""
@@ -13,8 +17,6 @@ weight rows a program takes (16-row slabs a warp, warps a program)."""
 from __future__ import annotations
 
 import functools
-
-import torch
 
 from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
 
@@ -25,13 +27,24 @@ def block_slots(m: int, top_k: int, num_experts: int) -> int:
     return 8 if avg <= 2.5 else 16 if avg <= 6 else 32
 
 
-def mma_configs(m: int, top_k: int, num_experts: int, *, g1_out: int, g1_warps: int,
-                g2_rows: int, g2_warps: int, bt: int | None = None) -> tuple[dict, dict]:
+def step_columns(k: int, groups: int) -> int:
+    """BLOCK_SIZE_K: ``groups`` groups of 128 a K step, fewer where K is not a multiple."""
+    while groups > 1 and k % (128 * groups):
+        groups //= 2
+    return 128 * groups
+
+
+def mma_configs(m: int, top_k: int, num_experts: int, hidden: int, inter: int, *,
+                g1_out: int, g1_warps: int, g2_rows: int, g2_warps: int, groups: int = 1,
+                bt: int | None = None) -> tuple[dict, dict]:
     bt = bt or block_slots(m, top_k, num_experts)
-    base = {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_stages": 1,
-            "MMA": True}
-    return ({**base, "BLOCK_SIZE_N": g1_out, "num_warps": g1_warps},
-            {**base, "BLOCK_SIZE_N": g2_rows, "num_warps": g2_warps, "SORTED_ROWS": True})
+    # the activations of a step take (bt / 8) * groups * 16 registers: at most 64
+    groups = min(groups, max(1, 4 // (bt // 8)))
+    base = {"BLOCK_SIZE_M": bt, "GROUP_SIZE_M": 1, "num_stages": 1, "MMA": True}
+    return ({**base, "BLOCK_SIZE_N": g1_out, "num_warps": g1_warps,
+             "BLOCK_SIZE_K": step_columns(hidden, groups)},
+            {**base, "BLOCK_SIZE_N": g2_rows, "num_warps": g2_warps,
+             "BLOCK_SIZE_K": step_columns(inter, groups), "SORTED_ROWS": True})
 
 
 @functools.lru_cache(maxsize=8)
@@ -41,7 +54,8 @@ def _workspace(experts_id: int, m: int, top_k: int, experts) -> PrefillWorkspace
 
 def _run(hidden_states, experts, topk_weights, topk_ids, *, activation="silu", **tiles):
     m, top_k = topk_ids.shape
-    cfgs = mma_configs(m, top_k, experts.num_experts, **tiles)
+    cfgs = mma_configs(m, top_k, experts.num_experts, experts.hidden_size,
+                       experts.intermediate_size, **tiles)
     ws = _workspace(id(experts), m, top_k, experts)
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation, workspace=ws, configs=cfgs)
@@ -71,6 +85,73 @@ def mma_d(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
                 g1_out=8, g1_warps=1, g2_rows=16, g2_warps=1)
 
 
-__all__ = ["block_slots", "mma_a", "mma_b", "mma_c", "mma_d", "mma_configs"]
+def mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """mma_a's tiles, K steps of two groups (128-byte runs of a weight row)."""
+    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
+                g1_out=32, g1_warps=4, g2_rows=64, g2_warps=4, groups=2)
+
+
+def mma_g4(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """mma_a's tiles, K steps of four groups where K allows (256-byte runs)."""
+    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
+                g1_out=32, g1_warps=4, g2_rows=64, g2_warps=4, groups=4)
+
+
+def mma_g2c(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """mma_c's small programs (2 warps), K steps of two groups."""
+    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
+                g1_out=16, g1_warps=2, g2_rows=32, g2_warps=2, groups=2)
+
+
+def mma_g4d(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """One-warp programs, K steps of four groups where K allows."""
+    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
+                g1_out=8, g1_warps=1, g2_rows=16, g2_warps=1, groups=4)
+
+
+def mma_g2s(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """Two slabs a warp (GEMM1 64 features = 128 rows, GEMM2 128 rows, 4 warps), K steps of
+    two groups."""
+    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
+                g1_out=64, g1_warps=4, g2_rows=128, g2_warps=4, groups=2)
+
+
+def ship_g1_mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The shipped GEMM1 entry, GEMM2 on the mma kernel (64 rows, 4 warps, two groups a
+    step) with GEMM1's block size."""
+    from w4a16moe.kernels.prefill import layer_configs
+
+    m, top_k = topk_ids.shape
+    cfg1, _ = layer_configs(experts, top_k, m)
+    cfg2 = mma_configs(m, top_k, experts.num_experts, experts.hidden_size,
+                       experts.intermediate_size, g1_out=32, g1_warps=4, g2_rows=64,
+                       g2_warps=4, groups=2, bt=cfg1["BLOCK_SIZE_M"])[1]
+    cfg1 = {**cfg1, "SORTED_ROWS": cfg1.get("SORTED_ROWS", False)}
+    ws = _workspace(id(experts), m, top_k, experts)
+    return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation, workspace=ws, configs=(cfg1, cfg2))
+
+
+def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The prefill layer on the config table in ``$W4A16MOE_AB_TABLE`` (a candidate file in
+    the shipped format), to A/B it against the shipped table's ``prefill``/``hybrid`` paths."""
+    import os
+
+    from w4a16moe.kernels.configs import get_prefill_config
+
+    m, top_k = topk_ids.shape
+    i, h = experts.intermediate_size, experts.hidden_size
+    file = os.environ["W4A16MOE_AB_TABLE"]
+    cfgs = tuple(get_prefill_config(m, n, k, experts.num_experts, top_k, experts.dtype,
+                                    experts.device, config_file=file)
+                 for n, k in ((2 * i, h), (h, i)))
+    ws = _workspace(id(experts), m, top_k, experts)
+    return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation, workspace=ws, configs=cfgs)
+
+
+__all__ = ["block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
+           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "ship_g1_mma_g2", "step_columns",
+           "table_layer"]
 
 

@@ -182,3 +182,71 @@ def test_layer_matches_the_reference_with_expert_map(dtype):
     err = (outs[0].float() - ref.float()).abs().max() / ref.float().abs().max()
     assert err < 1e-2, err
 
+
+def shipped_mma_entries() -> list[tuple[dict, bool]]:
+    """The distinct MMA entries of the shipped H100 table, each with whether it is a GEMM1
+    entry (its ``N,K`` key is ``2I,H`` of a built-in model: it runs with the activation)."""
+    import json
+
+    from w4a16moe.kernels.tune import MODEL_SHAPES
+
+    gemm1 = {f"{2 * s.intermediate_size},{s.hidden_size}" for s in MODEL_SHAPES.values()}
+    table = json.loads((cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
+    seen = {(tuple(sorted(cfg.items())), shape in gemm1) for shape, buckets in table.items()
+            if not shape.startswith("_") for cfg in buckets.values() if cfg.get("MMA")}
+    return [(dict(items), act) for items, act in sorted(seen)]
+
+
+def test_shipped_mma_entries_are_runnable_tiles():
+    entries = shipped_mma_entries()
+    assert entries, "the shipped table has MMA entries"
+    assert {act for _, act in entries} == {True, False}, "GEMM1 and GEMM2 entries"
+    for cfg, activation in entries:
+        cfgmod.validate_config(cfg)
+        assert prefill_mma.mma_tiles_unsupported(cfg, activation=activation) is None, cfg
+
+
+@pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
+def test_shipped_mma_entries_compile_for_sm90_without_spills():
+    """Each shipped entry as its GEMM runs it (GEMM1: activation, sorted output where the
+    GEMM2 entry of the bucket reads sorted rows; GEMM2: router weight, sorted input)."""
+    from mma_aot import ptxas_reports
+
+    variants = [dict(block_t=cfg["BLOCK_SIZE_M"], block_n=cfg["BLOCK_SIZE_N"],
+                     num_warps=cfg["num_warps"], activation=activation,
+                     groups=prefill_mma.mma_groups(cfg), out_sorted=activation,
+                     a_sorted=not activation and bool(cfg.get("SORTED_ROWS")),
+                     mul_routed_weight=not activation)
+                for cfg, activation in shipped_mma_entries()]
+    for v, rep in zip(variants, ptxas_reports(variants), strict=True):
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
+
+
+@gpu_only
+def test_shipped_mma_entries_repeat_bit_for_bit():
+    """Every MMA entry of the shipped table as GEMM1 and as GEMM2 on a shape with many
+    blocks, 8 runs into NaN-poisoned outputs: the same bits each time (no atomics, no
+    races), and the Triton kernel's result on the same blocks within rounding."""
+    e, h, i, top_k, m = 16, 1024, 512, 4, 96
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=torch.bfloat16, symmetric=True,
+                               seed=21)
+    inter = torch.randn(m * top_k, i, dtype=x.dtype, device=DEVICE)
+    for cfg, _ in shipped_mma_entries():
+        cfg = {k: v for k, v in cfg.items() if k != "SORTED_ROWS"}
+        blocks = align_block_size(ids, cfg["BLOCK_SIZE_M"], e)
+        triton_cfg = {"BLOCK_SIZE_M": cfg["BLOCK_SIZE_M"], "BLOCK_SIZE_N": 32,
+                      "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}
+        for kw, width in ((dict(a=x, weights=experts.w13, activation="silu"), i),
+                          (dict(a=inter, weights=experts.w2, a_is_slots=True,
+                                mul_routed_weight=True), h)):
+            common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k, **kw)
+            runs = []
+            for _ in range(8):
+                out = torch.full((m * top_k, width), float("nan"), dtype=x.dtype,
+                                 device=DEVICE)
+                prefill_gemm(config=cfg, out=out, **common)
+                runs.append(out)
+            assert not runs[0].isnan().any(), cfg
+            assert all(torch.equal(runs[0], r) for r in runs[1:]), cfg
+            want = prefill_gemm(config=triton_cfg, **common).float()
+            assert (runs[0].float() - want).abs().max() <= 1e-2 * want.abs().max(), cfg

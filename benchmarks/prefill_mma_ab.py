@@ -132,8 +132,7 @@ def ship_g1_mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation
                              activation=activation, workspace=ws, configs=(cfg1, cfg2))
 
 
-def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu",
-                variable="W4A16MOE_AB_TABLE"):
+def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
     """The prefill layer on the config table in ``$W4A16MOE_AB_TABLE`` (a candidate file in
     the shipped format), to A/B it against the shipped table's ``prefill``/``hybrid`` paths."""
     import os
@@ -142,7 +141,7 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
 
     m, top_k = topk_ids.shape
     i, h = experts.intermediate_size, experts.hidden_size
-    file = os.environ[variable]
+    file = os.environ["W4A16MOE_AB_TABLE"]
     cfgs = tuple(get_prefill_config(m, n, k, experts.num_experts, top_k, experts.dtype,
                                     experts.device, config_file=file)
                  for n, k in ((2 * i, h), (h, i)))
@@ -151,14 +150,8 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
                              activation=activation, workspace=ws, configs=cfgs)
 
 
-def table_layer_b(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """:func:`table_layer` on a second candidate, ``$W4A16MOE_AB_TABLE_B``."""
-    return table_layer(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                       variable="W4A16MOE_AB_TABLE_B")
-
-
 __all__ = ["block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
            "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "ship_g1_mma_g2", "step_columns",
-           "table_layer", "table_layer_b"]
+           "table_layer"]
 
 

@@ -19,8 +19,7 @@ from aot import kernel_signature
 
 def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool,
                  has_zeros: bool = False, fp16: bool = False, mul_routed_weight: bool = False,
-                 a_sorted: bool = False, out_sorted: bool = False, groups: int = 1,
-                 stages: int = 1) -> dict:
+                 a_sorted: bool = False, out_sorted: bool = False, groups: int = 1) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -35,7 +34,6 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         GROUP_SIZE=128, HAS_ZEROS=has_zeros, ACTIVATION=1 if activation else 0,
         MUL_ROUTED_WEIGHT=mul_routed_weight, A_IS_SLOTS=not activation, A_SORTED=a_sorted,
         C_SORTED=out_sorted, IS_FP16=fp16, BLOCK_T=block_t, BLOCK_N=rows, GROUPS=groups,
-        STAGES=stages, RING_LAYOUT=prefill_mma.ring_layout(),
         WORDS_LAYOUT=words, X_LAYOUT=x, SZ_LAYOUT=sz, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=prefill_mma.store_layout(block_t, block_n, num_warps),
         num_warps=num_warps, PDL=True)

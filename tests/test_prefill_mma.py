@@ -24,9 +24,9 @@ ON_MMA_GPU = (ON_GPU and prefill_mma.HAVE_GLUON
 gpu_only = pytest.mark.skipif(not ON_MMA_GPU, reason="the Gluon kernel needs an sm_80+ GPU")
 
 
-def mma_config(bt=8, bn=64, warps=4, bk=128, stages=1):
+def mma_config(bt=8, bn=64, warps=4, bk=128):
     return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": 1,
-            "num_warps": warps, "num_stages": stages, "MMA": True}
+            "num_warps": warps, "num_stages": 1, "MMA": True}
 
 
 def test_permutation_pairs_each_lane_with_its_own_words():
@@ -59,9 +59,6 @@ def test_mma_config_rules():
     assert prefill_mma.mma_tiles_unsupported(mma_config(bk=512), activation=False) is None
     assert "128, 256 or 512" in prefill_mma.mma_tiles_unsupported(mma_config(bk=64),
                                                                   activation=False)
-    assert prefill_mma.mma_tiles_unsupported(mma_config(stages=8), activation=False) is None
-    assert "num_stages is 9" in prefill_mma.mma_tiles_unsupported(mma_config(stages=9),
-                                                                  activation=False)
 
 
 def test_mma_config_falls_back_off_the_gpu():
@@ -92,15 +89,10 @@ def test_every_variant_compiles_for_sm90_without_spills():
         dict(block_t=8, block_n=128, num_warps=4, activation=False, has_zeros=True),
         dict(block_t=8, block_n=32, num_warps=4, activation=True, groups=2),
         dict(block_t=8, block_n=64, num_warps=4, activation=False, groups=4, has_zeros=True),
-        dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2, stages=4),
-        dict(block_t=16, block_n=128, num_warps=4, activation=False, groups=2, stages=3,
-             a_sorted=True),
     ]
     for v, rep in zip(variants, ptxas_reports(variants), strict=True):
-        # 8 mmas a group, n-tile and slab; the register loop is unrolled by two, the ring's
-        # is not
-        unroll = 2 if v.get("stages", 1) == 1 else 1
-        assert rep["mma"] == 8 * unroll * v.get("groups", 1) * (v["block_t"] // 8) * (
+        # 8 mmas a group and n-tile, two groups an unrolled iteration
+        assert rep["mma"] == 16 * v.get("groups", 1) * (v["block_t"] // 8) * (
             (2 * v["block_n"] if v["activation"] else v["block_n"]) // (16 * v["num_warps"])), v
         assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
 
@@ -117,24 +109,21 @@ def _case(m, h, i, e, top_k, *, dtype, symmetric, seed):
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("bt,bn,warps,bk,stages", [
-    (8, 64, 4, 128, 1), (16, 128, 4, 128, 1), (32, 32, 2, 128, 1), (8, 64, 1, 128, 1),
-    (8, 64, 4, 256, 1), (16, 32, 2, 512, 1), (8, 64, 4, 256, 4), (16, 32, 2, 128, 3)])
-def test_gemms_match_the_triton_kernel_and_the_reference(dtype, symmetric, bt, bn, warps, bk,
-                                                        stages):
+@pytest.mark.parametrize("bt,bn,warps,bk", [(8, 64, 4, 128), (16, 128, 4, 128),
+                                             (32, 32, 2, 128), (8, 64, 1, 128),
+                                             (8, 64, 4, 256), (16, 32, 2, 512)])
+def test_gemms_match_the_triton_kernel_and_the_reference(dtype, symmetric, bt, bn, warps, bk):
     """GEMM1 (SiLU, router weight on the input) and GEMM2 (router weight on the output),
     natural and sorted rows, against the Triton kernel on the same blocks (float32
     accumulation in another order: close, not equal) and the float32 reference. K steps of
-    one group over 3 groups (an odd step count), of two and four groups over 4 and 8; the
-    words in registers or through a cp.async ring (``stages`` > 1, more stages than steps
-    too)."""
+    one group over 3 groups (an odd step count), of two and four groups over 4 and 8."""
     e, h, top_k, m = 8, 1024 if bk > 128 else 512, 2, 37
     i = 512 if bk > 128 else 384
     experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric, seed=bt)
     blocks = align_block_size(ids, bt, e)
     em, slots = blocks.sorted_token_ids.numel(), m * top_k
     common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k)
-    cfg = mma_config(bt, bn, warps, bk, stages)
+    cfg = mma_config(bt, bn, warps, bk)
     triton_cfg = {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64,
                   "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 2}
     for sorted_rows in (False, True):
@@ -225,8 +214,7 @@ def test_shipped_mma_entries_compile_for_sm90_without_spills():
 
     variants = [dict(block_t=cfg["BLOCK_SIZE_M"], block_n=cfg["BLOCK_SIZE_N"],
                      num_warps=cfg["num_warps"], activation=activation,
-                     groups=prefill_mma.mma_groups(cfg), stages=cfg["num_stages"],
-                     out_sorted=activation,
+                     groups=prefill_mma.mma_groups(cfg), out_sorted=activation,
                      a_sorted=not activation and bool(cfg.get("SORTED_ROWS")),
                      mul_routed_weight=not activation)
                 for cfg, activation in shipped_mma_entries()]

@@ -28,10 +28,8 @@ float32 accumulator that is scaled per row once the group is done (``G`` a multi
 A K step reads ``GROUPS`` = ``BLOCK_SIZE_K / 128`` groups, so a weight row is read in runs of
 ``64 GROUPS`` bytes (a quad's four 16-byte loads of a group are one 64-byte run, and HBM
 streams 64-byte runs of a row at about two thirds of its rate: ``row_chunk_bandwidth.py``).
-Words run two K steps ahead of the arithmetic in registers (the loop is unrolled by two) or,
-with ``num_stages`` > 1, ``num_stages - 1`` steps ahead through a ring of shared-memory stages
-filled by ``cp.async`` (each lane reads back only the pieces it copied); scales run one step
-ahead, activations one step ahead for 8-slot blocks.
+Words run two K steps ahead of the arithmetic in registers (the loop is unrolled by two),
+scales one step ahead, activations one step ahead for 8-slot blocks.
 
 Shapes: A ``[M, K]`` (rows ``slot // top_k``), ``[M*top_k, K]`` (``A_IS_SLOTS``) or ``[EM,
 K]`` (``A_SORTED``: row ``p`` for sorted position ``p``); qweight int32 ``[E, N_w, K/8]``;
@@ -56,7 +54,7 @@ from .prefill_rs import HAVE_GLUON
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from .prefill_rs import _packed_pair, _rs_tile_rows
 
@@ -226,7 +224,6 @@ if HAVE_GLUON:
         MUL_ROUTED_WEIGHT: gl.constexpr, A_IS_SLOTS: gl.constexpr, A_SORTED: gl.constexpr,
         C_SORTED: gl.constexpr, IS_FP16: gl.constexpr,
         BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUPS: gl.constexpr,
-        STAGES: gl.constexpr, RING_LAYOUT: gl.constexpr,
         WORDS_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, SZ_LAYOUT: gl.constexpr,
         PAIRS_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False,
@@ -300,99 +297,56 @@ if HAVE_GLUON:
                 STEP_K: gl.constexpr = 128 * GROUPS
                 STEP_W: gl.constexpr = 16 * GROUPS
                 num_steps = K // STEP_K
-                # scales and zero points one step ahead; the activations one step ahead too
-                # for 8-slot blocks (X_AHEAD: 16 registers a group), else loaded at their
-                # step (L1 hits after the first warp): on the H100 the prefetch made 8-slot
-                # blocks faster (Mixtral M=4-8, four groups a step: 262 -> 217 us a layer)
-                # and 16-slot ones slower (qwen3 M=64: 162 -> 181)
+                # words two steps ahead in registers (unrolled by two, each step with its
+                # own buffer), scales and zero points one step ahead; the activations one
+                # step ahead too for 8-slot blocks (X_AHEAD: 16 registers a group), else
+                # loaded at their step (L1 hits after the first warp): on the H100 the
+                # prefetch made 8-slot blocks faster (Mixtral M=4-8, four groups a step:
+                # 262 -> 217 us a layer) and 16-slot ones slower (qwen3 M=64: 162 -> 181)
                 X_AHEAD: gl.constexpr = BLOCK_T == 8
-                if STAGES > 1:
-                    # the words through a ring of STAGES shared-memory stages filled by
-                    # cp.async, STAGES - 1 steps ahead; each lane copies its own 16-byte
-                    # pieces and reads back only those
-                    ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, STEP_W],
-                                                     RING_LAYOUT)
-                    for st in gl.static_range(STAGES - 1):
-                        async_copy.async_copy_global_to_shared(
-                            ring.index(st), w_ptrs + gl.minimum(st, num_steps - 1) * STEP_W)
-                        async_copy.commit_group()
-                    sc_next = gl.load(s_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_sg)
-                    if HAS_ZEROS:
-                        zr_next = gl.load(z_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_zg)
-                    else:
-                        zr_next = sc_next
-                    if X_AHEAD:
-                        x_next = gl.load(x_ptrs, mask=x_mask, other=0.0)
-                    for i in range(num_steps):
-                        nxt = i + STAGES - 1
-                        async_copy.async_copy_global_to_shared(
-                            ring.index(nxt % STAGES),
-                            w_ptrs + gl.minimum(nxt, num_steps - 1) * STEP_W)
-                        async_copy.commit_group()
-                        sc = sc_next
-                        zr = zr_next
-                        k1 = gl.minimum(i + 1, num_steps - 1) * STEP_K
-                        g1 = ((k1 + s_grp[None, :]) // GROUP_SIZE)
-                        sc_next = gl.load(s_ptrs + g1 * stride_sg)
-                        if HAS_ZEROS:
-                            zr_next = gl.load(z_ptrs + g1 * stride_zg)
-                        if X_AHEAD:
-                            x = x_next
-                            x_next = gl.load(x_ptrs + k1, mask=x_mask, other=0.0)
-                        else:
-                            x = gl.load(x_ptrs + i * STEP_K, mask=x_mask, other=0.0)
-                        async_copy.wait_group(STAGES - 1)
-                        words = ring.index(i % STAGES).load(WORDS_LAYOUT)
-                        acc = _mma_step(acc, words, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
-                                        BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
-                                        PAIRS_LAYOUT)
-                    async_copy.wait_group(0)
+                words_a = gl.load(w_ptrs)
+                words_b = gl.load(w_ptrs + gl.minimum(1, num_steps - 1) * STEP_W)
+                sc_next = gl.load(s_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_sg)
+                if HAS_ZEROS:
+                    zr_next = gl.load(z_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_zg)
                 else:
-                    # the words two steps ahead in registers (unrolled by two, each step
-                    # with its own buffer)
-                    words_a = gl.load(w_ptrs)
-                    words_b = gl.load(w_ptrs + gl.minimum(1, num_steps - 1) * STEP_W)
-                    sc_next = gl.load(s_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_sg)
+                    zr_next = sc_next
+                if X_AHEAD:
+                    x_next = gl.load(x_ptrs, mask=x_mask, other=0.0)
+                for i in range(0, num_steps, 2):
+                    sc = sc_next
+                    zr = zr_next
+                    k1 = gl.minimum(i + 1, num_steps - 1) * STEP_K
+                    g1 = ((k1 + s_grp[None, :]) // GROUP_SIZE)
+                    sc_next = gl.load(s_ptrs + g1 * stride_sg)
                     if HAS_ZEROS:
-                        zr_next = gl.load(z_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_zg)
-                    else:
-                        zr_next = sc_next
+                        zr_next = gl.load(z_ptrs + g1 * stride_zg)
                     if X_AHEAD:
-                        x_next = gl.load(x_ptrs, mask=x_mask, other=0.0)
-                    for i in range(0, num_steps, 2):
+                        x = x_next
+                        x_next = gl.load(x_ptrs + k1, mask=x_mask, other=0.0)
+                    else:
+                        x = gl.load(x_ptrs + i * STEP_K, mask=x_mask, other=0.0)
+                    acc = _mma_step(acc, words_a, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
+                                    BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
+                                    PAIRS_LAYOUT)
+                    words_a = gl.load(w_ptrs + gl.minimum(i + 2, num_steps - 1) * STEP_W)
+                    if i + 1 < num_steps:
                         sc = sc_next
                         zr = zr_next
-                        k1 = gl.minimum(i + 1, num_steps - 1) * STEP_K
-                        g1 = ((k1 + s_grp[None, :]) // GROUP_SIZE)
-                        sc_next = gl.load(s_ptrs + g1 * stride_sg)
+                        k2 = gl.minimum(i + 2, num_steps - 1) * STEP_K
+                        g2 = ((k2 + s_grp[None, :]) // GROUP_SIZE)
+                        sc_next = gl.load(s_ptrs + g2 * stride_sg)
                         if HAS_ZEROS:
-                            zr_next = gl.load(z_ptrs + g1 * stride_zg)
+                            zr_next = gl.load(z_ptrs + g2 * stride_zg)
                         if X_AHEAD:
                             x = x_next
-                            x_next = gl.load(x_ptrs + k1, mask=x_mask, other=0.0)
+                            x_next = gl.load(x_ptrs + k2, mask=x_mask, other=0.0)
                         else:
-                            x = gl.load(x_ptrs + i * STEP_K, mask=x_mask, other=0.0)
-                        acc = _mma_step(acc, words_a, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
+                            x = gl.load(x_ptrs + (i + 1) * STEP_K, mask=x_mask, other=0.0)
+                        acc = _mma_step(acc, words_b, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
                                         BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
                                         PAIRS_LAYOUT)
-                        words_a = gl.load(w_ptrs + gl.minimum(i + 2, num_steps - 1) * STEP_W)
-                        if i + 1 < num_steps:
-                            sc = sc_next
-                            zr = zr_next
-                            k2 = gl.minimum(i + 2, num_steps - 1) * STEP_K
-                            g2 = ((k2 + s_grp[None, :]) // GROUP_SIZE)
-                            sc_next = gl.load(s_ptrs + g2 * stride_sg)
-                            if HAS_ZEROS:
-                                zr_next = gl.load(z_ptrs + g2 * stride_zg)
-                            if X_AHEAD:
-                                x = x_next
-                                x_next = gl.load(x_ptrs + k2, mask=x_mask, other=0.0)
-                            else:
-                                x = gl.load(x_ptrs + (i + 1) * STEP_K, mask=x_mask, other=0.0)
-                            acc = _mma_step(acc, words_b, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
-                                            BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
-                                            PAIRS_LAYOUT)
-                            words_b = gl.load(w_ptrs + gl.minimum(i + 3, num_steps - 1) * STEP_W)
+                        words_b = gl.load(w_ptrs + gl.minimum(i + 3, num_steps - 1) * STEP_W)
 
                 if MUL_ROUTED_WEIGHT:
                     t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
@@ -457,12 +411,6 @@ def mma_layouts(block_n: int, block_t: int, num_warps: int, groups: int = 1):
     return words, x, sz, pairs
 
 
-def ring_layout():
-    """The shared-memory layout of the words' ring (``num_stages`` > 1): plain rows (a lane
-    reads back only the 16-byte pieces it copied)."""
-    return gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-
-
 def store_layout(block_t: int, block_n_out: int, num_warps: int):
     """Stores ``[block_t, block_n_out]``: 8 contiguous columns a thread, a row's columns
     across lanes first (no two threads store one element where the tile allows)."""
@@ -487,9 +435,6 @@ def mma_tiles_unsupported(config: dict, *, activation: bool) -> str | None:
     if config["BLOCK_SIZE_K"] not in (128, 256, 512):
         return (f"BLOCK_SIZE_K is {config['BLOCK_SIZE_K']}; the mma kernel takes 128, 256 or "
                 "512 (1, 2 or 4 groups of 128 a K step)")
-    if not 1 <= config["num_stages"] <= 8:
-        return (f"num_stages is {config['num_stages']}; the mma kernel takes 1 (the words in "
-                "registers) to 8 (a cp.async ring of that many stages)")
     rows = 2 * bn if activation else bn
     if warps not in (1, 2, 4, 8) or rows % (16 * warps) or (rows // (16 * warps)) & (
             rows // (16 * warps) - 1):
@@ -544,7 +489,6 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     tw = topk_weights if topk_weights is not None else scales
     groups = mma_groups(config)
     words, x, sz, pairs = mma_layouts(rows, bt, warps, groups)
-    stages = config["num_stages"]
     grid = ((em // bt) * (n_out // bn),)
     _prefill_mma_kernel[grid](
         a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
@@ -555,13 +499,11 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, ACTIVATION=activation_code,
         MUL_ROUTED_WEIGHT=topk_weights is not None, A_IS_SLOTS=a_is_slots,
         A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16,
-        BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, STAGES=stages, RING_LAYOUT=ring_layout(),
-        WORDS_LAYOUT=words, X_LAYOUT=x,
+        BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, WORDS_LAYOUT=words, X_LAYOUT=x,
         SZ_LAYOUT=sz, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
         **prefill_pdl_args(a.device))
 
 
 __all__ = ["MMA_BLOCK_K", "launch_prefill_mma", "mma_groups", "mma_layouts",
-           "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "ring_layout",
-           "store_layout"]
+           "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "store_layout"]

@@ -349,3 +349,64 @@ def test_progress_prints_every_step_when_verbose(capsys):
         step(2, 2, "qwen3-30b-a3b M=4 w2 16x64x64 w4 s4: 2.0 us")
     out = capsys.readouterr().out
     assert "M=4 w13 16x64x64 w4 s4: 1.0 us" in out and "M=4 w2 16x64x64 w4 s4: 2.0 us" in out
+
+
+def test_mma_candidates_are_runnable_tiles_and_take_8_slot_blocks():
+    """The mma space's candidates are tiles its kernel runs (per GEMM), the only candidates
+    at blocks of 8 slots, and are offered on 8-slot blocks only where experts get few slots;
+    rsmidm includes them."""
+    from w4a16moe.kernels.prefill_mma import mma_tiles_unsupported
+
+    for space in ("mma", "rsmidm"):
+        for bm in (8, 16, 32):
+            for fused in (True, False):
+                cands = tune.candidate_configs(bm, 2.0, space, fused)
+                mma = [c for c in cands if c.get("MMA")]
+                assert mma, (space, bm, fused)
+                for cfg in mma:
+                    assert mma_tiles_unsupported(cfg, activation=fused) is None, cfg
+                    assert cfg["GROUP_SIZE_M"] == 1
+                if bm == 8:
+                    assert len(mma) == len(cands), (space, cands)
+    assert tune.candidate_configs(8, 2.0, "midm", True) == []
+    assert tune.block_m_candidates(1.0, space="mma") == (8, 16)
+    assert tune.block_m_candidates(1.0, space="rsmidm") == (8, 16)
+    assert tune.block_m_candidates(4.0, space="rsmidm") == (16,)
+    assert tune.block_m_candidates(1.0, space="midm") == (16,)
+    # the shipped H100 entries are among the candidates
+    g1 = {tune.config_label(c) for c in tune.candidate_configs(8, 1.0, "mma", True)}
+    g2 = {tune.config_label(c) for c in tune.candidate_configs(8, 1.0, "mma", False)}
+    assert "8x64x256 w4 s1 MMA SWAP_AB" in g1 and "8x128x256 w4 s1 MMA SWAP_AB" in g2
+
+
+def test_mma_skip_reason_and_sorted_rows_run():
+    """Off a GPU an MMA candidate is skipped with the kernel's reason (it would time the
+    Triton fallback); it is timed gathered and on sorted rows, with the same result."""
+    from conftest import DEVICE, ON_GPU
+
+    from w4a16moe.quantize import random_experts
+    from w4a16moe.routing import align_block_size, fused_topk
+
+    m, h, i, e, top_k = 5, 256, 128, 4, 2
+    experts = random_experts(e, h, i, group_size=128, dtype=torch.float16, seed=3,
+                             device=DEVICE)
+    x = torch.randn(m, h, dtype=torch.float16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1,
+           "num_warps": 2, "num_stages": 1, "SWAP_AB": True, "MMA": True}
+    inter = torch.empty(m * top_k, i, dtype=torch.float16, device=DEVICE)
+    reason = tune.rs_skip_reason(cfg, x, experts.w13, inter, activation=True)
+    assert (reason is None) == ON_GPU, reason
+    blocks = align_block_size(ids, 16, e)
+    em, slots = blocks.sorted_token_ids.numel(), m * top_k
+    x_sorted = torch.empty(em, h, dtype=torch.float16, device=DEVICE)
+    inter_sorted = torch.full((em, i), float("nan"), dtype=torch.float16, device=DEVICE)
+    runs = tune.candidate_runs("w13", cfg, experts=experts, x=x, inter=inter, out=inter,
+                               blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k,
+                               x_sorted=x_sorted, inter_sorted=inter_sorted)
+    assert [bool(c.get("SORTED_ROWS")) for c, _ in runs] == [False, True]
+    runs[0][1]()
+    runs[1][1]()
+    pos = (blocks.sorted_token_ids < slots).nonzero().flatten()
+    slot_of = blocks.sorted_token_ids[pos].long()
+    assert torch.equal(inter_sorted[pos], inter[slot_of])

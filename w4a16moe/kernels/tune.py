@@ -69,7 +69,10 @@ DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: version ptxas does not serialize, session 11) for large experts at M >= 1024, "rsmidm" (the
 #: "midm" space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
 #: since its words come by TMA, session 9; the BLOCK_SIZE_K 128 tiles with two K steps a stage, four
-#: such stages, session 19) for M = 16-256
+#: such stages, session 19) for M = 16-256, "mma" (the ``mma.sync`` kernel of
+#: ``prefill_mma.py``, a trailing MMA flag: 8-32-slot blocks, one to four groups a K step; the
+#: entries that won qwen3-30b's and Mixtral's few-slots-an-expert buckets in session 25), which
+#: "rsmidm" also takes
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -87,7 +90,10 @@ SPACES: dict[str, list[tuple]] = {
            (True, 64, 64, 8, 4, False, True), (True, 128, 64, 8, 5, False, True),
            (True, 128, 32, 8, 8, False, True)],
 }
-SPACES["rsmidm"] = SPACES["midm"] + [
+SPACES["mma"] = [(True, bn, bk, warps, 1, False, False, False, True)
+                 for bn, bk, warps in ((64, 256, 4), (128, 256, 4), (32, 256, 4), (64, 512, 4),
+                                       (64, 128, 4), (32, 256, 2), (16, 256, 1))]
+SPACES["rsmidm"] = SPACES["mma"] + SPACES["midm"] + [
     (True, 128, 128, 8, 4, False, True), (True, 128, 128, 8, 6, False, True),
     (True, 128, 64, 8, 6, False, True),
     (True, 256, 128, 8, 4, False, True), (True, 256, 64, 8, 6, False, True),
@@ -101,18 +107,32 @@ AUTO_SPLIT_TOKENS = 256
 MAX_ACC_REGS = 128
 
 
-def block_m_candidates(rows_per_expert: float, count: int = 2) -> tuple[int, ...]:
+#: the mma kernel's 8-slot blocks are tried up to this many slots an expert on average (about
+#: where 16-slot blocks took over on the H100: benchmarks/notes_prefill.md, session 25)
+MMA_SMALL_BLOCK_ROWS = 2.5
+
+
+def block_m_candidates(rows_per_expert: float, count: int = 2, space: str = "default"
+                       ) -> tuple[int, ...]:
     """The ``count`` largest BLOCK_SIZE_M values worth trying when each expert gets
-    ``rows_per_expert`` slots (at most twice that, at least 16)."""
+    ``rows_per_expert`` slots (at most twice that, at least 16), and 8 before them when
+    ``space`` has ``MMA`` candidates and the experts get at most
+    :data:`MMA_SMALL_BLOCK_ROWS` slots."""
     cands = [bm for bm in (16, 32, 64, 128, 256) if bm <= max(16, 2 * rows_per_expert)]
-    return tuple(cands[-count:])
+    out = tuple(cands[-count:])
+    has_mma = any(len(entry) > 8 and entry[8] for entry in SPACES.get(space, ()))
+    if has_mma and rows_per_expert <= MMA_SMALL_BLOCK_ROWS:
+        out = (8, *out)
+    return out
 
 
 def candidate_configs(block_m: int, rows_per_expert: float, space: str = "default",
                       fused_activation: bool = False) -> list[dict]:
     """Configs of ``space`` at ``block_m`` whose accumulators fit :data:`MAX_ACC_REGS`
-    (GEMM1 with the fused activation holds two); ``RS`` candidates only with tiles the Gluon
-    kernel is built for (else they would time its Triton fallback under the RS name)."""
+    (GEMM1 with the fused activation holds two); ``RS`` and ``MMA`` candidates only with tiles
+    their kernel is built for (else they would time the Triton fallback under their name).
+    Blocks of fewer than 16 slots take only ``MMA`` candidates (``tl.dot`` needs 16)."""
+    from .prefill_mma import mma_tiles_unsupported
     from .prefill_rs import rs_tiles_unsupported
 
     if space not in SPACES:
@@ -127,6 +147,13 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
                "num_stages": stages, "SWAP_AB": swap}
         if flags and flags[0]:
             cfg["FRAG_K"] = True
+        if len(flags) > 3 and flags[3]:
+            cfg["MMA"] = True
+            cfg["GROUP_SIZE_M"] = 1
+            if mma_tiles_unsupported(cfg, activation=fused_activation) is not None:
+                continue
+        elif block_m < 16:
+            continue
         if len(flags) > 1 and flags[1]:
             if rs_tiles_unsupported(cfg, fused_activation) is not None:
                 continue
@@ -161,10 +188,18 @@ def resolve_space(space: str, m: int) -> str:
 
 def rs_skip_reason(config: dict, a, weights, out, *, activation: bool,
                    a_fragment_order: bool = False) -> str | None:
-    """Why an ``RS`` candidate would not run on the Gluon kernel for the ``prefill_gemm``
-    call on ``a``, ``weights`` (packed) and ``out`` (GEMM1 with the fused activation or
-    not), so that timing it would time the Triton fallback: the reason, or None (also for
-    configs without RS)."""
+    """Why an ``RS`` or ``MMA`` candidate would not run on its Gluon kernel for the
+    ``prefill_gemm`` call on ``a``, ``weights`` (packed) and ``out`` (GEMM1 with the fused
+    activation or not), so that timing it would time the Triton fallback: the reason, or
+    None (also for configs of neither)."""
+    if config.get("MMA"):
+        from .prefill_mma import mma_unsupported
+
+        return mma_unsupported(
+            device=a.device, k=weights.k, n_out=weights.n // 2 if activation else weights.n,
+            group_size=weights.group_size, config=config, has_perm=weights.perm is not None,
+            a_fragment_order=a_fragment_order, atomic_topk_sum=False, activation=activation,
+            a=a, qweight=weights.qweight)
     if not config.get("RS"):
         return None
     from .prefill_rs import rs_unsupported
@@ -197,7 +232,7 @@ def config_label(config: dict) -> str:
     (``RS``, ``paired``, ``FRAG_K``, ``SWAP_AB``) and ``GROUP_SIZE_M`` when not 1."""
     label = (f"{config['BLOCK_SIZE_M']}x{config['BLOCK_SIZE_N']}x{config['BLOCK_SIZE_K']} "
              f"w{config['num_warps']} s{config['num_stages']}")
-    flags = [name for key, name in (("RS", "RS"), ("PAIRED_STAGES", "paired"),
+    flags = [name for key, name in (("MMA", "MMA"), ("RS", "RS"), ("PAIRED_STAGES", "paired"),
                                     ("FRAG_K", "FRAG_K"), ("SWAP_AB", "SWAP_AB"))
              if config.get(key)]
     if config.get("GROUP_SIZE_M", 1) != 1:
@@ -241,7 +276,8 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     by slot, router weight applied, into ``out``), as :func:`fused_moe_prefill` would run
     it: activations in fragment order for ``FRAG_K`` tiles. An ``RS`` config is also timed
     with ``PREFETCH_SCALES``, and when ``x_sorted``/``inter_sorted`` (``[EM, H]``/``[EM, I]``
-    buffers for the blocks' positions) are given, each of those also with ``SORTED_ROWS``:
+    buffers for the blocks' positions) are given, each of those (and an ``MMA`` config) also
+    with ``SORTED_ROWS``:
     GEMM1 timed with the gather of its input
     (:func:`~w4a16moe.kernels.prefill.gather_sorted_rows`) and writing sorted rows, GEMM2
     reading ``inter_sorted``. For GEMM2, each ``S`` of ``splits`` adds the RS config (with
@@ -291,7 +327,7 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
             runs.append((cfg, functools.partial(prefill_gemm, a, experts.w2, a_is_slots=True,
                                                 mul_routed_weight=True, out=out,
                                                 a_fragment_order=frag, **common)))
-        if not cfg.get("RS") or x_sorted is None or inter_sorted is None:
+        if not (cfg.get("RS") or cfg.get("MMA")) or x_sorted is None or inter_sorted is None:
             continue
         if gemm == "w13":
             def run_sorted(common=common):
@@ -426,7 +462,7 @@ def tune_prefill(
         for m in tokens:
             rows = m * shape.top_k / shape.num_experts
             weights, ids = random_routing(m, shape, device)
-            for bm in block_m_candidates(rows):
+            for bm in block_m_candidates(rows, space=spaces[m]):
                 blocks = align_block_size(ids, bm, shape.num_experts)
                 valid_blocks = int(blocks.num_tokens_post_padded.item()) // bm
                 em = blocks.sorted_token_ids.numel()
@@ -447,8 +483,8 @@ def tune_prefill(
                              (weights, ids, blocks)))
     # an RS candidate is timed four times: gathered and on sorted rows, each with and
     # without PREFETCH_SCALES (see candidate_runs), four more with STREAM_K, and twice more
-    # per SPLIT_K value
-    total = sum(len(c) + 3 * sum(1 for cfg in c if cfg.get("RS"))
+    # per SPLIT_K value; an MMA candidate twice, gathered and on sorted rows
+    total = sum(len(c) + sum(3 if cfg.get("RS") else 1 if cfg.get("MMA") else 0 for cfg in c)
                 for *_, cands, _, _, _ in plan for c in cands.values())
     total += sum(2 * len(sp) for *_, splits, _, _ in plan for sp in splits)
     total += sum(4 * sum(sk) for *_, stream_k, _ in plan for sk in stream_k.values())
@@ -509,7 +545,7 @@ def tune_prefill(
                         note += " sorted rows"
                         why = why or sorted_rows_unsupported(
                             x_sorted if gemm == "w13" else inter_sorted, rows=em)
-                    if why is not None:  # it would time the Triton fallback as RS
+                    if why is not None:  # it would time the Triton fallback as RS / MMA
                         t = math.inf
                         note += f" (skipped: {why})"
                     else:
@@ -939,8 +975,10 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--space", choices=["auto", *sorted(SPACES)], default="auto",
                    help="candidate space (default: %(default)s: on a Hopper GPU the "
-                        "register-operand Gluon tiles with the Triton winners, 'rsmidm' up to "
-                        f"{AUTO_SPLIT_TOKENS} tokens and 'rs' above; elsewhere 'default')")
+                        "register-operand Gluon tiles with the Triton winners and the mma.sync "
+                        f"tiles, 'rsmidm' up to {AUTO_SPLIT_TOKENS} tokens and 'rs' above; "
+                        "elsewhere 'default'; 'mma': the mma.sync tiles alone, 8-slot blocks "
+                        f"up to {MMA_SMALL_BLOCK_ROWS} slots an expert)")
     p.add_argument("--rep-ms", type=float, default=20.0,
                    help="timing budget per candidate in ms (default: %(default)s)")
     p.add_argument("--thresholds", action="store_true",

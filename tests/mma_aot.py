@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-from aot import kernel_signature
+from aot import kernel_signature, run_in_child
 
 
 def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool,
@@ -58,19 +58,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
 
 def ptxas_reports(variants: list[dict]) -> list[dict]:
     """:func:`ptxas_report` of each variant (its keyword arguments), in a child process
-    without ``TRITON_INTERPRET``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(here), here,
-                                                      env.get("PYTHONPATH")]))
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache
-        run = subprocess.run([sys.executable, os.path.abspath(__file__)],
-                             input=json.dumps(variants), capture_output=True, text=True,
-                             env=env, check=False)
-    if run.returncode != 0:
-        raise RuntimeError(f"mma_aot.py failed:\n{run.stderr[-4000:]}")
-    return json.loads(run.stdout)
+    (:func:`aot.run_in_child`)."""
+    return run_in_child(__file__, variants)
 
 
 if __name__ == "__main__":

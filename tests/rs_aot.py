@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 import torch
-from aot import kernel_signature
+from aot import kernel_signature, run_in_child
 
 from w4a16moe.kernels import prefill_rs
 
@@ -118,20 +118,8 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
 
 def ptxas_reports(variants: list[dict]) -> list[dict]:
     """:func:`ptxas_report` of each ``{"config", "activation", "a_sorted", "out_sorted",
-    "mul_routed_weight"}``, computed in a child process without ``TRITON_INTERPRET``."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    # an empty cache: the hook must run on every compile (triton 3.6 keys the cache without
-    # it), and these sm_90 builds stay out of the user's cache
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache
-        run = subprocess.run([sys.executable, os.path.abspath(__file__)],
-                             input=json.dumps(variants), capture_output=True, text=True,
-                             env=env, check=False)
-    if run.returncode != 0:
-        raise RuntimeError(f"rs_aot.py failed:\n{run.stderr[-4000:]}")
-    return json.loads(run.stdout)
+    "mul_routed_weight"}``, computed in a child process (:func:`aot.run_in_child`)."""
+    return run_in_child(__file__, variants)
 
 
 if __name__ == "__main__":

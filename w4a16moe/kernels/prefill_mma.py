@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import torch
 
-from .common import activation
 from .pdl import prefill_pdl_args
 from .prefill_rs import HAVE_GLUON
 
@@ -56,7 +55,12 @@ if HAVE_GLUON:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-    from .prefill_rs import _packed_pair, _rs_tile_rows
+    from .prefill_rs import (
+        _packed_pair,
+        _rs_tile_rows,
+        _tile_result,
+        _wait_upstream_release_next,
+    )
 
 #: columns of one quantization group as the kernel takes them (``G`` and ``BLOCK_SIZE_K`` must
 #: be multiples of it)
@@ -77,15 +81,6 @@ def permuted_columns(k: int = MMA_BLOCK_K) -> list[int]:
 
 
 if HAVE_GLUON:
-
-    _act = gluon.jit(activation.fn)
-
-    @gluon.jit
-    def _wait_upstream_release_next():
-        """``griddepcontrol.wait`` then ``griddepcontrol.launch_dependents`` (PDL chain)."""
-        gl.inline_asm_elementwise(
-            "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents; // dummy $0", "=r", [],
-            dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _code_pair(words, shift, zz, IS_FP16: gl.constexpr):
@@ -348,20 +343,9 @@ if HAVE_GLUON:
                                         PAIRS_LAYOUT)
                         words_b = gl.load(w_ptrs + gl.minimum(i + 3, num_steps - 1) * STEP_W)
 
-                if MUL_ROUTED_WEIGHT:
-                    t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
-                    slots = gl.load(sorted_ids_ptr + row0 + t)
-                    rw = gl.load(topk_weights_ptr + slots, mask=slots < num_valid_slots,
-                                 other=0.0).to(gl.float32)
-                    acc = acc * rw[None, :]
-                if ACTIVATION != 0:
-                    # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
-                    acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
-                                      (0, 2, 3, 1))
-                    gate, up = gl.split(acc4)
-                    res = gl.reshape(_act(gate, ACTIVATION) * up, [BLOCK_N_OUT, BLOCK_T])
-                else:
-                    res = acc
+                res = _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0,
+                                   num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
+                                   BLOCK_N, BLOCK_N_OUT, mma_layout)
                 res = gl.convert_layout(gl.permute(res.to(c_ptr.dtype.element_ty), (1, 0)),
                                         out_layout)
                 gl.store(c_ptrs, res, mask=c_mask)

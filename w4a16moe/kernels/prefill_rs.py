@@ -526,13 +526,15 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
-                     num_valid_slots, MUL_ROUTED_WEIGHT: gl.constexpr,
-                     ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
-                     BLOCK_N_OUT: gl.constexpr, mma_layout: gl.constexpr,
-                     out_layout: gl.constexpr):
-        """A tile's epilogue: the router weight (``MUL_ROUTED_WEIGHT``), ``act(gate) * up``
-        (``ACTIVATION``), the store of the real slots' rows."""
+    def _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0, num_valid_slots,
+                     MUL_ROUTED_WEIGHT: gl.constexpr, ACTIVATION: gl.constexpr,
+                     BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
+                     mma_layout: gl.constexpr):
+        """A tile's float32 result ``[BLOCK_N_OUT, BLOCK_T]`` from its accumulator ``[BLOCK_N,
+        BLOCK_T]`` (in ``mma_layout``; slots of block ``row0`` as columns): times the router
+        weight (``MUL_ROUTED_WEIGHT``), then ``act(gate) * up`` (``ACTIVATION``: rows ``16b +
+        j`` gate and ``16b + 8 + j`` up give output row ``8b + j``). Shared with the mma
+        kernel of :mod:`~w4a16moe.kernels.prefill_mma`."""
         if MUL_ROUTED_WEIGHT:
             t = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, mma_layout))
             slots = gl.load(sorted_ids_ptr + row0 + t)
@@ -540,17 +542,26 @@ if HAVE_GLUON:
                          other=0.0).to(gl.float32)
             acc = acc * rw[None, :]
         if ACTIVATION != 0:
-            # rows 16b + j (gate) and 16b + 8 + j (up) -> output column 8b + j
             acc4 = gl.permute(gl.reshape(acc, [BLOCK_N // 16, 2, 8, BLOCK_T]),
                               (0, 2, 3, 1))
             gate, up = gl.split(acc4)
-            h = _act(gate, ACTIVATION) * up
-            res = gl.convert_layout(
-                gl.reshape(h, [BLOCK_N_OUT, BLOCK_T]).to(c_ptrs.dtype.element_ty),
-                out_layout)
+            res = gl.reshape(_act(gate, ACTIVATION) * up, [BLOCK_N_OUT, BLOCK_T])
         else:
-            res = gl.convert_layout(acc.to(c_ptrs.dtype.element_ty), out_layout)
-        gl.store(c_ptrs, res, mask=c_mask)
+            res = acc
+        return res
+
+    @gluon.jit
+    def _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
+                     num_valid_slots, MUL_ROUTED_WEIGHT: gl.constexpr,
+                     ACTIVATION: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+                     BLOCK_N_OUT: gl.constexpr, mma_layout: gl.constexpr,
+                     out_layout: gl.constexpr):
+        """A tile's epilogue: :func:`_tile_result`, then the store of the real slots' rows."""
+        res = _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0, num_valid_slots,
+                           MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T, BLOCK_N, BLOCK_N_OUT,
+                           mma_layout)
+        gl.store(c_ptrs, gl.convert_layout(res.to(c_ptrs.dtype.element_ty), out_layout),
+                 mask=c_mask)
 
     @gluon.jit
     def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,

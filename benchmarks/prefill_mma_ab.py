@@ -61,59 +61,37 @@ def _run(hidden_states, experts, topk_weights, topk_ids, *, activation="silu", *
                              activation=activation, workspace=ws, configs=cfgs)
 
 
-def mma_a(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """GEMM1: 32 features (64 rows) a program on 4 warps; GEMM2: 64 rows on 4 warps."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=32, g1_warps=4, g2_rows=64, g2_warps=4)
+#: the tile variants timed in session 25: name -> (GEMM1 features, GEMM1 warps, GEMM2 rows,
+#: GEMM2 warps, groups a K step, what it is)
+VARIANTS = {
+    "mma_a": (32, 4, 64, 4, 1, "one slab a warp on 4 warps (GEMM1 64 rows, GEMM2 64 rows)"),
+    "mma_b": (64, 4, 128, 4, 1, "two slabs a warp on 4 warps (GEMM1 and GEMM2 128 rows)"),
+    "mma_c": (16, 2, 32, 2, 1, "small programs: 2 warps of one slab"),
+    "mma_d": (8, 1, 16, 1, 1, "one warp a program, one slab"),
+    "mma_g2": (32, 4, 64, 4, 2, "mma_a's tiles, K steps of two groups (128-byte row runs)"),
+    "mma_g4": (32, 4, 64, 4, 4, "mma_a's tiles, four groups a step where K allows"),
+    "mma_g2c": (16, 2, 32, 2, 2, "mma_c's programs, two groups a step"),
+    "mma_g4d": (8, 1, 16, 1, 4, "one-warp programs, four groups a step where K allows"),
+    "mma_g2s": (64, 4, 128, 4, 2, "mma_b's tiles, two groups a step (the shipped entries)"),
+}
 
 
-def mma_b(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """Two slabs a warp: GEMM1 64 features (128 rows) on 4 warps; GEMM2 128 rows."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=64, g1_warps=4, g2_rows=128, g2_warps=4)
+def _variant(name: str):
+    g1_out, g1_warps, g2_rows, g2_warps, groups, what = VARIANTS[name]
+
+    def path(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+        return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
+                    g1_out=g1_out, g1_warps=g1_warps, g2_rows=g2_rows, g2_warps=g2_warps,
+                    groups=groups)
+
+    path.__name__ = path.__qualname__ = name
+    path.__doc__ = f"Both GEMMs on the mma kernel: {what}."
+    return path
 
 
-def mma_c(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """Small programs: GEMM1 16 features (32 rows) on 2 warps; GEMM2 32 rows on 2 warps."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=16, g1_warps=2, g2_rows=32, g2_warps=2)
-
-
-def mma_d(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """One warp a program, one slab: GEMM1 8 features (16 rows); GEMM2 16 rows."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=8, g1_warps=1, g2_rows=16, g2_warps=1)
-
-
-def mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """mma_a's tiles, K steps of two groups (128-byte runs of a weight row)."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=32, g1_warps=4, g2_rows=64, g2_warps=4, groups=2)
-
-
-def mma_g4(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """mma_a's tiles, K steps of four groups where K allows (256-byte runs)."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=32, g1_warps=4, g2_rows=64, g2_warps=4, groups=4)
-
-
-def mma_g2c(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """mma_c's small programs (2 warps), K steps of two groups."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=16, g1_warps=2, g2_rows=32, g2_warps=2, groups=2)
-
-
-def mma_g4d(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """One-warp programs, K steps of four groups where K allows."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=8, g1_warps=1, g2_rows=16, g2_warps=1, groups=4)
-
-
-def mma_g2s(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """Two slabs a warp (GEMM1 64 features = 128 rows, GEMM2 128 rows, 4 warps), K steps of
-    two groups."""
-    return _run(hidden_states, experts, topk_weights, topk_ids, activation=activation,
-                g1_out=64, g1_warps=4, g2_rows=128, g2_warps=4, groups=2)
+mma_a, mma_b, mma_c, mma_d = (_variant(n) for n in ("mma_a", "mma_b", "mma_c", "mma_d"))
+mma_g2, mma_g4, mma_g2c, mma_g4d, mma_g2s = (
+    _variant(n) for n in ("mma_g2", "mma_g4", "mma_g2c", "mma_g4d", "mma_g2s"))
 
 
 def ship_g1_mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
@@ -150,7 +128,7 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
                              activation=activation, workspace=ws, configs=cfgs)
 
 
-__all__ = ["block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
+__all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
            "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "ship_g1_mma_g2", "step_columns",
            "table_layer"]
 

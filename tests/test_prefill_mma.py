@@ -250,3 +250,32 @@ def test_shipped_mma_entries_repeat_bit_for_bit():
             assert all(torch.equal(runs[0], r) for r in runs[1:]), cfg
             want = prefill_gemm(config=triton_cfg, **common).float()
             assert (runs[0].float() - want).abs().max() <= 1e-2 * want.abs().max(), cfg
+
+
+@pytest.mark.parametrize("act_order,group_size", [(True, 128), (False, 32)])
+def test_shipped_mma_entries_fall_back_on_8_slot_blocks(act_order, group_size):
+    """Weights the mma kernel does not take (act-order, or groups of 32) under the shipped
+    MMA entries (8-slot blocks, 256-column K steps): the Triton kernel runs the same blocks
+    and the layer is right (a GPU compiles it with an 8-column operand; the CPU interprets
+    it)."""
+    e, h, i, top_k, m = 8, 512, 256, 2, 6
+    # bf16 on the GPU (the table's dtype); the interpreter computes bf16 wrongly: fp16 there
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    experts = random_experts(e, h, i, group_size=group_size, act_order=act_order,
+                             dtype=dtype, device=DEVICE, seed=4)
+    gen = torch.Generator(device=DEVICE).manual_seed(4)
+    x = torch.randn(m, h, dtype=dtype, device=DEVICE, generator=gen)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE, generator=gen), top_k)
+    entries = dict((act, cfg) for cfg, act in shipped_mma_entries())
+    cfg1, cfg2 = entries[True], entries[False]
+    assert cfg1["BLOCK_SIZE_M"] == cfg2["BLOCK_SIZE_M"] == 8
+    if ON_MMA_GPU:
+        assert prefill_mma.mma_unsupported(
+            device=x.device, k=h, n_out=i, group_size=group_size, config=cfg1,
+            has_perm=act_order, a_fragment_order=False, atomic_topk_sum=False,
+            activation=True, a=x, qweight=experts.w13.qweight) is not None
+    y = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
+    fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y)
+    ref = moe_reference(x, experts, w, ids)
+    err = (y.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err < 2e-2, err

@@ -58,8 +58,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps, num_stages[,
-#: FRAG_K[, RS[, PAIRED_STAGES]]]) tried at every BLOCK_SIZE_M: "default" for users, "quick" (the
-#: configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short device sessions,
+#: FRAG_K[, RS[, PAIRED_STAGES[, MMA]]]]) tried at every BLOCK_SIZE_M: "default" for users, "quick"
+#: (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short device sessions,
 #: "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes, with and without
 #: fragment-order weight tiles; the 64-column fragment-order tile with four stages that won
 #: qwen3-30b's GEMM2 at M = 16-64 in session 20) for M buckets of 1-16 rows per expert, "rs" (the
@@ -69,10 +69,9 @@ DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: version ptxas does not serialize, session 11) for large experts at M >= 1024, "rsmidm" (the
 #: "midm" space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
 #: since its words come by TMA, session 9; the BLOCK_SIZE_K 128 tiles with two K steps a stage, four
-#: such stages, session 19) for M = 16-256, "mma" (the ``mma.sync`` kernel of
-#: ``prefill_mma.py``, a trailing MMA flag: 8-32-slot blocks, one to four groups a K step; the
-#: entries that won qwen3-30b's and Mixtral's few-slots-an-expert buckets in session 25), which
-#: "rsmidm" also takes
+#: such stages, session 19) for M = 16-256, "mma" (the ``mma.sync`` kernel of ``prefill_mma.py``, a
+#: trailing MMA flag: 8-32-slot blocks, one to four groups a K step; the entries that won
+#: qwen3-30b's and Mixtral's few-slots-an-expert buckets in session 25), which "rsmidm" also takes
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -131,7 +130,8 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
     """Configs of ``space`` at ``block_m`` whose accumulators fit :data:`MAX_ACC_REGS`
     (GEMM1 with the fused activation holds two); ``RS`` and ``MMA`` candidates only with tiles
     their kernel is built for (else they would time the Triton fallback under their name).
-    Blocks of fewer than 16 slots take only ``MMA`` candidates (``tl.dot`` needs 16)."""
+    Blocks of fewer than 16 slots take only ``MMA`` candidates (the other kernels' tiles were
+    never tuned below 16)."""
     from .prefill_mma import mma_tiles_unsupported
     from .prefill_rs import rs_tiles_unsupported
 

@@ -279,3 +279,33 @@ def test_shipped_mma_entries_fall_back_on_8_slot_blocks(act_order, group_size):
     ref = moe_reference(x, experts, w, ids)
     err = (y.float() - ref.float()).abs().max() / ref.float().abs().max()
     assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("kernel", ["MMA", "RS"])
+def test_prefill_gemm_hands_the_gluon_launchers_a_call_they_take(monkeypatch, kernel):
+    """Where a Gluon kernel can run, ``prefill_gemm`` calls its launcher with arguments that
+    bind to the launcher's signature (checked here on any machine, with the kernel's own
+    check made to pass and the launch recorded instead of run)."""
+    import inspect
+
+    from w4a16moe.kernels import prefill
+
+    launcher = "launch_prefill_mma" if kernel == "MMA" else "launch_prefill_rs"
+    check = "mma_unsupported" if kernel == "MMA" else "rs_unsupported"
+    real = getattr(prefill, launcher)
+    calls = []
+    monkeypatch.setattr(prefill, check, lambda **kw: None)
+    monkeypatch.setattr(prefill, launcher,
+                        lambda *a, **kw: calls.append(inspect.signature(real).bind(*a, **kw)))
+    experts, x, w, ids = _case(5, 256, 128, 4, 2, dtype=torch.float16, symmetric=True, seed=0)
+    cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1,
+           "num_warps": 4 if kernel == "MMA" else 8, "num_stages": 1, kernel: True,
+           **({"SWAP_AB": True} if kernel == "RS" else {})}
+    blocks = align_block_size(ids, 16, 4)
+    out = torch.empty(10, 128, dtype=torch.float16, device=DEVICE)
+    got = prefill_gemm(x, experts.w13, blocks, ids, w, top_k=2, activation="silu",
+                       mul_routed_weight=True, config=cfg, out=out)
+    assert got is out and len(calls) == 1
+    bound = calls[0].arguments
+    assert bound["out"] is out and bound["topk_weights"] is not None
+    assert bound["n_out"] == 128 and bound["k"] == 256 and bound["up_offset"] == 128

@@ -863,41 +863,31 @@ def prefill_gemm(
     z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
     p = weights.perm if weights.perm is not None else q
     tw = topk_weights if mul_routed_weight else s
-    if config.get("MMA"):
-        reason = mma_unsupported(
-            device=a.device, k=k, n_out=n_out, group_size=weights.group_size, config=config,
-            has_perm=weights.perm is not None, a_fragment_order=a_fragment_order,
-            atomic_topk_sum=atomic_topk_sum, activation=activation is not None, a=a,
-            qweight=q)
-        if reason is None:
-            launch_prefill_mma(
-                a, q, s, weights.zeros, out, topk_weights if mul_routed_weight else None,
-                sorted_ids, expert_ids, num_post_padded, n_out=n_out, k=k, slots=slots,
-                top_k=top_k, up_offset=n_w // 2 if activation is not None else 0,
-                group_size=weights.group_size, a_is_slots=a_is_slots,
-                activation_code=ACTIVATION_CODES[activation], config=config,
-                a_sorted=a_sorted, out_sorted=out_sorted)
+    if config.get("MMA") or config.get("RS"):
+        # the Gluon kernels take the same call; where one cannot run, the Triton kernel runs
+        # the same tiles
+        gluon_call = dict(device=a.device, k=k, n_out=n_out, group_size=weights.group_size,
+                          config=config, has_perm=weights.perm is not None,
+                          a_fragment_order=a_fragment_order, atomic_topk_sum=atomic_topk_sum,
+                          activation=activation is not None, a=a, qweight=q)
+        gluon_args = (a, q, s, weights.zeros, out, topk_weights if mul_routed_weight else None,
+                      sorted_ids, expert_ids, num_post_padded)
+        gluon_kw = dict(n_out=n_out, k=k, slots=slots, top_k=top_k,
+                        up_offset=n_w // 2 if activation is not None else 0,
+                        group_size=weights.group_size, a_is_slots=a_is_slots,
+                        activation_code=ACTIVATION_CODES[activation], config=config,
+                        a_sorted=a_sorted, out_sorted=out_sorted)
+        if config.get("MMA") and mma_unsupported(**gluon_call) is None:
+            launch_prefill_mma(*gluon_args, **gluon_kw)
             return out
-        # else the same block size on the Triton kernel
-    if config.get("RS"):
-        reason = rs_unsupported(
-            device=a.device, k=k, n_out=n_out, group_size=weights.group_size, config=config,
-            has_perm=weights.perm is not None, a_fragment_order=a_fragment_order,
-            atomic_topk_sum=atomic_topk_sum, activation=activation is not None, a=a, out=out,
-            qweight=q)
-        if reason is None and a_sorted:
-            reason = sorted_rows_unsupported(a, rows=em)
-        if reason is None:
-            launch_prefill_rs(
-                a, q, s, weights.zeros, out, topk_weights if mul_routed_weight else None,
-                sorted_ids, expert_ids, num_post_padded, n_out=n_out, k=k, slots=slots,
-                top_k=top_k, up_offset=n_w // 2 if activation is not None else 0,
-                group_size=weights.group_size, a_is_slots=a_is_slots,
-                activation_code=ACTIVATION_CODES[activation],
-                out_fragment_order=out_fragment_order, config=config, a_sorted=a_sorted,
-                out_sorted=out_sorted)
-            return out
-        # else the same tiles on the Triton kernel
+        if config.get("RS"):
+            reason = rs_unsupported(**gluon_call, out=out)
+            if reason is None and a_sorted:
+                reason = sorted_rows_unsupported(a, rows=em)
+            if reason is None:
+                launch_prefill_rs(*gluon_args, out_fragment_order=out_fragment_order,
+                                  **gluon_kw)
+                return out
     if split > 1:
         # the Triton kernel has no K split: the whole sum in the first partial, zeros in
         # the others (the same total)

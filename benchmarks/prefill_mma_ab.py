@@ -48,7 +48,8 @@ def mma_configs(m: int, top_k: int, num_experts: int, hidden: int, inter: int, *
 
 
 @functools.lru_cache(maxsize=8)
-def _workspace(experts_id: int, m: int, top_k: int, experts) -> PrefillWorkspace:
+def _workspace(experts, m: int, top_k: int) -> PrefillWorkspace:
+    """One workspace per experts object (hashed by identity), token count and top-k."""
     return PrefillWorkspace.allocate(m, experts, top_k)
 
 
@@ -56,7 +57,7 @@ def _run(hidden_states, experts, topk_weights, topk_ids, *, activation="silu", *
     m, top_k = topk_ids.shape
     cfgs = mma_configs(m, top_k, experts.num_experts, experts.hidden_size,
                        experts.intermediate_size, **tiles)
-    ws = _workspace(id(experts), m, top_k, experts)
+    ws = _workspace(experts, m, top_k)
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation, workspace=ws, configs=cfgs)
 
@@ -105,7 +106,7 @@ def ship_g1_mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation
                        experts.intermediate_size, g1_out=32, g1_warps=4, g2_rows=64,
                        g2_warps=4, groups=2, bt=cfg1["BLOCK_SIZE_M"])[1]
     cfg1 = {**cfg1, "SORTED_ROWS": cfg1.get("SORTED_ROWS", False)}
-    ws = _workspace(id(experts), m, top_k, experts)
+    ws = _workspace(experts, m, top_k)
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation, workspace=ws, configs=(cfg1, cfg2))
 
@@ -123,7 +124,7 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
     cfgs = tuple(get_prefill_config(m, n, k, experts.num_experts, top_k, experts.dtype,
                                     experts.device, config_file=file)
                  for n, k in ((2 * i, h), (h, i)))
-    ws = _workspace(id(experts), m, top_k, experts)
+    ws = _workspace(experts, m, top_k)
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation, workspace=ws, configs=cfgs)
 

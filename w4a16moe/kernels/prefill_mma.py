@@ -45,6 +45,8 @@ compile the kernel for sm_90 and check the permutation on the host
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .pdl import prefill_pdl_args
@@ -351,6 +353,7 @@ if HAVE_GLUON:
                 gl.store(c_ptrs, res, mask=c_mask)
 
 
+@functools.cache
 def mma_layouts(block_n: int, block_t: int, num_warps: int, groups: int = 1):
     """(words, activations, scales, pairs) layouts of :func:`_prefill_mma_kernel` for a K
     step of ``groups`` groups of 128 columns.
@@ -395,6 +398,7 @@ def mma_layouts(block_n: int, block_t: int, num_warps: int, groups: int = 1):
     return words, x, sz, pairs
 
 
+@functools.cache
 def store_layout(block_t: int, block_n_out: int, num_warps: int):
     """Stores ``[block_t, block_n_out]``: 8 contiguous columns a thread, a row's columns
     across lanes first (no two threads store one element where the tile allows)."""

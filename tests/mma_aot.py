@@ -19,7 +19,8 @@ from aot import kernel_signature, run_in_child
 
 def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool,
                  has_zeros: bool = False, fp16: bool = False, mul_routed_weight: bool = False,
-                 a_sorted: bool = False, out_sorted: bool = False, groups: int = 1) -> dict:
+                 a_sorted: bool = False, out_sorted: bool = False, groups: int = 1,
+                 scale_words: bool | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -29,12 +30,15 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
 
     fn = prefill_mma._prefill_mma_kernel
     rows = 2 * block_n if activation else block_n
-    words, x, sz, pairs = prefill_mma.mma_layouts(rows, block_t, num_warps, groups)
+    words, x, sz, szw, pairs = prefill_mma.mma_layouts(rows, block_t, num_warps, groups)
+    if scale_words is None:  # as the launcher picks it for contiguous scales and G = 128
+        scale_words = groups > 1
     constexprs = dict(
         GROUP_SIZE=128, HAS_ZEROS=has_zeros, ACTIVATION=1 if activation else 0,
         MUL_ROUTED_WEIGHT=mul_routed_weight, A_IS_SLOTS=not activation, A_SORTED=a_sorted,
         C_SORTED=out_sorted, IS_FP16=fp16, BLOCK_T=block_t, BLOCK_N=rows, GROUPS=groups,
-        WORDS_LAYOUT=words, X_LAYOUT=x, SZ_LAYOUT=sz, PAIRS_LAYOUT=pairs,
+        SCALE_WORDS=scale_words, WORDS_LAYOUT=words, X_LAYOUT=x, SZ_LAYOUT=sz,
+        SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=prefill_mma.store_layout(block_t, block_n, num_warps),
         num_warps=num_warps, PDL=True)
     h = "*fp16" if fp16 else "*bf16"

@@ -183,6 +183,31 @@ def test_layer_matches_the_reference_with_expert_map(dtype):
     assert err < 1e-2, err
 
 
+@gpu_only
+def test_scales_and_activations_off_the_32_bit_word_path():
+    """Per-channel scales (one group of all K: the two 128-column groups of a step share
+    one scale, read as 16-bit values, not words) run on the mma kernel and match the
+    reference; activations whose rows start at odd elements can't be read as 32-bit words,
+    so that call runs on the Triton kernel, still right."""
+    e, h, i, top_k, m = 8, 1024, 512, 2, 19
+    experts = random_experts(e, h, i, group_size=-1, dtype=torch.bfloat16, device=DEVICE,
+                             seed=3)
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    wide = torch.randn(m, h + 1, dtype=torch.bfloat16, device=DEVICE, generator=gen)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE, generator=gen), top_k)
+    cfg = mma_config(8, 64, 4, 256)
+    for x in (wide[:, :h].contiguous(), wide[:, :h], wide[:, 1:]):
+        y = fused_moe_prefill(x, experts, w, ids, configs=(cfg, cfg))
+        ref = moe_reference(x, experts, w, ids)
+        err = (y.float() - ref.float()).abs().max() / ref.float().abs().max()
+        assert err < 1e-2, (x.stride(), x.storage_offset(), err)
+    why = prefill_mma.mma_unsupported(
+        device=wide.device, k=h, n_out=h, group_size=h, config=cfg, has_perm=False,
+        a_fragment_order=False, atomic_topk_sum=False, activation=False, a=wide[:, 1:],
+        qweight=experts.w2.qweight)
+    assert why is not None and "32-bit words" in why
+
+
 def shipped_mma_entries() -> list[tuple[dict, bool]]:
     """The distinct MMA entries of the shipped H100 table, each with whether it is a GEMM1
     entry (its ``N,K`` key is ``2I,H`` of a built-in model: it runs with the activation)."""

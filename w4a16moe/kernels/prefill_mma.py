@@ -28,8 +28,13 @@ float32 accumulator that is scaled per row once the group is done (``G`` a multi
 A K step reads ``GROUPS`` = ``BLOCK_SIZE_K / 128`` groups, so a weight row is read in runs of
 ``64 GROUPS`` bytes (a quad's four 16-byte loads of a group are one 64-byte run, and HBM
 streams 64-byte runs of a row at about two thirds of its rate: ``row_chunk_bandwidth.py``).
-Words run two K steps ahead of the arithmetic in registers (the loop is unrolled by two),
-scales one step ahead, activations one step ahead for 8-slot blocks.
+Words, scales and (for 8-slot blocks) activations run two K steps ahead of the arithmetic in
+registers: the loop is unrolled by two and each half has its own buffers, reloaded in place,
+and the 16-bit activations and scales travel as 32-bit words (two values each). A value
+copied from one register to another, or repacked from 16-bit halves, waits for its load
+there: with such copies ncu put a quarter to a third of the warps' stall samples on them,
+and the layer was 4-6 % slower (``benchmarks/notes_prefill.md``, session 26). Zero points
+are loaded at their step (L1 hits after a row's first step).
 
 Shapes: A ``[M, K]`` (rows ``slot // top_k``), ``[M*top_k, K]`` (``A_IS_SLOTS``) or ``[EM,
 K]`` (``A_SORTED``: row ``p`` for sorted position ``p``); qweight int32 ``[E, N_w, K/8]``;
@@ -116,6 +121,19 @@ if HAVE_GLUON:
         return lo, hi
 
     @gluon.jit
+    def _word_halves(words, IS_FP16: gl.constexpr):
+        """The two 16-bit values of each 32-bit word (low half first), as fp16 or bf16."""
+        if IS_FP16:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[words],
+                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[words],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        return lo, hi
+
+    @gluon.jit
     def _mma_group(acc, words, x, sc, zr, IS_FP16: gl.constexpr, HAS_ZEROS: gl.constexpr,
                    BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, a_layout: gl.constexpr,
                    b_layout: gl.constexpr, mma_layout: gl.constexpr,
@@ -150,9 +168,11 @@ if HAVE_GLUON:
         v = gl.reshape(gl.join(lo, hi), [BLOCK_N, 4, 4, 2, 2, 2])  # (row, c, w, jl, h, q)
         v = gl.permute(v, (0, 2, 3, 4, 1, 5))
         a = gl.convert_layout(gl.reshape(v, [BLOCK_N, 128]), a_layout, assert_trivial=True)
-        # physical 32 c + 8 w + 4 jl + 2 h + q -> the same logical column
-        xb = gl.reshape(x, [4, 4, 2, 2, 2, BLOCK_T])  # (c, w, jl, h, q, t)
-        xb = gl.permute(xb, (1, 2, 3, 0, 4, 5))
+        # activation word 16 c + 4 w + 2 jl + h holds physical columns 32 c + 8 w + 4 jl + 2 h
+        # + q (q < 2): the same logical columns
+        x_lo, x_hi = _word_halves(x, IS_FP16)
+        xb = gl.reshape(gl.join(x_lo, x_hi), [4, 4, 2, 2, BLOCK_T, 2])  # (c, w, jl, h, t, q)
+        xb = gl.permute(xb, (1, 2, 3, 0, 5, 4))
         b = gl.convert_layout(gl.reshape(xb, [128, BLOCK_T]), b_layout, assert_trivial=True)
         part = mma_v2(a, b, gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout))
         scale = gl.convert_layout(sc, gl.SliceLayout(1, mma_layout), assert_trivial=True)
@@ -176,7 +196,7 @@ if HAVE_GLUON:
         """:func:`_mma_group` over two groups: words ``[BLOCK_N, 32]``, x ``[256, BLOCK_T]``,
         scales and zeros ``[BLOCK_N, 2]``."""
         w0, w1 = _col_halves(words, BLOCK_N, 16)
-        x0, x1 = _row_halves(x, 128, BLOCK_T)
+        x0, x1 = _row_halves(x, 64, BLOCK_T)
         s0, s1 = gl.split(sc)
         z0, z1 = gl.split(zr)
         acc = _mma_group(acc, w0, x0, s0, z0, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
@@ -186,14 +206,23 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _mma_step(acc, words, x, sc, zr, GROUPS: gl.constexpr, IS_FP16: gl.constexpr,
-                  HAS_ZEROS: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr,
-                  a_layout: gl.constexpr, b_layout: gl.constexpr, mma_layout: gl.constexpr,
-                  pairs_layout: gl.constexpr):
-        """One K step of ``GROUPS`` groups: words ``[BLOCK_N, 16 GROUPS]``, x ``[128 GROUPS,
-        BLOCK_T]``, scales and raw zeros ``[BLOCK_N, GROUPS]``."""
+                  HAS_ZEROS: gl.constexpr, SCALE_WORDS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  BLOCK_T: gl.constexpr, a_layout: gl.constexpr, b_layout: gl.constexpr,
+                  mma_layout: gl.constexpr, pairs_layout: gl.constexpr,
+                  sz_layout: gl.constexpr):
+        """One K step of ``GROUPS`` groups: words ``[BLOCK_N, 16 GROUPS]``, activation words
+        ``[64 GROUPS, BLOCK_T]``, scales ``[BLOCK_N, GROUPS]`` (``SCALE_WORDS``: as 32-bit
+        words of two, ``[BLOCK_N, GROUPS / 2]``) and raw zero points ``[BLOCK_N, GROUPS]``
+        (unused without ``HAS_ZEROS``)."""
+        if SCALE_WORDS:
+            s_lo, s_hi = _word_halves(sc, IS_FP16)
+            sc = gl.convert_layout(gl.reshape(gl.join(s_lo, s_hi), [BLOCK_N, GROUPS]),
+                                   sz_layout, assert_trivial=True)
+        if not HAS_ZEROS:
+            zr = sc
         if GROUPS == 1:
             acc = _mma_group(acc, gl.reshape(words, [BLOCK_N, 16]),
-                             gl.reshape(x, [128, BLOCK_T]), gl.reshape(sc, [BLOCK_N]),
+                             gl.reshape(x, [64, BLOCK_T]), gl.reshape(sc, [BLOCK_N]),
                              gl.reshape(zr, [BLOCK_N]), IS_FP16, HAS_ZEROS, BLOCK_N,
                              BLOCK_T, a_layout, b_layout, mma_layout, pairs_layout)
         elif GROUPS == 2:
@@ -201,7 +230,7 @@ if HAVE_GLUON:
                            a_layout, b_layout, mma_layout, pairs_layout)
         else:
             w01, w23 = _col_halves(words, BLOCK_N, 32)
-            x01, x23 = _row_halves(x, 256, BLOCK_T)
+            x01, x23 = _row_halves(x, 128, BLOCK_T)
             s01, s23 = _col_halves(sc, BLOCK_N, 2)
             z01, z23 = _col_halves(zr, BLOCK_N, 2)
             acc = _mma_two(acc, w01, x01, s01, z01, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
@@ -209,6 +238,17 @@ if HAVE_GLUON:
             acc = _mma_two(acc, w23, x23, s23, z23, IS_FP16, HAS_ZEROS, BLOCK_N, BLOCK_T,
                            a_layout, b_layout, mma_layout, pairs_layout)
         return acc
+
+    @gluon.jit
+    def _step_scales(ptrs, s_grp, step, STEP_K: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                     stride_g, AS_WORDS: gl.constexpr):
+        """The scales (or zero points) of K step ``step``: ``[BLOCK_N, GROUPS]`` values from
+        the row pointers ``ptrs`` (group of column ``step * STEP_K + s_grp``), or with
+        ``AS_WORDS`` ``[BLOCK_N, GROUPS / 2]`` words from word pointers (G = 128, stride 1)."""
+        if AS_WORDS:
+            return gl.load(ptrs + step * (STEP_K // 256))
+        else:
+            return gl.load(ptrs + ((step * STEP_K + s_grp[None, :]) // GROUP_SIZE) * stride_g)
 
     @gluon.jit
     def _prefill_mma_kernel(
@@ -221,15 +261,18 @@ if HAVE_GLUON:
         MUL_ROUTED_WEIGHT: gl.constexpr, A_IS_SLOTS: gl.constexpr, A_SORTED: gl.constexpr,
         C_SORTED: gl.constexpr, IS_FP16: gl.constexpr,
         BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUPS: gl.constexpr,
-        WORDS_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr, SZ_LAYOUT: gl.constexpr,
-        PAIRS_LAYOUT: gl.constexpr, OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+        SCALE_WORDS: gl.constexpr, WORDS_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+        SZ_LAYOUT: gl.constexpr, SZW_LAYOUT: gl.constexpr, PAIRS_LAYOUT: gl.constexpr,
+        OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
-        groups. ``WORDS_LAYOUT``, ``X_LAYOUT``, ``SZ_LAYOUT``, ``PAIRS_LAYOUT``:
-        :func:`mma_layouts` (a lane's words and activations of a group as its contiguous
-        registers, so they load as 16-byte vectors); ``OUT_LAYOUT``: :func:`store_layout`."""
+        groups. ``WORDS_LAYOUT``, ``X_LAYOUT``, ``SZ_LAYOUT``, ``SZW_LAYOUT``,
+        ``PAIRS_LAYOUT``: :func:`mma_layouts` (a lane's words and activations of a group as its
+        contiguous registers, so they load as 16-byte vectors); ``OUT_LAYOUT``:
+        :func:`store_layout`. ``SCALE_WORDS``: a step's scales are read as 32-bit words of two
+        (``G`` = 128, two or four groups a step, scales contiguous along K)."""
         BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
@@ -274,9 +317,18 @@ if HAVE_GLUON:
                 s_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION,
                                        gl.SliceLayout(1, SZ_LAYOUT))
                 s_grp = gl.arange(0, GROUPS, layout=gl.SliceLayout(0, SZ_LAYOUT)) * 128
-                s_ptrs = s_ptr + e64 * stride_se + s_rows[:, None] * stride_sn
+                if SCALE_WORDS:
+                    # [BLOCK_N, GROUPS / 2] words: each holds two groups' scales
+                    sw_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION,
+                                            gl.SliceLayout(1, SZW_LAYOUT))
+                    sw_cols = gl.arange(0, GROUPS // 2, layout=gl.SliceLayout(0, SZW_LAYOUT))
+                    s_ptrs = (s_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+                              + (e64 * stride_se + sw_rows[:, None] * stride_sn) // 2
+                              + sw_cols[None, :])
+                else:
+                    s_ptrs = s_ptr + e64 * stride_se + s_rows[:, None] * stride_sn
                 z_ptrs = z_ptr + e64 * stride_ze + s_rows[:, None] * stride_zn
-                # the activations: [128 GROUPS, BLOCK_T] of the block's tokens, k fastest
+                # the activations: [64 GROUPS, BLOCK_T] words of the block's tokens, k fastest
                 t_x = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, X_LAYOUT))
                 slots_x = gl.load(sorted_ids_ptr + row0 + t_x)
                 valid_x = slots_x < num_valid_slots
@@ -286,64 +338,78 @@ if HAVE_GLUON:
                     a_rows = gl.where(valid_x, slots_x, 0).to(gl.int64)
                 else:
                     a_rows = gl.where(valid_x, slots_x // top_k, 0).to(gl.int64)
-                k_x = gl.arange(0, 128 * GROUPS, layout=gl.SliceLayout(1, X_LAYOUT))
-                x_ptrs = a_ptr + (a_rows[None, :] * stride_am + k_x[:, None])
+                # (32-bit words of two columns each, so that values carried from one step
+                # to the next stay in the registers they were loaded into)
+                a_words = a_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
+                k_x = gl.arange(0, 64 * GROUPS, layout=gl.SliceLayout(1, X_LAYOUT))
+                x_ptrs = a_words + (a_rows[None, :] * (stride_am // 2) + k_x[:, None])
                 x_mask = valid_x[None, :] & (k_x[:, None] >= 0)
 
                 acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
                 STEP_K: gl.constexpr = 128 * GROUPS
                 STEP_W: gl.constexpr = 16 * GROUPS
                 num_steps = K // STEP_K
-                # words two steps ahead in registers (unrolled by two, each step with its
-                # own buffer), scales and zero points one step ahead; the activations one
-                # step ahead too for 8-slot blocks (X_AHEAD: 16 registers a group), else
-                # loaded at their step (L1 hits after the first warp): on the H100 the
-                # prefetch made 8-slot blocks faster (Mixtral M=4-8, four groups a step:
-                # 262 -> 217 us a layer) and 16-slot ones slower (qwen3 M=64: 162 -> 181)
+                # everything a step reads runs two steps ahead in registers: the loop is
+                # unrolled by two and each of the two steps has its own buffers, reloaded in
+                # place right after their use (a value carried from one buffer to another
+                # would be a register copy that waits for its load: ncu put a quarter of the
+                # warps' stalls on such copies, and 16-bit values carried over the loop were
+                # repacked into 32-bit registers with the same wait: so the activations and
+                # the scales travel as 32-bit words). The activations are prefetched for 8-slot
+                # blocks only (X_AHEAD: 16 registers a group), else loaded at their step
+                # (L1 hits after the first warp): on the H100 the prefetch made 8-slot blocks
+                # faster (Mixtral M=4-8, four groups a step: 262 -> 217 us a layer) and
+                # 16-slot ones slower (qwen3 M=64: 162 -> 181)
                 X_AHEAD: gl.constexpr = BLOCK_T == 8
+                last = num_steps - 1
+                kb = gl.minimum(1, last)
                 words_a = gl.load(w_ptrs)
-                words_b = gl.load(w_ptrs + gl.minimum(1, num_steps - 1) * STEP_W)
-                sc_next = gl.load(s_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_sg)
-                if HAS_ZEROS:
-                    zr_next = gl.load(z_ptrs + (s_grp[None, :] // GROUP_SIZE) * stride_zg)
-                else:
-                    zr_next = sc_next
+                words_b = gl.load(w_ptrs + kb * STEP_W)
+                sc_a = _step_scales(s_ptrs, s_grp, 0, STEP_K, GROUP_SIZE, stride_sg,
+                                    SCALE_WORDS)
+                sc_b = _step_scales(s_ptrs, s_grp, kb, STEP_K, GROUP_SIZE, stride_sg,
+                                    SCALE_WORDS)
+                # zero points are loaded at their step: a row's zero points of every group
+                # share a 32-byte sector, so after its first step they are L1 hits, and
+                # registers are short (two steps of words and activations ahead)
                 if X_AHEAD:
-                    x_next = gl.load(x_ptrs, mask=x_mask, other=0.0)
+                    x_a = gl.load(x_ptrs, mask=x_mask, other=0)
+                    x_b = gl.load(x_ptrs + kb * (STEP_K // 2), mask=x_mask, other=0)
                 for i in range(0, num_steps, 2):
-                    sc = sc_next
-                    zr = zr_next
-                    k1 = gl.minimum(i + 1, num_steps - 1) * STEP_K
-                    g1 = ((k1 + s_grp[None, :]) // GROUP_SIZE)
-                    sc_next = gl.load(s_ptrs + g1 * stride_sg)
+                    if not X_AHEAD:
+                        x_a = gl.load(x_ptrs + i * (STEP_K // 2), mask=x_mask, other=0)
                     if HAS_ZEROS:
-                        zr_next = gl.load(z_ptrs + g1 * stride_zg)
-                    if X_AHEAD:
-                        x = x_next
-                        x_next = gl.load(x_ptrs + k1, mask=x_mask, other=0.0)
+                        zr_a = _step_scales(z_ptrs, s_grp, i, STEP_K, GROUP_SIZE, stride_zg,
+                                            False)
                     else:
-                        x = gl.load(x_ptrs + i * STEP_K, mask=x_mask, other=0.0)
-                    acc = _mma_step(acc, words_a, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
-                                    BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
-                                    PAIRS_LAYOUT)
-                    words_a = gl.load(w_ptrs + gl.minimum(i + 2, num_steps - 1) * STEP_W)
+                        zr_a = sc_a  # a placeholder, unused
+                    acc = _mma_step(acc, words_a, x_a, sc_a, zr_a, GROUPS, IS_FP16, HAS_ZEROS,
+                                    SCALE_WORDS, BLOCK_N, BLOCK_T, a_layout, b_layout,
+                                    mma_layout, PAIRS_LAYOUT, SZ_LAYOUT)
+                    ka = gl.minimum(i + 2, last)
+                    words_a = gl.load(w_ptrs + ka * STEP_W)
+                    sc_a = _step_scales(s_ptrs, s_grp, ka, STEP_K, GROUP_SIZE, stride_sg,
+                                        SCALE_WORDS)
+                    if X_AHEAD:
+                        x_a = gl.load(x_ptrs + ka * (STEP_K // 2), mask=x_mask, other=0)
                     if i + 1 < num_steps:
-                        sc = sc_next
-                        zr = zr_next
-                        k2 = gl.minimum(i + 2, num_steps - 1) * STEP_K
-                        g2 = ((k2 + s_grp[None, :]) // GROUP_SIZE)
-                        sc_next = gl.load(s_ptrs + g2 * stride_sg)
+                        if not X_AHEAD:
+                            x_b = gl.load(x_ptrs + (i + 1) * (STEP_K // 2), mask=x_mask,
+                                          other=0)
                         if HAS_ZEROS:
-                            zr_next = gl.load(z_ptrs + g2 * stride_zg)
-                        if X_AHEAD:
-                            x = x_next
-                            x_next = gl.load(x_ptrs + k2, mask=x_mask, other=0.0)
+                            zr_b = _step_scales(z_ptrs, s_grp, i + 1, STEP_K, GROUP_SIZE,
+                                                stride_zg, False)
                         else:
-                            x = gl.load(x_ptrs + (i + 1) * STEP_K, mask=x_mask, other=0.0)
-                        acc = _mma_step(acc, words_b, x, sc, zr, GROUPS, IS_FP16, HAS_ZEROS,
-                                        BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout,
-                                        PAIRS_LAYOUT)
-                        words_b = gl.load(w_ptrs + gl.minimum(i + 3, num_steps - 1) * STEP_W)
+                            zr_b = sc_b
+                        acc = _mma_step(acc, words_b, x_b, sc_b, zr_b, GROUPS, IS_FP16,
+                                        HAS_ZEROS, SCALE_WORDS, BLOCK_N, BLOCK_T, a_layout,
+                                        b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT)
+                        kb = gl.minimum(i + 3, last)
+                        words_b = gl.load(w_ptrs + kb * STEP_W)
+                        sc_b = _step_scales(s_ptrs, s_grp, kb, STEP_K, GROUP_SIZE, stride_sg,
+                                            SCALE_WORDS)
+                        if X_AHEAD:
+                            x_b = gl.load(x_ptrs + kb * (STEP_K // 2), mask=x_mask, other=0)
 
                 res = _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0,
                                    num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
@@ -355,18 +421,20 @@ if HAVE_GLUON:
 
 @functools.cache
 def mma_layouts(block_n: int, block_t: int, num_warps: int, groups: int = 1):
-    """(words, activations, scales, pairs) layouts of :func:`_prefill_mma_kernel` for a K
-    step of ``groups`` groups of 128 columns.
+    """(words, activations, scales, scale words, pairs) layouts of
+    :func:`_prefill_mma_kernel` for a K step of ``groups`` groups of 128 columns.
 
     * words ``[block_n, 16 groups]`` (the step's words of the program's rows): lane ``4g + c``
       of warp ``w`` holds words ``16t + 4c .. 16t + 4c + 3`` of each group ``t`` of rows ``16
       (w + num_warps s) + g`` and ``... + 8`` (``s`` the warp's slabs), each row's four words
       of a group contiguous registers (a 16-byte load);
-    * activations ``[128 groups, block_t]`` (k first): lane ``4g + c`` holds ``k = 128t + 32c
-      .. 128t + 32c + 31`` of tokens ``g, g + 8, ...``, k its first registers (16-byte
-      loads); every warp holds them all;
+    * activations as 32-bit words of two columns, ``[64 groups, block_t]`` (k first): lane
+      ``4g + c`` holds words ``64t + 16c .. 64t + 16c + 15`` (columns ``128t + 32c .. 128t +
+      32c + 31``) of tokens ``g, g + 8, ...``, k its first registers (16-byte loads); every
+      warp holds them all;
     * scales (and zero points) ``[block_n, groups]``: a thread holds the groups of its rows
-      (as the accumulator's rows: lanes ``c`` of a quad share them);
+      (as the accumulator's rows: lanes ``c`` of a quad share them); scale words ``[block_n,
+      groups / 2]`` the same with two groups a word;
     * pairs ``[block_n, 4 (c), 4 (w), 4 (p)]``: the value pairs of one group as
       :func:`_code_pair` makes them (the layout their assembly into the A operand needs,
       checked by the kernel's ``assert_trivial`` conversions).
@@ -381,21 +449,25 @@ def mma_layouts(block_n: int, block_t: int, num_warps: int, groups: int = 1):
            + slab_bases)
     lane = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
     words = gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, 16 * groups])
-    xreg = ([[1 << b, 0] for b in range(5)] + [[128 << b, 0] for b in range(log2(groups))]
+    xreg = ([[1 << b, 0] for b in range(4)] + [[64 << b, 0] for b in range(log2(groups))]
             + [[0, 8 << b] for b in range(log2(block_t // 8))])
-    xlane = [[32, 0], [64, 0], [0, 1], [0, 2], [0, 4]]
+    xlane = [[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]]
     xwarp = [[0, 0] for _ in range(log2(num_warps))]
-    x = gl.DistributedLinearLayout(xreg, xlane, xwarp, [], [128 * groups, block_t])
+    x = gl.DistributedLinearLayout(xreg, xlane, xwarp, [], [64 * groups, block_t])
     sreg = [[0, 1 << b] for b in range(log2(groups))] + [[8, 0]] + slab_bases
     slane = [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]]
     sz = gl.DistributedLinearLayout(sreg, slane, warp, [], [block_n, groups])
+    # scale words [block_n, groups / 2] (two groups a word; with one group a step: unused)
+    half = max(1, groups // 2)
+    swreg = [[0, 1 << b] for b in range(log2(half))] + [[8, 0]] + slab_bases
+    szw = gl.DistributedLinearLayout(swreg, slane, warp, [], [block_n, half])
     # pairs: (row, c, w, p); registers: w (4), p (4), row + 8, slabs; lanes: c, g
     preg = ([[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 1], [0, 0, 0, 2], [8, 0, 0, 0]]
             + [[16 * num_warps << b, 0, 0, 0] for b in range(log2(slabs))])
     plane = [[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
     pwarp = [[16 << b, 0, 0, 0] for b in range(log2(num_warps))]
     pairs = gl.DistributedLinearLayout(preg, plane, pwarp, [], [block_n, 4, 4, 4])
-    return words, x, sz, pairs
+    return words, x, sz, szw, pairs
 
 
 @functools.cache
@@ -457,6 +529,9 @@ def mma_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int
                 "supported")
     if a.stride(1) != 1 or qweight.stride(2) != 1:
         return "the activations' and the packed words' K must be contiguous"
+    if a.data_ptr() % 4 or a.stride(0) % 2:
+        return ("the kernel reads the activations as 32-bit words: their start and row "
+                f"stride must be even (start {a.data_ptr()} bytes, row stride {a.stride(0)})")
     return None
 
 
@@ -476,7 +551,10 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
     tw = topk_weights if topk_weights is not None else scales
     groups = mma_groups(config)
-    words, x, sz, pairs = mma_layouts(rows, bt, warps, groups)
+    words, x, sz, szw, pairs = mma_layouts(rows, bt, warps, groups)
+    scale_words = (groups > 1 and group_size == MMA_BLOCK_K and scales.stride(2) == 1
+                   and scales.stride(1) % 2 == 0 and scales.stride(0) % 2 == 0
+                   and scales.data_ptr() % 4 == 0)
     grid = ((em // bt) * (n_out // bn),)
     _prefill_mma_kernel[grid](
         a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
@@ -487,8 +565,8 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, ACTIVATION=activation_code,
         MUL_ROUTED_WEIGHT=topk_weights is not None, A_IS_SLOTS=a_is_slots,
         A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16,
-        BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, WORDS_LAYOUT=words, X_LAYOUT=x,
-        SZ_LAYOUT=sz, PAIRS_LAYOUT=pairs,
+        BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, SCALE_WORDS=scale_words, WORDS_LAYOUT=words,
+        X_LAYOUT=x, SZ_LAYOUT=sz, SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
         **prefill_pdl_args(a.device))
 

@@ -371,7 +371,8 @@ def test_mma_candidates_are_runnable_tiles_and_take_8_slot_blocks():
     assert tune.candidate_configs(8, 2.0, "midm", True) == []
     assert tune.block_m_candidates(1.0, space="mma") == (8, 16)
     assert tune.block_m_candidates(1.0, space="rsmidm") == (8, 16)
-    assert tune.block_m_candidates(4.0, space="rsmidm") == (16,)
+    assert tune.block_m_candidates(4.0, space="rsmidm") == (8, 16)
+    assert tune.block_m_candidates(6.0, space="rsmidm") == (16,)
     assert tune.block_m_candidates(1.0, space="midm") == (16,)
     # the shipped H100 entries are among the candidates
     g1 = {tune.config_label(c) for c in tune.candidate_configs(8, 1.0, "mma", True)}

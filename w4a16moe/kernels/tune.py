@@ -106,9 +106,10 @@ AUTO_SPLIT_TOKENS = 256
 MAX_ACC_REGS = 128
 
 
-#: the mma kernel's 8-slot blocks are tried up to this many slots an expert on average (about
-#: where 16-slot blocks took over on the H100: benchmarks/notes_prefill.md, session 25)
-MMA_SMALL_BLOCK_ROWS = 2.5
+#: the mma kernel's 8-slot blocks are tried up to this many slots an expert on average (on the
+#: H100 they beat the table's 16-slot tiles up to about 5: qwen3-30b M=80 4 % faster, M=96 1 %
+#: slower; Mixtral M=18 5 % faster, M=20 5 % slower; benchmarks/notes_prefill.md, session 26)
+MMA_SMALL_BLOCK_ROWS = 5.0
 
 
 def block_m_candidates(rows_per_expert: float, count: int = 2, space: str = "default"

@@ -251,6 +251,39 @@ if HAVE_GLUON:
             return gl.load(ptrs + ((step * STEP_K + s_grp[None, :]) // GROUP_SIZE) * stride_g)
 
     @gluon.jit
+    def _step_then_reload(acc, words, x, sc, step, last, w_ptrs, x_ptrs, x_mask, s_ptrs,
+                          z_ptrs, s_grp, stride_sg, stride_zg, GROUP_SIZE: gl.constexpr,
+                          GROUPS: gl.constexpr, IS_FP16: gl.constexpr,
+                          HAS_ZEROS: gl.constexpr, SCALE_WORDS: gl.constexpr,
+                          X_AHEAD: gl.constexpr, BLOCK_N: gl.constexpr,
+                          BLOCK_T: gl.constexpr, a_layout: gl.constexpr,
+                          b_layout: gl.constexpr, mma_layout: gl.constexpr,
+                          pairs_layout: gl.constexpr, sz_layout: gl.constexpr):
+        """K step ``step`` on one half's buffers (``words``, ``sc`` and, with ``X_AHEAD``,
+        ``x``), then those buffers reloaded in place with step ``step + 2`` (at most
+        ``last``, the final step). Without
+        ``X_AHEAD`` the activations are loaded here at their step and ``x`` passes through
+        unchanged; the zero points are loaded at their step either way."""
+        STEP_K: gl.constexpr = 128 * GROUPS
+        if X_AHEAD:
+            xs = x
+        else:
+            xs = gl.load(x_ptrs + step * (STEP_K // 2), mask=x_mask, other=0)
+        if HAS_ZEROS:
+            zr = _step_scales(z_ptrs, s_grp, step, STEP_K, GROUP_SIZE, stride_zg, False)
+        else:
+            zr = sc  # a placeholder, unused
+        acc = _mma_step(acc, words, xs, sc, zr, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS,
+                        BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, pairs_layout,
+                        sz_layout)
+        ahead = gl.minimum(step + 2, last)
+        words = gl.load(w_ptrs + ahead * (16 * GROUPS))
+        sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg, SCALE_WORDS)
+        if X_AHEAD:
+            x = gl.load(x_ptrs + ahead * (STEP_K // 2), mask=x_mask, other=0)
+        return acc, words, sc, x
+
+    @gluon.jit
     def _prefill_mma_kernel(
         a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
         sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
@@ -375,41 +408,22 @@ if HAVE_GLUON:
                 if X_AHEAD:
                     x_a = gl.load(x_ptrs, mask=x_mask, other=0)
                     x_b = gl.load(x_ptrs + kb * (STEP_K // 2), mask=x_mask, other=0)
+                else:  # loaded at their step: placeholders
+                    x_a = gl.zeros([64 * GROUPS, BLOCK_T], gl.int32, layout=X_LAYOUT)
+                    x_b = x_a
                 for i in range(0, num_steps, 2):
-                    if not X_AHEAD:
-                        x_a = gl.load(x_ptrs + i * (STEP_K // 2), mask=x_mask, other=0)
-                    if HAS_ZEROS:
-                        zr_a = _step_scales(z_ptrs, s_grp, i, STEP_K, GROUP_SIZE, stride_zg,
-                                            False)
-                    else:
-                        zr_a = sc_a  # a placeholder, unused
-                    acc = _mma_step(acc, words_a, x_a, sc_a, zr_a, GROUPS, IS_FP16, HAS_ZEROS,
-                                    SCALE_WORDS, BLOCK_N, BLOCK_T, a_layout, b_layout,
-                                    mma_layout, PAIRS_LAYOUT, SZ_LAYOUT)
-                    ka = gl.minimum(i + 2, last)
-                    words_a = gl.load(w_ptrs + ka * STEP_W)
-                    sc_a = _step_scales(s_ptrs, s_grp, ka, STEP_K, GROUP_SIZE, stride_sg,
-                                        SCALE_WORDS)
-                    if X_AHEAD:
-                        x_a = gl.load(x_ptrs + ka * (STEP_K // 2), mask=x_mask, other=0)
+                    acc, words_a, sc_a, x_a = _step_then_reload(
+                        acc, words_a, x_a, sc_a, i, last, w_ptrs, x_ptrs,
+                        x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg, GROUP_SIZE,
+                        GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD, BLOCK_N, BLOCK_T,
+                        a_layout, b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT)
                     if i + 1 < num_steps:
-                        if not X_AHEAD:
-                            x_b = gl.load(x_ptrs + (i + 1) * (STEP_K // 2), mask=x_mask,
-                                          other=0)
-                        if HAS_ZEROS:
-                            zr_b = _step_scales(z_ptrs, s_grp, i + 1, STEP_K, GROUP_SIZE,
-                                                stride_zg, False)
-                        else:
-                            zr_b = sc_b
-                        acc = _mma_step(acc, words_b, x_b, sc_b, zr_b, GROUPS, IS_FP16,
-                                        HAS_ZEROS, SCALE_WORDS, BLOCK_N, BLOCK_T, a_layout,
-                                        b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT)
-                        kb = gl.minimum(i + 3, last)
-                        words_b = gl.load(w_ptrs + kb * STEP_W)
-                        sc_b = _step_scales(s_ptrs, s_grp, kb, STEP_K, GROUP_SIZE, stride_sg,
-                                            SCALE_WORDS)
-                        if X_AHEAD:
-                            x_b = gl.load(x_ptrs + kb * (STEP_K // 2), mask=x_mask, other=0)
+                        acc, words_b, sc_b, x_b = _step_then_reload(
+                            acc, words_b, x_b, sc_b, i + 1, last, w_ptrs,
+                            x_ptrs, x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg,
+                            GROUP_SIZE, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD,
+                            BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, PAIRS_LAYOUT,
+                            SZ_LAYOUT)
 
                 res = _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0,
                                    num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,

@@ -23,7 +23,8 @@ from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
 
 def block_slots(m: int, top_k: int, num_experts: int) -> int:
     """Slots a block: 8 up to ~2.5 slots an expert on average, 16 up to 6, else 32 (session
-    25's split; session 26 found 8-slot blocks faster up to about 5: ``tune.MMA_SMALL_BLOCK_ROWS``)."""
+    25's split; session 26 found 8-slot blocks faster up to about 5 slots an expert:
+    ``tune.MMA_SMALL_BLOCK_ROWS``)."""
     avg = m * top_k / num_experts
     return 8 if avg <= 2.5 else 16 if avg <= 6 else 32
 

@@ -32,7 +32,7 @@ Words, scales and (for 8-slot blocks) activations run two K steps ahead of the a
 registers: the loop is unrolled by two and each half has its own buffers, reloaded in place,
 and the 16-bit activations and scales travel as 32-bit words (two values each). A value
 copied from one register to another, or repacked from 16-bit halves, waits for its load
-there: with such copies ncu put a quarter to a third of the warps' stall samples on them,
+there: with such copies ncu put a sixth to a third of the warps' stall samples on them,
 and the layer was 4-6 % slower (``benchmarks/notes_prefill.md``, session 26). Zero points
 are loaded at their step (L1 hits after a row's first step).
 
@@ -140,9 +140,10 @@ if HAVE_GLUON:
                    pairs_layout: gl.constexpr):
         """``acc + sc * ((W_q - z) @ x)`` over one group of 128 columns. ``words``: the rows'
         16 words ``[BLOCK_N, 16]`` (lane ``c`` holding words ``4c .. 4c+3``); ``x``: the
-        tokens' 128 activations ``[128, BLOCK_T]`` in physical order (lane ``c`` holding
-        ``32c .. 32c+31``); ``sc``, ``zr``: the group's scale and raw zero point per row
-        (``zr`` unused without ``HAS_ZEROS``: the zero point is 8)."""
+        tokens' 128 activations in physical order as 64 words of two, ``[64, BLOCK_T]``
+        (lane ``c`` holding words ``16c .. 16c+15``: columns ``32c .. 32c+31``); ``sc``,
+        ``zr``: the group's scale and raw zero point per row (``zr`` unused without
+        ``HAS_ZEROS``: the zero point is 8)."""
         row_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(
             3, pairs_layout)))
         if IS_FP16:
@@ -193,7 +194,7 @@ if HAVE_GLUON:
                  BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr, a_layout: gl.constexpr,
                  b_layout: gl.constexpr, mma_layout: gl.constexpr,
                  pairs_layout: gl.constexpr):
-        """:func:`_mma_group` over two groups: words ``[BLOCK_N, 32]``, x ``[256, BLOCK_T]``,
+        """:func:`_mma_group` over two groups: words ``[BLOCK_N, 32]``, x ``[128, BLOCK_T]``,
         scales and zeros ``[BLOCK_N, 2]``."""
         w0, w1 = _col_halves(words, BLOCK_N, 16)
         x0, x1 = _row_halves(x, 64, BLOCK_T)

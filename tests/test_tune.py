@@ -374,10 +374,21 @@ def test_mma_candidates_are_runnable_tiles_and_take_8_slot_blocks():
     assert tune.block_m_candidates(4.0, space="rsmidm") == (8, 16)
     assert tune.block_m_candidates(6.0, space="rsmidm") == (16,)
     assert tune.block_m_candidates(1.0, space="midm") == (16,)
-    # the shipped H100 entries are among the candidates
-    g1 = {tune.config_label(c) for c in tune.candidate_configs(8, 1.0, "mma", True)}
-    g2 = {tune.config_label(c) for c in tune.candidate_configs(8, 1.0, "mma", False)}
-    assert "8x64x256 w4 s1 MMA SWAP_AB" in g1 and "8x128x256 w4 s1 MMA SWAP_AB" in g2
+    # every shipped H100 MMA entry is among the candidates of its GEMM (GEMM1: the 2I,H
+    # shapes, with the activation) at its block size
+    import json
+
+    from w4a16moe.kernels import configs as cfgmod
+
+    tile = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
+    gemm1 = {f"{2 * s.intermediate_size},{s.hidden_size}" for s in tune.MODEL_SHAPES.values()}
+    table = json.loads((cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
+    shipped = [(shape in gemm1, cfg) for shape, buckets in table.items()
+               if not shape.startswith("_") for cfg in buckets.values() if cfg.get("MMA")]
+    assert len({tuple(c[k] for k in tile) for _, c in shipped}) >= 4
+    for fused, cfg in shipped:
+        cands = tune.candidate_configs(cfg["BLOCK_SIZE_M"], 1.0, "mma", fused)
+        assert tuple(cfg[k] for k in tile) in {tuple(c[k] for k in tile) for c in cands}, cfg
 
 
 def test_mma_skip_reason_and_sorted_rows_run():

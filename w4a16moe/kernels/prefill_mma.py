@@ -386,14 +386,14 @@ if HAVE_GLUON:
                 # everything a step reads runs two steps ahead in registers: the loop is
                 # unrolled by two and each of the two steps has its own buffers, reloaded in
                 # place right after their use (a value carried from one buffer to another
-                # would be a register copy that waits for its load: ncu put a quarter of the
-                # warps' stalls on such copies, and 16-bit values carried over the loop were
-                # repacked into 32-bit registers with the same wait: so the activations and
-                # the scales travel as 32-bit words). The activations are prefetched for 8-slot
-                # blocks only (X_AHEAD: 16 registers a group), else loaded at their step
-                # (L1 hits after the first warp): on the H100 the prefetch made 8-slot blocks
-                # faster (Mixtral M=4-8, four groups a step: 262 -> 217 us a layer) and
-                # 16-slot ones slower (qwen3 M=64: 162 -> 181)
+                # would be a register copy that waits for its load: ncu put a sixth to a third
+                # of the warps' stall samples on such copies, and 16-bit values carried over
+                # the loop were repacked into 32-bit registers with the same wait: so the
+                # activations and the scales travel as 32-bit words). The activations are
+                # prefetched for 8-slot blocks only (X_AHEAD: 16 registers a group), else
+                # loaded at their step (L1 hits after the first warp): on the H100 the
+                # prefetch made 8-slot blocks faster (Mixtral M=4-8, four groups a step: 262 ->
+                # 217 us a layer) and 16-slot ones slower (qwen3 M=64: 162 -> 181)
                 X_AHEAD: gl.constexpr = BLOCK_T == 8
                 last = num_steps - 1
                 kb = gl.minimum(1, last)

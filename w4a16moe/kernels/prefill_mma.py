@@ -89,49 +89,40 @@ def permuted_columns(k: int = MMA_BLOCK_K) -> list[int]:
 
 if HAVE_GLUON:
 
+    def _code_pair_asm(one: str, bias: str, fma: str) -> gl.constexpr:
+        """The PTX of :func:`_code_pair` for one 16-bit type: ``one`` and ``bias`` its 1.0
+        and code bias (1024 for fp16, 128 for bf16) as packed pairs, ``fma`` its packed FMA."""
+        return gl.constexpr(f"""{{
+                .reg .b32 t, one;
+                mov.b32 one, {one};
+                shr.u32 t, $2, $3;
+                lop3.b32 t, t, 0x000F000F, {bias}, 0xEA;
+                {fma} t, t, one, $4;
+                mov.b32 {{$0, $1}}, t;
+                }}""")
+
+    _CODE_PAIR_FP16 = _code_pair_asm("0x3C003C00", "0x64006400", "fma.rn.f16x2")
+    _CODE_PAIR_BF16 = _code_pair_asm("0x3F803F80", "0x43004300", "fma.rn.bf16x2")
+    _WORD_HALVES = gl.constexpr("mov.b32 {$0, $1}, $2;")
+
     @gluon.jit
     def _code_pair(words, shift, zz, IS_FP16: gl.constexpr):
         """Values ``2p`` and ``2p+1`` of each word (``shift`` = 4p: bits 4p and 16+4p in the
         ExLlama order) minus their zero point, packed: (bias + v) by one shift and one LOP3,
         then one packed add of ``zz`` (the negated bias + zero point), exact."""
-        if IS_FP16:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one;
-                mov.b32 one, 0x3C003C00;
-                shr.u32 t, $2, $3;
-                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-                fma.rn.f16x2 t, t, one, $4;
-                mov.b32 {$0, $1}, t;
-                }""",
-                constraints="=h,=h,r,r,r", args=[words, shift, zz],
-                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
-        else:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one;
-                mov.b32 one, 0x3F803F80;
-                shr.u32 t, $2, $3;
-                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 t, t, one, $4;
-                mov.b32 {$0, $1}, t;
-                }""",
-                constraints="=h,=h,r,r,r", args=[words, shift, zz],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        return lo, hi
+        return gl.inline_asm_elementwise(
+            asm=_CODE_PAIR_FP16 if IS_FP16 else _CODE_PAIR_BF16,
+            constraints="=h,=h,r,r,r", args=[words, shift, zz],
+            dtype=(gl.float16, gl.float16) if IS_FP16 else (gl.bfloat16, gl.bfloat16),
+            is_pure=True, pack=1)
 
     @gluon.jit
     def _word_halves(words, IS_FP16: gl.constexpr):
         """The two 16-bit values of each 32-bit word (low half first), as fp16 or bf16."""
-        if IS_FP16:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[words],
-                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
-        else:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="mov.b32 {$0, $1}, $2;", constraints="=h,=h,r", args=[words],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        return lo, hi
+        return gl.inline_asm_elementwise(
+            asm=_WORD_HALVES, constraints="=h,=h,r", args=[words],
+            dtype=(gl.float16, gl.float16) if IS_FP16 else (gl.bfloat16, gl.bfloat16),
+            is_pure=True, pack=1)
 
     @gluon.jit
     def _mma_group(acc, words, x, sc, zr, IS_FP16: gl.constexpr, HAS_ZEROS: gl.constexpr,

@@ -186,6 +186,21 @@ def test_rs_space_has_256_token_tiles():
         assert rs, fused
 
 
+def _fp16_case(m: int, h: int, i: int, e: int, top_k: int, group_size: int):
+    """Random fp16 experts, hidden states and a routing of ``m`` tokens on the test device:
+    ``(experts, x, topk_weights, topk_ids)``."""
+    from conftest import DEVICE
+
+    from w4a16moe.quantize import random_experts
+    from w4a16moe.routing import fused_topk
+
+    experts = random_experts(e, h, i, group_size=group_size, dtype=torch.float16, seed=3,
+                             device=DEVICE)
+    x = torch.randn(m, h, dtype=torch.float16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    return experts, x, w, ids
+
+
 def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scales():
     """An RS candidate is timed gathered and with SORTED_ROWS (GEMM1 with its gather, writing
     sorted rows; GEMM2 reading them), each with and without PREFETCH_SCALES; all four
@@ -194,14 +209,10 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     from conftest import DEVICE
 
     from w4a16moe.kernels.prefill import gather_sorted_rows
-    from w4a16moe.quantize import random_experts
-    from w4a16moe.routing import align_block_size, fused_topk
+    from w4a16moe.routing import align_block_size
 
     m, h, i, e, top_k = 9, 64, 64, 4, 2
-    experts = random_experts(e, h, i, group_size=32, dtype=torch.float16, seed=3,
-                             device=DEVICE)
-    x = torch.randn(m, h, dtype=torch.float16, device=DEVICE)
-    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    experts, x, w, ids = _fp16_case(m, h, i, e, top_k, group_size=32)
     rs = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 32, "GROUP_SIZE_M": 1,
           "num_warps": 8, "num_stages": 2, "SWAP_AB": True, "RS": True}
     blocks = align_block_size(ids, 16, e)
@@ -396,14 +407,10 @@ def test_mma_skip_reason_and_sorted_rows_run():
     Triton fallback); it is timed gathered and on sorted rows, with the same result."""
     from conftest import DEVICE, ON_GPU
 
-    from w4a16moe.quantize import random_experts
-    from w4a16moe.routing import align_block_size, fused_topk
+    from w4a16moe.routing import align_block_size
 
     m, h, i, e, top_k = 5, 256, 128, 4, 2
-    experts = random_experts(e, h, i, group_size=128, dtype=torch.float16, seed=3,
-                             device=DEVICE)
-    x = torch.randn(m, h, dtype=torch.float16, device=DEVICE)
-    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    experts, x, w, ids = _fp16_case(m, h, i, e, top_k, group_size=128)
     cfg = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1,
            "num_warps": 2, "num_stages": 1, "SWAP_AB": True, "MMA": True}
     inter = torch.empty(m * top_k, i, dtype=torch.float16, device=DEVICE)

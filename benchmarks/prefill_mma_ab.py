@@ -131,8 +131,20 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
                              activation=activation, workspace=ws, configs=cfgs)
 
 
+def prefill_wait_first(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The shipped prefill layer with GEMM2's mma programs waiting for GEMM1 before any load
+    (``prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT`` off while it launches)."""
+    from w4a16moe.kernels import prefill_mma
+
+    m, top_k = topk_ids.shape
+    prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT = False
+    try:
+        return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
+                                 activation=activation, workspace=_workspace(experts, m, top_k))
+    finally:
+        prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT = True
+
+
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
-           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "ship_g1_mma_g2", "step_columns",
-           "table_layer"]
-
-
+           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_wait_first", "ship_g1_mma_g2",
+           "step_columns", "table_layer"]

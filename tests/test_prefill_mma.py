@@ -89,6 +89,9 @@ def test_every_variant_compiles_for_sm90_without_spills():
         dict(block_t=8, block_n=128, num_warps=4, activation=False, has_zeros=True),
         dict(block_t=8, block_n=32, num_warps=4, activation=True, groups=2),
         dict(block_t=8, block_n=64, num_warps=4, activation=False, groups=4, has_zeros=True),
+        # GEMM2's shipped tile as the layer launches it: weights loaded before the PDL wait
+        dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2, a_sorted=True,
+             weights_before_wait=True),
     ]
     for v, rep in zip(variants, ptxas_reports(variants), strict=True):
         # 8 mmas a group and n-tile, two groups an unrolled iteration

@@ -289,7 +289,7 @@ if HAVE_GLUON:
         SCALE_WORDS: gl.constexpr, WORDS_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
         SZ_LAYOUT: gl.constexpr, SZW_LAYOUT: gl.constexpr, PAIRS_LAYOUT: gl.constexpr,
         OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
-        PDL: gl.constexpr = False,
+        PDL: gl.constexpr = False, WEIGHTS_BEFORE_WAIT: gl.constexpr = False,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -297,7 +297,9 @@ if HAVE_GLUON:
         ``PAIRS_LAYOUT``: :func:`mma_layouts` (a lane's words and activations of a group as its
         contiguous registers, so they load as 16-byte vectors); ``OUT_LAYOUT``:
         :func:`store_layout`. ``SCALE_WORDS``: a step's scales are read as 32-bit words of two
-        (``G`` = 128, two or four groups a step, scales contiguous along K)."""
+        (``G`` = 128, two or four groups a step, scales contiguous along K).
+        ``WEIGHTS_BEFORE_WAIT`` (with ``PDL``): the kernel before writes only ``a``, so the
+        first two steps' weights and scales are loaded before waiting for it."""
         BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
@@ -311,7 +313,10 @@ if HAVE_GLUON:
         pid_m = pid // num_pid_n
         n0 = (pid % num_pid_n) * BLOCK_N_OUT
         row0 = pid_m * BLOCK_T
-        if PDL:
+        # the kernel before writes what this one reads: wait for it first, or with
+        # WEIGHTS_BEFORE_WAIT (it writes only the activations) once the weights are on the way
+        EARLY: gl.constexpr = PDL and WEIGHTS_BEFORE_WAIT
+        if PDL and not WEIGHTS_BEFORE_WAIT:
             _wait_upstream_release_next()
         num_post_padded = gl.load(num_post_padded_ptr)
         if row0 < num_post_padded:
@@ -327,6 +332,8 @@ if HAVE_GLUON:
             c_ptrs = c_ptr + c_rows[:, None] * stride_cm + cols[None, :]
             c_mask = (slots_o < num_valid_slots)[:, None]
             if expert == -1:
+                if EARLY:
+                    _wait_upstream_release_next()
                 gl.store(c_ptrs, gl.zeros([BLOCK_T, BLOCK_N_OUT], c_ptr.dtype.element_ty,
                                           out_layout), mask=c_mask)
             else:
@@ -397,6 +404,8 @@ if HAVE_GLUON:
                 # zero points are loaded at their step: a row's zero points of every group
                 # share a 32-byte sector, so after its first step they are L1 hits, and
                 # registers are short (two steps of words and activations ahead)
+                if EARLY:
+                    _wait_upstream_release_next()
                 if X_AHEAD:
                     x_a = gl.load(x_ptrs, mask=x_mask, other=0)
                     x_b = gl.load(x_ptrs + kb * (STEP_K // 2), mask=x_mask, other=0)
@@ -423,6 +432,11 @@ if HAVE_GLUON:
                 res = gl.convert_layout(gl.permute(res.to(c_ptr.dtype.element_ty), (1, 0)),
                                         out_layout)
                 gl.store(c_ptrs, res, mask=c_mask)
+
+
+#: GEMM2 (``a_is_slots``) launched as a programmatic dependent of GEMM1 issues its first
+#: weight and scale loads before it waits for GEMM1 (benchmarks turn it off to A/B it)
+GEMM2_WEIGHTS_BEFORE_WAIT = True
 
 
 @functools.cache
@@ -553,6 +567,9 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     :func:`mma_unsupported`."""
     bt, bn, warps = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["num_warps"]
     rows = 2 * bn if activation_code else bn
+    # in a prefill chain the GEMM on slot rows is GEMM2, and the kernel before it (GEMM1)
+    # writes only its activations: the weights may be read before the wait
+    weights_before_wait = a_is_slots and GEMM2_WEIGHTS_BEFORE_WAIT
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
     tw = topk_weights if topk_weights is not None else scales
@@ -574,7 +591,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, SCALE_WORDS=scale_words, WORDS_LAYOUT=words,
         X_LAYOUT=x, SZ_LAYOUT=sz, SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
-        **prefill_pdl_args(a.device))
+        WEIGHTS_BEFORE_WAIT=weights_before_wait, **prefill_pdl_args(a.device))
 
 
 __all__ = ["MMA_BLOCK_K", "launch_prefill_mma", "mma_groups", "mma_layouts",

@@ -319,8 +319,11 @@ if HAVE_GLUON:
         if PDL and not WEIGHTS_BEFORE_WAIT:
             _wait_upstream_release_next()
         num_post_padded = gl.load(num_post_padded_ptr)
+        # every block of the grid has an expert id (-1 past the padded count or off this
+        # rank): loaded with the count rather than after it, one round trip less before the
+        # program's first weight loads
+        expert = gl.load(expert_ids_ptr + pid_m)
         if row0 < num_post_padded:
-            expert = gl.load(expert_ids_ptr + pid_m)
             out_layout: gl.constexpr = OUT_LAYOUT
             t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, out_layout))
             slots_o = gl.load(sorted_ids_ptr + row0 + t_o)

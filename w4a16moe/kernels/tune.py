@@ -72,7 +72,8 @@ DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: such stages, session 19) for M = 16-256, "mma" (the ``mma.sync`` kernel of ``prefill_mma.py``, a
 #: trailing MMA flag: 8-32-slot blocks, one to four groups a K step; the entries that won
 #: qwen3-30b's and Mixtral's few-slots-an-expert buckets in sessions 25 and 26, down to one
-#: warp of 16 weight rows), which "rsmidm" also takes
+#: warp of 16 weight rows; 128 rows on one-group steps for a K of an odd group count, such as
+#: deepseek-v2-lite's GEMM2, K = 1408, session 27), which "rsmidm" also takes
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -92,7 +93,8 @@ SPACES: dict[str, list[tuple]] = {
 }
 SPACES["mma"] = [(True, bn, bk, warps, 1, False, False, False, True)
                  for bn, bk, warps in ((64, 256, 4), (128, 256, 4), (32, 256, 4), (64, 512, 4),
-                                       (64, 128, 4), (32, 256, 2), (16, 256, 1), (8, 256, 1))]
+                                       (64, 128, 4), (128, 128, 4), (32, 256, 2), (16, 256, 1),
+                                       (8, 256, 1))]
 SPACES["rsmidm"] = SPACES["mma"] + SPACES["midm"] + [
     (True, 128, 128, 8, 4, False, True), (True, 128, 128, 8, 6, False, True),
     (True, 128, 64, 8, 6, False, True),

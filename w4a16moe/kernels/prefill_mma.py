@@ -55,7 +55,7 @@ import functools
 import torch
 
 from .pdl import prefill_pdl_args
-from .prefill_rs import HAVE_GLUON
+from .prefill_rs import HAVE_GLUON, gluon_unsupported
 
 if HAVE_GLUON:
     from triton.experimental import gluon
@@ -533,18 +533,13 @@ def mma_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int
     """Why an ``MMA`` config can't run this ``prefill_gemm`` call on
     :func:`_prefill_mma_kernel` (then the Triton kernel runs the same block size), or
     None."""
-    if not HAVE_GLUON:
-        return "this triton has no Gluon"
-    if device.type != "cuda" or torch.version.hip is not None:
-        return f"needs an NVIDIA GPU; the tensors are on {device}"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if torch.cuda.get_device_capability(index)[0] < 8:
-        return "needs mma.sync (sm_80 or newer)"
-    if (why := mma_tiles_unsupported(config, activation=activation)) is not None:
+    why = (gluon_unsupported(device, min_major=8)
+           or mma_tiles_unsupported(config, activation=activation))
+    if why is not None:
         return why
     if k % config["BLOCK_SIZE_K"] or group_size % MMA_BLOCK_K:
         return (f"K = {k} must be a multiple of BLOCK_SIZE_K = {config['BLOCK_SIZE_K']} and "
-                f"G = {group_size} one of {MMA_BLOCK_K}")
+                f"G = {group_size} a multiple of {MMA_BLOCK_K}")
     if n_out % config["BLOCK_SIZE_N"]:
         return f"{n_out} output columns are not a multiple of BLOCK_SIZE_N"
     if has_perm or a_fragment_order or atomic_topk_sum or config.get("SPLIT_K", 1) > 1:

@@ -955,14 +955,19 @@ def rs_tiles_unsupported(config: dict, activation: bool) -> str | None:
     return None
 
 
-def gluon_unsupported(device: torch.device) -> str | None:
-    """Why the Gluon kernel cannot run on ``device`` at all (no Gluon, not a 9.x CUDA GPU),
-    or None."""
+def gluon_unsupported(device: torch.device, *, min_major: int | None = None) -> str | None:
+    """Why a Gluon kernel cannot run on ``device`` at all, or None: no Gluon, not an NVIDIA
+    GPU, or not of compute capability 9.x (this module's wgmma kernel) or, with
+    ``min_major``, not of that major or newer (the ``mma.sync`` kernel: 8)."""
     if not HAVE_GLUON:
         return "triton.experimental.gluon is not available"
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
-        return f"{device} is not a compute capability 9.x GPU"
-    return None
+    if device.type == "cuda" and torch.version.hip is None:
+        major = torch.cuda.get_device_capability(device)[0]
+        supported = major == 9 if min_major is None else major >= min_major
+        if supported:
+            return None
+    need = "9.x" if min_major is None else f"{min_major}.0 or newer"
+    return f"{device} is not a compute capability {need} NVIDIA GPU"
 
 
 def rs_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int, config: dict,

@@ -75,7 +75,7 @@ def _reports() -> dict:
                     out_ptr="*bf16")
         out[f"gather_pdl={pdl}"] = _report(_compile(_gather_sorted_rows_kernel, ptrs, gather,
                                                     4))
-        topk_sum = dict(SPLITS=1, BLOCK_N=1024, PDL=pdl)
+        topk_sum = dict(TOP_K=8, SPLITS=1, BLOCK_N=1024, PDL=pdl)
         ptrs = dict(c_ptr="*bf16", out_ptr="*bf16")
         out[f"topk_sum_pdl={pdl}"] = _report(_compile(_topk_sum_kernel, ptrs, topk_sum, 4))
     return out

@@ -563,25 +563,29 @@ def _act_mul_kernel(gu_ptr, out_ptr, w_ptr, I, stride_gm, stride_om,
 
 
 @triton.jit
-def _topk_sum_kernel(c_ptr, out_ptr, N, top_k, stride_cm, stride_cs, stride_om,
-                     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
-    """out[m, n] = sum_k sum_s c[s, m * top_k + k, n] in fp32, k ascending and for each k s
-    ascending, rounded once to out's dtype. c ``[SPLITS, M * top_k, N]`` (``SPLITS`` partial
-    sums of a split-K GEMM, ``stride_cs`` apart; one: ``[M * top_k, N]``), out ``[M, N]``;
+def _topk_sum_kernel(c_ptr, out_ptr, N, stride_cm, stride_cs, stride_om,
+                     TOP_K: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    """out[m, n] = sum_k sum_s c[s, m * TOP_K + k, n] in fp32, k ascending and for each k s
+    ascending, rounded once to out's dtype. c ``[SPLITS, M * TOP_K, N]`` (``SPLITS`` partial
+    sums of a split-K GEMM, ``stride_cs`` apart; one: ``[M * TOP_K, N]``), out ``[M, N]``;
     grid ``(M, cdiv(N, BLOCK_N))``.
 
     The order of the additions is fixed (slot 0, 1, ... of the token) and every element is
     computed on its own, so the result of a token depends neither on the batch size nor on
-    the other tokens (the deterministic mode's top-k sum)."""
+    the other tokens (the deterministic mode's top-k sum). Both loops are unrolled
+    (``TOP_K`` is a constexpr), so a program issues all its loads before the first add: with
+    a run-time loop each slot's load waited for the add before it, one L2 round trip a slot
+    (SASS of the sm_90 build)."""
     if PDL:
         wait_upstream_release_next()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for k in range(top_k):
+    for k in tl.static_range(TOP_K):
         for s in tl.static_range(SPLITS):
-            acc += tl.load(c_ptr + s * stride_cs + (row * top_k + k) * stride_cm + offs,
+            acc += tl.load(c_ptr + s * stride_cs + (row * TOP_K + k) * stride_cm + offs,
                            mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -1236,9 +1240,9 @@ def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Ten
         return out
     block_n = min(1024, triton.next_power_of_2(n))
     _topk_sum_kernel[(m, triton.cdiv(n, block_n))](
-        per_slot, out, n, top_k, per_slot.stride(-2),
-        per_slot.stride(0) if per_slot.dim() == 3 else 0, out.stride(0), SPLITS=splits,
-        BLOCK_N=block_n, num_warps=4, **prefill_pdl_args(out.device))
+        per_slot, out, n, per_slot.stride(-2),
+        per_slot.stride(0) if per_slot.dim() == 3 else 0, out.stride(0), TOP_K=top_k,
+        SPLITS=splits, BLOCK_N=block_n, num_warps=4, **prefill_pdl_args(out.device))
     return out
 
 

@@ -66,10 +66,14 @@ def _reports() -> dict:
                       RENORMALIZE=True, PDL=pdl)
         ptrs = dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32")
         out[f"router_pdl={pdl}"] = _report(_compile(_topk_router_kernel, ptrs, router, 1))
-        align = dict(HAS_MAP=False, CHUNK=64, NUM_BINS=16, FILL_BLOCK=1024, PDL=pdl)
-        ptrs = {n: "*i32" for n in ("topk_ids_ptr", "offsets_ptr", "expert_map_ptr",
+        ptrs = {n: "*i32" for n in ("topk_ids_ptr", "scratch_ptr", "expert_map_ptr",
                                     "sorted_ids_ptr", "expert_ids_ptr", "total_ptr")}
+        align = dict(HAS_MAP=False, CHUNK=64, NUM_BINS=16, FILL_BLOCK=1024, TOP_K=0,
+                     COUNT_WORDS=0, PDL=pdl)
         out[f"align_pdl={pdl}"] = _report(_compile(_align_sort_kernel, ptrs, align, 4))
+        # the counting rank (up to 64 tokens): loads the token's earlier slots with its own
+        counting = dict(align, TOP_K=8, COUNT_WORDS=1)
+        out[f"align_count_pdl={pdl}"] = _report(_compile(_align_sort_kernel, ptrs, counting, 4))
         gather = dict(A_IS_SLOTS=False, BLOCK_ROWS=16, BLOCK_K=512, PDL=pdl)
         ptrs = dict(a_ptr="*bf16", sorted_ids_ptr="*i32", num_post_padded_ptr="*i32",
                     out_ptr="*bf16")

@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE
 from test_routing import check_aligned
 
-from w4a16moe.kernels.align import chunk_size, scratch_numel
+from w4a16moe.kernels.align import chunk_size, count_words, scratch_numel
 from w4a16moe.routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 
 
@@ -141,7 +141,33 @@ def test_scratch_numel_and_chunks():
     assert chunk_size(1) == 128 and chunk_size(16384) == 128 and chunk_size(16385) == 256
     assert chunk_size(262_144) == 256 and chunk_size(262_145) == 512
     assert scratch_numel(0, 8) == 8 + 16                       # one chunk row + starts + ends
-    assert scratch_numel(300, 8) == 3 * 8 + 16
+    # the count words of the one-program alignment (64 tokens at most: 8 words an expert)
+    # outgrow three chunk rows + starts + ends here, not at many chunks
+    assert scratch_numel(300, 8) == 8 * 8
+    assert scratch_numel(40_000, 8) == 157 * 8 + 16
+    assert scratch_numel(20, 8) == max(8 + 16, 3 * 8)
+
+
+def test_count_words():
+    """The counting rank covers up to 64 tokens of at most 15 slots; else the program sorts."""
+    assert [count_words(m, 8) for m in (1, 8, 9, 64)] == [1, 1, 2, 8]
+    assert count_words(65, 8) == 0 and count_words(0, 8) == 0
+    assert count_words(64, 15) == 8 and count_words(64, 16) == 0
+
+
+@pytest.mark.parametrize("m, top_k, num_experts, block_size, dup",
+                         [(1, 1, 4, 4, False), (8, 8, 128, 8, False), (9, 8, 128, 8, False),
+                          (33, 2, 8, 16, True), (64, 8, 128, 8, False), (64, 15, 16, 4, True),
+                          (40, 6, 64, 16, True), (63, 4, 5, 1, True), (64, 16, 32, 8, False)])
+def test_one_program_rank_by_counting(m, top_k, num_experts, block_size, dup):
+    """The one-program alignment ranks slots by counting (up to 64 tokens, top_k <= 15) or
+    by sorting (the last case): the same outputs as the torch implementation, tokens past a
+    word boundary (8 a word) and duplicate experts within a token included."""
+    if dup:   # with replacement: a token may list an expert twice or more
+        ids = torch.randint(0, num_experts, (m, top_k), dtype=torch.int32).to(DEVICE)
+    else:
+        ids = random_ids(m, top_k, num_experts)
+    both(ids, block_size, num_experts)
 
 
 @pytest.mark.parametrize("m, top_k, num_experts, block_size, mapped",

@@ -45,6 +45,10 @@ MAX_EXPERTS = 4096
 SINGLE_PROGRAM_SLOTS = 512
 SINGLE_PROGRAM_MAX_SLOTS = 4096
 SINGLE_PROGRAM_EXPERTS = 1024
+#: up to this many tokens (and top_k <= 15) the one-program alignment ranks the slots by
+#: counting rather than sorting (:func:`_align_sort_kernel`, :func:`count_words`): the
+#: prefill chain's layers (``pdl.PREFILL_MAX_TOKENS``)
+COUNT_RANK_MAX_TOKENS = 64
 
 
 def chunk_size(num_slots: int) -> int:
@@ -59,12 +63,24 @@ def chunk_size(num_slots: int) -> int:
     return 512
 
 
+def count_words(num_tokens: int, top_k: int) -> int:
+    """int32 words an expert of the one-program alignment's counting rank takes for
+    ``num_tokens`` tokens of ``top_k`` slots (a 4-bit field a token: eight a word), or 0
+    where it does not apply (more than :data:`COUNT_RANK_MAX_TOKENS` tokens, or ``top_k``
+    above 15, where a token's field could overflow): then the program sorts."""
+    if not 1 <= num_tokens <= COUNT_RANK_MAX_TOKENS or not 1 <= top_k <= 15:
+        return 0
+    return triton.cdiv(num_tokens, 8)
+
+
 def scratch_numel(num_slots: int, num_experts: int, chunk: int | None = None) -> int:
     """int32 entries of the scratch buffer for ``num_slots`` slots over ``num_experts``
     (chunks of ``chunk`` slots, default :func:`chunk_size`): ``counts [chunks, E]`` then run
-    starts ``[E]`` and ends ``[E]``."""
+    starts ``[E]`` and ends ``[E]``; at least the count words of the one-program
+    alignment's counting rank (``[E, count_words(...)]`` from the start)."""
     chunks = max(1, triton.cdiv(num_slots, chunk or chunk_size(num_slots)))
-    return chunks * num_experts + 2 * num_experts
+    words = triton.cdiv(min(num_slots, COUNT_RANK_MAX_TOKENS), 8)
+    return max(chunks * num_experts + 2 * num_experts, words * num_experts)
 
 
 @triton.jit
@@ -163,35 +179,70 @@ def _align_scatter_kernel(
 
 
 @triton.jit
+def _nibble_sum(words):
+    """The sum of the eight 4-bit fields of each int32 word (at most 120)."""
+    pairs = (words & 0x0F0F0F0F) + ((words >> 4) & 0x0F0F0F0F)  # bytes of at most 30
+    return ((pairs * 0x01010101) >> 24) & 0xFF
+
+
+@triton.jit
 def _align_sort_kernel(
-    topk_ids_ptr, offsets_ptr, expert_map_ptr, sorted_ids_ptr, expert_ids_ptr,
+    topk_ids_ptr, scratch_ptr, expert_map_ptr, sorted_ids_ptr, expert_ids_ptr,
     total_ptr, num_slots, num_experts, block_size, num_sorted, num_blocks,
     HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr,
-    FILL_BLOCK: tl.constexpr, PDL: tl.constexpr = False,
+    FILL_BLOCK: tl.constexpr, TOP_K: tl.constexpr = 0, COUNT_WORDS: tl.constexpr = 0,
+    PDL: tl.constexpr = False,
 ):
-    """All of align_block_size in one program for ``num_slots <= CHUNK``, by sorting: the
-    histogram gives each expert's padded run; the keys ``expert * CHUNK + slot`` sorted
-    (:func:`triton.language.sort`) list the slots by expert, in flat order within one, so
-    sorted position ``p`` goes to row ``p + offsets[expert]`` (its run's start minus the
-    expert's first sorted position; ``offsets`` int32 ``[E]`` is stored, then read back per
-    slot after a barrier). A row that starts a block (every block of a run starts with a
-    real slot) writes that block's expert id; the blocks past the runs get -1. O(CHUNK
-    log^2 CHUNK + blocks) work instead of the pairwise rank's CHUNK^2 and the block
-    lookup's blocks x E."""
+    """All of align_block_size in one program for ``num_slots <= CHUNK``. The histogram
+    gives each expert's padded run; a slot goes to its run's start plus its *rank*, the
+    number of earlier slots (in flat order) of the same expert, so within an expert the
+    slots keep their flat order. A slot that starts a block (every block of a run starts
+    with a real slot) writes that block's expert id; the blocks past the runs get -1.
+
+    The rank, two ways:
+
+    * ``COUNT_WORDS == 0``: the keys ``expert * CHUNK + slot`` sorted
+      (:func:`triton.language.sort`) list the slots by expert, so sorted position ``p``
+      goes to row ``p + offsets[expert]`` (its run's start minus the expert's first sorted
+      position; ``offsets`` int32 ``[E]`` is stored at ``scratch_ptr``, then read back per
+      slot after a barrier). O(CHUNK log^2 CHUNK) work behind a CTA barrier a step: 1.0-1.9
+      us of the one-program launch at 128-512 slots (H200, ``benchmarks/notes_prefill.md``,
+      session 28).
+    * ``COUNT_WORDS > 0`` (at most ``8 * COUNT_WORDS`` tokens of ``TOP_K`` slots, ``TOP_K
+      <= 15``): every slot adds one to its token's 4-bit field of its expert's
+      ``COUNT_WORDS`` int32 words at ``scratch_ptr`` (``[E, COUNT_WORDS]``, zeroed first;
+      relaxed atomics, whose order does not change the sums). After a barrier a slot's
+      rank is the sum of its expert's fields of the earlier tokens plus the earlier slots
+      of its own token with the same expert (``TOP_K - 1`` loads of its neighbours). One
+      round trip instead of the sort."""
     if PDL:
         wait_upstream_release_next()
     local = tl.arange(0, CHUNK)
     mask = local < num_slots
     # lanes past the end count into bin E (never stored) and sort after every real slot
     ids = tl.load(topk_ids_ptr + local, mask=mask, other=num_experts).to(tl.int32)
+    if COUNT_WORDS > 0:
+        # the same token's earlier slots (loaded with the ids: one round trip)
+        k_of = local % TOP_K
+        same_token = tl.zeros((CHUNK,), tl.int32)
+        for j in tl.static_range(1, TOP_K):
+            prev = tl.load(topk_ids_ptr + local - j, mask=mask & (k_of >= j),
+                           other=-1).to(tl.int32)
+            same_token += (prev == ids).to(tl.int32)
     counts = tl.histogram(ids, NUM_BINS)
     bins = tl.arange(0, NUM_BINS)
     padded = tl.where(bins < num_experts, (counts + block_size - 1) // block_size * block_size,
                       0)
     ends = tl.cumsum(padded, axis=0)
-    first = tl.cumsum(counts, axis=0) - counts  # each expert's first sorted position
     total = tl.sum(padded, axis=0)
-    tl.store(offsets_ptr + bins, ends - padded - first, mask=bins < num_experts)
+    if COUNT_WORDS == 0:
+        first = tl.cumsum(counts, axis=0) - counts  # each expert's first sorted position
+        tl.store(scratch_ptr + bins, ends - padded - first, mask=bins < num_experts)
+    else:
+        zeros = tl.zeros((FILL_BLOCK,), tl.int32)
+        for z in range(0, num_experts * COUNT_WORDS, FILL_BLOCK):
+            offs_z = z + tl.arange(0, FILL_BLOCK)
+            tl.store(scratch_ptr + offs_z, zeros, mask=offs_z < num_experts * COUNT_WORDS)
     tl.store(total_ptr, total)
     sentinel = tl.full((FILL_BLOCK,), 0, tl.int32) + num_slots
     for f in range(0, num_sorted, FILL_BLOCK):
@@ -202,14 +253,34 @@ def _align_sort_kernel(
         offs_b = b0 + tl.arange(0, FILL_BLOCK)
         tl.store(expert_ids_ptr + offs_b, none,
                  mask=(offs_b < num_blocks) & (offs_b * block_size >= total))
-    # the fill and the offsets must land before this program's threads scatter and read them
+    # the fill and the offsets (or the zeroed count words) must land before this program's
+    # threads scatter and read them
     tl.debug_barrier()
-    keys = tl.sort(ids * CHUNK + local)
-    expert = keys // CHUNK
-    slot = keys - expert * CHUNK
-    # sorted position p < num_slots holds a real slot: the masked lanes sorted last
-    safe = tl.where(mask, expert, 0)
-    dest = local + tl.load(offsets_ptr + safe, mask=mask, other=0)
+    # masked lanes: expert 0 (nothing is stored for them)
+    safe = tl.where(mask, ids, 0)
+    if COUNT_WORDS == 0:
+        keys = tl.sort(ids * CHUNK + local)
+        expert = keys // CHUNK
+        slot = keys - expert * CHUNK
+        # sorted position p < num_slots holds a real slot: the masked lanes sorted last
+        safe = tl.where(mask, expert, 0)
+        dest = local + tl.load(scratch_ptr + safe, mask=mask, other=0)
+    else:
+        token = local // TOP_K
+        word = token // 8
+        shift = (token % 8) * 4
+        words_ptr = scratch_ptr + safe * COUNT_WORDS
+        tl.atomic_add(words_ptr + word, tl.full((CHUNK,), 1, tl.int32) << shift, mask=mask,
+                      sem="relaxed")
+        tl.debug_barrier()
+        rank = same_token
+        for w in tl.static_range(COUNT_WORDS):
+            fields = tl.load(words_ptr + w, mask=mask & (w <= word), other=0, volatile=True)
+            # the earlier tokens' fields: all of an earlier word, the low ones of the token's
+            fields = tl.where(w < word, fields, fields & ((1 << shift) - 1))
+            rank += _nibble_sum(fields)
+        dest = tl.gather(ends - padded, safe, 0) + rank
+        slot = local
     tl.store(sorted_ids_ptr + dest, slot, mask=mask)
     starts_block = mask & (dest % block_size == 0)
     if HAS_MAP:
@@ -298,11 +369,14 @@ def align_block_size_triton(
     e_pow2 = max(16, _next_pow2(num_experts))
     emap = expert_map if expert_map is not None else starts  # dummy pointer without a map
     if single_program:
+        top_k = topk_ids.shape[-1] if topk_ids.dim() == 2 else 1
+        words = count_words(num_slots // top_k, top_k) if top_k else 0
         _align_sort_kernel[(1,)](
-            flat, starts, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
+            flat, scratch, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
             num_slots, num_experts, block_size, num_sorted, num_blocks,
             HAS_MAP=expert_map is not None, CHUNK=max(16, _next_pow2(num_slots)),
-            NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024, num_warps=4,
+            NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024,
+            TOP_K=top_k if words else 0, COUNT_WORDS=words, num_warps=4,
             **prefill_pdl_args(device))
         return
 
@@ -326,6 +400,6 @@ def align_block_size_triton(
         BLOCK_B=max(1, min(128, 8192 // e_pow2)), num_warps=4)
 
 
-__all__ = ["MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS", "SINGLE_PROGRAM_MAX_SLOTS",
-           "SINGLE_PROGRAM_SLOTS",
+__all__ = ["COUNT_RANK_MAX_TOKENS", "MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS",
+           "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS", "count_words",
            "align_block_size_triton", "chunk_size", "scratch_numel"]

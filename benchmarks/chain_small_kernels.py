@@ -1,0 +1,194 @@
+"""What the small kernels of the prefill chain cost, and layer paths that take them out.
+
+At M <= 64 the prefill layer is a chain of programmatic dependents: router -> alignment ->
+GEMM1 -> GEMM2 -> top-k sum. Two measurements:
+
+1. **Per call in the chain** (``python3 benchmarks/chain_small_kernels.py``): ``--calls``
+   launches of one kernel, each a PDL dependent of the one before, captured in one CUDA
+   graph; the graph's median time over ``--reps`` replays divided by the calls. Kernels: an
+   empty one-program kernel (the edge alone), the router, the one-program alignment ranking
+   by counting and by sorting (``align.count_words`` forced to 0; both checked equal to the
+   torch alignment), and the top-k sum. Writes ``$OUT/chain_small_kernels.json``.
+2. **In the layer** (``w4a16moe bench --paths ...``, weights rotated, router included):
+
+       PYTHONPATH=.:benchmarks w4a16moe bench --model qwen3-30b-a3b --m 16,32,64 \\
+           --paths prefill,no_sum=chain_small_kernels:no_sum,\\
+       sum_twice=chain_small_kernels:sum_twice,align_twice=chain_small_kernels:align_twice,\\
+       sorting=chain_small_kernels:sorting_align
+
+   ``no_sum`` skips the top-k sum (a wrong output: what the sum costs at most),
+   ``sum_twice`` and ``align_twice`` run that kernel twice (what one more call costs),
+   ``sorting_align`` the shipped layer with the alignment sorting at every M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from w4a16moe.kernels import align as align_mod
+from w4a16moe.kernels import prefill as prefill_mod
+from w4a16moe.kernels.pdl import prefill_chain, prefill_pdl_args, wait_upstream_release_next
+from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
+from w4a16moe.kernels.router import topk_router
+from w4a16moe.kernels.tune import MODEL_SHAPES
+from w4a16moe.routing import align_block_size, max_num_tokens_padded
+
+
+@functools.lru_cache(maxsize=8)
+def _workspace(experts, m: int, top_k: int) -> PrefillWorkspace:
+    return PrefillWorkspace.allocate(m, experts, top_k)
+
+
+@contextlib.contextmanager
+def _patched(module, **attrs):
+    saved = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _layer(x, experts, topk_weights, topk_ids, activation):
+    return fused_moe_prefill(x, experts, topk_weights, topk_ids, activation=activation,
+                             workspace=_workspace(experts, x.shape[0], topk_ids.shape[1]))
+
+
+def no_sum(x, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The prefill layer without its top-k sum (the output is wrong)."""
+    with _patched(prefill_mod, topk_sum=lambda per_slot, top_k, out: out):
+        return _layer(x, experts, topk_weights, topk_ids, activation)
+
+
+def sum_twice(x, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The prefill layer with the top-k sum run twice."""
+    real = prefill_mod.topk_sum
+
+    def twice(per_slot, top_k, out):
+        real(per_slot, top_k, out)
+        return real(per_slot, top_k, out)
+    with _patched(prefill_mod, topk_sum=twice):
+        return _layer(x, experts, topk_weights, topk_ids, activation)
+
+
+def align_twice(x, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The prefill layer with the alignment run twice."""
+    real = prefill_mod.align_block_size
+
+    def twice(*args, **kwargs):
+        real(*args, **kwargs)
+        return real(*args, **kwargs)
+    with _patched(prefill_mod, align_block_size=twice):
+        return _layer(x, experts, topk_weights, topk_ids, activation)
+
+
+def sorting_align(x, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The prefill layer with the one-program alignment sorting at every M."""
+    with _patched(align_mod, count_words=lambda num_tokens, top_k: 0):
+        return _layer(x, experts, topk_weights, topk_ids, activation)
+
+
+@triton.jit
+def _empty_kernel(out_ptr, PDL: tl.constexpr = False):
+    if PDL:
+        wait_upstream_release_next()
+    tl.store(out_ptr + tl.program_id(0), 1)
+
+
+def per_call_us(launch, calls: int, reps: int) -> float:
+    """Median graph replay time / ``calls`` for ``calls`` launches as PDL dependents."""
+    with prefill_chain(1):
+        for _ in range(3):
+            launch()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                launch()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def measure(model: str, ms: list[int], calls: int, reps: int, dev: torch.device) -> list[dict]:
+    shape = MODEL_SHAPES[model]
+    e, k, h = shape.num_experts, shape.top_k, shape.hidden_size
+    block = 8   # the mma tiles' block (the table's blocks at M <= 64 on the H100)
+    records = []
+    for m in ms:
+        gen = torch.Generator(device=dev).manual_seed(m)
+        logits = torch.randn(m, e, device=dev, generator=gen)
+        row = {"model": model, "M": m}
+        row["router_us"] = per_call_us(lambda logits=logits: topk_router(logits, k), calls, reps)
+        _, ids = topk_router(logits, k)
+        ref = align_block_size(ids, block, e, backend="torch")
+        padded = max_num_tokens_padded(m * k, block, e)
+        real = align_mod.count_words
+        for mode in ("count", "sort"):
+            out = (torch.empty(padded, dtype=torch.int32, device=dev),
+                   torch.empty(padded // block, dtype=torch.int32, device=dev),
+                   torch.empty(1, dtype=torch.int32, device=dev))
+            scratch = torch.empty(align_mod.scratch_numel(m * k, e), dtype=torch.int32,
+                                  device=dev)
+            words = real if mode == "count" else (lambda num_tokens, top_k: 0)
+            with _patched(align_mod, count_words=words):
+                row[f"align_{mode}_us"] = per_call_us(
+                    lambda out=out, scratch=scratch, ids=ids: align_mod.align_block_size_triton(
+                        ids, block, e, None, *out, scratch=scratch), calls, reps)
+                row[f"align_{mode}_words"] = align_mod.count_words(m, k)
+            if not all(torch.equal(a, b) for a, b in zip(out, ref, strict=True)):
+                raise AssertionError(f"{model} M={m}: the {mode} alignment differs from torch")
+        per_slot = torch.randn(m * k, h, device=dev, dtype=torch.bfloat16)
+        y = torch.empty(m, h, device=dev, dtype=torch.bfloat16)
+        row["topk_sum_us"] = per_call_us(
+            lambda per_slot=per_slot, y=y: prefill_mod.topk_sum(per_slot, k, y), calls, reps)
+        records.append(row)
+        print(f"{model} M={m}: " + ", ".join(f"{key} {val:.2f}" for key, val in row.items()
+                                             if key.endswith("_us")), flush=True)
+    return records
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="qwen3-30b-a3b,mixtral-8x7b,deepseek-v2-lite")
+    ap.add_argument("--m", default="1,4,8,16,32,64")
+    ap.add_argument("--calls", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    buf = torch.zeros(64, dtype=torch.int32, device=dev)
+    result = {"gpu": torch.cuda.get_device_name(dev), "calls": args.calls,
+              "reps": args.reps, "records": []}
+    result["empty_us"] = per_call_us(
+        lambda: _empty_kernel[(1,)](buf, **prefill_pdl_args(dev)), args.calls, args.reps)
+    print(f"empty one-program kernel: {result['empty_us']:.2f} us a call", flush=True)
+    for model in args.models.split(","):
+        result["records"] += measure(model, [int(v) for v in args.m.split(",")], args.calls,
+                                     args.reps, dev)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "chain_small_kernels.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

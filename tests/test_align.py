@@ -149,20 +149,22 @@ def test_scratch_numel_and_chunks():
 
 
 def test_count_words():
-    """The counting rank covers up to 64 tokens of at most 15 slots; else the program sorts."""
-    assert [count_words(m, 8) for m in (1, 8, 9, 64)] == [1, 1, 2, 8]
-    assert count_words(65, 8) == 0 and count_words(0, 8) == 0
-    assert count_words(64, 15) == 8 and count_words(64, 16) == 0
+    """The counting rank covers 32 slots to 64 tokens of at most 15 slots; else the program
+    sorts."""
+    assert [count_words(m, 8) for m in (1, 3, 4, 8, 9, 64)] == [0, 0, 1, 1, 2, 8]
+    assert count_words(65, 8) == 0 and count_words(0, 8) == 0 and count_words(32, 1) == 4
+    assert count_words(64, 15) == 8 and count_words(64, 16) == 0 and count_words(31, 1) == 0
 
 
 @pytest.mark.parametrize("m, top_k, num_experts, block_size, dup",
-                         [(1, 1, 4, 4, False), (8, 8, 128, 8, False), (9, 8, 128, 8, False),
+                         [(32, 1, 4, 4, False), (8, 8, 128, 8, False), (9, 8, 128, 8, False),
                           (33, 2, 8, 16, True), (64, 8, 128, 8, False), (64, 15, 16, 4, True),
                           (40, 6, 64, 16, True), (63, 4, 5, 1, True), (64, 16, 32, 8, False)])
 def test_one_program_rank_by_counting(m, top_k, num_experts, block_size, dup):
-    """The one-program alignment ranks slots by counting (up to 64 tokens, top_k <= 15) or
-    by sorting (the last case): the same outputs as the torch implementation, tokens past a
-    word boundary (8 a word) and duplicate experts within a token included."""
+    """The one-program alignment ranks slots by counting (32 slots to 64 tokens, top_k <=
+    15) or by sorting (the last case): the same outputs as the torch implementation, tokens
+    past a word boundary (8 a word) and duplicate experts within a token included."""
+    assert (count_words(m, top_k) > 0) == (top_k <= 15)
     if dup:   # with replacement: a token may list an expert twice or more
         ids = torch.randint(0, num_experts, (m, top_k), dtype=torch.int32).to(DEVICE)
     else:

@@ -45,9 +45,15 @@ MAX_EXPERTS = 4096
 SINGLE_PROGRAM_SLOTS = 512
 SINGLE_PROGRAM_MAX_SLOTS = 4096
 SINGLE_PROGRAM_EXPERTS = 1024
-#: up to this many tokens (and top_k <= 15) the one-program alignment ranks the slots by
-#: counting rather than sorting (:func:`_align_sort_kernel`, :func:`count_words`): the
-#: prefill chain's layers (``pdl.PREFILL_MAX_TOKENS``)
+#: from COUNT_RANK_MIN_SLOTS slots up to COUNT_RANK_MAX_TOKENS tokens (and top_k <= 15) the
+#: one-program alignment ranks the slots by counting rather than sorting
+#: (:func:`_align_sort_kernel`, :func:`count_words`), the prefill chain's layers
+#: (``pdl.PREFILL_MAX_TOKENS``). Per call in the chain on the H100
+#: (``benchmarks/chain_small_kernels.py``, counting against sorting): qwen3-30b M=8-32
+#: 1.81-2.43 against 2.14-2.80 us, M=64 3.94 against 3.82; deepseek-v2-lite M=4-64 0.04-0.37
+#: us less; Mixtral 32-128 slots even to 0.19 us less; below 32 slots (qwen3 M <= 2,
+#: Mixtral M <= 8, deepseek M=1) counting was 0.06-0.19 us slower
+COUNT_RANK_MIN_SLOTS = 32
 COUNT_RANK_MAX_TOKENS = 64
 
 
@@ -66,9 +72,11 @@ def chunk_size(num_slots: int) -> int:
 def count_words(num_tokens: int, top_k: int) -> int:
     """int32 words an expert of the one-program alignment's counting rank takes for
     ``num_tokens`` tokens of ``top_k`` slots (a 4-bit field a token: eight a word), or 0
-    where it does not apply (more than :data:`COUNT_RANK_MAX_TOKENS` tokens, or ``top_k``
-    above 15, where a token's field could overflow): then the program sorts."""
-    if not 1 <= num_tokens <= COUNT_RANK_MAX_TOKENS or not 1 <= top_k <= 15:
+    where it does not apply (fewer than :data:`COUNT_RANK_MIN_SLOTS` slots, more than
+    :data:`COUNT_RANK_MAX_TOKENS` tokens, or ``top_k`` above 15, where a token's field could
+    overflow): then the program sorts."""
+    if (not 1 <= top_k <= 15 or num_tokens > COUNT_RANK_MAX_TOKENS
+            or num_tokens * top_k < COUNT_RANK_MIN_SLOTS):
         return 0
     return triton.cdiv(num_tokens, 8)
 
@@ -400,6 +408,6 @@ def align_block_size_triton(
         BLOCK_B=max(1, min(128, 8192 // e_pow2)), num_warps=4)
 
 
-__all__ = ["COUNT_RANK_MAX_TOKENS", "MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS",
+__all__ = ["COUNT_RANK_MAX_TOKENS", "COUNT_RANK_MIN_SLOTS", "MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS",
            "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS", "count_words",
            "align_block_size_triton", "chunk_size", "scratch_numel"]

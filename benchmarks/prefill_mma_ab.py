@@ -145,6 +145,23 @@ def prefill_wait_first(hidden_states, experts, topk_weights, topk_ids, *, activa
         prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT = True
 
 
+def prefill_reload_past_last(hidden_states, experts, topk_weights, topk_ids, *,
+                             activation="silu"):
+    """The shipped prefill layer with the mma kernel's reloads past the last K step done
+    (the last step loaded again) rather than predicated off
+    (``prefill_mma.PREDICATED_RELOADS`` off while it launches)."""
+    from w4a16moe.kernels import prefill_mma
+
+    m, top_k = topk_ids.shape
+    prefill_mma.PREDICATED_RELOADS = False
+    try:
+        return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
+                                 activation=activation, workspace=_workspace(experts, m, top_k))
+    finally:
+        prefill_mma.PREDICATED_RELOADS = True
+
+
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
-           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_wait_first", "ship_g1_mma_g2",
+           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_reload_past_last",
+           "prefill_wait_first", "ship_g1_mma_g2",
            "step_columns", "table_layer"]

@@ -20,7 +20,8 @@ from aot import kernel_signature, run_in_child
 def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool,
                  has_zeros: bool = False, fp16: bool = False, mul_routed_weight: bool = False,
                  a_sorted: bool = False, out_sorted: bool = False, groups: int = 1,
-                 scale_words: bool | None = None, weights_before_wait: bool = False) -> dict:
+                 scale_words: bool | None = None, weights_before_wait: bool = False,
+                 predicated_reloads: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -40,7 +41,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         SCALE_WORDS=scale_words, WORDS_LAYOUT=words, X_LAYOUT=x, SZ_LAYOUT=sz,
         SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=prefill_mma.store_layout(block_t, block_n, num_warps),
-        num_warps=num_warps, PDL=True, WEIGHTS_BEFORE_WAIT=weights_before_wait)
+        num_warps=num_warps, PDL=True, WEIGHTS_BEFORE_WAIT=weights_before_wait,
+        PREDICATED_RELOADS=predicated_reloads)
     h = "*fp16" if fp16 else "*bf16"
     pointers = {"a_ptr": h, "qw_ptr": "*i32", "s_ptr": h, "z_ptr": "*u8", "c_ptr": h,
                 "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",

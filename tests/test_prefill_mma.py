@@ -92,6 +92,12 @@ def test_every_variant_compiles_for_sm90_without_spills():
         # GEMM2's shipped tile as the layer launches it: weights loaded before the PDL wait
         dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2, a_sorted=True,
              weights_before_wait=True),
+        # the shipped qwen3-30b tiles with their reloads past the last step predicated off
+        # (programs of at most PREDICATED_RELOADS_MAX_STEPS steps)
+        dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2, out_sorted=True,
+             predicated_reloads=True),
+        dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2, a_sorted=True,
+             weights_before_wait=True, predicated_reloads=True),
     ]
     for v, rep in zip(variants, ptxas_reports(variants), strict=True):
         # 8 mmas a group and n-tile, two groups an unrolled iteration

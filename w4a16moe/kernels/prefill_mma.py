@@ -233,14 +233,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step_scales(ptrs, s_grp, step, STEP_K: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                     stride_g, AS_WORDS: gl.constexpr):
+                     stride_g, AS_WORDS: gl.constexpr, mask=None):
         """The scales (or zero points) of K step ``step``: ``[BLOCK_N, GROUPS]`` values from
         the row pointers ``ptrs`` (group of column ``step * STEP_K + s_grp``), or with
-        ``AS_WORDS`` ``[BLOCK_N, GROUPS / 2]`` words from word pointers (G = 128, stride 1)."""
+        ``AS_WORDS`` ``[BLOCK_N, GROUPS / 2]`` words from word pointers (G = 128, stride 1);
+        ``mask`` (a scalar) predicates the load."""
         if AS_WORDS:
-            return gl.load(ptrs + step * (STEP_K // 256))
+            return gl.load(ptrs + step * (STEP_K // 256), mask=mask)
         else:
-            return gl.load(ptrs + ((step * STEP_K + s_grp[None, :]) // GROUP_SIZE) * stride_g)
+            return gl.load(ptrs + ((step * STEP_K + s_grp[None, :]) // GROUP_SIZE) * stride_g,
+                           mask=mask)
 
     @gluon.jit
     def _step_then_reload(acc, words, x, sc, step, last, w_ptrs, x_ptrs, x_mask, s_ptrs,
@@ -250,7 +252,8 @@ if HAVE_GLUON:
                           X_AHEAD: gl.constexpr, BLOCK_N: gl.constexpr,
                           BLOCK_T: gl.constexpr, a_layout: gl.constexpr,
                           b_layout: gl.constexpr, mma_layout: gl.constexpr,
-                          pairs_layout: gl.constexpr, sz_layout: gl.constexpr):
+                          pairs_layout: gl.constexpr, sz_layout: gl.constexpr,
+                          PREDICATED_RELOADS: gl.constexpr = False):
         """K step ``step`` on one half's buffers (``words``, ``sc`` and, with ``X_AHEAD``,
         ``x``), then those buffers reloaded in place with step ``step + 2`` (at most
         ``last``, the final step). Without
@@ -269,10 +272,21 @@ if HAVE_GLUON:
                         BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, pairs_layout,
                         sz_layout)
         ahead = gl.minimum(step + 2, last)
-        words = gl.load(w_ptrs + ahead * (16 * GROUPS))
-        sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg, SCALE_WORDS)
-        if X_AHEAD:
-            x = gl.load(x_ptrs + ahead * (STEP_K // 2), mask=x_mask, other=0)
+        if PREDICATED_RELOADS:
+            # past the last step the reload is off (the buffer is not used again); else the
+            # last step's words would be loaded again, 1 of 4 word loads at K = 768
+            more = step + 2 <= last
+            words = gl.load(w_ptrs + ahead * (16 * GROUPS), mask=more)
+            sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg,
+                              SCALE_WORDS, mask=more)
+            if X_AHEAD:
+                x = gl.load(x_ptrs + ahead * (STEP_K // 2), mask=x_mask & more, other=0)
+        else:
+            words = gl.load(w_ptrs + ahead * (16 * GROUPS))
+            sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg,
+                              SCALE_WORDS)
+            if X_AHEAD:
+                x = gl.load(x_ptrs + ahead * (STEP_K // 2), mask=x_mask, other=0)
         return acc, words, sc, x
 
     @gluon.jit
@@ -290,6 +304,7 @@ if HAVE_GLUON:
         SZ_LAYOUT: gl.constexpr, SZW_LAYOUT: gl.constexpr, PAIRS_LAYOUT: gl.constexpr,
         OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, WEIGHTS_BEFORE_WAIT: gl.constexpr = False,
+        PREDICATED_RELOADS: gl.constexpr = False,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -420,14 +435,15 @@ if HAVE_GLUON:
                         acc, words_a, x_a, sc_a, i, last, w_ptrs, x_ptrs,
                         x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg, GROUP_SIZE,
                         GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD, BLOCK_N, BLOCK_T,
-                        a_layout, b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT)
+                        a_layout, b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT,
+                        PREDICATED_RELOADS)
                     if i + 1 < num_steps:
                         acc, words_b, sc_b, x_b = _step_then_reload(
                             acc, words_b, x_b, sc_b, i + 1, last, w_ptrs,
                             x_ptrs, x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg,
                             GROUP_SIZE, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD,
                             BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, PAIRS_LAYOUT,
-                            SZ_LAYOUT)
+                            SZ_LAYOUT, PREDICATED_RELOADS)
 
                 res = _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0,
                                    num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
@@ -440,6 +456,13 @@ if HAVE_GLUON:
 #: GEMM2 (``a_is_slots``) launched as a programmatic dependent of GEMM1 issues its first
 #: weight and scale loads before it waits for GEMM1 (benchmarks turn it off to A/B it)
 GEMM2_WEIGHTS_BEFORE_WAIT = True
+#: programs of at most PREDICATED_RELOADS_MAX_STEPS K steps predicate off their last two
+#: reloads (two steps ahead, past the end) instead of loading the last step again: on the
+#: H100 with every program so (session 28), qwen3-30b M=64 went 132.6 -> 130.5 us a layer
+#: (8 and 3 steps), M=8-32 within 0.7 us, and Mixtral (32-112 steps) 0.6-1.2 % slower. The
+#: switch is for A/Bs
+PREDICATED_RELOADS = True
+PREDICATED_RELOADS_MAX_STEPS = 8
 
 
 @functools.cache
@@ -568,6 +591,8 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     # in a prefill chain the GEMM on slot rows is GEMM2, and the kernel before it (GEMM1)
     # writes only its activations: the weights may be read before the wait
     weights_before_wait = a_is_slots and GEMM2_WEIGHTS_BEFORE_WAIT
+    predicated_reloads = (PREDICATED_RELOADS
+                          and k // config["BLOCK_SIZE_K"] <= PREDICATED_RELOADS_MAX_STEPS)
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
     tw = topk_weights if topk_weights is not None else scales
@@ -589,8 +614,10 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, SCALE_WORDS=scale_words, WORDS_LAYOUT=words,
         X_LAYOUT=x, SZ_LAYOUT=sz, SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
-        WEIGHTS_BEFORE_WAIT=weights_before_wait, **prefill_pdl_args(a.device))
+        WEIGHTS_BEFORE_WAIT=weights_before_wait, PREDICATED_RELOADS=predicated_reloads,
+        **prefill_pdl_args(a.device))
 
 
-__all__ = ["MMA_BLOCK_K", "launch_prefill_mma", "mma_groups", "mma_layouts",
+__all__ = ["MMA_BLOCK_K", "PREDICATED_RELOADS", "PREDICATED_RELOADS_MAX_STEPS",
+           "launch_prefill_mma", "mma_groups", "mma_layouts",
            "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "store_layout"]

@@ -459,7 +459,7 @@ GEMM2_WEIGHTS_BEFORE_WAIT = True
 #: programs of at most PREDICATED_RELOADS_MAX_STEPS K steps predicate off their last two
 #: reloads (two steps ahead, past the end) instead of loading the last step again: on the
 #: H100 with every program so (session 28), qwen3-30b M=64 went 132.6 -> 130.5 us a layer
-#: (8 and 3 steps), M=8-32 within 0.7 us, and Mixtral (32-112 steps) 0.6-1.2 % slower. The
+#: (8 and 3 steps), M=8-32 within 0.7 us, and Mixtral (16 and 56 steps) 0.6-1.2 % slower. The
 #: switch is for A/Bs
 PREDICATED_RELOADS = True
 PREDICATED_RELOADS_MAX_STEPS = 8

@@ -131,18 +131,27 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
                              activation=activation, workspace=ws, configs=cfgs)
 
 
-def prefill_wait_first(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """The shipped prefill layer with GEMM2's mma programs waiting for GEMM1 before any load
-    (``prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT`` off while it launches)."""
+def _shipped_with_switch(name: str, value, hidden_states, experts, topk_weights, topk_ids,
+                         activation: str):
+    """The shipped prefill layer with the module switch ``prefill_mma.<name>`` set to
+    ``value`` while it launches (restored after)."""
     from w4a16moe.kernels import prefill_mma
 
     m, top_k = topk_ids.shape
-    prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT = False
+    saved = getattr(prefill_mma, name)
+    setattr(prefill_mma, name, value)
     try:
         return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                                  activation=activation, workspace=_workspace(experts, m, top_k))
     finally:
-        prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT = True
+        setattr(prefill_mma, name, saved)
+
+
+def prefill_wait_first(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The shipped prefill layer with GEMM2's mma programs waiting for GEMM1 before any load
+    (``prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT`` off while it launches)."""
+    return _shipped_with_switch("GEMM2_WEIGHTS_BEFORE_WAIT", False, hidden_states, experts,
+                                topk_weights, topk_ids, activation)
 
 
 def prefill_reload_past_last(hidden_states, experts, topk_weights, topk_ids, *,
@@ -150,15 +159,8 @@ def prefill_reload_past_last(hidden_states, experts, topk_weights, topk_ids, *,
     """The shipped prefill layer with the mma kernel's reloads past the last K step done
     (the last step loaded again) rather than predicated off
     (``prefill_mma.PREDICATED_RELOADS`` off while it launches)."""
-    from w4a16moe.kernels import prefill_mma
-
-    m, top_k = topk_ids.shape
-    prefill_mma.PREDICATED_RELOADS = False
-    try:
-        return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
-                                 activation=activation, workspace=_workspace(experts, m, top_k))
-    finally:
-        prefill_mma.PREDICATED_RELOADS = True
+    return _shipped_with_switch("PREDICATED_RELOADS", False, hidden_states, experts,
+                                topk_weights, topk_ids, activation)
 
 
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",

@@ -256,7 +256,8 @@ if HAVE_GLUON:
                           PREDICATED_RELOADS: gl.constexpr = False):
         """K step ``step`` on one half's buffers (``words``, ``sc`` and, with ``X_AHEAD``,
         ``x``), then those buffers reloaded in place with step ``step + 2`` (at most
-        ``last``, the final step). Without
+        ``last``, the final step; with ``PREDICATED_RELOADS`` a reload past ``last`` is
+        masked off rather than loading the last step again). Without
         ``X_AHEAD`` the activations are loaded here at their step and ``x`` passes through
         unchanged; the zero points are loaded at their step either way."""
         STEP_K: gl.constexpr = 128 * GROUPS
@@ -459,8 +460,9 @@ GEMM2_WEIGHTS_BEFORE_WAIT = True
 #: programs of at most PREDICATED_RELOADS_MAX_STEPS K steps predicate off their last two
 #: reloads (two steps ahead, past the end) instead of loading the last step again: on the
 #: H100 with every program so (session 28), qwen3-30b M=64 went 132.6 -> 130.5 us a layer
-#: (8 and 3 steps), M=8-32 within 0.7 us, and Mixtral (16 and 56 steps) 0.6-1.2 % slower. The
-#: switch is for A/Bs
+#: (8 and 3 steps), M=8-32 within 0.7 us, and Mixtral (16 and 56 steps) 0.6-1.2 % slower;
+#: gated so, qwen3-30b M=64 132.7 / 133.1 -> 130.9 us, M=8-32 within 0.6 us. The switch is
+#: for A/Bs
 PREDICATED_RELOADS = True
 PREDICATED_RELOADS_MAX_STEPS = 8
 

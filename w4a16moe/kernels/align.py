@@ -187,6 +187,15 @@ def _align_scatter_kernel(
 
 
 @triton.jit
+def _fill(ptr, n, value, BLOCK: tl.constexpr):
+    """``ptr[0:n] = value`` (int32), ``BLOCK`` entries a step."""
+    fill = tl.full((BLOCK,), 0, tl.int32) + value
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, fill, mask=offs < n)
+
+
+@triton.jit
 def _nibble_sum(words):
     """The sum of the eight 4-bit fields of each int32 word (at most 120)."""
     pairs = (words & 0x0F0F0F0F) + ((words >> 4) & 0x0F0F0F0F)  # bytes of at most 30
@@ -247,15 +256,9 @@ def _align_sort_kernel(
         first = tl.cumsum(counts, axis=0) - counts  # each expert's first sorted position
         tl.store(scratch_ptr + bins, ends - padded - first, mask=bins < num_experts)
     else:
-        zeros = tl.zeros((FILL_BLOCK,), tl.int32)
-        for z in range(0, num_experts * COUNT_WORDS, FILL_BLOCK):
-            offs_z = z + tl.arange(0, FILL_BLOCK)
-            tl.store(scratch_ptr + offs_z, zeros, mask=offs_z < num_experts * COUNT_WORDS)
+        _fill(scratch_ptr, num_experts * COUNT_WORDS, 0, FILL_BLOCK)
     tl.store(total_ptr, total)
-    sentinel = tl.full((FILL_BLOCK,), 0, tl.int32) + num_slots
-    for f in range(0, num_sorted, FILL_BLOCK):
-        offs_f = f + tl.arange(0, FILL_BLOCK)
-        tl.store(sorted_ids_ptr + offs_f, sentinel, mask=offs_f < num_sorted)
+    _fill(sorted_ids_ptr, num_sorted, num_slots, FILL_BLOCK)
     none = tl.full((FILL_BLOCK,), -1, tl.int32)
     for b0 in range(0, num_blocks, FILL_BLOCK):
         offs_b = b0 + tl.arange(0, FILL_BLOCK)

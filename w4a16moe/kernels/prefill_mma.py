@@ -273,21 +273,15 @@ if HAVE_GLUON:
                         BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, pairs_layout,
                         sz_layout)
         ahead = gl.minimum(step + 2, last)
-        if PREDICATED_RELOADS:
-            # past the last step the reload is off (the buffer is not used again); else the
-            # last step's words would be loaded again, 1 of 4 word loads at K = 768
-            more = step + 2 <= last
-            words = gl.load(w_ptrs + ahead * (16 * GROUPS), mask=more)
-            sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg,
-                              SCALE_WORDS, mask=more)
-            if X_AHEAD:
-                x = gl.load(x_ptrs + ahead * (STEP_K // 2), mask=x_mask & more, other=0)
-        else:
-            words = gl.load(w_ptrs + ahead * (16 * GROUPS))
-            sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg,
-                              SCALE_WORDS)
-            if X_AHEAD:
-                x = gl.load(x_ptrs + ahead * (STEP_K // 2), mask=x_mask, other=0)
+        # with PREDICATED_RELOADS a reload past the last step is off (the buffer is not used
+        # again); else the last step is loaded again, 1 of 4 word loads at K = 768
+        more = step + 2 <= last if PREDICATED_RELOADS else None
+        words = gl.load(w_ptrs + ahead * (16 * GROUPS), mask=more)
+        sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg, SCALE_WORDS,
+                          mask=more)
+        if X_AHEAD:
+            x = gl.load(x_ptrs + ahead * (STEP_K // 2),
+                        mask=x_mask & more if PREDICATED_RELOADS else x_mask, other=0)
         return acc, words, sc, x
 
     @gluon.jit

@@ -5,7 +5,8 @@ GEMM1 -> GEMM2 -> top-k sum. Two measurements:
 
 1. **Per call in the chain** (``python3 benchmarks/chain_small_kernels.py``): ``--calls``
    launches of one kernel, each a PDL dependent of the one before, captured in one CUDA
-   graph; the graph's median time over ``--reps`` replays divided by the calls. Kernels: an
+   graph; the median over at least ``--reps`` replays of a replay's time divided by the
+   calls (``w4a16moe.bench.timing.time_calls``). Kernels: an
    empty one-program kernel (the edge alone), the router, the one-program alignment ranking
    by counting and by sorting (``align.count_words`` forced to 0; both checked equal to the
    torch alignment), and the top-k sum. Writes ``$OUT/chain_small_kernels.json``.
@@ -33,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from w4a16moe.bench.timing import time_calls
 from w4a16moe.kernels import align as align_mod
 from w4a16moe.kernels import prefill as prefill_mod
 from w4a16moe.kernels.pdl import prefill_chain, prefill_pdl_args, wait_upstream_release_next
@@ -106,26 +108,10 @@ def _empty_kernel(out_ptr, PDL: tl.constexpr = False):
 
 
 def per_call_us(launch, calls: int, reps: int) -> float:
-    """Median graph replay time / ``calls`` for ``calls`` launches as PDL dependents."""
+    """Median microseconds a call of ``launch``, ``calls`` launches as PDL dependents in one
+    CUDA graph (:func:`~w4a16moe.bench.timing.time_calls`, at least ``reps`` replays)."""
     with prefill_chain(1):
-        for _ in range(3):
-            launch()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(calls):
-                launch()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
+        return time_calls([launch], min_calls=calls, min_reps=reps, target_ms=20.0).median_us
 
 
 def measure(model: str, ms: list[int], calls: int, reps: int, dev: torch.device) -> list[dict]:

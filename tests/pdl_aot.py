@@ -63,7 +63,7 @@ def _reports() -> dict:
         ptrs.update(tw_ptr="*fp32", acc_ptr="*fp32")
         out[f"gemm1_pdl={pdl}"] = _report(_compile(_decode_gemm1_kernel, ptrs, gemm1, 2))
         router = dict(TOP_K=8, TOP_K_P2=8, BLOCK_E=128, ROWS=1, SCORING=0, HAS_BIAS=False,
-                      RENORMALIZE=True, PDL=pdl)
+                      RENORMALIZE=True, PDL=pdl, BITONIC=True)
         ptrs = dict(logits_ptr="*fp32", bias_ptr="*fp32", weights_ptr="*fp32", ids_ptr="*i32")
         out[f"router_pdl={pdl}"] = _report(_compile(_topk_router_kernel, ptrs, router, 1))
         ptrs = {n: "*i32" for n in ("topk_ids_ptr", "scratch_ptr", "expert_map_ptr",

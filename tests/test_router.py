@@ -162,3 +162,30 @@ def test_launch_overrides_are_checked():
     wt, it = fused_topk(logits, 2, backend="torch")
     assert torch.equal(i, it)
     torch.testing.assert_close(w, wt, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("e,top_k,m", [(128, 8, 5), (8, 2, 9), (60, 6, 3), (5, 5, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_arg_max_rounds_select_like_the_bitonic_top_k(e, top_k, m, bias, monkeypatch):
+    """Without ``tl.topk`` (triton < 3.4) the router selects by rounds of arg-max: bitwise
+    the same weights and ids as the bitonic network, ties, NaN and a correction bias
+    included."""
+    from w4a16moe.kernels import router
+
+    if not router.HAVE_TOPK:
+        pytest.skip("this Triton has no tl.topk: only the arg-max rounds run")
+    gen = torch.Generator().manual_seed(e + m)
+    logits = torch.randn(m, e, generator=gen)
+    logits[0, : e // 2] = logits[0, 0]          # ties: the lower expert first
+    if m > 2:
+        logits[2, 1] = float("nan")             # picked last
+    logits = logits.to(DEV)
+    kw = dict(scoring="sigmoid", correction_bias=torch.randn(e, generator=gen).to(DEV)
+              ) if bias else {}
+    outs = []
+    for have in (True, False):
+        monkeypatch.setattr(router, "HAVE_TOPK", have)
+        outs.append(router.topk_router(logits, top_k, **kw))
+    (wb, ib), (wa, ia) = outs
+    assert torch.equal(ib, ia)
+    assert torch.equal(wb.nan_to_num(-1.0), wa.nan_to_num(-1.0))

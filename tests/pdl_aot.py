@@ -69,11 +69,14 @@ def _reports() -> dict:
         ptrs = {n: "*i32" for n in ("topk_ids_ptr", "scratch_ptr", "expert_map_ptr",
                                     "sorted_ids_ptr", "expert_ids_ptr", "total_ptr")}
         align = dict(HAS_MAP=False, CHUNK=64, NUM_BINS=16, FILL_BLOCK=1024, TOP_K=0,
-                     COUNT_WORDS=0, PDL=pdl)
+                     COUNT_WORDS=0, COUNT_TABLE=False, WORDS_P2=1, EXPERTS_P2=8, PDL=pdl)
         out[f"align_pdl={pdl}"] = _report(_compile(_align_sort_kernel, ptrs, align, 4))
         # the counting rank (up to 64 tokens): loads the token's earlier slots with its own
         counting = dict(align, TOP_K=8, COUNT_WORDS=1)
         out[f"align_count_pdl={pdl}"] = _report(_compile(_align_sort_kernel, ptrs, counting, 4))
+        # ... and reads the count words back as one table
+        table = dict(counting, CHUNK=512, COUNT_WORDS=8, COUNT_TABLE=True, WORDS_P2=8)
+        out[f"align_table_pdl={pdl}"] = _report(_compile(_align_sort_kernel, ptrs, table, 4))
         gather = dict(A_IS_SLOTS=False, BLOCK_ROWS=16, BLOCK_K=512, PDL=pdl)
         ptrs = dict(a_ptr="*bf16", sorted_ids_ptr="*i32", num_post_padded_ptr="*i32",
                     out_ptr="*bf16")

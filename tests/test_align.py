@@ -9,6 +9,7 @@ import torch
 from conftest import DEVICE
 from test_routing import check_aligned
 
+from w4a16moe.kernels import align as align_mod
 from w4a16moe.kernels.align import chunk_size, count_words, scratch_numel
 from w4a16moe.routing import AlignedBlocks, align_block_size, max_num_tokens_padded
 
@@ -160,10 +161,14 @@ def test_count_words():
                          [(32, 1, 4, 4, False), (8, 8, 128, 8, False), (9, 8, 128, 8, False),
                           (33, 2, 8, 16, True), (64, 8, 128, 8, False), (64, 15, 16, 4, True),
                           (40, 6, 64, 16, True), (63, 4, 5, 1, True), (64, 16, 32, 8, False)])
-def test_one_program_rank_by_counting(m, top_k, num_experts, block_size, dup):
+@pytest.mark.parametrize("table_from", [16, 1 << 20])
+def test_one_program_rank_by_counting(m, top_k, num_experts, block_size, dup, table_from,
+                                      monkeypatch):
     """The one-program alignment ranks slots by counting (32 slots to 64 tokens, top_k <=
     15) or by sorting (the last case): the same outputs as the torch implementation, tokens
-    past a word boundary (8 a word) and duplicate experts within a token included."""
+    past a word boundary (8 a word) and duplicate experts within a token included; the
+    counts read back as the whole table (``table_from=16``) or a slot's own words."""
+    monkeypatch.setattr(align_mod, "COUNT_TABLE_MIN_SLOTS", table_from)
     assert (count_words(m, top_k) > 0) == (top_k <= 15)
     if dup:   # with replacement: a token may list an expert twice or more
         ids = torch.randint(0, num_experts, (m, top_k), dtype=torch.int32).to(DEVICE)

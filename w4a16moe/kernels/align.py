@@ -55,6 +55,15 @@ SINGLE_PROGRAM_EXPERTS = 1024
 #: Mixtral M <= 8, deepseek M=1) counting was 0.06-0.19 us slower
 COUNT_RANK_MIN_SLOTS = 32
 COUNT_RANK_MAX_TOKENS = 64
+#: from this many slots (more than the program's 128 threads) the counting rank reads the
+#: count words back as one coalesced load of the whole ``[E, words]`` table and a gather
+#: instead of each slot loading its expert's words (``COUNT_TABLE``). Per call in the chain
+#: on the H100 (``benchmarks/chain_small_kernels.py``, session 29, table against each slot's
+#: own loads): qwen3-30b M=64 3.16 against 3.58 us, M=32 2.29 against 2.42, M=48 3.02
+#: against 2.92; deepseek-v2-lite M=64 2.51 against 2.87, M=48 2.44 against 2.54, M=32
+#: 2.03 against 1.91; olmoe M=32-64 0.05-0.37 us less. Below 256 slots the kernel is
+#: instruction for instruction the one before the table (sm_90 SASS)
+COUNT_TABLE_MIN_SLOTS = 256
 
 
 def chunk_size(num_slots: int) -> int:
@@ -208,6 +217,8 @@ def _align_sort_kernel(
     total_ptr, num_slots, num_experts, block_size, num_sorted, num_blocks,
     HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, NUM_BINS: tl.constexpr,
     FILL_BLOCK: tl.constexpr, TOP_K: tl.constexpr = 0, COUNT_WORDS: tl.constexpr = 0,
+    COUNT_TABLE: tl.constexpr = False, WORDS_P2: tl.constexpr = 1,
+    EXPERTS_P2: tl.constexpr = 1,
     PDL: tl.constexpr = False,
 ):
     """All of align_block_size in one program for ``num_slots <= CHUNK``. The histogram
@@ -231,10 +242,21 @@ def _align_sort_kernel(
       relaxed atomics, whose order does not change the sums). After a barrier a slot's
       rank is the sum of its expert's fields of the earlier tokens plus the earlier slots
       of its own token with the same expert (``TOP_K - 1`` loads of its neighbours). One
-      round trip instead of the sort."""
+      round trip instead of the sort. The fields come back either by each slot loading its
+      expert's words (one scattered L2 request a word and slot), or, with ``COUNT_TABLE``,
+      by one coalesced load of the whole ``[E, COUNT_WORDS]`` table (``EXPERTS_P2 x
+      WORDS_P2`` in registers), each word's sum of the words before it, and one gather of
+      (that sum, the word) a slot. Counting, the slots are taken one a thread per step
+      (``max_contiguous`` 1), the layout of the scattered stores: 512 slots in 128 threads
+      otherwise took four a thread, and the stores changed layout through shared memory
+      (nine CTA barriers more in the sm_90 SASS)."""
     if PDL:
         wait_upstream_release_next()
     local = tl.arange(0, CHUNK)
+    if COUNT_WORDS > 0:
+        # one slot a thread per step, like the scattered stores below, which then need no
+        # layout change (a barrier and a shared-memory round trip each)
+        local = tl.max_contiguous(local, 1)
     mask = local < num_slots
     # lanes past the end count into bin E (never stored) and sort after every real slot
     ids = tl.load(topk_ids_ptr + local, mask=mask, other=num_experts).to(tl.int32)
@@ -284,12 +306,30 @@ def _align_sort_kernel(
         tl.atomic_add(words_ptr + word, tl.full((CHUNK,), 1, tl.int32) << shift, mask=mask,
                       sem="relaxed")
         tl.debug_barrier()
-        rank = same_token
-        for w in tl.static_range(COUNT_WORDS):
-            fields = tl.load(words_ptr + w, mask=mask & (w <= word), other=0, volatile=True)
-            # the earlier tokens' fields: all of an earlier word, the low ones of the token's
-            fields = tl.where(w < word, fields, fields & ((1 << shift) - 1))
-            rank += _nibble_sum(fields)
+        if COUNT_TABLE:
+            # every expert's words in one coalesced load (a slot loading its own expert's words
+            # sent 8 scattered requests a slot to the L2), then a slot gathers its expert's
+            # fields of the words before its token's and that word itself
+            rows = tl.arange(0, EXPERTS_P2)[:, None]
+            w = tl.arange(0, WORDS_P2)[None, :]
+            table = tl.load(scratch_ptr + rows * COUNT_WORDS + w,
+                            mask=(rows < num_experts) & (w < COUNT_WORDS), other=0, volatile=True)
+            sums = _nibble_sum(table)
+            before = tl.cumsum(sums, axis=1) - sums  # the fields of the expert's earlier words
+            packed = (before.to(tl.int64) << 32) | (table.to(tl.int64) & 0xFFFFFFFF)
+            entry = tl.gather(tl.reshape(packed, [EXPERTS_P2 * WORDS_P2]),
+                              safe * WORDS_P2 + word, 0)
+            own = entry.to(tl.int32) & ((1 << shift) - 1)  # the earlier tokens of the word
+            rank = same_token + (entry >> 32).to(tl.int32) + _nibble_sum(own)
+        else:  # a slot loads the words of its expert up to its token's
+            rank = same_token
+            for w in tl.static_range(COUNT_WORDS):
+                fields = tl.load(words_ptr + w, mask=mask & (w <= word), other=0,
+                                 volatile=True)
+                # the earlier tokens' fields: all of an earlier word, the low ones of the
+                # token's
+                fields = tl.where(w < word, fields, fields & ((1 << shift) - 1))
+                rank += _nibble_sum(fields)
         dest = tl.gather(ends - padded, safe, 0) + rank
         slot = local
     tl.store(sorted_ids_ptr + dest, slot, mask=mask)
@@ -382,12 +422,16 @@ def align_block_size_triton(
     if single_program:
         top_k = topk_ids.shape[-1] if topk_ids.dim() == 2 else 1
         words = count_words(num_slots // top_k, top_k) if top_k else 0
+        chunk_p2 = max(16, _next_pow2(num_slots))
         _align_sort_kernel[(1,)](
             flat, scratch, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
             num_slots, num_experts, block_size, num_sorted, num_blocks,
-            HAS_MAP=expert_map is not None, CHUNK=max(16, _next_pow2(num_slots)),
+            HAS_MAP=expert_map is not None, CHUNK=chunk_p2,
             NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024,
-            TOP_K=top_k if words else 0, COUNT_WORDS=words, num_warps=4,
+            TOP_K=top_k if words else 0, COUNT_WORDS=words,
+            COUNT_TABLE=words > 0 and chunk_p2 >= COUNT_TABLE_MIN_SLOTS,
+            WORDS_P2=_next_pow2(max(words, 1)), EXPERTS_P2=_next_pow2(num_experts),
+            num_warps=4,
             **prefill_pdl_args(device))
         return
 

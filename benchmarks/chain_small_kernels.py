@@ -8,8 +8,10 @@ GEMM1 -> GEMM2 -> top-k sum. Two measurements:
    graph; the median over at least ``--reps`` replays of a replay's time divided by the
    calls (``w4a16moe.bench.timing.time_calls``). Kernels: an
    empty one-program kernel (the edge alone), the router, the one-program alignment ranking
-   by counting and by sorting (``align.count_words`` forced to 0; both checked equal to the
-   torch alignment), and the top-k sum. Writes ``$OUT/chain_small_kernels.json``.
+   by counting as shipped (``align_count``), by counting with each slot loading its own
+   count words (``align_rows``: ``align.COUNT_TABLE_MIN_SLOTS`` out of reach) and by sorting
+   (``align_sort``: ``align.count_words`` forced to 0; all checked equal to the torch
+   alignment), and the top-k sum. Writes ``$OUT/chain_small_kernels.json``.
 2. **In the layer** (``w4a16moe bench --paths ...``, weights rotated, router included):
 
        PYTHONPATH=.:benchmarks w4a16moe bench --model qwen3-30b-a3b --m 16,32,64 \\
@@ -128,14 +130,15 @@ def measure(model: str, ms: list[int], calls: int, reps: int, dev: torch.device)
         ref = align_block_size(ids, block, e, backend="torch")
         padded = max_num_tokens_padded(m * k, block, e)
         real = align_mod.count_words
-        for mode in ("count", "sort"):
+        for mode in ("count", "rows", "sort"):
             out = (torch.empty(padded, dtype=torch.int32, device=dev),
                    torch.empty(padded // block, dtype=torch.int32, device=dev),
                    torch.empty(1, dtype=torch.int32, device=dev))
             scratch = torch.empty(align_mod.scratch_numel(m * k, e), dtype=torch.int32,
                                   device=dev)
-            words = real if mode == "count" else (lambda num_tokens, top_k: 0)
-            with _patched(align_mod, count_words=words):
+            words = real if mode != "sort" else (lambda num_tokens, top_k: 0)
+            table_from = 1 << 30 if mode == "rows" else align_mod.COUNT_TABLE_MIN_SLOTS
+            with _patched(align_mod, count_words=words, COUNT_TABLE_MIN_SLOTS=table_from):
                 row[f"align_{mode}_us"] = per_call_us(
                     lambda out=out, scratch=scratch, ids=ids: align_mod.align_block_size_triton(
                         ids, block, e, None, *out, scratch=scratch), calls, reps)

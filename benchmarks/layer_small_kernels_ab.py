@@ -97,8 +97,11 @@ BASELINE_ALIGN = None
 
 
 def load_module(path: str, name: str):
-    """The module at ``path`` (a kernel file that imports only torch and triton)."""
-    spec = importlib.util.spec_from_file_location(name, path)
+    """The module at ``path`` (a kernel file, e.g. ``git show REV:w4a16moe/kernels/align.py``),
+    loaded as ``w4a16moe.kernels.<name>`` so that its relative imports (``.pdl``) resolve."""
+    import w4a16moe.kernels  # noqa: F401  (the parent package of the loaded module)
+
+    spec = importlib.util.spec_from_file_location(f"w4a16moe.kernels.{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -157,10 +157,22 @@ def test_count_words():
     assert count_words(64, 15) == 8 and count_words(64, 16) == 0 and count_words(31, 1) == 0
 
 
+def test_count_table():
+    """The counting rank reads its words back as one table from 256 slots (the program's
+    CHUNK, a power of two), up to 2048 entries (experts x words, powers of two)."""
+    from w4a16moe.kernels.align import count_table
+
+    assert count_table(512, 128, 8) and count_table(256, 128, 4) and count_table(129, 8, 2)
+    assert count_table(512, 256, 8) and count_table(384, 60, 8)
+    assert not count_table(128, 128, 2) and not count_table(512, 128, 0)
+    assert not count_table(512, 257, 8) and not count_table(512, 512, 8)
+
+
 @pytest.mark.parametrize("m, top_k, num_experts, block_size, dup",
                          [(32, 1, 4, 4, False), (8, 8, 128, 8, False), (9, 8, 128, 8, False),
                           (33, 2, 8, 16, True), (64, 8, 128, 8, False), (64, 15, 16, 4, True),
-                          (40, 6, 64, 16, True), (63, 4, 5, 1, True), (64, 16, 32, 8, False)])
+                          (40, 6, 64, 16, True), (63, 4, 5, 1, True), (64, 8, 256, 8, False),
+                          (64, 16, 32, 8, False)])
 @pytest.mark.parametrize("table_from", [16, 1 << 20])
 def test_one_program_rank_by_counting(m, top_k, num_experts, block_size, dup, table_from,
                                       monkeypatch):

@@ -64,6 +64,10 @@ COUNT_RANK_MAX_TOKENS = 64
 #: 2.03 against 1.91; olmoe M=32-64 0.05-0.37 us less. Below 256 slots the kernel is
 #: instruction for instruction the one before the table (sm_90 SASS)
 COUNT_TABLE_MIN_SLOTS = 256
+#: most entries (experts x words, each rounded up to a power of two) the table takes: 16
+#: int64 a thread in registers and 16 KiB of shared memory for the gather; more experts
+#: (E > 256 at 8 words) keep each slot loading its own words
+COUNT_TABLE_MAX_ENTRIES = 2048
 
 
 def chunk_size(num_slots: int) -> int:
@@ -88,6 +92,14 @@ def count_words(num_tokens: int, top_k: int) -> int:
             or num_tokens * top_k < COUNT_RANK_MIN_SLOTS):
         return 0
     return triton.cdiv(num_tokens, 8)
+
+
+def count_table(num_slots: int, num_experts: int, words: int) -> bool:
+    """Whether the counting rank of :func:`count_words` ``words`` a slot reads the count words
+    back as one table (``COUNT_TABLE``): from :data:`COUNT_TABLE_MIN_SLOTS` slots, for at
+    most :data:`COUNT_TABLE_MAX_ENTRIES` table entries."""
+    return (words > 0 and _next_pow2(max(16, num_slots)) >= COUNT_TABLE_MIN_SLOTS
+            and _next_pow2(num_experts) * _next_pow2(words) <= COUNT_TABLE_MAX_ENTRIES)
 
 
 def scratch_numel(num_slots: int, num_experts: int, chunk: int | None = None) -> int:
@@ -308,7 +320,7 @@ def _align_sort_kernel(
         tl.debug_barrier()
         if COUNT_TABLE:
             # every expert's words in one coalesced load (a slot loading its own expert's words
-            # sent 8 scattered requests a slot to the L2), then a slot gathers its expert's
+            # sent up to 8 scattered requests to the L2), then a slot gathers its expert's
             # fields of the words before its token's and that word itself
             rows = tl.arange(0, EXPERTS_P2)[:, None]
             w = tl.arange(0, WORDS_P2)[None, :]
@@ -422,14 +434,13 @@ def align_block_size_triton(
     if single_program:
         top_k = topk_ids.shape[-1] if topk_ids.dim() == 2 else 1
         words = count_words(num_slots // top_k, top_k) if top_k else 0
-        chunk_p2 = max(16, _next_pow2(num_slots))
         _align_sort_kernel[(1,)](
             flat, scratch, emap, sorted_token_ids, expert_ids, num_tokens_post_padded,
             num_slots, num_experts, block_size, num_sorted, num_blocks,
-            HAS_MAP=expert_map is not None, CHUNK=chunk_p2,
+            HAS_MAP=expert_map is not None, CHUNK=max(16, _next_pow2(num_slots)),
             NUM_BINS=max(16, _next_pow2(num_experts + 1)), FILL_BLOCK=1024,
             TOP_K=top_k if words else 0, COUNT_WORDS=words,
-            COUNT_TABLE=words > 0 and chunk_p2 >= COUNT_TABLE_MIN_SLOTS,
+            COUNT_TABLE=count_table(num_slots, num_experts, words),
             WORDS_P2=_next_pow2(max(words, 1)), EXPERTS_P2=_next_pow2(num_experts),
             num_warps=4,
             **prefill_pdl_args(device))
@@ -455,6 +466,7 @@ def align_block_size_triton(
         BLOCK_B=max(1, min(128, 8192 // e_pow2)), num_warps=4)
 
 
-__all__ = ["COUNT_RANK_MAX_TOKENS", "COUNT_RANK_MIN_SLOTS", "MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS",
-           "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS", "count_words",
+__all__ = ["COUNT_RANK_MAX_TOKENS", "COUNT_RANK_MIN_SLOTS", "COUNT_TABLE_MAX_ENTRIES",
+           "COUNT_TABLE_MIN_SLOTS", "MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS",
+           "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS", "count_table", "count_words",
            "align_block_size_triton", "chunk_size", "scratch_numel"]

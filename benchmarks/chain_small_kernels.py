@@ -27,51 +27,28 @@ GEMM1 -> GEMM2 -> top-k sum. Two measurements:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import os
+from unittest import mock
 
 import torch
 import triton
 import triton.language as tl
+from prefill_mma_ab import shipped_layer
 
 from w4a16moe.bench.timing import time_calls
 from w4a16moe.kernels import align as align_mod
 from w4a16moe.kernels import prefill as prefill_mod
 from w4a16moe.kernels.pdl import prefill_chain, prefill_pdl_args, wait_upstream_release_next
-from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
 from w4a16moe.kernels.router import topk_router
 from w4a16moe.kernels.tune import MODEL_SHAPES
 from w4a16moe.routing import align_block_size, max_num_tokens_padded
 
 
-@functools.lru_cache(maxsize=8)
-def _workspace(experts, m: int, top_k: int) -> PrefillWorkspace:
-    return PrefillWorkspace.allocate(m, experts, top_k)
-
-
-@contextlib.contextmanager
-def _patched(module, **attrs):
-    saved = {name: getattr(module, name) for name in attrs}
-    for name, value in attrs.items():
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(module, name, value)
-
-
-def _layer(x, experts, topk_weights, topk_ids, activation):
-    return fused_moe_prefill(x, experts, topk_weights, topk_ids, activation=activation,
-                             workspace=_workspace(experts, x.shape[0], topk_ids.shape[1]))
-
-
 def no_sum(x, experts, topk_weights, topk_ids, *, activation="silu"):
     """The prefill layer without its top-k sum (the output is wrong)."""
-    with _patched(prefill_mod, topk_sum=lambda per_slot, top_k, out: out):
-        return _layer(x, experts, topk_weights, topk_ids, activation)
+    with mock.patch.object(prefill_mod, "topk_sum", lambda per_slot, top_k, out: out):
+        return shipped_layer(x, experts, topk_weights, topk_ids, activation=activation)
 
 
 def sum_twice(x, experts, topk_weights, topk_ids, *, activation="silu"):
@@ -81,8 +58,8 @@ def sum_twice(x, experts, topk_weights, topk_ids, *, activation="silu"):
     def twice(per_slot, top_k, out):
         real(per_slot, top_k, out)
         return real(per_slot, top_k, out)
-    with _patched(prefill_mod, topk_sum=twice):
-        return _layer(x, experts, topk_weights, topk_ids, activation)
+    with mock.patch.object(prefill_mod, "topk_sum", twice):
+        return shipped_layer(x, experts, topk_weights, topk_ids, activation=activation)
 
 
 def align_twice(x, experts, topk_weights, topk_ids, *, activation="silu"):
@@ -92,14 +69,14 @@ def align_twice(x, experts, topk_weights, topk_ids, *, activation="silu"):
     def twice(*args, **kwargs):
         real(*args, **kwargs)
         return real(*args, **kwargs)
-    with _patched(prefill_mod, align_block_size=twice):
-        return _layer(x, experts, topk_weights, topk_ids, activation)
+    with mock.patch.object(prefill_mod, "align_block_size", twice):
+        return shipped_layer(x, experts, topk_weights, topk_ids, activation=activation)
 
 
 def sorting_align(x, experts, topk_weights, topk_ids, *, activation="silu"):
     """The prefill layer with the one-program alignment sorting at every M."""
-    with _patched(align_mod, count_words=lambda num_tokens, top_k: 0):
-        return _layer(x, experts, topk_weights, topk_ids, activation)
+    with mock.patch.object(align_mod, "count_words", lambda num_tokens, top_k: 0):
+        return shipped_layer(x, experts, topk_weights, topk_ids, activation=activation)
 
 
 @triton.jit
@@ -138,7 +115,8 @@ def measure(model: str, ms: list[int], calls: int, reps: int, dev: torch.device)
                                   device=dev)
             words = real if mode != "sort" else (lambda num_tokens, top_k: 0)
             table_from = 1 << 30 if mode == "rows" else align_mod.COUNT_TABLE_MIN_SLOTS
-            with _patched(align_mod, count_words=words, COUNT_TABLE_MIN_SLOTS=table_from):
+            with mock.patch.multiple(align_mod, count_words=words,
+                                     COUNT_TABLE_MIN_SLOTS=table_from):
                 row[f"align_{mode}_us"] = per_call_us(
                     lambda out=out, scratch=scratch, ids=ids: align_mod.align_block_size_triton(
                         ids, block, e, None, *out, scratch=scratch), calls, reps)

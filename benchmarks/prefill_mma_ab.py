@@ -17,6 +17,7 @@ weight rows a program takes (16-row slabs a warp, warps a program)."""
 from __future__ import annotations
 
 import functools
+from unittest import mock
 
 from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
 
@@ -50,16 +51,24 @@ def mma_configs(m: int, top_k: int, num_experts: int, hidden: int, inter: int, *
 
 
 @functools.lru_cache(maxsize=8)
-def _workspace(experts, m: int, top_k: int) -> PrefillWorkspace:
+def prefill_workspace(experts, m: int, top_k: int) -> PrefillWorkspace:
     """One workspace per experts object (hashed by identity), token count and top-k."""
     return PrefillWorkspace.allocate(m, experts, top_k)
+
+
+def shipped_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The shipped prefill layer (``fused_moe_prefill``) on a cached workspace."""
+    m, top_k = topk_ids.shape
+    return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation,
+                             workspace=prefill_workspace(experts, m, top_k))
 
 
 def _run(hidden_states, experts, topk_weights, topk_ids, *, activation="silu", **tiles):
     m, top_k = topk_ids.shape
     cfgs = mma_configs(m, top_k, experts.num_experts, experts.hidden_size,
                        experts.intermediate_size, **tiles)
-    ws = _workspace(experts, m, top_k)
+    ws = prefill_workspace(experts, m, top_k)
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation, workspace=ws, configs=cfgs)
 
@@ -108,7 +117,7 @@ def ship_g1_mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation
                        experts.intermediate_size, g1_out=32, g1_warps=4, g2_rows=64,
                        g2_warps=4, groups=2, bt=cfg1["BLOCK_SIZE_M"])[1]
     cfg1 = {**cfg1, "SORTED_ROWS": cfg1.get("SORTED_ROWS", False)}
-    ws = _workspace(experts, m, top_k)
+    ws = prefill_workspace(experts, m, top_k)
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation, workspace=ws, configs=(cfg1, cfg2))
 
@@ -126,7 +135,7 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
     cfgs = tuple(get_prefill_config(m, n, k, experts.num_experts, top_k, experts.dtype,
                                     experts.device, config_file=file)
                  for n, k in ((2 * i, h), (h, i)))
-    ws = _workspace(experts, m, top_k)
+    ws = prefill_workspace(experts, m, top_k)
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation, workspace=ws, configs=cfgs)
 
@@ -137,14 +146,9 @@ def _shipped_with_switch(name: str, value, hidden_states, experts, topk_weights,
     ``value`` while it launches (restored after)."""
     from w4a16moe.kernels import prefill_mma
 
-    m, top_k = topk_ids.shape
-    saved = getattr(prefill_mma, name)
-    setattr(prefill_mma, name, value)
-    try:
-        return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
-                                 activation=activation, workspace=_workspace(experts, m, top_k))
-    finally:
-        setattr(prefill_mma, name, saved)
+    with mock.patch.object(prefill_mma, name, value):
+        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation)
 
 
 def prefill_wait_first(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
@@ -165,5 +169,5 @@ def prefill_reload_past_last(hidden_states, experts, topk_weights, topk_ids, *,
 
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
            "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_reload_past_last",
-           "prefill_wait_first", "ship_g1_mma_g2",
+           "prefill_wait_first", "prefill_workspace", "ship_g1_mma_g2", "shipped_layer",
            "step_columns", "table_layer"]

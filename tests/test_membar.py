@@ -89,3 +89,45 @@ def test_hook_without_a_previous_one():
         assert runtime.add_stages_inspection_hook is None
     finally:
         runtime.add_stages_inspection_hook = saved
+
+
+RING = ("\tcp.async.commit_group;\n"
+        "\tadd.s64 \t%rd43, %rd35, 128;\n"
+        "\tbar.sync \t0;\n"                  # in front of a stage's refill: removed
+        "\tadd.s32 \t%r51, %r42, 16384;\n"
+        "\tselp.b32 \t%r52, 16, 0, %p6;\n"
+        "\t// begin inline asm\n"
+        "\tcp.async.cg.shared.global [ %r51 + 0 ], [ %rd43 + 0 ], 0x10, %r52;\n"
+        "\t// end inline asm\n"
+        "\tcp.async.commit_group;\n"
+        "\t.loc\t1 274 30\n"
+        "\tcp.async.wait_group \t2;\n"
+        "\tbar.sync \t0;\n"                  # after a counted wait: removed
+        "\tld.shared.v4.b32 \t{%r123, %r124, %r125, %r126}, [%r341+-58432];\n"
+        "\tbar.sync \t0;\n"                  # in front of a shared load: kept
+        "\tld.shared.v4.b32 \t{%r1, %r2, %r3, %r4}, [%r5];\n"
+        "\tbar.sync \t0;\n"                  # a branch comes first: kept
+        "\t@%p9 bra \t$L__BB0_7;\n"
+        "\tcp.async.cg.shared.global [ %r51 + 0 ], [ %rd43 + 0 ], 0x10, %r52;\n"
+        "\tcp.async.wait_group \t0;\n"
+        "\tbar.sync \t0;\n"                  # after the final wait: kept
+        "\tst.shared.b32 \t[%r7], %r8;\n")
+
+
+def test_ring_strip_removes_only_the_barriers_around_the_ring():
+    out, n = membar.strip_ring_barriers(RING)
+    assert n == 2
+    assert out.count("bar.sync") == RING.count("bar.sync") - 2
+    lines = RING.split("\n")
+    assert out == "\n".join(x for j, x in enumerate(lines) if j not in (2, 11))
+    assert membar.strip_ring_barriers(out) == (out, 0)
+    assert membar.strip_ring_barriers(PTX) == (PTX, 0)
+
+
+def test_ring_hook_has_its_own_cache_key():
+    hook = membar._StripHook(frozenset({"k"}), None, membar.strip_ring_barriers,
+                             membar.RING_HOOK_KEY)
+    assert hook() == (membar.RING_HOOK_KEY, membar.RING_HOOK_KEY)
+    assert membar.RING_HOOK_KEY != membar.HOOK_KEY
+    assert _run_hook(hook, "k", RING) == membar.strip_ring_barriers(RING)[0]
+    assert _run_hook(hook, "other", RING) == RING

@@ -1,5 +1,7 @@
-"""The CTA barriers Triton's shared-memory analysis puts in front of ``mbarrier.wait``, and
-a compile hook that removes them from the Gluon prefill kernel.
+"""CTA barriers Triton's shared-memory analysis puts where the Gluon prefill kernels need
+none, and compile hooks that remove them: in front of ``mbarrier.wait`` (the wgmma kernel,
+below) and around the ``mma.sync`` kernel's per-thread ``cp.async`` ring of words
+(:func:`strip_ring_barriers`).
 
 Triton's membar pass orders any two accesses to one shared-memory allocation that may
 conflict, and it counts two ``mbarrier.wait`` on the same barrier array as such a pair (so
@@ -43,6 +45,7 @@ _WAIT_BARRIER = re.compile(
     r"mbarrier\.try_wait)", re.M)
 #: added to Triton's cache keys (triton >= 3.7) of what compiles while the hook is installed
 HOOK_KEY = "w4a16moe-strip-wait-barriers-1"
+RING_HOOK_KEY = "w4a16moe-strip-ring-barriers-1"
 #: Triton's runtime knobs where they have the stages hook (triton >= 3.5), else None;
 #: looked up once, since the launcher enters :func:`stripped_wait_barriers` every launch
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
@@ -57,15 +60,73 @@ def strip_wait_barriers(ptx: str) -> tuple[str, int]:
     return _WAIT_BARRIER.subn("", ptx)
 
 
+#: an instruction line's opcode (after an optional predicate guard)
+_OPCODE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)")
+#: opcodes that end the look-ahead of :func:`strip_ring_barriers`: memory, synchronisation,
+#: control flow and matrix instructions (anything else is arithmetic on registers)
+_ORDERED = ("ld.", "st.", "bar.", "barrier.", "cp.", "atom.", "red.", "fence.", "membar.",
+            "mbarrier.", "bra", "ret", "exit", "mma.", "wgmma.", "ldmatrix.", "stmatrix.")
+_CTA_BARRIER = re.compile(r"^(?:bar|barrier)\.sync(?:\.aligned)?\s+0(?:,\s*\d+)?;")
+_WAIT_GROUP = re.compile(r"^cp\.async\.wait_group\s+(\d+);")
+
+
+def _next_ordered(lines: list[str], start: int) -> int | None:
+    """Index of the first line from ``start`` that holds a memory, barrier, control-flow or
+    matrix instruction, or a basic-block label; None at the end."""
+    for j in range(start, len(lines)):
+        text = lines[j].strip()
+        if text.startswith("$L__BB"):
+            return j
+        if not text or text.startswith(("//", ".", "{", "}", "$")):
+            continue
+        op = _OPCODE.match(text)
+        if op is not None and op.group(1).startswith(_ORDERED):
+            return j
+    return None
+
+
+def strip_ring_barriers(ptx: str) -> tuple[str, int]:
+    """``ptx`` without the CTA barriers Triton's shared-memory analysis puts around a
+    per-thread ``cp.async`` ring, and how many were removed: a ``bar.sync`` whose next
+    memory or synchronisation instruction is a ``cp.async`` into shared memory (a stage
+    refilled after reads of it), and one right after a ``cp.async.wait_group N`` with N > 0
+    (a stage read after its copies). The barrier after ``cp.async.wait_group 0`` stays.
+
+    Only valid where every thread reads back only the shared memory its own ``cp.async``
+    wrote, its reads of a stage come before its refill of it in program order, and nothing
+    else in the kernel shares that memory before ``wait_group 0`` (the ``mma.sync`` kernel's
+    ring: ``prefill_mma.WORD_RING_STAGES``)."""
+    lines = ptx.split("\n")
+    drop: set[int] = set()
+    for i, line in enumerate(lines):
+        text = line.strip()
+        nxt = None
+        if _CTA_BARRIER.match(text):
+            nxt = _next_ordered(lines, i + 1)
+            if nxt is not None and _OPCODE.match(lines[nxt].strip()).group(1).startswith(
+                    "cp.async.c") and ".shared.global" in lines[nxt]:
+                drop.add(i)
+            continue
+        wait = _WAIT_GROUP.match(text)
+        if wait is not None and int(wait.group(1)) > 0:
+            nxt = _next_ordered(lines, i + 1)
+            if nxt is not None and _CTA_BARRIER.match(lines[nxt].strip()):
+                drop.add(nxt)
+    return "\n".join(x for j, x in enumerate(lines) if j not in drop), len(drop)
+
+
 class _StripHook:
     """A ``PipelineStagesHook``: called without arguments (triton >= 3.7, for the cache
     keys) it returns its key; called with a backend's stages it wraps the PTX stage so the
     kernels named in ``names`` lose their wait barriers. ``previous`` (the hook installed
     before, if any) runs first in both roles."""
 
-    def __init__(self, names: frozenset[str], previous) -> None:
+    def __init__(self, names: frozenset[str], previous, strip=strip_wait_barriers,
+                 key: str = HOOK_KEY) -> None:
         self.names = names
         self.previous = previous
+        self.strip = strip
+        self.key = key
         self.removed: dict[str, int] = {}
 
     def __call__(self, *args, **kwargs):
@@ -73,7 +134,7 @@ class _StripHook:
             key = hsh = ""
             if self.previous is not None:
                 key, hsh = self.previous()
-            return f"{key}{HOOK_KEY}", f"{hsh}{HOOK_KEY}"
+            return f"{key}{self.key}", f"{hsh}{self.key}"
         if self.previous is not None:
             self.previous(*args, **kwargs)
         stages = args[1] if len(args) > 1 else kwargs["stages"]
@@ -85,7 +146,7 @@ class _StripHook:
             ptx = make_ptx(src, metadata)
             name = metadata.get("name", "")
             if name in self.names:
-                ptx, self.removed[name] = strip_wait_barriers(ptx)
+                ptx, self.removed[name] = self.strip(ptx)
             return ptx
         stages["ptx"] = ptx_stage
 
@@ -96,12 +157,26 @@ def stripped_wait_barriers(*names: str) -> Iterator[_StripHook | None]:
     in front of their ``mbarrier.wait``; yields the hook (its ``removed`` maps a compiled
     kernel's name to the count), or None where this Triton has no stages hook. Kernels
     compiled before keep what they were compiled with."""
+    with _stripped(names, strip_wait_barriers, HOOK_KEY) as hook:
+        yield hook
+
+
+@contextlib.contextmanager
+def stripped_ring_barriers(*names: str) -> Iterator[_StripHook | None]:
+    """:func:`stripped_wait_barriers` for :func:`strip_ring_barriers`: the named kernels
+    that compile while the block runs lose the barriers around their ``cp.async`` ring."""
+    with _stripped(names, strip_ring_barriers, RING_HOOK_KEY) as hook:
+        yield hook
+
+
+@contextlib.contextmanager
+def _stripped(names, strip, key: str) -> Iterator[_StripHook | None]:
     runtime = _RUNTIME
     if runtime is None:
         yield None
         return
     previous = runtime.add_stages_inspection_hook
-    hook = _StripHook(frozenset(names), previous)
+    hook = _StripHook(frozenset(names), previous, strip, key)
     runtime.add_stages_inspection_hook = hook
     try:
         yield hook
@@ -109,4 +184,5 @@ def stripped_wait_barriers(*names: str) -> Iterator[_StripHook | None]:
         runtime.add_stages_inspection_hook = previous
 
 
-__all__ = ["HOOK_KEY", "strip_wait_barriers", "stripped_wait_barriers"]
+__all__ = ["HOOK_KEY", "RING_HOOK_KEY", "strip_ring_barriers", "strip_wait_barriers",
+           "stripped_ring_barriers", "stripped_wait_barriers"]

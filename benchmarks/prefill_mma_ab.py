@@ -167,7 +167,35 @@ def prefill_reload_past_last(hidden_states, experts, topk_weights, topk_ids, *,
                                 topk_weights, topk_ids, activation)
 
 
+def prefill_words_in_registers(hidden_states, experts, topk_weights, topk_ids, *,
+                               activation="silu"):
+    """The shipped prefill layer with every mma program's words two steps ahead in registers
+    (``prefill_mma.WORD_RING_STAGES`` 0 while it launches): the layer before the ring."""
+    return _shipped_with_switch("WORD_RING_STAGES", 0, hidden_states, experts, topk_weights,
+                                topk_ids, activation)
+
+
+def _ring_everywhere(stages: int):
+    def path(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+        from w4a16moe.kernels import prefill_mma
+
+        with mock.patch.multiple(prefill_mma, WORD_RING_STAGES=stages,
+                                 WORD_RING_MAX_STEPS=1 << 30):
+            return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                                 activation=activation)
+    path.__name__ = path.__qualname__ = f"prefill_word_ring{stages}"
+    path.__doc__ = (f"The shipped prefill layer with every mma program's words through a "
+                    f"``cp.async`` ring of {stages} stages, however many K steps it has.")
+    return path
+
+
+prefill_word_ring2 = _ring_everywhere(2)
+prefill_word_ring3 = _ring_everywhere(3)
+prefill_word_ring4 = _ring_everywhere(4)
+
+
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
            "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_reload_past_last",
-           "prefill_wait_first", "prefill_workspace", "ship_g1_mma_g2", "shipped_layer",
-           "step_columns", "table_layer"]
+           "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
+           "prefill_word_ring4", "prefill_words_in_registers", "prefill_workspace",
+           "ship_g1_mma_g2", "shipped_layer", "step_columns", "table_layer"]

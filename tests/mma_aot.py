@@ -2,7 +2,10 @@
 
 ``ptxas_report(...)`` compiles ``_prefill_mma_kernel`` the way ``launch_prefill_mma`` would
 launch it and returns what ``ptxas -v`` says (registers, spills); compiling at all checks that
-every layout conversion of the K permutation is free (``assert_trivial``).
+every layout conversion of the K permutation is free (``assert_trivial``). With
+``ring_stages`` the PTX loses the ring's barriers as the launcher's hook strips them, and
+``ring_barriers`` counts the CTA barriers left between the ring's first copies and its final
+wait.
 ``ptxas_reports(variants)`` does that for many in a fresh Python process (the test session
 runs Triton's interpreter, see ``rs_aot.py``)."""
 
@@ -21,13 +24,15 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  has_zeros: bool = False, fp16: bool = False, mul_routed_weight: bool = False,
                  a_sorted: bool = False, out_sorted: bool = False, groups: int = 1,
                  scale_words: bool | None = None, weights_before_wait: bool = False,
-                 predicated_reloads: bool = False) -> dict:
+                 predicated_reloads: bool = False, ring_stages: int = 0,
+                 keep: str | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from w4a16moe.kernels import prefill_mma
+    from w4a16moe.kernels.membar import strip_ring_barriers
 
     fn = prefill_mma._prefill_mma_kernel
     rows = 2 * block_n if activation else block_n
@@ -42,7 +47,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
         OUT_LAYOUT=prefill_mma.store_layout(block_t, block_n, num_warps),
         num_warps=num_warps, PDL=True, WEIGHTS_BEFORE_WAIT=weights_before_wait,
-        PREDICATED_RELOADS=predicated_reloads)
+        PREDICATED_RELOADS=predicated_reloads, RING_STAGES=ring_stages,
+        RING_LAYOUT=prefill_mma.ring_layout() if ring_stages else None)
     h = "*fp16" if fp16 else "*bf16"
     pointers = {"a_ptr": h, "qw_ptr": "*i32", "s_ptr": h, "z_ptr": "*u8", "c_ptr": h,
                 "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
@@ -52,14 +58,26 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                                   or name in ("N", "K"))
     kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    text = kernel.asm["ptx"]
+    ring_barriers = None
+    if ring_stages:
+        # as the launcher compiles it: without the barriers around the ring
+        text, _ = strip_ring_barriers(text)
+        body = text[text.index("cp.async.commit_group"):text.index("cp.async.wait_group \t0;")]
+        ring_barriers = body.count("bar.sync") + body.count("barrier.sync")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
+            f.write(text)
         run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
                               os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
-    return {"ptxas": run.stdout + run.stderr, "mma": kernel.asm["ptx"].count("mma.sync")}
+        if keep:
+            import shutil
+            shutil.copy(ptx, keep + ".ptx")
+            shutil.copy(os.path.join(tmp, "kernel.cubin"), keep + ".cubin")
+    return {"ptxas": run.stdout + run.stderr, "mma": text.count("mma.sync"),
+            "ring_barriers": ring_barriers}
 
 
 def ptxas_reports(variants: list[dict]) -> list[dict]:

@@ -106,6 +106,44 @@ def test_every_variant_compiles_for_sm90_without_spills():
         assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
 
 
+def test_word_ring_for_short_programs_only():
+    """The ring where a program has at most WORD_RING_MAX_STEPS K steps (qwen3-30b's GEMMs:
+    8 and 3 steps of 256 columns), registers for longer ones (Mixtral's 16 and 56)."""
+    cfg = mma_config(8, 64, 4, 256)
+    stages = prefill_mma.WORD_RING_STAGES
+    assert stages >= 2
+    assert prefill_mma.word_ring_stages(2048, cfg) == stages
+    assert prefill_mma.word_ring_stages(768, cfg) == stages
+    assert prefill_mma.word_ring_stages(4096, cfg) == 0
+    assert prefill_mma.word_ring_stages(14336, cfg) == 0
+    assert prefill_mma.word_ring_stages(2048, mma_config(8, 64, 4, 128)) == 0  # 16 steps
+
+
+def test_word_ring_variants_compile_for_sm90_without_barriers_in_the_loop():
+    """The words through a ``cp.async`` ring (``WORD_RING_STAGES``): no spills, the words'
+    registers freed (at most 168 a thread on the shipped 4-warp tiles: three programs an
+    SM), and no CTA barrier left between the ring's first copies and its final wait once the
+    launcher's hook has stripped them (each thread reads back only its own copies)."""
+    from mma_aot import ptxas_reports
+
+    variants = [
+        dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2, out_sorted=True,
+             predicated_reloads=True, ring_stages=3),
+        dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2, a_sorted=True,
+             weights_before_wait=True, predicated_reloads=True, mul_routed_weight=True,
+             ring_stages=4),
+        dict(block_t=8, block_n=8, num_warps=1, activation=True, groups=2, ring_stages=3),
+        dict(block_t=16, block_n=64, num_warps=4, activation=False, has_zeros=True, fp16=True,
+             groups=4, ring_stages=2),
+    ]
+    for v, rep in zip(variants, ptxas_reports(variants), strict=True):
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
+        assert rep["ring_barriers"] == 0, v
+        if v["num_warps"] == 4 and v["block_t"] == 8:
+            regs = int(rep["ptxas"].split("Used ")[1].split(" registers")[0])
+            assert regs <= 168, (v, regs)
+
+
 def _case(m, h, i, e, top_k, *, dtype, symmetric, seed):
     experts = random_experts(e, h, i, group_size=128, symmetric=symmetric, dtype=dtype,
                              device=DEVICE, seed=seed)
@@ -167,6 +205,40 @@ def test_gemms_match_the_triton_kernel_and_the_reference(dtype, symmetric, bt, b
     prefill_gemm(x, experts.w13, activation="silu", mul_routed_weight=True, config=cfg, out=o,
                  **common)
     assert (o.float() - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@gpu_only
+@pytest.mark.parametrize("stages", [2, 3, 4])
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("bt,bn,warps,bk", [(8, 64, 4, 256), (8, 8, 1, 256), (16, 32, 2, 512),
+                                             (8, 64, 4, 128)])
+def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symmetric, bt, bn,
+                                                warps, bk):
+    """The words through the ``cp.async`` ring (``WORD_RING_STAGES``) multiply the same
+    values in the same order as the words in registers: both GEMMs, natural and sorted rows,
+    bit for bit, into NaN-poisoned outputs; K steps from 1 (K = 512, four groups a step) to
+    8, odd counts included, and the stages past the last step masked off."""
+    e, top_k, m = 8, 2, 37
+    for h, i in ((1024, 384), (512, 768)) if bk == 128 else ((1024, 512), (2048, 512)):
+        experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric,
+                                   seed=bt + bn)
+        blocks = align_block_size(ids, bt, e)
+        common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k,
+                      config=mma_config(bt, bn, warps, bk))
+        slots = m * top_k
+        inter = torch.randn(slots, i, dtype=dtype, device=DEVICE)
+        calls = (dict(a=x, weights=experts.w13, activation="silu", mul_routed_weight=True),
+                 dict(a=inter, weights=experts.w2, a_is_slots=True, mul_routed_weight=True))
+        for kw, width in zip(calls, (i, h), strict=True):
+            outs = []
+            for ring in (0, stages):
+                monkeypatch.setattr(prefill_mma, "WORD_RING_STAGES", ring)
+                monkeypatch.setattr(prefill_mma, "WORD_RING_MAX_STEPS", 1 << 30)
+                o = torch.full((slots, width), float("nan"), dtype=dtype, device=DEVICE)
+                prefill_gemm(out=o, **common, **kw)
+                outs.append(o)
+            assert not outs[0].isnan().any()
+            assert torch.equal(outs[0], outs[1]), (h, i, kw.get("activation"))
 
 
 @gpu_only

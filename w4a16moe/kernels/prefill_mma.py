@@ -36,6 +36,21 @@ there: with such copies ncu put a sixth to a third of the warps' stall samples o
 and the layer was 4-6 % slower (``benchmarks/notes_prefill.md``, session 26). Zero points
 are loaded at their step (L1 hits after a row's first step).
 
+**The words' ring.** ptxas puts every global load of the loop on one scoreboard, so the first
+use of a register buffer waits for all of the warp's loads in flight, the two-steps-ahead
+reloads included: a warp's loads and its arithmetic take turns, and only the other warps of
+the SM overlap them. Programs of at most ``WORD_RING_MAX_STEPS`` K steps (qwen3-30b's GEMMs,
+8 and 3 steps) read their words through a ring of ``WORD_RING_STAGES`` shared-memory stages
+instead: each thread ``cp.async``-copies its own 16-byte pieces one step ahead (two stages)
+and reads back only those after ``cp.async.wait_group``, which counts its groups in flight,
+so the next step's copies stay in flight during the arithmetic. The CTA barriers Triton's
+shared-memory analysis puts around the ring order nothing here and are stripped from the PTX
+(:func:`~w4a16moe.kernels.membar.strip_ring_barriers`). The words' registers go (168 a thread
+instead of 255 on the shipped 4-warp tiles: three programs an SM instead of two). On the H200
+this took qwen3-30b's prefill layer 7-17 % lower at M=4-64; longer programs (Mixtral's 16
+and 56 steps) were 4 % slower with it and keep the registers
+(``benchmarks/notes_prefill.md``, session 30).
+
 Shapes: A ``[M, K]`` (rows ``slot // top_k``), ``[M*top_k, K]`` (``A_IS_SLOTS``) or ``[EM,
 K]`` (``A_SORTED``: row ``p`` for sorted position ``p``); qweight int32 ``[E, N_w, K/8]``;
 scales ``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` or ``[EM,
@@ -50,17 +65,19 @@ compile the kernel for sm_90 and check the permutation on the host
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 
+from .membar import stripped_ring_barriers
 from .pdl import prefill_pdl_args
 from .prefill_rs import HAVE_GLUON, gluon_unsupported
 
 if HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
     from .prefill_rs import (
         _packed_pair,
@@ -72,6 +89,8 @@ if HAVE_GLUON:
 #: columns of one quantization group as the kernel takes them (``G`` and ``BLOCK_SIZE_K`` must
 #: be multiples of it)
 MMA_BLOCK_K = 128
+#: the kernel's name as Triton compiles it (for the ring's barrier-stripping hook)
+_KERNEL_NAME = "_prefill_mma_kernel"
 
 
 def permuted_columns(k: int = MMA_BLOCK_K) -> list[int]:
@@ -253,7 +272,8 @@ if HAVE_GLUON:
                           BLOCK_T: gl.constexpr, a_layout: gl.constexpr,
                           b_layout: gl.constexpr, mma_layout: gl.constexpr,
                           pairs_layout: gl.constexpr, sz_layout: gl.constexpr,
-                          PREDICATED_RELOADS: gl.constexpr = False):
+                          PREDICATED_RELOADS: gl.constexpr = False, ring=None,
+                          RING_STAGES: gl.constexpr = 0, w_mask=None):
         """K step ``step`` on one half's buffers (``words``, ``sc`` and, with ``X_AHEAD``,
         ``x``), then those buffers reloaded in place with step ``step + 2`` (at most
         ``last``, the final step; with ``PREDICATED_RELOADS`` a reload past ``last`` is
@@ -261,6 +281,19 @@ if HAVE_GLUON:
         ``X_AHEAD`` the activations are loaded here at their step and ``x`` passes through
         unchanged; the zero points are loaded at their step either way."""
         STEP_K: gl.constexpr = 128 * GROUPS
+        if RING_STAGES > 0:
+            # the words of step + RING_STAGES - 1 into the stage step - 1 read (its values are
+            # in this thread's registers: the mma of step - 1 used them), then wait until at
+            # most RING_STAGES - 1 groups are in flight: this step's has landed
+            nxt = step + RING_STAGES - 1
+            async_copy.async_copy_global_to_shared(
+                ring.index(nxt % RING_STAGES), w_ptrs + nxt * (16 * GROUPS),
+                mask=w_mask & (nxt <= last))
+            async_copy.commit_group()
+            async_copy.wait_group(RING_STAGES - 1)
+            step_words = ring.index(step % RING_STAGES).load(w_ptrs.type.layout)
+        else:
+            step_words = words
         if X_AHEAD:
             xs = x
         else:
@@ -269,14 +302,15 @@ if HAVE_GLUON:
             zr = _step_scales(z_ptrs, s_grp, step, STEP_K, GROUP_SIZE, stride_zg, False)
         else:
             zr = sc  # a placeholder, unused
-        acc = _mma_step(acc, words, xs, sc, zr, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS,
+        acc = _mma_step(acc, step_words, xs, sc, zr, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS,
                         BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, pairs_layout,
                         sz_layout)
         ahead = gl.minimum(step + 2, last)
         # with PREDICATED_RELOADS a reload past the last step is off (the buffer is not used
         # again); else the last step is loaded again, 1 of 4 word loads at K = 768
         more = step + 2 <= last if PREDICATED_RELOADS else None
-        words = gl.load(w_ptrs + ahead * (16 * GROUPS), mask=more)
+        if RING_STAGES == 0:
+            words = gl.load(w_ptrs + ahead * (16 * GROUPS), mask=more)
         sc = _step_scales(s_ptrs, s_grp, ahead, STEP_K, GROUP_SIZE, stride_sg, SCALE_WORDS,
                           mask=more)
         if X_AHEAD:
@@ -299,7 +333,8 @@ if HAVE_GLUON:
         SZ_LAYOUT: gl.constexpr, SZW_LAYOUT: gl.constexpr, PAIRS_LAYOUT: gl.constexpr,
         OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, WEIGHTS_BEFORE_WAIT: gl.constexpr = False,
-        PREDICATED_RELOADS: gl.constexpr = False,
+        PREDICATED_RELOADS: gl.constexpr = False, RING_STAGES: gl.constexpr = 0,
+        RING_LAYOUT: gl.constexpr = None,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -408,8 +443,25 @@ if HAVE_GLUON:
                 X_AHEAD: gl.constexpr = BLOCK_T == 8
                 last = num_steps - 1
                 kb = gl.minimum(1, last)
-                words_a = gl.load(w_ptrs)
-                words_b = gl.load(w_ptrs + kb * STEP_W)
+                if RING_STAGES > 0:
+                    # the words through a ring of RING_STAGES shared-memory stages filled by
+                    # cp.async, RING_STAGES - 1 steps ahead: each thread copies its own 16-byte
+                    # pieces and reads back only those, and waits by counting its groups in
+                    # flight (a register buffer's first use waits for every load in flight)
+                    ring = gl.allocate_shared_memory(gl.int32, [RING_STAGES, BLOCK_N, STEP_W],
+                                                     RING_LAYOUT)
+                    w_mask = w_cols[None, :] < STEP_W
+                    for st in gl.static_range(RING_STAGES - 1):
+                        async_copy.async_copy_global_to_shared(
+                            ring.index(st), w_ptrs + st * STEP_W, mask=w_mask & (st <= last))
+                        async_copy.commit_group()
+                    words_a = w_cols  # placeholders: the words come from the ring
+                    words_b = w_cols
+                else:
+                    ring = None
+                    w_mask = None
+                    words_a = gl.load(w_ptrs)
+                    words_b = gl.load(w_ptrs + kb * STEP_W)
                 sc_a = _step_scales(s_ptrs, s_grp, 0, STEP_K, GROUP_SIZE, stride_sg,
                                     SCALE_WORDS)
                 sc_b = _step_scales(s_ptrs, s_grp, kb, STEP_K, GROUP_SIZE, stride_sg,
@@ -431,14 +483,18 @@ if HAVE_GLUON:
                         x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg, GROUP_SIZE,
                         GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD, BLOCK_N, BLOCK_T,
                         a_layout, b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT,
-                        PREDICATED_RELOADS)
+                        PREDICATED_RELOADS, ring, RING_STAGES, w_mask)
                     if i + 1 < num_steps:
                         acc, words_b, sc_b, x_b = _step_then_reload(
                             acc, words_b, x_b, sc_b, i + 1, last, w_ptrs,
                             x_ptrs, x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg,
                             GROUP_SIZE, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD,
                             BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, PAIRS_LAYOUT,
-                            SZ_LAYOUT, PREDICATED_RELOADS)
+                            SZ_LAYOUT, PREDICATED_RELOADS, ring, RING_STAGES, w_mask)
+                if RING_STAGES > 0:
+                    # the copies past the last step (masked: they write zeros) land before the
+                    # epilogue's scratch may reuse the ring's shared memory
+                    async_copy.wait_group(0)
 
                 res = _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0,
                                    num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
@@ -459,6 +515,26 @@ GEMM2_WEIGHTS_BEFORE_WAIT = True
 #: for A/Bs
 PREDICATED_RELOADS = True
 PREDICATED_RELOADS_MAX_STEPS = 8
+#: programs of at most WORD_RING_MAX_STEPS K steps read their words through a ``cp.async``
+#: ring of WORD_RING_STAGES shared-memory stages (one step ahead with 2), the others two steps
+#: ahead in registers (0 stages: registers everywhere). In registers, a buffer's first use
+#: waits for every load in flight (one scoreboard for all of them), so a warp's loads and its
+#: arithmetic take turns; the ring waits by counting its groups of copies and frees the words'
+#: registers (168 a thread instead of 255: three 4-warp programs an SM). On the H200, layer A/B
+#: in one run (session 30), 2 / 3 / 4 stages everywhere against registers: qwen3-30b M=8, 16,
+#: 32, 64 (programs of 8 and 3 steps) -10.6 / -7.2 / -8.1 / -9.5 % with 2 stages, less with
+#: more; Mixtral (16 and 56 steps) M=8 and 16 +4 % with 2 stages, +11 % with 4. Gated at 8
+#: steps: qwen3-30b M=4-64 -7 to -17 %, olmoe and deepseek-v2-lite M=8-32 -3 to -10 % (M=4
+#: -0.8 and +2.3 %), qwen3-235b M=4-64 -1 to -4 % (GEMM2 only: its GEMM1 has 16 steps),
+#: Mixtral unchanged
+WORD_RING_STAGES = 2
+WORD_RING_MAX_STEPS = 8
+
+
+def ring_layout():
+    """The shared-memory layout of the words' ring: plain rows (a thread reads back only the
+    16-byte pieces it copied)."""
+    return gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
 
 
 @functools.cache
@@ -527,6 +603,13 @@ def mma_groups(config: dict) -> int:
     a weight row is read in runs of 64 bytes times this (HBM streams runs of 128 bytes and
     more near its full rate, 64-byte ones at about two thirds: ``row_chunk_bandwidth.py``)."""
     return config["BLOCK_SIZE_K"] // MMA_BLOCK_K
+
+
+def word_ring_stages(k: int, config: dict) -> int:
+    """Stages of the words' ``cp.async`` ring for a GEMM of reduction ``k`` on an ``MMA``
+    config: :data:`WORD_RING_STAGES` for programs of at most :data:`WORD_RING_MAX_STEPS` K
+    steps, else 0 (the words two steps ahead in registers)."""
+    return WORD_RING_STAGES if k // config["BLOCK_SIZE_K"] <= WORD_RING_MAX_STEPS else 0
 
 
 def mma_tiles_unsupported(config: dict, *, activation: bool) -> str | None:
@@ -598,22 +681,28 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                    and scales.stride(1) % 2 == 0 and scales.stride(0) % 2 == 0
                    and scales.data_ptr() % 4 == 0)
     grid = ((em // bt) * (n_out // bn),)
-    _prefill_mma_kernel[grid](
-        a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
-        n_out, k, slots, top_k, up_offset,
-        a.stride(0), qweight.stride(0), qweight.stride(1),
-        scales.stride(0), scales.stride(1), scales.stride(2),
-        z.stride(0), z.stride(1), z.stride(2), out.stride(0),
-        GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, ACTIVATION=activation_code,
-        MUL_ROUTED_WEIGHT=topk_weights is not None, A_IS_SLOTS=a_is_slots,
-        A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16,
-        BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, SCALE_WORDS=scale_words, WORDS_LAYOUT=words,
-        X_LAYOUT=x, SZ_LAYOUT=sz, SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
-        OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
-        WEIGHTS_BEFORE_WAIT=weights_before_wait, PREDICATED_RELOADS=predicated_reloads,
-        **prefill_pdl_args(a.device))
+    # the words' ring (WORD_RING_STAGES) compiles without the CTA barriers Triton's
+    # shared-memory analysis puts around it (each thread reads back only its own copies)
+    ring = word_ring_stages(k, config)
+    with stripped_ring_barriers(_KERNEL_NAME) if ring else contextlib.nullcontext():
+        _prefill_mma_kernel[grid](
+            a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
+            n_out, k, slots, top_k, up_offset,
+            a.stride(0), qweight.stride(0), qweight.stride(1),
+            scales.stride(0), scales.stride(1), scales.stride(2),
+            z.stride(0), z.stride(1), z.stride(2), out.stride(0),
+            GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, ACTIVATION=activation_code,
+            MUL_ROUTED_WEIGHT=topk_weights is not None, A_IS_SLOTS=a_is_slots,
+            A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16,
+            BLOCK_T=bt, BLOCK_N=rows, GROUPS=groups, SCALE_WORDS=scale_words,
+            WORDS_LAYOUT=words, X_LAYOUT=x, SZ_LAYOUT=sz, SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
+            OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
+            WEIGHTS_BEFORE_WAIT=weights_before_wait, PREDICATED_RELOADS=predicated_reloads,
+            RING_STAGES=ring, RING_LAYOUT=ring_layout() if ring else None,
+            **prefill_pdl_args(a.device))
 
 
 __all__ = ["MMA_BLOCK_K", "PREDICATED_RELOADS", "PREDICATED_RELOADS_MAX_STEPS",
-           "launch_prefill_mma", "mma_groups", "mma_layouts",
+           "WORD_RING_MAX_STEPS", "WORD_RING_STAGES",
+           "launch_prefill_mma", "mma_groups", "mma_layouts", "word_ring_stages",
            "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "store_layout"]

@@ -189,6 +189,14 @@ def _ring_everywhere(stages: int):
     return path
 
 
+def prefill_word_ring_max16(hidden_states, experts, topk_weights, topk_ids, *,
+                            activation="silu"):
+    """The shipped prefill layer with the words' ring for programs of up to 16 K steps
+    (``prefill_mma.WORD_RING_MAX_STEPS`` 16 while it launches; the shipped gate is 8)."""
+    return _shipped_with_switch("WORD_RING_MAX_STEPS", 16, hidden_states, experts,
+                                topk_weights, topk_ids, activation)
+
+
 prefill_word_ring2 = _ring_everywhere(2)
 prefill_word_ring3 = _ring_everywhere(3)
 prefill_word_ring4 = _ring_everywhere(4)
@@ -197,5 +205,6 @@ prefill_word_ring4 = _ring_everywhere(4)
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
            "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_reload_past_last",
            "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
-           "prefill_word_ring4", "prefill_words_in_registers", "prefill_workspace",
-           "ship_g1_mma_g2", "shipped_layer", "step_columns", "table_layer"]
+           "prefill_word_ring4", "prefill_word_ring_max16", "prefill_words_in_registers",
+           "prefill_workspace", "ship_g1_mma_g2", "shipped_layer", "step_columns",
+           "table_layer"]

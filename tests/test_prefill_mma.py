@@ -107,16 +107,19 @@ def test_every_variant_compiles_for_sm90_without_spills():
 
 
 def test_word_ring_for_short_programs_only():
-    """The ring where a program has at most WORD_RING_MAX_STEPS K steps (qwen3-30b's GEMMs:
-    8 and 3 steps of 256 columns), registers for longer ones (Mixtral's 16 and 56)."""
+    """The ring where a program has at most WORD_RING_MAX_STEPS K steps of at least
+    WORD_RING_MIN_BLOCK_K columns (qwen3-30b's GEMMs: 8 and 3 steps of 256; Mixtral's GEMM1:
+    16), registers for longer programs (Mixtral's GEMM2: 56 steps) and one-group steps
+    (deepseek-v2-lite's GEMM2: 11 steps of 128 columns)."""
     cfg = mma_config(8, 64, 4, 256)
     stages = prefill_mma.WORD_RING_STAGES
     assert stages >= 2
     assert prefill_mma.word_ring_stages(2048, cfg) == stages
     assert prefill_mma.word_ring_stages(768, cfg) == stages
-    assert prefill_mma.word_ring_stages(4096, cfg) == 0
+    assert prefill_mma.word_ring_stages(4096, cfg) == stages
     assert prefill_mma.word_ring_stages(14336, cfg) == 0
-    assert prefill_mma.word_ring_stages(2048, mma_config(8, 64, 4, 128)) == 0  # 16 steps
+    assert prefill_mma.word_ring_stages(1408, mma_config(8, 64, 4, 128)) == 0
+    assert prefill_mma.word_ring_stages(8192, mma_config(8, 64, 4, 512)) == stages
 
 
 def test_word_ring_variants_compile_for_sm90_without_barriers_in_the_loop():
@@ -217,9 +220,11 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
     """The words through the ``cp.async`` ring (``WORD_RING_STAGES``) multiply the same
     values in the same order as the words in registers: both GEMMs, natural and sorted rows,
     bit for bit, into NaN-poisoned outputs; K steps from 1 (K = 512, four groups a step) to
-    8, odd counts included, and the stages past the last step masked off."""
+    16, odd counts included, and the stages past the last step masked off."""
     e, top_k, m = 8, 2, 37
-    for h, i in ((1024, 384), (512, 768)) if bk == 128 else ((1024, 512), (2048, 512)):
+    shapes = {128: ((1024, 384), (512, 768)), 256: ((1024, 512), (2048, 512), (4096, 512)),
+              512: ((1024, 512), (2048, 512))}[bk]
+    for h, i in shapes:
         experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric,
                                    seed=bt + bn)
         blocks = align_block_size(ids, bt, e)

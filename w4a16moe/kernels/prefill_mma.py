@@ -39,16 +39,18 @@ are loaded at their step (L1 hits after a row's first step).
 **The words' ring.** ptxas puts every global load of the loop on one scoreboard, so the first
 use of a register buffer waits for all of the warp's loads in flight, the two-steps-ahead
 reloads included: a warp's loads and its arithmetic take turns, and only the other warps of
-the SM overlap them. Programs of at most ``WORD_RING_MAX_STEPS`` K steps (qwen3-30b's GEMMs,
-8 and 3 steps) read their words through a ring of ``WORD_RING_STAGES`` shared-memory stages
+the SM overlap them. Programs of at most ``WORD_RING_MAX_STEPS`` K steps of at least
+``WORD_RING_MIN_BLOCK_K`` columns (qwen3-30b's GEMMs, 8 and 3 steps of 256; Mixtral's GEMM1,
+16) read their words through a ring of ``WORD_RING_STAGES`` shared-memory stages
 instead: each thread ``cp.async``-copies its own 16-byte pieces one step ahead (two stages)
 and reads back only those after ``cp.async.wait_group``, which counts its groups in flight,
 so the next step's copies stay in flight during the arithmetic. The CTA barriers Triton's
 shared-memory analysis puts around the ring order nothing here and are stripped from the PTX
 (:func:`~w4a16moe.kernels.membar.strip_ring_barriers`). The words' registers go (168 a thread
 instead of 255 on the shipped 4-warp tiles: three programs an SM instead of two). On the H200
-this took qwen3-30b's prefill layer 7-17 % lower at M=4-64; longer programs (Mixtral's 16
-and 56 steps) were 4 % slower with it and keep the registers
+this took qwen3-30b's prefill layer 7-17 % lower at M=4-64 and qwen3-235b's 4-8 % at M=8-32;
+Mixtral's GEMM2 (56 steps) and one-group steps (64 bytes a row ahead) were slower with it
+and keep the registers
 (``benchmarks/notes_prefill.md``, session 30).
 
 Shapes: A ``[M, K]`` (rows ``slot // top_k``), ``[M*top_k, K]`` (``A_IS_SLOTS``) or ``[EM,
@@ -523,12 +525,19 @@ PREDICATED_RELOADS_MAX_STEPS = 8
 #: registers (168 a thread instead of 255: three 4-warp programs an SM). On the H200, layer A/B
 #: in one run (session 30), 2 / 3 / 4 stages everywhere against registers: qwen3-30b M=8, 16,
 #: 32, 64 (programs of 8 and 3 steps) -10.6 / -7.2 / -8.1 / -9.5 % with 2 stages, less with
-#: more; Mixtral (16 and 56 steps) M=8 and 16 +4 % with 2 stages, +11 % with 4. Gated at 8
-#: steps: qwen3-30b M=4-64 -7 to -17 %, olmoe and deepseek-v2-lite M=8-32 -3 to -10 % (M=4
-#: -0.8 and +2.3 %), qwen3-235b M=4-64 -1 to -4 % (GEMM2 only: its GEMM1 has 16 steps),
-#: Mixtral unchanged
+#: more; Mixtral (16 and 56 steps) M=8 and 16 +4 % with 2 stages, +11 % with 4. The ring
+#: where at most 8 steps: qwen3-30b M=4-64 -7 to -17 %, olmoe and deepseek-v2-lite M=8-32 -3
+#: to -10 % (M=4 -0.8 and +2.3 %), qwen3-235b M=4-64 -1 to -4 % (its GEMM2), Mixtral even.
+#: Up to 16 steps (the GEMM1 of Mixtral and qwen3-235b too): Mixtral M=4, 8, 16 -2.3, -3.9,
+#: -2.9 % against registers, M=2 +3.4 % (one-warp tiles); qwen3-235b M=8, 16, 32 -3.7, -7.0,
+#: -7.5 %
 WORD_RING_STAGES = 2
-WORD_RING_MAX_STEPS = 8
+WORD_RING_MAX_STEPS = 16
+#: ... and of K steps of at least WORD_RING_MIN_BLOCK_K columns: one step ahead is then 128
+#: bytes a row. deepseek-v2-lite's GEMM2 (11 steps of one group, 64 bytes a row) was 0.5-5.5 %
+#: slower on the ring at M=4-16 (-1.8 % at 32); Mixtral's and qwen3-235b's GEMM1 (16 steps
+#: of two groups) 1.0-4.7 % faster than in registers at M=4-32 (H200, session 30)
+WORD_RING_MIN_BLOCK_K = 256
 
 
 def ring_layout():
@@ -608,8 +617,11 @@ def mma_groups(config: dict) -> int:
 def word_ring_stages(k: int, config: dict) -> int:
     """Stages of the words' ``cp.async`` ring for a GEMM of reduction ``k`` on an ``MMA``
     config: :data:`WORD_RING_STAGES` for programs of at most :data:`WORD_RING_MAX_STEPS` K
-    steps, else 0 (the words two steps ahead in registers)."""
-    return WORD_RING_STAGES if k // config["BLOCK_SIZE_K"] <= WORD_RING_MAX_STEPS else 0
+    steps of at least :data:`WORD_RING_MIN_BLOCK_K` columns, else 0 (the words two steps
+    ahead in registers)."""
+    block_k = config["BLOCK_SIZE_K"]
+    short = k // block_k <= WORD_RING_MAX_STEPS and block_k >= WORD_RING_MIN_BLOCK_K
+    return WORD_RING_STAGES if short else 0
 
 
 def mma_tiles_unsupported(config: dict, *, activation: bool) -> str | None:
@@ -703,6 +715,6 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 
 __all__ = ["MMA_BLOCK_K", "PREDICATED_RELOADS", "PREDICATED_RELOADS_MAX_STEPS",
-           "WORD_RING_MAX_STEPS", "WORD_RING_STAGES",
+           "WORD_RING_MAX_STEPS", "WORD_RING_MIN_BLOCK_K", "WORD_RING_STAGES",
            "launch_prefill_mma", "mma_groups", "mma_layouts", "word_ring_stages",
            "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "store_layout"]

@@ -131,6 +131,8 @@ def test_word_ring_variants_compile_for_sm90_without_barriers_in_the_loop():
 
     variants = [
         dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2, out_sorted=True,
+             predicated_reloads=True, ring_stages=prefill_mma.WORD_RING_STAGES),
+        dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2, out_sorted=True,
              predicated_reloads=True, ring_stages=3),
         dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2, a_sorted=True,
              weights_before_wait=True, predicated_reloads=True, mul_routed_weight=True,
@@ -239,6 +241,7 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
             for ring in (0, stages):
                 monkeypatch.setattr(prefill_mma, "WORD_RING_STAGES", ring)
                 monkeypatch.setattr(prefill_mma, "WORD_RING_MAX_STEPS", 1 << 30)
+                monkeypatch.setattr(prefill_mma, "WORD_RING_MIN_BLOCK_K", 0)
                 o = torch.full((slots, width), float("nan"), dtype=dtype, device=DEVICE)
                 prefill_gemm(out=o, **common, **kw)
                 outs.append(o)

@@ -140,13 +140,13 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
                              activation=activation, workspace=ws, configs=cfgs)
 
 
-def _shipped_with_switch(name: str, value, hidden_states, experts, topk_weights, topk_ids,
-                         activation: str):
-    """The shipped prefill layer with the module switch ``prefill_mma.<name>`` set to
-    ``value`` while it launches (restored after)."""
+def _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation: str,
+                  **switches):
+    """The shipped prefill layer with the module switches ``prefill_mma.<name>`` set to the
+    given values while it launches (restored after)."""
     from w4a16moe.kernels import prefill_mma
 
-    with mock.patch.object(prefill_mma, name, value):
+    with mock.patch.multiple(prefill_mma, **switches):
         return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation)
 
@@ -154,8 +154,8 @@ def _shipped_with_switch(name: str, value, hidden_states, experts, topk_weights,
 def prefill_wait_first(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
     """The shipped prefill layer with GEMM2's mma programs waiting for GEMM1 before any load
     (``prefill_mma.GEMM2_WEIGHTS_BEFORE_WAIT`` off while it launches)."""
-    return _shipped_with_switch("GEMM2_WEIGHTS_BEFORE_WAIT", False, hidden_states, experts,
-                                topk_weights, topk_ids, activation)
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WEIGHTS_BEFORE_WAIT=False)
 
 
 def prefill_reload_past_last(hidden_states, experts, topk_weights, topk_ids, *,
@@ -163,38 +163,35 @@ def prefill_reload_past_last(hidden_states, experts, topk_weights, topk_ids, *,
     """The shipped prefill layer with the mma kernel's reloads past the last K step done
     (the last step loaded again) rather than predicated off
     (``prefill_mma.PREDICATED_RELOADS`` off while it launches)."""
-    return _shipped_with_switch("PREDICATED_RELOADS", False, hidden_states, experts,
-                                topk_weights, topk_ids, activation)
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         PREDICATED_RELOADS=False)
 
 
 def prefill_words_in_registers(hidden_states, experts, topk_weights, topk_ids, *,
                                activation="silu"):
     """The shipped prefill layer with every mma program's words two steps ahead in registers
     (``prefill_mma.WORD_RING_STAGES`` 0 while it launches): the layer before the ring."""
-    return _shipped_with_switch("WORD_RING_STAGES", 0, hidden_states, experts, topk_weights,
-                                topk_ids, activation)
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         WORD_RING_STAGES=0)
 
 
 def _ring_everywhere(stages: int):
     def path(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-        from w4a16moe.kernels import prefill_mma
-
-        with mock.patch.multiple(prefill_mma, WORD_RING_STAGES=stages,
-                                 WORD_RING_MAX_STEPS=1 << 30):
-            return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
-                                 activation=activation)
+        return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                             WORD_RING_STAGES=stages, WORD_RING_MAX_STEPS=1 << 30,
+                             WORD_RING_MIN_BLOCK_K=0)
     path.__name__ = path.__qualname__ = f"prefill_word_ring{stages}"
     path.__doc__ = (f"The shipped prefill layer with every mma program's words through a "
                     f"``cp.async`` ring of {stages} stages, however many K steps it has.")
     return path
 
 
-def prefill_word_ring_max16(hidden_states, experts, topk_weights, topk_ids, *,
-                            activation="silu"):
-    """The shipped prefill layer with the words' ring for programs of up to 16 K steps
-    (``prefill_mma.WORD_RING_MAX_STEPS`` 16 while it launches; the shipped gate is 8)."""
-    return _shipped_with_switch("WORD_RING_MAX_STEPS", 16, hidden_states, experts,
-                                topk_weights, topk_ids, activation)
+def prefill_word_ring_max8(hidden_states, experts, topk_weights, topk_ids, *,
+                           activation="silu"):
+    """The shipped prefill layer with session 30's first gate of the words' ring: programs
+    of at most 8 K steps of any width (the shipped gate: 16 steps of at least 256 columns)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         WORD_RING_MAX_STEPS=8, WORD_RING_MIN_BLOCK_K=0)
 
 
 prefill_word_ring2 = _ring_everywhere(2)
@@ -205,6 +202,6 @@ prefill_word_ring4 = _ring_everywhere(4)
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
            "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_reload_past_last",
            "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
-           "prefill_word_ring4", "prefill_word_ring_max16", "prefill_words_in_registers",
+           "prefill_word_ring4", "prefill_word_ring_max8", "prefill_words_in_registers",
            "prefill_workspace", "ship_g1_mma_g2", "shipped_layer", "step_columns",
            "table_layer"]

@@ -24,8 +24,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  has_zeros: bool = False, fp16: bool = False, mul_routed_weight: bool = False,
                  a_sorted: bool = False, out_sorted: bool = False, groups: int = 1,
                  scale_words: bool | None = None, weights_before_wait: bool = False,
-                 predicated_reloads: bool = False, ring_stages: int = 0,
-                 keep: str | None = None) -> dict:
+                 predicated_reloads: bool = False, ring_stages: int = 0) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -72,10 +71,6 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
                               os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
-        if keep:
-            import shutil
-            shutil.copy(ptx, keep + ".ptx")
-            shutil.copy(os.path.join(tmp, "kernel.cubin"), keep + ".cubin")
     return {"ptxas": run.stdout + run.stderr, "mma": text.count("mma.sync"),
             "ring_barriers": ring_barriers}
 

@@ -68,6 +68,7 @@ _ORDERED = ("ld.", "st.", "bar.", "barrier.", "cp.", "atom.", "red.", "fence.", 
             "mbarrier.", "bra", "ret", "exit", "mma.", "wgmma.", "ldmatrix.", "stmatrix.")
 _CTA_BARRIER = re.compile(r"^(?:bar|barrier)\.sync(?:\.aligned)?\s+0(?:,\s*\d+)?;")
 _WAIT_GROUP = re.compile(r"^cp\.async\.wait_group\s+(\d+);")
+_RING_COPY = re.compile(r"^(?:@!?%\w+\s+)?cp\.async\.c[ag]\.shared\.global")
 
 
 def _next_ordered(lines: list[str], start: int) -> int | None:
@@ -100,18 +101,17 @@ def strip_ring_barriers(ptx: str) -> tuple[str, int]:
     drop: set[int] = set()
     for i, line in enumerate(lines):
         text = line.strip()
-        nxt = None
-        if _CTA_BARRIER.match(text):
-            nxt = _next_ordered(lines, i + 1)
-            if nxt is not None and _OPCODE.match(lines[nxt].strip()).group(1).startswith(
-                    "cp.async.c") and ".shared.global" in lines[nxt]:
-                drop.add(i)
-            continue
+        barrier = _CTA_BARRIER.match(text) is not None
         wait = _WAIT_GROUP.match(text)
-        if wait is not None and int(wait.group(1)) > 0:
-            nxt = _next_ordered(lines, i + 1)
-            if nxt is not None and _CTA_BARRIER.match(lines[nxt].strip()):
-                drop.add(nxt)
+        if not barrier and (wait is None or int(wait.group(1)) == 0):
+            continue
+        nxt = _next_ordered(lines, i + 1)
+        if nxt is None:
+            continue
+        if barrier and _RING_COPY.match(lines[nxt].strip()):
+            drop.add(i)
+        elif not barrier and _CTA_BARRIER.match(lines[nxt].strip()):
+            drop.add(nxt)
     return "\n".join(x for j, x in enumerate(lines) if j not in drop), len(drop)
 
 

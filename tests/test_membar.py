@@ -111,7 +111,10 @@ RING = ("\tcp.async.commit_group;\n"
         "\tcp.async.cg.shared.global [ %r51 + 0 ], [ %rd43 + 0 ], 0x10, %r52;\n"
         "\tcp.async.wait_group \t0;\n"
         "\tbar.sync \t0;\n"                  # after the final wait: kept
-        "\tst.shared.b32 \t[%r7], %r8;\n")
+        "\tst.shared.b32 \t[%r7], %r8;\n"
+        "\tcp.async.wait_group \t0;\n"
+        "\tbar.sync \t0;\n"                  # after a full wait, before a refill: kept
+        "\tcp.async.cg.shared.global [ %r51 + 0 ], [ %rd43 + 0 ], 0x10, %r52;\n")
 
 
 def test_ring_strip_removes_only_the_barriers_around_the_ring():

@@ -45,7 +45,7 @@ _WAIT_BARRIER = re.compile(
     r"mbarrier\.try_wait)", re.M)
 #: added to Triton's cache keys (triton >= 3.7) of what compiles while the hook is installed
 HOOK_KEY = "w4a16moe-strip-wait-barriers-1"
-RING_HOOK_KEY = "w4a16moe-strip-ring-barriers-1"
+RING_HOOK_KEY = "w4a16moe-strip-ring-barriers-2"
 #: Triton's runtime knobs where they have the stages hook (triton >= 3.5), else None;
 #: looked up once, since the launcher enters :func:`stripped_wait_barriers` every launch
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
@@ -86,12 +86,22 @@ def _next_ordered(lines: list[str], start: int) -> int | None:
     return None
 
 
+def _previous_ordered(lines: list[str], end: int) -> int | None:
+    """Index of the last line before ``end`` that :func:`_next_ordered` would stop at."""
+    for j in range(end - 1, -1, -1):
+        if _next_ordered(lines, j) == j:
+            return j
+    return None
+
+
 def strip_ring_barriers(ptx: str) -> tuple[str, int]:
     """``ptx`` without the CTA barriers Triton's shared-memory analysis puts around a
     per-thread ``cp.async`` ring, and how many were removed: a ``bar.sync`` whose next
     memory or synchronisation instruction is a ``cp.async`` into shared memory (a stage
     refilled after reads of it), and one right after a ``cp.async.wait_group N`` with N > 0
-    (a stage read after its copies). The barrier after ``cp.async.wait_group 0`` stays.
+    (a stage read after its copies). A barrier right after ``cp.async.wait_group 0`` always
+    stays: there every thread's copies have landed, and the barrier is what lets the other
+    threads read them (the mma kernel's staged activations, the epilogue's scratch).
 
     Only valid where every thread reads back only the shared memory its own ``cp.async``
     wrote, its reads of a stage come before its refill of it in program order, and nothing
@@ -109,7 +119,10 @@ def strip_ring_barriers(ptx: str) -> tuple[str, int]:
         if nxt is None:
             continue
         if barrier and _RING_COPY.match(lines[nxt].strip()):
-            drop.add(i)
+            before = _previous_ordered(lines, i)
+            wait = None if before is None else _WAIT_GROUP.match(lines[before].strip())
+            if wait is None or int(wait.group(1)) != 0:
+                drop.add(i)
         elif not barrier and _CTA_BARRIER.match(lines[nxt].strip()):
             drop.add(nxt)
     return "\n".join(x for j, x in enumerate(lines) if j not in drop), len(drop)

@@ -4,7 +4,8 @@
         --section MemoryWorkloadAnalysis python3 benchmarks/ncu_prefill_gemm.py \\
         --model mixtral-8x7b --tokens 16 --gemm 1 --config '{"RS": true, ...}'
 
-Without ``--config`` the table's config for the shape and M is used. The first runs compile;
+Without ``--config`` the table's config for the shape and M is used; ``--switch NAME=VALUE``
+sets a module switch of ``prefill_mma`` first (an A/B of one GEMM). The first runs compile;
 ``--runs`` launches follow (the default 3 lets ``--launch-skip 2`` skip warm-up). With a
 ``SORTED_ROWS`` config the GEMM reads its activations as rows in sorted order (GEMM1 also
 writes them so), as the layer runs it; the gather is a separate kernel.
@@ -13,6 +14,7 @@ writes them so), as the layer runs it; the gather is a separate kernel.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 
 import torch
@@ -37,7 +39,17 @@ def main() -> int:
     ap.add_argument("--config", type=json.loads, default=None,
                     help="kernel config as JSON (default: the shipped table's)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
+                    help="set a module switch of w4a16moe.kernels.prefill_mma (a Python "
+                         "literal), e.g. --switch STAGED_OPERANDS=False; repeatable")
     args = ap.parse_args()
+    from w4a16moe.kernels import prefill_mma
+
+    for item in args.switch:
+        name, _, value = item.partition("=")
+        if not hasattr(prefill_mma, name) or not name.isupper():
+            ap.error(f"--switch {item!r}: prefill_mma has no switch {name!r}")
+        setattr(prefill_mma, name, ast.literal_eval(value))
     dev, dtype = torch.device("cuda"), torch.bfloat16
     s = MODEL_SHAPES[args.model]
     h, i, e, k, m = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, args.tokens

@@ -173,14 +173,18 @@ def both_call(g1: GemmWeights, g2: GemmWeights, ids: torch.Tensor, out: torch.Te
 def best_of(make, tiles, device, target_ms):
     """(median us, tile) of the fastest tile; ``make(tile)`` gives one call per copy."""
     best = None
+    each = {}
     for tile in tiles:
         calls = make(tile)
         if calls is None:
             continue
         t = time_calls(calls, device, target_ms=target_ms, min_replay_us=MIN_REPLAY_US)
         per = t.median_us
+        each[",".join(map(str, tile))] = per
         if best is None or per < best[0]:
             best = (per, tile)
+    if best is not None:
+        best_of.each = each  # every tile's time of the last sweep, for the record
     return best
 
 
@@ -213,7 +217,7 @@ def run_case(model: str, m: int, rates, args, device) -> dict:
     u = sum(d.numel() for d in distinct) / n_copies
     floor = layer_floor(s, m, rates.read_gbps, rates.matmul_tflops, u=u)
     out = torch.empty(1 << 22, dtype=torch.int32, device=device)  # big enough for any grid
-    tiles = [(*t, st) for t, st in itertools.product(SWEEP_TILES, SWEEP_STAGES)]
+    tiles = args.tiles or [(*t, st) for t, st in itertools.product(SWEEP_TILES, SWEEP_STAGES)]
     ms = args.target_ms
 
     def per_copy(fn):
@@ -225,7 +229,9 @@ def run_case(model: str, m: int, rates, args, device) -> dict:
     rec = {"model": model, "M": m, "u": u, "copies": n_copies, "floor_us": floor.us,
            "floor_bound": floor.bound, "bytes": floor.bytes, "read_gbps": rates.read_gbps}
     b1 = best_of(per_copy(lambda c, t: read_call(g1s[c], distinct[c], out, t)), tiles, device, ms)
+    rec["gemm1_each_tile_us"] = best_of.each
     b2 = best_of(per_copy(lambda c, t: read_call(g2s[c], distinct[c], out, t)), tiles, device, ms)
+    rec["gemm2_each_tile_us"] = best_of.each
     rec["gemm1_us"], rec["gemm1_tile"] = b1
     rec["gemm2_us"], rec["gemm2_tile"] = b2
 
@@ -276,6 +282,16 @@ def run_case(model: str, m: int, rates, args, device) -> dict:
     return rec
 
 
+def _parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
+    tiles = []
+    for item in text.split(";"):
+        parts = item.split(",")
+        if len(parts) != 4 or not all(p.strip().isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"tile {item!r}: expected ROWS,CHUNK,WARPS,STAGES")
+        tiles.append(tuple(int(p) for p in parts))
+    return tiles
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", default=",".join(
@@ -286,6 +302,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target-ms", type=float, default=40.0,
                     help="sampling time per measurement (default 40)")
     ap.add_argument("--max-copies", type=int, default=16)
+    ap.add_argument("--tiles", type=_parse_tiles, default=None,
+                    help="read tiles to time instead of the sweep, as ROWS,CHUNK,WARPS,STAGES "
+                         "separated by ';' (e.g. '16,64,1,2;128,32,4,2'); every tile's GEMM "
+                         "read time is recorded (gemm1_each_tile_us, gemm2_each_tile_us)")
     ap.add_argument("--no-layer", dest="layer", action="store_false",
                     help="skip timing the hybrid layer itself")
     args = ap.parse_args(argv)

@@ -171,7 +171,9 @@ def both_call(g1: GemmWeights, g2: GemmWeights, ids: torch.Tensor, out: torch.Te
 
 
 def best_of(make, tiles, device, target_ms):
-    """(median us, tile) of the fastest tile; ``make(tile)`` gives one call per copy."""
+    """((median us, tile) of the fastest tile, {"ROWS,CHUNK,WARPS,STAGES": median us} of
+    every tile timed); ``make(tile)`` gives one call per copy, or None where the tile does
+    not apply."""
     best = None
     each = {}
     for tile in tiles:
@@ -183,9 +185,7 @@ def best_of(make, tiles, device, target_ms):
         each[",".join(map(str, tile))] = per
         if best is None or per < best[0]:
             best = (per, tile)
-    if best is not None:
-        best_of.each = each  # every tile's time of the last sweep, for the record
-    return best
+    return best, each
 
 
 def run_case(model: str, m: int, rates, args, device) -> dict:
@@ -228,10 +228,10 @@ def run_case(model: str, m: int, rates, args, device) -> dict:
 
     rec = {"model": model, "M": m, "u": u, "copies": n_copies, "floor_us": floor.us,
            "floor_bound": floor.bound, "bytes": floor.bytes, "read_gbps": rates.read_gbps}
-    b1 = best_of(per_copy(lambda c, t: read_call(g1s[c], distinct[c], out, t)), tiles, device, ms)
-    rec["gemm1_each_tile_us"] = best_of.each
-    b2 = best_of(per_copy(lambda c, t: read_call(g2s[c], distinct[c], out, t)), tiles, device, ms)
-    rec["gemm2_each_tile_us"] = best_of.each
+    b1, rec["gemm1_each_tile_us"] = best_of(
+        per_copy(lambda c, t: read_call(g1s[c], distinct[c], out, t)), tiles, device, ms)
+    b2, rec["gemm2_each_tile_us"] = best_of(
+        per_copy(lambda c, t: read_call(g2s[c], distinct[c], out, t)), tiles, device, ms)
     rec["gemm1_us"], rec["gemm1_tile"] = b1
     rec["gemm2_us"], rec["gemm2_tile"] = b2
 
@@ -262,8 +262,8 @@ def run_case(model: str, m: int, rates, args, device) -> dict:
                     min_replay_us=MIN_REPLAY_US)
     rec["torch_sum_us"] = ts.median_us
     del flat
-    b3 = best_of(per_copy(lambda c, t: both_call(g1s[c], g2s[c], distinct[c], out, t)), tiles,
-                 device, ms)
+    b3, _ = best_of(per_copy(lambda c, t: both_call(g1s[c], g2s[c], distinct[c], out, t)),
+                    tiles, device, ms)
     rec["one_read_us"], rec["one_read_tile"] = b3
     if args.layer:
         from w4a16moe.bench.layer import bench_layer

@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
                     help="set a module switch of w4a16moe.kernels.prefill_mma (a Python "
-                         "literal), e.g. --switch STAGED_OPERANDS=False; repeatable")
+                         "literal), e.g. --switch WORD_RING_STAGES=0; repeatable")
     args = ap.parse_args()
     from w4a16moe.kernels import prefill_mma
 

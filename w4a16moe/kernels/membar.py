@@ -71,27 +71,26 @@ _WAIT_GROUP = re.compile(r"^cp\.async\.wait_group\s+(\d+);")
 _RING_COPY = re.compile(r"^(?:@!?%\w+\s+)?cp\.async\.c[ag]\.shared\.global")
 
 
+def _is_ordered(line: str) -> bool:
+    """Whether a PTX line holds a memory, barrier, control-flow or matrix instruction, or
+    is a basic-block label."""
+    text = line.strip()
+    if text.startswith("$L__BB"):
+        return True
+    if not text or text.startswith(("//", ".", "{", "}", "$")):
+        return False
+    op = _OPCODE.match(text)
+    return op is not None and op.group(1).startswith(_ORDERED)
+
+
 def _next_ordered(lines: list[str], start: int) -> int | None:
-    """Index of the first line from ``start`` that holds a memory, barrier, control-flow or
-    matrix instruction, or a basic-block label; None at the end."""
-    for j in range(start, len(lines)):
-        text = lines[j].strip()
-        if text.startswith("$L__BB"):
-            return j
-        if not text or text.startswith(("//", ".", "{", "}", "$")):
-            continue
-        op = _OPCODE.match(text)
-        if op is not None and op.group(1).startswith(_ORDERED):
-            return j
-    return None
+    """Index of the first :func:`_is_ordered` line from ``start``; None at the end."""
+    return next((j for j in range(start, len(lines)) if _is_ordered(lines[j])), None)
 
 
 def _previous_ordered(lines: list[str], end: int) -> int | None:
-    """Index of the last line before ``end`` that :func:`_next_ordered` would stop at."""
-    for j in range(end - 1, -1, -1):
-        if _next_ordered(lines, j) == j:
-            return j
-    return None
+    """Index of the last :func:`_is_ordered` line before ``end``; None at the start."""
+    return next((j for j in range(end - 1, -1, -1) if _is_ordered(lines[j])), None)
 
 
 def strip_ring_barriers(ptx: str) -> tuple[str, int]:
@@ -100,8 +99,9 @@ def strip_ring_barriers(ptx: str) -> tuple[str, int]:
     memory or synchronisation instruction is a ``cp.async`` into shared memory (a stage
     refilled after reads of it), and one right after a ``cp.async.wait_group N`` with N > 0
     (a stage read after its copies). A barrier right after ``cp.async.wait_group 0`` always
-    stays: there every thread's copies have landed, and the barrier is what lets the other
-    threads read them (the mma kernel's staged activations, the epilogue's scratch).
+    stays: there every thread's copies have landed, and the barrier is what lets other
+    threads read them or reuse that memory (an epilogue's scratch, operands staged for
+    every warp).
 
     Only valid where every thread reads back only the shared memory its own ``cp.async``
     wrote, its reads of a stage come before its refill of it in program order, and nothing

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import experts_of, write_records  # noqa: E402
+from prefill_rs_ab import experts_of, kernel_times, write_records  # noqa: E402
 
 from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill  # noqa: E402
 from w4a16moe.kernels.tune import MODEL_SHAPES, random_routing  # noqa: E402
@@ -36,14 +36,13 @@ def breakdown(model: str, m: int, iters: int, cache: dict) -> dict:
     for _ in range(3):
         fused_moe_prefill(x, ex, w, ids, out=y, workspace=ws)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    def calls():
         for _ in range(iters):
             fused_moe_prefill(x, ex, w, ids, out=y, workspace=ws)
-        torch.cuda.synchronize()
+
     per = collections.defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per[ev.name[:60]] += ev.device_time / iters
+    for name, times in kernel_times(calls).items():
+        per[name[:60]] += sum(times) / iters
     kernels = sorted(per.items(), key=lambda kv: -kv[1])
     print(f"{model} M={m}: {sum(per.values()):.1f} us in {len(per)} kernels")
     for name, us in kernels:

@@ -56,11 +56,13 @@ def prefill_workspace(experts, m: int, top_k: int) -> PrefillWorkspace:
     return PrefillWorkspace.allocate(m, experts, top_k)
 
 
-def shipped_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """The shipped prefill layer (``fused_moe_prefill``) on a cached workspace."""
+def shipped_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu",
+                  configs=None):
+    """The shipped prefill layer (``fused_moe_prefill``) on a cached workspace; ``configs``
+    (GEMM1's, GEMM2's) instead of the table's."""
     m, top_k = topk_ids.shape
     return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation,
+                             activation=activation, configs=configs,
                              workspace=prefill_workspace(experts, m, top_k))
 
 
@@ -68,9 +70,8 @@ def _run(hidden_states, experts, topk_weights, topk_ids, *, activation="silu", *
     m, top_k = topk_ids.shape
     cfgs = mma_configs(m, top_k, experts.num_experts, experts.hidden_size,
                        experts.intermediate_size, **tiles)
-    ws = prefill_workspace(experts, m, top_k)
-    return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation, workspace=ws, configs=cfgs)
+    return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                         activation=activation, configs=cfgs)
 
 
 #: the tile variants timed in session 25: name -> (GEMM1 features, GEMM1 warps, GEMM2 rows,
@@ -117,9 +118,8 @@ def ship_g1_mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation
                        experts.intermediate_size, g1_out=32, g1_warps=4, g2_rows=64,
                        g2_warps=4, groups=2, bt=cfg1["BLOCK_SIZE_M"])[1]
     cfg1 = {**cfg1, "SORTED_ROWS": cfg1.get("SORTED_ROWS", False)}
-    ws = prefill_workspace(experts, m, top_k)
-    return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation, workspace=ws, configs=(cfg1, cfg2))
+    return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                         activation=activation, configs=(cfg1, cfg2))
 
 
 def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
@@ -135,9 +135,8 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
     cfgs = tuple(get_prefill_config(m, n, k, experts.num_experts, top_k, experts.dtype,
                                     experts.device, config_file=file)
                  for n, k in ((2 * i, h), (h, i)))
-    ws = prefill_workspace(experts, m, top_k)
-    return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation, workspace=ws, configs=cfgs)
+    return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                         activation=activation, configs=cfgs)
 
 
 def _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation: str,

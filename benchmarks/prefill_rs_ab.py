@@ -103,6 +103,21 @@ def best_of_two(fn_a, fn_b, rep):
     return min(ta), min(tb)
 
 
+def kernel_times(run) -> dict[str, list[float]]:
+    """GPU time (us) of every kernel that ``run()`` launches, from the torch profiler: kernel
+    name -> its launches' times in launch order (``run`` is synchronized after)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    events = sorted((ev for ev in prof.events()
+                     if ev.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda ev: ev.time_range.start)
+    per: dict[str, list[float]] = {}
+    for ev in events:
+        per.setdefault(ev.name, []).append(ev.device_time)
+    return per
+
+
 def write_records(out_dir: str, name: str, records: list, **meta) -> str:
     """``{"device", "torch", **meta, "records"}`` as ``out_dir/name``; returns the path."""
     os.makedirs(out_dir, exist_ok=True)

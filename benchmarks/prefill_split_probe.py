@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prefill_rs_ab import write_records  # noqa: E402
+from prefill_rs_ab import kernel_times, write_records  # noqa: E402
 
 from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
 from w4a16moe.kernels.prefill import prefill_gemm  # noqa: E402
@@ -55,13 +55,8 @@ def gemm1_us(shape, m: int, cfg: dict, iters: int, seed: int) -> float:
     for i in range(4):
         call(i)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for i in range(iters):
-            call(i)
-        torch.cuda.synchronize()
-    times = sorted(ev.device_time for ev in prof.events()
-                   if ev.device_type == torch.autograd.DeviceType.CUDA
-                   and ev.name.startswith("_prefill"))
+    per = kernel_times(lambda: [call(i) for i in range(iters)])
+    times = sorted(t for name, ts in per.items() if name.startswith("_prefill") for t in ts)
     return times[len(times) // 2]
 
 

@@ -120,8 +120,8 @@ def strip_ring_barriers(ptx: str) -> tuple[str, int]:
             continue
         if barrier and _RING_COPY.match(lines[nxt].strip()):
             before = _previous_ordered(lines, i)
-            wait = None if before is None else _WAIT_GROUP.match(lines[before].strip())
-            if wait is None or int(wait.group(1)) != 0:
+            after_wait = None if before is None else _WAIT_GROUP.match(lines[before].strip())
+            if after_wait is None or int(after_wait.group(1)) != 0:
                 drop.add(i)
         elif not barrier and _CTA_BARRIER.match(lines[nxt].strip()):
             drop.add(nxt)

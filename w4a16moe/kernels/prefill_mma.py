@@ -540,6 +540,7 @@ WORD_RING_MAX_STEPS = 16
 WORD_RING_MIN_BLOCK_K = 256
 
 
+@functools.cache
 def ring_layout():
     """The shared-memory layout of the words' ring: plain rows (a thread reads back only the
     16-byte pieces it copied)."""

@@ -24,7 +24,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  has_zeros: bool = False, fp16: bool = False, mul_routed_weight: bool = False,
                  a_sorted: bool = False, out_sorted: bool = False, groups: int = 1,
                  scale_words: bool | None = None, weights_before_wait: bool = False,
-                 predicated_reloads: bool = False, ring_stages: int = 0) -> dict:
+                 predicated_reloads: bool = False, ring_stages: int = 0,
+                 x_ahead: bool | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -47,7 +48,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         OUT_LAYOUT=prefill_mma.store_layout(block_t, block_n, num_warps),
         num_warps=num_warps, PDL=True, WEIGHTS_BEFORE_WAIT=weights_before_wait,
         PREDICATED_RELOADS=predicated_reloads, RING_STAGES=ring_stages,
-        RING_LAYOUT=prefill_mma.ring_layout() if ring_stages else None)
+        RING_LAYOUT=prefill_mma.ring_layout() if ring_stages else None,
+        X_AHEAD=block_t == 8 if x_ahead is None else x_ahead)
     h = "*fp16" if fp16 else "*bf16"
     pointers = {"a_ptr": h, "qw_ptr": "*i32", "s_ptr": h, "z_ptr": "*u8", "c_ptr": h,
                 "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",

@@ -250,6 +250,38 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
 
 
 @gpu_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("bn,warps,bk,ring", [(64, 4, 256, 2), (8, 1, 128, 0)])
+def test_activations_at_their_step_give_the_carried_bits(monkeypatch, dtype, symmetric, bn,
+                                                         warps, bk, ring):
+    """8-slot programs loading their activations at their step (``ACTIVATIONS_AHEAD`` off,
+    the A/B switch) multiply the same values in the same order as carrying them two steps
+    ahead: both GEMMs, bit for bit, into NaN-poisoned outputs, words on the ring or in
+    registers, K steps from 3 to 8."""
+    e, top_k, m = 8, 2, 37
+    monkeypatch.setattr(prefill_mma, "WORD_RING_STAGES", ring)
+    monkeypatch.setattr(prefill_mma, "WORD_RING_MIN_BLOCK_K", 0)
+    h, i = (2048, 768) if bk == 256 else (1024, 384)
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric, seed=bn)
+    blocks = align_block_size(ids, 8, e)
+    slots = m * top_k
+    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k,
+                  config=mma_config(8, bn, warps, bk))
+    inter = torch.randn(slots, i, dtype=dtype, device=DEVICE)
+    calls = (dict(a=x, weights=experts.w13, activation="silu", mul_routed_weight=True),
+             dict(a=inter, weights=experts.w2, a_is_slots=True, mul_routed_weight=True))
+    for kw, width in zip(calls, (i, h), strict=True):
+        outs = []
+        for ahead in (True, False):
+            monkeypatch.setattr(prefill_mma, "ACTIVATIONS_AHEAD", ahead)
+            o = torch.full((slots, width), float("nan"), dtype=dtype, device=DEVICE)
+            prefill_gemm(out=o, **common, **kw)
+            outs.append(o)
+        assert not outs[0].isnan().any()
+        assert torch.equal(outs[0], outs[1]), (h, i, kw.get("activation"))
+
+
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_matches_the_reference_with_expert_map(dtype):
     """The whole layer on MMA configs, sorted intermediate, some experts remote (their slots

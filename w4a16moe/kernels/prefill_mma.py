@@ -336,7 +336,7 @@ if HAVE_GLUON:
         OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, WEIGHTS_BEFORE_WAIT: gl.constexpr = False,
         PREDICATED_RELOADS: gl.constexpr = False, RING_STAGES: gl.constexpr = 0,
-        RING_LAYOUT: gl.constexpr = None,
+        RING_LAYOUT: gl.constexpr = None, X_AHEAD: gl.constexpr = False,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -346,7 +346,9 @@ if HAVE_GLUON:
         :func:`store_layout`. ``SCALE_WORDS``: a step's scales are read as 32-bit words of two
         (``G`` = 128, two or four groups a step, scales contiguous along K).
         ``WEIGHTS_BEFORE_WAIT`` (with ``PDL``): the kernel before writes only ``a``, so the
-        first two steps' weights and scales are loaded before waiting for it."""
+        first two steps' weights and scales are loaded before waiting for it. ``X_AHEAD``:
+        the activations run two steps ahead in registers (8-slot blocks), else each step
+        loads its own."""
         BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
@@ -438,11 +440,13 @@ if HAVE_GLUON:
                 # of the warps' stall samples on such copies, and 16-bit values carried over
                 # the loop were repacked into 32-bit registers with the same wait: so the
                 # activations and the scales travel as 32-bit words). The activations are
-                # prefetched for 8-slot blocks only (X_AHEAD: 16 registers a group), else
-                # loaded at their step (L1 hits after the first warp): on the H100 the
-                # prefetch made 8-slot blocks faster (Mixtral M=4-8, four groups a step: 262 ->
-                # 217 us a layer) and 16-slot ones slower (qwen3 M=64: 162 -> 181)
-                X_AHEAD: gl.constexpr = BLOCK_T == 8
+                # prefetched for 8-slot blocks only (X_AHEAD, set by the launcher: 16 registers
+                # a group), else loaded at their step (L1 hits after the first warp): on the
+                # H100 the prefetch made 8-slot blocks faster (Mixtral M=4-8, four groups a
+                # step: 262 -> 217 us a layer) and 16-slot ones slower (qwen3 M=64: 162 ->
+                # 181); on the H200 with the words' ring, loading them at their step instead
+                # (104 registers a thread, four programs an SM instead of three) made
+                # qwen3-30b's layer 13-23 % slower (benchmarks/notes_prefill.md, session 32)
                 last = num_steps - 1
                 kb = gl.minimum(1, last)
                 if RING_STAGES > 0:
@@ -538,6 +542,11 @@ WORD_RING_MAX_STEPS = 16
 #: slower on the ring at M=4-16 (-1.8 % at 32); Mixtral's and qwen3-235b's GEMM1 (16 steps
 #: of two groups) 1.0-4.7 % faster than in registers at M=4-32 (H200, session 30)
 WORD_RING_MIN_BLOCK_K = 256
+#: 8-slot programs carry their activations two steps ahead in registers (``X_AHEAD``); off,
+#: they load them at their step like 16- and 32-slot ones (104 registers a thread instead of
+#: 168 on the shipped 4-warp tiles, but qwen3-30b's layer 13-23 % slower on the H200, session
+#: 32). The switch is for A/Bs
+ACTIVATIONS_AHEAD = True
 
 
 @functools.cache
@@ -697,6 +706,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     # the words' ring (WORD_RING_STAGES) compiles without the CTA barriers Triton's
     # shared-memory analysis puts around it (each thread reads back only its own copies)
     ring = word_ring_stages(k, config)
+    x_ahead = bt == 8 and ACTIVATIONS_AHEAD
     with stripped_ring_barriers(_KERNEL_NAME) if ring else contextlib.nullcontext():
         _prefill_mma_kernel[grid](
             a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
@@ -711,7 +721,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             WORDS_LAYOUT=words, X_LAYOUT=x, SZ_LAYOUT=sz, SZW_LAYOUT=szw, PAIRS_LAYOUT=pairs,
             OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
             WEIGHTS_BEFORE_WAIT=weights_before_wait, PREDICATED_RELOADS=predicated_reloads,
-            RING_STAGES=ring, RING_LAYOUT=ring_layout() if ring else None,
+            RING_STAGES=ring, RING_LAYOUT=ring_layout() if ring else None, X_AHEAD=x_ahead,
             **prefill_pdl_args(a.device))
 
 

@@ -193,13 +193,59 @@ def prefill_word_ring_max8(hidden_states, experts, topk_weights, topk_ids, *,
                          WORD_RING_MAX_STEPS=8, WORD_RING_MIN_BLOCK_K=0)
 
 
+def prefill_activations_at_step(hidden_states, experts, topk_weights, topk_ids, *,
+                                activation="silu"):
+    """The shipped prefill layer with the 8-slot mma programs loading their activations at
+    their step instead of two steps ahead in registers (``prefill_mma.ACTIVATIONS_AHEAD`` off
+    while it launches: 104 registers a thread instead of 168 on the shipped 4-warp tiles)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         ACTIVATIONS_AHEAD=False)
+
+
+def _one_slab_configs(experts, top_k: int, m: int) -> tuple[dict, dict]:
+    """The shipped table's configs with each 4-warp ``MMA`` entry of two 16-row slabs a warp
+    cut to one (``BLOCK_SIZE_N`` halved: twice the programs, a third fewer registers)."""
+    from w4a16moe.kernels.prefill import layer_configs
+
+    out = []
+    for cfg, gate in zip(layer_configs(experts, top_k, m), (2, 1), strict=True):
+        rows = gate * cfg["BLOCK_SIZE_N"]
+        if cfg.get("MMA") and cfg["num_warps"] == 4 and rows == 2 * 16 * 4:
+            cfg = {**cfg, "BLOCK_SIZE_N": cfg["BLOCK_SIZE_N"] // 2}
+        out.append(cfg)
+    return tuple(out)
+
+
+def prefill_one_slab(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The shipped prefill layer with its 4-warp mma tiles of two slabs a warp cut to one
+    (:func:`_one_slab_configs`)."""
+    m, top_k = topk_ids.shape
+    return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                         activation=activation, configs=_one_slab_configs(experts, top_k, m))
+
+
+def prefill_one_slab_activations_at_step(hidden_states, experts, topk_weights, topk_ids, *,
+                                         activation="silu"):
+    """:func:`prefill_one_slab` with :func:`prefill_activations_at_step`'s loads (72
+    registers a thread on GEMM1's one-slab 4-warp tile)."""
+    from w4a16moe.kernels import prefill_mma
+
+    m, top_k = topk_ids.shape
+    with mock.patch.object(prefill_mma, "ACTIVATIONS_AHEAD", False):
+        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation,
+                             configs=_one_slab_configs(experts, top_k, m))
+
+
 prefill_word_ring2 = _ring_everywhere(2)
 prefill_word_ring3 = _ring_everywhere(3)
 prefill_word_ring4 = _ring_everywhere(4)
 
 
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
-           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_reload_past_last",
+           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_activations_at_step",
+           "prefill_one_slab", "prefill_one_slab_activations_at_step",
+           "prefill_reload_past_last",
            "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
            "prefill_word_ring4", "prefill_word_ring_max8", "prefill_words_in_registers",
            "prefill_workspace", "ship_g1_mma_g2", "shipped_layer", "step_columns",

@@ -202,6 +202,22 @@ def prefill_activations_at_step(hidden_states, experts, topk_weights, topk_ids, 
                          ACTIVATIONS_AHEAD=False)
 
 
+def prefill_rotated_k(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The shipped prefill layer with each mma program walking its K steps from step ``pid %
+    steps`` round (``prefill_mma.ROTATE_K_STEPS`` on while it launches; shipped on since
+    session 32, whose A/B ran it against the layer before)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         ROTATE_K_STEPS=True)
+
+
+def prefill_unrotated_k(hidden_states, experts, topk_weights, topk_ids, *,
+                        activation="silu"):
+    """The shipped prefill layer with every mma program walking its K steps from the first
+    (``prefill_mma.ROTATE_K_STEPS`` off while it launches: the layer before session 32)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         ROTATE_K_STEPS=False)
+
+
 def _one_slab_configs(experts, top_k: int, m: int) -> tuple[dict, dict]:
     """The shipped table's configs with each 4-warp ``MMA`` entry of two 16-row slabs a warp
     cut to one (``BLOCK_SIZE_N`` halved: twice the programs, a third fewer registers)."""
@@ -245,7 +261,7 @@ prefill_word_ring4 = _ring_everywhere(4)
 __all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
            "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_activations_at_step",
            "prefill_one_slab", "prefill_one_slab_activations_at_step",
-           "prefill_reload_past_last",
+           "prefill_reload_past_last", "prefill_rotated_k", "prefill_unrotated_k",
            "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
            "prefill_word_ring4", "prefill_word_ring_max8", "prefill_words_in_registers",
            "prefill_workspace", "ship_g1_mma_g2", "shipped_layer", "step_columns",

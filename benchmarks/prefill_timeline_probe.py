@@ -1,0 +1,166 @@
+"""Device probe: when and where each program of the ``mma.sync`` prefill GEMMs runs.
+
+    PYTHONPATH=. python3 benchmarks/prefill_timeline_probe.py --out $OUT \\
+        [--model qwen3-30b-a3b] [--m 8,16,64] [--experts 33,34,40] [--calls 5] \\
+        [--switch ROTATE_K_STEPS=True]
+
+The layer (shipped configs) runs eagerly with ``prefill_mma.TIMELINE`` set: each program of
+each mma launch writes its SM, its start and end on the GPU's nanosecond clock
+(``%globaltimer``) and its SM cycles. From those the probe tells, per GEMM:
+
+* the launch's span and how many programs ran at once (the first wave: programs that
+  started within 2 us of the first; three a SM where registers allow three: the kernel with
+  the clock reads can take more registers than without, so each record says how many);
+* how long a program of the first wave took, and how long one that started later took;
+* when the first wave was done, how many programs were left then, and how those were spread
+  over the SMs (the last round's programs alone on their SM, or stacked).
+
+M tokens are routed at random (``tune.random_routing``), or with ``--experts`` to exactly u
+distinct experts as ``prefill_rounds_probe.py`` does, so the last round's size is set. Two
+weight copies alternate; the first call of each case compiles and is not recorded.
+``$OUT/prefill_timeline_probe.json`` holds the summaries (medians over the calls) and the raw
+timeline of each GEMM's first recorded call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_rounds_probe import routing as exact_routing  # noqa: E402
+from prefill_rs_ab import write_records  # noqa: E402
+
+from w4a16moe.kernels import prefill_mma  # noqa: E402
+from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill  # noqa: E402
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_packed_experts, random_routing  # noqa: E402
+
+DEV = torch.device("cuda")
+#: programs that start within this many ns of a launch's first are its first wave
+FIRST_WAVE_NS = 2000
+
+
+def summarize(timeline: torch.Tensor) -> dict:
+    """What one launch's ``[programs, 4]`` timeline (SM, start ns, end ns, cycles) says."""
+    sm, start, end, cycles = (timeline[:, j].tolist() for j in range(4))
+    if min(start) < 0:
+        raise RuntimeError("a program did not write its timeline row")
+    t0 = min(start)
+    dur = [(e - s) / 1e3 for s, e in zip(start, end, strict=True)]
+    first = [i for i, s in enumerate(start) if s - t0 < FIRST_WAVE_NS]
+    later = [i for i, s in enumerate(start) if s - t0 >= FIRST_WAVE_NS]
+    first_done = max(end[i] for i in first)
+    left = [i for i in later if start[i] >= first_done] if later else []
+    per_sm: dict[int, int] = {}
+    for i in left:
+        per_sm[sm[i]] = per_sm.get(sm[i], 0) + 1
+    stacked = {n: sum(1 for c in per_sm.values() if c == n) for n in sorted(set(per_sm.values()))}
+    sms = len(set(sm))
+    return {
+        "programs": len(start), "sms": sms, "span_us": (max(end) - t0) / 1e3,
+        "first_wave": len(first), "first_wave_per_sm": len(first) / sms,
+        "first_program_us": statistics.median(dur[i] for i in first),
+        "first_wave_done_us": (first_done - t0) / 1e3,
+        "first_wave_ends_us": [(min(end[i] for i in first) - t0) / 1e3,
+                               (statistics.median(end[i] for i in first) - t0) / 1e3],
+        "later": len(later),
+        "later_program_us": statistics.median(dur[i] for i in later) if later else None,
+        "after_first_wave": len(left),
+        "after_first_wave_program_us": (statistics.median(dur[i] for i in left)
+                                        if left else None),
+        "after_first_wave_sms_by_count": {str(k): v for k, v in stacked.items()},
+        "cycles_per_program": statistics.median(cycles),
+    }
+
+
+def _median_summary(summaries: list[dict]) -> dict:
+    out = {}
+    for key, value in summaries[0].items():
+        if isinstance(value, (int, float)) and value is not None and all(
+                isinstance(s[key], (int, float)) for s in summaries):
+            out[key] = statistics.median(s[key] for s in summaries)
+        else:
+            out[key] = value
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODEL_SHAPES))
+    ap.add_argument("--m", default="8,16,64", help="token counts, comma-separated")
+    ap.add_argument("--experts", default="",
+                    help="route --m's first value to exactly these many distinct experts "
+                         "each (comma-separated) instead of at random")
+    ap.add_argument("--calls", type=int, default=5, help="recorded calls a case")
+    ap.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
+                    help="set a module switch of w4a16moe.kernels.prefill_mma (a Python "
+                         "literal) first, e.g. --switch WORD_RING_STAGES=3; repeatable")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    for item in args.switch:
+        name, _, value = item.partition("=")
+        if not name.isupper() or not hasattr(prefill_mma, name) or name == "TIMELINE":
+            ap.error(f"--switch {item!r}: prefill_mma has no switch {name!r}")
+        setattr(prefill_mma, name, ast.literal_eval(value))
+    s = MODEL_SHAPES[args.model]
+    copies = [random_packed_experts(s, torch.bfloat16, DEV, seed=11 + c) for c in range(2)]
+    ms = [int(v) for v in args.m.split(",")]
+    cases = ([(ms[0], int(u)) for u in args.experts.split(",")] if args.experts
+             else [(m, None) for m in ms])
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    records = []
+    for m, u in cases:
+        x = torch.randn(m, s.hidden_size, dtype=torch.bfloat16, device=DEV)
+        ws = PrefillWorkspace.allocate(m, copies[0], s.top_k)
+        runs: dict[str, list[dict]] = {}
+        raw: dict[str, list] = {}
+        facts: dict[str, dict] = {}
+        for call in range(args.calls + 1):
+            if u is None:
+                w, ids = random_routing(m, s, DEV, seed=100 * m + call)
+            else:
+                subset = torch.randperm(s.num_experts, device=DEV, generator=gen)[:u]
+                w, ids = exact_routing(m, s.top_k, subset)
+            prefill_mma.TIMELINE = [] if call else None
+            try:
+                fused_moe_prefill(x, copies[call % 2], w, ids, workspace=ws)
+                torch.cuda.synchronize()
+                launches = prefill_mma.TIMELINE or []
+            finally:
+                prefill_mma.TIMELINE = None
+            for j, (fact, timeline) in enumerate(launches):
+                name = f"gemm{j + 1}"
+                runs.setdefault(name, []).append(summarize(timeline.cpu()))
+                facts[name] = fact
+                if name not in raw:
+                    raw[name] = timeline.cpu().tolist()
+        if not runs:
+            print(f"M={m}: no mma launch (the table's configs are not MMA here)")
+            continue
+        for name, summaries in runs.items():
+            rec = {"model": args.model, "m": m, "experts": u, "gemm": name, **facts[name],
+                   "calls": len(summaries), **_median_summary(summaries),
+                   "timeline": raw[name]}
+            records.append(rec)
+            print(f"M={m:>4} u={u or '-':>4} {name} ({rec.get('registers')} registers): "
+                  f"{rec['programs']} programs on "
+                  f"{rec['sms']} SMs, span {rec['span_us']:.1f} us; first wave "
+                  f"{rec['first_wave']} ({rec['first_wave_per_sm']:.2f} a SM), a program "
+                  f"{rec['first_program_us']:.1f} us, done at {rec['first_wave_done_us']:.1f}"
+                  f" us; later {rec['later']} (a program {rec['later_program_us'] or 0:.1f} "
+                  f"us), {rec['after_first_wave']} started after the first wave "
+                  f"(a program {rec['after_first_wave_program_us'] or 0:.1f} us, SMs by "
+                  f"count {rec['after_first_wave_sms_by_count']})", flush=True)
+    write_records(args.out, "prefill_timeline_probe.json", records, model=args.model,
+                  switches=args.switch)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

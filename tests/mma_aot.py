@@ -25,7 +25,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  a_sorted: bool = False, out_sorted: bool = False, groups: int = 1,
                  scale_words: bool | None = None, weights_before_wait: bool = False,
                  predicated_reloads: bool = False, ring_stages: int = 0,
-                 x_ahead: bool | None = None) -> dict:
+                 x_ahead: bool | None = None, timeline: bool = False,
+                 rotate_k: bool | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -49,11 +50,16 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         num_warps=num_warps, PDL=True, WEIGHTS_BEFORE_WAIT=weights_before_wait,
         PREDICATED_RELOADS=predicated_reloads, RING_STAGES=ring_stages,
         RING_LAYOUT=prefill_mma.ring_layout() if ring_stages else None,
-        X_AHEAD=block_t == 8 if x_ahead is None else x_ahead)
+        X_AHEAD=block_t == 8 if x_ahead is None else x_ahead, TIMELINE=timeline,
+        ROTATE_K=(prefill_mma.ROTATE_K_STEPS and block_t == 8) if rotate_k is None
+        else rotate_k)
+    if not timeline:
+        constexprs["timeline_ptr"] = None
     h = "*fp16" if fp16 else "*bf16"
     pointers = {"a_ptr": h, "qw_ptr": "*i32", "s_ptr": h, "z_ptr": "*u8", "c_ptr": h,
                 "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
-                "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32"}
+                "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32",
+                "timeline_ptr": "*i64"}
     sig, attrs = kernel_signature(fn, constexprs, pointers,
                                   divisible=lambda name: name.startswith("stride")
                                   or name in ("N", "K"))
@@ -74,6 +80,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                               os.path.join(tmp, "kernel.cubin")],
                              capture_output=True, text=True, check=True)
     return {"ptxas": run.stdout + run.stderr, "mma": text.count("mma.sync"),
+            "globaltimer": text.count("%globaltimer"),
             "ring_barriers": ring_barriers}
 
 

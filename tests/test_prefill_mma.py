@@ -281,6 +281,118 @@ def test_activations_at_their_step_give_the_carried_bits(monkeypatch, dtype, sym
         assert torch.equal(outs[0], outs[1]), (h, i, kw.get("activation"))
 
 
+@pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
+def test_timeline_compiles_only_when_asked():
+    """The kernel with ``TIMELINE`` reads the GPU clock (start and end) and does not spill
+    (the shipped GEMM1 and GEMM2 tiles on the words' ring, K steps rotated or not); the
+    kernel without it has no clock read at all. Without rotation the clock reads take no
+    register of their own; with it they take up to 10 more (176-178: two programs an SM
+    instead of three), which is why the probe reports the registers of what it timed."""
+    from mma_aot import ptxas_reports
+
+    base = [dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2,
+                 out_sorted=True, predicated_reloads=True, ring_stages=2),
+            dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2,
+                 a_sorted=True, weights_before_wait=True, predicated_reloads=True,
+                 ring_stages=2)]
+    variants = [dict(v, timeline=t, rotate_k=r) for r in (False, True) for v in base
+                for t in (False, True)]
+    reps = ptxas_reports(variants)
+    for v, rep in zip(variants, reps, strict=True):
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
+        assert rep["globaltimer"] == (2 if v["timeline"] else 0), (v, rep["globaltimer"])
+    regs = [int(r["ptxas"].split("Used ")[1].split(" registers")[0]) for r in reps]
+    assert regs[0] == regs[1] and regs[2] == regs[3], regs
+
+
+def test_timeline_summary_tells_the_first_wave_from_the_rest():
+    """``prefill_timeline_probe.summarize`` on a made-up launch: two SMs with three programs
+    each at the start (one of them late by 3 us, so not of the first wave), then three more
+    after the first wave, two of them stacked on one SM."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from prefill_timeline_probe import summarize
+
+    us = 1000
+    rows = [(0, 0, 10 * us, 100), (0, 100, 11 * us, 110), (1, 200, 12 * us, 120),
+            (1, 300, 12 * us, 120), (1, 500, 13 * us, 130), (0, 3 * us, 14 * us, 110),
+            (0, 14 * us, 18 * us, 40), (1, 14 * us, 20 * us, 60), (1, 15 * us, 20 * us, 50)]
+    got = summarize(torch.tensor(rows, dtype=torch.int64))
+    assert got["programs"] == 9 and got["sms"] == 2 and got["span_us"] == 20
+    assert got["first_wave"] == 5 and got["first_wave_per_sm"] == 2.5
+    assert got["first_wave_done_us"] == 13 and got["first_wave_ends_us"] == [10, 12]
+    assert got["later"] == 4 and got["after_first_wave"] == 3
+    assert got["after_first_wave_program_us"] == 5
+    assert got["after_first_wave_sms_by_count"] == {"1": 1, "2": 1}
+    with pytest.raises(RuntimeError, match="did not write"):
+        summarize(torch.tensor([(0, -1, -1, -1)] + rows, dtype=torch.int64))
+
+
+@gpu_only
+def test_timeline_records_every_program_and_changes_no_bit(monkeypatch):
+    """With ``prefill_mma.TIMELINE`` a list, each mma launch of the layer appends a timeline
+    whose every program wrote its SM, a start before its end on the GPU clock, and its
+    cycles; the output is bit for bit the one without it."""
+    e, h, i, top_k, m = 16, 1024, 512, 4, 23
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=torch.bfloat16, symmetric=True, seed=9)
+    cfg1 = mma_config(8, 64, 4, 256)
+    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": True}
+    outs, launches = [], []
+    for timeline in (None, launches):
+        monkeypatch.setattr(prefill_mma, "TIMELINE", timeline)
+        y = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1])
+    assert [fact["n_out"] for fact, _ in launches] == [i, h]
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    for _, tl in launches:
+        tl = tl.cpu()
+        assert (tl[:, 0] >= 0).all() and (tl[:, 0] < sms).all()
+        assert (tl[:, 1] > 0).all() and (tl[:, 2] >= tl[:, 1]).all() and (tl[:, 3] > 0).all()
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("bt,bn,warps,bk,ring", [(8, 64, 4, 256, 2), (8, 64, 4, 128, 0),
+                                                 (16, 32, 2, 256, 2), (8, 8, 1, 512, 0)])
+def test_rotated_k_steps_sum_the_same_products(monkeypatch, dtype, symmetric, bt, bn, warps,
+                                               bk, ring):
+    """8-slot programs walking their K steps from ``pid % steps`` round (``ROTATE_K_STEPS``)
+    give the unrotated result up to float32 summation order: both GEMMs into NaN-poisoned
+    outputs, 1 to 8 K steps (odd counts included), the words on the ring or in registers.
+    16-slot programs keep the plain order: the same bits either way."""
+    e, top_k, m = 8, 2, 37
+    monkeypatch.setattr(prefill_mma, "WORD_RING_STAGES", ring)
+    monkeypatch.setattr(prefill_mma, "WORD_RING_MIN_BLOCK_K", 0)
+    for h, i in ((1024, 384), (2048, 512)) if bk < 512 else ((512, 1024), (1024, 512)):
+        if h % bk or i % bk:
+            continue
+        experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric,
+                                   seed=bt + bk)
+        blocks = align_block_size(ids, bt, e)
+        slots = m * top_k
+        common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k,
+                      config=mma_config(bt, bn, warps, bk))
+        inter = torch.randn(slots, i, dtype=dtype, device=DEVICE)
+        calls = (dict(a=x, weights=experts.w13, activation="silu", mul_routed_weight=True),
+                 dict(a=inter, weights=experts.w2, a_is_slots=True, mul_routed_weight=True))
+        for kw, width in zip(calls, (i, h), strict=True):
+            outs = []
+            for rotate in (False, True):
+                monkeypatch.setattr(prefill_mma, "ROTATE_K_STEPS", rotate)
+                o = torch.full((slots, width), float("nan"), dtype=dtype, device=DEVICE)
+                prefill_gemm(out=o, **common, **kw)
+                outs.append(o.float())
+            assert not outs[1].isnan().any()
+            if bt != 8:
+                assert torch.equal(outs[0], outs[1]), (h, i, kw.get("activation"))
+            err = (outs[1] - outs[0]).abs().max()
+            assert err <= 1e-2 * outs[0].abs().max(), (h, i, kw.get("activation"), err)
+
+
 @gpu_only
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_layer_matches_the_reference_with_expert_map(dtype):

@@ -53,6 +53,13 @@ Mixtral's GEMM2 (56 steps) and one-group steps (64 bytes a row ahead) were slowe
 and keep the registers
 (``benchmarks/notes_prefill.md``, session 30).
 
+**The K order.** 8-slot programs walk their K steps from step ``pid % steps`` round
+(``ROTATE_K_STEPS``): a launch's first wave, whose programs all start together, otherwise
+reads the same column runs of every row at once, and read 10-15 % slower than the staggered
+waves after it (H200: 1-5 % off most layers, ``benchmarks/notes_prefill.md``, session 32).
+With ``TIMELINE`` each program also records its SM, start, end and cycles
+(``benchmarks/prefill_timeline_probe.py``).
+
 Shapes: A ``[M, K]`` (rows ``slot // top_k``), ``[M*top_k, K]`` (``A_IS_SLOTS``) or ``[EM,
 K]`` (``A_SORTED``: row ``p`` for sorted position ``p``); qweight int32 ``[E, N_w, K/8]``;
 scales ``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` or ``[EM,
@@ -136,6 +143,25 @@ if HAVE_GLUON:
             constraints="=h,=h,r,r,r", args=[words, shift, zz],
             dtype=(gl.float16, gl.float16) if IS_FP16 else (gl.bfloat16, gl.bfloat16),
             is_pure=True, pack=1)
+
+    # special registers read where the program gets there (not pure: never hoisted or merged)
+    @gluon.jit
+    def _globaltimer():
+        """The GPU's nanosecond clock (one for all SMs)."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64,
+                                         is_pure=False, pack=1)
+
+    @gluon.jit
+    def _clock64():
+        """This SM's cycle counter."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64,
+                                         is_pure=False, pack=1)
+
+    @gluon.jit
+    def _smid():
+        """The SM this program runs on."""
+        return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
+                                         is_pure=False, pack=1)
 
     @gluon.jit
     def _word_halves(words, IS_FP16: gl.constexpr):
@@ -266,6 +292,17 @@ if HAVE_GLUON:
                            mask=mask)
 
     @gluon.jit
+    def _k_step(step, rot, last, ROTATE_K: gl.constexpr):
+        """The K step a program reads at its loop step ``step``: with ``ROTATE_K`` its loop
+        starts at step ``rot`` and wraps around after ``last`` (a step past ``last``, a
+        masked prefetch, reads ``last``'s place)."""
+        if ROTATE_K:
+            m = gl.minimum(step, last) + rot
+            return gl.where(m > last, m - last - 1, m)
+        else:
+            return step
+
+    @gluon.jit
     def _step_then_reload(acc, words, x, sc, step, last, w_ptrs, x_ptrs, x_mask, s_ptrs,
                           z_ptrs, s_grp, stride_sg, stride_zg, GROUP_SIZE: gl.constexpr,
                           GROUPS: gl.constexpr, IS_FP16: gl.constexpr,
@@ -275,7 +312,8 @@ if HAVE_GLUON:
                           b_layout: gl.constexpr, mma_layout: gl.constexpr,
                           pairs_layout: gl.constexpr, sz_layout: gl.constexpr,
                           PREDICATED_RELOADS: gl.constexpr = False, ring=None,
-                          RING_STAGES: gl.constexpr = 0, w_mask=None):
+                          RING_STAGES: gl.constexpr = 0, w_mask=None, rot=0,
+                          ROTATE_K: gl.constexpr = False):
         """K step ``step`` on one half's buffers (``words``, ``sc`` and, with ``X_AHEAD``,
         ``x``), then those buffers reloaded in place with step ``step + 2`` (at most
         ``last``, the final step; with ``PREDICATED_RELOADS`` a reload past ``last`` is
@@ -288,26 +326,28 @@ if HAVE_GLUON:
             # in this thread's registers: the mma of step - 1 used them), then wait until at
             # most RING_STAGES - 1 groups are in flight: this step's has landed
             nxt = step + RING_STAGES - 1
+            nxt_k = _k_step(nxt, rot, last, ROTATE_K)
             async_copy.async_copy_global_to_shared(
-                ring.index(nxt % RING_STAGES), w_ptrs + nxt * (16 * GROUPS),
+                ring.index(nxt % RING_STAGES), w_ptrs + nxt_k * (16 * GROUPS),
                 mask=w_mask & (nxt <= last))
             async_copy.commit_group()
             async_copy.wait_group(RING_STAGES - 1)
             step_words = ring.index(step % RING_STAGES).load(w_ptrs.type.layout)
         else:
             step_words = words
+        step_k = _k_step(step, rot, last, ROTATE_K)
         if X_AHEAD:
             xs = x
         else:
-            xs = gl.load(x_ptrs + step * (STEP_K // 2), mask=x_mask, other=0)
+            xs = gl.load(x_ptrs + step_k * (STEP_K // 2), mask=x_mask, other=0)
         if HAS_ZEROS:
-            zr = _step_scales(z_ptrs, s_grp, step, STEP_K, GROUP_SIZE, stride_zg, False)
+            zr = _step_scales(z_ptrs, s_grp, step_k, STEP_K, GROUP_SIZE, stride_zg, False)
         else:
             zr = sc  # a placeholder, unused
         acc = _mma_step(acc, step_words, xs, sc, zr, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS,
                         BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, pairs_layout,
                         sz_layout)
-        ahead = gl.minimum(step + 2, last)
+        ahead = _k_step(gl.minimum(step + 2, last), rot, last, ROTATE_K)
         # with PREDICATED_RELOADS a reload past the last step is off (the buffer is not used
         # again); else the last step is loaded again, 1 of 4 word loads at K = 768
         more = step + 2 <= last if PREDICATED_RELOADS else None
@@ -337,6 +377,7 @@ if HAVE_GLUON:
         PDL: gl.constexpr = False, WEIGHTS_BEFORE_WAIT: gl.constexpr = False,
         PREDICATED_RELOADS: gl.constexpr = False, RING_STAGES: gl.constexpr = 0,
         RING_LAYOUT: gl.constexpr = None, X_AHEAD: gl.constexpr = False,
+        timeline_ptr=None, TIMELINE: gl.constexpr = False, ROTATE_K: gl.constexpr = False,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -357,6 +398,9 @@ if HAVE_GLUON:
         b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma_layout,
                                                      k_width=2)
 
+        if TIMELINE:
+            t_start = _globaltimer()
+            c_start = _clock64()
         num_pid_n = N // BLOCK_N_OUT
         pid = gl.program_id(0)
         pid_m = pid // num_pid_n
@@ -448,7 +492,10 @@ if HAVE_GLUON:
                 # (104 registers a thread, four programs an SM instead of three) made
                 # qwen3-30b's layer 13-23 % slower (benchmarks/notes_prefill.md, session 32)
                 last = num_steps - 1
-                kb = gl.minimum(1, last)
+                # ROTATE_K: program pid starts at K step pid % num_steps and wraps around
+                rot = pid % num_steps if ROTATE_K else 0
+                k0 = _k_step(0, rot, last, ROTATE_K)
+                kb = _k_step(gl.minimum(1, last), rot, last, ROTATE_K)
                 if RING_STAGES > 0:
                     # the words through a ring of RING_STAGES shared-memory stages filled by
                     # cp.async, RING_STAGES - 1 steps ahead: each thread copies its own 16-byte
@@ -458,17 +505,18 @@ if HAVE_GLUON:
                                                      RING_LAYOUT)
                     w_mask = w_cols[None, :] < STEP_W
                     for st in gl.static_range(RING_STAGES - 1):
+                        st_k = _k_step(st, rot, last, ROTATE_K)
                         async_copy.async_copy_global_to_shared(
-                            ring.index(st), w_ptrs + st * STEP_W, mask=w_mask & (st <= last))
+                            ring.index(st), w_ptrs + st_k * STEP_W, mask=w_mask & (st <= last))
                         async_copy.commit_group()
                     words_a = w_cols  # placeholders: the words come from the ring
                     words_b = w_cols
                 else:
                     ring = None
                     w_mask = None
-                    words_a = gl.load(w_ptrs)
+                    words_a = gl.load(w_ptrs + k0 * STEP_W)
                     words_b = gl.load(w_ptrs + kb * STEP_W)
-                sc_a = _step_scales(s_ptrs, s_grp, 0, STEP_K, GROUP_SIZE, stride_sg,
+                sc_a = _step_scales(s_ptrs, s_grp, k0, STEP_K, GROUP_SIZE, stride_sg,
                                     SCALE_WORDS)
                 sc_b = _step_scales(s_ptrs, s_grp, kb, STEP_K, GROUP_SIZE, stride_sg,
                                     SCALE_WORDS)
@@ -478,7 +526,7 @@ if HAVE_GLUON:
                 if EARLY:
                     _wait_upstream_release_next()
                 if X_AHEAD:
-                    x_a = gl.load(x_ptrs, mask=x_mask, other=0)
+                    x_a = gl.load(x_ptrs + k0 * (STEP_K // 2), mask=x_mask, other=0)
                     x_b = gl.load(x_ptrs + kb * (STEP_K // 2), mask=x_mask, other=0)
                 else:  # loaded at their step: placeholders
                     x_a = gl.zeros([64 * GROUPS, BLOCK_T], gl.int32, layout=X_LAYOUT)
@@ -489,14 +537,15 @@ if HAVE_GLUON:
                         x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg, GROUP_SIZE,
                         GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD, BLOCK_N, BLOCK_T,
                         a_layout, b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT,
-                        PREDICATED_RELOADS, ring, RING_STAGES, w_mask)
+                        PREDICATED_RELOADS, ring, RING_STAGES, w_mask, rot, ROTATE_K)
                     if i + 1 < num_steps:
                         acc, words_b, sc_b, x_b = _step_then_reload(
                             acc, words_b, x_b, sc_b, i + 1, last, w_ptrs,
                             x_ptrs, x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg,
                             GROUP_SIZE, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD,
                             BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, PAIRS_LAYOUT,
-                            SZ_LAYOUT, PREDICATED_RELOADS, ring, RING_STAGES, w_mask)
+                            SZ_LAYOUT, PREDICATED_RELOADS, ring, RING_STAGES, w_mask, rot,
+                            ROTATE_K)
                 if RING_STAGES > 0:
                     # the copies past the last step (masked: they write zeros) land before the
                     # epilogue's scratch may reuse the ring's shared memory
@@ -508,6 +557,15 @@ if HAVE_GLUON:
                 res = gl.convert_layout(gl.permute(res.to(c_ptr.dtype.element_ty), (1, 0)),
                                         out_layout)
                 gl.store(c_ptrs, res, mask=c_mask)
+        if TIMELINE:
+            # when and where this program ran: [SM, start ns, end ns, SM clock cycles]
+            c_end = _clock64()
+            t_end = _globaltimer()
+            sm = _smid()
+            gl.store(timeline_ptr + pid * 4, sm.to(gl.int64))
+            gl.store(timeline_ptr + pid * 4 + 1, t_start)
+            gl.store(timeline_ptr + pid * 4 + 2, t_end)
+            gl.store(timeline_ptr + pid * 4 + 3, c_end - c_start)
 
 
 #: GEMM2 (``a_is_slots``) launched as a programmatic dependent of GEMM1 issues its first
@@ -547,6 +605,23 @@ WORD_RING_MIN_BLOCK_K = 256
 #: 168 on the shipped 4-warp tiles, but qwen3-30b's layer 13-23 % slower on the H200, session
 #: 32). The switch is for A/Bs
 ACTIVATIONS_AHEAD = True
+#: a list to record program timelines into (``benchmarks/prefill_timeline_probe.py``), or
+#: None: while it is a list, every launch appends ``(launch facts, timeline)``, the timeline
+#: an int64 ``[programs, 4]`` tensor of (SM id, start and end ``%globaltimer`` in ns, SM clock
+#: cycles from start to end) filled by the kernel. Eager launches only (it allocates); the
+#: kernel compiled without it has none of this code
+TIMELINE = None
+#: 8-slot program ``pid`` walks its K steps from step ``pid % steps`` round to the one before (the
+#: same sum in another order, float32 rounding aside), so that the programs of a wave do not all
+#: read the same column runs of their rows at once: the first wave of a launch, all of whose
+#: programs start together, read at 3.3-3.5 TB/s where later, staggered ones read at 3.9-4.0 (H200,
+#: ``benchmarks/prefill_timeline_probe.py``). Layer A/B on the H200 (session 32), rotated against
+#: not: qwen3-30b M=4 / 8 / 16 / 32 -0.6 / -1.2 / -2.3 / -2.0 %, M=2 +1.6 %, M=64 +0.1 to +0.7 %;
+#: olmoe M=8-32 -1.0 to -4.9 %; deepseek-v2-lite M=4-32 -0.9 to -3.8 %; qwen3-235b M=4-32 -0.5 to
+#: -1.3 %; Mixtral M=2 / 4 / 8 / 16 -4.4 / -0.7 / -1.2 / -2.6 % (8-slot blocks in every cell; on a
+#: 32-slot two-warp tile with zero points triton 3.7 spilled 8 bytes with it, so 16- and 32-slot
+#: programs keep the plain order). The switch is for A/Bs
+ROTATE_K_STEPS = True
 
 
 @functools.cache
@@ -707,8 +782,14 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     # shared-memory analysis puts around it (each thread reads back only its own copies)
     ring = word_ring_stages(k, config)
     x_ahead = bt == 8 and ACTIVATIONS_AHEAD
+    timeline = None
+    if TIMELINE is not None:
+        timeline = torch.full((grid[0], 4), -1, dtype=torch.int64, device=a.device)
+        facts = {"n_out": n_out, "k": k, "config": dict(config),
+                 "activation": bool(activation_code), "ring_stages": ring}
+        TIMELINE.append((facts, timeline))
     with stripped_ring_barriers(_KERNEL_NAME) if ring else contextlib.nullcontext():
-        _prefill_mma_kernel[grid](
+        compiled = _prefill_mma_kernel[grid](
             a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
             n_out, k, slots, top_k, up_offset,
             a.stride(0), qweight.stride(0), qweight.stride(1),
@@ -722,7 +803,12 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             OUT_LAYOUT=store_layout(bt, bn, warps), num_warps=warps,
             WEIGHTS_BEFORE_WAIT=weights_before_wait, PREDICATED_RELOADS=predicated_reloads,
             RING_STAGES=ring, RING_LAYOUT=ring_layout() if ring else None, X_AHEAD=x_ahead,
+            timeline_ptr=timeline, TIMELINE=timeline is not None,
+            ROTATE_K=ROTATE_K_STEPS and bt == 8,
             **prefill_pdl_args(a.device))
+    if timeline is not None:
+        # the clock reads may take registers of their own: programs an SM can differ
+        facts["registers"] = getattr(compiled, "n_regs", None)
 
 
 __all__ = ["MMA_BLOCK_K", "PREDICATED_RELOADS", "PREDICATED_RELOADS_MAX_STEPS",

@@ -615,12 +615,13 @@ TIMELINE = None
 #: same sum in another order, float32 rounding aside), so that the programs of a wave do not all
 #: read the same column runs of their rows at once: the first wave of a launch, all of whose
 #: programs start together, read at 3.3-3.5 TB/s where later, staggered ones read at 3.9-4.0 (H200,
-#: ``benchmarks/prefill_timeline_probe.py``). Layer A/B on the H200 (session 32), rotated against
-#: not: qwen3-30b M=4 / 8 / 16 / 32 -0.6 / -1.2 / -2.3 / -2.0 %, M=2 +1.6 %, M=64 +0.1 to +0.7 %;
-#: olmoe M=8-32 -1.0 to -4.9 %; deepseek-v2-lite M=4-32 -0.9 to -3.8 %; qwen3-235b M=4-32 -0.5 to
-#: -1.3 %; Mixtral M=2 / 4 / 8 / 16 -4.4 / -0.7 / -1.2 / -2.6 % (8-slot blocks in every cell; on a
-#: 32-slot two-warp tile with zero points triton 3.7 spilled 8 bytes with it, so 16- and 32-slot
-#: programs keep the plain order). The switch is for A/Bs
+#: ``benchmarks/prefill_timeline_probe.py``). Layer A/B on the H200 (session 32, two runs for
+#: qwen3-30b), rotated against not: qwen3-30b M=8 / 16 / 32 -1.0 to -1.2 / -2.1 to -2.3 / -2.0 to
+#: -2.7 %, M=4 +0.2 / -0.4 %, M=2 +1.6 % in both, M=64 +0.1 / +0.6 %; olmoe M=8-32 -1.2 to -4.9 %;
+#: deepseek-v2-lite M=4-32 -0.9 to -3.9 %; qwen3-235b M=4-32 -0.5 to -1.3 %; Mixtral M=2 / 4 / 8 /
+#: 16 -4.4 / -0.7 / -1.2 / -2.6 % (8-slot blocks in every cell; on a 32-slot two-warp tile with
+#: zero points triton 3.7 spilled 8 bytes with it, so 16- and 32-slot programs keep the plain
+#: order). The switch is for A/Bs
 ROTATE_K_STEPS = True
 
 

@@ -13,7 +13,9 @@ each mma launch writes its SM, its start and end on the GPU's nanosecond clock
   the clock reads can take more registers than without, so each record says how many);
 * how long a program of the first wave took, and how long one that started later took;
 * when the first wave was done, how many programs were left then, and how those were spread
-  over the SMs (the last round's programs alone on their SM, or stacked).
+  over the SMs (the last round's programs alone on their SM, or stacked);
+* the bandwidth over the launch, by 2-us bins: each program with work reading its weight
+  bytes evenly over its run (the first wave, the staggered middle, the drain).
 
 M tokens are routed at random (``tune.random_routing``), or with ``--experts`` to exactly u
 distinct experts as ``prefill_rounds_probe.py`` does, so the last round's size is set. Two
@@ -44,15 +46,57 @@ from w4a16moe.kernels.tune import MODEL_SHAPES, random_packed_experts, random_ro
 DEV = torch.device("cuda")
 #: programs that start within this many ns of a launch's first are its first wave
 FIRST_WAVE_NS = 2000
+#: programs shorter than this many ns had no block to work on (the grid covers every block
+#: the routing could need; those past the padded count exit at once, about 200 ns)
+EMPTY_NS = 1000
+#: width of the bins of :func:`bandwidth_bins`
+BIN_NS = 2000
 
 
-def summarize(timeline: torch.Tensor) -> dict:
-    """What one launch's ``[programs, 4]`` timeline (SM, start ns, end ns, cycles) says."""
+def program_bytes(fact: dict) -> float:
+    """The weight bytes one program with work reads (``TIMELINE``'s launch facts): its rows'
+    int4 codes over the whole K, their 16-bit scales and 8-bit zero points."""
+    rows = fact["config"]["BLOCK_SIZE_N"] * (2 if fact["activation"] else 1)
+    groups = fact["k"] // fact["group_size"]
+    return rows * (fact["k"] / 2 + groups * (3 if fact["has_zeros"] else 2))
+
+
+def bandwidth_bins(start: list[int], end: list[int], bytes_per_program: float,
+                   bin_ns: int = BIN_NS) -> list[dict]:
+    """Programs running and bytes read per ``bin_ns`` bin from the first start on, each
+    program's ``bytes_per_program`` spread evenly over its run: ``{"t_us", "running", "tb_s"}``
+    (``running`` the average count of programs in the bin)."""
+    t0, t1 = min(start), max(end)
+    bins = [{"t_us": b * bin_ns / 1e3, "running": 0.0, "tb_s": 0.0}
+            for b in range((t1 - t0 + bin_ns - 1) // bin_ns)]
+    for s, e in zip(start, end, strict=True):
+        s, e = s - t0, e - t0
+        for b in range(s // bin_ns, min(len(bins), -(-e // bin_ns))):
+            lo, hi = b * bin_ns, (b + 1) * bin_ns
+            overlap = max(0, min(hi, e) - max(lo, s))
+            if overlap and e > s:
+                bins[b]["running"] += overlap / bin_ns
+                bins[b]["tb_s"] += bytes_per_program * overlap / (e - s) / bin_ns / 1e3
+    return bins
+
+
+def summarize(timeline: torch.Tensor, bytes_per_program: float | None = None) -> dict:
+    """What one launch's ``[programs, 4]`` timeline (SM, start ns, end ns, cycles) says;
+    with ``bytes_per_program`` (the weight bytes a program with work reads:
+    :func:`program_bytes`)
+    also the bandwidth over the launch of the programs with work (:func:`bandwidth_bins`)."""
     sm, start, end, cycles = (timeline[:, j].tolist() for j in range(4))
     if min(start) < 0:
         raise RuntimeError("a program did not write its timeline row")
     t0 = min(start)
     dur = [(e - s) / 1e3 for s, e in zip(start, end, strict=True)]
+    work = [i for i in range(len(start)) if end[i] - start[i] >= EMPTY_NS]
+    extra = {}
+    if bytes_per_program is not None and work:
+        span_ns = max(end) - t0
+        extra = {"weight_tb_s": len(work) * bytes_per_program / span_ns / 1e3,
+                 "bins": bandwidth_bins([start[i] for i in work], [end[i] for i in work],
+                                        bytes_per_program)}
     first = [i for i, s in enumerate(start) if s - t0 < FIRST_WAVE_NS]
     later = [i for i, s in enumerate(start) if s - t0 >= FIRST_WAVE_NS]
     first_done = max(end[i] for i in first)
@@ -76,10 +120,13 @@ def summarize(timeline: torch.Tensor) -> dict:
                                         if left else None),
         "after_first_wave_sms_by_count": {str(k): v for k, v in stacked.items()},
         "cycles_per_program": statistics.median(cycles),
+        "with_work": len(work), **extra,
     }
 
 
 def _median_summary(summaries: list[dict]) -> dict:
+    """Numbers as their median over the calls; anything else (``bins``, the SM counts) as
+    the first call has it."""
     out = {}
     for key, value in summaries[0].items():
         if isinstance(value, (int, float)) and value is not None and all(
@@ -136,7 +183,8 @@ def main() -> int:
                 prefill_mma.TIMELINE = None
             for j, (fact, timeline) in enumerate(launches):
                 name = f"gemm{j + 1}"
-                runs.setdefault(name, []).append(summarize(timeline.cpu()))
+                runs.setdefault(name, []).append(
+                    summarize(timeline.cpu(), bytes_per_program=program_bytes(fact)))
                 facts[name] = fact
                 if name not in raw:
                     raw[name] = timeline.cpu().tolist()
@@ -157,6 +205,12 @@ def main() -> int:
                   f"us), {rec['after_first_wave']} started after the first wave "
                   f"(a program {rec['after_first_wave_program_us'] or 0:.1f} us, SMs by "
                   f"count {rec['after_first_wave_sms_by_count']})", flush=True)
+            if rec.get("bins"):
+                print(f"    {rec['with_work']} with work, weights at "
+                      f"{rec['weight_tb_s']:.2f} TB/s over the span; by "
+                      f"{BIN_NS / 1e3:g}-us bin (first call), programs running / TB/s: "
+                      + " ".join(f"{b['running']:.0f}/{b['tb_s']:.1f}" for b in rec["bins"]),
+                      flush=True)
     write_records(args.out, "prefill_timeline_probe.json", records, model=args.model,
                   switches=args.switch)
     return 0

@@ -308,12 +308,13 @@ def test_timeline_compiles_only_when_asked():
 def test_timeline_summary_tells_the_first_wave_from_the_rest():
     """``prefill_timeline_probe.summarize`` on a made-up launch: two SMs with three programs
     each at the start (one of them late by 3 us, so not of the first wave), then three more
-    after the first wave, two of them stacked on one SM."""
+    after the first wave, two of them stacked on one SM; then its bandwidth bins and the
+    weight bytes a program reads."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from prefill_timeline_probe import summarize
+    from prefill_timeline_probe import bandwidth_bins, program_bytes, summarize
 
     us = 1000
     rows = [(0, 0, 10 * us, 100), (0, 100, 11 * us, 110), (1, 200, 12 * us, 120),
@@ -328,6 +329,21 @@ def test_timeline_summary_tells_the_first_wave_from_the_rest():
     assert got["after_first_wave_sms_by_count"] == {"1": 1, "2": 1}
     with pytest.raises(RuntimeError, match="did not write"):
         summarize(torch.tensor([(0, -1, -1, -1)] + rows, dtype=torch.int64))
+    # an empty program (no block: exits at once) is told apart; 4 MB a program over 4-11 us
+    rows.append((1, 20 * us, 20 * us + 200, 5))
+    got = summarize(torch.tensor(rows, dtype=torch.int64), bytes_per_program=4e6)
+    assert got["with_work"] == 9 and got["programs"] == 10
+    assert got["weight_tb_s"] == pytest.approx(9 * 4e6 / (20.2 * us) / 1e3)
+    assert len(got["bins"]) == 10 and got["bins"][0]["t_us"] == 0  # the programs with work
+    # bins: each program's bytes spread evenly over its run
+    bins = bandwidth_bins([0, 2 * us], [4 * us, 6 * us], 4e6)
+    assert [b["running"] for b in bins] == [1, 2, 1]
+    assert [b["tb_s"] for b in bins] == pytest.approx([1, 2, 1])
+    # GEMM1's shipped qwen3-30b tile: 128 rows of 2048 codes, 16 bf16 scales each
+    fact = {"config": {"BLOCK_SIZE_N": 64}, "activation": True, "k": 2048, "group_size": 128,
+            "has_zeros": False}
+    assert program_bytes(fact) == 128 * (1024 + 16 * 2)
+    assert program_bytes({**fact, "has_zeros": True, "activation": False}) == 64 * (1024 + 48)
 
 
 @gpu_only

@@ -786,8 +786,9 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     timeline = None
     if TIMELINE is not None:
         timeline = torch.full((grid[0], 4), -1, dtype=torch.int64, device=a.device)
-        facts = {"n_out": n_out, "k": k, "config": dict(config),
-                 "activation": bool(activation_code), "ring_stages": ring}
+        facts = {"n_out": n_out, "k": k, "config": dict(config), "group_size": group_size,
+                 "has_zeros": zeros is not None, "activation": bool(activation_code),
+                 "ring_stages": ring}
         TIMELINE.append((facts, timeline))
     with stripped_ring_barriers(_KERNEL_NAME) if ring else contextlib.nullcontext():
         compiled = _prefill_mma_kernel[grid](

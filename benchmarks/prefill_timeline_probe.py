@@ -125,13 +125,15 @@ def summarize(timeline: torch.Tensor, bytes_per_program: float | None = None) ->
 
 
 def _median_summary(summaries: list[dict]) -> dict:
-    """Numbers as their median over the calls; anything else (``bins``, the SM counts) as
-    the first call has it."""
+    """Numbers as their median over the calls (counts as the lower median); anything else
+    (``bins``, the SM counts) as the first call has it."""
     out = {}
     for key, value in summaries[0].items():
-        if isinstance(value, (int, float)) and value is not None and all(
-                isinstance(s[key], (int, float)) for s in summaries):
-            out[key] = statistics.median(s[key] for s in summaries)
+        values = [s[key] for s in summaries]
+        if all(isinstance(v, int) for v in values):  # counts stay counts
+            out[key] = statistics.median_low(values)
+        elif all(isinstance(v, (int, float)) for v in values):
+            out[key] = statistics.median(values)
         else:
             out[key] = value
     return out

@@ -82,9 +82,9 @@ def bandwidth_bins(start: list[int], end: list[int], bytes_per_program: float,
 
 def summarize(timeline: torch.Tensor, bytes_per_program: float | None = None) -> dict:
     """What one launch's ``[programs, 4]`` timeline (SM, start ns, end ns, cycles) says;
-    with ``bytes_per_program`` (the weight bytes a program with work reads:
-    :func:`program_bytes`)
-    also the bandwidth over the launch of the programs with work (:func:`bandwidth_bins`)."""
+    with ``bytes_per_program`` (the weight bytes a program with work reads,
+    :func:`program_bytes`) also the bandwidth over the launch of the programs with work
+    (:func:`bandwidth_bins`)."""
     sm, start, end, cycles = (timeline[:, j].tolist() for j in range(4))
     if min(start) < 0:
         raise RuntimeError("a program did not write its timeline row")

@@ -614,7 +614,7 @@ TIMELINE = None
 #: 8-slot program ``pid`` walks its K steps from step ``pid % steps`` round to the one before (the
 #: same sum in another order, float32 rounding aside), so that the programs of a wave do not all
 #: read the same column runs of their rows at once: the first wave of a launch, all of whose
-#: programs start together, read at 3.3-3.5 TB/s where later, staggered ones read at 3.9-4.0 (H200,
+#: programs start together, read at 3.3-3.5 TB/s where later, staggered ones read at 3.7-4.0 (H200,
 #: ``benchmarks/prefill_timeline_probe.py``). Layer A/B on the H200 (session 32, two runs for
 #: qwen3-30b), rotated against not: qwen3-30b M=8 / 16 / 32 -1.0 to -1.2 / -2.1 to -2.3 / -2.0 to
 #: -2.7 %, M=4 +0.2 / -0.4 %, M=2 +1.6 % in both, M=64 +0.1 / +0.6 %; olmoe M=8-32 -1.2 to -4.9 %;
@@ -813,7 +813,8 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         facts["registers"] = getattr(compiled, "n_regs", None)
 
 
-__all__ = ["MMA_BLOCK_K", "PREDICATED_RELOADS", "PREDICATED_RELOADS_MAX_STEPS",
+__all__ = ["ACTIVATIONS_AHEAD", "MMA_BLOCK_K", "PREDICATED_RELOADS",
+           "PREDICATED_RELOADS_MAX_STEPS", "ROTATE_K_STEPS", "TIMELINE",
            "WORD_RING_MAX_STEPS", "WORD_RING_MIN_BLOCK_K", "WORD_RING_STAGES",
            "launch_prefill_mma", "mma_groups", "mma_layouts", "word_ring_stages",
            "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "store_layout"]

@@ -149,6 +149,30 @@ def test_word_ring_variants_compile_for_sm90_without_barriers_in_the_loop():
             assert regs <= 168, (v, regs)
 
 
+def _both_gemms_by_switch(monkeypatch, switch: str, values, experts, x, w, ids, *,
+                          config: dict):
+    """``("gemm1" | "gemm2", [output per value])``: GEMM1 (SiLU, router weight on the
+    input) on ``x`` and GEMM2 (router weight on the output) on random slot rows, each into
+    NaN-poisoned outputs with ``prefill_mma.<switch>`` set to each of ``values``."""
+    m, top_k = ids.shape
+    slots, i, h = m * top_k, experts.intermediate_size, experts.hidden_size
+    common = dict(blocks=align_block_size(ids, config["BLOCK_SIZE_M"], experts.num_experts),
+                  topk_ids=ids, topk_weights=w, top_k=top_k, config=config)
+    inter = torch.randn(slots, i, dtype=x.dtype, device=DEVICE)
+    calls = (("gemm1", dict(a=x, weights=experts.w13, activation="silu",
+                            mul_routed_weight=True), i),
+             ("gemm2", dict(a=inter, weights=experts.w2, a_is_slots=True,
+                            mul_routed_weight=True), h))
+    for gemm, kw, width in calls:
+        outs = []
+        for value in values:
+            monkeypatch.setattr(prefill_mma, switch, value)
+            o = torch.full((slots, width), float("nan"), dtype=x.dtype, device=DEVICE)
+            prefill_gemm(out=o, **common, **kw)
+            outs.append(o)
+        yield gemm, outs
+
+
 def _case(m, h, i, e, top_k, *, dtype, symmetric, seed):
     experts = random_experts(e, h, i, group_size=128, symmetric=symmetric, dtype=dtype,
                              device=DEVICE, seed=seed)
@@ -263,22 +287,11 @@ def test_activations_at_their_step_give_the_carried_bits(monkeypatch, dtype, sym
     monkeypatch.setattr(prefill_mma, "WORD_RING_MIN_BLOCK_K", 0)
     h, i = (2048, 768) if bk == 256 else (1024, 384)
     experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric, seed=bn)
-    blocks = align_block_size(ids, 8, e)
-    slots = m * top_k
-    common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k,
-                  config=mma_config(8, bn, warps, bk))
-    inter = torch.randn(slots, i, dtype=dtype, device=DEVICE)
-    calls = (dict(a=x, weights=experts.w13, activation="silu", mul_routed_weight=True),
-             dict(a=inter, weights=experts.w2, a_is_slots=True, mul_routed_weight=True))
-    for kw, width in zip(calls, (i, h), strict=True):
-        outs = []
-        for ahead in (True, False):
-            monkeypatch.setattr(prefill_mma, "ACTIVATIONS_AHEAD", ahead)
-            o = torch.full((slots, width), float("nan"), dtype=dtype, device=DEVICE)
-            prefill_gemm(out=o, **common, **kw)
-            outs.append(o)
+    for gemm, outs in _both_gemms_by_switch(monkeypatch, "ACTIVATIONS_AHEAD", (True, False),
+                                            experts, x, w, ids,
+                                            config=mma_config(8, bn, warps, bk)):
         assert not outs[0].isnan().any()
-        assert torch.equal(outs[0], outs[1]), (h, i, kw.get("activation"))
+        assert torch.equal(outs[0], outs[1]), (h, i, gemm)
 
 
 @pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
@@ -388,25 +401,14 @@ def test_rotated_k_steps_sum_the_same_products(monkeypatch, dtype, symmetric, bt
             continue
         experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric,
                                    seed=bt + bk)
-        blocks = align_block_size(ids, bt, e)
-        slots = m * top_k
-        common = dict(blocks=blocks, topk_ids=ids, topk_weights=w, top_k=top_k,
-                      config=mma_config(bt, bn, warps, bk))
-        inter = torch.randn(slots, i, dtype=dtype, device=DEVICE)
-        calls = (dict(a=x, weights=experts.w13, activation="silu", mul_routed_weight=True),
-                 dict(a=inter, weights=experts.w2, a_is_slots=True, mul_routed_weight=True))
-        for kw, width in zip(calls, (i, h), strict=True):
-            outs = []
-            for rotate in (False, True):
-                monkeypatch.setattr(prefill_mma, "ROTATE_K_STEPS", rotate)
-                o = torch.full((slots, width), float("nan"), dtype=dtype, device=DEVICE)
-                prefill_gemm(out=o, **common, **kw)
-                outs.append(o.float())
+        for gemm, outs in _both_gemms_by_switch(monkeypatch, "ROTATE_K_STEPS", (False, True),
+                                                experts, x, w, ids,
+                                                config=mma_config(bt, bn, warps, bk)):
             assert not outs[1].isnan().any()
             if bt != 8:
-                assert torch.equal(outs[0], outs[1]), (h, i, kw.get("activation"))
-            err = (outs[1] - outs[0]).abs().max()
-            assert err <= 1e-2 * outs[0].abs().max(), (h, i, kw.get("activation"), err)
+                assert torch.equal(outs[0], outs[1]), (h, i, gemm)
+            err = (outs[1].float() - outs[0].float()).abs().max()
+            assert err <= 1e-2 * outs[0].float().abs().max(), (h, i, gemm, err)
 
 
 @gpu_only

@@ -14,20 +14,25 @@ writes them so), as the layer runs it; the gather is a separate kernel.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
+import os
+import sys
 
 import torch
 
-from w4a16moe.kernels.configs import get_prefill_config
-from w4a16moe.kernels.prefill import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from prefill_mma_ab import add_switch_argument, apply_switches  # noqa: E402
+
+from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
+from w4a16moe.kernels.prefill import (  # noqa: E402
     _fragment_tiles,
     fragment_order_columns,
     gather_sorted_rows,
     prefill_gemm,
 )
-from w4a16moe.kernels.tune import MODEL_SHAPES, random_packed_experts, random_routing
-from w4a16moe.routing import align_block_size
+from w4a16moe.kernels.tune import MODEL_SHAPES, random_packed_experts, random_routing  # noqa: E402
+from w4a16moe.routing import align_block_size  # noqa: E402
 
 
 def main() -> int:
@@ -39,17 +44,9 @@ def main() -> int:
     ap.add_argument("--config", type=json.loads, default=None,
                     help="kernel config as JSON (default: the shipped table's)")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
-                    help="set a module switch of w4a16moe.kernels.prefill_mma (a Python "
-                         "literal), e.g. --switch WORD_RING_STAGES=0; repeatable")
+    add_switch_argument(ap)
     args = ap.parse_args()
-    from w4a16moe.kernels import prefill_mma
-
-    for item in args.switch:
-        name, _, value = item.partition("=")
-        if not hasattr(prefill_mma, name) or not name.isupper():
-            ap.error(f"--switch {item!r}: prefill_mma has no switch {name!r}")
-        setattr(prefill_mma, name, ast.literal_eval(value))
+    apply_switches(ap, args.switch)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     s = MODEL_SHAPES[args.model]
     h, i, e, k, m = s.hidden_size, s.intermediate_size, s.num_experts, s.top_k, args.tokens

@@ -140,14 +140,37 @@ def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="s
 
 
 def _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation: str,
-                  **switches):
-    """The shipped prefill layer with the module switches ``prefill_mma.<name>`` set to the
-    given values while it launches (restored after)."""
+                  configs=None, **switches):
+    """The shipped prefill layer (on ``configs`` if given) with the module switches
+    ``prefill_mma.<name>`` set to the given values while it launches (restored after)."""
     from w4a16moe.kernels import prefill_mma
 
     with mock.patch.multiple(prefill_mma, **switches):
         return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation)
+                             activation=activation, configs=configs)
+
+
+def add_switch_argument(parser) -> None:
+    """``--switch NAME=VALUE`` (repeatable) on a probe's command line: see
+    :func:`apply_switches`."""
+    parser.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a module switch of w4a16moe.kernels.prefill_mma (a Python "
+                             "literal) first, e.g. --switch WORD_RING_STAGES=0; repeatable")
+
+
+def apply_switches(parser, items: list[str], protected: tuple[str, ...] = ()) -> None:
+    """Set each ``NAME=VALUE`` of ``items`` as ``prefill_mma.NAME`` (the value a Python
+    literal); ``parser.error`` for a name that is no upper-case switch of the module or is
+    one of ``protected`` (those the probe sets itself)."""
+    import ast
+
+    from w4a16moe.kernels import prefill_mma
+
+    for item in items:
+        name, _, value = item.partition("=")
+        if not name.isupper() or not hasattr(prefill_mma, name) or name in protected:
+            parser.error(f"--switch {item!r}: prefill_mma has no switch {name!r} to set")
+        setattr(prefill_mma, name, ast.literal_eval(value))
 
 
 def prefill_wait_first(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
@@ -244,13 +267,9 @@ def prefill_one_slab_activations_at_step(hidden_states, experts, topk_weights, t
                                          activation="silu"):
     """:func:`prefill_one_slab` with :func:`prefill_activations_at_step`'s loads (72
     registers a thread on GEMM1's one-slab 4-warp tile)."""
-    from w4a16moe.kernels import prefill_mma
-
     m, top_k = topk_ids.shape
-    with mock.patch.object(prefill_mma, "ACTIVATIONS_AHEAD", False):
-        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation,
-                             configs=_one_slab_configs(experts, top_k, m))
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         configs=_one_slab_configs(experts, top_k, m), ACTIVATIONS_AHEAD=False)
 
 
 prefill_word_ring2 = _ring_everywhere(2)
@@ -258,11 +277,10 @@ prefill_word_ring3 = _ring_everywhere(3)
 prefill_word_ring4 = _ring_everywhere(4)
 
 
-__all__ = ["VARIANTS", "block_slots", "mma_a", "mma_b", "mma_c", "mma_configs", "mma_d", "mma_g2",
-           "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d", "prefill_activations_at_step",
-           "prefill_one_slab", "prefill_one_slab_activations_at_step",
-           "prefill_reload_past_last", "prefill_rotated_k", "prefill_unrotated_k",
-           "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
+__all__ = ["VARIANTS", "add_switch_argument", "apply_switches", "block_slots", "mma_a", "mma_b",
+           "mma_c", "mma_configs", "mma_d", "mma_g2", "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d",
+           "prefill_activations_at_step", "prefill_one_slab",
+           "prefill_one_slab_activations_at_step", "prefill_reload_past_last", "prefill_rotated_k",
+           "prefill_unrotated_k", "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
            "prefill_word_ring4", "prefill_word_ring_max8", "prefill_words_in_registers",
-           "prefill_workspace", "ship_g1_mma_g2", "shipped_layer", "step_columns",
-           "table_layer"]
+           "prefill_workspace", "ship_g1_mma_g2", "shipped_layer", "step_columns", "table_layer"]

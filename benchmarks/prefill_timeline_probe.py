@@ -27,7 +27,6 @@ timeline of each GEMM's first recorded call.
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import statistics
 import sys
@@ -36,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from prefill_mma_ab import add_switch_argument, apply_switches  # noqa: E402
 from prefill_rounds_probe import routing as exact_routing  # noqa: E402
 from prefill_rs_ab import write_records  # noqa: E402
 
@@ -147,16 +147,10 @@ def main() -> int:
                     help="route --m's first value to exactly these many distinct experts "
                          "each (comma-separated) instead of at random")
     ap.add_argument("--calls", type=int, default=5, help="recorded calls a case")
-    ap.add_argument("--switch", action="append", default=[], metavar="NAME=VALUE",
-                    help="set a module switch of w4a16moe.kernels.prefill_mma (a Python "
-                         "literal) first, e.g. --switch WORD_RING_STAGES=3; repeatable")
+    add_switch_argument(ap)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    for item in args.switch:
-        name, _, value = item.partition("=")
-        if not name.isupper() or not hasattr(prefill_mma, name) or name == "TIMELINE":
-            ap.error(f"--switch {item!r}: prefill_mma has no switch {name!r}")
-        setattr(prefill_mma, name, ast.literal_eval(value))
+    apply_switches(ap, args.switch, protected=("TIMELINE",))
     s = MODEL_SHAPES[args.model]
     copies = [random_packed_experts(s, torch.bfloat16, DEV, seed=11 + c) for c in range(2)]
     ms = [int(v) for v in args.m.split(",")]

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/prefill_timeline_probe.py --out $OUT \\
         [--model qwen3-30b-a3b] [--m 8,16,64] [--experts 33,34,40] [--calls 5] \\
-        [--switch ROTATE_K_STEPS=True]
+        [--switch ROTATE_K_STEPS=True] [--graph]
 
 The layer (shipped configs) runs eagerly with ``prefill_mma.TIMELINE`` set: each program of
 each mma launch writes its SM, its start and end on the GPU's nanosecond clock
@@ -20,6 +20,13 @@ each mma launch writes its SM, its start and end on the GPU's nanosecond clock
 M tokens are routed at random (``tune.random_routing``), or with ``--experts`` to exactly u
 distinct experts as ``prefill_rounds_probe.py`` does, so the last round's size is set. Two
 weight copies alternate; the first call of each case compiles and is not recorded.
+
+With ``--graph`` the layer runs as it does in a model: captured in a CUDA graph (one a weight
+copy; each call copies its routing into the graph's inputs and replays it), so GEMM2 is
+launched as GEMM1's programmatic dependent with no host gap between them. Then each case also
+gets a ``layer`` record on one time axis: when GEMM1's last program ended, when GEMM2's
+programs started (how many before GEMM1 was done) and ended, and the programs with work of
+each GEMM running by 2-us bin (a GEMM2 program's run includes its wait for GEMM1).
 ``$OUT/prefill_timeline_probe.json`` holds the summaries (medians over the calls) and the raw
 timeline of each GEMM's first recorded call.
 """
@@ -124,6 +131,38 @@ def summarize(timeline: torch.Tensor, bytes_per_program: float | None = None) ->
     }
 
 
+def layer_overlap(gemm1: torch.Tensor, gemm2: torch.Tensor, bin_ns: int = BIN_NS) -> dict:
+    """GEMM1's and GEMM2's timelines of one graph replay on one time axis (from GEMM1's
+    first start): when GEMM1's last program ended, when GEMM2's programs started (how many
+    before GEMM1 was done) and ended, and each GEMM's programs with work running by
+    ``bin_ns`` bin (``running`` as :func:`bandwidth_bins` counts it)."""
+    s1, e1 = gemm1[:, 1].tolist(), gemm1[:, 2].tolist()
+    s2, e2 = gemm2[:, 1].tolist(), gemm2[:, 2].tolist()
+    if min(s1 + s2) < 0:
+        raise RuntimeError("a program did not write its timeline row")
+    t0 = min(s1)
+    gemm1_end = max(e1)
+    work1 = [i for i in range(len(s1)) if e1[i] - s1[i] >= EMPTY_NS]
+    work2 = [i for i in range(len(s2)) if e2[i] - s2[i] >= EMPTY_NS]
+    end = max(e1 + e2)
+    bins = []
+    for b in range((end - t0 + bin_ns - 1) // bin_ns):
+        lo, hi = t0 + b * bin_ns, t0 + (b + 1) * bin_ns
+        row = {"t_us": b * bin_ns / 1e3}
+        for name, (st, en, work) in (("gemm1", (s1, e1, work1)), ("gemm2", (s2, e2, work2))):
+            row[name] = sum(max(0, min(hi, en[i]) - max(lo, st[i])) for i in work) / bin_ns
+        bins.append(row)
+    return {
+        "gemm1_end_us": (gemm1_end - t0) / 1e3,
+        "gemm2_first_start_us": (min(s2) - t0) / 1e3,
+        "gemm2_started_before_gemm1_end": sum(1 for v in s2 if v < gemm1_end),
+        "gemm2_with_work_started_before_gemm1_end": sum(1 for i in work2 if s2[i] < gemm1_end),
+        "gemm2_with_work": len(work2),
+        "gemm2_end_us": (max(e2) - t0) / 1e3,
+        "running_bins": bins,
+    }
+
+
 def _median_summary(summaries: list[dict]) -> dict:
     """Numbers as their median over the calls (counts as the lower median); anything else
     (``bins``, the SM counts) as the first call has it."""
@@ -139,6 +178,52 @@ def _median_summary(summaries: list[dict]) -> dict:
     return out
 
 
+def _eager_calls(x, copies, ws, routing, calls: int):
+    """The layer launched eagerly ``calls + 1`` times (the first, which compiles, not
+    recorded): yields each recorded call's ``TIMELINE`` launches."""
+    for call in range(calls + 1):
+        w, ids = routing(call)
+        prefill_mma.TIMELINE = [] if call else None
+        try:
+            fused_moe_prefill(x, copies[call % 2], w, ids, workspace=ws)
+            torch.cuda.synchronize()
+            launches = prefill_mma.TIMELINE or []
+        finally:
+            prefill_mma.TIMELINE = None
+        if call:
+            yield launches
+
+
+def _graph_calls(x, copies, ws, routing, calls: int):
+    """The layer captured in one CUDA graph a weight copy (after an eager call that
+    compiles), each call's routing copied into the graphs' inputs before its replay: yields
+    each call's ``TIMELINE`` launches (the tensors the captured kernels write)."""
+    w, ids = routing(0)
+    prefill_mma.TIMELINE = []
+    try:
+        fused_moe_prefill(x, copies[0], w, ids, workspace=ws)
+        torch.cuda.synchronize()
+        graphs = []
+        for copy in copies:
+            prefill_mma.TIMELINE = []
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fused_moe_prefill(x, copy, w, ids, workspace=ws)
+            graphs.append((graph, prefill_mma.TIMELINE))
+    finally:
+        prefill_mma.TIMELINE = None
+    for call in range(1, calls + 1):
+        w_new, ids_new = routing(call)
+        w.copy_(w_new)
+        ids.copy_(ids_new)
+        graph, launches = graphs[call % 2]
+        for _, timeline in launches:  # captured unfilled: -1 tells a row never written
+            timeline.fill_(-1)
+        graph.replay()
+        torch.cuda.synchronize()
+        yield launches
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(MODEL_SHAPES))
@@ -147,6 +232,9 @@ def main() -> int:
                     help="route --m's first value to exactly these many distinct experts "
                          "each (comma-separated) instead of at random")
     ap.add_argument("--calls", type=int, default=5, help="recorded calls a case")
+    ap.add_argument("--graph", action="store_true",
+                    help="replay the layer from CUDA graphs (GEMM2 a programmatic dependent of "
+                         "GEMM1, as in a model) instead of launching it eagerly")
     add_switch_argument(ap)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -164,19 +252,19 @@ def main() -> int:
         runs: dict[str, list[dict]] = {}
         raw: dict[str, list] = {}
         facts: dict[str, dict] = {}
-        for call in range(args.calls + 1):
+        overlaps: list[dict] = []
+
+        def routing(call: int, m: int = m, u: int | None = u):
             if u is None:
-                w, ids = random_routing(m, s, DEV, seed=100 * m + call)
-            else:
-                subset = torch.randperm(s.num_experts, device=DEV, generator=gen)[:u]
-                w, ids = exact_routing(m, s.top_k, subset)
-            prefill_mma.TIMELINE = [] if call else None
-            try:
-                fused_moe_prefill(x, copies[call % 2], w, ids, workspace=ws)
-                torch.cuda.synchronize()
-                launches = prefill_mma.TIMELINE or []
-            finally:
-                prefill_mma.TIMELINE = None
+                return random_routing(m, s, DEV, seed=100 * m + call)
+            subset = torch.randperm(s.num_experts, device=DEV, generator=gen)[:u]
+            return exact_routing(m, s.top_k, subset)
+
+        calls = (_graph_calls if args.graph else _eager_calls)(x, copies, ws, routing,
+                                                               args.calls)
+        for launches in calls:
+            if args.graph and len(launches) == 2:
+                overlaps.append(layer_overlap(launches[0][1].cpu(), launches[1][1].cpu()))
             for j, (fact, timeline) in enumerate(launches):
                 name = f"gemm{j + 1}"
                 runs.setdefault(name, []).append(
@@ -207,8 +295,21 @@ def main() -> int:
                       f"{BIN_NS / 1e3:g}-us bin (first call), programs running / TB/s: "
                       + " ".join(f"{b['running']:.0f}/{b['tb_s']:.1f}" for b in rec["bins"]),
                       flush=True)
+        if overlaps:
+            rec = {"model": args.model, "m": m, "experts": u, "gemm": "layer",
+                   "calls": len(overlaps), **_median_summary(overlaps)}
+            records.append(rec)
+            print(f"M={m:>4} u={u or '-':>4} layer (graph): GEMM1 ends at "
+                  f"{rec['gemm1_end_us']:.1f} us; GEMM2's first program starts at "
+                  f"{rec['gemm2_first_start_us']:.1f} us, "
+                  f"{rec['gemm2_with_work_started_before_gemm1_end']} of its "
+                  f"{rec['gemm2_with_work']} with work before GEMM1's end; GEMM2 ends at "
+                  f"{rec['gemm2_end_us']:.1f} us; running GEMM1/GEMM2 by "
+                  f"{BIN_NS / 1e3:g}-us bin (first call): "
+                  + " ".join(f"{b['gemm1']:.0f}/{b['gemm2']:.0f}" for b in rec["running_bins"]),
+                  flush=True)
     write_records(args.out, "prefill_timeline_probe.json", records, model=args.model,
-                  switches=args.switch)
+                  switches=args.switch, graph=args.graph)
     return 0
 
 

@@ -359,6 +359,32 @@ def test_timeline_summary_tells_the_first_wave_from_the_rest():
     assert program_bytes({**fact, "has_zeros": True, "activation": False}) == 64 * (1024 + 48)
 
 
+def test_layer_overlap_puts_both_gemms_on_one_axis():
+    """``prefill_timeline_probe.layer_overlap`` on a made-up replay: GEMM1's two programs
+    with work end at 10 and 12 us (an empty one exits at once), GEMM2's start at 9 (before
+    GEMM1's end, waiting), 11 and 13 us; the running counts per bin are each GEMM's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from prefill_timeline_probe import layer_overlap
+
+    us = 1000
+    g1 = torch.tensor([(0, 0, 10 * us, 1), (1, 0, 12 * us, 1), (1, 100, 300, 1)])
+    g2 = torch.tensor([(0, 9 * us, 14 * us, 1), (0, 11 * us, 15 * us, 1),
+                       (1, 13 * us, 13 * us + 200, 1)])
+    got = layer_overlap(g1, g2, bin_ns=4 * us)
+    assert got["gemm1_end_us"] == 12 and got["gemm2_first_start_us"] == 9
+    assert got["gemm2_started_before_gemm1_end"] == 2
+    assert got["gemm2_with_work_started_before_gemm1_end"] == 2
+    assert got["gemm2_with_work"] == 2 and got["gemm2_end_us"] == 15
+    assert [b["t_us"] for b in got["running_bins"]] == [0, 4, 8, 12]
+    assert [b["gemm1"] for b in got["running_bins"]] == [2, 2, 1.5, 0]
+    assert [b["gemm2"] for b in got["running_bins"]] == [0, 0, 1, 1.25]
+    with pytest.raises(RuntimeError, match="did not write"):
+        layer_overlap(g1, torch.tensor([(0, -1, -1, -1)]))
+
+
 @gpu_only
 def test_timeline_records_every_program_and_changes_no_bit(monkeypatch):
     """With ``prefill_mma.TIMELINE`` a list, each mma launch of the layer appends a timeline

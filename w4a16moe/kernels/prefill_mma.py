@@ -608,7 +608,8 @@ ACTIVATIONS_AHEAD = True
 #: a list to record program timelines into (``benchmarks/prefill_timeline_probe.py``), or
 #: None: while it is a list, every launch appends ``(launch facts, timeline)``, the timeline
 #: an int64 ``[programs, 4]`` tensor of (SM id, start and end ``%globaltimer`` in ns, SM clock
-#: cycles from start to end) filled by the kernel. Eager launches only (it allocates); the
+#: cycles from start to end) filled by the kernel. It allocates a tensor a launch: under CUDA
+#: graph capture from the graph's pool, left unfilled (fill it before each replay); the
 #: kernel compiled without it has none of this code
 TIMELINE = None
 #: 8-slot program ``pid`` walks its K steps from step ``pid % steps`` round to the one before (the
@@ -785,7 +786,13 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     x_ahead = bt == 8 and ACTIVATIONS_AHEAD
     timeline = None
     if TIMELINE is not None:
-        timeline = torch.full((grid[0], 4), -1, dtype=torch.int64, device=a.device)
+        # filled with -1 (a row a program did not write is told apart), except under CUDA
+        # graph capture: a fill kernel between two launches of a PDL chain would make the
+        # second wait for the first to finish (the capturer fills them before each replay)
+        if torch.cuda.is_current_stream_capturing():
+            timeline = torch.empty((grid[0], 4), dtype=torch.int64, device=a.device)
+        else:
+            timeline = torch.full((grid[0], 4), -1, dtype=torch.int64, device=a.device)
         facts = {"n_out": n_out, "k": k, "config": dict(config), "group_size": group_size,
                  "has_zeros": zeros is not None, "activation": bool(activation_code),
                  "ring_stages": ring}

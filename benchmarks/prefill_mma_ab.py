@@ -241,6 +241,24 @@ def prefill_unrotated_k(hidden_states, experts, topk_weights, topk_ids, *,
                          ROTATE_K_STEPS=False)
 
 
+def prefill_gemm2_waits_per_block(hidden_states, experts, topk_weights, topk_ids, *,
+                                  activation="silu"):
+    """The shipped prefill layer with GEMM2's programs waiting for their own block's GEMM1
+    tiles (``prefill_mma.GEMM2_WAITS_PER_BLOCK`` on while it launches; shipped on since
+    session 33)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=True)
+
+
+def prefill_gemm2_waits_for_gemm1(hidden_states, experts, topk_weights, topk_ids, *,
+                                  activation="silu"):
+    """The shipped prefill layer with GEMM2's programs waiting for all of GEMM1
+    (``griddepcontrol.wait``; ``prefill_mma.GEMM2_WAITS_PER_BLOCK`` off while it launches: the
+    layer before session 33)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=False)
+
+
 def _one_slab_configs(experts, top_k: int, m: int) -> tuple[dict, dict]:
     """The shipped table's configs with each 4-warp ``MMA`` entry of two 16-row slabs a warp
     cut to one (``BLOCK_SIZE_N`` halved: twice the programs, a third fewer registers)."""

@@ -26,7 +26,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  scale_words: bool | None = None, weights_before_wait: bool = False,
                  predicated_reloads: bool = False, ring_stages: int = 0,
                  x_ahead: bool | None = None, timeline: bool = False,
-                 rotate_k: bool | None = None) -> dict:
+                 rotate_k: bool | None = None, ready: int = 0) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -52,14 +52,16 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         RING_LAYOUT=prefill_mma.ring_layout() if ring_stages else None,
         X_AHEAD=block_t == 8 if x_ahead is None else x_ahead, TIMELINE=timeline,
         ROTATE_K=(prefill_mma.ROTATE_K_STEPS and block_t == 8) if rotate_k is None
-        else rotate_k)
+        else rotate_k, READY=ready)
     if not timeline:
         constexprs["timeline_ptr"] = None
+    if not ready:
+        constexprs["ready_ptr"] = None
     h = "*fp16" if fp16 else "*bf16"
     pointers = {"a_ptr": h, "qw_ptr": "*i32", "s_ptr": h, "z_ptr": "*u8", "c_ptr": h,
                 "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
                 "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32",
-                "timeline_ptr": "*i64"}
+                "timeline_ptr": "*i64", "ready_ptr": "*i32"}
     sig, attrs = kernel_signature(fn, constexprs, pointers,
                                   divisible=lambda name: name.startswith("stride")
                                   or name in ("N", "K"))
@@ -81,6 +83,9 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                              capture_output=True, text=True, check=True)
     return {"ptxas": run.stdout + run.stderr, "mma": text.count("mma.sync"),
             "globaltimer": text.count("%globaltimer"),
+            "launch_dependents": text.count("griddepcontrol.launch_dependents"),
+            "grid_waits": text.count("griddepcontrol.wait"),
+            "acquire_polls": text.count("ld.global.acquire.gpu"),
             "ring_barriers": ring_barriers}
 
 

@@ -82,9 +82,15 @@ def _reports() -> dict:
                     out_ptr="*bf16")
         out[f"gather_pdl={pdl}"] = _report(_compile(_gather_sorted_rows_kernel, ptrs, gather,
                                                     4))
-        topk_sum = dict(TOP_K=8, SPLITS=1, BLOCK_N=1024, PDL=pdl)
+        topk_sum = dict(TOP_K=8, SPLITS=1, BLOCK_N=1024, PDL=pdl, counts_ptr=None,
+                        ZERO_COUNTS=False)
         ptrs = dict(c_ptr="*bf16", out_ptr="*bf16")
         out[f"topk_sum_pdl={pdl}"] = _report(_compile(_topk_sum_kernel, ptrs, topk_sum, 4))
+        # ... that also zeroes GEMM2's per-block counts (GEMM2_WAITS_PER_BLOCK)
+        zeroing = {k: v for k, v in topk_sum.items() if k != "counts_ptr"}
+        out[f"topk_sum_zeroing_pdl={pdl}"] = _report(_compile(
+            _topk_sum_kernel, dict(ptrs, counts_ptr="*i32"), dict(zeroing, ZERO_COUNTS=True),
+            4))
     return out
 
 

@@ -114,7 +114,8 @@ def test_dependents_wait_before_their_first_memory_access():
     from pdl_aot import pdl_reports
 
     r = pdl_reports()
-    for kernel in ("gemm1", "align", "align_count", "align_table", "gather", "topk_sum"):
+    for kernel in ("gemm1", "align", "align_count", "align_table", "gather", "topk_sum",
+                   "topk_sum_zeroing"):
         on, off = r[f"{kernel}_pdl=True"], r[f"{kernel}_pdl=False"]
         assert on["wait"] is not None and on["first_global_access"] is not None, (kernel, on)
         assert on["wait"] < on["first_global_access"], (kernel, on)

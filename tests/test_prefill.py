@@ -315,6 +315,25 @@ def test_topk_sum_adds_split_partials_in_a_fixed_order():
         prefill_mod.topk_sum(parts[None], top_k, out)
 
 
+def test_topk_sum_sets_the_counts_it_is_given_to_zero():
+    """``topk_sum(..., zero_counts=c)`` (how ``fused_moe_prefill`` resets GEMM2's per-block
+    counts) zeroes every count, more than one kernel block of them, with the sum unchanged;
+    counts that are not contiguous int32 are refused."""
+    torch.manual_seed(6)
+    m, top_k, n = 3, 2, 40
+    parts = torch.randn(m * top_k, n, device=DEVICE)
+    want = torch.empty(m, n, device=DEVICE)
+    prefill_mod.topk_sum(parts, top_k, want)
+    counts = torch.arange(1, 150, dtype=torch.int32, device=DEVICE)  # 149 > BLOCK_N (64)
+    out = torch.empty(m, n, device=DEVICE)
+    prefill_mod.topk_sum(parts, top_k, out, zero_counts=counts)
+    assert torch.equal(out, want) and not counts.any()
+    with pytest.raises(ValueError, match="zero_counts has dtype torch.int64"):
+        prefill_mod.topk_sum(parts, top_k, out, zero_counts=counts.long())
+    with pytest.raises(ValueError, match=r"\(contiguous: False\)"):
+        prefill_mod.topk_sum(parts, top_k, out, zero_counts=counts[::2])
+
+
 def test_split_k_gemm_on_the_triton_kernel():
     """A SPLIT_K config where the Gluon kernel does not run (here: no Hopper GPU, or the
     interpreter): the float32 partials hold the whole sum in the first and zeros in the

@@ -611,3 +611,150 @@ def test_prefill_gemm_hands_the_gluon_launchers_a_call_they_take(monkeypatch, ke
     bound = calls[0].arguments
     assert bound["out"] is out and bound["topk_weights"] is not None
     assert bound["n_out"] == 128 and bound["k"] == 256 and bound["up_offset"] == 128
+
+
+def test_ready_counts_refused_off_the_mma_kernel_and_reset_on_failure(monkeypatch):
+    """GEMM1 handed per-block counts but unable to run on the mma kernel (here: no GPU, or a
+    config that is not MMA) is refused before anything runs (its GEMM2 would wait forever),
+    and the layer sets the counts back to zero when a launch of the pair fails."""
+    from w4a16moe.kernels import prefill as prefill_mod
+
+    e, h, i, top_k, m = 8, 256, 128, 2, 5
+    experts = random_experts(e, h, i, group_size=128, dtype=torch.float16, device=DEVICE,
+                             seed=3)
+    x = torch.randn(m, h, dtype=torch.float16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    cfg = {**mma_config(8, 64, 4, 128), "MMA": False}
+    blocks = align_block_size(ids, 8, e)
+    counts = torch.zeros(blocks.expert_ids.numel(), dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="ready_counts given, but this GEMM cannot run on "
+                                         "the mma kernel"):
+        prefill_gemm(x, experts.w13, blocks, ids, w, top_k=top_k, activation="silu",
+                     config=cfg, ready_counts=counts)
+    # the layer: counts left behind by a pair whose launch failed are zeroed
+    left = torch.full_like(counts, 7)
+    monkeypatch.setattr(prefill_mod, "_block_ready_counts", lambda *a, **k: left)
+    with pytest.raises(ValueError, match="ready_counts given"):
+        fused_moe_prefill(x, experts, w, ids, configs=(cfg, cfg))
+    assert not left.any()
+
+
+def _spy_ready_launches(monkeypatch) -> list:
+    """Record ``(ready_counts is not None, ready_wait_tiles)`` of each mma launch."""
+    from w4a16moe.kernels import prefill as prefill_mod
+
+    seen = []
+    real = prefill_mod.launch_prefill_mma
+
+    def spy(*args, ready_counts=None, ready_wait_tiles=0, **kw):
+        seen.append((ready_counts is not None, ready_wait_tiles))
+        return real(*args, ready_counts=ready_counts, ready_wait_tiles=ready_wait_tiles, **kw)
+
+    monkeypatch.setattr(prefill_mod, "launch_prefill_mma", spy)
+    return seen
+
+
+def _layer_workspace(m, experts, top_k):
+    from w4a16moe.kernels.prefill import PrefillWorkspace
+
+    return PrefillWorkspace.allocate(m, experts, top_k, sorted_block=8)
+
+
+def test_ready_handshake_compiles_for_sm90():
+    """GEMM1 raising its blocks' counts (``READY`` 1) and GEMM2 waiting on them (2), as the
+    shipped qwen3-30b tiles compile them: no spill, the registers of the kernels without the
+    handshake (at most one more), GEMM1 still waiting for the kernel before it (the
+    alignment) and releasing GEMM2 once, GEMM2 never waiting for GEMM1 as a whole but
+    polling its block's count with acquire loads."""
+    from mma_aot import ptxas_reports
+
+    gemm1 = dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2,
+                 out_sorted=True, predicated_reloads=True, ring_stages=2)
+    gemm2 = dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2,
+                 a_sorted=True, weights_before_wait=True, predicated_reloads=True,
+                 ring_stages=2)
+    variants = [gemm1, dict(gemm1, ready=1), gemm2, dict(gemm2, ready=2)]
+    reps = ptxas_reports(variants)
+    for v, rep in zip(variants, reps, strict=True):
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
+    regs = [int(r["ptxas"].split("Used ")[1].split(" registers")[0]) for r in reps]
+    assert regs[1] - regs[0] in (0, 1) and regs[3] - regs[2] in (0, 1), regs
+    assert (reps[1]["grid_waits"], reps[1]["launch_dependents"]) == (1, 1)
+    assert reps[1]["acquire_polls"] == 0
+    assert reps[3]["grid_waits"] == 0 and reps[3]["acquire_polls"] >= 2
+
+
+@gpu_only
+@pytest.mark.parametrize("sorted2", [False, True])
+@pytest.mark.parametrize("remote", [False, True])
+@pytest.mark.parametrize("m", [1, 7, 23, 48, 49])
+def test_gemm2_waiting_per_block_gives_the_same_bits(monkeypatch, m, remote, sorted2):
+    """The layer with GEMM2 waiting per block for GEMM1's tiles (``GEMM2_WAITS_PER_BLOCK``)
+    against waiting for all of GEMM1: the same bits (the same products; only when GEMM2's
+    programs start changes), into NaN-poisoned outputs, three calls in a row on one
+    workspace, whose counts are all zero after each; with experts off this rank (their blocks
+    wait and count like the others) and GEMM2 on sorted rows or slot rows. The spy checks the
+    pair really ran so (GEMM1 raising, GEMM2 waiting for GEMM1's tiles a block) up to
+    ``GEMM2_WAITS_MAX_TOKENS`` tokens, and not past it."""
+    e, h, i, top_k = 32, 1024, 512, 8
+    dtype = torch.bfloat16
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=False, seed=40 + m)
+    expert_map = None
+    if remote:
+        local = torch.arange(e, device=DEVICE, dtype=torch.int32)
+        expert_map = torch.where(local % 3 == 1, -1, local).to(torch.int32)
+    cfg1 = mma_config(8, 64, 4, 256)
+    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": sorted2}
+    ws = _layer_workspace(m, experts, top_k)
+    seen = _spy_ready_launches(monkeypatch)
+
+    def layer():
+        y = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=(cfg1, cfg2),
+                          out=y, workspace=ws)
+        torch.cuda.synchronize()
+        return y
+
+    monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", False)
+    want = layer()
+    assert seen == [(False, 0), (False, 0)]
+    monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", True)
+    paired = m <= prefill_mma.GEMM2_WAITS_MAX_TOKENS
+    for _ in range(3):
+        seen.clear()
+        assert torch.equal(layer(), want)
+        assert seen == ([(True, 0), (True, i // cfg1["BLOCK_SIZE_N"])] if paired
+                        else [(False, 0), (False, 0)])
+        assert not ws.block_ready.any()
+    assert not want.isnan().any()
+
+
+@gpu_only
+def test_gemm2_waiting_per_block_replays_from_a_cuda_graph(monkeypatch):
+    """The layer captured in a CUDA graph with GEMM2 waiting per block, replayed with a new
+    routing each time (so the counts must be back at zero after every replay), against the
+    layer launched eagerly with GEMM2 waiting for all of GEMM1."""
+    e, h, i, top_k, m = 64, 1024, 512, 8, 40
+    dtype = torch.bfloat16
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=True, seed=77)
+    cfg1 = mma_config(8, 64, 4, 256)
+    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": True}
+    ws = _layer_workspace(m, experts, top_k)
+    y = torch.empty(m, h, dtype=dtype, device=DEVICE)
+    fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y, workspace=ws)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y, workspace=ws)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    for _ in range(6):
+        w_new, ids_new = fused_topk(torch.randn(m, e, device=DEVICE, generator=gen), top_k)
+        w.copy_(w_new)
+        ids.copy_(ids_new)
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not ws.block_ready.any()
+        monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", False)
+        want = fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2))
+        monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", True)
+        assert torch.equal(y, want)

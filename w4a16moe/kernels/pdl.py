@@ -23,7 +23,12 @@ Where it is used (measured on the H100 in session 17, ``benchmarks/notes_decode.
 
 Every such kernel waits before its first global load or store, so the order of all memory
 accesses is the one without PDL: the results are those without it (bit for bit in the
-deterministic mode; checked in the PTX and on the GPU by ``tests/test_pdl.py``). Kernels not
+deterministic mode; checked in the PTX and on the GPU by ``tests/test_pdl.py``). Two
+exceptions on the mma prefill kernel, each with its own ordering: GEMM2 loads its first
+weights (which no kernel writes) before it waits (``GEMM2_WEIGHTS_BEFORE_WAIT``), and where
+both GEMMs run on it GEMM2 never waits for GEMM1 as a whole but for a count of its block's
+GEMM1 tiles (``GEMM2_WAITS_PER_BLOCK``: release and acquire at GPU scope;
+``tests/test_prefill_mma.py``). Kernels not
 listed (torch's, the multi-program alignment) are launched normally, and a dependent after
 one of them simply starts when it ends.
 

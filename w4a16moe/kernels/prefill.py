@@ -35,6 +35,7 @@ from ..layout import PACK_FACTOR, PackedExperts, PackedWeights
 from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
 from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
+from . import prefill_mma
 from .align import scratch_numel
 from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
@@ -565,7 +566,8 @@ def _act_mul_kernel(gu_ptr, out_ptr, w_ptr, I, stride_gm, stride_om,
 @triton.jit
 def _topk_sum_kernel(c_ptr, out_ptr, N, stride_cm, stride_cs, stride_om,
                      TOP_K: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False, counts_ptr=None, num_counts=0,
+                     ZERO_COUNTS: tl.constexpr = False):
     """out[m, n] = sum_k sum_s c[s, m * TOP_K + k, n] in fp32, k ascending and for each k s
     ascending, rounded once to out's dtype. c ``[SPLITS, M * TOP_K, N]`` (``SPLITS`` partial
     sums of a split-K GEMM, ``stride_cs`` apart; one: ``[M * TOP_K, N]``), out ``[M, N]``;
@@ -576,9 +578,18 @@ def _topk_sum_kernel(c_ptr, out_ptr, N, stride_cm, stride_cs, stride_om,
     the other tokens (the deterministic mode's top-k sum). Both loops are unrolled
     (``TOP_K`` is a constexpr), so a program issues all its loads before the first add: with
     a run-time loop each slot's load waited for the add before it, one L2 round trip a slot
-    (SASS of the sm_90 build)."""
+    (SASS of the sm_90 build).
+
+    ``ZERO_COUNTS``: program (0, 0) also sets the ``num_counts`` int32 at ``counts_ptr`` to
+    zero (GEMM2's per-block counts, once GEMM2 is done: see ``GEMM2_WAITS_PER_BLOCK``)."""
     if PDL:
         wait_upstream_release_next()
+    if ZERO_COUNTS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            for c0 in range(0, num_counts, BLOCK_N):
+                idx = c0 + tl.arange(0, BLOCK_N)
+                tl.store(counts_ptr + idx, tl.zeros([BLOCK_N], dtype=tl.int32),
+                         mask=idx < num_counts)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = offs < N
@@ -691,6 +702,18 @@ def fragment_order_columns(x: torch.Tensor, out: torch.Tensor | None = None) -> 
     return out
 
 
+def _gluon_call(a: torch.Tensor, weights: PackedWeights, config: dict, *,
+                activation: str | None, a_fragment_order: bool = False,
+                atomic_topk_sum: bool = False) -> dict:
+    """The arguments of ``mma_unsupported`` / ``rs_unsupported`` for a :func:`prefill_gemm`
+    call of ``a`` on ``weights`` with ``config``."""
+    n_out = weights.n // 2 if activation is not None else weights.n
+    return dict(device=a.device, k=weights.k, n_out=n_out, group_size=weights.group_size,
+                config=config, has_perm=weights.perm is not None,
+                a_fragment_order=a_fragment_order, atomic_topk_sum=atomic_topk_sum,
+                activation=activation is not None, a=a, qweight=weights.qweight)
+
+
 def prefill_gemm(
     a: torch.Tensor,
     weights: PackedWeights,
@@ -709,6 +732,8 @@ def prefill_gemm(
     out_fragment_order: bool = False,
     a_sorted: bool = False,
     out_sorted: bool = False,
+    ready_counts: torch.Tensor | None = None,
+    ready_wait_tiles: int = 0,
 ) -> torch.Tensor:
     """One grouped int4 GEMM over aligned blocks.
 
@@ -751,6 +776,13 @@ def prefill_gemm(
         out_sorted: write the output that way too: ``[EM, N]``, row ``p`` for sorted
             position ``p`` (padding rows are left as they are); the input of a next call
             with ``a_sorted`` on the same blocks. Not with ``atomic_topk_sum``.
+        ready_counts, ready_wait_tiles: a GEMM1 and GEMM2 pair on the mma kernel
+            (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_PER_BLOCK`; only
+            :func:`fused_moe_prefill` pairs them): int32 counts, one per block, zero. With
+            ``ready_wait_tiles`` 0 this call (GEMM1) raises its block's count as each tile
+            is stored; else this call (GEMM2, on GEMM1's output) waits per block until the
+            count is ``ready_wait_tiles`` and sets it back to zero. A call given them that
+            cannot run on the mma kernel is refused (its partner would wait forever).
 
     A config with ``"SPLIT_K": S`` > 1 (GEMM2-like calls only: no activation, atomic top-k
     sum, ``out_sorted`` or ``out_fragment_order``) splits K into S ranges, each program of
@@ -867,13 +899,23 @@ def prefill_gemm(
     z = weights.zeros if weights.zeros is not None else q  # dummy pointer when absent
     p = weights.perm if weights.perm is not None else q
     tw = topk_weights if mul_routed_weight else s
+    gluon_call = _gluon_call(a, weights, config, activation=activation,
+                             a_fragment_order=a_fragment_order, atomic_topk_sum=atomic_topk_sum)
+    if ready_counts is not None:
+        why = (mma_unsupported(**gluon_call) if config.get("MMA")
+               else "its config is not an MMA one")
+        if why is not None:
+            raise ValueError(f"ready_counts given, but this GEMM cannot run on the mma kernel: "
+                             f"{why}")
+        if (ready_counts.dtype != torch.int32 or ready_counts.dim() != 1
+                or ready_counts.numel() < expert_ids.numel()
+                or ready_counts.device != a.device):
+            raise ValueError(f"ready_counts has dtype {ready_counts.dtype}, shape "
+                             f"{tuple(ready_counts.shape)} on {ready_counts.device}; expected "
+                             f"int32 [>= {expert_ids.numel()}] (one per block) on {a.device}")
     if config.get("MMA") or config.get("RS"):
         # the Gluon kernels take the same call; where one cannot run, the Triton kernel runs
         # the same tiles
-        gluon_call = dict(device=a.device, k=k, n_out=n_out, group_size=weights.group_size,
-                          config=config, has_perm=weights.perm is not None,
-                          a_fragment_order=a_fragment_order, atomic_topk_sum=atomic_topk_sum,
-                          activation=activation is not None, a=a, qweight=q)
         gluon_args = (a, q, s, weights.zeros, out, topk_weights if mul_routed_weight else None,
                       sorted_ids, expert_ids, num_post_padded)
         gluon_kw = dict(n_out=n_out, k=k, slots=slots, top_k=top_k,
@@ -882,7 +924,8 @@ def prefill_gemm(
                         activation_code=ACTIVATION_CODES[activation], config=config,
                         a_sorted=a_sorted, out_sorted=out_sorted)
         if config.get("MMA") and mma_unsupported(**gluon_call) is None:
-            launch_prefill_mma(*gluon_args, **gluon_kw)
+            launch_prefill_mma(*gluon_args, **gluon_kw, ready_counts=ready_counts,
+                               ready_wait_tiles=ready_wait_tiles)
             return out
         if config.get("RS"):
             reason = rs_unsupported(**gluon_call, out=out)
@@ -1057,7 +1100,10 @@ class PrefillWorkspace:
     ``E * max(2I*H, H*I)`` scratch of the dense path (``"DENSE"`` configs), which otherwise
     allocates it per call (that path also allocates its activations). ``hidden_fragment``
     ``[max_tokens, H]``: the input with its columns in fragment order, for a GEMM1 config
-    with ``FRAG_K`` (see :func:`fused_moe_prefill`).
+    with ``FRAG_K`` (see :func:`fused_moe_prefill`). ``block_ready``: int32 zeros, one per
+    aligned block, the counts by which GEMM2 waits for its block's GEMM1 tiles on the mma
+    kernel (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_PER_BLOCK`; zero again after
+    every layer).
 
     With ``SORTED_ROWS`` configs ``intermediate`` and ``gemm2_out`` also hold the
     intermediate and the hidden states in sorted order, one row per position of the aligned
@@ -1077,6 +1123,7 @@ class PrefillWorkspace:
     dense_weights: torch.Tensor | None = None
     hidden_fragment: torch.Tensor | None = None
     split_partials: torch.Tensor | None = None
+    block_ready: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
@@ -1114,7 +1161,8 @@ class PrefillWorkspace:
                                              * experts.hidden_size, **kw) if dense else None,
                    hidden_fragment=torch.empty(max_tokens, experts.hidden_size, **kw),
                    split_partials=torch.empty(split_partials, dtype=torch.float32,
-                                              device=device) if split_partials else None)
+                                              device=device) if split_partials else None,
+                   block_ready=torch.zeros(blocks, **ikw))
 
     def views(self, slots: int, experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         i, h = experts.intermediate_size, experts.hidden_size
@@ -1214,14 +1262,16 @@ def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
     return cfg1, cfg2
 
 
-def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Tensor:
+def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor, *,
+             zero_counts: torch.Tensor | None = None) -> torch.Tensor:
     """``out[m] = sum_k per_slot[m * top_k + k]`` in fp32, in ascending k, one kernel.
 
     ``per_slot`` ``[M * top_k, N]``, or ``[S, M * top_k, N]`` (the S partial sums of a
     split-K GEMM2, ``SPLIT_K`` configs: added too, for each k in ascending s), and ``out``
     ``[M, N]``, both with a contiguous last dim. Unlike ``torch.sum`` (whose reduction
     strategy may change with the shape), the order of the additions is fixed: bitwise the
-    same for a token whatever the batch."""
+    same for a token whatever the batch. ``zero_counts``: a contiguous int32 tensor the
+    kernel also sets to zero (GEMM2's per-block counts in :func:`fused_moe_prefill`)."""
     if per_slot.dim() not in (2, 3):
         raise ValueError(f"per_slot has shape {tuple(per_slot.shape)}; expected [M * top_k, N] "
                          "or [S, M * top_k, N]")
@@ -1236,13 +1286,23 @@ def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor) -> torch.Ten
         if n > 1 and t.stride(-1) != 1:
             raise ValueError(f"{name} has strides {t.stride()}; expected the last dim "
                              "contiguous")
+    if zero_counts is not None and (zero_counts.dtype != torch.int32
+                                    or not zero_counts.is_contiguous()
+                                    or zero_counts.device != out.device):
+        raise ValueError(f"zero_counts has dtype {zero_counts.dtype} on {zero_counts.device} "
+                         f"(contiguous: {zero_counts.is_contiguous()}); expected a contiguous "
+                         f"int32 tensor on {out.device}")
     if m == 0 or n == 0:
+        if zero_counts is not None:
+            zero_counts.zero_()
         return out
     block_n = min(1024, triton.next_power_of_2(n))
     _topk_sum_kernel[(m, triton.cdiv(n, block_n))](
         per_slot, out, n, per_slot.stride(-2),
         per_slot.stride(0) if per_slot.dim() == 3 else 0, out.stride(0), TOP_K=top_k,
-        SPLITS=splits, BLOCK_N=block_n, num_warps=4, **prefill_pdl_args(out.device))
+        SPLITS=splits, BLOCK_N=block_n, num_warps=4, counts_ptr=zero_counts,
+        num_counts=0 if zero_counts is None else zero_counts.numel(),
+        ZERO_COUNTS=zero_counts is not None, **prefill_pdl_args(out.device))
     return out
 
 
@@ -1394,33 +1454,84 @@ def fused_moe_prefill(
             if sorted1:
                 # in the buffer of GEMM2's output, which is written only after GEMM1 read it
                 x1 = gather_sorted_rows(x1, blocks, top_k=top_k, out=rows[1])
-        with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
-            prefill_gemm(x1, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
-                         mul_routed_weight=apply_router_weight_on_input, activation=activation,
-                         out=inter, config=cfg1, a_fragment_order=a_frag1,
-                         out_fragment_order=a_frag2, a_sorted=sorted1, out_sorted=sorted2)
         mul2 = not apply_router_weight_on_input
-        if atomic_topk_sum:
+        # GEMM2 waiting per block for GEMM1's tiles (None: for all of GEMM1)
+        ready = _block_ready_counts(x1, inter, experts, blocks, cfg1, cfg2, activation,
+                                    workspace, num_tokens=m, sorted1=sorted1, split2=split2,
+                                    atomic_topk_sum=atomic_topk_sum,
+                                    fragment_order=(a_frag1, a_frag2))
+        try:
+            with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
+                prefill_gemm(x1, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
+                             mul_routed_weight=apply_router_weight_on_input,
+                             activation=activation, out=inter, config=cfg1,
+                             a_fragment_order=a_frag1, out_fragment_order=a_frag2,
+                             a_sorted=sorted1, out_sorted=sorted2, ready_counts=ready)
+            if atomic_topk_sum:
+                with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
+                    acc = prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights,
+                                       top_k=top_k, mul_routed_weight=mul2, a_is_slots=True,
+                                       atomic_topk_sum=True, config=cfg2, a_sorted=sorted2)
+                out.copy_(acc)
+                return out
+            if split2 > 1:
+                c2 = (workspace.partials_view(split2, slots, h) if workspace is not None else
+                      torch.empty(split2, slots, h, dtype=torch.float32,
+                                  device=hidden_states.device))
             with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
-                acc = prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
-                                   mul_routed_weight=mul2, a_is_slots=True, atomic_topk_sum=True,
-                                   config=cfg2, a_sorted=sorted2)
-            out.copy_(acc)
-            return out
-        if split2 > 1:
-            c2 = (workspace.partials_view(split2, slots, h) if workspace is not None else
-                  torch.empty(split2, slots, h, dtype=torch.float32, device=hidden_states.device))
-        with annotate_gemm(PREFILL_KERNEL_NAME, m, h, i, num_global, top_k):
-            prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
-                         mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
-                         a_fragment_order=a_frag2, a_sorted=sorted2)
-        if top_k == 1 and split2 == 1:
-            out.copy_(c2)
-        else:
-            # the fixed-order kernel in every mode: bit-identical to torch.sum on the H100 and
-            # 1.1-4x faster (benchmarks/layer_small_kernels_ab.py)
-            topk_sum(c2, top_k, out)
+                prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
+                             mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
+                             a_fragment_order=a_frag2, a_sorted=sorted2, ready_counts=ready,
+                             ready_wait_tiles=0 if ready is None else i // cfg1["BLOCK_SIZE_N"])
+            if top_k == 1 and split2 == 1:
+                out.copy_(c2)
+                if ready is not None:
+                    ready.zero_()
+            else:
+                # the fixed-order kernel in every mode: bit-identical to torch.sum on the H100
+                # and 1.1-4x faster (benchmarks/layer_small_kernels_ab.py); it also sets
+                # GEMM2's per-block counts back to zero, once GEMM2 is done
+                topk_sum(c2, top_k, out, zero_counts=ready)
+        except BaseException:
+            if ready is not None:  # a GEMM1 that ran without its GEMM2 left counts behind
+                ready.zero_()
+            raise
         return out
+
+
+def _block_ready_counts(x1: torch.Tensor, inter: torch.Tensor, experts: PackedExperts,
+                        blocks: AlignedBlocks, cfg1: dict, cfg2: dict, activation: str,
+                        workspace: PrefillWorkspace | None, *, num_tokens: int,
+                        sorted1: bool, split2: int,
+                        atomic_topk_sum: bool, fragment_order: tuple[bool, bool]
+                        ) -> torch.Tensor | None:
+    """The counts by which GEMM2 waits per block for GEMM1
+    (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_PER_BLOCK`), zero, one per block; or
+    None where the layer's GEMMs wait for each other whole: the switch off, no PDL chain,
+    more tokens than :data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_MAX_TOKENS`, either
+    GEMM off the mma kernel, more GEMM1 tiles a block than
+    :data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_MAX_TILES`, GEMM2 split or summing
+    atomically, or GEMM1 reading its sorted input from GEMM2's output buffer (GEMM2 would
+    overwrite it while GEMM1 runs). From the workspace when it has them (none allocated),
+    else new zeros."""
+    if (not prefill_mma.GEMM2_WAITS_PER_BLOCK or not prefill_pdl_args(x1.device)
+            or num_tokens > prefill_mma.GEMM2_WAITS_MAX_TOKENS or sorted1
+            or split2 > 1 or atomic_topk_sum or not (cfg1.get("MMA") and cfg2.get("MMA"))
+            or experts.intermediate_size // cfg1["BLOCK_SIZE_N"]
+            > prefill_mma.GEMM2_WAITS_MAX_TILES):
+        return None
+    if (mma_unsupported(**_gluon_call(x1, experts.w13, cfg1, activation=activation,
+                                      a_fragment_order=fragment_order[0]))
+            or mma_unsupported(**_gluon_call(inter, experts.w2, cfg2, activation=None,
+                                             a_fragment_order=fragment_order[1]))):
+        return None
+    n = blocks.expert_ids.numel()
+    if workspace is not None:
+        have = workspace.block_ready
+        if have is None or have.numel() < n or have.device != x1.device:
+            return None
+        return have[:n]
+    return torch.zeros(n, dtype=torch.int32, device=x1.device)
 
 
 __all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "dense_path_supported",

@@ -163,6 +163,51 @@ if HAVE_GLUON:
         return gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32,
                                          is_pure=False, pack=1)
 
+    # the per-block handshake of GEMM1 and GEMM2 (``GEMM2_WAITS_PER_BLOCK``), as CUTLASS's
+    # split-K semaphores do it: a CTA barrier, then one thread's fence and relaxed atomic
+    _BLOCK_DONE = gl.constexpr("""{
+            .reg .pred p;
+            .reg .b32 t;
+            bar.sync 0;
+            mov.u32 t, %tid.x;
+            setp.eq.u32 p, t, 0;
+            @p fence.acq_rel.gpu;
+            @p red.relaxed.gpu.global.add.s32 [$1], 1;
+            mov.b32 $0, 0;
+            }""")
+    @gluon.jit
+    def _block_done(count_ptr):
+        """A GEMM1 program's tile of its block is stored: once every thread of the program is
+        here, one thread adds 1 to the block's count, after a GPU-scope fence (release)."""
+        gl.inline_asm_elementwise(_BLOCK_DONE, "=r,l", [count_ptr], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _wait_block_ready(count_ptr, tiles):
+        """A GEMM2 program waits until its block's count reaches ``tiles`` (every GEMM1 tile
+        of the block stored): each thread polls with acquire loads, so its loads after this
+        see those tiles."""
+        ready = gl.inline_asm_elementwise("ld.global.acquire.gpu.b32 $0, [$1];", "=r,l",
+                                          [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
+        while ready < tiles:
+            ready = gl.inline_asm_elementwise(
+                "nanosleep.u32 100;\n\tld.global.acquire.gpu.b32 $0, [$1];", "=r,l",
+                [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _release_next():
+        """``griddepcontrol.launch_dependents`` alone (a program that never waits for the
+        kernel before as a whole)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
+    def _release_next_after(a, b):
+        """``griddepcontrol.launch_dependents`` once ``a`` and ``b`` (loaded values) are in:
+        the next kernel's programs launch only after every program here has them."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0 $1 $2", "=r,r,r",
+                                  [a, b], dtype=gl.int32, is_pure=False, pack=1)
+
     @gluon.jit
     def _word_halves(words, IS_FP16: gl.constexpr):
         """The two 16-bit values of each 32-bit word (low half first), as fp16 or bf16."""
@@ -378,6 +423,7 @@ if HAVE_GLUON:
         PREDICATED_RELOADS: gl.constexpr = False, RING_STAGES: gl.constexpr = 0,
         RING_LAYOUT: gl.constexpr = None, X_AHEAD: gl.constexpr = False,
         timeline_ptr=None, TIMELINE: gl.constexpr = False, ROTATE_K: gl.constexpr = False,
+        ready_ptr=None, ready_tiles=0, READY: gl.constexpr = 0,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -389,7 +435,10 @@ if HAVE_GLUON:
         ``WEIGHTS_BEFORE_WAIT`` (with ``PDL``): the kernel before writes only ``a``, so the
         first two steps' weights and scales are loaded before waiting for it. ``X_AHEAD``:
         the activations run two steps ahead in registers (8-slot blocks), else each step
-        loads its own."""
+        loads its own. ``READY`` (``GEMM2_WAITS_PER_BLOCK``): 1, GEMM1 of a chain: each
+        program adds 1 to ``ready_ptr[block]`` once its tile is stored; 2, GEMM2: a program
+        waits until its block's count is ``ready_tiles`` (GEMM1's tiles a block) instead of
+        waiting for all of GEMM1 (the top-k sum after it sets the counts back to 0)."""
         BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
@@ -407,15 +456,23 @@ if HAVE_GLUON:
         n0 = (pid % num_pid_n) * BLOCK_N_OUT
         row0 = pid_m * BLOCK_T
         # the kernel before writes what this one reads: wait for it first, or with
-        # WEIGHTS_BEFORE_WAIT (it writes only the activations) once the weights are on the way
-        EARLY: gl.constexpr = PDL and WEIGHTS_BEFORE_WAIT
-        if PDL and not WEIGHTS_BEFORE_WAIT:
+        # WEIGHTS_BEFORE_WAIT (it writes only the activations) once the weights are on the way;
+        # with READY == 2 (GEMM2 waiting per block) only for the block's GEMM1 tiles
+        EARLY: gl.constexpr = (PDL and WEIGHTS_BEFORE_WAIT) or READY == 2
+        if PDL and READY == 1:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        elif PDL and not EARLY:
             _wait_upstream_release_next()
         num_post_padded = gl.load(num_post_padded_ptr)
         # every block of the grid has an expert id (-1 past the padded count or off this
         # rank): loaded with the count rather than after it, one round trip less before the
         # program's first weight loads
         expert = gl.load(expert_ids_ptr + pid_m)
+        if PDL and READY == 1:
+            # GEMM2 launches once every program here has read these: GEMM2 does not wait for
+            # this kernel to complete, and a program past the blocks reads nothing else
+            _release_next_after(num_post_padded, expert)
         if row0 < num_post_padded:
             out_layout: gl.constexpr = OUT_LAYOUT
             t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, out_layout))
@@ -428,10 +485,16 @@ if HAVE_GLUON:
             c_ptrs = c_ptr + c_rows[:, None] * stride_cm + cols[None, :]
             c_mask = (slots_o < num_valid_slots)[:, None]
             if expert == -1:
-                if EARLY:
+                if READY == 2:
+                    _wait_block_ready(ready_ptr + pid_m, ready_tiles)
+                    if PDL:
+                        _release_next()
+                elif EARLY:
                     _wait_upstream_release_next()
                 gl.store(c_ptrs, gl.zeros([BLOCK_T, BLOCK_N_OUT], c_ptr.dtype.element_ty,
                                           out_layout), mask=c_mask)
+                if READY == 1:
+                    _block_done(ready_ptr + pid_m)
             else:
                 e64 = expert.to(gl.int64)
                 # the words: rows of this program in the word-load layout, a step's
@@ -523,7 +586,11 @@ if HAVE_GLUON:
                 # zero points are loaded at their step: a row's zero points of every group
                 # share a 32-byte sector, so after its first step they are L1 hits, and
                 # registers are short (two steps of words and activations ahead)
-                if EARLY:
+                if READY == 2:
+                    _wait_block_ready(ready_ptr + pid_m, ready_tiles)
+                    if PDL:
+                        _release_next()
+                elif EARLY:
                     _wait_upstream_release_next()
                 if X_AHEAD:
                     x_a = gl.load(x_ptrs + k0 * (STEP_K // 2), mask=x_mask, other=0)
@@ -557,6 +624,8 @@ if HAVE_GLUON:
                 res = gl.convert_layout(gl.permute(res.to(c_ptr.dtype.element_ty), (1, 0)),
                                         out_layout)
                 gl.store(c_ptrs, res, mask=c_mask)
+                if READY == 1:
+                    _block_done(ready_ptr + pid_m)
         if TIMELINE:
             # when and where this program ran: [SM, start ns, end ns, SM clock cycles]
             c_end = _clock64()
@@ -600,6 +669,27 @@ WORD_RING_MAX_STEPS = 16
 #: slower on the ring at M=4-16 (-1.8 % at 32); Mixtral's and qwen3-235b's GEMM1 (16 steps
 #: of two groups) 1.0-4.7 % faster than in registers at M=4-32 (H200, session 30)
 WORD_RING_MIN_BLOCK_K = 256
+#: in a prefill chain with both GEMMs on this kernel, GEMM2's programs wait for their own
+#: block's GEMM1 tiles (a count a block that GEMM1's programs raise as they store their tiles)
+#: instead of for all of GEMM1: GEMM2 is launched as GEMM1's programmatic dependent, once
+#: every GEMM1 program has started, so its programs take the SMs GEMM1's last programs leave
+#: idle. With the wait for all of GEMM1 they only loaded their first two steps' weights
+#: there: in the layer's CUDA graph (H200, qwen3-30b M=16) GEMM1's last 10 us ran 178 down
+#: to 3 programs while up to 395 GEMM2 programs waited (``prefill_timeline_probe.py
+#: --graph``). Layer A/B on the H200 (session 33, against the wait for all of GEMM1 in the
+#: same run; three runs for qwen3-30b): qwen3-30b M=2 -5.2 to -5.7 %, M=8 -6.5 to -6.8, M=16
+#: -2.8 to -3.2, M=32 -0.9 to -1.8, M=4 (one wave: nothing to fill) +0.9 to +1.2; olmoe
+#: M=8-32 -3.5 to -8.9; qwen3-235b M=4-32 -0.2 to -6.7; deepseek-v2-lite M=4-32 -0.6 to
+#: -2.2. The switch is for A/Bs (``fused_moe_prefill`` reads it)
+GEMM2_WAITS_PER_BLOCK = True
+#: ... for layers of at most this many tokens: the gain shrinks as GEMM1's waves grow and
+#: each of its programs pays the handshake (qwen3-30b M=40 / 48 / 56 / 64 -1.4 / -0.7 /
+#: +0.5 / +0.3 to +0.7 %, qwen3-235b M=48 / 64 -0.2 / +4.0 %)
+GEMM2_WAITS_MAX_TOKENS = 48
+#: ... and where GEMM1 has at most this many tiles a block (each raises the block's count
+#: once, after a CTA barrier and a GPU-scope fence): Mixtral's one-warp tiles at M=2-4 (1792
+#: a block) were 2-3 % slower with it, its 4-warp ones at M=8-16 (224) -2.3 to +1.4 %
+GEMM2_WAITS_MAX_TILES = 256
 #: 8-slot programs carry their activations two steps ahead in registers (``X_AHEAD``); off,
 #: they load them at their step like 16- and 32-slot ones (104 registers a thread instead of
 #: 168 on the shipped 4-warp tiles, but qwen3-30b's layer 13-23 % slower on the H200, session
@@ -761,9 +851,14 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        n_out: int, k: int, slots: int, top_k: int, up_offset: int,
                        group_size: int, a_is_slots: bool, activation_code: int,
                        config: dict, a_sorted: bool = False,
-                       out_sorted: bool = False) -> None:
+                       out_sorted: bool = False, ready_counts: torch.Tensor | None = None,
+                       ready_wait_tiles: int = 0) -> None:
     """Run :func:`_prefill_mma_kernel`; inputs already validated by ``prefill_gemm`` and
-    :func:`mma_unsupported`."""
+    :func:`mma_unsupported`. ``ready_counts`` (int32, one per block, zero; see
+    :data:`GEMM2_WAITS_PER_BLOCK`): with ``ready_wait_tiles`` 0 each program adds 1 to its
+    block's count once its tile is stored (GEMM1); else each program waits until its block's
+    count is ``ready_wait_tiles`` before it reads ``a`` (GEMM2 on GEMM1's output; the caller
+    sets the counts back to zero once GEMM2 is done: ``fused_moe_prefill``'s top-k sum)."""
     bt, bn, warps = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["num_warps"]
     rows = 2 * bn if activation_code else bn
     # in a prefill chain the GEMM on slot rows is GEMM2, and the kernel before it (GEMM1)
@@ -814,13 +909,16 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             RING_STAGES=ring, RING_LAYOUT=ring_layout() if ring else None, X_AHEAD=x_ahead,
             timeline_ptr=timeline, TIMELINE=timeline is not None,
             ROTATE_K=ROTATE_K_STEPS and bt == 8,
+            ready_ptr=ready_counts, ready_tiles=ready_wait_tiles,
+            READY=0 if ready_counts is None else (2 if ready_wait_tiles else 1),
             **prefill_pdl_args(a.device))
     if timeline is not None:
         # the clock reads may take registers of their own: programs an SM can differ
         facts["registers"] = getattr(compiled, "n_regs", None)
 
 
-__all__ = ["ACTIVATIONS_AHEAD", "MMA_BLOCK_K", "PREDICATED_RELOADS",
+__all__ = ["ACTIVATIONS_AHEAD", "GEMM2_WAITS_MAX_TILES", "GEMM2_WAITS_MAX_TOKENS",
+           "GEMM2_WAITS_PER_BLOCK", "MMA_BLOCK_K", "PREDICATED_RELOADS",
            "PREDICATED_RELOADS_MAX_STEPS", "ROTATE_K_STEPS", "TIMELINE",
            "WORD_RING_MAX_STEPS", "WORD_RING_MIN_BLOCK_K", "WORD_RING_STAGES",
            "launch_prefill_mma", "mma_groups", "mma_layouts", "word_ring_stages",

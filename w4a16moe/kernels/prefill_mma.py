@@ -60,6 +60,14 @@ waves after it (H200: 1-5 % off most layers, ``benchmarks/notes_prefill.md``, se
 With ``TIMELINE`` each program also records its SM, start, end and cycles
 (``benchmarks/prefill_timeline_probe.py``).
 
+**GEMM2 per block.** In a small layer's chain GEMM2 is launched as GEMM1's programmatic
+dependent once every GEMM1 program has started, so its programs can take the SMs GEMM1's last
+programs leave idle; waiting there for all of GEMM1 (``griddepcontrol.wait``) they only loaded
+their first weights. With ``GEMM2_WAITS_PER_BLOCK`` a GEMM1 program raises its block's count
+once its tile is stored (CTA barrier, GPU-scope fence, relaxed atomic: a release), and a GEMM2
+program polls its own block's count with acquire loads instead (H200: 2-7 % off qwen3-30b's
+layer at M=2-16, session 33).
+
 Shapes: A ``[M, K]`` (rows ``slot // top_k``), ``[M*top_k, K]`` (``A_IS_SLOTS``) or ``[EM,
 K]`` (``A_SORTED``: row ``p`` for sorted position ``p``); qweight int32 ``[E, N_w, K/8]``;
 scales ``[E, N_w, K/G]``; zeros uint8 ``[E, N_w, K/G]``; C ``[M*top_k, N_out]`` or ``[EM,

@@ -781,8 +781,9 @@ def prefill_gemm(
             :func:`fused_moe_prefill` pairs them): int32 counts, one per block, zero. With
             ``ready_wait_tiles`` 0 this call (GEMM1) raises its block's count as each tile
             is stored; else this call (GEMM2, on GEMM1's output) waits per block until the
-            count is ``ready_wait_tiles`` and sets it back to zero. A call given them that
-            cannot run on the mma kernel is refused (its partner would wait forever).
+            count is ``ready_wait_tiles`` (the caller sets the counts back to zero once it is
+            done: :func:`topk_sum`'s ``zero_counts``). A call given them that cannot run on
+            the mma kernel is refused (its partner would wait forever).
 
     A config with ``"SPLIT_K": S`` > 1 (GEMM2-like calls only: no activation, atomic top-k
     sum, ``out_sorted`` or ``out_fragment_order``) splits K into S ranges, each program of

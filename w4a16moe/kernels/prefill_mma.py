@@ -183,6 +183,7 @@ if HAVE_GLUON:
             @p red.relaxed.gpu.global.add.s32 [$1], 1;
             mov.b32 $0, 0;
             }""")
+
     @gluon.jit
     def _block_done(count_ptr):
         """A GEMM1 program's tile of its block is stored: once every thread of the program is
@@ -696,7 +697,7 @@ GEMM2_WAITS_PER_BLOCK = True
 GEMM2_WAITS_MAX_TOKENS = 48
 #: ... and where GEMM1 has at most this many tiles a block (each raises the block's count
 #: once, after a CTA barrier and a GPU-scope fence): Mixtral's one-warp tiles at M=2-4 (1792
-#: a block) were 2-3 % slower with it, its 4-warp ones at M=8-16 (224) -2.3 to +1.4 %
+#: a block) were 2-3 % slower with it, its 4-warp ones at M=8-16 (224) -2.3 to +0.4 %
 GEMM2_WAITS_MAX_TILES = 256
 #: 8-slot programs carry their activations two steps ahead in registers (``X_AHEAD``); off,
 #: they load them at their step like 16- and 32-slot ones (104 registers a thread instead of

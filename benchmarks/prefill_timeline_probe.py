@@ -69,11 +69,12 @@ def program_bytes(fact: dict) -> float:
 
 
 def bandwidth_bins(start: list[int], end: list[int], bytes_per_program: float,
-                   bin_ns: int = BIN_NS) -> list[dict]:
-    """Programs running and bytes read per ``bin_ns`` bin from the first start on, each
-    program's ``bytes_per_program`` spread evenly over its run: ``{"t_us", "running", "tb_s"}``
-    (``running`` the average count of programs in the bin)."""
-    t0, t1 = min(start), max(end)
+                   bin_ns: int = BIN_NS, span: tuple[int, int] | None = None) -> list[dict]:
+    """Programs running and bytes read per ``bin_ns`` bin from the first start on (or over
+    ``span``, (t0, t1) in ns: another launch's axis), each program's ``bytes_per_program``
+    spread evenly over its run: ``{"t_us", "running", "tb_s"}`` (``running`` the average
+    count of programs in the bin)."""
+    t0, t1 = span if span is not None else (min(start), max(end))
     bins = [{"t_us": b * bin_ns / 1e3, "running": 0.0, "tb_s": 0.0}
             for b in range((t1 - t0 + bin_ns - 1) // bin_ns)]
     for s, e in zip(start, end, strict=True):
@@ -142,16 +143,15 @@ def layer_overlap(gemm1: torch.Tensor, gemm2: torch.Tensor, bin_ns: int = BIN_NS
         raise RuntimeError("a program did not write its timeline row")
     t0 = min(s1)
     gemm1_end = max(e1)
-    work1 = [i for i in range(len(s1)) if e1[i] - s1[i] >= EMPTY_NS]
     work2 = [i for i in range(len(s2)) if e2[i] - s2[i] >= EMPTY_NS]
-    end = max(e1 + e2)
-    bins = []
-    for b in range((end - t0 + bin_ns - 1) // bin_ns):
-        lo, hi = t0 + b * bin_ns, t0 + (b + 1) * bin_ns
-        row = {"t_us": b * bin_ns / 1e3}
-        for name, (st, en, work) in (("gemm1", (s1, e1, work1)), ("gemm2", (s2, e2, work2))):
-            row[name] = sum(max(0, min(hi, en[i]) - max(lo, st[i])) for i in work) / bin_ns
-        bins.append(row)
+    span = (t0, max(e1 + e2))
+    running = {}
+    for name, st, en in (("gemm1", s1, e1), ("gemm2", s2, e2)):
+        work = [i for i in range(len(st)) if en[i] - st[i] >= EMPTY_NS]
+        running[name] = [b["running"] for b in bandwidth_bins(
+            [st[i] for i in work], [en[i] for i in work], 0.0, bin_ns, span=span)]
+    bins = [{"t_us": b * bin_ns / 1e3, "gemm1": r1, "gemm2": r2}
+            for b, (r1, r2) in enumerate(zip(running["gemm1"], running["gemm2"], strict=True))]
     return {
         "gemm1_end_us": (gemm1_end - t0) / 1e3,
         "gemm2_first_start_us": (min(s2) - t0) / 1e3,

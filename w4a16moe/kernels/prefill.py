@@ -902,12 +902,13 @@ def prefill_gemm(
     tw = topk_weights if mul_routed_weight else s
     gluon_call = _gluon_call(a, weights, config, activation=activation,
                              a_fragment_order=a_fragment_order, atomic_topk_sum=atomic_topk_sum)
+    # why this call cannot run on the mma kernel (None: it runs there)
+    no_mma = (mma_unsupported(**gluon_call) if config.get("MMA")
+              else "its config is not an MMA one")
     if ready_counts is not None:
-        why = (mma_unsupported(**gluon_call) if config.get("MMA")
-               else "its config is not an MMA one")
-        if why is not None:
+        if no_mma is not None:
             raise ValueError(f"ready_counts given, but this GEMM cannot run on the mma kernel: "
-                             f"{why}")
+                             f"{no_mma}")
         if (ready_counts.dtype != torch.int32 or ready_counts.dim() != 1
                 or ready_counts.numel() < expert_ids.numel()
                 or ready_counts.device != a.device):
@@ -924,7 +925,7 @@ def prefill_gemm(
                         group_size=weights.group_size, a_is_slots=a_is_slots,
                         activation_code=ACTIVATION_CODES[activation], config=config,
                         a_sorted=a_sorted, out_sorted=out_sorted)
-        if config.get("MMA") and mma_unsupported(**gluon_call) is None:
+        if no_mma is None:
             launch_prefill_mma(*gluon_args, **gluon_kw, ready_counts=ready_counts,
                                ready_wait_tiles=ready_wait_tiles)
             return out
@@ -1457,8 +1458,10 @@ def fused_moe_prefill(
                 x1 = gather_sorted_rows(x1, blocks, top_k=top_k, out=rows[1])
         mul2 = not apply_router_weight_on_input
         # GEMM2 waiting per block for GEMM1's tiles (None: for all of GEMM1)
+        tiles1 = i // cfg1["BLOCK_SIZE_N"]  # GEMM1's tiles a block
         ready = _block_ready_counts(x1, inter, experts, blocks, cfg1, cfg2, activation,
-                                    workspace, num_tokens=m, sorted1=sorted1, split2=split2,
+                                    workspace, tiles1=tiles1, num_tokens=m, sorted1=sorted1,
+                                    split2=split2,
                                     atomic_topk_sum=atomic_topk_sum,
                                     fragment_order=(a_frag1, a_frag2))
         try:
@@ -1483,7 +1486,7 @@ def fused_moe_prefill(
                 prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
                              mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
                              a_fragment_order=a_frag2, a_sorted=sorted2, ready_counts=ready,
-                             ready_wait_tiles=0 if ready is None else i // cfg1["BLOCK_SIZE_N"])
+                             ready_wait_tiles=0 if ready is None else tiles1)
             if top_k == 1 and split2 == 1:
                 out.copy_(c2)
                 if ready is not None:
@@ -1502,15 +1505,14 @@ def fused_moe_prefill(
 
 def _block_ready_counts(x1: torch.Tensor, inter: torch.Tensor, experts: PackedExperts,
                         blocks: AlignedBlocks, cfg1: dict, cfg2: dict, activation: str,
-                        workspace: PrefillWorkspace | None, *, num_tokens: int,
-                        sorted1: bool, split2: int,
-                        atomic_topk_sum: bool, fragment_order: tuple[bool, bool]
-                        ) -> torch.Tensor | None:
+                        workspace: PrefillWorkspace | None, *, tiles1: int, num_tokens: int,
+                        sorted1: bool, split2: int, atomic_topk_sum: bool,
+                        fragment_order: tuple[bool, bool]) -> torch.Tensor | None:
     """The counts by which GEMM2 waits per block for GEMM1
     (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_PER_BLOCK`), zero, one per block; or
     None where the layer's GEMMs wait for each other whole: the switch off, no PDL chain,
     more tokens than :data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_MAX_TOKENS`, either
-    GEMM off the mma kernel, more GEMM1 tiles a block than
+    GEMM off the mma kernel, more GEMM1 tiles a block (``tiles1``) than
     :data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_MAX_TILES`, GEMM2 split or summing
     atomically, or GEMM1 reading its sorted input from GEMM2's output buffer (GEMM2 would
     overwrite it while GEMM1 runs). From the workspace when it has them (none allocated),
@@ -1518,8 +1520,7 @@ def _block_ready_counts(x1: torch.Tensor, inter: torch.Tensor, experts: PackedEx
     if (not prefill_mma.GEMM2_WAITS_PER_BLOCK or not prefill_pdl_args(x1.device)
             or num_tokens > prefill_mma.GEMM2_WAITS_MAX_TOKENS or sorted1
             or split2 > 1 or atomic_topk_sum or not (cfg1.get("MMA") and cfg2.get("MMA"))
-            or experts.intermediate_size // cfg1["BLOCK_SIZE_N"]
-            > prefill_mma.GEMM2_WAITS_MAX_TILES):
+            or tiles1 > prefill_mma.GEMM2_WAITS_MAX_TILES):
         return None
     if (mma_unsupported(**_gluon_call(x1, experts.w13, cfg1, activation=activation,
                                       a_fragment_order=fragment_order[0]))

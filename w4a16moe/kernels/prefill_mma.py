@@ -204,6 +204,12 @@ if HAVE_GLUON:
                 [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _wait_upstream():
+        """``griddepcontrol.wait`` alone (a kernel that releases the next one later)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _release_next():
         """``griddepcontrol.launch_dependents`` alone (a program that never waits for the
         kernel before as a whole)."""
@@ -469,8 +475,7 @@ if HAVE_GLUON:
         # with READY == 2 (GEMM2 waiting per block) only for the block's GEMM1 tiles
         EARLY: gl.constexpr = (PDL and WEIGHTS_BEFORE_WAIT) or READY == 2
         if PDL and READY == 1:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)
+            _wait_upstream()
         elif PDL and not EARLY:
             _wait_upstream_release_next()
         num_post_padded = gl.load(num_post_padded_ptr)

@@ -250,6 +250,33 @@ def prefill_gemm2_waits_per_block(hidden_states, experts, topk_weights, topk_ids
                          GEMM2_WAITS_PER_BLOCK=True)
 
 
+def prefill_gemm1_persistent(hidden_states, experts, topk_weights, topk_ids, *,
+                             activation="silu"):
+    """The shipped prefill layer with GEMM2 waiting per block and GEMM1 on a persistent grid
+    (``prefill_mma.GEMM1_PERSISTENT`` on while it launches; shipped on since session 34)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True)
+
+
+def prefill_gemm1_persistent_everywhere(hidden_states, experts, topk_weights, topk_ids, *,
+                                        activation="silu"):
+    """:func:`prefill_gemm1_persistent` also on layers of fewer tokens or experts than
+    ``prefill_mma.GEMM1_PERSISTENT_MIN_TOKENS`` and ``..._MIN_EXPERTS`` (qwen3-30b M=2,
+    Mixtral)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True,
+                         GEMM1_PERSISTENT_MIN_TOKENS=1, GEMM1_PERSISTENT_MIN_EXPERTS=1)
+
+
+def prefill_gemm1_program_a_tile(hidden_states, experts, topk_weights, topk_ids, *,
+                                 activation="silu"):
+    """The shipped prefill layer with GEMM2 waiting per block and GEMM1 on a grid of one
+    program a tile, sized for the most blocks the routing could need
+    (``prefill_mma.GEMM1_PERSISTENT`` off while it launches: the layer of session 33)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=False)
+
+
 def prefill_gemm2_waits_for_gemm1(hidden_states, experts, topk_weights, topk_ids, *,
                                   activation="silu"):
     """The shipped prefill layer with GEMM2's programs waiting for all of GEMM1

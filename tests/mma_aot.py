@@ -26,7 +26,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  scale_words: bool | None = None, weights_before_wait: bool = False,
                  predicated_reloads: bool = False, ring_stages: int = 0,
                  x_ahead: bool | None = None, timeline: bool = False,
-                 rotate_k: bool | None = None, ready: int = 0) -> dict:
+                 rotate_k: bool | None = None, ready: int = 0,
+                 persistent: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -52,7 +53,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         RING_LAYOUT=prefill_mma.ring_layout() if ring_stages else None,
         X_AHEAD=block_t == 8 if x_ahead is None else x_ahead, TIMELINE=timeline,
         ROTATE_K=(prefill_mma.ROTATE_K_STEPS and block_t == 8) if rotate_k is None
-        else rotate_k, READY=ready)
+        else rotate_k, READY=ready, PERSISTENT=persistent)
     if not timeline:
         constexprs["timeline_ptr"] = None
     if not ready:

@@ -661,11 +661,11 @@ def _layer_workspace(m, experts, top_k):
 
 
 def test_ready_handshake_compiles_for_sm90():
-    """GEMM1 raising its blocks' counts (``READY`` 1) and GEMM2 waiting on them (2), as the
-    shipped qwen3-30b tiles compile them: no spill, the registers of the kernels without the
-    handshake (at most one more), GEMM1 still waiting for the kernel before it (the
-    alignment) and releasing GEMM2 once, GEMM2 never waiting for GEMM1 as a whole but
-    polling its block's count with acquire loads."""
+    """GEMM1 raising its blocks' counts (``READY`` 1, also on a persistent grid) and GEMM2
+    waiting on them (2), as the shipped qwen3-30b tiles compile them: no spill, the
+    registers of the kernels without the handshake (at most one more), GEMM1 still waiting
+    for the kernel before it (the alignment) and releasing GEMM2 once, GEMM2 never waiting
+    for GEMM1 as a whole but polling its block's count with acquire loads."""
     from mma_aot import ptxas_reports
 
     gemm1 = dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2,
@@ -673,14 +673,20 @@ def test_ready_handshake_compiles_for_sm90():
     gemm2 = dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2,
                  a_sorted=True, weights_before_wait=True, predicated_reloads=True,
                  ring_stages=2)
-    variants = [gemm1, dict(gemm1, ready=1), gemm2, dict(gemm2, ready=2)]
+    variants = [gemm1, dict(gemm1, ready=1), gemm2, dict(gemm2, ready=2),
+                dict(gemm1, ready=1, persistent=True)]
     reps = ptxas_reports(variants)
     for v, rep in zip(variants, reps, strict=True):
         assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
     regs = [int(r["ptxas"].split("Used ")[1].split(" registers")[0]) for r in reps]
     assert regs[1] - regs[0] in (0, 1) and regs[3] - regs[2] in (0, 1), regs
-    assert (reps[1]["grid_waits"], reps[1]["launch_dependents"]) == (1, 1)
-    assert reps[1]["acquire_polls"] == 0
+    # the persistent GEMM1 (GEMM1_PERSISTENT): its loop over tiles costs no register (168 a
+    # thread is three 4-warp programs an SM) and it waits for the alignment and releases
+    # GEMM2 once a program, not once a tile
+    assert regs[4] <= regs[1], regs
+    for rep in (reps[1], reps[4]):
+        assert (rep["grid_waits"], rep["launch_dependents"]) == (1, 1)
+        assert rep["acquire_polls"] == 0
     assert reps[3]["grid_waits"] == 0 and reps[3]["acquire_polls"] >= 2
 
 
@@ -727,6 +733,105 @@ def test_gemm2_waiting_per_block_gives_the_same_bits(monkeypatch, m, remote, sor
                         else [(False, 0), (False, 0)])
         assert not ws.block_ready.any()
     assert not want.isnan().any()
+
+
+@pytest.mark.parametrize(("registers", "warps", "shared", "want"), [
+    (168, 4, 33 * 1024, 3),     # qwen3-30b's GEMM1 tile: 12 warps of 168 registers fit
+    (176, 4, 33 * 1024, 2),     # 176 a thread: 11 warps, two 4-warp programs
+    (255, 4, 0, 2),             # 256 a thread once rounded: 8 warps
+    (40, 1, 0, 32),             # small one-warp programs: the 32-program limit
+    (32, 8, 0, 8),              # 2048 threads
+    (64, 4, 100 * 1024, 2),     # shared memory: 2 x (100 + 1) KiB of 228
+])
+def test_programs_an_sm_follows_the_occupancy_rules(registers, warps, shared, want):
+    """The programs an SM a persistent grid is sized by (sm_90's limits: 64 Ki registers
+    given to warps in units of 256, 2048 threads, 228 KiB of shared memory with 1 KiB a
+    program reserved, 32 programs)."""
+    assert prefill_mma.programs_an_sm(registers=registers, num_warps=warps,
+                                      shared_bytes=shared) == want
+
+
+@gpu_only
+@pytest.mark.parametrize("programs", [1, 7, None])
+@pytest.mark.parametrize("m", [7, 48])
+def test_persistent_gemm1_gives_the_same_bits(monkeypatch, m, programs):
+    """GEMM1 on a persistent grid (``GEMM1_PERSISTENT``, its gates lowered to this layer's
+    experts and tokens) against a program a tile (the gates as shipped), both with GEMM2
+    waiting per block: the same bits into NaN-poisoned outputs, three calls in a row on
+    one workspace, with experts off this rank; on grids of 1 and 7 programs (every program
+    walks many tiles, blocks of all three kinds: an expert's, off the rank, past the count)
+    and of the GPU's own size. The recorded launches show the grid GEMM1 ran on: the first
+    call a program a tile (the kernel's registers are not known before it), then the
+    persistent size."""
+    e, h, i, top_k = 32, 1024, 512, 8
+    dtype = torch.bfloat16
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=False, seed=60 + m)
+    local = torch.arange(e, device=DEVICE, dtype=torch.int32)
+    expert_map = torch.where(local % 3 == 1, -1, local).to(torch.int32)
+    cfg1 = mma_config(8, 64, 4, 256)
+    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": True}
+    ws = _layer_workspace(m, experts, top_k)
+    monkeypatch.setattr(prefill_mma, "_RESIDENT_PROGRAMS", {})
+    if programs is not None:
+        monkeypatch.setattr(prefill_mma, "resident_programs", lambda compiled, device: programs)
+    launches = []
+    monkeypatch.setattr(prefill_mma, "TIMELINE", launches)
+
+    def layer():
+        y = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=(cfg1, cfg2),
+                          out=y, workspace=ws)
+        torch.cuda.synchronize()
+        return y
+
+    want = layer()  # 32 experts: below GEMM1_PERSISTENT_MIN_EXPERTS, a program a tile
+    assert [f["persistent"] for f, _ in launches] == [False, False]
+    full_grid = launches[0][1].shape[0]
+    monkeypatch.setattr(prefill_mma, "GEMM1_PERSISTENT_MIN_EXPERTS", e)
+    monkeypatch.setattr(prefill_mma, "GEMM1_PERSISTENT_MIN_TOKENS", m)
+    for call in range(3):
+        launches.clear()
+        assert torch.equal(layer(), want)
+        assert [f["persistent"] for f, _ in launches] == [True, False]
+        grid = launches[0][1].shape[0]
+        if call == 0:
+            assert grid == full_grid
+        else:
+            expect = programs if programs is not None else min(
+                full_grid, next(iter(prefill_mma._RESIDENT_PROGRAMS.values())))
+            assert grid == expect
+        assert not ws.block_ready.any()
+    assert not want.isnan().any()
+
+
+@gpu_only
+def test_persistent_gemm1_programs_all_run_at_once(monkeypatch):
+    """The persistent grid is no larger than the GPU holds (else its last programs would
+    start only as the first ones end, their tiles after everyone else's): on qwen3-30b's
+    shape and tiles at M=16, every program of GEMM1 starts before any of them ends. (The
+    kernel that records its timeline takes more registers than the one without, and its grid
+    is sized for them: a grid sized for the other, 168 registers a thread, three programs an
+    SM, started its last 132 programs 31 us late on the H200 at 176.)"""
+    e, h, i, top_k, m = 128, 2048, 768, 8, 16
+    dtype = torch.bfloat16
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=True, seed=5)
+    cfg1 = mma_config(8, 64, 4, 256)
+    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": True}
+    ws = _layer_workspace(m, experts, top_k)
+    y = torch.empty(m, h, dtype=dtype, device=DEVICE)
+    launches = []
+    monkeypatch.setattr(prefill_mma, "TIMELINE", launches)
+    for _ in range(2):  # the first launch runs a program a tile and learns the registers
+        launches.clear()
+        fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y, workspace=ws)
+        torch.cuda.synchronize()
+    facts, timeline = launches[0]
+    assert facts["persistent"]
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    assert timeline.shape[0] >= sms  # a grid the size of the GPU (tiles enough for it)
+    assert (timeline >= 0).all()
+    starts, ends = timeline[:, 1], timeline[:, 2]
+    assert starts.max() < ends.min(), (starts.max() - starts.min(), ends.min() - starts.min())
 
 
 @gpu_only

@@ -421,72 +421,29 @@ if HAVE_GLUON:
         return acc, words, sc, x
 
     @gluon.jit
-    def _prefill_mma_kernel(
-        a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
-        sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
-        N, K, num_valid_slots, top_k, up_offset,
+    def _prefill_mma_tile(
+        pid, pid_m, n0, num_post_padded, expert,
+        a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr,
+        K, num_valid_slots, top_k, up_offset,
         stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
         stride_ze, stride_zn, stride_zg, stride_cm,
         GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr, ACTIVATION: gl.constexpr,
         MUL_ROUTED_WEIGHT: gl.constexpr, A_IS_SLOTS: gl.constexpr, A_SORTED: gl.constexpr,
         C_SORTED: gl.constexpr, IS_FP16: gl.constexpr,
-        BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUPS: gl.constexpr,
-        SCALE_WORDS: gl.constexpr, WORDS_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
-        SZ_LAYOUT: gl.constexpr, SZW_LAYOUT: gl.constexpr, PAIRS_LAYOUT: gl.constexpr,
-        OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
-        PDL: gl.constexpr = False, WEIGHTS_BEFORE_WAIT: gl.constexpr = False,
-        PREDICATED_RELOADS: gl.constexpr = False, RING_STAGES: gl.constexpr = 0,
-        RING_LAYOUT: gl.constexpr = None, X_AHEAD: gl.constexpr = False,
-        timeline_ptr=None, TIMELINE: gl.constexpr = False, ROTATE_K: gl.constexpr = False,
-        ready_ptr=None, ready_tiles=0, READY: gl.constexpr = 0,
+        BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
+        GROUPS: gl.constexpr, SCALE_WORDS: gl.constexpr, WORDS_LAYOUT: gl.constexpr,
+        X_LAYOUT: gl.constexpr, SZ_LAYOUT: gl.constexpr, PAIRS_LAYOUT: gl.constexpr,
+        OUT_LAYOUT: gl.constexpr, SZW_LAYOUT: gl.constexpr, a_layout: gl.constexpr,
+        b_layout: gl.constexpr, mma_layout: gl.constexpr,
+        PDL: gl.constexpr, EARLY: gl.constexpr, PREDICATED_RELOADS: gl.constexpr,
+        RING_STAGES: gl.constexpr, RING_LAYOUT: gl.constexpr, X_AHEAD: gl.constexpr,
+        ROTATE_K: gl.constexpr, ready_ptr, ready_tiles, READY: gl.constexpr,
     ):
-        """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
-        output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
-        groups. ``WORDS_LAYOUT``, ``X_LAYOUT``, ``SZ_LAYOUT``, ``SZW_LAYOUT``,
-        ``PAIRS_LAYOUT``: :func:`mma_layouts` (a lane's words and activations of a group as its
-        contiguous registers, so they load as 16-byte vectors); ``OUT_LAYOUT``:
-        :func:`store_layout`. ``SCALE_WORDS``: a step's scales are read as 32-bit words of two
-        (``G`` = 128, two or four groups a step, scales contiguous along K).
-        ``WEIGHTS_BEFORE_WAIT`` (with ``PDL``): the kernel before writes only ``a``, so the
-        first two steps' weights and scales are loaded before waiting for it. ``X_AHEAD``:
-        the activations run two steps ahead in registers (8-slot blocks), else each step
-        loads its own. ``READY`` (``GEMM2_WAITS_PER_BLOCK``): 1, GEMM1 of a chain: each
-        program adds 1 to ``ready_ptr[block]`` once its tile is stored; 2, GEMM2: a program
-        waits until its block's count is ``ready_tiles`` (GEMM1's tiles a block) instead of
-        waiting for all of GEMM1 (the top-k sum after it sets the counts back to 0)."""
-        BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
-        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
-                                                     k_width=2)
-        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma_layout,
-                                                     k_width=2)
-
-        if TIMELINE:
-            t_start = _globaltimer()
-            c_start = _clock64()
-        num_pid_n = N // BLOCK_N_OUT
-        pid = gl.program_id(0)
-        pid_m = pid // num_pid_n
-        n0 = (pid % num_pid_n) * BLOCK_N_OUT
+        """One tile of :func:`_prefill_mma_kernel`: block ``pid_m`` (of expert ``expert``, -1
+        for none: its rows get zeros), output columns ``n0`` onwards; ``pid`` picks the first
+        K step (``ROTATE_K``), ``EARLY`` says the program has not yet waited for the kernel
+        before. Nothing past the padded count."""
         row0 = pid_m * BLOCK_T
-        # the kernel before writes what this one reads: wait for it first, or with
-        # WEIGHTS_BEFORE_WAIT (it writes only the activations) once the weights are on the way;
-        # with READY == 2 (GEMM2 waiting per block) only for the block's GEMM1 tiles
-        EARLY: gl.constexpr = (PDL and WEIGHTS_BEFORE_WAIT) or READY == 2
-        if PDL and READY == 1:
-            _wait_upstream()
-        elif PDL and not EARLY:
-            _wait_upstream_release_next()
-        num_post_padded = gl.load(num_post_padded_ptr)
-        # every block of the grid has an expert id (-1 past the padded count or off this
-        # rank): loaded with the count rather than after it, one round trip less before the
-        # program's first weight loads
-        expert = gl.load(expert_ids_ptr + pid_m)
-        if PDL and READY == 1:
-            # GEMM2 launches once every program here has read these: GEMM2 does not wait for
-            # this kernel to complete, and a program past the blocks reads nothing else
-            _release_next_after(num_post_padded, expert)
         if row0 < num_post_padded:
             out_layout: gl.constexpr = OUT_LAYOUT
             t_o = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, out_layout))
@@ -640,6 +597,117 @@ if HAVE_GLUON:
                 gl.store(c_ptrs, res, mask=c_mask)
                 if READY == 1:
                     _block_done(ready_ptr + pid_m)
+
+    @gluon.jit
+    def _prefill_mma_kernel(
+        a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr,
+        sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+        N, K, num_valid_slots, top_k, up_offset,
+        stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
+        stride_ze, stride_zn, stride_zg, stride_cm,
+        GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr, ACTIVATION: gl.constexpr,
+        MUL_ROUTED_WEIGHT: gl.constexpr, A_IS_SLOTS: gl.constexpr, A_SORTED: gl.constexpr,
+        C_SORTED: gl.constexpr, IS_FP16: gl.constexpr,
+        BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, GROUPS: gl.constexpr,
+        SCALE_WORDS: gl.constexpr, WORDS_LAYOUT: gl.constexpr, X_LAYOUT: gl.constexpr,
+        SZ_LAYOUT: gl.constexpr, SZW_LAYOUT: gl.constexpr, PAIRS_LAYOUT: gl.constexpr,
+        OUT_LAYOUT: gl.constexpr, num_warps: gl.constexpr,
+        PDL: gl.constexpr = False, WEIGHTS_BEFORE_WAIT: gl.constexpr = False,
+        PREDICATED_RELOADS: gl.constexpr = False, RING_STAGES: gl.constexpr = 0,
+        RING_LAYOUT: gl.constexpr = None, X_AHEAD: gl.constexpr = False,
+        timeline_ptr=None, TIMELINE: gl.constexpr = False, ROTATE_K: gl.constexpr = False,
+        ready_ptr=None, ready_tiles=0, READY: gl.constexpr = 0,
+        PERSISTENT: gl.constexpr = False,
+    ):
+        """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
+        output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
+        groups. ``WORDS_LAYOUT``, ``X_LAYOUT``, ``SZ_LAYOUT``, ``SZW_LAYOUT``,
+        ``PAIRS_LAYOUT``: :func:`mma_layouts` (a lane's words and activations of a group as its
+        contiguous registers, so they load as 16-byte vectors); ``OUT_LAYOUT``:
+        :func:`store_layout`. ``SCALE_WORDS``: a step's scales are read as 32-bit words of two
+        (``G`` = 128, two or four groups a step, scales contiguous along K).
+        ``WEIGHTS_BEFORE_WAIT`` (with ``PDL``): the kernel before writes only ``a``, so the
+        first two steps' weights and scales are loaded before waiting for it. ``X_AHEAD``:
+        the activations run two steps ahead in registers (8-slot blocks), else each step
+        loads its own. ``READY`` (``GEMM2_WAITS_PER_BLOCK``): 1, GEMM1 of a chain: each
+        program adds 1 to ``ready_ptr[block]`` once its tile is stored; 2, GEMM2: a program
+        waits until its block's count is ``ready_tiles`` (GEMM1's tiles a block) instead of
+        waiting for all of GEMM1 (the top-k sum after it sets the counts back to 0).
+        ``PERSISTENT`` (:data:`GEMM1_PERSISTENT`): the grid holds no more programs than the GPU
+        runs at once, and program ``pid`` takes tiles ``pid``, ``pid + programs``, ... of the
+        padded count's blocks."""
+        BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout,
+                                                     k_width=2)
+        b_layout: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma_layout,
+                                                     k_width=2)
+
+        if TIMELINE:
+            t_start = _globaltimer()
+            c_start = _clock64()
+        num_pid_n = N // BLOCK_N_OUT
+        pid = gl.program_id(0)
+        # the kernel before writes what this one reads: wait for it first, or with
+        # WEIGHTS_BEFORE_WAIT (it writes only the activations) once the weights are on the way;
+        # with READY == 2 (GEMM2 waiting per block) only for the block's GEMM1 tiles
+        EARLY: gl.constexpr = (PDL and WEIGHTS_BEFORE_WAIT) or READY == 2
+        if PERSISTENT:  # (not EARLY: the launcher checks)
+            # no program of this grid is dispatched only to find its block past the padded
+            # count: once all have started (at once: the grid fits the GPU) the next kernel is
+            # launched, and its programs take each SM that these leave
+            if PDL:
+                _wait_upstream()
+            num_post_padded = gl.load(num_post_padded_ptr)
+            # the first tile's expert with the count (tile pid is one of the grid's blocks)
+            expert_first = gl.load(expert_ids_ptr + pid // num_pid_n)
+            if PDL:
+                _release_next_after(num_post_padded, expert_first)
+            tiles = (num_post_padded // BLOCK_T) * num_pid_n
+            for tile in range(pid, tiles, gl.num_programs(0)):
+                pid_m = tile // num_pid_n
+                later = tile != pid
+                expert = gl.where(later, gl.load(expert_ids_ptr + pid_m, mask=later, other=0),
+                                  expert_first)
+                _prefill_mma_tile(
+                    tile, pid_m, (tile % num_pid_n) * BLOCK_N_OUT, num_post_padded, expert,
+                    a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr,
+                    K, num_valid_slots, top_k, up_offset,
+                    stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
+                    stride_ze, stride_zn, stride_zg, stride_cm,
+                    GROUP_SIZE, HAS_ZEROS, ACTIVATION, MUL_ROUTED_WEIGHT, A_IS_SLOTS,
+                    A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N, BLOCK_N_OUT, GROUPS,
+                    SCALE_WORDS, WORDS_LAYOUT, X_LAYOUT, SZ_LAYOUT, PAIRS_LAYOUT, OUT_LAYOUT,
+                    SZW_LAYOUT, a_layout, b_layout, mma_layout, PDL, EARLY,
+                    PREDICATED_RELOADS, RING_STAGES, RING_LAYOUT, X_AHEAD, ROTATE_K,
+                    ready_ptr, ready_tiles, READY)
+        else:
+            pid_m = pid // num_pid_n
+            if PDL and READY == 1:
+                _wait_upstream()
+            elif PDL and not EARLY:
+                _wait_upstream_release_next()
+            num_post_padded = gl.load(num_post_padded_ptr)
+            # every block of the grid has an expert id (-1 past the padded count or off this
+            # rank): loaded with the count rather than after it, one round trip less before
+            # the program's first weight loads
+            expert = gl.load(expert_ids_ptr + pid_m)
+            if PDL and READY == 1:
+                # GEMM2 launches once every program here has read these: GEMM2 does not wait
+                # for this kernel to complete, and a program past the blocks reads nothing else
+                _release_next_after(num_post_padded, expert)
+            _prefill_mma_tile(
+                pid, pid_m, (pid % num_pid_n) * BLOCK_N_OUT, num_post_padded, expert,
+                a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr,
+                K, num_valid_slots, top_k, up_offset,
+                stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
+                stride_ze, stride_zn, stride_zg, stride_cm,
+                GROUP_SIZE, HAS_ZEROS, ACTIVATION, MUL_ROUTED_WEIGHT, A_IS_SLOTS, A_SORTED,
+                C_SORTED, IS_FP16, BLOCK_T, BLOCK_N, BLOCK_N_OUT, GROUPS, SCALE_WORDS,
+                WORDS_LAYOUT, X_LAYOUT, SZ_LAYOUT, PAIRS_LAYOUT, OUT_LAYOUT, SZW_LAYOUT,
+                a_layout, b_layout, mma_layout, PDL, EARLY, PREDICATED_RELOADS, RING_STAGES,
+                RING_LAYOUT, X_AHEAD, ROTATE_K, ready_ptr, ready_tiles, READY)
         if TIMELINE:
             # when and where this program ran: [SM, start ns, end ns, SM clock cycles]
             c_end = _clock64()
@@ -704,6 +772,25 @@ GEMM2_WAITS_MAX_TOKENS = 48
 #: once, after a CTA barrier and a GPU-scope fence): Mixtral's one-warp tiles at M=2-4 (1792
 #: a block) were 2-3 % slower with it, its 4-warp ones at M=8-16 (224) -2.3 to +0.4 %
 GEMM2_WAITS_MAX_TILES = 256
+#: ... and GEMM1 of such a chain runs a persistent grid (``PERSISTENT``): no more programs than
+#: the GPU holds at once (:func:`programs_an_sm`), each taking every so many tiles of the padded
+#: count's blocks. A grid of a program a tile is sized for the most blocks the routing could
+#: need, and its programs past the padded count (a third of qwen3-30b's GEMM1 grid at M=16) are
+#: dispatched only as its last programs with work free their SMs: GEMM2, launched once every
+#: GEMM1 program has started, found the first ~4 us of GEMM1's drain still closed to it (session
+#: 33). The switch is for A/Bs
+GEMM1_PERSISTENT = True
+#: ... for layers of at least this many tokens over at least this many experts (where the
+#: grid's blocks past the padded count are many: up to one an expert more than the slots fill).
+#: Layer A/B on the H200 (session 34), persistent against a program a tile: qwen3-30b (128
+#: experts, three runs) M=4 -3.2 to -4.6 %, M=8 -1.6 to -2.1, M=16 -2.1 to -2.2, M=24 -3.1
+#: and -3.6, M=32 -1.9 to -2.4, M=48 -1.2 and -1.7, but M=2 +0.8 to +1.7 (192 tiles: one
+#: wave either way, and the grid's empty programs then find free SMs at once); deepseek-v2-lite
+#: (64) M=4-32 -2.2 to -4.6; olmoe (64) M=16 and 32 -3.4 and -2.2, M=8 even; qwen3-235b (128)
+#: M=8 and 16 -3.1 and -2.4 (one run; another +0.2 and -2.4, M=32 -0.2); Mixtral (8 experts,
+#: 224 tiles a block) M=8 and 16 +1.8 and +2.0, +6.2 and +3.2 in two runs, not understood
+GEMM1_PERSISTENT_MIN_TOKENS = 4
+GEMM1_PERSISTENT_MIN_EXPERTS = 64
 #: 8-slot programs carry their activations two steps ahead in registers (``X_AHEAD``); off,
 #: they load them at their step like 16- and 32-slot ones (104 registers a thread instead of
 #: 168 on the shipped 4-warp tiles, but qwen3-30b's layer 13-23 % slower on the H200, session
@@ -728,6 +815,35 @@ TIMELINE = None
 #: zero points triton 3.7 spilled 8 bytes with it, so 16- and 32-slot programs keep the plain
 #: order). The switch is for A/Bs
 ROTATE_K_STEPS = True
+
+
+#: programs of a persistent grid, by the launch's kind (:func:`launch_prefill_mma`)
+_RESIDENT_PROGRAMS: dict[tuple, int] = {}
+
+
+def programs_an_sm(*, registers: int, num_warps: int, shared_bytes: int,
+                   registers_an_sm: int = 65536, threads_an_sm: int = 2048,
+                   shared_an_sm: int = 233472, programs_max: int = 32) -> int:
+    """How many programs of a kernel an SM runs at once (the CUDA occupancy rules of sm_80 and
+    sm_90): registers are given to a warp in units of 256 (8 a thread), each program takes 1 KiB
+    of shared memory besides its own. At least 1."""
+    warp_registers = -(-registers * 32 // 256) * 256
+    by_registers = (registers_an_sm // max(warp_registers, 1)) // num_warps
+    by_threads = threads_an_sm // (32 * num_warps)
+    by_shared = shared_an_sm // (shared_bytes + 1024)
+    return max(1, min(by_registers, by_threads, by_shared, programs_max))
+
+
+def resident_programs(compiled, device: torch.device) -> int:
+    """Programs of ``compiled`` (a launched Triton kernel) the whole GPU runs at once."""
+    props = torch.cuda.get_device_properties(device)
+    an_sm = programs_an_sm(
+        registers=compiled.n_regs, num_warps=compiled.metadata.num_warps,
+        shared_bytes=compiled.metadata.shared,
+        registers_an_sm=getattr(props, "regs_per_multiprocessor", 65536),
+        threads_an_sm=props.max_threads_per_multi_processor,
+        shared_an_sm=getattr(props, "shared_memory_per_multiprocessor", 233472))
+    return an_sm * props.multi_processor_count
 
 
 @functools.cache
@@ -889,6 +1005,16 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                    and scales.stride(1) % 2 == 0 and scales.stride(0) % 2 == 0
                    and scales.data_ptr() % 4 == 0)
     grid = ((em // bt) * (n_out // bn),)
+    # GEMM1 of a chain whose GEMM2 waits per block: a persistent grid, sized once the kernel's
+    # registers and shared memory are known (its first launch runs a program a tile)
+    persistent = (GEMM1_PERSISTENT and ready_counts is not None and not ready_wait_tiles
+                  and slots // top_k >= GEMM1_PERSISTENT_MIN_TOKENS
+                  and qweight.shape[0] >= GEMM1_PERSISTENT_MIN_EXPERTS)
+    resident_key = (a.device, rows, bt, warps, groups, zeros is not None, activation_code,
+                    topk_weights is not None, a_sorted, out_sorted, a.dtype, k, n_out,
+                    TIMELINE is not None)
+    if persistent and resident_key in _RESIDENT_PROGRAMS:
+        grid = (min(grid[0], _RESIDENT_PROGRAMS[resident_key]),)
     # the words' ring (WORD_RING_STAGES) compiles without the CTA barriers Triton's
     # shared-memory analysis puts around it (each thread reads back only its own copies)
     ring = word_ring_stages(k, config)
@@ -904,7 +1030,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             timeline = torch.full((grid[0], 4), -1, dtype=torch.int64, device=a.device)
         facts = {"n_out": n_out, "k": k, "config": dict(config), "group_size": group_size,
                  "has_zeros": zeros is not None, "activation": bool(activation_code),
-                 "ring_stages": ring}
+                 "ring_stages": ring, "persistent": persistent}
         TIMELINE.append((facts, timeline))
     with stripped_ring_barriers(_KERNEL_NAME) if ring else contextlib.nullcontext():
         compiled = _prefill_mma_kernel[grid](
@@ -925,15 +1051,19 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             ROTATE_K=ROTATE_K_STEPS and bt == 8,
             ready_ptr=ready_counts, ready_tiles=ready_wait_tiles,
             READY=0 if ready_counts is None else (2 if ready_wait_tiles else 1),
-            **prefill_pdl_args(a.device))
+            PERSISTENT=persistent, **prefill_pdl_args(a.device))
+    if persistent and resident_key not in _RESIDENT_PROGRAMS:
+        _RESIDENT_PROGRAMS[resident_key] = resident_programs(compiled, a.device)
     if timeline is not None:
         # the clock reads may take registers of their own: programs an SM can differ
         facts["registers"] = getattr(compiled, "n_regs", None)
 
 
-__all__ = ["ACTIVATIONS_AHEAD", "GEMM2_WAITS_MAX_TILES", "GEMM2_WAITS_MAX_TOKENS",
-           "GEMM2_WAITS_PER_BLOCK", "MMA_BLOCK_K", "PREDICATED_RELOADS",
+__all__ = ["ACTIVATIONS_AHEAD", "GEMM1_PERSISTENT", "GEMM1_PERSISTENT_MIN_EXPERTS",
+           "GEMM1_PERSISTENT_MIN_TOKENS", "GEMM2_WAITS_MAX_TILES",
+           "GEMM2_WAITS_MAX_TOKENS", "GEMM2_WAITS_PER_BLOCK", "MMA_BLOCK_K", "PREDICATED_RELOADS",
            "PREDICATED_RELOADS_MAX_STEPS", "ROTATE_K_STEPS", "TIMELINE",
            "WORD_RING_MAX_STEPS", "WORD_RING_MIN_BLOCK_K", "WORD_RING_STAGES",
-           "launch_prefill_mma", "mma_groups", "mma_layouts", "word_ring_stages",
+           "launch_prefill_mma", "mma_groups", "mma_layouts", "programs_an_sm",
+           "resident_programs", "word_ring_stages",
            "mma_tiles_unsupported", "mma_unsupported", "permuted_columns", "store_layout"]

@@ -783,12 +783,13 @@ GEMM1_PERSISTENT = True
 #: ... for layers of at least this many tokens over at least this many experts (where the
 #: grid's blocks past the padded count are many: up to one an expert more than the slots fill).
 #: Layer A/B on the H200 (session 34), persistent against a program a tile: qwen3-30b (128
-#: experts, three runs) M=4 -3.2 to -4.6 %, M=8 -1.6 to -2.1, M=16 -2.1 to -2.2, M=24 -3.1
-#: and -3.6, M=32 -1.9 to -2.4, M=48 -1.2 and -1.7, but M=2 +0.8 to +1.7 (192 tiles: one
-#: wave either way, and the grid's empty programs then find free SMs at once); deepseek-v2-lite
-#: (64) M=4-32 -2.2 to -4.6; olmoe (64) M=16 and 32 -3.4 and -2.2, M=8 even; qwen3-235b (128)
-#: M=8 and 16 -3.1 and -2.4 (one run; another +0.2 and -2.4, M=32 -0.2); Mixtral (8 experts,
-#: 224 tiles a block) M=8 and 16 +1.8 and +2.0, +6.2 and +3.2 in two runs, not understood
+#: experts) M=4 -3.2 to -4.6 % (four runs), M=8 -1.6 to -2.1, M=16 -2.1 to -2.2, M=24 -3.1 and
+#: -3.6, M=32 -1.9 to -2.4, M=48 -1.2 and -1.7, but M=2 +0.8 to +1.7 and M=3 +1.3 (one wave
+#: either way, and the grid's empty programs then find free SMs at once); deepseek-v2-lite (64)
+#: M=4-32 -1.4 to -5.1; olmoe (64) M=4 -3.2, M=8 0.0 and +0.7, M=16-32 -1.6 to -3.4;
+#: qwen3-235b (128) M=4 -1.7, M=8 -2.4 to -3.1, M=16 +0.4 to -2.4, M=32 even; Mixtral (8
+#: experts, 224 tiles a block) M=8 +1.8 and +2.0, M=16 +6.2 and +3.2 (power cap), not
+#: understood
 GEMM1_PERSISTENT_MIN_TOKENS = 4
 GEMM1_PERSISTENT_MIN_EXPERTS = 64
 #: 8-slot programs carry their activations two steps ahead in registers (``X_AHEAD``); off,

@@ -653,7 +653,7 @@ if HAVE_GLUON:
         # WEIGHTS_BEFORE_WAIT (it writes only the activations) once the weights are on the way;
         # with READY == 2 (GEMM2 waiting per block) only for the block's GEMM1 tiles
         EARLY: gl.constexpr = (PDL and WEIGHTS_BEFORE_WAIT) or READY == 2
-        if PERSISTENT:  # (not EARLY: the launcher checks)
+        if PERSISTENT:  # (GEMM1 of a chain: never EARLY, the launcher sees to it)
             # no program of this grid is dispatched only to find its block past the padded
             # count: once all have started (at once: the grid fits the GPU) the next kernel is
             # launched, and its programs take each SM that these leave
@@ -1006,20 +1006,24 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                    and scales.stride(1) % 2 == 0 and scales.stride(0) % 2 == 0
                    and scales.data_ptr() % 4 == 0)
     grid = ((em // bt) * (n_out // bn),)
-    # GEMM1 of a chain whose GEMM2 waits per block: a persistent grid, sized once the kernel's
-    # registers and shared memory are known (its first launch runs a program a tile)
-    persistent = (GEMM1_PERSISTENT and ready_counts is not None and not ready_wait_tiles
-                  and slots // top_k >= GEMM1_PERSISTENT_MIN_TOKENS
-                  and qweight.shape[0] >= GEMM1_PERSISTENT_MIN_EXPERTS)
-    resident_key = (a.device, rows, bt, warps, groups, zeros is not None, activation_code,
-                    topk_weights is not None, a_sorted, out_sorted, a.dtype, k, n_out,
-                    TIMELINE is not None)
-    if persistent and resident_key in _RESIDENT_PROGRAMS:
-        grid = (min(grid[0], _RESIDENT_PROGRAMS[resident_key]),)
     # the words' ring (WORD_RING_STAGES) compiles without the CTA barriers Triton's
     # shared-memory analysis puts around it (each thread reads back only its own copies)
     ring = word_ring_stages(k, config)
     x_ahead = bt == 8 and ACTIVATIONS_AHEAD
+    rotate_k = ROTATE_K_STEPS and bt == 8
+    # GEMM1 of a chain whose GEMM2 waits per block (it waits for the kernel before it first):
+    # a persistent grid, sized once the kernel's registers and shared memory are known (its
+    # first launch runs a program a tile)
+    persistent = (GEMM1_PERSISTENT and ready_counts is not None and not ready_wait_tiles
+                  and not weights_before_wait
+                  and slots // top_k >= GEMM1_PERSISTENT_MIN_TOKENS
+                  and qweight.shape[0] >= GEMM1_PERSISTENT_MIN_EXPERTS)
+    resident_key = (a.device, a.dtype, rows, bt, warps, groups, k, n_out, zeros is not None,
+                    activation_code, topk_weights is not None, a_sorted, out_sorted,
+                    scale_words, ring, x_ahead, rotate_k, predicated_reloads,
+                    TIMELINE is not None)
+    if persistent and resident_key in _RESIDENT_PROGRAMS:
+        grid = (min(grid[0], _RESIDENT_PROGRAMS[resident_key]),)
     timeline = None
     if TIMELINE is not None:
         # filled with -1 (a row a program did not write is told apart), except under CUDA
@@ -1049,8 +1053,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             WEIGHTS_BEFORE_WAIT=weights_before_wait, PREDICATED_RELOADS=predicated_reloads,
             RING_STAGES=ring, RING_LAYOUT=ring_layout() if ring else None, X_AHEAD=x_ahead,
             timeline_ptr=timeline, TIMELINE=timeline is not None,
-            ROTATE_K=ROTATE_K_STEPS and bt == 8,
-            ready_ptr=ready_counts, ready_tiles=ready_wait_tiles,
+            ROTATE_K=rotate_k, ready_ptr=ready_counts, ready_tiles=ready_wait_tiles,
             READY=0 if ready_counts is None else (2 if ready_wait_tiles else 1),
             PERSISTENT=persistent, **prefill_pdl_args(a.device))
     if persistent and resident_key not in _RESIDENT_PROGRAMS:

@@ -660,6 +660,16 @@ def _layer_workspace(m, experts, top_k):
     return PrefillWorkspace.allocate(m, experts, top_k, sorted_block=8)
 
 
+def _chain_case(m, e, h, i, *, seed, symmetric=True, top_k=8, sorted2=True):
+    """A layer's inputs (bf16), qwen3-30b's 8-slot mma tiles for both GEMMs (GEMM2 on sorted
+    rows or on slot rows), a workspace and an output: (experts, x, w, ids, configs, ws, y)."""
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=torch.bfloat16, symmetric=symmetric,
+                               seed=seed)
+    configs = (mma_config(8, 64, 4, 256), {**mma_config(8, 128, 4, 256), "SORTED_ROWS": sorted2})
+    ws = _layer_workspace(m, experts, top_k)
+    return experts, x, w, ids, configs, ws, torch.empty(m, h, dtype=torch.bfloat16, device=DEVICE)
+
+
 def test_ready_handshake_compiles_for_sm90():
     """GEMM1 raising its blocks' counts (``READY`` 1, also on a persistent grid) and GEMM2
     waiting on them (2), as the shipped qwen3-30b tiles compile them: no spill, the
@@ -763,14 +773,10 @@ def test_persistent_gemm1_gives_the_same_bits(monkeypatch, m, programs):
     and of the GPU's own size. The recorded launches show the grid GEMM1 ran on: the first
     call a program a tile (the kernel's registers are not known before it), then the
     persistent size."""
-    e, h, i, top_k = 32, 1024, 512, 8
-    dtype = torch.bfloat16
-    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=False, seed=60 + m)
+    e, h, i = 32, 1024, 512
+    experts, x, w, ids, configs, ws, _ = _chain_case(m, e, h, i, seed=60 + m, symmetric=False)
     local = torch.arange(e, device=DEVICE, dtype=torch.int32)
     expert_map = torch.where(local % 3 == 1, -1, local).to(torch.int32)
-    cfg1 = mma_config(8, 64, 4, 256)
-    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": True}
-    ws = _layer_workspace(m, experts, top_k)
     monkeypatch.setattr(prefill_mma, "_RESIDENT_PROGRAMS", {})
     if programs is not None:
         monkeypatch.setattr(prefill_mma, "resident_programs", lambda compiled, device: programs)
@@ -778,9 +784,9 @@ def test_persistent_gemm1_gives_the_same_bits(monkeypatch, m, programs):
     monkeypatch.setattr(prefill_mma, "TIMELINE", launches)
 
     def layer():
-        y = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
-        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=(cfg1, cfg2),
-                          out=y, workspace=ws)
+        y = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=configs, out=y,
+                          workspace=ws)
         torch.cuda.synchronize()
         return y
 
@@ -812,18 +818,12 @@ def test_persistent_gemm1_programs_all_run_at_once(monkeypatch):
     kernel that records its timeline takes more registers than the one without, and its grid
     is sized for them: a grid sized for the other, 168 registers a thread, three programs an
     SM, started its last 132 programs 31 us late on the H200 at 176.)"""
-    e, h, i, top_k, m = 128, 2048, 768, 8, 16
-    dtype = torch.bfloat16
-    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=True, seed=5)
-    cfg1 = mma_config(8, 64, 4, 256)
-    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": True}
-    ws = _layer_workspace(m, experts, top_k)
-    y = torch.empty(m, h, dtype=dtype, device=DEVICE)
+    experts, x, w, ids, configs, ws, y = _chain_case(16, 128, 2048, 768, seed=5)
     launches = []
     monkeypatch.setattr(prefill_mma, "TIMELINE", launches)
     for _ in range(2):  # the first launch runs a program a tile and learns the registers
         launches.clear()
-        fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y, workspace=ws)
+        fused_moe_prefill(x, experts, w, ids, configs=configs, out=y, workspace=ws)
         torch.cuda.synchronize()
     facts, timeline = launches[0]
     assert facts["persistent"]
@@ -839,17 +839,12 @@ def test_gemm2_waiting_per_block_replays_from_a_cuda_graph(monkeypatch):
     """The layer captured in a CUDA graph with GEMM2 waiting per block, replayed with a new
     routing each time (so the counts must be back at zero after every replay), against the
     layer launched eagerly with GEMM2 waiting for all of GEMM1."""
-    e, h, i, top_k, m = 64, 1024, 512, 8, 40
-    dtype = torch.bfloat16
-    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=True, seed=77)
-    cfg1 = mma_config(8, 64, 4, 256)
-    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": True}
-    ws = _layer_workspace(m, experts, top_k)
-    y = torch.empty(m, h, dtype=dtype, device=DEVICE)
-    fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y, workspace=ws)
+    e, top_k, m = 64, 8, 40
+    experts, x, w, ids, configs, ws, y = _chain_case(m, e, 1024, 512, seed=77, top_k=top_k)
+    fused_moe_prefill(x, experts, w, ids, configs=configs, out=y, workspace=ws)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=y, workspace=ws)
+        fused_moe_prefill(x, experts, w, ids, configs=configs, out=y, workspace=ws)
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     for _ in range(6):
         w_new, ids_new = fused_topk(torch.randn(m, e, device=DEVICE, generator=gen), top_k)
@@ -860,6 +855,6 @@ def test_gemm2_waiting_per_block_replays_from_a_cuda_graph(monkeypatch):
         torch.cuda.synchronize()
         assert not ws.block_ready.any()
         monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", False)
-        want = fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2))
+        want = fused_moe_prefill(x, experts, w, ids, configs=configs)
         monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", True)
         assert torch.equal(y, want)

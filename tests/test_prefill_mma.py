@@ -700,6 +700,19 @@ def test_ready_handshake_compiles_for_sm90():
     assert reps[3]["grid_waits"] == 0 and reps[3]["acquire_polls"] >= 2
 
 
+def test_persistent_grid_compiles_only_as_gemm1_raising_counts():
+    """A persistent grid's next tile may refill, through the ring's stripped barriers, the
+    shared memory the tile before read last; the CTA barrier of ``READY`` 1 (GEMM1 raising
+    its block's count) at the end of every tile is what orders them, so the kernel refuses
+    ``PERSISTENT`` without it."""
+    from mma_aot import ptxas_reports
+
+    gemm1 = dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2,
+                 out_sorted=True, predicated_reloads=True, ring_stages=2, persistent=True)
+    with pytest.raises(RuntimeError, match="a persistent grid is GEMM1 raising its blocks"):
+        ptxas_reports([dict(gemm1, ready=0)])
+
+
 @gpu_only
 @pytest.mark.parametrize("sorted2", [False, True])
 @pytest.mark.parametrize("remote", [False, True])

@@ -656,7 +656,12 @@ if HAVE_GLUON:
         if PERSISTENT:  # (GEMM1 of a chain: never EARLY, the launcher sees to it)
             # no program of this grid is dispatched only to find its block past the padded
             # count: once all have started (at once: the grid fits the GPU) the next kernel is
-            # launched, and its programs take each SM that these leave
+            # launched, and its programs take each SM that these leave.
+            # A tile's first ring copies may overwrite the shared memory the tile before read
+            # last (its epilogue's layout change), and the ring's barriers are stripped
+            # (membar.strip_ring_barriers): what orders them is _block_done's CTA barrier at
+            # the end of every tile (READY == 1), after the store that uses those reads
+            gl.static_assert(READY == 1, "a persistent grid is GEMM1 raising its blocks' counts")
             if PDL:
                 _wait_upstream()
             num_post_padded = gl.load(num_post_padded_ptr)

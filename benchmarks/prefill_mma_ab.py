@@ -268,6 +268,15 @@ def prefill_gemm1_persistent_everywhere(hidden_states, experts, topk_weights, to
                          GEMM1_PERSISTENT_MIN_TOKENS=1, GEMM1_PERSISTENT_MIN_EXPERTS=1)
 
 
+def prefill_gemm2_waits_per_block_to_64_tokens(hidden_states, experts, topk_weights,
+                                               topk_ids, *, activation="silu"):
+    """:func:`prefill_gemm1_persistent` with the per-block wait (and so the persistent GEMM1)
+    up to 64 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 64 while it launches)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True,
+                         GEMM2_WAITS_MAX_TOKENS=64)
+
+
 def prefill_gemm1_program_a_tile(hidden_states, experts, topk_weights, topk_ids, *,
                                  activation="silu"):
     """The shipped prefill layer with GEMM2 waiting per block and GEMM1 on a grid of one

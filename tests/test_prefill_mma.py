@@ -654,19 +654,15 @@ def _spy_ready_launches(monkeypatch) -> list:
     return seen
 
 
-def _layer_workspace(m, experts, top_k):
-    from w4a16moe.kernels.prefill import PrefillWorkspace
-
-    return PrefillWorkspace.allocate(m, experts, top_k, sorted_block=8)
-
-
 def _chain_case(m, e, h, i, *, seed, symmetric=True, top_k=8, sorted2=True):
     """A layer's inputs (bf16), qwen3-30b's 8-slot mma tiles for both GEMMs (GEMM2 on sorted
     rows or on slot rows), a workspace and an output: (experts, x, w, ids, configs, ws, y)."""
+    from w4a16moe.kernels.prefill import PrefillWorkspace
+
     experts, x, w, ids = _case(m, h, i, e, top_k, dtype=torch.bfloat16, symmetric=symmetric,
                                seed=seed)
     configs = (mma_config(8, 64, 4, 256), {**mma_config(8, 128, 4, 256), "SORTED_ROWS": sorted2})
-    ws = _layer_workspace(m, experts, top_k)
+    ws = PrefillWorkspace.allocate(m, experts, top_k, sorted_block=8)
     return experts, x, w, ids, configs, ws, torch.empty(m, h, dtype=torch.bfloat16, device=DEVICE)
 
 
@@ -725,22 +721,20 @@ def test_gemm2_waiting_per_block_gives_the_same_bits(monkeypatch, m, remote, sor
     wait and count like the others) and GEMM2 on sorted rows or slot rows. The spy checks the
     pair really ran so (GEMM1 raising, GEMM2 waiting for GEMM1's tiles a block) up to
     ``GEMM2_WAITS_MAX_TOKENS`` tokens, and not past it."""
-    e, h, i, top_k = 32, 1024, 512, 8
-    dtype = torch.bfloat16
-    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=False, seed=40 + m)
+    e, h, i = 32, 1024, 512
+    experts, x, w, ids, configs, ws, _ = _chain_case(m, e, h, i, seed=40 + m, symmetric=False,
+                                                     sorted2=sorted2)
+    cfg1 = configs[0]
     expert_map = None
     if remote:
         local = torch.arange(e, device=DEVICE, dtype=torch.int32)
         expert_map = torch.where(local % 3 == 1, -1, local).to(torch.int32)
-    cfg1 = mma_config(8, 64, 4, 256)
-    cfg2 = {**mma_config(8, 128, 4, 256), "SORTED_ROWS": sorted2}
-    ws = _layer_workspace(m, experts, top_k)
     seen = _spy_ready_launches(monkeypatch)
 
     def layer():
-        y = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
-        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=(cfg1, cfg2),
-                          out=y, workspace=ws)
+        y = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=configs, out=y,
+                          workspace=ws)
         torch.cuda.synchronize()
         return y
 

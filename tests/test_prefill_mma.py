@@ -712,7 +712,7 @@ def test_persistent_grid_compiles_only_as_gemm1_raising_counts():
 @gpu_only
 @pytest.mark.parametrize("sorted2", [False, True])
 @pytest.mark.parametrize("remote", [False, True])
-@pytest.mark.parametrize("m", [1, 7, 23, 48, 49])
+@pytest.mark.parametrize("m", [1, 7, 23, 64, 65, 120])
 def test_gemm2_waiting_per_block_gives_the_same_bits(monkeypatch, m, remote, sorted2):
     """The layer with GEMM2 waiting per block for GEMM1's tiles (``GEMM2_WAITS_PER_BLOCK``)
     against waiting for all of GEMM1: the same bits (the same products; only when GEMM2's
@@ -770,7 +770,7 @@ def test_programs_an_sm_follows_the_occupancy_rules(registers, warps, shared, wa
 
 @gpu_only
 @pytest.mark.parametrize("programs", [1, 7, None])
-@pytest.mark.parametrize("m", [7, 48])
+@pytest.mark.parametrize("m", [7, 48, 64])
 def test_persistent_gemm1_gives_the_same_bits(monkeypatch, m, programs):
     """GEMM1 on a persistent grid (``GEMM1_PERSISTENT``, its gates lowered to this layer's
     experts and tokens) against a program a tile (the gates as shipped), both with GEMM2

@@ -770,9 +770,16 @@ WORD_RING_MIN_BLOCK_K = 256
 #: -2.2. The switch is for A/Bs (``fused_moe_prefill`` reads it)
 GEMM2_WAITS_PER_BLOCK = True
 #: ... for layers of at most this many tokens: the gain shrinks as GEMM1's waves grow and
-#: each of its programs pays the handshake (qwen3-30b M=40 / 48 / 56 / 64 -1.4 / -0.7 /
-#: +0.5 / +0.3 to +0.7 %, qwen3-235b M=48 / 64 -0.2 / +4.0 %)
-GEMM2_WAITS_MAX_TOKENS = 48
+#: each of its programs pays the handshake. Alone (session 33) it lost past 48 tokens
+#: (qwen3-30b M=56 / 64 +0.5 / +0.3 to +0.7 %, qwen3-235b M=64 +4.0 %); with the persistent
+#: GEMM1 it gains to 64 (H200 layer, 64 against 48 tokens, three runs: qwen3-30b M=56 -1.9 to
+#: -2.3 %, M=64 -1.2 to -1.9 %; qwen3-235b M=56 -0.2 / -2.3 %, M=64 -0.7 to +0.7 %, power
+#: cap). Past 64, in the PDL chain that now reaches 120 tokens (session 35): qwen3-30b M=72 /
+#: 80 / 96 -1.4 / -0.7 / -0.9 %, M=112 / 120 +0.2 / +0.3 % against the chain alone, but
+#: qwen3-235b M=96 +1.6 and +3.4 % (both under the power cap): not shipped. Its 48 GEMM1
+#: tiles a block make twice qwen3-30b's waves, each tile paying the handshake; a gate on
+#: GEMM1's tiles rather than the tokens would tell them apart (not built)
+GEMM2_WAITS_MAX_TOKENS = 64
 #: ... and where GEMM1 has at most this many tiles a block (each raises the block's count
 #: once, after a CTA barrier and a GPU-scope fence): Mixtral's one-warp tiles at M=2-4 (1792
 #: a block) were 2-3 % slower with it, its 4-warp ones at M=8-16 (224) -2.3 to +0.4 %

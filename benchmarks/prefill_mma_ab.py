@@ -271,10 +271,102 @@ def prefill_gemm1_persistent_everywhere(hidden_states, experts, topk_weights, to
 def prefill_gemm2_waits_per_block_to_64_tokens(hidden_states, experts, topk_weights,
                                                topk_ids, *, activation="silu"):
     """:func:`prefill_gemm1_persistent` with the per-block wait (and so the persistent GEMM1)
-    up to 64 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 64 while it launches)."""
+    up to 64 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 64 while it launches; shipped
+    since session 35)."""
     return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
                          GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True,
                          GEMM2_WAITS_MAX_TOKENS=64)
+
+
+def prefill_gemm2_waits_per_block_to_96_tokens(hidden_states, experts, topk_weights,
+                                               topk_ids, *, activation="silu"):
+    """:func:`prefill_gemm1_persistent` with the per-block wait (and so the persistent GEMM1)
+    up to 96 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 96 while it launches; the
+    tables' mma tiles serve qwen3-30b and qwen3-235b up to 88 and 96 tokens)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True,
+                         GEMM2_WAITS_MAX_TOKENS=96)
+
+
+def prefill_gemm2_waits_per_block_to_48_tokens(hidden_states, experts, topk_weights,
+                                               topk_ids, *, activation="silu"):
+    """:func:`prefill_gemm1_persistent` with the per-block wait (and so the persistent GEMM1)
+    only up to 48 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 48 while it launches: the
+    gate of sessions 33-34)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True,
+                         GEMM2_WAITS_MAX_TOKENS=48)
+
+
+def prefill_chain_to_256_tokens(hidden_states, experts, topk_weights, topk_ids, *,
+                                activation="silu"):
+    """The shipped prefill layer with its PDL chain (``pdl.PREFILL_MAX_TOKENS`` 256 while it
+    launches; 64 before) on layers of up to 256 tokens; the per-block wait keeps its gate."""
+    from w4a16moe.kernels import pdl
+
+    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 256):
+        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation)
+
+
+def prefill_chain_to_256_tokens_waits_to_96(hidden_states, experts, topk_weights, topk_ids,
+                                            *, activation="silu"):
+    """:func:`prefill_chain_to_256_tokens` with the per-block wait (and so the persistent
+    GEMM1) up to 96 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 96 while it launches)."""
+    from w4a16moe.kernels import pdl
+
+    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 256):
+        return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                             GEMM2_WAITS_MAX_TOKENS=96)
+
+
+def prefill_chain_to_128_tokens(hidden_states, experts, topk_weights, topk_ids, *,
+                                activation="silu"):
+    """The shipped prefill layer with its PDL chain on layers of up to 128 tokens
+    (``pdl.PREFILL_MAX_TOKENS`` 128 while it launches); the per-block wait keeps its gate."""
+    from w4a16moe.kernels import pdl
+
+    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 128):
+        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation)
+
+
+def prefill_chain_and_waits_to_128_tokens(hidden_states, experts, topk_weights, topk_ids,
+                                          *, activation="silu"):
+    """:func:`prefill_chain_to_128_tokens` with the per-block wait (and so the persistent
+    GEMM1) up to 128 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 128 while it launches)."""
+    from w4a16moe.kernels import pdl
+
+    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 128):
+        return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                             GEMM2_WAITS_MAX_TOKENS=128)
+
+
+def prefill_chain_and_waits_to_64_tokens(hidden_states, experts, topk_weights, topk_ids,
+                                         *, activation="silu"):
+    """The shipped prefill layer with its PDL chain and the per-block wait (and so the
+    persistent GEMM1) only up to 64 tokens (``pdl.PREFILL_MAX_TOKENS`` and
+    ``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 64 while it launches: the gates of session 35's
+    first commit)."""
+    from w4a16moe.kernels import pdl
+
+    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 64):
+        return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                             GEMM2_WAITS_MAX_TOKENS=64)
+
+
+def prefill_session34_layer(hidden_states, experts, topk_weights, topk_ids, *,
+                            activation="silu"):
+    """The prefill layer as session 34 left it: the config table in ``$W4A16MOE_AB_TABLE``
+    (that session's H100 table: ``git show b26b9a0:w4a16moe/kernels/configs/...``), the PDL
+    chain up to 64 tokens and the per-block wait up to 48 (``pdl.PREFILL_MAX_TOKENS`` and
+    ``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` while it launches)."""
+    from w4a16moe.kernels import pdl, prefill_mma
+
+    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 64), \
+            mock.patch.object(prefill_mma, "GEMM2_WAITS_MAX_TOKENS", 48):
+        return table_layer(hidden_states, experts, topk_weights, topk_ids,
+                           activation=activation)
 
 
 def prefill_gemm1_program_a_tile(hidden_states, experts, topk_weights, topk_ids, *,

@@ -132,12 +132,14 @@ def test_dependents_wait_before_their_first_memory_access():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and PDL need a GPU")
-@pytest.mark.parametrize("path", ["decode", "prefill"])
+@pytest.mark.parametrize(("path", "m"), [("decode", 3), ("prefill", 3), ("prefill", 100)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_router_then_experts_in_a_graph_with_pdl(dtype, path):
+def test_router_then_experts_in_a_graph_with_pdl(dtype, path, m):
+    # prefill at 100 tokens: the chain past the counting alignment's 64 tokens
+    # (pdl.PREFILL_MAX_TOKENS is 120)
     experts = random_experts(16, 256, 128, group_size=64, dtype=dtype,
                                             device=DEVICE, seed=21)
-    m, top_k = 3, 4
+    top_k = 4
     logits = torch.randn(m, 16, device=DEVICE)
     x = torch.randn(m, 256, dtype=dtype, device=DEVICE)
     ws = DecodeWorkspace.create(experts, top_k=top_k, max_tokens=m)

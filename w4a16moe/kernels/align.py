@@ -47,8 +47,9 @@ SINGLE_PROGRAM_MAX_SLOTS = 4096
 SINGLE_PROGRAM_EXPERTS = 1024
 #: from COUNT_RANK_MIN_SLOTS slots up to COUNT_RANK_MAX_TOKENS tokens (and top_k <= 15) the
 #: one-program alignment ranks the slots by counting rather than sorting
-#: (:func:`_align_sort_kernel`, :func:`count_words`), the prefill chain's layers
-#: (``pdl.PREFILL_MAX_TOKENS``). Per call in the chain on the H100
+#: (:func:`_align_sort_kernel`, :func:`count_words`): the prefill chain's layers when it was
+#: measured (the chain, ``pdl.PREFILL_MAX_TOKENS``, reached 64 tokens until session 35, 120
+#: since; 65-120 were not measured here). Per call in the chain on the H100
 #: (``benchmarks/chain_small_kernels.py``, counting against sorting): qwen3-30b M=8-32
 #: 1.81-2.43 against 2.14-2.80 us, M=64 3.94 against 3.82; deepseek-v2-lite M=4-64 0.04-0.37
 #: us less; Mixtral 32-128 slots even to 0.19 us less; below 32 slots (qwen3 M <= 2,

@@ -19,7 +19,9 @@ Where it is used (measured on the H100 in session 17, ``benchmarks/notes_decode.
 * prefill (``PREFILL``, layers of up to ``PREFILL_MAX_TOKENS`` tokens): the one-program
   alignment, the row gather, both GEMMs (Triton and Gluon kernels) and the top-k sum are
   each launched as a dependent of the kernel before, wait for it first thing and then
-  release the next: 0.8-2.1 % off the layer at M=8-64.
+  release the next: 0.8-2.1 % off the layer at M=8-64 (H100, session 17); with the mma
+  kernel's per-block wait and persistent GEMM1 up to 64 tokens and its tiles up to 120
+  (session 35), 1.4-2.2 % off qwen3-30b's layer at M=72-120 (H200).
 
 Every such kernel waits before its first global load or store, so the order of all memory
 accesses is the one without PDL: the results are those without it (bit for bit in the
@@ -75,10 +77,15 @@ _ALLOWED = _environment_allows()
 #: the prefill path's chain (alignment, row gather, GEMM1, GEMM2, top-k sum); benchmarks
 #: turn it off to time the prefill layer without it
 PREFILL = True
-#: the prefill chain uses PDL for layers of at most this many tokens: where it was measured
-#: (M = 8-64 on qwen3-30b and Mixtral, 0.8-2.1 % faster; session 17). Larger layers are
-#: long enough that an edge is noise, and were not A/B-measured
-PREFILL_MAX_TOKENS = 64
+#: the prefill chain uses PDL for layers of at most this many tokens. Session 17 measured
+#: M = 8-64 on qwen3-30b and Mixtral (H100, 0.8-2.1 % faster) and stopped there. Session 35
+#: (H200 layer, router included, the chain to 120-256 tokens against 64 in the same run):
+#: qwen3-30b M=72 / 80 / 96 / 112 / 120 -2.2 / -1.7 to -2.0 / -0.5 to -1.9 / -1.6 / -1.4 %
+#: (96-120 on the mma tiles its bucket 112 took then), deepseek-v2-lite M=80 -2.1 %, M=96
+#: even; qwen3-235b M=72 -0.4 %, M=96 +0.8 % (power cap), M=120 / 128 +1.2 / +0.1 %; olmoe
+#: M=72 / 96 +0.4 / +0.5 %; Mixtral M=72 +1.6 and -1.8 %, M=96 +1.5 % (power cap), M=128
+#: +1.2 %; qwen3-30b M=128 -0.5 %, M=256 even. So it stops where qwen3-30b's mma tiles stop
+PREFILL_MAX_TOKENS = 120
 
 _PREFILL_CHAIN: contextvars.ContextVar[bool] = contextvars.ContextVar("w4a16moe_prefill_chain",
                                                                       default=False)

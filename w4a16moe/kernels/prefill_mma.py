@@ -774,11 +774,11 @@ GEMM2_WAITS_PER_BLOCK = True
 #: (qwen3-30b M=56 / 64 +0.5 / +0.3 to +0.7 %, qwen3-235b M=64 +4.0 %); with the persistent
 #: GEMM1 it gains to 64 (H200 layer, 64 against 48 tokens, three runs: qwen3-30b M=56 -1.9 to
 #: -2.3 %, M=64 -1.2 to -1.9 %; qwen3-235b M=56 -0.2 / -2.3 %, M=64 -0.7 to +0.7 %, power
-#: cap). Past 64, in the PDL chain that now reaches 120 tokens (session 35): qwen3-30b M=72 /
-#: 80 / 96 -1.4 / -0.7 / -0.9 %, M=112 / 120 +0.2 / +0.3 % against the chain alone, but
-#: qwen3-235b M=96 +1.6 and +3.4 % (both under the power cap): not shipped. Its 48 GEMM1
-#: tiles a block make twice qwen3-30b's waves, each tile paying the handshake; a gate on
-#: GEMM1's tiles rather than the tokens would tell them apart (not built)
+#: cap). Past 64, in the PDL chain that now reaches 120 tokens (session 35), against the chain
+#: alone: qwen3-30b M=72 / 80 / 96 -1.4 / -0.7 / -0.9 %, M=112 / 120 +0.2 / +0.2 %;
+#: qwen3-235b M=72 -1.7 %, M=96 +0.8 % (+3.4 % against neither; all under the power cap).
+#: Not shipped until a repeat off the power cap says whether qwen3-235b's longer GEMM1 (48
+#: tiles a block of 16 K steps, against 24 of 8) loses there
 GEMM2_WAITS_MAX_TOKENS = 64
 #: ... and where GEMM1 has at most this many tiles a block (each raises the block's count
 #: once, after a CTA barrier and a GPU-scope fence): Mixtral's one-warp tiles at M=2-4 (1792

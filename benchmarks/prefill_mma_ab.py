@@ -369,6 +369,18 @@ def prefill_session34_layer(hidden_states, experts, topk_weights, topk_ids, *,
                            activation=activation)
 
 
+def prefill_align_one_program_to_1024_slots(hidden_states, experts, topk_weights, topk_ids,
+                                            *, activation="silu"):
+    """The shipped prefill layer with the one-program alignment up to 1024 slots
+    (``align.SINGLE_PROGRAM_SLOTS`` 1024 while it launches; 512 before): one launch in the
+    PDL chain instead of three launched outside it (qwen3-30b from M=65)."""
+    from w4a16moe.kernels import align
+
+    with mock.patch.object(align, "SINGLE_PROGRAM_SLOTS", 1024):
+        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation)
+
+
 def prefill_gemm1_program_a_tile(hidden_states, experts, topk_weights, topk_ids, *,
                                  activation="silu"):
     """The shipped prefill layer with GEMM2 waiting per block and GEMM1 on a grid of one

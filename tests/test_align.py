@@ -223,6 +223,47 @@ def test_single_program_matches_the_three_kernels(m, top_k, num_experts, block_s
     assert all(torch.equal(a, b) for a, b in zip(outs[0], ref, strict=True))
 
 
+def test_one_program_takes_more_slots_in_the_prefill_chain(monkeypatch):
+    """Inside the prefill PDL chain (its launch a dependent) one program aligns up to
+    SINGLE_PROGRAM_CHAIN_SLOTS slots by default, outside it up to SINGLE_PROGRAM_SLOTS; the
+    launches below record which kernels ran, with the chain's launch arguments dropped (the
+    interpreter has no PDL)."""
+    from w4a16moe.kernels.align import (
+        SINGLE_PROGRAM_CHAIN_SLOTS,
+        SINGLE_PROGRAM_SLOTS,
+        align_block_size_triton,
+        one_program_slots,
+    )
+
+    assert one_program_slots(chained=False) == SINGLE_PROGRAM_SLOTS
+    assert one_program_slots(chained=True) == SINGLE_PROGRAM_CHAIN_SLOTS > SINGLE_PROGRAM_SLOTS
+    launched = []
+
+    class Chained(_Recorder):
+        def __getitem__(self, grid):
+            def launch(*args, chained_launch=False, **kwargs):
+                self.log.append((self.name, chained_launch))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_align_sort_kernel", "_align_count_kernel"):
+        monkeypatch.setattr(align_mod, name, Chained(getattr(align_mod, name), name, launched))
+    slots = SINGLE_PROGRAM_SLOTS + 2
+    for chained, expected in ((False, ("_align_count_kernel", False)),
+                              (True, ("_align_sort_kernel", True))):
+        monkeypatch.setattr(align_mod, "prefill_pdl_args",
+                            lambda device, on=chained: {"chained_launch": True} if on else {})
+        ids = random_ids(slots // 2, 2, 8)
+        size = max_num_tokens_padded(ids.numel(), 16, 8)
+        out = AlignedBlocks(torch.full((size,), -7, dtype=torch.int32, device=DEVICE),
+                            torch.full((size // 16,), -7, dtype=torch.int32, device=DEVICE),
+                            torch.full((1,), -7, dtype=torch.int32, device=DEVICE))
+        align_block_size_triton(ids, 16, 8, None, *out)
+        assert launched[-1] == expected
+        ref = align_block_size(ids, 16, 8, backend="torch")
+        assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+
+
 def test_single_program_refuses_large_batches(monkeypatch):
     """Past SINGLE_PROGRAM_MAX_SLOTS slots (or at 1024+ experts) one program is refused; by
     default it runs up to SINGLE_PROGRAM_SLOTS slots and the three kernels above."""

@@ -17,7 +17,8 @@ chunks of ``CHUNK`` consecutive slots (one program each):
    (the number of runs that end at or before the block's first row, mapped through
    ``expert_map``; -1 past ``num_tokens_post_padded``).
 
-Up to :data:`SINGLE_PROGRAM_SLOTS` slots (decode and mid-M batches) one program does all
+Up to :data:`SINGLE_PROGRAM_SLOTS` slots (decode and mid-M batches; up to
+:data:`SINGLE_PROGRAM_CHAIN_SLOTS` as a dependent in the prefill PDL chain) one program does all
 three steps instead (:func:`_align_sort_kernel`, by sorting the slots by expert): one launch
 instead of three, the same outputs.
 
@@ -43,6 +44,13 @@ MAX_EXPERTS = 4096
 #: 128, 6.6 -> 3.7 at 512; at 1024 slots the three kernels are as fast or faster (qwen3 9.5
 #: vs 8.9, Mixtral 6.5 vs 8.1) and at 2048 far faster (10 vs 27)
 SINGLE_PROGRAM_SLOTS = 512
+#: ... and up to this many when the launch is a dependent in the prefill PDL chain
+#: (``pdl.prefill_pdl_args``): the one program joins the chain, the three kernels launch
+#: outside it. H200 layer (session 35, ``benchmarks/prefill_mma_ab.py``
+#: ``prefill_align_one_program_to_1024_slots``, router included): qwen3-30b M=72 / 96 / 120
+#: (576-960 slots) -2.2 / -1.8 / -1.9 %, olmoe M=72 / 96 -1.3 / -1.3 %, deepseek-v2-lite M=96 /
+#: 120 -1.9 / -1.1 %; outside the chain the standalone times above still hold
+SINGLE_PROGRAM_CHAIN_SLOTS = 1024
 SINGLE_PROGRAM_MAX_SLOTS = 4096
 SINGLE_PROGRAM_EXPERTS = 1024
 #: from COUNT_RANK_MIN_SLOTS slots up to COUNT_RANK_MAX_TOKENS tokens (and top_k <= 15) the
@@ -366,6 +374,13 @@ def _check_buffer(name: str, t: torch.Tensor, numel: int, device: torch.device,
                          f"expected a contiguous int32 tensor of {need} entries on {device}")
 
 
+def one_program_slots(*, chained: bool) -> int:
+    """The most slots :func:`align_block_size_triton` aligns in one program by default:
+    :data:`SINGLE_PROGRAM_CHAIN_SLOTS` when its launch is a dependent in the prefill PDL chain
+    (``chained``), else :data:`SINGLE_PROGRAM_SLOTS`."""
+    return SINGLE_PROGRAM_CHAIN_SLOTS if chained else SINGLE_PROGRAM_SLOTS
+
+
 def align_block_size_triton(
     topk_ids: torch.Tensor,
     block_size: int,
@@ -396,7 +411,8 @@ def align_block_size_triton(
         single_program: one launch of :func:`_align_sort_kernel` (only for at most
             :data:`SINGLE_PROGRAM_MAX_SLOTS` slots and fewer than
             :data:`SINGLE_PROGRAM_EXPERTS` experts) or the three kernels; default: one
-            launch up to :data:`SINGLE_PROGRAM_SLOTS` slots when ``chunk`` is not given.
+            launch up to :func:`one_program_slots` slots (more when the launch is a
+            dependent in the prefill PDL chain) when ``chunk`` is not given.
 
     One or three launches on the current stream; nothing is read back to the host.
     """
@@ -413,7 +429,8 @@ def align_block_size_triton(
     single_fits = (num_slots <= SINGLE_PROGRAM_MAX_SLOTS
                    and num_experts < SINGLE_PROGRAM_EXPERTS)
     if single_program is None:
-        single_program = chunk is None and single_fits and num_slots <= SINGLE_PROGRAM_SLOTS
+        single_program = chunk is None and single_fits and num_slots <= one_program_slots(
+            chained=bool(prefill_pdl_args(device)))
     if single_program and not single_fits:
         raise ValueError(f"single_program=True with {num_slots} slots over {num_experts} "
                          f"experts; one program aligns at most {SINGLE_PROGRAM_MAX_SLOTS} "
@@ -468,6 +485,7 @@ def align_block_size_triton(
 
 
 __all__ = ["COUNT_RANK_MAX_TOKENS", "COUNT_RANK_MIN_SLOTS", "COUNT_TABLE_MAX_ENTRIES",
-           "COUNT_TABLE_MIN_SLOTS", "MAX_EXPERTS", "SINGLE_PROGRAM_EXPERTS",
-           "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS", "count_table", "count_words",
-           "align_block_size_triton", "chunk_size", "scratch_numel"]
+           "COUNT_TABLE_MIN_SLOTS", "MAX_EXPERTS", "SINGLE_PROGRAM_CHAIN_SLOTS",
+           "SINGLE_PROGRAM_EXPERTS", "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS",
+           "align_block_size_triton", "chunk_size", "count_table", "count_words",
+           "one_program_slots", "scratch_numel"]

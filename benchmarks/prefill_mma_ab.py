@@ -278,105 +278,110 @@ def prefill_gemm2_waits_per_block_to_64_tokens(hidden_states, experts, topk_weig
                          GEMM2_WAITS_MAX_TOKENS=64)
 
 
+def _with_gates(hidden_states, experts, topk_weights, topk_ids, activation: str, *,
+                chain_tokens: int | None = None, waits_tokens: int | None = None,
+                one_program_slots: int | None = None, table: bool = False):
+    """The shipped prefill layer (with ``table``, :func:`table_layer`) with the token gates
+    of session 35 set while it launches: ``pdl.PREFILL_MAX_TOKENS`` (``chain_tokens``),
+    ``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` (``waits_tokens``; it carries the persistent
+    GEMM1) and ``align.SINGLE_PROGRAM_SLOTS`` (``one_program_slots``: the one-program
+    alignment's bound for every launch); None keeps the shipped value."""
+    from contextlib import ExitStack
+
+    from w4a16moe.kernels import align, pdl, prefill_mma
+
+    gates = ((pdl, "PREFILL_MAX_TOKENS", chain_tokens),
+             (prefill_mma, "GEMM2_WAITS_MAX_TOKENS", waits_tokens),
+             (align, "SINGLE_PROGRAM_SLOTS", one_program_slots))
+    with ExitStack() as stack:
+        for module, name, value in gates:
+            if value is not None:
+                stack.enter_context(mock.patch.object(module, name, value))
+        layer = table_layer if table else shipped_layer
+        return layer(hidden_states, experts, topk_weights, topk_ids, activation=activation)
+
+
 def prefill_gemm2_waits_per_block_to_96_tokens(hidden_states, experts, topk_weights,
                                                topk_ids, *, activation="silu"):
-    """:func:`prefill_gemm1_persistent` with the per-block wait (and so the persistent GEMM1)
-    up to 96 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 96 while it launches; the
-    tables' mma tiles serve qwen3-30b and qwen3-235b up to 88 and 96 tokens)."""
-    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True,
-                         GEMM2_WAITS_MAX_TOKENS=96)
+    """The shipped layer with the per-block wait up to 96 tokens (in session 35's first runs,
+    with the PDL chain still stopping at 64 tokens, this changed no launch past 64)."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       waits_tokens=96)
 
 
 def prefill_gemm2_waits_per_block_to_48_tokens(hidden_states, experts, topk_weights,
                                                topk_ids, *, activation="silu"):
-    """:func:`prefill_gemm1_persistent` with the per-block wait (and so the persistent GEMM1)
-    only up to 48 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 48 while it launches: the
-    gate of sessions 33-34)."""
-    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                         GEMM2_WAITS_PER_BLOCK=True, GEMM1_PERSISTENT=True,
-                         GEMM2_WAITS_MAX_TOKENS=48)
+    """The shipped layer with the per-block wait only up to 48 tokens (the gate of sessions
+    33-34)."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       waits_tokens=48)
 
 
 def prefill_chain_to_256_tokens(hidden_states, experts, topk_weights, topk_ids, *,
                                 activation="silu"):
-    """The shipped prefill layer with its PDL chain (``pdl.PREFILL_MAX_TOKENS`` 256 while it
-    launches; 64 before) on layers of up to 256 tokens; the per-block wait keeps its gate."""
-    from w4a16moe.kernels import pdl
-
-    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 256):
-        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation)
+    """The shipped layer with the PDL chain up to 256 tokens."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       chain_tokens=256)
 
 
 def prefill_chain_to_256_tokens_waits_to_96(hidden_states, experts, topk_weights, topk_ids,
                                             *, activation="silu"):
-    """:func:`prefill_chain_to_256_tokens` with the per-block wait (and so the persistent
-    GEMM1) up to 96 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 96 while it launches)."""
-    from w4a16moe.kernels import pdl
-
-    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 256):
-        return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                             GEMM2_WAITS_MAX_TOKENS=96)
+    """The shipped layer with the PDL chain up to 256 tokens and the per-block wait up to
+    96."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       chain_tokens=256, waits_tokens=96)
 
 
 def prefill_chain_to_128_tokens(hidden_states, experts, topk_weights, topk_ids, *,
                                 activation="silu"):
-    """The shipped prefill layer with its PDL chain on layers of up to 128 tokens
-    (``pdl.PREFILL_MAX_TOKENS`` 128 while it launches); the per-block wait keeps its gate."""
-    from w4a16moe.kernels import pdl
-
-    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 128):
-        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation)
+    """The shipped layer with the PDL chain up to 128 tokens."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       chain_tokens=128)
 
 
 def prefill_chain_and_waits_to_128_tokens(hidden_states, experts, topk_weights, topk_ids,
                                           *, activation="silu"):
-    """:func:`prefill_chain_to_128_tokens` with the per-block wait (and so the persistent
-    GEMM1) up to 128 tokens (``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 128 while it launches)."""
-    from w4a16moe.kernels import pdl
-
-    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 128):
-        return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                             GEMM2_WAITS_MAX_TOKENS=128)
+    """The shipped layer with the PDL chain and the per-block wait up to 128 tokens."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       chain_tokens=128, waits_tokens=128)
 
 
 def prefill_chain_and_waits_to_64_tokens(hidden_states, experts, topk_weights, topk_ids,
                                          *, activation="silu"):
-    """The shipped prefill layer with its PDL chain and the per-block wait (and so the
-    persistent GEMM1) only up to 64 tokens (``pdl.PREFILL_MAX_TOKENS`` and
-    ``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` 64 while it launches: the gates of session 35's
-    first commit)."""
-    from w4a16moe.kernels import pdl
-
-    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 64):
-        return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                             GEMM2_WAITS_MAX_TOKENS=64)
+    """The shipped layer with the PDL chain and the per-block wait only up to 64 tokens
+    (the gates after session 35's first commit)."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       chain_tokens=64, waits_tokens=64)
 
 
 def prefill_session34_layer(hidden_states, experts, topk_weights, topk_ids, *,
                             activation="silu"):
     """The prefill layer as session 34 left it: the config table in ``$W4A16MOE_AB_TABLE``
     (that session's H100 table: ``git show b26b9a0:w4a16moe/kernels/configs/...``), the PDL
-    chain up to 64 tokens and the per-block wait up to 48 (``pdl.PREFILL_MAX_TOKENS`` and
-    ``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` while it launches)."""
-    from w4a16moe.kernels import pdl, prefill_mma
-
-    with mock.patch.object(pdl, "PREFILL_MAX_TOKENS", 64), \
-            mock.patch.object(prefill_mma, "GEMM2_WAITS_MAX_TOKENS", 48):
-        return table_layer(hidden_states, experts, topk_weights, topk_ids,
-                           activation=activation)
+    chain up to 64 tokens and the per-block wait up to 48 (the alignment's bound in the
+    chain changes nothing there: 64 tokens of a built-in model are at most 512 slots)."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       chain_tokens=64, waits_tokens=48, table=True)
 
 
 def prefill_align_one_program_to_1024_slots(hidden_states, experts, topk_weights, topk_ids,
                                             *, activation="silu"):
-    """The shipped prefill layer with the one-program alignment up to 1024 slots
-    (``align.SINGLE_PROGRAM_SLOTS`` 1024 while it launches; 512 before): one launch in the
-    PDL chain instead of three launched outside it (qwen3-30b from M=65)."""
+    """The shipped layer with the one-program alignment up to 1024 slots on every launch
+    (session 35's A/B; since then the default in the PDL chain,
+    ``align.SINGLE_PROGRAM_CHAIN_SLOTS``, so this differs from the shipped layer only past
+    the chain's 120 tokens)."""
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       one_program_slots=1024)
+
+
+def prefill_align_three_kernels_past_512_slots(hidden_states, experts, topk_weights,
+                                               topk_ids, *, activation="silu"):
+    """The shipped layer with the alignment's three kernels past 512 slots in the PDL chain
+    too (``align.SINGLE_PROGRAM_CHAIN_SLOTS`` 512 while it launches: the layer before
+    session 35's change)."""
     from w4a16moe.kernels import align
 
-    with mock.patch.object(align, "SINGLE_PROGRAM_SLOTS", 1024):
+    with mock.patch.object(align, "SINGLE_PROGRAM_CHAIN_SLOTS", 512):
         return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
                              activation=activation)
 

@@ -383,7 +383,8 @@ def test_mma_candidates_are_runnable_tiles_and_take_8_slot_blocks():
     assert tune.block_m_candidates(1.0, space="mma") == (8, 16)
     assert tune.block_m_candidates(1.0, space="rsmidm") == (8, 16)
     assert tune.block_m_candidates(4.0, space="rsmidm") == (8, 16)
-    assert tune.block_m_candidates(6.0, space="rsmidm") == (16,)
+    assert tune.block_m_candidates(8.0, space="rsmidm") == (8, 16)
+    assert tune.block_m_candidates(9.0, space="rsmidm") == (16,)
     assert tune.block_m_candidates(1.0, space="midm") == (16,)
     # every shipped H100 MMA entry is among the candidates of its GEMM (GEMM1: the 2I,H
     # shapes, with the activation) at its block size

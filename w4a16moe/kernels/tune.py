@@ -109,10 +109,14 @@ AUTO_SPLIT_TOKENS = 256
 MAX_ACC_REGS = 128
 
 
-#: the mma kernel's 8-slot blocks are tried up to this many slots an expert on average (on the
-#: H100 they beat the table's 16-slot tiles up to about 5: qwen3-30b M=80 4 % faster, M=96 1 %
-#: slower; Mixtral M=18 5 % faster, M=20 5 % slower; benchmarks/notes_prefill.md, session 26)
-MMA_SMALL_BLOCK_ROWS = 5.0
+#: the mma kernel's 8-slot blocks are tried up to this many slots an expert on average. On the
+#: H100 in session 26 they beat the table's 16-slot tiles up to about 5 (qwen3-30b M=80 4 %
+#: faster, M=96 1 % slower; Mixtral M=18 5 % faster, M=20 5 % slower); after the kernel's
+#: word ring and the per-block wait (sessions 30-35), on the H200, up to about 8: olmoe M=64
+#: (8 slots an expert) -5 %, M=68 (8.5) +1 to +3 %; deepseek-v2-lite M=88 (8.25) -5 %;
+#: qwen3-30b M=96-120 (6-7.5) -6 to -16 % (benchmarks/notes_prefill.md, session 35; the
+#: table ships them there)
+MMA_SMALL_BLOCK_ROWS = 8.0
 
 
 def block_m_candidates(rows_per_expert: float, count: int = 2, space: str = "default"

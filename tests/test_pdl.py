@@ -132,14 +132,15 @@ def test_dependents_wait_before_their_first_memory_access():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs and PDL need a GPU")
-@pytest.mark.parametrize(("path", "m"), [("decode", 3), ("prefill", 3), ("prefill", 100)])
+@pytest.mark.parametrize(("path", "m", "top_k"), [("decode", 3, 4), ("prefill", 3, 4),
+                                                   ("prefill", 100, 4), ("prefill", 120, 6)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_router_then_experts_in_a_graph_with_pdl(dtype, path, m):
-    # prefill at 100 tokens: the chain past the counting alignment's 64 tokens
-    # (pdl.PREFILL_MAX_TOKENS is 120)
+def test_router_then_experts_in_a_graph_with_pdl(dtype, path, m, top_k):
+    # prefill at 100 tokens: the chain past the counting alignment's 64 tokens; at 120
+    # tokens of 6 experts (720 slots) the one-program alignment past 512 slots in the chain
+    # (pdl.PREFILL_MAX_TOKENS 120, align.SINGLE_PROGRAM_CHAIN_SLOTS 1024)
     experts = random_experts(16, 256, 128, group_size=64, dtype=dtype,
                                             device=DEVICE, seed=21)
-    top_k = 4
     logits = torch.randn(m, 16, device=DEVICE)
     x = torch.randn(m, 256, dtype=dtype, device=DEVICE)
     ws = DecodeWorkspace.create(experts, top_k=top_k, max_tokens=m)

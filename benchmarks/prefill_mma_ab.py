@@ -122,21 +122,67 @@ def ship_g1_mma_g2(hidden_states, experts, topk_weights, topk_ids, *, activation
                          activation=activation, configs=(cfg1, cfg2))
 
 
-def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
-    """The prefill layer on the config table in ``$W4A16MOE_AB_TABLE`` (a candidate file in
-    the shipped format), to A/B it against the shipped table's ``prefill``/``hybrid`` paths."""
-    import os
-
+def _table_layer(file, hidden_states, experts, topk_weights, topk_ids, activation: str):
+    """The prefill layer on the config table ``file`` (the shipped format)."""
     from w4a16moe.kernels.configs import get_prefill_config
 
     m, top_k = topk_ids.shape
     i, h = experts.intermediate_size, experts.hidden_size
-    file = os.environ["W4A16MOE_AB_TABLE"]
     cfgs = tuple(get_prefill_config(m, n, k, experts.num_experts, top_k, experts.dtype,
                                     experts.device, config_file=file)
                  for n, k in ((2 * i, h), (h, i)))
     return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
                          activation=activation, configs=cfgs)
+
+
+def table_layer(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The prefill layer on the config table in ``$W4A16MOE_AB_TABLE`` (a candidate file in
+    the shipped format), to A/B it against the shipped table's ``prefill``/``hybrid`` paths."""
+    import os
+
+    return _table_layer(os.environ["W4A16MOE_AB_TABLE"], hidden_states, experts,
+                        topk_weights, topk_ids, activation)
+
+
+#: session 35's changes to the H100 table, undone: per shape, each bucket it changed and the
+#: bucket whose entry it held before (None: a bucket session 35 added)
+SESSION35_TABLE_UNDO = {
+    "2048,2048": {"64": "67", "67": None},     # olmoe-1b-7b GEMM1
+    "2048,1024": {"64": "67", "67": None},     # olmoe-1b-7b GEMM2
+    "2816,2048": {"64": "112"},                # deepseek-v2-lite GEMM1
+    "2048,1408": {"64": "112"},                # deepseek-v2-lite GEMM2
+    "1536,2048": {"112": "128"},               # qwen3-30b-a3b GEMM1
+    "2048,768": {"112": "128"},                # qwen3-30b-a3b GEMM2
+}
+
+
+def table_before_session35() -> dict:
+    """The shipped H100 table with :data:`SESSION35_TABLE_UNDO` applied: its entries as
+    session 34 left them (b26b9a0's file, ``_meta`` aside)."""
+    import copy
+    import json
+
+    from w4a16moe.kernels.configs import CONFIG_DIR
+
+    table = json.loads((CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
+    before = copy.deepcopy(table)
+    for shape, undo in SESSION35_TABLE_UNDO.items():
+        for bucket, source in undo.items():
+            if source is None:
+                del before[shape][bucket]
+            else:
+                before[shape][bucket] = copy.deepcopy(table[shape][source])
+    return before
+
+
+@functools.cache
+def _table_before_session35_file() -> str:
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(table_before_session35(), f)
+    return f.name
 
 
 def _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation: str,
@@ -280,8 +326,8 @@ def prefill_gemm2_waits_per_block_to_64_tokens(hidden_states, experts, topk_weig
 
 def _with_gates(hidden_states, experts, topk_weights, topk_ids, activation: str, *,
                 chain_tokens: int | None = None, waits_tokens: int | None = None,
-                one_program_slots: int | None = None, table: bool = False):
-    """The shipped prefill layer (with ``table``, :func:`table_layer`) with the token gates
+                one_program_slots: int | None = None, table: str | None = None):
+    """The shipped prefill layer (with ``table``, on that config file) with the token gates
     of session 35 set while it launches: ``pdl.PREFILL_MAX_TOKENS`` (``chain_tokens``),
     ``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` (``waits_tokens``; it carries the persistent
     GEMM1) and ``align.SINGLE_PROGRAM_SLOTS`` (``one_program_slots``: the one-program
@@ -297,8 +343,11 @@ def _with_gates(hidden_states, experts, topk_weights, topk_ids, activation: str,
         for module, name, value in gates:
             if value is not None:
                 stack.enter_context(mock.patch.object(module, name, value))
-        layer = table_layer if table else shipped_layer
-        return layer(hidden_states, experts, topk_weights, topk_ids, activation=activation)
+        if table is not None:
+            return _table_layer(table, hidden_states, experts, topk_weights, topk_ids,
+                                activation)
+        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation)
 
 
 def prefill_gemm2_waits_per_block_to_96_tokens(hidden_states, experts, topk_weights,
@@ -356,12 +405,21 @@ def prefill_chain_and_waits_to_64_tokens(hidden_states, experts, topk_weights, t
 
 def prefill_session34_layer(hidden_states, experts, topk_weights, topk_ids, *,
                             activation="silu"):
-    """The prefill layer as session 34 left it: the config table in ``$W4A16MOE_AB_TABLE``
-    (that session's H100 table: ``git show b26b9a0:w4a16moe/kernels/configs/...``), the PDL
-    chain up to 64 tokens and the per-block wait up to 48 (the alignment's bound in the
-    chain changes nothing there: 64 tokens of a built-in model are at most 512 slots)."""
+    """The prefill layer as session 34 left it: its config table
+    (:func:`table_before_session35`; session 35's A/B named b26b9a0's file in
+    ``$W4A16MOE_AB_TABLE``, the same entries), the PDL chain up to 64 tokens and the
+    per-block wait up to 48 (the alignment's bound in the chain changes nothing there: 64
+    tokens of a built-in model are at most 512 slots)."""
     return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
-                       chain_tokens=64, waits_tokens=48, table=True)
+                       chain_tokens=64, waits_tokens=48, table=_table_before_session35_file())
+
+
+def prefill_table_before_session35(hidden_states, experts, topk_weights, topk_ids, *,
+                                   activation="silu"):
+    """The shipped layer on the H100 table's entries as session 34 left them
+    (:func:`table_before_session35`): session 35's table A/B, for a GPU that has not run it."""
+    return _table_layer(_table_before_session35_file(), hidden_states, experts, topk_weights,
+                        topk_ids, activation)
 
 
 def prefill_align_one_program_to_1024_slots(hidden_states, experts, topk_weights, topk_ids,

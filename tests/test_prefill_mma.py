@@ -318,6 +318,52 @@ def test_timeline_compiles_only_when_asked():
     assert regs[0] == regs[1] and regs[2] == regs[3], regs
 
 
+def test_table_before_session35_holds_session34_entries():
+    """The bench paths' table as session 34 left it (``prefill_mma_ab.table_before_session35``,
+    for the H100 A/B of session 35's table changes): the six changed entries as they were
+    (written out here from b26b9a0's file), olmoe's added bucket 67 gone, every other entry
+    the shipped one, and a table the config loader accepts."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import json
+
+    from prefill_mma_ab import SESSION35_TABLE_UNDO, table_before_session35
+
+    from w4a16moe.kernels.configs import CONFIG_DIR, parse_table
+
+    rs = {"GROUP_SIZE_M": 1, "num_warps": 8, "SWAP_AB": True, "RS": True}
+    want = {
+        ("2048,2048", "64"): {**rs, "BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128,
+                              "BLOCK_SIZE_K": 128, "num_stages": 6},
+        ("2048,1024", "64"): {**rs, "BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 256,
+                              "BLOCK_SIZE_K": 128, "num_stages": 4},
+        ("2816,2048", "64"): {**rs, "BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128,
+                              "BLOCK_SIZE_K": 128, "num_stages": 6},
+        ("2048,1408", "64"): {**rs, "BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 256,
+                              "BLOCK_SIZE_K": 64, "num_stages": 6},
+        ("1536,2048", "112"): {**rs, "BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 128,
+                               "BLOCK_SIZE_K": 128, "num_stages": 4, "STREAM_K": True},
+        ("2048,768", "112"): {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64,
+                              "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 3,
+                              "SWAP_AB": True, "FRAG_K": True},
+    }
+    shipped = json.loads((CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
+    before = table_before_session35()
+    assert parse_table(before)
+    for shape, buckets in shipped.items():
+        if shape.startswith("_"):
+            continue
+        changed = SESSION35_TABLE_UNDO.get(shape, {})
+        assert set(before[shape]) == set(buckets) - {b for b, s in changed.items() if s is None}
+        for bucket, cfg in before[shape].items():
+            assert cfg == want.get((shape, bucket), buckets[bucket]), (shape, bucket)
+        for bucket, source in changed.items():
+            if source is not None:
+                assert buckets[bucket] != before[shape][bucket], (shape, bucket)
+
+
 def test_timeline_summary_tells_the_first_wave_from_the_rest():
     """``prefill_timeline_probe.summarize`` on a made-up launch: two SMs with three programs
     each at the start (one of them late by 3 us, so not of the first wave), then three more

@@ -428,9 +428,10 @@ def align_block_size_triton(
     num_blocks = expert_ids.numel()
     single_fits = (num_slots <= SINGLE_PROGRAM_MAX_SLOTS
                    and num_experts < SINGLE_PROGRAM_EXPERTS)
+    chain_args = prefill_pdl_args(device)
     if single_program is None:
         single_program = chunk is None and single_fits and num_slots <= one_program_slots(
-            chained=bool(prefill_pdl_args(device)))
+            chained=bool(chain_args))
     if single_program and not single_fits:
         raise ValueError(f"single_program=True with {num_slots} slots over {num_experts} "
                          f"experts; one program aligns at most {SINGLE_PROGRAM_MAX_SLOTS} "
@@ -461,7 +462,7 @@ def align_block_size_triton(
             COUNT_TABLE=count_table(num_slots, num_experts, words),
             WORDS_P2=_next_pow2(max(words, 1)), EXPERTS_P2=_next_pow2(num_experts),
             num_warps=4,
-            **prefill_pdl_args(device))
+            **chain_args)
         return
 
     _align_count_kernel[(chunks,)](

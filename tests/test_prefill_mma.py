@@ -712,6 +712,24 @@ def _chain_case(m, e, h, i, *, seed, symmetric=True, top_k=8, sorted2=True):
     return experts, x, w, ids, configs, ws, torch.empty(m, h, dtype=torch.bfloat16, device=DEVICE)
 
 
+def _every_third_expert_off(e):
+    """An ``expert_map`` of ``e`` experts with experts 1, 4, 7, ... off this rank."""
+    local = torch.arange(e, device=DEVICE, dtype=torch.int32)
+    return torch.where(local % 3 == 1, -1, local).to(torch.int32)
+
+
+def _poisoned_layer(x, experts, w, ids, configs, ws, expert_map):
+    """A call of the prefill layer into a NaN-poisoned bf16 output, synchronized."""
+    def layer():
+        y = torch.full((x.shape[0], experts.hidden_size), float("nan"), dtype=torch.bfloat16,
+                       device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=configs, out=y,
+                          workspace=ws)
+        torch.cuda.synchronize()
+        return y
+    return layer
+
+
 def test_ready_handshake_compiles_for_sm90():
     """GEMM1 raising its blocks' counts (``READY`` 1, also on a persistent grid) and GEMM2
     waiting on them (2), as the shipped qwen3-30b tiles compile them: no spill, the
@@ -771,19 +789,9 @@ def test_gemm2_waiting_per_block_gives_the_same_bits(monkeypatch, m, remote, sor
     experts, x, w, ids, configs, ws, _ = _chain_case(m, e, h, i, seed=40 + m, symmetric=False,
                                                      sorted2=sorted2)
     cfg1 = configs[0]
-    expert_map = None
-    if remote:
-        local = torch.arange(e, device=DEVICE, dtype=torch.int32)
-        expert_map = torch.where(local % 3 == 1, -1, local).to(torch.int32)
+    expert_map = _every_third_expert_off(e) if remote else None
     seen = _spy_ready_launches(monkeypatch)
-
-    def layer():
-        y = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=configs, out=y,
-                          workspace=ws)
-        torch.cuda.synchronize()
-        return y
-
+    layer = _poisoned_layer(x, experts, w, ids, configs, ws, expert_map)
     monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", False)
     want = layer()
     assert seen == [(False, 0), (False, 0)]
@@ -828,21 +836,12 @@ def test_persistent_gemm1_gives_the_same_bits(monkeypatch, m, programs):
     persistent size."""
     e, h, i = 32, 1024, 512
     experts, x, w, ids, configs, ws, _ = _chain_case(m, e, h, i, seed=60 + m, symmetric=False)
-    local = torch.arange(e, device=DEVICE, dtype=torch.int32)
-    expert_map = torch.where(local % 3 == 1, -1, local).to(torch.int32)
     monkeypatch.setattr(prefill_mma, "_RESIDENT_PROGRAMS", {})
     if programs is not None:
         monkeypatch.setattr(prefill_mma, "resident_programs", lambda compiled, device: programs)
     launches = []
     monkeypatch.setattr(prefill_mma, "TIMELINE", launches)
-
-    def layer():
-        y = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
-        fused_moe_prefill(x, experts, w, ids, expert_map=expert_map, configs=configs, out=y,
-                          workspace=ws)
-        torch.cuda.synchronize()
-        return y
-
+    layer = _poisoned_layer(x, experts, w, ids, configs, ws, _every_third_expert_off(e))
     want = layer()  # 32 experts: below GEMM1_PERSISTENT_MIN_EXPERTS, a program a tile
     assert [f["persistent"] for f, _ in launches] == [False, False]
     full_grid = launches[0][1].shape[0]

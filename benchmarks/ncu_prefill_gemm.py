@@ -35,6 +35,22 @@ from w4a16moe.kernels.tune import MODEL_SHAPES, random_packed_experts, random_ro
 from w4a16moe.routing import align_block_size  # noqa: E402
 
 
+def routing_bytes(weights, ids: torch.Tensor, blocks, block_size: int, num_experts: int) -> str:
+    """What a profiler's DRAM read count of one GEMM compares with: the weight bytes (packed
+    words, scales, zero points) of the distinct experts routed to, and of every non-empty
+    block reading its expert's weights (what the kernel reads if no two blocks of one expert
+    share them through L2)."""
+    per_expert = sum(t[0].numel() * t.element_size()
+                     for t in (weights.qweight, weights.scales, weights.zeros) if t is not None)
+    counts = torch.bincount(ids.flatten().long(), minlength=num_experts)
+    distinct = int((counts > 0).sum())
+    used = int(blocks.num_tokens_post_padded.item()) // block_size
+    per_block = int((blocks.expert_ids[:used] >= 0).sum())
+    return (f"distinct experts {distinct}, blocks {per_block} (most slots an expert "
+            f"{int(counts.max())}); weight bytes: distinct {distinct * per_expert / 1e6:.2f} MB, "
+            f"a block each {per_block * per_expert / 1e6:.2f} MB")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(MODEL_SHAPES), required=True)
@@ -74,6 +90,7 @@ def main() -> int:
                      **kw)
     torch.cuda.synchronize()
     print(f"{args.model} M={m} GEMM{args.gemm} config {json.dumps(cfg)}")
+    print(routing_bytes(weights, ids, blocks, cfg["BLOCK_SIZE_M"], e))
     return 0
 
 

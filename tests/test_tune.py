@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -430,3 +431,92 @@ def test_mma_skip_reason_and_sorted_rows_run():
     pos = (blocks.sorted_token_ids < slots).nonzero().flatten()
     slot_of = blocks.sorted_token_ids[pos].long()
     assert torch.equal(inter_sorted[pos], inter[slot_of])
+
+
+def _mma(bt: int, bn: int, warps: int = 4) -> dict:
+    return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": 256, "GROUP_SIZE_M": 1,
+            "num_warps": warps, "num_stages": 1, "MMA": True}
+
+
+def test_layer_finalists_pair_the_fastest_of_each_block_size_and_the_current_entries():
+    """The pairs timed as the layer: per block size the fastest 3 GEMM1 x 2 GEMM2 configs
+    (failed candidates left out), the block size of the fastest GEMMs first, then the entries
+    the layer runs now unless they are among them; no pair twice."""
+    a, b, c, d = _mma(8, 8, 1), _mma(8, 32, 2), _mma(8, 64), _mma(8, 128)
+    g2a, g2b, g2c = _mma(8, 128), _mma(8, 64), _mma(8, 32, 2)
+    s1, s2 = _mma(16, 64), _mma(16, 128)
+    ranked = {16: ([(50.0, s1)], [(30.0, s2)]),
+              8: ([(29.0, c), (28.5, a), (28.8, b), (31.0, d), (math.inf, _mma(8, 16, 1))],
+                  [(20.0, g2b), (19.0, g2a), (25.0, g2c)])}
+    pairs = tune.layer_finalists(ranked, current=(c, g2a))
+    assert pairs == [(a, g2a), (a, g2b), (b, g2a), (b, g2b), (c, g2a), (c, g2b), (s1, s2)]
+    # the entries run now, when not a finalist, come last; and a pair is never repeated
+    now = (d, g2c)
+    assert tune.layer_finalists(ranked, current=now)[-1] == now
+    assert tune.layer_finalists({8: ([(1.0, a), (2.0, dict(a))], [(1.0, g2a)])},
+                                current=(dict(a), dict(g2a))) == [(a, g2a)]
+    assert tune.layer_finalists({8: ([(math.inf, a)], [(1.0, g2a)])}, current=None) == []
+
+
+def test_pick_layer_pair_keeps_the_fastest_layer_not_the_fastest_gemms():
+    """The pair whose layer is fastest wins even where its GEMMs alone were slower (the H200's
+    qwen3-30b case of session 36); each time is the mean over the routings; a pair whose layer
+    raises is skipped; every pair failing is an error naming the bucket."""
+    fast_alone, shipped, other = (_mma(8, 8, 1), _mma(8, 128)), (_mma(8, 64), _mma(8, 128)), (
+        _mma(8, 32, 2), _mma(8, 128))
+    layer_us = {0: {8: 50.2, 64: 44.9, 32: 46.0}, 1: {8: 49.8, 64: 45.1, 32: 43.8}}
+    seen = []
+
+    def measure(model, m, seed, pair):
+        seen.append((model, m, seed, pair[0]["BLOCK_SIZE_N"]))
+        return layer_us[seed][pair[0]["BLOCK_SIZE_N"]]
+
+    steps = []
+    best, us = tune.pick_layer_pair("qwen3-30b-a3b", 8, [fast_alone, shipped, other], measure,
+                                    on_pair=lambda pair, t: steps.append(t))
+    assert best == other and us == pytest.approx(44.9)   # (46.0 + 43.8) / 2 < 45.0 (shipped)
+    assert steps == pytest.approx([50.0, 45.0, 44.9])
+    assert {s[2] for s in seen} == {0, 1} and len(seen) == 6
+    # ties keep the first; a failing layer is not a winner
+    best, _ = tune.pick_layer_pair("m", 8, [shipped, other], lambda *a: 1.0, routings=1)
+    assert best == shipped
+
+    def broken(model, m, seed, pair):
+        if pair is shipped:
+            raise RuntimeError("out of resources")
+        return 3.0
+
+    assert tune.pick_layer_pair("m", 8, [shipped, other], broken, routings=1) == (other, 3.0)
+    with pytest.raises(ValueError, match=r"olmoe-1b-7b M=64: the prefill layer failed on"):
+        tune.pick_layer_pair("olmoe-1b-7b", 64, [shipped], broken, routings=1)
+    with pytest.raises(ValueError, match=r"M=64: no config pair"):
+        tune.pick_layer_pair("olmoe-1b-7b", 64, [], broken)
+
+
+def test_cli_layer_check_is_on_unless_turned_off():
+    parser = argparse.ArgumentParser()
+    tune.register(parser.add_subparsers())
+    assert parser.parse_args(["tune", "--model", "all"]).layer_check
+    assert not parser.parse_args(["tune", "--model", "all", "--no-layer-check"]).layer_check
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning needs a CUDA GPU")
+def test_tune_prefill_picks_each_bucket_by_the_layer(tmp_path):
+    """On a GPU: a small shape tuned at one M writes both GEMMs' entries and the picked pair's
+    layer time; the layer was timed on the finalist pairs and on the entries it runs now, and
+    the written file is a table the loader accepts."""
+    from w4a16moe.kernels.configs import parse_table
+
+    shape = tune.ModelShape(num_experts=8, top_k=2, hidden_size=512, intermediate_size=256)
+    steps = []
+    out = tmp_path / "tuned.json"
+    table = tune.tune_prefill({"small": shape}, (8,), out=out, rep_ms=2.0,
+                              on_step=lambda done, total, text: steps.append(text))
+    layer_steps = [s for s in steps if " layer " in s]
+    assert len(layer_steps) >= 2, steps
+    assert sum("(the entries it runs now)" in s for s in layer_steps) <= 1
+    assert set(table) >= {"512,512", "512,256"} and "8" in table["512,512"]
+    assert table["512,512"]["8"]["BLOCK_SIZE_M"] == table["512,256"]["8"]["BLOCK_SIZE_M"]
+    us = table["_meta"]["layer_us"]["small"]["8"]
+    assert 0 < us < math.inf
+    parse_table(json.loads(out.read_text()))

@@ -420,6 +420,70 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+#: the fastest GEMM1 and GEMM2 candidates, each timed alone, whose pairs (of one block size)
+#: :func:`tune_prefill` then times as the whole prefill layer, with the entries the layer runs
+#: today: GEMMs timed alone miss what the layer adds (the PDL chain, GEMM2 waiting for its
+#: blocks' GEMM1 tiles, a persistent GEMM1 grid). On the H200 (session 36) the per-GEMM picks
+#: for qwen3-30b's mma buckets (one- and two-warp programs, 0.2-3 % faster alone) made the
+#: layer 1-12 % slower at M=4-64 than the shipped tiles (benchmarks/notes_prefill.md)
+LAYER_FINALISTS = (3, 2)
+#: routings (seeds 0, 1, ...) each finalist pair's layer time is the mean of
+LAYER_ROUTINGS = 2
+
+#: ``measure(model, m, seed, (gemm1 config, gemm2 config)) -> us``: the prefill layer's time
+LayerMeasure = Callable[[str, int, int, tuple[dict, dict]], float]
+
+
+def layer_finalists(ranked: dict[int, tuple[list, list]], current: tuple[dict, dict] | None,
+                    counts: tuple[int, int] = LAYER_FINALISTS) -> list[tuple[dict, dict]]:
+    """The config pairs to time as the whole layer: for each block size ``bm`` of ``ranked``
+    (``{bm: (GEMM1 [(us, config), ...], GEMM2 [...])}``, timed alone) every pair of its
+    ``counts[0]`` fastest GEMM1 and ``counts[1]`` fastest GEMM2 configs (finite times
+    only), the pair of the fastest GEMMs first; then ``current`` (the entries the layer runs
+    now) unless it is one of them. No pair twice."""
+    pairs: list[tuple[dict, dict]] = []
+    order = sorted(ranked, key=lambda bm: _fastest(ranked[bm][0]) + _fastest(ranked[bm][1]))
+    for bm in order:
+        g1 = [c for t, c in sorted(ranked[bm][0], key=lambda r: r[0]) if math.isfinite(t)]
+        g2 = [c for t, c in sorted(ranked[bm][1], key=lambda r: r[0]) if math.isfinite(t)]
+        for c1 in g1[:counts[0]]:
+            for c2 in g2[:counts[1]]:
+                if (c1, c2) not in pairs:
+                    pairs.append((c1, c2))
+    if current is not None and tuple(current) not in pairs:
+        pairs.append(tuple(current))
+    return pairs
+
+
+def _fastest(timed: list) -> float:
+    return min((t for t, _ in timed), default=math.inf)
+
+
+def pick_layer_pair(model: str, m: int, pairs: list[tuple[dict, dict]],
+                    measure: LayerMeasure, routings: int = LAYER_ROUTINGS,
+                    on_pair: Callable[[tuple[dict, dict], float], None] | None = None
+                    ) -> tuple[tuple[dict, dict], float]:
+    """The pair of ``pairs`` whose prefill layer is fastest (``measure``, the mean over
+    ``routings`` routings; the first of equal times) and that time. A pair whose layer
+    fails (out of resources, a compile error) counts as infinitely slow; ``ValueError`` if
+    every pair does."""
+    if not pairs:
+        raise ValueError(f"{model} M={m}: no config pair to time as the layer")
+    best, best_us = None, math.inf
+    for pair in pairs:
+        try:
+            us = sum(measure(model, m, seed, pair) for seed in range(routings)) / routings
+        except Exception:  # noqa: BLE001 (out of resources, compile failure: not a winner)
+            us = math.inf
+        if on_pair is not None:
+            on_pair(pair, us)
+        if us < best_us:
+            best, best_us = pair, us
+    if best is None:
+        raise ValueError(f"{model} M={m}: the prefill layer failed on every config pair")
+    return best, best_us
+
+
 def tune_prefill(
     models: Iterable[str] | dict[str, ModelShape],
     tokens: Iterable[int] = DEFAULT_TOKENS,
@@ -429,8 +493,13 @@ def tune_prefill(
     out: str | os.PathLike | None = None,
     rep_ms: float = 20.0,
     on_step: Callable[[int, int, str], None] | None = None,
+    layer_check: bool = True,
 ) -> dict:
     """Search prefill configs on the current GPU.
+
+    Each GEMM's candidates are timed alone; then, with ``layer_check``, the pairs of the
+    fastest of each (:func:`layer_finalists`) and the entries the layer runs now are timed
+    as the whole prefill layer and the fastest pair is kept (:func:`pick_layer_pair`).
 
     Args:
         models: names from :data:`MODEL_SHAPES`, or ``{name: ModelShape}``.
@@ -441,7 +510,10 @@ def tune_prefill(
         out: JSON file to write; an existing valid file there is merged into (its other
             entries kept).
         rep_ms: timing budget per candidate.
-        on_step: ``on_step(done, total, description)`` after each timed candidate.
+        on_step: ``on_step(done, total, description)`` after each timed candidate and
+            each layer timing.
+        layer_check: pick each bucket's pair by the layer's time (default), or by the sum
+            of the two GEMMs' own times (``False``: faster, and blind to what the layer adds).
 
     Returns:
         The table ``{"_meta": ..., "N,K": {"M": config}}`` (also written to ``out``).
@@ -450,7 +522,7 @@ def tune_prefill(
     import triton
 
     from ..routing import align_block_size
-    from .configs import GPU_META_KEY, gpu_traits, parse_table
+    from .configs import GPU_META_KEY, get_prefill_config, gpu_traits, parse_table
     from .prefill import _fragment_tiles
     from .prefill_rs import sorted_rows_unsupported
 
@@ -496,10 +568,14 @@ def tune_prefill(
                 for *_, cands, _, _, _ in plan for c in cands.values())
     total += sum(2 * len(sp) for *_, splits, _, _ in plan for sp in splits)
     total += sum(4 * sum(sk) for *_, stream_k, _ in plan for sk in stream_k.values())
+    if layer_check:  # an estimate: a bucket's layer pairs are known once its GEMMs are timed
+        per_bm = LAYER_FINALISTS[0] * LAYER_FINALISTS[1]
+        total += sum(per_bm for _ in plan) + len({(name, m) for name, _, m, *_ in plan})
     done = 0
 
     table: dict = {}
     meta_times: dict = {}
+    meta_layer: dict = {}
     old_space = None
     if out is not None and Path(out).exists():
         try:
@@ -508,6 +584,7 @@ def tune_prefill(
             parse_table(old)
             table = {k: v for k, v in old.items() if not k.startswith("_")}
             meta_times = dict(old.get("_meta", {}).get("times_us", {}))
+            meta_layer = dict(old.get("_meta", {}).get("layer_us", {}))
             old_space = old.get("_meta", {}).get("space")
         except (OSError, ValueError):
             table = {}
@@ -527,7 +604,7 @@ def tune_prefill(
         em = blocks.sorted_token_ids.numel()
         x_sorted = torch.empty(em, h, device=device, dtype=dtype)
         inter_sorted = torch.randn(em, i, device=device, dtype=dtype)
-        best: dict[str, tuple[float, dict]] = {}
+        timed: dict[str, list[tuple[float, dict]]] = {"w13": [], "w2": []}
         for gemm in ("w13", "w2"):
             for n_cand, cand in enumerate(cands[gemm]):
                 a, packed, out_t = (x, experts.w13, inter) if gemm == "w13" else (
@@ -564,25 +641,54 @@ def tune_prefill(
                             t = math.inf
                             note += f" ({type(exc).__name__})"
                     done += 1
-                    if t < best.get(gemm, (math.inf, None))[0]:
-                        best[gemm] = (t, cfg)
+                    timed[gemm].append((t, cfg))
                     if on_step is not None:
                         on_step(done, total,
                                 f"{name} M={m} {gemm} {config_label(cfg)}: {t:.1f} us{note}")
-        if "w13" in best and "w2" in best:
-            results.setdefault((name, m), {})[bm] = (best["w13"], best["w2"])
+        if _fastest(timed["w13"]) < math.inf and _fastest(timed["w2"]) < math.inf:
+            results.setdefault((name, m), {})[bm] = (timed["w13"], timed["w2"])
 
+    measure = None
+    if layer_check and results:
+        from .boundaries import gpu_measure
+
+        measure = gpu_measure(shapes, dtype, rep_ms=min(rep_ms, 10.0))
     for (name, m), per_bm in results.items():
         shape = shapes[name]
-        bm = min(per_bm, key=lambda b: per_bm[b][0][0] + per_bm[b][1][0])
-        (t1, c1), (t2, c2_) = per_bm[bm]
         h, i = shape.hidden_size, shape.intermediate_size
-        for (n, k), cfg, t in (((2 * i, h), c1, t1), ((h, i), c2_, t2)):
+        if measure is not None:
+            current = tuple(get_prefill_config(m, n, k, shape.num_experts, shape.top_k, dtype,
+                                               device)
+                            for n, k in ((2 * i, h), (h, i)))
+            pairs = layer_finalists(per_bm, current)
+
+            def on_pair(pair, us, name=name, m=m, current=current):
+                nonlocal done
+                done += 1
+                if on_step is not None:
+                    label = " (the entries it runs now)" if pair == current else ""
+                    on_step(done, max(total, done),
+                            f"{name} M={m} layer {config_label(pair[0])} + "
+                            f"{config_label(pair[1])}: {us:.1f} us{label}")
+
+            (c1, c2_), layer_us = pick_layer_pair(name, m, pairs, measure, on_pair=on_pair)
+            meta_layer.setdefault(name, {})[str(m)] = round(layer_us, 2)
+        else:
+            bm = min(per_bm, key=lambda b: _fastest(per_bm[b][0]) + _fastest(per_bm[b][1]))
+            c1 = min(per_bm[bm][0], key=lambda r: r[0])[1]
+            c2_ = min(per_bm[bm][1], key=lambda r: r[0])[1]
+        alone = {id(c): t for timed_bm in per_bm.values() for side in timed_bm
+                 for t, c in side}
+        for (n, k), cfg in (((2 * i, h), c1), ((h, i), c2_)):
+            t = alone.get(id(cfg))  # None: the entries the layer ran before, not timed alone
             old_entry = table.get(f"{n},{k}", {}).get(str(m), {})
             if "DENSE" in old_entry:   # chosen by a layer-level measurement: keep it
                 cfg = {**cfg, "DENSE": old_entry["DENSE"]}
             table.setdefault(f"{n},{k}", {})[str(m)] = cfg
-            meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
+            if t is None:
+                meta_times.get(f"{n},{k}", {}).pop(str(m), None)
+            else:
+                meta_times.setdefault(f"{n},{k}", {})[str(m)] = round(t, 2)
 
     # where the entries came from: a merge keeps the earlier runs' account
     by_space: dict[str, list[int]] = {}
@@ -598,7 +704,11 @@ def tune_prefill(
                         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
                         "space": provenance, "times_us": meta_times,
                         "note": "times_us: median kernel time under CUDA graphs, random "
-                                "routing; GEMM1 includes the fused SiLU*up epilogue"}}
+                                "routing; GEMM1 includes the fused SiLU*up epilogue; "
+                                "layer_us: the prefill layer on the picked pair (alignment, "
+                                "both GEMMs, top-k sum), the mean over routings"}}
+    if meta_layer:
+        result["_meta"]["layer_us"] = meta_layer
     result.update(dict(sorted(table.items())))
     if out is not None:
         _write_json(Path(out), result)
@@ -912,7 +1022,8 @@ def run(args) -> int:
         return _run_boundaries(args, names, out, dtype)
     with _progress("tuning", args.verbose) as step:
         tune_prefill(names, _parse_tokens(args.tokens), dtype=dtype, space=args.space,
-                     out=out, rep_ms=args.rep_ms, on_step=step)
+                     out=out, rep_ms=args.rep_ms, on_step=step,
+                     layer_check=getattr(args, "layer_check", True))
     print(f"wrote {out}")
     print(f"next, to move where its M buckets hand over: w4a16moe tune --model {args.model} "
           f"--boundaries --out {out}")
@@ -989,6 +1100,12 @@ def register(sub) -> None:
                         f"up to {MMA_SMALL_BLOCK_ROWS} slots an expert)")
     p.add_argument("--rep-ms", type=float, default=20.0,
                    help="timing budget per candidate in ms (default: %(default)s)")
+    p.add_argument("--no-layer-check", dest="layer_check", action="store_false",
+                   help="pick each M bucket's GEMM1 and GEMM2 configs by their own times "
+                        "alone; by default the pairs of the fastest few of each, and the "
+                        "entries the layer runs now, are then timed as the whole prefill "
+                        "layer (the PDL chain, GEMM2 waiting for GEMM1's blocks) and the "
+                        "fastest pair is written")
     p.add_argument("--thresholds", action="store_true",
                    help="instead of tuning configs, measure the decode/prefill switch point "
                         "of each model and merge it into the thresholds JSON (default "

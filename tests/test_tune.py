@@ -441,7 +441,8 @@ def _mma(bt: int, bn: int, warps: int = 4) -> dict:
 def test_layer_finalists_pair_the_fastest_of_each_block_size_and_the_current_entries():
     """The pairs timed as the layer: per block size the fastest 3 GEMM1 x 2 GEMM2 configs
     (failed candidates left out), the block size of the fastest GEMMs first, then the entries
-    the layer runs now unless they are among them; no pair twice."""
+    the layer runs now unless they are among them; no pair twice (``SWAP_AB`` on an ``MMA``
+    entry does not make it another launch)."""
     a, b, c, d = _mma(8, 8, 1), _mma(8, 32, 2), _mma(8, 64), _mma(8, 128)
     g2a, g2b, g2c = _mma(8, 128), _mma(8, 64), _mma(8, 32, 2)
     s1, s2 = _mma(16, 64), _mma(16, 128)
@@ -456,6 +457,10 @@ def test_layer_finalists_pair_the_fastest_of_each_block_size_and_the_current_ent
     assert tune.layer_finalists({8: ([(1.0, a), (2.0, dict(a))], [(1.0, g2a)])},
                                 current=(dict(a), dict(g2a))) == [(a, g2a)]
     assert tune.layer_finalists({8: ([(math.inf, a)], [(1.0, g2a)])}, current=None) == []
+    # SWAP_AB means nothing to the mma kernel: a candidate with it is the shipped entry
+    swapped = ({**a, "SWAP_AB": True}, {**g2a, "SWAP_AB": True})
+    assert tune.layer_finalists({8: ([(1.0, swapped[0])], [(1.0, swapped[1])])},
+                                current=(a, g2a)) == [swapped]
 
 
 def test_pick_layer_pair_keeps_the_fastest_layer_not_the_fastest_gemms():

@@ -442,17 +442,26 @@ def layer_finalists(ranked: dict[int, tuple[list, list]], current: tuple[dict, d
     only), the pair of the fastest GEMMs first; then ``current`` (the entries the layer runs
     now) unless it is one of them. No pair twice."""
     pairs: list[tuple[dict, dict]] = []
+    seen: list = []
     order = sorted(ranked, key=lambda bm: _fastest(ranked[bm][0]) + _fastest(ranked[bm][1]))
     for bm in order:
         g1 = [c for t, c in sorted(ranked[bm][0], key=lambda r: r[0]) if math.isfinite(t)]
         g2 = [c for t, c in sorted(ranked[bm][1], key=lambda r: r[0]) if math.isfinite(t)]
-        for c1 in g1[:counts[0]]:
-            for c2 in g2[:counts[1]]:
-                if (c1, c2) not in pairs:
-                    pairs.append((c1, c2))
-    if current is not None and tuple(current) not in pairs:
+        for pair in ((c1, c2) for c1 in g1[:counts[0]] for c2 in g2[:counts[1]]):
+            if _launch_key(pair) not in seen:
+                pairs.append(pair)
+                seen.append(_launch_key(pair))
+    if current is not None and _launch_key(current) not in seen:
         pairs.append(tuple(current))
     return pairs
+
+
+def _launch_key(pair) -> tuple[dict, ...]:
+    """A pair of configs as the kernels launch them: ``SWAP_AB`` is dropped from ``MMA``
+    entries (the mma kernel always puts the weights on the M side; the tuner's candidates
+    carry it, the shipped entries do not)."""
+    return tuple({k: v for k, v in c.items() if not (c.get("MMA") and k == "SWAP_AB")}
+                 for c in pair)
 
 
 def _fastest(timed: list) -> float:
@@ -666,7 +675,8 @@ def tune_prefill(
                 nonlocal done
                 done += 1
                 if on_step is not None:
-                    label = " (the entries it runs now)" if pair == current else ""
+                    label = (" (the entries it runs now)"
+                             if _launch_key(pair) == _launch_key(current) else "")
                     on_step(done, max(total, done),
                             f"{name} M={m} layer {config_label(pair[0])} + "
                             f"{config_label(pair[1])}: {us:.1f} us{label}")

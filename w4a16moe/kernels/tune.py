@@ -424,8 +424,10 @@ def _write_json(path: Path, data: dict) -> None:
 #: :func:`tune_prefill` then times as the whole prefill layer, with the entries the layer runs
 #: today: GEMMs timed alone miss what the layer adds (the PDL chain, GEMM2 waiting for its
 #: blocks' GEMM1 tiles, a persistent GEMM1 grid). On the H200 (session 36) the per-GEMM picks
-#: for qwen3-30b's mma buckets (one- and two-warp programs, 0.2-3 % faster alone) made the
-#: layer 1-12 % slower at M=4-64 than the shipped tiles (benchmarks/notes_prefill.md)
+#: for qwen3-30b's GEMM1 at M=8-64 (8-32 output columns on one, two or four warps, 0.2-3 %
+#: faster alone than the shipped 64 on four) made the layer 1-13 % slower at M=4-64; with the
+#: layer check the tuner kept the shipped tiles, there and for deepseek-v2-lite M=16-64
+#: (benchmarks/notes_prefill.md)
 LAYER_FINALISTS = (3, 2)
 #: routings (seeds 0, 1, ...) each finalist pair's layer time is the mean of
 LAYER_ROUTINGS = 2

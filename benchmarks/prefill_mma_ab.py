@@ -326,19 +326,22 @@ def prefill_gemm2_waits_per_block_to_64_tokens(hidden_states, experts, topk_weig
 
 def _with_gates(hidden_states, experts, topk_weights, topk_ids, activation: str, *,
                 chain_tokens: int | None = None, waits_tokens: int | None = None,
-                one_program_slots: int | None = None, table: str | None = None):
+                one_program_slots: int | None = None,
+                chain_one_program_slots: int | None = None, table: str | None = None):
     """The shipped prefill layer (with ``table``, on that config file) with the token gates
     of session 35 set while it launches: ``pdl.PREFILL_MAX_TOKENS`` (``chain_tokens``),
     ``prefill_mma.GEMM2_WAITS_MAX_TOKENS`` (``waits_tokens``; it carries the persistent
-    GEMM1) and ``align.SINGLE_PROGRAM_SLOTS`` (``one_program_slots``: the one-program
-    alignment's bound for every launch); None keeps the shipped value."""
+    GEMM1), ``align.SINGLE_PROGRAM_SLOTS`` (``one_program_slots``: the one-program
+    alignment's bound outside the PDL chain) and ``align.SINGLE_PROGRAM_CHAIN_SLOTS``
+    (``chain_one_program_slots``: inside it); None keeps the shipped value."""
     from contextlib import ExitStack
 
     from w4a16moe.kernels import align, pdl, prefill_mma
 
     gates = ((pdl, "PREFILL_MAX_TOKENS", chain_tokens),
              (prefill_mma, "GEMM2_WAITS_MAX_TOKENS", waits_tokens),
-             (align, "SINGLE_PROGRAM_SLOTS", one_program_slots))
+             (align, "SINGLE_PROGRAM_SLOTS", one_program_slots),
+             (align, "SINGLE_PROGRAM_CHAIN_SLOTS", chain_one_program_slots))
     with ExitStack() as stack:
         for module, name, value in gates:
             if value is not None:
@@ -437,11 +440,8 @@ def prefill_align_three_kernels_past_512_slots(hidden_states, experts, topk_weig
     """The shipped layer with the alignment's three kernels past 512 slots in the PDL chain
     too (``align.SINGLE_PROGRAM_CHAIN_SLOTS`` 512 while it launches: the layer before
     session 35's change)."""
-    from w4a16moe.kernels import align
-
-    with mock.patch.object(align, "SINGLE_PROGRAM_CHAIN_SLOTS", 512):
-        return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
-                             activation=activation)
+    return _with_gates(hidden_states, experts, topk_weights, topk_ids, activation,
+                       chain_one_program_slots=512)
 
 
 def prefill_gemm1_program_a_tile(hidden_states, experts, topk_weights, topk_ids, *,

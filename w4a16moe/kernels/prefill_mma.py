@@ -776,9 +776,8 @@ GEMM2_WAITS_PER_BLOCK = True
 #: -2.3 %, M=64 -1.2 to -1.9 %; qwen3-235b M=56 -0.2 / -2.3 %, M=64 -0.7 to +0.7 %, power
 #: cap). Past 64, in the PDL chain that now reaches 120 tokens (session 35), against the chain
 #: alone: qwen3-30b M=72 / 80 / 96 -1.4 / -0.7 / -0.9 %, M=112 / 120 +0.2 / +0.2 %;
-#: qwen3-235b M=72 -1.7 %, M=96 +0.8 % (+3.4 % against neither; all under the power cap).
-#: Not shipped until a repeat off the power cap says whether qwen3-235b's longer GEMM1 (48
-#: tiles a block of 16 K steps, against 24 of 8) loses there
+#: qwen3-235b M=72 -1.7 %, M=96 +0.8 % (+3.4 % against neither; all under the power cap);
+#: repeated in session 36, qwen3-30b M=72 / 96 / 120 +0.1 / +0.2 / -0.1 %: nothing to take
 GEMM2_WAITS_MAX_TOKENS = 64
 #: ... and where GEMM1 has at most this many tiles a block (each raises the block's count
 #: once, after a CTA barrier and a GPU-scope fence): Mixtral's one-warp tiles at M=2-4 (1792

@@ -443,18 +443,19 @@ def layer_finalists(ranked: dict[int, tuple[list, list]], current: tuple[dict, d
     ``counts[0]`` fastest GEMM1 and ``counts[1]`` fastest GEMM2 configs (finite times
     only), the pair of the fastest GEMMs first; then ``current`` (the entries the layer runs
     now) unless it is one of them. No pair twice."""
-    pairs: list[tuple[dict, dict]] = []
-    seen: list = []
-    order = sorted(ranked, key=lambda bm: _fastest(ranked[bm][0]) + _fastest(ranked[bm][1]))
-    for bm in order:
+    candidates: list[tuple[dict, dict]] = []
+    for bm in sorted(ranked, key=lambda b: _fastest(ranked[b][0]) + _fastest(ranked[b][1])):
         g1 = [c for t, c in sorted(ranked[bm][0], key=lambda r: r[0]) if math.isfinite(t)]
         g2 = [c for t, c in sorted(ranked[bm][1], key=lambda r: r[0]) if math.isfinite(t)]
-        for pair in ((c1, c2) for c1 in g1[:counts[0]] for c2 in g2[:counts[1]]):
-            if _launch_key(pair) not in seen:
-                pairs.append(pair)
-                seen.append(_launch_key(pair))
-    if current is not None and _launch_key(current) not in seen:
-        pairs.append(tuple(current))
+        candidates += [(c1, c2) for c1 in g1[:counts[0]] for c2 in g2[:counts[1]]]
+    if current is not None:
+        candidates.append(tuple(current))
+    pairs, seen = [], []
+    for pair in candidates:
+        key = _launch_key(pair)
+        if key not in seen:
+            pairs.append(pair)
+            seen.append(key)
     return pairs
 
 
@@ -580,8 +581,8 @@ def tune_prefill(
     total += sum(2 * len(sp) for *_, splits, _, _ in plan for sp in splits)
     total += sum(4 * sum(sk) for *_, stream_k, _ in plan for sk in stream_k.values())
     if layer_check:  # an estimate: a bucket's layer pairs are known once its GEMMs are timed
-        per_bm = LAYER_FINALISTS[0] * LAYER_FINALISTS[1]
-        total += sum(per_bm for _ in plan) + len({(name, m) for name, _, m, *_ in plan})
+        total += (LAYER_FINALISTS[0] * LAYER_FINALISTS[1] * len(plan)
+                  + len({(name, m) for name, _, m, *_ in plan}))
     done = 0
 
     table: dict = {}

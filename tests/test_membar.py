@@ -134,3 +134,22 @@ def test_ring_hook_has_its_own_cache_key():
     assert membar.RING_HOOK_KEY != membar.HOOK_KEY
     assert _run_hook(hook, "k", RING) == membar.strip_ring_barriers(RING)[0]
     assert _run_hook(hook, "other", RING) == RING
+
+
+def test_ring_strip_makes_warp_barriers_of_the_ring_barriers_when_asked():
+    """With ``warp_barriers`` (a ring whose lanes read back what their warp copied) the two
+    barriers the strip removes become ``bar.warp.sync -1``, in place; every other barrier
+    stays a CTA barrier."""
+    out, n = membar.strip_ring_barriers(RING, warp_barriers=True)
+    assert n == 2
+    lines, got = RING.split("\n"), out.split("\n")
+    assert len(got) == len(lines)
+    for j, (was, now) in enumerate(zip(lines, got, strict=True)):
+        if j in (2, 11):
+            assert now == "\tbar.warp.sync -1;", (j, now)
+        else:
+            assert now == was, j
+    assert out.count("bar.sync") == RING.count("bar.sync") - 2
+    # stripping again finds nothing: warp barriers are not CTA barriers
+    assert membar.strip_ring_barriers(out, warp_barriers=True) == (out, 0)
+    assert membar.RING_WARP_HOOK_KEY not in (membar.RING_HOOK_KEY, membar.HOOK_KEY)

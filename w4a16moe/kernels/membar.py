@@ -33,6 +33,7 @@ already installed is chained, and everything else compiles as before.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Iterator
 
@@ -46,6 +47,7 @@ _WAIT_BARRIER = re.compile(
 #: added to Triton's cache keys (triton >= 3.7) of what compiles while the hook is installed
 HOOK_KEY = "w4a16moe-strip-wait-barriers-1"
 RING_HOOK_KEY = "w4a16moe-strip-ring-barriers-2"
+RING_WARP_HOOK_KEY = "w4a16moe-ring-warp-barriers-1"
 #: Triton's runtime knobs where they have the stages hook (triton >= 3.5), else None;
 #: looked up once, since the launcher enters :func:`stripped_wait_barriers` every launch
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)
@@ -67,6 +69,7 @@ _OPCODE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)")
 _ORDERED = ("ld.", "st.", "bar.", "barrier.", "cp.", "atom.", "red.", "fence.", "membar.",
             "mbarrier.", "bra", "ret", "exit", "mma.", "wgmma.", "ldmatrix.", "stmatrix.")
 _CTA_BARRIER = re.compile(r"^(?:bar|barrier)\.sync(?:\.aligned)?\s+0(?:,\s*\d+)?;")
+_CTA_BARRIER_LINE = re.compile(r"^(\s*)(?:bar|barrier)\.sync(?:\.aligned)?\s+0(?:,\s*\d+)?;")
 _WAIT_GROUP = re.compile(r"^cp\.async\.wait_group\s+(\d+);")
 _RING_COPY = re.compile(r"^(?:@!?%\w+\s+)?cp\.async\.c[ag]\.shared\.global")
 
@@ -93,7 +96,7 @@ def _previous_ordered(lines: list[str], end: int) -> int | None:
     return next((j for j in range(end - 1, -1, -1) if _is_ordered(lines[j])), None)
 
 
-def strip_ring_barriers(ptx: str) -> tuple[str, int]:
+def strip_ring_barriers(ptx: str, warp_barriers: bool = False) -> tuple[str, int]:
     """``ptx`` without the CTA barriers Triton's shared-memory analysis puts around a
     per-thread ``cp.async`` ring, and how many were removed: a ``bar.sync`` whose next
     memory or synchronisation instruction is a ``cp.async`` into shared memory (a stage
@@ -106,7 +109,9 @@ def strip_ring_barriers(ptx: str) -> tuple[str, int]:
     Only valid where every thread reads back only the shared memory its own ``cp.async``
     wrote, its reads of a stage come before its refill of it in program order, and nothing
     else in the kernel shares that memory before ``wait_group 0`` (the ``mma.sync`` kernel's
-    ring: ``prefill_mma.WORD_RING_STAGES``)."""
+    ring: ``prefill_mma.WORD_RING_STAGES``). With ``warp_barriers`` each such barrier becomes
+    ``bar.warp.sync -1`` instead: for a ring whose copies a thread's warp makes and reads back
+    (``prefill_mma.RING_COPIES_WHOLE_RUNS``)."""
     lines = ptx.split("\n")
     drop: set[int] = set()
     for i, line in enumerate(lines):
@@ -125,6 +130,10 @@ def strip_ring_barriers(ptx: str) -> tuple[str, int]:
                 drop.add(i)
         elif not barrier and _CTA_BARRIER.match(lines[nxt].strip()):
             drop.add(nxt)
+    if warp_barriers:
+        for j in drop:
+            lines[j] = _CTA_BARRIER_LINE.sub(r"\1bar.warp.sync -1;", lines[j])
+        return "\n".join(lines), len(drop)
     return "\n".join(x for j, x in enumerate(lines) if j not in drop), len(drop)
 
 
@@ -175,9 +184,16 @@ def stripped_wait_barriers(*names: str) -> Iterator[_StripHook | None]:
 
 
 @contextlib.contextmanager
-def stripped_ring_barriers(*names: str) -> Iterator[_StripHook | None]:
+def stripped_ring_barriers(*names: str, warp_barriers: bool = False
+                           ) -> Iterator[_StripHook | None]:
     """:func:`stripped_wait_barriers` for :func:`strip_ring_barriers`: the named kernels
-    that compile while the block runs lose the barriers around their ``cp.async`` ring."""
+    that compile while the block runs lose the barriers around their ``cp.async`` ring (with
+    ``warp_barriers``: they become warp barriers)."""
+    if warp_barriers:
+        with _stripped(names, functools.partial(strip_ring_barriers, warp_barriers=True),
+                       RING_WARP_HOOK_KEY) as hook:
+            yield hook
+        return
     with _stripped(names, strip_ring_barriers, RING_HOOK_KEY) as hook:
         yield hook
 
@@ -197,5 +213,5 @@ def _stripped(names, strip, key: str) -> Iterator[_StripHook | None]:
         runtime.add_stages_inspection_hook = previous
 
 
-__all__ = ["HOOK_KEY", "RING_HOOK_KEY", "strip_ring_barriers", "strip_wait_barriers",
-           "stripped_ring_barriers", "stripped_wait_barriers"]
+__all__ = ["HOOK_KEY", "RING_HOOK_KEY", "RING_WARP_HOOK_KEY", "strip_ring_barriers",
+           "strip_wait_barriers", "stripped_ring_barriers", "stripped_wait_barriers"]

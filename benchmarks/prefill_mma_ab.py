@@ -271,6 +271,23 @@ def prefill_activations_at_step(hidden_states, experts, topk_weights, topk_ids, 
                          ACTIVATIONS_AHEAD=False)
 
 
+def prefill_ring_whole_runs(hidden_states, experts, topk_weights, topk_ids, *,
+                            activation="silu"):
+    """The shipped prefill layer with the words' ring copying whole 128-byte runs of a row
+    (``prefill_mma.RING_COPIES_WHOLE_RUNS`` on while it launches: 8 lanes a row, the ring's
+    barriers warp barriers)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         RING_COPIES_WHOLE_RUNS=True)
+
+
+def prefill_ring_pieces(hidden_states, experts, topk_weights, topk_ids, *,
+                        activation="silu"):
+    """The shipped prefill layer with each lane of the words' ring copying the 16-byte pieces
+    it reads back (``prefill_mma.RING_COPIES_WHOLE_RUNS`` off while it launches)."""
+    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
+                         RING_COPIES_WHOLE_RUNS=False)
+
+
 def prefill_rotated_k(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
     """The shipped prefill layer with each mma program walking its K steps from step ``pid %
     steps`` round (``prefill_mma.ROTATE_K_STEPS`` on while it launches; shipped on since
@@ -501,7 +518,9 @@ prefill_word_ring4 = _ring_everywhere(4)
 __all__ = ["VARIANTS", "add_switch_argument", "apply_switches", "block_slots", "mma_a", "mma_b",
            "mma_c", "mma_configs", "mma_d", "mma_g2", "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d",
            "prefill_activations_at_step", "prefill_one_slab",
-           "prefill_one_slab_activations_at_step", "prefill_reload_past_last", "prefill_rotated_k",
-           "prefill_unrotated_k", "prefill_wait_first", "prefill_word_ring2", "prefill_word_ring3",
-           "prefill_word_ring4", "prefill_word_ring_max8", "prefill_words_in_registers",
-           "prefill_workspace", "ship_g1_mma_g2", "shipped_layer", "step_columns", "table_layer"]
+           "prefill_one_slab_activations_at_step", "prefill_reload_past_last",
+           "prefill_ring_pieces", "prefill_ring_whole_runs", "prefill_rotated_k",
+           "prefill_unrotated_k", "prefill_wait_first", "prefill_word_ring2",
+           "prefill_word_ring3", "prefill_word_ring4", "prefill_word_ring_max8",
+           "prefill_words_in_registers", "prefill_workspace", "ship_g1_mma_g2", "shipped_layer",
+           "step_columns", "table_layer"]

@@ -5,7 +5,8 @@ launch it and returns what ``ptxas -v`` says (registers, spills); compiling at a
 every layout conversion of the K permutation is free (``assert_trivial``). With
 ``ring_stages`` the PTX loses the ring's barriers as the launcher's hook strips them, and
 ``ring_barriers`` counts the CTA barriers left between the ring's first copies and its final
-wait.
+wait, ``ring_warp_barriers`` the warp barriers there (``whole_runs``: the ring's copies in
+whole runs of a row, by default as the launcher picks them).
 ``ptxas_reports(variants)`` does that for many in a fresh Python process (the test session
 runs Triton's interpreter, see ``rs_aot.py``)."""
 
@@ -27,7 +28,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  predicated_reloads: bool = False, ring_stages: int = 0,
                  x_ahead: bool | None = None, timeline: bool = False,
                  rotate_k: bool | None = None, ready: int = 0,
-                 persistent: bool = False) -> dict:
+                 persistent: bool = False, whole_runs: bool | None = None) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -37,6 +38,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
     from w4a16moe.kernels.membar import strip_ring_barriers
 
     fn = prefill_mma._prefill_mma_kernel
+    if whole_runs is None:  # as the launcher picks it
+        whole_runs = prefill_mma.RING_COPIES_WHOLE_RUNS and ring_stages > 0 and groups >= 2
     rows = 2 * block_n if activation else block_n
     words, x, sz, szw, pairs = prefill_mma.mma_layouts(rows, block_t, num_warps, groups)
     if scale_words is None:  # as the launcher picks it for contiguous scales and G = 128
@@ -53,7 +56,9 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         RING_LAYOUT=prefill_mma.ring_layout() if ring_stages else None,
         X_AHEAD=block_t == 8 if x_ahead is None else x_ahead, TIMELINE=timeline,
         ROTATE_K=(prefill_mma.ROTATE_K_STEPS and block_t == 8) if rotate_k is None
-        else rotate_k, READY=ready, PERSISTENT=persistent)
+        else rotate_k, READY=ready, PERSISTENT=persistent,
+        COPY_LAYOUT=(prefill_mma.ring_copy_layout(rows, num_warps, groups) if whole_runs
+                     else None))
     if not timeline:
         constexprs["timeline_ptr"] = None
     if not ready:
@@ -69,12 +74,18 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
     kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     text = kernel.asm["ptx"]
-    ring_barriers = None
+    ring_barriers = ring_warp_barriers = None
     if ring_stages:
         # as the launcher compiles it: without the barriers around the ring
-        text, _ = strip_ring_barriers(text)
-        body = text[text.index("cp.async.commit_group"):text.index("cp.async.wait_group \t0;")]
-        ring_barriers = body.count("bar.sync") + body.count("barrier.sync")
+        text, _ = strip_ring_barriers(text, warp_barriers=whole_runs)
+        first = text.index("cp.async.commit_group")
+        # the final wait after the first copies (a persistent grid's code places its tile
+        # loop's wait before them: there the ring's body is not told apart, None)
+        end = text.find("cp.async.wait_group \t0;", first)
+        if end >= 0:
+            body = text[first:end]
+            ring_barriers = body.count("bar.sync") + body.count("barrier.sync")
+            ring_warp_barriers = body.count("bar.warp.sync")
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
@@ -87,7 +98,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
             "launch_dependents": text.count("griddepcontrol.launch_dependents"),
             "grid_waits": text.count("griddepcontrol.wait"),
             "acquire_polls": text.count("ld.global.acquire.gpu"),
-            "ring_barriers": ring_barriers}
+            "ring_barriers": ring_barriers, "ring_warp_barriers": ring_warp_barriers}
 
 
 def ptxas_reports(variants: list[dict]) -> list[dict]:

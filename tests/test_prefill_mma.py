@@ -149,6 +149,60 @@ def test_word_ring_variants_compile_for_sm90_without_barriers_in_the_loop():
             assert regs <= 168, (v, regs)
 
 
+@pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
+def test_ring_copies_in_whole_runs_compile_with_warp_barriers_only():
+    """The ring's copies in whole 128-byte runs of a row (``RING_COPIES_WHOLE_RUNS``, K steps
+    of two groups or more): no spills, the shipped tiles' registers as with each lane's own
+    pieces (168 at most: three 4-warp programs an SM), and between the ring's first copies
+    and its final wait no CTA barrier but warp barriers (a lane reads back what its warp
+    copied); with the pieces, no barrier of either kind there."""
+    from mma_aot import ptxas_reports
+
+    gemm1 = dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2,
+                 out_sorted=True, predicated_reloads=True, ring_stages=2, ready=1)
+    gemm2 = dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2,
+                 a_sorted=True, weights_before_wait=True, predicated_reloads=True,
+                 mul_routed_weight=True, ring_stages=2, ready=2)
+    four = dict(block_t=16, block_n=64, num_warps=4, activation=False, has_zeros=True,
+                fp16=True, groups=4, ring_stages=3)
+    variants = [dict(v, whole_runs=whole) for v in (gemm1, gemm2, four)
+                for whole in (True, False)]
+    reps = ptxas_reports(variants)
+    regs = []
+    for v, rep in zip(variants, reps, strict=True):
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
+        assert rep["ring_barriers"] == 0, v
+        if v["whole_runs"]:
+            assert rep["ring_warp_barriers"] >= 2, v
+        else:
+            assert rep["ring_warp_barriers"] == 0, v
+        regs.append(int(rep["ptxas"].split("Used ")[1].split(" registers")[0]))
+    assert regs[0] <= 168 and regs[2] <= 168, regs
+    assert regs[0] <= regs[1] + 1 and regs[2] <= regs[3] + 1, regs
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("bt,bn,warps,bk,stages", [(8, 64, 4, 256, 2), (8, 8, 1, 256, 3),
+                                                    (16, 32, 2, 512, 2), (8, 128, 4, 256, 4)])
+def test_ring_copies_in_whole_runs_give_the_pieces_bits(monkeypatch, dtype, symmetric, bt, bn,
+                                                        warps, bk, stages):
+    """The ring's copies in whole runs of a row (``RING_COPIES_WHOLE_RUNS``) land the same
+    words as each lane copying its own pieces: both GEMMs, bit for bit, into NaN-poisoned
+    outputs; K steps of two and four groups, 2-4 stages, one to four warps."""
+    e, top_k, m = 8, 2, 37
+    monkeypatch.setattr(prefill_mma, "WORD_RING_STAGES", stages)
+    monkeypatch.setattr(prefill_mma, "WORD_RING_MAX_STEPS", 1 << 30)
+    monkeypatch.setattr(prefill_mma, "WORD_RING_MIN_BLOCK_K", 0)
+    h, i = (2048, 768) if bk == 256 else (1024, 512)
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric, seed=bn)
+    for gemm, outs in _both_gemms_by_switch(monkeypatch, "RING_COPIES_WHOLE_RUNS",
+                                            (False, True), experts, x, w, ids,
+                                            config=mma_config(bt, bn, warps, bk)):
+        assert not outs[0].isnan().any()
+        assert torch.equal(outs[0], outs[1]), (gemm, bt, bn, warps, bk, stages)
+
+
 def _both_gemms_by_switch(monkeypatch, switch: str, values, experts, x, w, ids, *,
                           config: dict):
     """``("gemm1" | "gemm2", [output per value])``: GEMM1 (SiLU, router weight on the
@@ -315,7 +369,8 @@ def test_timeline_compiles_only_when_asked():
         assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
         assert rep["globaltimer"] == (2 if v["timeline"] else 0), (v, rep["globaltimer"])
     regs = [int(r["ptxas"].split("Used ")[1].split(" registers")[0]) for r in reps]
-    assert regs[0] == regs[1] and regs[2] == regs[3], regs
+    # (with the ring's copies in whole runs ptxas gives the timed GEMM1 one register fewer)
+    assert regs[1] <= regs[0] and regs[3] <= regs[2], regs
 
 
 def test_table_before_session35_holds_session34_entries():

@@ -46,12 +46,15 @@ instead: each thread ``cp.async``-copies its own 16-byte pieces one step ahead (
 and reads back only those after ``cp.async.wait_group``, which counts its groups in flight,
 so the next step's copies stay in flight during the arithmetic. The CTA barriers Triton's
 shared-memory analysis puts around the ring order nothing here and are stripped from the PTX
-(:func:`~w4a16moe.kernels.membar.strip_ring_barriers`). The words' registers go (168 a thread
-instead of 255 on the shipped 4-warp tiles: three programs an SM instead of two). On the H200
-this took qwen3-30b's prefill layer 7-17 % lower at M=4-64 and qwen3-235b's 4-8 % at M=8-32;
-Mixtral's GEMM2 (56 steps) and one-group steps (64 bytes a row ahead) were slower with it
-and keep the registers
-(``benchmarks/notes_prefill.md``, session 30).
+(:func:`~w4a16moe.kernels.membar.strip_ring_barriers`). The words' registers go (168 a
+thread instead of 255 on the shipped 4-warp tiles: three programs an SM instead of two). On
+the H200 this took qwen3-30b's prefill layer 7-17 % lower at M=4-64 and qwen3-235b's 4-8 % at
+M=8-32; Mixtral's GEMM2 (56 steps) and one-group steps (64 bytes a row ahead) were slower with
+it and keep the registers (``benchmarks/notes_prefill.md``, session 30). With K steps of two
+groups or more the copies go in whole 128-byte runs of a row (``RING_COPIES_WHOLE_RUNS``: 8
+lanes a row, each warp copying the rows it computes), half the L2 requests of each lane
+copying its own pieces; a lane then reads back what other lanes of its warp copied, so the
+ring's barriers become warp barriers (session 37).
 
 **The K order.** 8-slot programs walk their K steps from step ``pid % steps`` round
 (``ROTATE_K_STEPS``): a launch's first wave, whose programs all start together, otherwise
@@ -373,7 +376,7 @@ if HAVE_GLUON:
                           pairs_layout: gl.constexpr, sz_layout: gl.constexpr,
                           PREDICATED_RELOADS: gl.constexpr = False, ring=None,
                           RING_STAGES: gl.constexpr = 0, w_mask=None, rot=0,
-                          ROTATE_K: gl.constexpr = False):
+                          ROTATE_K: gl.constexpr = False, wc_ptrs=None):
         """K step ``step`` on one half's buffers (``words``, ``sc`` and, with ``X_AHEAD``,
         ``x``), then those buffers reloaded in place with step ``step + 2`` (at most
         ``last``, the final step; with ``PREDICATED_RELOADS`` a reload past ``last`` is
@@ -387,8 +390,11 @@ if HAVE_GLUON:
             # most RING_STAGES - 1 groups are in flight: this step's has landed
             nxt = step + RING_STAGES - 1
             nxt_k = _k_step(nxt, rot, last, ROTATE_K)
+            # (with wc_ptrs, whole 128-byte runs of a row a copy: the copies of a warp's rows
+            # by its own lanes, the compile hook turns the CTA barriers into warp barriers)
+            copy_ptrs = w_ptrs if wc_ptrs is None else wc_ptrs
             async_copy.async_copy_global_to_shared(
-                ring.index(nxt % RING_STAGES), w_ptrs + nxt_k * (16 * GROUPS),
+                ring.index(nxt % RING_STAGES), copy_ptrs + nxt_k * (16 * GROUPS),
                 mask=w_mask & (nxt <= last))
             async_copy.commit_group()
             async_copy.wait_group(RING_STAGES - 1)
@@ -438,6 +444,7 @@ if HAVE_GLUON:
         PDL: gl.constexpr, EARLY: gl.constexpr, PREDICATED_RELOADS: gl.constexpr,
         RING_STAGES: gl.constexpr, RING_LAYOUT: gl.constexpr, X_AHEAD: gl.constexpr,
         ROTATE_K: gl.constexpr, ready_ptr, ready_tiles, READY: gl.constexpr,
+        COPY_LAYOUT: gl.constexpr,
     ):
         """One tile of :func:`_prefill_mma_kernel`: block ``pid_m`` (of expert ``expert``, -1
         for none: its rows get zeros), output columns ``n0`` onwards; ``pid`` picks the first
@@ -537,17 +544,29 @@ if HAVE_GLUON:
                     # flight (a register buffer's first use waits for every load in flight)
                     ring = gl.allocate_shared_memory(gl.int32, [RING_STAGES, BLOCK_N, STEP_W],
                                                      RING_LAYOUT)
-                    w_mask = w_cols[None, :] < STEP_W
+                    if COPY_LAYOUT is None:
+                        wc_ptrs = w_ptrs
+                        w_mask = w_cols[None, :] < STEP_W
+                    else:
+                        # the copies in whole runs of a row (RING_COPIES_WHOLE_RUNS)
+                        wc_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION,
+                                                gl.SliceLayout(1, COPY_LAYOUT))
+                        wc_cols = gl.arange(0, 16 * GROUPS,
+                                            layout=gl.SliceLayout(0, COPY_LAYOUT))
+                        wc_ptrs = qw_ptr + e64 * stride_qe + (wc_rows[:, None] * stride_qn
+                                                              + wc_cols[None, :])
+                        w_mask = wc_cols[None, :] < STEP_W
                     for st in gl.static_range(RING_STAGES - 1):
                         st_k = _k_step(st, rot, last, ROTATE_K)
                         async_copy.async_copy_global_to_shared(
-                            ring.index(st), w_ptrs + st_k * STEP_W, mask=w_mask & (st <= last))
+                            ring.index(st), wc_ptrs + st_k * STEP_W, mask=w_mask & (st <= last))
                         async_copy.commit_group()
                     words_a = w_cols  # placeholders: the words come from the ring
                     words_b = w_cols
                 else:
                     ring = None
                     w_mask = None
+                    wc_ptrs = w_ptrs
                     words_a = gl.load(w_ptrs + k0 * STEP_W)
                     words_b = gl.load(w_ptrs + kb * STEP_W)
                 sc_a = _step_scales(s_ptrs, s_grp, k0, STEP_K, GROUP_SIZE, stride_sg,
@@ -575,7 +594,8 @@ if HAVE_GLUON:
                         x_mask, s_ptrs, z_ptrs, s_grp, stride_sg, stride_zg, GROUP_SIZE,
                         GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD, BLOCK_N, BLOCK_T,
                         a_layout, b_layout, mma_layout, PAIRS_LAYOUT, SZ_LAYOUT,
-                        PREDICATED_RELOADS, ring, RING_STAGES, w_mask, rot, ROTATE_K)
+                        PREDICATED_RELOADS, ring, RING_STAGES, w_mask, rot, ROTATE_K,
+                        wc_ptrs)
                     if i + 1 < num_steps:
                         acc, words_b, sc_b, x_b = _step_then_reload(
                             acc, words_b, x_b, sc_b, i + 1, last, w_ptrs,
@@ -583,7 +603,7 @@ if HAVE_GLUON:
                             GROUP_SIZE, GROUPS, IS_FP16, HAS_ZEROS, SCALE_WORDS, X_AHEAD,
                             BLOCK_N, BLOCK_T, a_layout, b_layout, mma_layout, PAIRS_LAYOUT,
                             SZ_LAYOUT, PREDICATED_RELOADS, ring, RING_STAGES, w_mask, rot,
-                            ROTATE_K)
+                            ROTATE_K, wc_ptrs)
                 if RING_STAGES > 0:
                     # the copies past the last step (masked: they write zeros) land before the
                     # epilogue's scratch may reuse the ring's shared memory
@@ -617,7 +637,7 @@ if HAVE_GLUON:
         RING_LAYOUT: gl.constexpr = None, X_AHEAD: gl.constexpr = False,
         timeline_ptr=None, TIMELINE: gl.constexpr = False, ROTATE_K: gl.constexpr = False,
         ready_ptr=None, ready_tiles=0, READY: gl.constexpr = 0,
-        PERSISTENT: gl.constexpr = False,
+        PERSISTENT: gl.constexpr = False, COPY_LAYOUT: gl.constexpr = None,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -686,7 +706,7 @@ if HAVE_GLUON:
                     SCALE_WORDS, WORDS_LAYOUT, X_LAYOUT, SZ_LAYOUT, PAIRS_LAYOUT, OUT_LAYOUT,
                     SZW_LAYOUT, a_layout, b_layout, mma_layout, PDL, EARLY,
                     PREDICATED_RELOADS, RING_STAGES, RING_LAYOUT, X_AHEAD, ROTATE_K,
-                    ready_ptr, ready_tiles, READY)
+                    ready_ptr, ready_tiles, READY, COPY_LAYOUT)
         else:
             pid_m = pid // num_pid_n
             if PDL and READY == 1:
@@ -712,7 +732,7 @@ if HAVE_GLUON:
                 C_SORTED, IS_FP16, BLOCK_T, BLOCK_N, BLOCK_N_OUT, GROUPS, SCALE_WORDS,
                 WORDS_LAYOUT, X_LAYOUT, SZ_LAYOUT, PAIRS_LAYOUT, OUT_LAYOUT, SZW_LAYOUT,
                 a_layout, b_layout, mma_layout, PDL, EARLY, PREDICATED_RELOADS, RING_STAGES,
-                RING_LAYOUT, X_AHEAD, ROTATE_K, ready_ptr, ready_tiles, READY)
+                RING_LAYOUT, X_AHEAD, ROTATE_K, ready_ptr, ready_tiles, READY, COPY_LAYOUT)
         if TIMELINE:
             # when and where this program ran: [SM, start ns, end ns, SM clock cycles]
             c_end = _clock64()
@@ -827,6 +847,16 @@ TIMELINE = None
 #: zero points triton 3.7 spilled 8 bytes with it, so 16- and 32-slot programs keep the plain
 #: order). The switch is for A/Bs
 ROTATE_K_STEPS = True
+#: the words' ring copies whole 128-byte runs of a row (8 lanes a row, each warp its own rows)
+#: instead of each lane copying the 16-byte pieces it reads back (a copy instruction then asks
+#: the L2 for 64 bytes of each of 8 rows): the lanes of a warp read back each other's copies,
+#: so the ring's barriers become warp barriers (``bar.warp.sync``). K steps of two groups or
+#: more (one group is a 64-byte run either way). ncu on qwen3-30b's GEMM1 at M=64 (H200,
+#: session 37): L2 tag requests 50.9 -> 31.2 % of peak, DRAM 59.3 -> 61.4 %, 72.3 -> 69.8 us;
+#: the L2 partitions' fabric stays the busiest unit (75.9 -> 73.0 %). Layer A/B on the H200:
+#: qwen3-30b M=8 / 16 / 32 / 64 / 96 -1.8 / -1.5 / -1.9 / -2.3 / -2.5 %, olmoe M=16 / 64 -0.9 /
+#: -1.2 %, Mixtral M=8 / 16 -2.3 / -1.5 %. The switch is for A/Bs
+RING_COPIES_WHOLE_RUNS = True
 
 
 #: programs of a persistent grid, by the launch's kind (:func:`launch_prefill_mma`)
@@ -856,6 +886,23 @@ def resident_programs(compiled, device: torch.device) -> int:
         threads_an_sm=props.max_threads_per_multi_processor,
         shared_an_sm=getattr(props, "shared_memory_per_multiprocessor", 233472))
     return an_sm * props.multi_processor_count
+
+
+@functools.cache
+def ring_copy_layout(block_n: int, num_warps: int, groups: int):
+    """The layout the words' ring copies a step ``[block_n, 16 groups]`` in with
+    :data:`RING_COPIES_WHOLE_RUNS` (two groups or more): 8 lanes a row, 16 bytes each (a
+    128-byte run), 4 rows a copy instruction; warp ``w`` copies the rows it computes (those
+    of :func:`mma_layouts`' words: ``16 (w + num_warps s) .. + 15``)."""
+    def log2(v: int) -> int:
+        return v.bit_length() - 1
+
+    slabs = block_n // (16 * num_warps)
+    reg = ([[0, 1], [0, 2]] + [[0, 32 << b] for b in range(log2(groups // 2))]
+           + [[4, 0], [8, 0]] + [[16 * num_warps << b, 0] for b in range(log2(slabs))])
+    lane = [[0, 4], [0, 8], [0, 16], [1, 0], [2, 0]]
+    warp = [[16 << b, 0] for b in range(log2(num_warps))]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, 16 * groups])
 
 
 @functools.cache
@@ -1020,6 +1067,9 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     # the words' ring (WORD_RING_STAGES) compiles without the CTA barriers Triton's
     # shared-memory analysis puts around it (each thread reads back only its own copies)
     ring = word_ring_stages(k, config)
+    # the ring's copies in whole 128-byte runs of a row (two groups or more a step)
+    whole_runs = bool(ring) and RING_COPIES_WHOLE_RUNS and groups >= 2
+    copy_layout = ring_copy_layout(rows, warps, groups) if whole_runs else None
     x_ahead = bt == 8 and ACTIVATIONS_AHEAD
     rotate_k = ROTATE_K_STEPS and bt == 8
     # GEMM1 of a chain whose GEMM2 waits per block (it waits for the kernel before it first):
@@ -1032,7 +1082,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     resident_key = (a.device, a.dtype, rows, bt, warps, groups, k, n_out, zeros is not None,
                     activation_code, topk_weights is not None, a_sorted, out_sorted,
                     scale_words, ring, x_ahead, rotate_k, predicated_reloads,
-                    TIMELINE is not None)
+                    TIMELINE is not None, whole_runs)
     if persistent and resident_key in _RESIDENT_PROGRAMS:
         grid = (min(grid[0], _RESIDENT_PROGRAMS[resident_key]),)
     timeline = None
@@ -1048,7 +1098,8 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                  "has_zeros": zeros is not None, "activation": bool(activation_code),
                  "ring_stages": ring, "persistent": persistent}
         TIMELINE.append((facts, timeline))
-    with stripped_ring_barriers(_KERNEL_NAME) if ring else contextlib.nullcontext():
+    with (stripped_ring_barriers(_KERNEL_NAME, warp_barriers=whole_runs) if ring
+          else contextlib.nullcontext()):
         compiled = _prefill_mma_kernel[grid](
             a, qweight, scales, z, out, tw, sorted_ids, expert_ids, num_post_padded,
             n_out, k, slots, top_k, up_offset,
@@ -1066,7 +1117,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             timeline_ptr=timeline, TIMELINE=timeline is not None,
             ROTATE_K=rotate_k, ready_ptr=ready_counts, ready_tiles=ready_wait_tiles,
             READY=0 if ready_counts is None else (2 if ready_wait_tiles else 1),
-            PERSISTENT=persistent, **prefill_pdl_args(a.device))
+            PERSISTENT=persistent, COPY_LAYOUT=copy_layout, **prefill_pdl_args(a.device))
     if persistent and resident_key not in _RESIDENT_PROGRAMS:
         _RESIDENT_PROGRAMS[resident_key] = resident_programs(compiled, a.device)
     if timeline is not None:
@@ -1077,7 +1128,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 __all__ = ["ACTIVATIONS_AHEAD", "GEMM1_PERSISTENT", "GEMM1_PERSISTENT_MIN_EXPERTS",
            "GEMM1_PERSISTENT_MIN_TOKENS", "GEMM2_WAITS_MAX_TILES",
            "GEMM2_WAITS_MAX_TOKENS", "GEMM2_WAITS_PER_BLOCK", "MMA_BLOCK_K", "PREDICATED_RELOADS",
-           "PREDICATED_RELOADS_MAX_STEPS", "ROTATE_K_STEPS", "TIMELINE",
+           "PREDICATED_RELOADS_MAX_STEPS", "RING_COPIES_WHOLE_RUNS", "ROTATE_K_STEPS", "TIMELINE",
            "WORD_RING_MAX_STEPS", "WORD_RING_MIN_BLOCK_K", "WORD_RING_STAGES",
            "launch_prefill_mma", "mma_groups", "mma_layouts", "programs_an_sm",
            "resident_programs", "word_ring_stages",

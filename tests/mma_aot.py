@@ -6,7 +6,8 @@ every layout conversion of the K permutation is free (``assert_trivial``). With
 ``ring_stages`` the PTX loses the ring's barriers as the launcher's hook strips them, and
 ``ring_barriers`` counts the CTA barriers left between the ring's first copies and its final
 wait, ``ring_warp_barriers`` the warp barriers there (``whole_runs``: the ring's copies in
-whole runs of a row, by default as the launcher picks them).
+whole runs of a row, by default as the launcher picks them). With ``sass`` the report also
+holds the kernel's SASS (``cuobjdump -sass``; ``benchmarks/mma_sass_loop.py`` counts its loop).
 ``ptxas_reports(variants)`` does that for many in a fresh Python process (the test session
 runs Triton's interpreter, see ``rs_aot.py``)."""
 
@@ -28,7 +29,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  predicated_reloads: bool = False, ring_stages: int = 0,
                  x_ahead: bool | None = None, timeline: bool = False,
                  rotate_k: bool | None = None, ready: int = 0,
-                 persistent: bool = False, whole_runs: bool | None = None) -> dict:
+                 persistent: bool = False, whole_runs: bool | None = None,
+                 sass: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -90,10 +92,15 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         ptx = os.path.join(tmp, "kernel.ptx")
         with open(ptx, "w") as f:
             f.write(text)
-        run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o",
-                              os.path.join(tmp, "kernel.cubin")],
+        cubin = os.path.join(tmp, "kernel.cubin")
+        run = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", cubin],
                              capture_output=True, text=True, check=True)
-    return {"ptxas": run.stdout + run.stderr, "mma": text.count("mma.sync"),
+        sass_text = None
+        if sass:  # the wheel's cuobjdump sits next to its ptxas
+            cuobjdump = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+            sass_text = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True,
+                                       text=True, check=True).stdout
+    return {"ptxas": run.stdout + run.stderr, "sass": sass_text, "mma": text.count("mma.sync"),
             "globaltimer": text.count("%globaltimer"),
             "launch_dependents": text.count("griddepcontrol.launch_dependents"),
             "grid_waits": text.count("griddepcontrol.wait"),

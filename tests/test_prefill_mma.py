@@ -8,6 +8,9 @@ the permutation free (the kernel asserts it)."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU
@@ -179,6 +182,38 @@ def test_ring_copies_in_whole_runs_compile_with_warp_barriers_only():
         regs.append(int(rep["ptxas"].split("Used ")[1].split(" registers")[0]))
     assert regs[0] <= 168 and regs[2] <= 168, regs
     assert regs[0] <= regs[1] + 1 and regs[2] <= regs[3] + 1, regs
+
+
+@pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
+def test_sass_loop_counter_finds_the_k_loop(tmp_path, monkeypatch):
+    """``benchmarks/mma_sass_loop.py`` on a CPU: the shipped GEMM1 tile's K loop (two steps
+    of two groups, two 16-row slabs a warp: 2 x 2 x 2 x 8 = 64 mmas, the words' 16 ring
+    copies), and the same loop with the ring's copies in pieces; a SASS without a loop is
+    refused by name."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    gemm1 = json.dumps(dict(block_t=8, block_n=64, num_warps=4, activation=True, groups=2,
+                            out_sorted=True, predicated_reloads=True, ring_stages=2))
+    counts = []
+    for whole in (True, False):
+        run = subprocess.run(
+            [sys.executable, os.path.join(root, "benchmarks", "mma_sass_loop.py"), "--json",
+             "--variant", gemm1, "--switch", f"RING_COPIES_WHOLE_RUNS={whole}"],
+            capture_output=True, text=True, env=env, cwd=root, check=False)
+        assert run.returncode == 0, run.stderr[-3000:]
+        (rep,) = json.loads(run.stdout).values()
+        assert not rep["spills"] and rep["registers"] <= 168, rep
+        assert rep["opcodes"]["HMMA"] == 64 and rep["opcodes"]["LDGSTS"] == 16, rep
+        counts.append(rep["loop_instructions"])
+    assert all(900 < n < 1200 for n in counts), counts
+    monkeypatch.syspath_prepend(os.path.join(root, "benchmarks"))
+    from mma_sass_loop import loop_opcodes
+    with pytest.raises(ValueError, match="no loop of more than 100"):
+        loop_opcodes("        /*0000*/                   EXIT ;\n")
 
 
 @gpu_only

@@ -854,8 +854,9 @@ ROTATE_K_STEPS = True
 #: more (one group is a 64-byte run either way). ncu on qwen3-30b's GEMM1 at M=64 (H200,
 #: session 37): L2 tag requests 50.9 -> 31.2 % of peak, DRAM 59.3 -> 61.4 %, 72.3 -> 69.8 us;
 #: the L2 partitions' fabric stays the busiest unit (75.9 -> 73.0 %). Layer A/B on the H200:
-#: qwen3-30b M=8 / 16 / 32 / 64 / 96 -1.8 / -1.5 / -1.9 / -2.3 / -2.5 %, olmoe M=16 / 64 -0.9 /
-#: -1.2 %, Mixtral M=8 / 16 -2.3 / -1.5 %. The switch is for A/Bs
+#: qwen3-30b M=8 / 16 / 32 / 64 / 96 -1.8 / -1.6 / -1.9 / -2.3 / -2.5 % (a second run: -1.9 /
+#: -1.6 / -2.9 / -2.6 / -2.0 %), olmoe M=16 / 64 -0.8 / -1.2 %, deepseek-v2-lite M=16 / 32 / 64
+#: -0.6 / -1.2 / +0.2 %, Mixtral M=4 / 8 / 16 -1.3 / -2.3 / -2.6 %. The switch is for A/Bs
 RING_COPIES_WHOLE_RUNS = True
 
 

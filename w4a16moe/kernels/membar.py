@@ -69,7 +69,6 @@ _OPCODE = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)")
 _ORDERED = ("ld.", "st.", "bar.", "barrier.", "cp.", "atom.", "red.", "fence.", "membar.",
             "mbarrier.", "bra", "ret", "exit", "mma.", "wgmma.", "ldmatrix.", "stmatrix.")
 _CTA_BARRIER = re.compile(r"^(?:bar|barrier)\.sync(?:\.aligned)?\s+0(?:,\s*\d+)?;")
-_CTA_BARRIER_LINE = re.compile(r"^(\s*)(?:bar|barrier)\.sync(?:\.aligned)?\s+0(?:,\s*\d+)?;")
 _WAIT_GROUP = re.compile(r"^cp\.async\.wait_group\s+(\d+);")
 _RING_COPY = re.compile(r"^(?:@!?%\w+\s+)?cp\.async\.c[ag]\.shared\.global")
 
@@ -131,8 +130,8 @@ def strip_ring_barriers(ptx: str, warp_barriers: bool = False) -> tuple[str, int
         elif not barrier and _CTA_BARRIER.match(lines[nxt].strip()):
             drop.add(nxt)
     if warp_barriers:
-        for j in drop:
-            lines[j] = _CTA_BARRIER_LINE.sub(r"\1bar.warp.sync -1;", lines[j])
+        for j in drop:  # the barrier line, its indentation kept
+            lines[j] = lines[j][:len(lines[j]) - len(lines[j].lstrip())] + "bar.warp.sync -1;"
         return "\n".join(lines), len(drop)
     return "\n".join(x for j, x in enumerate(lines) if j not in drop), len(drop)
 
@@ -189,12 +188,8 @@ def stripped_ring_barriers(*names: str, warp_barriers: bool = False
     """:func:`stripped_wait_barriers` for :func:`strip_ring_barriers`: the named kernels
     that compile while the block runs lose the barriers around their ``cp.async`` ring (with
     ``warp_barriers``: they become warp barriers)."""
-    if warp_barriers:
-        with _stripped(names, functools.partial(strip_ring_barriers, warp_barriers=True),
-                       RING_WARP_HOOK_KEY) as hook:
-            yield hook
-        return
-    with _stripped(names, strip_ring_barriers, RING_HOOK_KEY) as hook:
+    strip = functools.partial(strip_ring_barriers, warp_barriers=warp_barriers)
+    with _stripped(names, strip, RING_WARP_HOOK_KEY if warp_barriers else RING_HOOK_KEY) as hook:
         yield hook
 
 

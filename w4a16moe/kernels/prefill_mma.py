@@ -390,11 +390,10 @@ if HAVE_GLUON:
             # most RING_STAGES - 1 groups are in flight: this step's has landed
             nxt = step + RING_STAGES - 1
             nxt_k = _k_step(nxt, rot, last, ROTATE_K)
-            # (with wc_ptrs, whole 128-byte runs of a row a copy: the copies of a warp's rows
-            # by its own lanes, the compile hook turns the CTA barriers into warp barriers)
-            copy_ptrs = w_ptrs if wc_ptrs is None else wc_ptrs
+            # (wc_ptrs: the copies' pointers, in whole 128-byte runs of a row with
+            # RING_COPIES_WHOLE_RUNS; the read-back below keeps the words' layout)
             async_copy.async_copy_global_to_shared(
-                ring.index(nxt % RING_STAGES), copy_ptrs + nxt_k * (16 * GROUPS),
+                ring.index(nxt % RING_STAGES), wc_ptrs + nxt_k * (16 * GROUPS),
                 mask=w_mask & (nxt <= last))
             async_copy.commit_group()
             async_copy.wait_group(RING_STAGES - 1)
@@ -889,20 +888,28 @@ def resident_programs(compiled, device: torch.device) -> int:
     return an_sm * props.multi_processor_count
 
 
+def _log2(v: int) -> int:
+    return v.bit_length() - 1
+
+
+def _row_bases(block_n: int, num_warps: int) -> tuple[list, list]:
+    """(slab bases, warp bases) of a ``[block_n, ...]`` layout whose warp ``w`` holds rows
+    ``16 (w + num_warps s) .. + 15``: the rows each warp computes (:func:`mma_layouts`)."""
+    slabs = block_n // (16 * num_warps)
+    return ([[16 * num_warps << b, 0] for b in range(_log2(slabs))],
+            [[16 << b, 0] for b in range(_log2(num_warps))])
+
+
 @functools.cache
 def ring_copy_layout(block_n: int, num_warps: int, groups: int):
     """The layout the words' ring copies a step ``[block_n, 16 groups]`` in with
     :data:`RING_COPIES_WHOLE_RUNS` (two groups or more): 8 lanes a row, 16 bytes each (a
     128-byte run), 4 rows a copy instruction; warp ``w`` copies the rows it computes (those
     of :func:`mma_layouts`' words: ``16 (w + num_warps s) .. + 15``)."""
-    def log2(v: int) -> int:
-        return v.bit_length() - 1
-
-    slabs = block_n // (16 * num_warps)
-    reg = ([[0, 1], [0, 2]] + [[0, 32 << b] for b in range(log2(groups // 2))]
-           + [[4, 0], [8, 0]] + [[16 * num_warps << b, 0] for b in range(log2(slabs))])
+    slab_bases, warp = _row_bases(block_n, num_warps)
+    reg = ([[0, 1], [0, 2]] + [[0, 32 << b] for b in range(_log2(groups // 2))]
+           + [[4, 0], [8, 0]] + slab_bases)
     lane = [[0, 4], [0, 8], [0, 16], [1, 0], [2, 0]]
-    warp = [[16 << b, 0] for b in range(log2(num_warps))]
     return gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, 16 * groups])
 
 
@@ -933,33 +940,29 @@ def mma_layouts(block_n: int, block_t: int, num_warps: int, groups: int = 1):
       :func:`_code_pair` makes them (the layout their assembly into the A operand needs,
       checked by the kernel's ``assert_trivial`` conversions).
     """
-    def log2(v: int) -> int:
-        return v.bit_length() - 1
-
     slabs = block_n // (16 * num_warps)
-    slab_bases = [[16 * num_warps << b, 0] for b in range(log2(slabs))]
-    warp = [[16 << b, 0] for b in range(log2(num_warps))]
-    reg = ([[0, 1], [0, 2]] + [[0, 16 << b] for b in range(log2(groups))] + [[8, 0]]
+    slab_bases, warp = _row_bases(block_n, num_warps)
+    reg = ([[0, 1], [0, 2]] + [[0, 16 << b] for b in range(_log2(groups))] + [[8, 0]]
            + slab_bases)
     lane = [[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]]
     words = gl.DistributedLinearLayout(reg, lane, warp, [], [block_n, 16 * groups])
-    xreg = ([[1 << b, 0] for b in range(4)] + [[64 << b, 0] for b in range(log2(groups))]
-            + [[0, 8 << b] for b in range(log2(block_t // 8))])
+    xreg = ([[1 << b, 0] for b in range(4)] + [[64 << b, 0] for b in range(_log2(groups))]
+            + [[0, 8 << b] for b in range(_log2(block_t // 8))])
     xlane = [[16, 0], [32, 0], [0, 1], [0, 2], [0, 4]]
-    xwarp = [[0, 0] for _ in range(log2(num_warps))]
+    xwarp = [[0, 0] for _ in range(_log2(num_warps))]
     x = gl.DistributedLinearLayout(xreg, xlane, xwarp, [], [64 * groups, block_t])
-    sreg = [[0, 1 << b] for b in range(log2(groups))] + [[8, 0]] + slab_bases
+    sreg = [[0, 1 << b] for b in range(_log2(groups))] + [[8, 0]] + slab_bases
     slane = [[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]]
     sz = gl.DistributedLinearLayout(sreg, slane, warp, [], [block_n, groups])
     # scale words [block_n, groups / 2] (two groups a word; with one group a step: unused)
     half = max(1, groups // 2)
-    swreg = [[0, 1 << b] for b in range(log2(half))] + [[8, 0]] + slab_bases
+    swreg = [[0, 1 << b] for b in range(_log2(half))] + [[8, 0]] + slab_bases
     szw = gl.DistributedLinearLayout(swreg, slane, warp, [], [block_n, half])
     # pairs: (row, c, w, p); registers: w (4), p (4), row + 8, slabs; lanes: c, g
     preg = ([[0, 0, 1, 0], [0, 0, 2, 0], [0, 0, 0, 1], [0, 0, 0, 2], [8, 0, 0, 0]]
-            + [[16 * num_warps << b, 0, 0, 0] for b in range(log2(slabs))])
+            + [[16 * num_warps << b, 0, 0, 0] for b in range(_log2(slabs))])
     plane = [[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
-    pwarp = [[16 << b, 0, 0, 0] for b in range(log2(num_warps))]
+    pwarp = [[16 << b, 0, 0, 0] for b in range(_log2(num_warps))]
     pairs = gl.DistributedLinearLayout(preg, plane, pwarp, [], [block_n, 4, 4, 4])
     return words, x, sz, szw, pairs
 

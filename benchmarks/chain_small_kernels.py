@@ -11,7 +11,9 @@ GEMM1 -> GEMM2 -> top-k sum. Two measurements:
    by counting as shipped (``align_count``), by counting with each slot loading its own
    count words (``align_rows``: ``align.COUNT_TABLE_MIN_SLOTS`` out of reach) and by sorting
    (``align_sort``: ``align.count_words`` forced to 0; all checked equal to the torch
-   alignment), and the top-k sum. Writes ``$OUT/chain_small_kernels.json``.
+   alignment), the router and the alignment in one program (``route_align``:
+   ``fused_topk_align``, checked equal to both), and the top-k sum. Writes
+   ``$OUT/chain_small_kernels.json``.
 2. **In the layer** (``w4a16moe bench --paths ...``, weights rotated, router included):
 
        PYTHONPATH=.:benchmarks w4a16moe bench --model qwen3-30b-a3b --m 16,32,64 \\
@@ -42,12 +44,17 @@ from w4a16moe.kernels import prefill as prefill_mod
 from w4a16moe.kernels.pdl import prefill_chain, prefill_pdl_args, wait_upstream_release_next
 from w4a16moe.kernels.router import topk_router
 from w4a16moe.kernels.tune import MODEL_SHAPES
-from w4a16moe.routing import align_block_size, max_num_tokens_padded
+from w4a16moe.routing import (
+    align_block_size,
+    fused_topk_align,
+    fused_topk_align_supported,
+    max_num_tokens_padded,
+)
 
 
 def no_sum(x, experts, topk_weights, topk_ids, *, activation="silu"):
     """The prefill layer without its top-k sum (the output is wrong)."""
-    with mock.patch.object(prefill_mod, "topk_sum", lambda per_slot, top_k, out: out):
+    with mock.patch.object(prefill_mod, "topk_sum", lambda per_slot, top_k, out, **kw: out):
         return shipped_layer(x, experts, topk_weights, topk_ids, activation=activation)
 
 
@@ -55,9 +62,9 @@ def sum_twice(x, experts, topk_weights, topk_ids, *, activation="silu"):
     """The prefill layer with the top-k sum run twice."""
     real = prefill_mod.topk_sum
 
-    def twice(per_slot, top_k, out):
-        real(per_slot, top_k, out)
-        return real(per_slot, top_k, out)
+    def twice(per_slot, top_k, out, **kw):
+        real(per_slot, top_k, out, **kw)
+        return real(per_slot, top_k, out, **kw)
     with mock.patch.object(prefill_mod, "topk_sum", twice):
         return shipped_layer(x, experts, topk_weights, topk_ids, activation=activation)
 
@@ -123,6 +130,19 @@ def measure(model: str, ms: list[int], calls: int, reps: int, dev: torch.device)
                 row[f"align_{mode}_words"] = align_mod.count_words(m, k)
             if not all(torch.equal(a, b) for a, b in zip(out, ref, strict=True)):
                 raise AssertionError(f"{model} M={m}: the {mode} alignment differs from torch")
+        # the router and the alignment in one program (fused_topk_align), checked equal
+        out = (torch.empty(padded, dtype=torch.int32, device=dev),
+               torch.empty(padded // block, dtype=torch.int32, device=dev),
+               torch.empty(1, dtype=torch.int32, device=dev))
+        if fused_topk_align_supported(m, e, dev):
+            row["route_align_us"] = per_call_us(
+                lambda logits=logits, out=out: fused_topk_align(logits, k, block, out=out),
+                calls, reps)
+            w1, i1, _ = fused_topk_align(logits, k, block, out=out)
+            w0, i0 = topk_router(logits, k)
+            if not (torch.equal(w0, w1) and torch.equal(i0, i1)
+                    and all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))):
+                raise AssertionError(f"{model} M={m}: fused_topk_align differs")
         per_slot = torch.randn(m * k, h, device=dev, dtype=torch.bfloat16)
         y = torch.empty(m, h, device=dev, dtype=torch.bfloat16)
         row["topk_sum_us"] = per_call_us(

@@ -19,7 +19,12 @@ from __future__ import annotations
 import functools
 from unittest import mock
 
-from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill
+from w4a16moe.kernels import prefill as prefill_mod
+from w4a16moe.kernels.prefill import (
+    PrefillWorkspace,
+    fused_moe_prefill,
+    fused_moe_prefill_from_logits,
+)
 
 
 def block_slots(m: int, top_k: int, num_experts: int) -> int:
@@ -479,6 +484,37 @@ def prefill_gemm2_waits_for_gemm1(hidden_states, experts, topk_weights, topk_ids
                          GEMM2_WAITS_PER_BLOCK=False)
 
 
+def _route_align_layer(enabled: bool, hidden_states, experts, router_logits, *,
+                       activation="silu", top_k: int, **routing):
+    """The shipped layer from the router logits
+    (:func:`~w4a16moe.kernels.prefill.fused_moe_prefill_from_logits`) with
+    ``prefill.ROUTE_ALIGN`` = ``enabled`` while it launches."""
+    with mock.patch.object(prefill_mod, "ROUTE_ALIGN", enabled):
+        return fused_moe_prefill_from_logits(
+            hidden_states, experts, router_logits, top_k, activation=activation,
+            workspace=prefill_workspace(experts, hidden_states.shape[0], top_k), **routing)
+
+
+def prefill_route_align(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+    """The shipped layer; its layer time routes the logits and aligns the slots in one
+    program (``fused_topk_align``, session 38) where it can. Against
+    :func:`prefill_route_then_align` (the router, then the one-program alignment, the layer
+    before session 38). The other paths of this module time their layer as ``shipped_layer``
+    does, after ``fused_topk``, so their A/Bs against ``shipped_layer`` stay like for like."""
+    return shipped_layer(hidden_states, experts, topk_weights, topk_ids, activation=activation)
+
+
+def prefill_route_then_align(hidden_states, experts, topk_weights, topk_ids, *,
+                             activation="silu"):
+    """:func:`prefill_route_align` with ``prefill.ROUTE_ALIGN`` off: the router, then the
+    layer's own alignment."""
+    return shipped_layer(hidden_states, experts, topk_weights, topk_ids, activation=activation)
+
+
+prefill_route_align.from_logits = functools.partial(_route_align_layer, True)
+prefill_route_then_align.from_logits = functools.partial(_route_align_layer, False)
+
+
 def _one_slab_configs(experts, top_k: int, m: int) -> tuple[dict, dict]:
     """The shipped table's configs with each 4-warp ``MMA`` entry of two 16-row slabs a warp
     cut to one (``BLOCK_SIZE_N`` halved: twice the programs, a third fewer registers)."""
@@ -520,6 +556,7 @@ __all__ = ["VARIANTS", "add_switch_argument", "apply_switches", "block_slots", "
            "prefill_activations_at_step", "prefill_one_slab",
            "prefill_one_slab_activations_at_step", "prefill_reload_past_last",
            "prefill_ring_pieces", "prefill_ring_whole_runs", "prefill_rotated_k",
+           "prefill_route_align", "prefill_route_then_align",
            "prefill_unrotated_k", "prefill_wait_first", "prefill_word_ring2",
            "prefill_word_ring3", "prefill_word_ring4", "prefill_word_ring_max8",
            "prefill_words_in_registers", "prefill_workspace", "ship_g1_mma_g2", "shipped_layer",

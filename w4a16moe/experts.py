@@ -319,23 +319,16 @@ class HybridW4A16MoEExperts(nn.Module):
             return DETERMINISTIC_PATH
         return "decode" if num_tokens <= self.decode_threshold else "prefill"
 
-    def check_inputs(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
-                     topk_ids: torch.Tensor) -> None:
-        """Raise ValueError (naming the tensor, the expected and the found value) unless
-        ``hidden_states [M, H]`` (the experts' dtype), ``topk_weights [M, top_k]`` (float)
-        and ``topk_ids [M, top_k]`` (int32/int64) fit this layer and are on its device; then,
-        when :meth:`checks_values` for their device, that every id is in
-        ``[0, num_global_experts)``."""
-        named = (("hidden_states", hidden_states), ("topk_weights", topk_weights),
-                 ("topk_ids", topk_ids))
-        for name, t in named:
-            if not isinstance(t, torch.Tensor):
-                raise ValueError(f"{name} is a {type(t).__name__}; expected a torch.Tensor")
+    def check_hidden_states(self, hidden_states: torch.Tensor) -> None:
+        """Raise ValueError unless ``hidden_states`` is an ``[M, H]`` tensor of the experts'
+        dtype on their device."""
+        if not isinstance(hidden_states, torch.Tensor):
+            raise ValueError(f"hidden_states is a {type(hidden_states).__name__}; expected a "
+                             "torch.Tensor")
         device = self.w13_qweight.device
-        for name, t in named:
-            if t.device != device:
-                raise ValueError(f"{name} is on {t.device}; expected {device} (the experts' "
-                                 "device)")
+        if hidden_states.device != device:
+            raise ValueError(f"hidden_states is on {hidden_states.device}; expected {device} "
+                             "(the experts' device)")
         h, dtype = self._meta["hidden_size"], self.w13_scales.dtype
         if hidden_states.dim() != 2 or hidden_states.shape[1] != h:
             raise ValueError(f"hidden_states has shape {tuple(hidden_states.shape)}; expected "
@@ -343,6 +336,21 @@ class HybridW4A16MoEExperts(nn.Module):
         if hidden_states.dtype != dtype:
             raise ValueError(f"hidden_states has dtype {hidden_states.dtype}; expected {dtype} "
                              "(the experts' dtype)")
+
+    def check_inputs(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor) -> None:
+        """Raise ValueError (naming the tensor, the expected and the found value) unless
+        ``hidden_states [M, H]`` (the experts' dtype), ``topk_weights [M, top_k]`` (float)
+        and ``topk_ids [M, top_k]`` (int32/int64) fit this layer and are on its device; then,
+        when :meth:`checks_values` for their device, that every id is in
+        ``[0, num_global_experts)``."""
+        self.check_hidden_states(hidden_states)
+        for name, t in (("topk_weights", topk_weights), ("topk_ids", topk_ids)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name} is a {type(t).__name__}; expected a torch.Tensor")
+            if t.device != hidden_states.device:
+                raise ValueError(f"{name} is on {t.device}; expected {hidden_states.device} "
+                                 "(the experts' device)")
         m = hidden_states.shape[0]
         if tuple(topk_ids.shape) != (m, self.top_k):
             raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}; expected "
@@ -404,7 +412,33 @@ class HybridW4A16MoEExperts(nn.Module):
                        routed_scaling_factor: float = 1.0, path: str | None = None
                        ) -> torch.Tensor:
         """Route with :func:`~w4a16moe.routing.fused_topk` on ``router_logits [M, E]``, then
-        :meth:`forward`."""
+        :meth:`forward`. On the prefill path without grouped top-k the routing and the
+        alignment run as one kernel where they can
+        (:func:`~w4a16moe.kernels.prefill.fused_moe_prefill_from_logits`): the same output."""
+        if path is not None and path not in ("decode", "prefill"):
+            raise ValueError(f"path is {path!r}; expected 'decode' or 'prefill'")
+        grouped = num_expert_group is not None and num_expert_group > 1
+        if (not grouped and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2
+                and (path or self.choose_path(hidden_states.shape[0])) == "prefill"):
+            from .kernels.prefill import fused_moe_prefill_from_logits
+
+            self.check_hidden_states(hidden_states)
+            if (not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2
+                    or router_logits.shape[1] != self.num_global_experts):
+                found = tuple(getattr(router_logits, "shape", ()))
+                raise ValueError(f"router_logits has shape {found}; expected "
+                                 f"[M, {self.num_global_experts}] (M, num_global_experts)")
+            if router_logits.device != hidden_states.device:
+                raise ValueError(f"router_logits is on {router_logits.device}; expected "
+                                 f"{hidden_states.device} (the experts' device)")
+            m = hidden_states.shape[0]
+            return fused_moe_prefill_from_logits(
+                hidden_states.contiguous(), self.experts, router_logits, self.top_k,
+                renormalize=renormalize, scoring=scoring, correction_bias=correction_bias,
+                routed_scaling_factor=routed_scaling_factor, activation=self.activation,
+                apply_router_weight_on_input=self.apply_router_weight_on_input,
+                expert_map=self.expert_map, workspace=self._workspace("prefill", max(m, 1)),
+                deterministic=self.deterministic)
         topk_weights, topk_ids = fused_topk(
             router_logits, self.top_k, renormalize=renormalize, scoring=scoring,
             num_expert_group=num_expert_group, topk_group=topk_group,

@@ -14,6 +14,45 @@ SCORINGS = ("softmax", "sigmoid")
 TOPK_BACKENDS = ("auto", "triton", "torch")
 
 
+def check_router_args(router_logits: torch.Tensor, top_k: int, scoring: str,
+                      num_expert_group: int | None, topk_group: int | None,
+                      correction_bias: torch.Tensor | None) -> bool:
+    """Raise ValueError naming the first argument of :func:`fused_topk` that is wrong;
+    return whether the routing is grouped top-k (``num_expert_group > 1``)."""
+    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
+        raise ValueError(f"router_logits has shape {tuple(getattr(router_logits, 'shape', ()))}; "
+                         "expected [M, E]")
+    m, e = router_logits.shape
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= e:
+        raise ValueError(f"top_k is {top_k!r}; expected an int with 1 <= top_k <= E={e}")
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring is {scoring!r}; expected one of {SCORINGS}")
+    grouped_topk = num_expert_group is not None and num_expert_group > 1
+    if num_expert_group is not None and num_expert_group < 1:
+        raise ValueError(f"num_expert_group is {num_expert_group}; expected >= 1 or None")
+    if grouped_topk:
+        if topk_group is None or not 1 <= topk_group <= num_expert_group:
+            raise ValueError(f"topk_group is {topk_group}; expected 1..{num_expert_group} "
+                             "with grouped top-k")
+        if e % num_expert_group:
+            raise ValueError(f"E={e} is not divisible by num_expert_group={num_expert_group}")
+        eligible = topk_group * (e // num_expert_group)
+        if top_k > eligible:
+            raise ValueError(f"top_k is {top_k}; expected <= topk_group * E / num_expert_group "
+                             f"= {eligible} (the experts of the chosen groups)")
+    if correction_bias is not None:
+        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (e,):
+            found = tuple(getattr(correction_bias, "shape", ()))
+            raise ValueError(f"correction_bias has shape {found}; expected ({e},)")
+        if correction_bias.device != router_logits.device:
+            raise ValueError(f"correction_bias is on {correction_bias.device}; expected "
+                             f"{router_logits.device} (the device of router_logits)")
+    if not router_logits.is_floating_point():
+        raise ValueError(f"router_logits has dtype {router_logits.dtype}; expected a floating "
+                         "point dtype")
+    return grouped_topk
+
+
 def fused_topk(
     router_logits: torch.Tensor,
     top_k: int,
@@ -50,39 +89,11 @@ def fused_topk(
     Returns:
         ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])``.
     """
-    if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
-        raise ValueError(f"router_logits has shape {tuple(getattr(router_logits, 'shape', ()))}; "
-                         "expected [M, E]")
+    grouped_topk = check_router_args(router_logits, top_k, scoring, num_expert_group,
+                                     topk_group, correction_bias)
     m, e = router_logits.shape
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= e:
-        raise ValueError(f"top_k is {top_k!r}; expected an int with 1 <= top_k <= E={e}")
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring is {scoring!r}; expected one of {SCORINGS}")
-    grouped_topk = num_expert_group is not None and num_expert_group > 1
-    if num_expert_group is not None and num_expert_group < 1:
-        raise ValueError(f"num_expert_group is {num_expert_group}; expected >= 1 or None")
-    if grouped_topk:
-        if topk_group is None or not 1 <= topk_group <= num_expert_group:
-            raise ValueError(f"topk_group is {topk_group}; expected 1..{num_expert_group} "
-                             "with grouped top-k")
-        if e % num_expert_group:
-            raise ValueError(f"E={e} is not divisible by num_expert_group={num_expert_group}")
-        eligible = topk_group * (e // num_expert_group)
-        if top_k > eligible:
-            raise ValueError(f"top_k is {top_k}; expected <= topk_group * E / num_expert_group "
-                             f"= {eligible} (the experts of the chosen groups)")
-    if correction_bias is not None:
-        if not isinstance(correction_bias, torch.Tensor) or correction_bias.shape != (e,):
-            found = tuple(getattr(correction_bias, "shape", ()))
-            raise ValueError(f"correction_bias has shape {found}; expected ({e},)")
-        if correction_bias.device != router_logits.device:
-            raise ValueError(f"correction_bias is on {correction_bias.device}; expected "
-                             f"{router_logits.device} (the device of router_logits)")
     if backend not in TOPK_BACKENDS:
         raise ValueError(f"backend is {backend!r}; expected one of {TOPK_BACKENDS}")
-    if not router_logits.is_floating_point():
-        raise ValueError(f"router_logits has dtype {router_logits.dtype}; expected a floating "
-                         "point dtype")
     if backend == "triton" and grouped_topk:
         raise ValueError("backend 'triton' does not do grouped top-k (num_expert_group > 1); "
                          "use backend='torch' or 'auto'")
@@ -227,6 +238,84 @@ def align_block_size(
     for dst, src in zip(out, result, strict=True):
         dst.copy_(src)
     return out
+
+
+def fused_topk_align(
+    router_logits: torch.Tensor,
+    top_k: int,
+    block_size: int,
+    expert_map: torch.Tensor | None = None,
+    *,
+    renormalize: bool = True,
+    scoring: str = "softmax",
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+    out: AlignedBlocks | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, AlignedBlocks]:
+    """:func:`fused_topk` then :func:`align_block_size` (``num_experts`` = E, the logits'
+    columns): ``(topk_weights, topk_ids, blocks)``, equal to the two calls' outputs bit for
+    bit (Triton router).
+
+    On a GPU (or under ``TRITON_INTERPRET=1``) one program does both for up to
+    :data:`w4a16moe.kernels.route_align.MAX_TOKENS` tokens
+    (:func:`w4a16moe.kernels.route_align.supported`): the prefill layer's first two kernels in
+    one launch, with no read-back of the ids. Elsewhere, and for grouped top-k (not taken
+    here: route with :func:`fused_topk`), it raises; :func:`fused_topk_align_supported` says
+    which. ``out`` as for :func:`align_block_size`.
+    """
+    check_router_args(router_logits, top_k, scoring, None, None, correction_bias)
+    m, e = router_logits.shape
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size is {block_size!r}; expected a positive int")
+    if not fused_topk_align_supported(m, e, router_logits.device):
+        from .kernels.route_align import MAX_KEYS, MAX_TOKENS
+
+        raise ValueError(f"router_logits has shape {(m, e)} on {router_logits.device}; "
+                         f"fused_topk_align takes 1 to {MAX_TOKENS} tokens and at most "
+                         f"{MAX_KEYS} keys (next_pow2(M) x next_pow2(E)) on a CUDA device (or "
+                         "the CPU under TRITON_INTERPRET=1)")
+    if expert_map is not None:
+        if not isinstance(expert_map, torch.Tensor) or expert_map.shape != (e,):
+            raise ValueError(f"expert_map has shape {tuple(getattr(expert_map, 'shape', ()))}; "
+                             f"expected ({e},)")
+        if expert_map.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"expert_map has dtype {expert_map.dtype}; expected torch.int32 "
+                             "or int64")
+        if expert_map.device != router_logits.device:
+            raise ValueError(f"expert_map is on {expert_map.device}; expected "
+                             f"{router_logits.device} (the device of router_logits)")
+    device = router_logits.device
+    max_padded = max_num_tokens_padded(m * top_k, block_size, e)
+    if out is None:
+        out = AlignedBlocks(torch.empty(max_padded, dtype=torch.int32, device=device),
+                            torch.empty(max_padded // block_size, dtype=torch.int32,
+                                        device=device),
+                            torch.empty(1, dtype=torch.int32, device=device))
+    else:
+        _check_out_blocks(out, max_padded, max_padded // block_size, device)
+    from .kernels.route_align import route_and_align
+
+    weights, ids = route_and_align(router_logits, top_k, block_size, expert_map, *out,
+                                   renormalize=renormalize, scoring=scoring,
+                                   correction_bias=correction_bias,
+                                   routed_scaling_factor=routed_scaling_factor)
+    return weights, ids, out
+
+
+def fused_topk_align_supported(num_tokens: int, num_experts: int,
+                               device: torch.device | str) -> bool:
+    """Whether :func:`fused_topk_align` takes ``num_tokens`` tokens over ``num_experts``
+    experts on ``device``: a CUDA device (or the CPU under ``TRITON_INTERPRET=1``) and the one
+    program's limits (:func:`w4a16moe.kernels.route_align.supported`)."""
+    import os
+
+    device = torch.device(device)
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpreted:
+        return False
+    from .kernels.route_align import supported
+
+    return supported(num_tokens, num_experts)
 
 
 def _check_out_blocks(out: AlignedBlocks, max_padded: int, max_blocks: int,

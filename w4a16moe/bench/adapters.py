@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..experts import HybridW4A16MoEExperts
+from ..kernels.prefill import fused_moe_prefill, fused_moe_prefill_from_logits
 from ..layout import PackedExperts
 
 #: one module per (weights, top_k, activation), so workspaces are reused across calls and
@@ -28,6 +29,42 @@ def hybrid_moe(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights
                                                 activation=activation))
         _HYBRID[key] = entry
     return entry[1](hidden_states, topk_weights, topk_ids)
+
+
+def hybrid_moe_from_logits(hidden_states: torch.Tensor, experts: PackedExperts,
+                           router_logits: torch.Tensor, *, activation: str = "silu",
+                           top_k: int, **routing) -> torch.Tensor:
+    """:func:`hybrid_moe` routing ``router_logits`` itself
+    (:meth:`~w4a16moe.experts.HybridW4A16MoEExperts.forward_logits`; ``routing``: the other
+    keyword arguments of :func:`~w4a16moe.routing.fused_topk`)."""
+    key = (id(experts), top_k, activation)
+    entry = _HYBRID.get(key)
+    if entry is None or entry[0] is not experts:
+        entry = (experts, HybridW4A16MoEExperts(experts, top_k, activation=activation))
+        _HYBRID[key] = entry
+    return entry[1].forward_logits(hidden_states, router_logits, **routing)
+
+
+hybrid_moe.from_logits = hybrid_moe_from_logits
+
+
+def prefill_moe(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
+    """:func:`~w4a16moe.kernels.prefill.fused_moe_prefill` as a benchmark path; its layer
+    routes with :func:`~w4a16moe.kernels.prefill.fused_moe_prefill_from_logits`."""
+    return fused_moe_prefill(hidden_states, experts, topk_weights, topk_ids,
+                             activation=activation)
+
+
+def prefill_moe_from_logits(hidden_states: torch.Tensor, experts: PackedExperts,
+                            router_logits: torch.Tensor, *, activation: str = "silu",
+                            top_k: int, **routing) -> torch.Tensor:
+    """The layer of :func:`prefill_moe`: routing and alignment in one kernel where they can."""
+    return fused_moe_prefill_from_logits(hidden_states, experts, router_logits, top_k,
+                                         activation=activation, **routing)
+
+
+prefill_moe.from_logits = prefill_moe_from_logits
 
 
 def hybrid_choice(experts: PackedExperts, top_k: int, m: int) -> str:

@@ -8,12 +8,17 @@ For every (path, M) :func:`bench_layer` produces one record::
      "shape", "error"}
 
 * ``kernel_us``: the experts computation alone (routing precomputed), median per call.
-* ``layer_us``: router logits -> ``fused_topk`` -> experts -> output.
+* ``layer_us``: router logits -> ``fused_topk`` -> experts -> output; a path whose function
+  has a ``from_logits`` attribute (``fn.from_logits(hidden_states, weights, router_logits, *,
+  activation, top_k, renormalize, scoring, num_expert_group, topk_group, correction_bias,
+  routed_scaling_factor)``) routes the logits itself (the hybrid and prefill paths: the
+  routing and the alignment in one kernel where they can), and its output is checked too.
 * ``floor_us``: ``max(int4 bytes / measured read bandwidth, flops / measured matmul rate)``
   with the exact distinct-expert count of the routings used.
 * ``bf16_us``: ``kernel_us`` of the fastest bf16 baseline at the same M (same run).
 * ``read_gbps``: bytes the path streams (int4 or bf16 weights) / ``kernel_us``.
-* ``rel_err``: ``|out - ref| / |ref|`` of copy 0 against an fp32 oracle (M <= 64), else None.
+* ``rel_err``: ``|out - ref| / |ref|`` of copy 0 against an fp32 oracle (M <= 64), else None
+  (the larger of the two outputs' for a path with ``from_logits``).
 
 Weights are rotated over several random copies (L2 defeated, see :mod:`.timing`); each copy
 also has its own tokens and routing. One CUDA graph replay runs the copies' calls repeated
@@ -178,12 +183,16 @@ class Inputs:
                      if shape.correction_bias else None)
         self.topk_weights, self.topk_ids = self.route()
 
-    def route(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def routing(self) -> dict:
+        """The keyword arguments of :func:`~w4a16moe.routing.fused_topk` (``top_k`` first)
+        that route this copy's logits."""
         s = self.shape
-        return fused_topk(self.logits, s.top_k, renormalize=s.renormalize, scoring=s.scoring,
-                          num_expert_group=s.num_expert_group, topk_group=s.topk_group,
-                          correction_bias=self.bias,
-                          routed_scaling_factor=s.routed_scaling_factor)
+        return dict(top_k=s.top_k, renormalize=s.renormalize, scoring=s.scoring,
+                    num_expert_group=s.num_expert_group, topk_group=s.topk_group,
+                    correction_bias=self.bias, routed_scaling_factor=s.routed_scaling_factor)
+
+    def route(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_topk(self.logits, **self.routing())
 
 
 # -- the benchmark ----------------------------------------------------------------------------
@@ -229,7 +238,11 @@ def _time_path(spec: PathSpec, fn: Callable, copies: LayerCopies, inputs: Sequen
         if warm:  # every call on copy 0 with the same routing: its weights stay in L2
             i, inp = 0, inputs[0]
         w = copies.weights(spec.weights, i % n_weights)
-        if layer:
+        from_logits = getattr(fn, "from_logits", None)
+        if layer and from_logits is not None:  # the path routes the logits itself
+            def call(inp=inp, w=w, route=from_logits):
+                return route(inp.x, w, inp.logits, activation=activation, **inp.routing())
+        elif layer:
             def call(inp=inp, w=w):
                 tw, ti = inp.route()
                 return fn(inp.x, w, tw, ti, activation=activation)
@@ -367,6 +380,13 @@ def bench_layer(
                                  inputs[0].topk_weights, inputs[0].topk_ids,
                                  activation=shape.activation)
                         err = _rel_err(out, refs[kind])
+                        from_logits = getattr(fn, "from_logits", None)
+                        if from_logits is not None and layer_time:  # its layer's own routing
+                            lout = from_logits(inputs[0].x, copies.weights(cand.weights, 0),
+                                               inputs[0].logits, activation=shape.activation,
+                                               **inputs[0].routing())
+                            err = max(err, _rel_err(lout, refs[kind]))
+                            del lout
                         del out
                     else:
                         err = None

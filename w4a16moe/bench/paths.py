@@ -134,7 +134,7 @@ def default_paths(device_type: str) -> list[str]:
 # -- the built-in paths -----------------------------------------------------------------------
 register_path(PathSpec("decode", "w4a16moe.kernels.decode:fused_moe_decode", needs_triton=True,
                        default=True, description="int4 split-K GEMV kernel (few tokens)"))
-register_path(PathSpec("prefill", "w4a16moe.kernels.prefill:fused_moe_prefill",
+register_path(PathSpec("prefill", "w4a16moe.bench.adapters:prefill_moe",
                        needs_triton=True, default=True,
                        description="int4 grouped GEMM kernel (many tokens)"))
 register_path(PathSpec("hybrid", "w4a16moe.bench.adapters:hybrid_moe", needs_triton=True,

@@ -34,7 +34,15 @@ import triton.language as tl
 from ..layout import PACK_FACTOR, PackedExperts, PackedWeights
 from ..profiling.annotate import PREFILL_KERNEL_NAME, annotate_gemm
 from ..reference import ACTIVATIONS, check_routing
-from ..routing import AlignedBlocks, align_block_size, max_num_tokens_padded
+from ..routing import (
+    AlignedBlocks,
+    align_block_size,
+    check_router_args,
+    fused_topk,
+    fused_topk_align,
+    fused_topk_align_supported,
+    max_num_tokens_padded,
+)
 from . import prefill_mma
 from .align import scratch_numel
 from .common import activation, fragment_order, grouped_tile
@@ -49,6 +57,9 @@ ACTIVATION_CODES = {None: 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
 #: int4 values per int32 word, as a constexpr the kernels can read
 _PACK = tl.constexpr(PACK_FACTOR)
 _SWAP_AB_DEFAULT = True
+#: :func:`fused_moe_prefill_from_logits` routes and aligns in one program where it can
+#: (:func:`~w4a16moe.routing.fused_topk_align`); benchmarks turn it off for A/Bs
+ROUTE_ALIGN = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -1336,6 +1347,7 @@ def fused_moe_prefill(
     configs: tuple[dict, dict] | None = None,
     atomic_topk_sum: bool = False,
     deterministic: bool = False,
+    blocks: AlignedBlocks | None = None,
 ) -> torch.Tensor:
     """MoE experts layer with the prefill kernel: ``out[m] = sum_k w[m,k] * W2[e] @
     act(W13[e] @ x[m])``, ``e = topk_ids[m, k]`` (through ``expert_map``; -1 contributes 0).
@@ -1371,10 +1383,17 @@ def fused_moe_prefill(
             path) unless ``configs`` are given (then only ``"DENSE"`` is dropped). The
             top-k sum is in a fixed order (:func:`topk_sum`) in every mode. Rejects
             ``atomic_topk_sum``.
+        blocks: ``topk_ids`` already aligned (:func:`align_block_size`, or the routing and
+            alignment of :func:`fused_moe_prefill_from_logits`) to ``configs[0]``'s
+            ``BLOCK_SIZE_M`` over the global experts through ``expert_map``; needs
+            ``configs``. The layer then skips its own alignment.
 
     Returns:
         ``[M, H]`` in the experts' dtype.
     """
+    if blocks is not None and configs is None:
+        raise ValueError("blocks is given without configs; expected both (the blocks' size "
+                         "is GEMM1's BLOCK_SIZE_M)")
     num_global = check_routing(hidden_states, experts, topk_weights, topk_ids, expert_map)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation is {activation!r}; expected one of {ACTIVATIONS}")
@@ -1435,7 +1454,9 @@ def fused_moe_prefill(
             x1 = fragment_order_columns(hidden_states, out=buf[:m])
         bm = cfg1["BLOCK_SIZE_M"]
         ws_align = workspace.align_views(slots, bm, num_global) if workspace is not None else None
-        if ws_align is not None:
+        if blocks is not None:
+            _check_given_blocks(blocks, slots, bm, num_global)
+        elif ws_align is not None:
             blocks = align_block_size(topk_ids, bm, num_global, expert_map, out=ws_align[0],
                                       scratch=ws_align[1])
         else:
@@ -1503,6 +1524,83 @@ def fused_moe_prefill(
         return out
 
 
+def _check_given_blocks(blocks: AlignedBlocks, slots: int, block_size: int,
+                        num_experts: int) -> None:
+    """Raise ValueError unless ``blocks`` has the shapes of :func:`align_block_size` for
+    ``slots`` slots over ``num_experts`` experts in blocks of ``block_size``."""
+    padded = max_num_tokens_padded(slots, block_size, num_experts)
+    shapes = tuple(tuple(getattr(t, "shape", ())) for t in blocks)
+    if shapes != ((padded,), (padded // block_size,), (1,)):
+        want = ((padded,), (padded // block_size,), (1,))
+        raise ValueError(f"blocks has shapes {shapes}; expected {want} (align_block_size of "
+                         f"{slots} slots over {num_experts} experts, BLOCK_SIZE_M="
+                         f"{block_size})")
+
+
+def fused_moe_prefill_from_logits(
+    hidden_states: torch.Tensor,
+    experts: PackedExperts,
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    renormalize: bool = True,
+    scoring: str = "softmax",
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+    activation: str = "silu",
+    apply_router_weight_on_input: bool = False,
+    expert_map: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    workspace: PrefillWorkspace | None = None,
+    configs: tuple[dict, dict] | None = None,
+    atomic_topk_sum: bool = False,
+    deterministic: bool = False,
+) -> torch.Tensor:
+    """Route ``router_logits [M, E]`` (the arguments of :func:`~w4a16moe.routing.fused_topk`)
+    and run :func:`fused_moe_prefill` (its other arguments) on the routing.
+
+    Where one program can route and align (:func:`~w4a16moe.routing.fused_topk_align`: up to
+    :data:`~w4a16moe.kernels.route_align.MAX_TOKENS` tokens, no grouped top-k, not the dense
+    path, :data:`ROUTE_ALIGN` on) it does, into the workspace's alignment buffers, and the layer
+    skips its own alignment: one kernel fewer at the head of the chain, the same outputs bit
+    for bit. Elsewhere :func:`~w4a16moe.routing.fused_topk` routes and the layer aligns.
+    """
+    m = hidden_states.shape[0] if hidden_states.dim() == 2 else -1
+    check_router_args(router_logits, top_k, scoring, num_expert_group, topk_group,
+                      correction_bias)
+    if router_logits.shape[0] != m:
+        raise ValueError(f"router_logits has shape {tuple(router_logits.shape)}; expected "
+                         f"[{m}, E] (a row per token of hidden_states)")
+    num_global = router_logits.shape[1]
+    grouped = num_expert_group is not None and num_expert_group > 1
+    common = dict(activation=activation, apply_router_weight_on_input=apply_router_weight_on_input,
+                  expert_map=expert_map, out=out, workspace=workspace,
+                  atomic_topk_sum=atomic_topk_sum, deterministic=deterministic)
+    if (ROUTE_ALIGN and not grouped and m >= 1 and hidden_states.dtype == experts.dtype
+            and fused_topk_align_supported(m, num_global, router_logits.device)):
+        cfgs = (layer_configs(experts, top_k, m, hidden_states.device, deterministic)
+                if configs is None else tuple(dict(c) for c in configs))
+        dense = (cfgs[0].get("DENSE", False) and not deterministic
+                 and dense_path_supported(experts, expert_map, hidden_states.device))
+        bm = cfgs[0]["BLOCK_SIZE_M"]
+        ws_align = (workspace.align_views(m * top_k, bm, num_global)
+                    if workspace is not None else None)
+        if not dense:
+            weights, ids, blocks = fused_topk_align(
+                router_logits, top_k, bm, expert_map, renormalize=renormalize, scoring=scoring,
+                correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor,
+                out=ws_align[0] if ws_align is not None else None)
+            return fused_moe_prefill(hidden_states, experts, weights, ids, configs=cfgs,
+                                     blocks=blocks, **common)
+    weights, ids = fused_topk(router_logits, top_k, renormalize=renormalize, scoring=scoring,
+                              num_expert_group=num_expert_group, topk_group=topk_group,
+                              correction_bias=correction_bias,
+                              routed_scaling_factor=routed_scaling_factor)
+    return fused_moe_prefill(hidden_states, experts, weights, ids, configs=configs, **common)
+
+
 def _block_ready_counts(x1: torch.Tensor, inter: torch.Tensor, experts: PackedExperts,
                         blocks: AlignedBlocks, cfg1: dict, cfg2: dict, activation: str,
                         workspace: PrefillWorkspace | None, *, tiles1: int, num_tokens: int,
@@ -1536,7 +1634,7 @@ def _block_ready_counts(x1: torch.Tensor, inter: torch.Tensor, experts: PackedEx
     return torch.zeros(n, dtype=torch.int32, device=x1.device)
 
 
-__all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "dense_path_supported",
+__all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "ROUTE_ALIGN", "dense_path_supported",
            "dequantize_dense", "deterministic_prefill_configs", "fragment_order_columns",
-           "fused_moe_prefill", "gather_sorted_rows", "layer_configs", "prefill_gemm",
-           "topk_sum"]
+           "fused_moe_prefill", "fused_moe_prefill_from_logits", "gather_sorted_rows",
+           "layer_configs", "prefill_gemm", "topk_sum"]

@@ -50,24 +50,16 @@ def _flip_negative(bits):
 
 
 @triton.jit
-def _topk_router_kernel(
-    logits_ptr, stride_lm, bias_ptr, weights_ptr, ids_ptr,
-    M, E, scaling,
-    TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
-    SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
-    PDL: tl.constexpr = False, BITONIC: tl.constexpr = True,
-):
-    """Rows ``pid*ROWS .. pid*ROWS+ROWS-1`` of ``logits [M, E]`` -> ``weights [M, TOP_K]``
-    (computed in float32, stored in the buffer's dtype) and ``ids [M, TOP_K]`` (int32 or
-    int64), both contiguous. ``SCORING`` 0 = softmax over E,
-    1 = sigmoid; ``bias_ptr`` ``[E]`` float32 is added to the scores for choosing only.
-    ``PDL``: let the next kernel (the experts' first GEMM, which waits for this one to
-    complete before it reads anything) launch right away (:mod:`.pdl`). ``BITONIC``: select
-    with ``tl.topk`` (else ``TOP_K`` rounds of arg-max, the same keys in the same order)."""
-    if PDL:
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
+def _route_rows(logits_ptr, stride_lm, bias_ptr, rows, M, E, scaling,
+                TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, BLOCK_E: tl.constexpr,
+                SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+                BITONIC: tl.constexpr):
+    """The routing of ``rows`` (``[R]`` token indices; those at or past ``M`` are padding)
+    of ``logits [M, E]``: ``(top_i [R, TOP_K_P2] int32, top_w [R, TOP_K_P2] float32, key
+    [R, BLOCK_E] int64, kth [R] int64)``: the chosen experts in descending order and their
+    final weights (columns past ``TOP_K``: weight 0), every column's selection key, and the
+    ``TOP_K``-th largest key of each row (a column is chosen iff its key is at least that:
+    the keys are distinct). See :func:`_topk_router_kernel` for the scoring and the keys."""
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < M
     col_ok = cols < E
@@ -98,18 +90,20 @@ def _topk_router_kernel(
     past_e = -9223372036854775807 - 1  # int64 minimum: past E, or (arg-max) already picked
     key = tl.where(col_ok[None, :], key, past_e)
     if BITONIC:
-        best = tl.topk(key, TOP_K_P2, dim=1)  # [ROWS, TOP_K_P2], a bitonic top-k network
+        best = tl.topk(key, TOP_K_P2, dim=1)  # [R, TOP_K_P2], a bitonic top-k network
     else:  # triton < 3.4 has no tl.topk: TOP_K rounds of arg-max
-        best = tl.full([ROWS, TOP_K_P2], past_e, tl.int64)
+        best = tl.full([rows.shape[0], TOP_K_P2], past_e, tl.int64)
+        left = key
         for j in tl.static_range(TOP_K):
-            step = tl.max(key, axis=1)
+            step = tl.max(left, axis=1)
             best = tl.where(kcols[None, :] == j, step[:, None], best)
-            key = tl.where(key == step[:, None], past_e, key)
+            left = tl.where(left == step[:, None], past_e, left)
+    kth = tl.min(tl.where((kcols < TOP_K)[None, :], best, 9223372036854775807), axis=1)
     top_i = (BLOCK_E - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
-    out_mask = row_ok[:, None] & (kcols < TOP_K)[None, :]
     if HAS_BIAS:  # the weight is the unbiased score: the chosen logits scored again
         x_top = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_lm + top_i,
-                        mask=out_mask, other=0.0).to(tl.float32)
+                        mask=row_ok[:, None] & (kcols < TOP_K)[None, :],
+                        other=0.0).to(tl.float32)
         if SCORING == 0:
             top_w = tl.exp(x_top - peak[:, None]) / tl.sum(p, axis=1)[:, None]
         else:
@@ -123,6 +117,33 @@ def _topk_router_kernel(
         total = tl.sum(top_w, axis=1)
         top_w = top_w / tl.maximum(total, 1e-20)[:, None]
     top_w = top_w * scaling
+    return top_i, top_w, key, kth
+
+
+@triton.jit
+def _topk_router_kernel(
+    logits_ptr, stride_lm, bias_ptr, weights_ptr, ids_ptr,
+    M, E, scaling,
+    TOP_K: tl.constexpr, TOP_K_P2: tl.constexpr, BLOCK_E: tl.constexpr, ROWS: tl.constexpr,
+    SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, RENORMALIZE: tl.constexpr,
+    PDL: tl.constexpr = False, BITONIC: tl.constexpr = True,
+):
+    """Rows ``pid*ROWS .. pid*ROWS+ROWS-1`` of ``logits [M, E]`` -> ``weights [M, TOP_K]``
+    (computed in float32, stored in the buffer's dtype) and ``ids [M, TOP_K]`` (int32 or
+    int64), both contiguous. ``SCORING`` 0 = softmax over E,
+    1 = sigmoid; ``bias_ptr`` ``[E]`` float32 is added to the scores for choosing only.
+    ``PDL``: let the next kernel (the experts' first GEMM, which waits for this one to
+    complete before it reads anything) launch right away (:mod:`.pdl`). ``BITONIC``: select
+    with ``tl.topk`` (else ``TOP_K`` rounds of arg-max, the same keys in the same order)."""
+    if PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    top_i, top_w, _, _ = _route_rows(logits_ptr, stride_lm, bias_ptr, rows, M, E, scaling,
+                                     TOP_K, TOP_K_P2, BLOCK_E, SCORING, HAS_BIAS, RENORMALIZE,
+                                     BITONIC)
+    kcols = tl.arange(0, TOP_K_P2)
+    out_mask = (rows < M)[:, None] & (kcols < TOP_K)[None, :]
     offs = rows[:, None].to(tl.int64) * TOP_K + kcols[None, :]
     tl.store(weights_ptr + offs, top_w.to(weights_ptr.dtype.element_ty), mask=out_mask)
     tl.store(ids_ptr + offs, top_i.to(ids_ptr.dtype.element_ty), mask=out_mask)

@@ -256,23 +256,22 @@ def fused_topk_align(
     columns): ``(topk_weights, topk_ids, blocks)``, equal to the two calls' outputs bit for
     bit (Triton router).
 
-    On a GPU (or under ``TRITON_INTERPRET=1``) one program does both for up to
-    :data:`w4a16moe.kernels.route_align.MAX_TOKENS` tokens
-    (:func:`w4a16moe.kernels.route_align.supported`): the prefill layer's first two kernels in
-    one launch, with no read-back of the ids. Elsewhere, and for grouped top-k (not taken
-    here: route with :func:`fused_topk`), it raises; :func:`fused_topk_align_supported` says
-    which. ``out`` as for :func:`align_block_size`.
+    On a GPU (or under ``TRITON_INTERPRET=1``) one program does both for as many tokens as
+    :func:`w4a16moe.kernels.route_align.supported` takes (qwen3-30b up to 4, Mixtral up to
+    16): the prefill layer's first two kernels in one launch, with no read-back of the ids.
+    Elsewhere it raises (and grouped top-k is not taken here: route with :func:`fused_topk`);
+    :func:`fused_topk_align_supported` says which. ``out`` as for :func:`align_block_size`.
     """
     check_router_args(router_logits, top_k, scoring, None, None, correction_bias)
     m, e = router_logits.shape
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size is {block_size!r}; expected a positive int")
     if not fused_topk_align_supported(m, e, router_logits.device):
-        from .kernels.route_align import MAX_KEYS, MAX_TOKENS
+        from .kernels.route_align import MAX_WARPS
 
         raise ValueError(f"router_logits has shape {(m, e)} on {router_logits.device}; "
-                         f"fused_topk_align takes 1 to {MAX_TOKENS} tokens and at most "
-                         f"{MAX_KEYS} keys (next_pow2(M) x next_pow2(E)) on a CUDA device (or "
+                         "fused_topk_align takes as many tokens as the router's tiles fill "
+                         f"{MAX_WARPS} warps with (route_align.supported) on a CUDA device (or "
                          "the CPU under TRITON_INTERPRET=1)")
     if expert_map is not None:
         if not isinstance(expert_map, torch.Tensor) or expert_map.shape != (e,):

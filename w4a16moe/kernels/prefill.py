@@ -1561,11 +1561,12 @@ def fused_moe_prefill_from_logits(
     """Route ``router_logits [M, E]`` (the arguments of :func:`~w4a16moe.routing.fused_topk`)
     and run :func:`fused_moe_prefill` (its other arguments) on the routing.
 
-    Where one program can route and align (:func:`~w4a16moe.routing.fused_topk_align`: up to
-    :data:`~w4a16moe.kernels.route_align.MAX_TOKENS` tokens, no grouped top-k, not the dense
-    path, :data:`ROUTE_ALIGN` on) it does, into the workspace's alignment buffers, and the layer
-    skips its own alignment: one kernel fewer at the head of the chain, the same outputs bit
-    for bit. Elsewhere :func:`~w4a16moe.routing.fused_topk` routes and the layer aligns.
+    Where one program can route and align (:func:`~w4a16moe.routing.fused_topk_align`: as
+    many tokens as :func:`~w4a16moe.kernels.route_align.supported` takes, no grouped top-k,
+    not the dense path, not the deterministic mode, :data:`ROUTE_ALIGN` on) it does, into the
+    workspace's alignment buffers, and the layer skips its own alignment: one kernel fewer at
+    the head of the chain, the same outputs bit for bit. Elsewhere
+    :func:`~w4a16moe.routing.fused_topk` routes and the layer aligns.
     """
     m = hidden_states.shape[0] if hidden_states.dim() == 2 else -1
     check_router_args(router_logits, top_k, scoring, num_expert_group, topk_group,
@@ -1578,11 +1579,12 @@ def fused_moe_prefill_from_logits(
     common = dict(activation=activation, apply_router_weight_on_input=apply_router_weight_on_input,
                   expert_map=expert_map, out=out, workspace=workspace,
                   atomic_topk_sum=atomic_topk_sum, deterministic=deterministic)
-    if (ROUTE_ALIGN and not grouped and m >= 1 and hidden_states.dtype == experts.dtype
+    if (ROUTE_ALIGN and not grouped and not deterministic and m >= 1
+            and hidden_states.dtype == experts.dtype
             and fused_topk_align_supported(m, num_global, router_logits.device)):
         cfgs = (layer_configs(experts, top_k, m, hidden_states.device, deterministic)
                 if configs is None else tuple(dict(c) for c in configs))
-        dense = (cfgs[0].get("DENSE", False) and not deterministic
+        dense = (cfgs[0].get("DENSE", False)
                  and dense_path_supported(experts, expert_map, hidden_states.device))
         bm = cfgs[0]["BLOCK_SIZE_M"]
         ws_align = (workspace.align_views(m * top_k, bm, num_global)

@@ -21,9 +21,9 @@ program routes every token and aligns the slots from registers:
   order, and the outputs are :func:`w4a16moe.routing.align_block_size`'s exactly.
 
 No global atomics and no read-back: the program's only global traffic is the logits (and the
-bias) in and the outputs out. It holds ``ROWS x next_pow2(E)`` keys, so it is used up to
-:data:`MAX_TOKENS` tokens and :data:`MAX_KEYS` keys (:func:`supported`); beyond, the router and
-the alignment run as before.
+bias) in and the outputs out. But one SM routes every token, so the program is used only up to
+:data:`MAX_WARPS` warps of the router's tiles (:func:`supported`: qwen3-30b up to 4 tokens,
+Mixtral up to 16); beyond, the router and the alignment run as before.
 """
 
 from __future__ import annotations
@@ -34,12 +34,17 @@ import triton.language as tl
 
 from .align import _fill
 from .pdl import gdc_launch_dependents, pdl_enabled
-from .router import HAVE_TOPK, SCORING_CODES, _route_rows
+from .router import (
+    HAVE_TOPK,
+    SCORING_CODES,
+    _route_rows,
+    rows_per_program,
+    warps_per_program,
+)
+from .router import MAX_EXPERTS as ROUTER_MAX_EXPERTS
 
-#: most tokens one program routes and aligns (see :func:`supported`)
-MAX_TOKENS = 64
-#: most selection keys (``next_pow2(M) * next_pow2(E)``, int64) the program holds
-MAX_KEYS = 8192
+#: most warps the program takes (see :func:`supported`)
+MAX_WARPS = 4
 
 
 @triton.jit
@@ -99,17 +104,29 @@ def _route_align_kernel(
     tl.store(expert_ids_ptr + dest // block_size, expert, mask=starts_block)
 
 
+def tile(num_tokens: int, num_experts: int) -> tuple[int, int]:
+    """``(rows, warps)`` of the program for ``num_tokens`` tokens: the router's programs
+    (:func:`.router.rows_per_program` rows on :func:`.router.warps_per_program` warps) side
+    by side, as many as the tokens (rounded up to a power of two) take. Each row then sits in
+    its warps as in the router, so its reductions add in the router's order and the weights
+    are the router's bit for bit (a token's bits do not depend on the batch)."""
+    per_rows, per_warps = rows_per_program(num_experts), warps_per_program(num_experts)
+    rows = max(triton.next_power_of_2(max(num_tokens, 1)), per_rows)
+    return rows, rows // per_rows * per_warps
+
+
 def supported(num_tokens: int, num_experts: int) -> bool:
     """Whether :func:`route_and_align` takes ``num_tokens`` tokens over ``num_experts``
-    experts in one program: at most :data:`MAX_TOKENS` tokens and :data:`MAX_KEYS` keys."""
-    keys = triton.next_power_of_2(max(num_tokens, 1)) * triton.next_power_of_2(num_experts)
-    return 1 <= num_tokens <= MAX_TOKENS and keys <= MAX_KEYS
-
-
-def warps_for(num_tokens: int) -> int:
-    """Warps of the program: one a token up to 16 (each row's reductions within a warp
-    where Triton's layout allows), 16 beyond."""
-    return min(16, triton.next_power_of_2(max(num_tokens, 1)))
+    experts: at least one token, at most :data:`~.router.MAX_EXPERTS` experts, and
+    :func:`tile` at most :data:`MAX_WARPS` warps. Every warp routes its rows on the SM's
+    four schedulers, one after another, so the program is issue-bound beyond one warp a
+    scheduler. H200, per call in a chain of 64 (``benchmarks/chain_small_kernels.py``,
+    session 38), against the router then the one-program alignment: qwen3-30b (E=128)
+    M=1 / 2 / 4 2.95 / 2.84 / 3.12 us against 3.5-3.7, M=8 on 8 warps 4.73 against 3.82; E=64
+    M=4 2.59 against 3.41, M=8 on 8 warps 3.22 against 3.47, M=16 4.13-5.06 against 3.43;
+    Mixtral (E=8, four rows a warp) M=16 on 4 warps 1.97 against 2.67."""
+    return (1 <= num_tokens and 1 <= num_experts <= ROUTER_MAX_EXPERTS
+            and tile(num_tokens, num_experts)[1] <= MAX_WARPS)
 
 
 def route_and_align(
@@ -125,6 +142,7 @@ def route_and_align(
     scoring: str = "softmax",
     correction_bias: torch.Tensor | None = None,
     routed_scaling_factor: float = 1.0,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Route ``router_logits [M, E]`` and align the slots in one launch; returns
     ``(topk_weights float32 [M, top_k], topk_ids int32 [M, top_k])`` and fills the three
@@ -132,12 +150,13 @@ def route_and_align(
     :func:`w4a16moe.routing.align_block_size` for ``M * top_k`` slots over ``E`` experts).
     Arguments are validated by the caller (:func:`w4a16moe.routing.fused_topk_align`),
     except what the kernel needs. Like the router, the program releases its PDL dependent
-    (the prefill chain's next kernel) as it starts."""
+    (the prefill chain's next kernel) as it starts. ``num_warps`` overrides :func:`tile`'s
+    (benchmarks; the weights' last bits may then differ from the router's)."""
     m, e = router_logits.shape
     if not supported(m, e):
-        raise ValueError(f"router_logits has shape {(m, e)}; one program routes and aligns at "
-                         f"most {MAX_TOKENS} tokens and {MAX_KEYS} keys (next_pow2(M) x "
-                         "next_pow2(E))")
+        raise ValueError(f"router_logits has shape {(m, e)}; one program routes and aligns as "
+                         f"many tokens as {MAX_WARPS} warps of the router take (supported())")
+    rows, warps = tile(m, e)
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     dev = logits.device
     weights = torch.empty(m, top_k, dtype=torch.float32, device=dev)
@@ -152,13 +171,13 @@ def route_and_align(
         m, e, float(routed_scaling_factor), block_size, sorted_token_ids.numel(),
         expert_ids.numel(),
         TOP_K=top_k, TOP_K_P2=triton.next_power_of_2(top_k),
-        BLOCK_E=triton.next_power_of_2(e), ROWS=triton.next_power_of_2(m),
+        BLOCK_E=triton.next_power_of_2(e), ROWS=rows,
         SCORING=SCORING_CODES[scoring], HAS_BIAS=bias is not None,
         RENORMALIZE=bool(renormalize), HAS_MAP=expert_map is not None, FILL_BLOCK=1024,
         PDL=pdl_enabled(dev), BITONIC=HAVE_TOPK,
-        num_warps=warps_for(m),
+        num_warps=num_warps or warps,
     )
     return weights, ids
 
 
-__all__ = ["MAX_KEYS", "MAX_TOKENS", "route_and_align", "supported", "warps_for"]
+__all__ = ["MAX_WARPS", "route_and_align", "supported", "tile"]

@@ -30,11 +30,19 @@ def _separately(logits, top_k, block, expert_map=None, **routing):
     return w, ids, align_block_size(ids, block, logits.shape[1], expert_map, backend="torch")
 
 
-def _assert_same(got, want):
+#: expert counts of the built-in models: there the program's rows sit in their warps as in
+#: the router's programs, so the softmax sums add in the same order (on the GPU; with other
+#: counts Triton may lay a row out differently, and a weight's last bit can differ)
+EXACT_WEIGHTS_EXPERTS = (8, 16, 64, 128)
+
+
+def _assert_same(got, want, num_experts):
     (w1, i1, b1), (w2, i2, b2) = got, want
     assert torch.equal(i1, i2)
-    # the router's arithmetic, bit for bit (NaN rows too)
-    assert torch.equal(w1.view(torch.int32), w2.view(torch.int32))
+    if num_experts in EXACT_WEIGHTS_EXPERTS:  # the router's arithmetic, bit for bit (NaN too)
+        assert torch.equal(w1.view(torch.int32), w2.view(torch.int32))
+    else:
+        torch.testing.assert_close(w1, w2, rtol=1e-6, atol=0, equal_nan=True)
     for name, a, b in zip(("sorted_token_ids", "expert_ids", "num_tokens_post_padded"), b1, b2,
                           strict=True):
         assert torch.equal(a, b), name
@@ -50,7 +58,7 @@ def test_equals_the_router_then_the_alignment(m, e, top_k, block, scoring, renor
     routing = dict(scoring=scoring, renormalize=renormalize, routed_scaling_factor=2.5,
                    correction_bias=torch.randn(e, device=DEVICE) * 0.1 if bias else None)
     _assert_same(fused_topk_align(logits, top_k, block, **routing),
-                 _separately(logits, top_k, block, **routing))
+                 _separately(logits, top_k, block, **routing), e)
 
 
 def test_expert_map_half_logits_strides_and_nan_rows():
@@ -62,7 +70,7 @@ def test_expert_map_half_logits_strides_and_nan_rows():
     logits = wide[:, ::2]  # a non-unit column stride
     logits[4] = float("nan")
     _assert_same(fused_topk_align(logits, top_k, block, emap),
-                 _separately(logits, top_k, block, emap))
+                 _separately(logits, top_k, block, emap), e)
 
 
 def test_fills_given_outputs():
@@ -71,7 +79,7 @@ def test_fills_given_outputs():
     out = tuple(torch.full_like(t, 12345) for t in want[2])
     got = fused_topk_align(logits, 2, 4, out=out)
     assert all(a is b for a, b in zip(got[2], out, strict=True))
-    _assert_same(got, want)
+    _assert_same(got, want, 8)
 
 
 def test_limits_and_errors():

@@ -414,7 +414,8 @@ class HybridW4A16MoEExperts(nn.Module):
         """Route with :func:`~w4a16moe.routing.fused_topk` on ``router_logits [M, E]``, then
         :meth:`forward`. On the prefill path without grouped top-k the routing and the
         alignment run as one kernel where they can
-        (:func:`~w4a16moe.kernels.prefill.fused_moe_prefill_from_logits`): the same output."""
+        (:func:`~w4a16moe.kernels.prefill.fused_moe_prefill_from_logits`; not in the
+        deterministic mode): the same output."""
         if path is not None and path not in ("decode", "prefill"):
             raise ValueError(f"path is {path!r}; expected 'decode' or 'prefill'")
         grouped = num_expert_group is not None and num_expert_group > 1

@@ -253,8 +253,9 @@ def fused_topk_align(
     out: AlignedBlocks | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, AlignedBlocks]:
     """:func:`fused_topk` then :func:`align_block_size` (``num_experts`` = E, the logits'
-    columns): ``(topk_weights, topk_ids, blocks)``, equal to the two calls' outputs bit for
-    bit (Triton router).
+    columns): ``(topk_weights, topk_ids, blocks)``: the two calls' outputs (Triton router),
+    the weights bit for bit for the built-in models' expert counts and within their last bit
+    otherwise (:mod:`w4a16moe.kernels.route_align`).
 
     On a GPU (or under ``TRITON_INTERPRET=1``) one program does both for as many tokens as
     :func:`w4a16moe.kernels.route_align.supported` takes (qwen3-30b up to 4, Mixtral up to

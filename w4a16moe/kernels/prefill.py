@@ -1565,7 +1565,8 @@ def fused_moe_prefill_from_logits(
     many tokens as :func:`~w4a16moe.kernels.route_align.supported` takes, no grouped top-k,
     not the dense path, not the deterministic mode, :data:`ROUTE_ALIGN` on) it does, into the
     workspace's alignment buffers, and the layer skips its own alignment: one kernel fewer at
-    the head of the chain, the same outputs bit for bit. Elsewhere
+    the head of the chain, the same outputs (bit for bit where the routing weights are:
+    :func:`~w4a16moe.routing.fused_topk_align`). Elsewhere
     :func:`~w4a16moe.routing.fused_topk` routes and the layer aligns.
     """
     m = hidden_states.shape[0] if hidden_states.dim() == 2 else -1

@@ -3,14 +3,17 @@
 The prefill layer starts with two small kernels: the router (:mod:`.router`, one program a
 token) and the one-program alignment (:mod:`.align`), which reads the router's ids back,
 counts them with global atomics behind a CTA barrier and scatters the slots. Each is a chain
-of round trips through the L2 (H200, 64 PDL dependents in one graph: router 2.0 us,
-alignment 1.7-2.2 us a call at qwen3-30b M=1-32), and a second alignment made the whole
+of round trips through the L2 (H200, a chain of 64 PDL dependents in one graph: router 1.8-2.0
+us, alignment 1.7-2.2 us a call at qwen3-30b M=1-32), and a second alignment made the whole
 layer 1.8 us longer at M=8-16 (``benchmarks/chain_small_kernels.py``, session 38). Here one
-program routes every token and aligns the slots from registers:
+program routes the tokens and aligns the slots from registers:
 
-* routing: :func:`.router._route_rows` on all ``ROWS`` (``M`` rounded up to a power of two)
-  tokens at once, the same keys, selection and weights as the router kernel, so
-  ``topk_weights`` and ``topk_ids`` are bit for bit :func:`.router.topk_router`'s;
+* routing: :func:`.router._route_rows` on all tokens at once (:func:`tile`: the router's
+  programs side by side), the same keys, selection and weights as the router kernel, so
+  ``topk_ids`` are :func:`.router.topk_router`'s, and so are the ``topk_weights`` bit for
+  bit where each row sits in its warps as in the router (checked on the GPU for the built-in
+  models' 8, 64 and 128 experts; with other counts, e.g. 60, Triton laid a row out otherwise
+  and a weight's last bit differed);
 * alignment: a token's experts are the columns whose key is at least its ``top_k``-th key
   (the keys are distinct), a ``[ROWS, E]`` 0/1 matrix. Its column sums are the experts'
   counts, whose padded lengths' cumulative sum gives each run's start; its exclusive
@@ -107,9 +110,9 @@ def _route_align_kernel(
 def tile(num_tokens: int, num_experts: int) -> tuple[int, int]:
     """``(rows, warps)`` of the program for ``num_tokens`` tokens: the router's programs
     (:func:`.router.rows_per_program` rows on :func:`.router.warps_per_program` warps) side
-    by side, as many as the tokens (rounded up to a power of two) take. Each row then sits in
-    its warps as in the router, so its reductions add in the router's order and the weights
-    are the router's bit for bit (a token's bits do not depend on the batch)."""
+    by side, as many as the tokens (rounded up to a power of two) take, so a row sits in its
+    warps as in the router wherever Triton lays the wider tile out the same way (see the
+    module's docstring)."""
     per_rows, per_warps = rows_per_program(num_experts), warps_per_program(num_experts)
     rows = max(triton.next_power_of_2(max(num_tokens, 1)), per_rows)
     return rows, rows // per_rows * per_warps
@@ -118,13 +121,18 @@ def tile(num_tokens: int, num_experts: int) -> tuple[int, int]:
 def supported(num_tokens: int, num_experts: int) -> bool:
     """Whether :func:`route_and_align` takes ``num_tokens`` tokens over ``num_experts``
     experts: at least one token, at most :data:`~.router.MAX_EXPERTS` experts, and
-    :func:`tile` at most :data:`MAX_WARPS` warps. Every warp routes its rows on the SM's
-    four schedulers, one after another, so the program is issue-bound beyond one warp a
-    scheduler. H200, per call in a chain of 64 (``benchmarks/chain_small_kernels.py``,
-    session 38), against the router then the one-program alignment: qwen3-30b (E=128)
-    M=1 / 2 / 4 2.95 / 2.84 / 3.12 us against 3.5-3.7, M=8 on 8 warps 4.73 against 3.82; E=64
-    M=4 2.59 against 3.41, M=8 on 8 warps 3.22 against 3.47, M=16 4.13-5.06 against 3.43;
-    Mixtral (E=8, four rows a warp) M=16 on 4 warps 1.97 against 2.67."""
+    :func:`tile` at most :data:`MAX_WARPS` warps. All tokens are routed on one SM's four
+    schedulers, so beyond a warp a scheduler the program is issue-bound: the first version
+    (one row a warp, up to 16 warps) made qwen3-30b's layer 0.9 / 3.7 / 8.3 / 19.4 us longer
+    at M=8 / 16 / 32 / 64 (``results/h200_route_align_first_ab_session38_*``). H200, session
+    38, per call in a chain of 64 (``benchmarks/chain_small_kernels.py``) against the router
+    then the one-program alignment: qwen3-30b (E=128) M=1 / 2 / 4 2.93 / 2.86 / 3.11 us
+    against 3.51 / 3.76 / 3.81; deepseek-v2-lite (E=64) 2.88 / 2.52 / 2.60 against 3.24 /
+    3.32 / 3.40; Mixtral (E=8, four rows a warp) M=1-16 1.84-1.98 against 2.68-2.80. The
+    layer (router included, ``results/h200_route_align_ab_session38_*``): qwen3-30b M=1 / 2 /
+    3 / 4 -0.4 / -0.7 / -0.7 / -0.6 us, deepseek-v2-lite M=1 / 2 / 4 -0.5 / -1.0 / -0.7,
+    olmoe M=2 / 4 -0.7 / -0.7, Mixtral M=1 / 2 -1.2 / -1.3 (M=4-16 under the power cap:
+    even)."""
     return (1 <= num_tokens and 1 <= num_experts <= ROUTER_MAX_EXPERTS
             and tile(num_tokens, num_experts)[1] <= MAX_WARPS)
 

@@ -148,6 +148,8 @@ def test_layer_from_logits_errors():
         fused_moe_prefill_from_logits(x, experts, logits[:2], 2)
     with pytest.raises(ValueError, match="top_k is 7"):
         fused_moe_prefill_from_logits(x, experts, logits, 7)
+    with pytest.raises(ValueError, match=r"hidden_states has shape \(192,\); expected \[M, H\]"):
+        fused_moe_prefill_from_logits(x.reshape(-1), experts, logits, 2)
     w, ids = fused_topk(logits, 2)
     blocks = align_block_size(ids, 16, 6)
     with pytest.raises(ValueError, match="blocks is given without configs"):

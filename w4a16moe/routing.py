@@ -22,7 +22,7 @@ def check_router_args(router_logits: torch.Tensor, top_k: int, scoring: str,
     if not isinstance(router_logits, torch.Tensor) or router_logits.dim() != 2:
         raise ValueError(f"router_logits has shape {tuple(getattr(router_logits, 'shape', ()))}; "
                          "expected [M, E]")
-    m, e = router_logits.shape
+    e = router_logits.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= e:
         raise ValueError(f"top_k is {top_k!r}; expected an int with 1 <= top_k <= E={e}")
     if scoring not in SCORINGS:
@@ -201,16 +201,7 @@ def align_block_size(
         raise ValueError(f"block_size is {block_size!r}; expected a positive int")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts <= 0:
         raise ValueError(f"num_experts is {num_experts!r}; expected a positive int")
-    if expert_map is not None:
-        if not isinstance(expert_map, torch.Tensor) or expert_map.shape != (num_experts,):
-            raise ValueError(f"expert_map has shape {tuple(getattr(expert_map, 'shape', ()))}; "
-                             f"expected ({num_experts},)")
-        if expert_map.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"expert_map has dtype {expert_map.dtype}; expected torch.int32 "
-                             "or int64")
-        if expert_map.device != topk_ids.device:
-            raise ValueError(f"expert_map is on {expert_map.device}; expected "
-                             f"{topk_ids.device} (the device of topk_ids)")
+    _check_expert_map(expert_map, num_experts, topk_ids.device, "topk_ids")
     if backend not in ALIGN_BACKENDS:
         raise ValueError(f"backend is {backend!r}; expected one of {ALIGN_BACKENDS}")
     device = topk_ids.device
@@ -274,16 +265,7 @@ def fused_topk_align(
                          "fused_topk_align takes as many tokens as the router's tiles fill "
                          f"{MAX_WARPS} warps with (route_align.supported) on a CUDA device (or "
                          "the CPU under TRITON_INTERPRET=1)")
-    if expert_map is not None:
-        if not isinstance(expert_map, torch.Tensor) or expert_map.shape != (e,):
-            raise ValueError(f"expert_map has shape {tuple(getattr(expert_map, 'shape', ()))}; "
-                             f"expected ({e},)")
-        if expert_map.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"expert_map has dtype {expert_map.dtype}; expected torch.int32 "
-                             "or int64")
-        if expert_map.device != router_logits.device:
-            raise ValueError(f"expert_map is on {expert_map.device}; expected "
-                             f"{router_logits.device} (the device of router_logits)")
+    _check_expert_map(expert_map, e, router_logits.device, "router_logits")
     device = router_logits.device
     max_padded = max_num_tokens_padded(m * top_k, block_size, e)
     if out is None:
@@ -316,6 +298,23 @@ def fused_topk_align_supported(num_tokens: int, num_experts: int,
     from .kernels.route_align import supported
 
     return supported(num_tokens, num_experts)
+
+
+def _check_expert_map(expert_map: torch.Tensor | None, num_experts: int,
+                      device: torch.device, on: str) -> None:
+    """Raise ValueError unless ``expert_map`` is None or an int32/int64 ``[num_experts]``
+    tensor on ``device`` (that of the tensor named ``on``)."""
+    if expert_map is None:
+        return
+    if not isinstance(expert_map, torch.Tensor) or expert_map.shape != (num_experts,):
+        raise ValueError(f"expert_map has shape {tuple(getattr(expert_map, 'shape', ()))}; "
+                         f"expected ({num_experts},)")
+    if expert_map.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"expert_map has dtype {expert_map.dtype}; expected torch.int32 "
+                         "or int64")
+    if expert_map.device != device:
+        raise ValueError(f"expert_map is on {expert_map.device}; expected {device} (the "
+                         f"device of {on})")
 
 
 def _check_out_blocks(out: AlignedBlocks, max_padded: int, max_blocks: int,

@@ -1,5 +1,7 @@
 """Adapters giving library entry points the benchmark path signature
-``fn(hidden_states, experts, topk_weights, topk_ids, *, activation) -> [M, H]``.
+``fn(hidden_states, experts, topk_weights, topk_ids, *, activation) -> [M, H]``, and for the
+layer timing a ``from_logits`` attribute that routes the logits itself
+(``fn.from_logits(hidden_states, experts, router_logits, *, activation, top_k, **routing)``).
 
 Importing this module imports :mod:`w4a16moe.experts`; when that fails, the paths that use it
 are reported unavailable.
@@ -18,17 +20,22 @@ from ..layout import PackedExperts
 _HYBRID: dict[tuple[int, int, str], tuple[PackedExperts, HybridW4A16MoEExperts]] = {}
 
 
+def _module(experts: PackedExperts, top_k: int, activation: str) -> HybridW4A16MoEExperts:
+    """The cached module of (``experts``, ``top_k``, ``activation``)."""
+    key = (id(experts), top_k, activation)
+    entry = _HYBRID.get(key)
+    if entry is None or entry[0] is not experts:
+        entry = (experts, HybridW4A16MoEExperts(experts, top_k, activation=activation))
+        _HYBRID[key] = entry
+    return entry[1]
+
+
 def hybrid_moe(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
     """:class:`~w4a16moe.experts.HybridW4A16MoEExperts` (decode or prefill kernel chosen by
     the token count) as a benchmark path."""
-    key = (id(experts), topk_ids.shape[1], activation)
-    entry = _HYBRID.get(key)
-    if entry is None or entry[0] is not experts:
-        entry = (experts, HybridW4A16MoEExperts(experts, topk_ids.shape[1],
-                                                activation=activation))
-        _HYBRID[key] = entry
-    return entry[1](hidden_states, topk_weights, topk_ids)
+    return _module(experts, topk_ids.shape[1], activation)(hidden_states, topk_weights,
+                                                           topk_ids)
 
 
 def hybrid_moe_from_logits(hidden_states: torch.Tensor, experts: PackedExperts,
@@ -37,12 +44,8 @@ def hybrid_moe_from_logits(hidden_states: torch.Tensor, experts: PackedExperts,
     """:func:`hybrid_moe` routing ``router_logits`` itself
     (:meth:`~w4a16moe.experts.HybridW4A16MoEExperts.forward_logits`; ``routing``: the other
     keyword arguments of :func:`~w4a16moe.routing.fused_topk`)."""
-    key = (id(experts), top_k, activation)
-    entry = _HYBRID.get(key)
-    if entry is None or entry[0] is not experts:
-        entry = (experts, HybridW4A16MoEExperts(experts, top_k, activation=activation))
-        _HYBRID[key] = entry
-    return entry[1].forward_logits(hidden_states, router_logits, **routing)
+    return _module(experts, top_k, activation).forward_logits(hidden_states, router_logits,
+                                                              **routing)
 
 
 hybrid_moe.from_logits = hybrid_moe_from_logits

@@ -1529,9 +1529,9 @@ def _check_given_blocks(blocks: AlignedBlocks, slots: int, block_size: int,
     """Raise ValueError unless ``blocks`` has the shapes of :func:`align_block_size` for
     ``slots`` slots over ``num_experts`` experts in blocks of ``block_size``."""
     padded = max_num_tokens_padded(slots, block_size, num_experts)
+    want = ((padded,), (padded // block_size,), (1,))
     shapes = tuple(tuple(getattr(t, "shape", ())) for t in blocks)
-    if shapes != ((padded,), (padded // block_size,), (1,)):
-        want = ((padded,), (padded // block_size,), (1,))
+    if shapes != want:
         raise ValueError(f"blocks has shapes {shapes}; expected {want} (align_block_size of "
                          f"{slots} slots over {num_experts} experts, BLOCK_SIZE_M="
                          f"{block_size})")
@@ -1569,7 +1569,10 @@ def fused_moe_prefill_from_logits(
     :func:`~w4a16moe.routing.fused_topk_align`). Elsewhere
     :func:`~w4a16moe.routing.fused_topk` routes and the layer aligns.
     """
-    m = hidden_states.shape[0] if hidden_states.dim() == 2 else -1
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        found = tuple(getattr(hidden_states, "shape", ()))
+        raise ValueError(f"hidden_states has shape {found}; expected [M, H]")
+    m = hidden_states.shape[0]
     check_router_args(router_logits, top_k, scoring, num_expert_group, topk_group,
                       correction_bias)
     if router_logits.shape[0] != m:
@@ -1583,7 +1586,7 @@ def fused_moe_prefill_from_logits(
     if (ROUTE_ALIGN and not grouped and not deterministic and m >= 1
             and hidden_states.dtype == experts.dtype
             and fused_topk_align_supported(m, num_global, router_logits.device)):
-        cfgs = (layer_configs(experts, top_k, m, hidden_states.device, deterministic)
+        cfgs = (layer_configs(experts, top_k, m, hidden_states.device)
                 if configs is None else tuple(dict(c) for c in configs))
         dense = (cfgs[0].get("DENSE", False)
                  and dense_path_supported(experts, expert_map, hidden_states.device))

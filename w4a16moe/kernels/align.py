@@ -226,6 +226,21 @@ def _fill(ptr, n, value, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _fill_outputs(total_ptr, total, sorted_ids_ptr, num_sorted, num_slots, expert_ids_ptr,
+                  num_blocks, block_size, FILL_BLOCK: tl.constexpr):
+    """What a one-program alignment writes before it scatters the slots: ``total`` (the
+    padded slot count), the sentinel ``num_slots`` over all of ``sorted_ids`` and -1 as the
+    expert of every block at or past ``total``."""
+    tl.store(total_ptr, total)
+    _fill(sorted_ids_ptr, num_sorted, num_slots, FILL_BLOCK)
+    none = tl.full((FILL_BLOCK,), -1, tl.int32)
+    for b0 in range(0, num_blocks, FILL_BLOCK):
+        offs_b = b0 + tl.arange(0, FILL_BLOCK)
+        tl.store(expert_ids_ptr + offs_b, none,
+                 mask=(offs_b < num_blocks) & (offs_b * block_size >= total))
+
+
+@triton.jit
 def _nibble_sum(words):
     """The sum of the eight 4-bit fields of each int32 word (at most 120)."""
     pairs = (words & 0x0F0F0F0F) + ((words >> 4) & 0x0F0F0F0F)  # bytes of at most 30
@@ -300,13 +315,8 @@ def _align_sort_kernel(
         tl.store(scratch_ptr + bins, ends - padded - first, mask=bins < num_experts)
     else:
         _fill(scratch_ptr, num_experts * COUNT_WORDS, 0, FILL_BLOCK)
-    tl.store(total_ptr, total)
-    _fill(sorted_ids_ptr, num_sorted, num_slots, FILL_BLOCK)
-    none = tl.full((FILL_BLOCK,), -1, tl.int32)
-    for b0 in range(0, num_blocks, FILL_BLOCK):
-        offs_b = b0 + tl.arange(0, FILL_BLOCK)
-        tl.store(expert_ids_ptr + offs_b, none,
-                 mask=(offs_b < num_blocks) & (offs_b * block_size >= total))
+    _fill_outputs(total_ptr, total, sorted_ids_ptr, num_sorted, num_slots, expert_ids_ptr,
+                  num_blocks, block_size, FILL_BLOCK)
     # the fill and the offsets (or the zeroed count words) must land before this program's
     # threads scatter and read them
     tl.debug_barrier()

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .align import _fill
+from .align import _fill_outputs
 from .pdl import gdc_launch_dependents, pdl_enabled
 from .router import (
     HAVE_TOPK,
@@ -90,13 +90,8 @@ def _route_align_kernel(
     # earlier tokens of the same expert: the slot's rank within its expert's run
     rank = tl.cumsum(chosen, axis=0) - chosen
     dest = tl.gather((ends - padded)[None, :] + rank, top_i, 1)  # [ROWS, TOP_K_P2]
-    tl.store(total_ptr, total)
-    _fill(sorted_ids_ptr, num_sorted, M * TOP_K, FILL_BLOCK)
-    none = tl.full((FILL_BLOCK,), -1, tl.int32)
-    for b0 in range(0, num_blocks, FILL_BLOCK):
-        offs_b = b0 + tl.arange(0, FILL_BLOCK)
-        tl.store(expert_ids_ptr + offs_b, none,
-                 mask=(offs_b < num_blocks) & (offs_b * block_size >= total))
+    _fill_outputs(total_ptr, total, sorted_ids_ptr, num_sorted, M * TOP_K, expert_ids_ptr,
+                  num_blocks, block_size, FILL_BLOCK)
     # the sentinel fill must land before this program's threads scatter over it
     tl.debug_barrier()
     tl.store(sorted_ids_ptr + dest, slot, mask=out_mask)

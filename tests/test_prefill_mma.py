@@ -1000,3 +1000,181 @@ def test_gemm2_waiting_per_block_replays_from_a_cuda_graph(monkeypatch):
         want = fused_moe_prefill(x, experts, w, ids, configs=configs)
         monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", True)
         assert torch.equal(y, want)
+
+
+def _spy_sum_launches(monkeypatch) -> list:
+    """Record, for each mma launch, whether it summed the top-k slots (``topk_sum_out``)."""
+    from w4a16moe.kernels import prefill as prefill_mod
+
+    seen = []
+    real = prefill_mod.launch_prefill_mma
+
+    def spy(*args, topk_sum_out=None, **kw):
+        seen.append(topk_sum_out is not None)
+        return real(*args, topk_sum_out=topk_sum_out, **kw)
+
+    monkeypatch.setattr(prefill_mod, "launch_prefill_mma", spy)
+    return seen
+
+
+def test_gemm2_sum_compiles_for_sm90_keeping_the_ring_programs_an_sm():
+    """GEMM2 adding up the top-k slots itself (``SUM_TOPK``), on the shipped GEMM2 tiles (the
+    ring's 8-slot 128-row tile with and without the per-block wait; deepseek-v2-lite's
+    one-group steps; Mixtral's one-warp and 4-warp register tiles): no spill where it runs
+    without the register cap; the ring's 4-warp tile under
+    ``SUM_TOPK_RING_REGISTERS`` keeps three programs an SM, spilling at most a value outside
+    its K loop; each program's counts are one atomic (and one more leaving its block when it
+    waited per block) after a fence, and the block's counts are no longer left to a kernel
+    after it."""
+    from mma_aot import ptxas_reports
+
+    ring = dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2,
+                a_sorted=True, weights_before_wait=True, predicated_reloads=True,
+                ring_stages=2)
+    others = [dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=1,
+                   a_sorted=True, weights_before_wait=True),
+              dict(block_t=8, block_n=16, num_warps=1, activation=False, groups=2,
+                   a_sorted=True, weights_before_wait=True),
+              dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2,
+                   a_sorted=True, weights_before_wait=True)]
+    cap = prefill_mma.SUM_TOPK_RING_REGISTERS
+    variants = ([dict(ring, ready=2), dict(ring, ready=2, sum_topk=8, maxnreg=cap,
+                                               sass=True),
+                 dict(ring, sum_topk=8, maxnreg=cap)]
+                + [dict(v, sum_topk=k) for v in others for k in (8, 2)])
+    reps = ptxas_reports(variants)
+    regs = [int(r["ptxas"].split("Used ")[1].split(" registers")[0]) for r in reps]
+    base = prefill_mma.programs_an_sm(registers=regs[0], num_warps=4, shared_bytes=0)
+    for r in regs[1:3]:
+        assert prefill_mma.programs_an_sm(registers=r, num_warps=4, shared_bytes=0) == base
+    sass = reps[1]["sass"]
+    loop = sass[sass.index("HMMA"):sass.rindex("HMMA")]
+    assert "LDL" not in loop and "STL" not in loop
+    for rep in reps[3:]:
+        assert "0 bytes spill stores" in rep["ptxas"], rep["ptxas"]
+    # the rows' counts, and the block's count with the per-block wait
+    assert reps[1]["atomics"] > reps[2]["atomics"] >= 1
+    assert all(rep["fences"] >= 1 for rep in reps[1:])
+
+
+def test_gemm2_sum_arguments_are_checked():
+    """``prefill_gemm``'s ``topk_sum_out`` / ``topk_sum_counts``: both or neither, a GEMM2
+    on the mma kernel only (refused off it before anything runs), output and counts of the
+    right shape, dtype and layout."""
+    e, h, i, top_k, m = 8, 256, 128, 2, 5
+    experts = random_experts(e, h, i, group_size=128, dtype=torch.float16, device=DEVICE,
+                             seed=3)
+    inter = torch.randn(m * top_k, i, dtype=torch.float16, device=DEVICE)
+    w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
+    blocks = align_block_size(ids, 8, e)
+    cfg = mma_config(8, 64, 4, 128)
+    out = torch.empty(m, h, dtype=torch.float16, device=DEVICE)
+    counts = torch.zeros(m * h // 64, dtype=torch.int32, device=DEVICE)
+    common = dict(top_k=top_k, a_is_slots=True, config=cfg)
+    with pytest.raises(ValueError, match="go together"):
+        prefill_gemm(inter, experts.w2, blocks, ids, w, topk_sum_out=out, **common)
+    if not ON_MMA_GPU:
+        with pytest.raises(ValueError, match="cannot run on the mma kernel"):
+            prefill_gemm(inter, experts.w2, blocks, ids, w, topk_sum_out=out,
+                         topk_sum_counts=counts, **common)
+        return
+    with pytest.raises(ValueError, match="is for a GEMM2"):  # rows by token, not by slot
+        prefill_gemm(torch.randn(m, i, dtype=torch.float16, device=DEVICE), experts.w2,
+                     blocks, ids, w, top_k=top_k, config=cfg, topk_sum_out=out,
+                     topk_sum_counts=counts)
+    with pytest.raises(ValueError, match="topk_sum_out has shape"):
+        prefill_gemm(inter, experts.w2, blocks, ids, w, topk_sum_out=out[:, ::2],
+                     topk_sum_counts=counts, **common)
+    with pytest.raises(ValueError, match="topk_sum_counts has dtype"):
+        prefill_gemm(inter, experts.w2, blocks, ids, w, topk_sum_out=out,
+                     topk_sum_counts=counts[:-1], **common)
+
+
+@gpu_only
+@pytest.mark.parametrize("waits", [False, True])
+@pytest.mark.parametrize("sorted2", [False, True])
+@pytest.mark.parametrize("remote", [False, True])
+@pytest.mark.parametrize("m", [1, 7, 23, 64, 65])
+def test_gemm2_sum_gives_the_top_k_sum_kernels_bits(monkeypatch, m, remote, sorted2, waits):
+    """The layer with GEMM2 adding up the top-k slots itself (``GEMM2_SUMS_TOPK``) against
+    the top-k sum kernel after it: the same bits (the same float32 additions in slot order),
+    into NaN-poisoned outputs, three calls in a row on one workspace, whose token and block
+    counts are all zero after each; with experts off this rank (their zero rows count like the
+    others), GEMM2 on sorted or slot rows, waiting per block for GEMM1's tiles or for all of
+    it. The spy checks GEMM2 summed up to ``GEMM2_SUMS_TOPK_MAX_TOKENS`` tokens, not past."""
+    e, h, i = 32, 1024, 512
+    experts, x, w, ids, configs, ws, _ = _chain_case(m, e, h, i, seed=90 + m, symmetric=False,
+                                                     sorted2=sorted2)
+    expert_map = _every_third_expert_off(e) if remote else None
+    monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", waits)
+    seen = _spy_sum_launches(monkeypatch)
+    layer = _poisoned_layer(x, experts, w, ids, configs, ws, expert_map)
+    monkeypatch.setattr(prefill_mma, "GEMM2_SUMS_TOPK", False)
+    want = layer()
+    assert seen == [False, False]
+    monkeypatch.setattr(prefill_mma, "GEMM2_SUMS_TOPK", True)
+    summed = m <= prefill_mma.GEMM2_SUMS_TOPK_MAX_TOKENS
+    for _ in range(3):
+        seen.clear()
+        assert torch.equal(layer(), want)
+        assert seen == [False, summed]
+        assert not ws.token_tile_counts.any() and not ws.block_ready.any()
+    assert not want.isnan().any()
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("top_k,bn,warps,on_input", [(2, 16, 1, False), (1, 128, 4, True),
+                                                      (6, 64, 2, False)])
+def test_gemm2_sum_on_other_tiles_and_top_k(monkeypatch, dtype, top_k, bn, warps, on_input):
+    """GEMM2's own top-k sum on one-, two- and four-warp tiles without the ring (K steps of
+    one group over 3 groups), top-k 1, 2 and 6, the router weight on GEMM2's output or GEMM1's
+    input: the top-k sum kernel's bits, and within bf16/fp16 rounding of the float32
+    reference."""
+    e, h, i, m = 16, 512, 384, 19
+    experts, x, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=False, seed=bn + top_k)
+    from w4a16moe.kernels.prefill import PrefillWorkspace
+
+    configs = (mma_config(8, 64, 4, 128), mma_config(8, bn, warps, 128))
+    ws = PrefillWorkspace.allocate(m, experts, top_k)
+    seen = _spy_sum_launches(monkeypatch)
+    got = {}
+    for on in (False, True):
+        monkeypatch.setattr(prefill_mma, "GEMM2_SUMS_TOPK", on)
+        y = torch.full((m, h), float("nan"), dtype=dtype, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, configs=configs, out=y, workspace=ws,
+                          apply_router_weight_on_input=on_input)
+        torch.cuda.synchronize()
+        got[on] = y
+    assert seen == [False, False, False, True]
+    assert torch.equal(got[True], got[False]) and not ws.token_tile_counts.any()
+    ref = moe_reference(x, experts, w, ids, apply_router_weight_on_input=on_input)
+    err = (got[True].float() - ref).norm() / ref.norm()
+    assert err < 2e-2, err
+
+
+@gpu_only
+def test_gemm2_sum_replays_from_a_cuda_graph(monkeypatch):
+    """The layer with GEMM2's own top-k sum captured in a CUDA graph, replayed with a new
+    routing each time (so its token counts must be back at zero after every replay), against
+    the layer launched eagerly with the top-k sum kernel."""
+    e, top_k, m = 64, 8, 40
+    experts, x, w, ids, configs, ws, y = _chain_case(m, e, 1024, 512, seed=78, top_k=top_k)
+    monkeypatch.setattr(prefill_mma, "GEMM2_SUMS_TOPK", True)
+    fused_moe_prefill(x, experts, w, ids, configs=configs, out=y, workspace=ws)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_moe_prefill(x, experts, w, ids, configs=configs, out=y, workspace=ws)
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    for _ in range(6):
+        w_new, ids_new = fused_topk(torch.randn(m, e, device=DEVICE, generator=gen), top_k)
+        w.copy_(w_new)
+        ids.copy_(ids_new)
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not ws.token_tile_counts.any() and not ws.block_ready.any()
+        monkeypatch.setattr(prefill_mma, "GEMM2_SUMS_TOPK", False)
+        want = fused_moe_prefill(x, experts, w, ids, configs=configs)
+        monkeypatch.setattr(prefill_mma, "GEMM2_SUMS_TOPK", True)
+        assert torch.equal(y, want)

@@ -484,30 +484,6 @@ def prefill_gemm2_waits_for_gemm1(hidden_states, experts, topk_weights, topk_ids
                          GEMM2_WAITS_PER_BLOCK=False)
 
 
-def prefill_gemm2_sums_topk(hidden_states, experts, topk_weights, topk_ids, *,
-                            activation="silu"):
-    """The shipped prefill layer with GEMM2 adding up each token's top-k slots itself
-    (``prefill_mma.GEMM2_SUMS_TOPK`` on while it launches, session 39)."""
-    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                         GEMM2_SUMS_TOPK=True)
-
-
-def prefill_topk_sum_kernel(hidden_states, experts, topk_weights, topk_ids, *,
-                            activation="silu"):
-    """The shipped prefill layer with the top-k sum kernel after GEMM2
-    (``prefill_mma.GEMM2_SUMS_TOPK`` off while it launches: the layer before session 39)."""
-    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                         GEMM2_SUMS_TOPK=False)
-
-
-def prefill_gemm2_sums_topk_to_120_tokens(hidden_states, experts, topk_weights, topk_ids, *,
-                                          activation="silu"):
-    """:func:`prefill_gemm2_sums_topk` up to 120 tokens (the PDL chain's reach;
-    ``prefill_mma.GEMM2_SUMS_TOPK_MAX_TOKENS`` 120 while it launches)."""
-    return _shipped_with(hidden_states, experts, topk_weights, topk_ids, activation,
-                         GEMM2_SUMS_TOPK=True, GEMM2_SUMS_TOPK_MAX_TOKENS=120)
-
-
 def _route_align_layer(enabled: bool, hidden_states, experts, router_logits, *,
                        activation="silu", top_k: int, **routing):
     """The shipped layer from the router logits
@@ -577,11 +553,10 @@ prefill_word_ring4 = _ring_everywhere(4)
 
 __all__ = ["VARIANTS", "add_switch_argument", "apply_switches", "block_slots", "mma_a", "mma_b",
            "mma_c", "mma_configs", "mma_d", "mma_g2", "mma_g2c", "mma_g2s", "mma_g4", "mma_g4d",
-           "prefill_activations_at_step", "prefill_gemm2_sums_topk",
-           "prefill_gemm2_sums_topk_to_120_tokens", "prefill_one_slab",
+           "prefill_activations_at_step", "prefill_one_slab",
            "prefill_one_slab_activations_at_step", "prefill_reload_past_last",
            "prefill_ring_pieces", "prefill_ring_whole_runs", "prefill_rotated_k",
-           "prefill_route_align", "prefill_route_then_align", "prefill_topk_sum_kernel",
+           "prefill_route_align", "prefill_route_then_align",
            "prefill_unrotated_k", "prefill_wait_first", "prefill_word_ring2",
            "prefill_word_ring3", "prefill_word_ring4", "prefill_word_ring_max8",
            "prefill_words_in_registers", "prefill_workspace", "ship_g1_mma_g2", "shipped_layer",

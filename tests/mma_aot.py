@@ -30,7 +30,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  x_ahead: bool | None = None, timeline: bool = False,
                  rotate_k: bool | None = None, ready: int = 0,
                  persistent: bool = False, whole_runs: bool | None = None,
-                 sum_topk: int = 0, maxnreg: int | None = None, sass: bool = False) -> dict:
+                 sass: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -60,26 +60,21 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         ROTATE_K=(prefill_mma.ROTATE_K_STEPS and block_t == 8) if rotate_k is None
         else rotate_k, READY=ready, PERSISTENT=persistent,
         COPY_LAYOUT=(prefill_mma.ring_copy_layout(rows, num_warps, groups) if whole_runs
-                     else None), SUM_TOPK=sum_topk)
+                     else None))
     if not timeline:
         constexprs["timeline_ptr"] = None
     if not ready:
         constexprs["ready_ptr"] = None
-    if not sum_topk:
-        constexprs["sum_ptr"] = constexprs["counts_ptr"] = None
     h = "*fp16" if fp16 else "*bf16"
     pointers = {"a_ptr": h, "qw_ptr": "*i32", "s_ptr": h, "z_ptr": "*u8", "c_ptr": h,
                 "topk_weights_ptr": "*fp32", "sorted_ids_ptr": "*i32",
                 "expert_ids_ptr": "*i32", "num_post_padded_ptr": "*i32",
-                "timeline_ptr": "*i64", "ready_ptr": "*i32", "sum_ptr": h,
-                "counts_ptr": "*i32"}
+                "timeline_ptr": "*i64", "ready_ptr": "*i32"}
     sig, attrs = kernel_signature(fn, constexprs, pointers,
                                   divisible=lambda name: name.startswith("stride")
                                   or name in ("N", "K"))
     kernel = triton.compile(GluonASTSource(fn, sig, constexprs, attrs),
-                            target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps,
-                                     **({"maxnreg": maxnreg} if maxnreg else {})})
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     text = kernel.asm["ptx"]
     ring_barriers = ring_warp_barriers = None
     if ring_stages:
@@ -110,7 +105,6 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
             "launch_dependents": text.count("griddepcontrol.launch_dependents"),
             "grid_waits": text.count("griddepcontrol.wait"),
             "acquire_polls": text.count("ld.global.acquire.gpu"),
-            "atomics": text.count("atom."), "fences": text.count("fence."),
             "ring_barriers": ring_barriers, "ring_warp_barriers": ring_warp_barriers}
 
 

@@ -745,8 +745,6 @@ def prefill_gemm(
     out_sorted: bool = False,
     ready_counts: torch.Tensor | None = None,
     ready_wait_tiles: int = 0,
-    topk_sum_out: torch.Tensor | None = None,
-    topk_sum_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One grouped int4 GEMM over aligned blocks.
 
@@ -797,14 +795,6 @@ def prefill_gemm(
             count is ``ready_wait_tiles`` (the caller sets the counts back to zero once it is
             done: :func:`topk_sum`'s ``zero_counts``). A call given them that cannot run on
             the mma kernel is refused (its partner would wait forever).
-        topk_sum_out, topk_sum_counts: a GEMM2 (``a_is_slots``, no activation, split or
-            sorted output) on the mma kernel also adds each token's ``top_k`` output rows into
-            row ``token`` of ``topk_sum_out`` ``[M, N]`` (contiguous rows, ``a``'s dtype), in
-            slot order in float32 as :func:`topk_sum` does, bit for bit
-            (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_SUMS_TOPK`). ``topk_sum_counts``:
-            int32 zeros, at least ``M * N / BLOCK_SIZE_N``, zero again when the kernel is
-            done; with ``ready_counts`` those are set back to zero here too. A call given
-            them that cannot run on the mma kernel is refused.
 
     A config with ``"SPLIT_K": S`` > 1 (GEMM2-like calls only: no activation, atomic top-k
     sum, ``out_sorted`` or ``out_fragment_order``) splits K into S ranges, each program of
@@ -936,33 +926,6 @@ def prefill_gemm(
             raise ValueError(f"ready_counts has dtype {ready_counts.dtype}, shape "
                              f"{tuple(ready_counts.shape)} on {ready_counts.device}; expected "
                              f"int32 [>= {expert_ids.numel()}] (one per block) on {a.device}")
-    if (topk_sum_out is None) != (topk_sum_counts is None):
-        raise ValueError("topk_sum_out and topk_sum_counts go together; expected both or "
-                         "neither")
-    if topk_sum_out is not None:
-        if no_mma is not None:
-            raise ValueError(f"topk_sum_out given, but this GEMM cannot run on the mma kernel: "
-                             f"{no_mma}")
-        if not a_is_slots or activation is not None or out_sorted or split > 1:
-            raise ValueError(f"topk_sum_out is for a GEMM2 (a_is_slots=True, no activation, "
-                             f"out_sorted or SPLIT_K); found a_is_slots={a_is_slots}, "
-                             f"activation={activation!r}, out_sorted={out_sorted}, "
-                             f"SPLIT_K={split}")
-        if (tuple(topk_sum_out.shape) != (m, n_out) or topk_sum_out.dtype != a.dtype
-                or topk_sum_out.device != a.device
-                or (n_out > 1 and topk_sum_out.stride(1) != 1)):
-            raise ValueError(f"topk_sum_out has shape {tuple(topk_sum_out.shape)}, strides "
-                             f"{topk_sum_out.stride()}, dtype {topk_sum_out.dtype} on "
-                             f"{topk_sum_out.device}; expected {(m, n_out)} with contiguous "
-                             f"rows, {a.dtype} on {a.device}")
-        tiles = m * (n_out // bn)
-        if (topk_sum_counts.dtype != torch.int32 or topk_sum_counts.dim() != 1
-                or not topk_sum_counts.is_contiguous() or topk_sum_counts.numel() < tiles
-                or topk_sum_counts.device != a.device):
-            raise ValueError(f"topk_sum_counts has dtype {topk_sum_counts.dtype}, shape "
-                             f"{tuple(topk_sum_counts.shape)} on {topk_sum_counts.device}; "
-                             f"expected contiguous int32 [>= {tiles}] (one per token and "
-                             f"column tile of {bn}) on {a.device}")
     if config.get("MMA") or config.get("RS"):
         # the Gluon kernels take the same call; where one cannot run, the Triton kernel runs
         # the same tiles
@@ -975,8 +938,7 @@ def prefill_gemm(
                         a_sorted=a_sorted, out_sorted=out_sorted)
         if no_mma is None:
             launch_prefill_mma(*gluon_args, **gluon_kw, ready_counts=ready_counts,
-                               ready_wait_tiles=ready_wait_tiles, topk_sum_out=topk_sum_out,
-                               topk_sum_counts=topk_sum_counts)
+                               ready_wait_tiles=ready_wait_tiles)
             return out
         if config.get("RS"):
             reason = rs_unsupported(**gluon_call, out=out)
@@ -1137,12 +1099,6 @@ def _moe_dense(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights
 WORKSPACE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-#: tokens a workspace's ``token_tile_counts`` have room for (GEMM2's own top-k sum runs up to
-#: :data:`~w4a16moe.kernels.prefill_mma.GEMM2_SUMS_TOPK_MAX_TOKENS`, at most this; 4 bytes a
-#: token and 16 columns)
-TOKEN_TILE_COUNTS_MAX_TOKENS = 256
-
-
 @dataclass
 class PrefillWorkspace:
     """Reusable buffers of :func:`fused_moe_prefill` for up to ``max_slots = max_tokens *
@@ -1160,10 +1116,7 @@ class PrefillWorkspace:
     with ``FRAG_K`` (see :func:`fused_moe_prefill`). ``block_ready``: int32 zeros, one per
     aligned block, the counts by which GEMM2 waits for its block's GEMM1 tiles on the mma
     kernel (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_WAITS_PER_BLOCK`; zero again after
-    every layer). ``token_tile_counts``: int32 zeros, one per token and GEMM2 column tile (of
-    at least 16 columns) for layers of up to :data:`TOKEN_TILE_COUNTS_MAX_TOKENS` tokens, by
-    which GEMM2 sums the top-k slots itself
-    (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_SUMS_TOPK`; zero again after every layer).
+    every layer).
 
     With ``SORTED_ROWS`` configs ``intermediate`` and ``gemm2_out`` also hold the
     intermediate and the hidden states in sorted order, one row per position of the aligned
@@ -1184,7 +1137,6 @@ class PrefillWorkspace:
     hidden_fragment: torch.Tensor | None = None
     split_partials: torch.Tensor | None = None
     block_ready: torch.Tensor | None = None
-    token_tile_counts: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, max_tokens: int, experts: PackedExperts, top_k: int,
@@ -1223,10 +1175,7 @@ class PrefillWorkspace:
                    hidden_fragment=torch.empty(max_tokens, experts.hidden_size, **kw),
                    split_partials=torch.empty(split_partials, dtype=torch.float32,
                                               device=device) if split_partials else None,
-                   block_ready=torch.zeros(blocks, **ikw),
-                   token_tile_counts=torch.zeros(
-                       min(max_tokens, TOKEN_TILE_COUNTS_MAX_TOKENS)
-                       * -(-experts.hidden_size // 16), **ikw))
+                   block_ready=torch.zeros(blocks, **ikw))
 
     def views(self, slots: int, experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         i, h = experts.intermediate_size, experts.hidden_size
@@ -1536,10 +1485,6 @@ def fused_moe_prefill(
                                     split2=split2,
                                     atomic_topk_sum=atomic_topk_sum,
                                     fragment_order=(a_frag1, a_frag2))
-        # GEMM2 adding up the top-k slots itself (None: the top-k sum kernel after it)
-        sum_counts = _token_tile_counts(inter, experts, cfg2, workspace, out, num_tokens=m,
-                                        split2=split2, atomic_topk_sum=atomic_topk_sum,
-                                        a_fragment_order=a_frag2)
         try:
             with annotate_gemm(PREFILL_KERNEL_NAME, m, 2 * i, h, num_global, top_k):
                 prefill_gemm(x1, experts.w13, blocks, topk_ids, topk_weights, top_k=top_k,
@@ -1562,16 +1507,12 @@ def fused_moe_prefill(
                 prefill_gemm(inter, experts.w2, blocks, topk_ids, topk_weights, top_k=top_k,
                              mul_routed_weight=mul2, a_is_slots=True, out=c2, config=cfg2,
                              a_fragment_order=a_frag2, a_sorted=sorted2, ready_counts=ready,
-                             ready_wait_tiles=0 if ready is None else tiles1,
-                             topk_sum_out=out if sum_counts is not None else None,
-                             topk_sum_counts=sum_counts)
-            # with sum_counts GEMM2 has added up the top-k slots (and set the block counts
-            # back to zero) itself
-            if sum_counts is None and top_k == 1 and split2 == 1:
+                             ready_wait_tiles=0 if ready is None else tiles1)
+            if top_k == 1 and split2 == 1:
                 out.copy_(c2)
                 if ready is not None:
                     ready.zero_()
-            elif sum_counts is None:
+            else:
                 # the fixed-order kernel in every mode: bit-identical to torch.sum on the H100
                 # and 1.1-4x faster (benchmarks/layer_small_kernels_ab.py); it also sets
                 # GEMM2's per-block counts back to zero, once GEMM2 is done
@@ -1697,33 +1638,6 @@ def _block_ready_counts(x1: torch.Tensor, inter: torch.Tensor, experts: PackedEx
             return None
         return have[:n]
     return torch.zeros(n, dtype=torch.int32, device=x1.device)
-
-
-def _token_tile_counts(inter: torch.Tensor, experts: PackedExperts, cfg2: dict,
-                       workspace: PrefillWorkspace | None, out: torch.Tensor, *,
-                       num_tokens: int, split2: int, atomic_topk_sum: bool,
-                       a_fragment_order: bool) -> torch.Tensor | None:
-    """The counts by which GEMM2 adds up the top-k slots itself
-    (:data:`~w4a16moe.kernels.prefill_mma.GEMM2_SUMS_TOPK`), zero, one per token and column
-    tile; or None where the top-k sum kernel runs after GEMM2: the switch off, more tokens
-    than :data:`~w4a16moe.kernels.prefill_mma.GEMM2_SUMS_TOPK_MAX_TOKENS`, no workspace with
-    enough counts (zeroing new ones would be a kernel of its own), GEMM2 split, summing
-    atomically or off the mma kernel, or ``out``'s rows not contiguous."""
-    h = experts.hidden_size
-    if (not prefill_mma.GEMM2_SUMS_TOPK
-            or num_tokens > prefill_mma.GEMM2_SUMS_TOPK_MAX_TOKENS
-            or workspace is None or workspace.token_tile_counts is None
-            or split2 > 1 or atomic_topk_sum or not cfg2.get("MMA")
-            or (h > 1 and out.stride(1) != 1)):
-        return None
-    have = workspace.token_tile_counts
-    tiles = num_tokens * (h // cfg2["BLOCK_SIZE_N"])
-    if have.numel() < tiles or have.device != out.device:
-        return None
-    if mma_unsupported(**_gluon_call(inter, experts.w2, cfg2, activation=None,
-                                     a_fragment_order=a_fragment_order)):
-        return None
-    return have[:tiles]
 
 
 __all__ = ["DETERMINISTIC_REFERENCE_M", "PrefillWorkspace", "ROUTE_ALIGN", "dense_path_supported",

@@ -206,106 +206,6 @@ if HAVE_GLUON:
                 "nanosleep.u32 100;\n\tld.global.acquire.gpu.b32 $0, [$1];", "=r,l",
                 [count_ptr], dtype=gl.int32, is_pure=False, pack=1)
 
-    # the top-k sum in GEMM2's epilogue (``GEMM2_SUMS_TOPK``): the tile's stores are released
-    # as ``_BLOCK_DONE`` does (a CTA barrier, then the fence), by warp 0, whose threads raise
-    # the rows' counts; and what those threads acquire (their relaxed atomics, then the fence)
-    # the CTA barrier after it hands to the other warps
-    _CTA_RELEASE = gl.constexpr("""{
-            .reg .pred p;
-            .reg .b32 t;
-            bar.sync 0;
-            mov.u32 t, %tid.x;
-            setp.lt.u32 p, t, 32;
-            @p fence.acq_rel.gpu;
-            mov.b32 $0, 0;
-            }""")
-    _WARP0_ACQUIRE = gl.constexpr("""{
-            .reg .pred p;
-            .reg .b32 t;
-            mov.u32 t, %tid.x;
-            setp.lt.u32 p, t, 32;
-            @p fence.acq_rel.gpu;
-            bar.sync 0;
-            mov.b32 $0, 0;
-            }""")
-
-    @gluon.jit
-    def _cta_release():
-        """Once every thread of the program is here, warp 0 fences (GPU scope): a count it
-        raises after this publishes the whole tile."""
-        gl.inline_asm_elementwise(_CTA_RELEASE, "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
-
-    @gluon.jit
-    def _warp0_acquire():
-        """Warp 0 fences after its atomics (acquire), then a CTA barrier: every thread's
-        loads after this see what the counts it read published."""
-        gl.inline_asm_elementwise(_WARP0_ACQUIRE, "=r", [], dtype=gl.int32, is_pure=False,
-                                  pack=1)
-
-    # a GEMM2 program leaving its block (``GEMM2_SUMS_TOPK`` with per-block waits): thread 0
-    # adds 1 to the block's count and, if it was the block's last GEMM2 program, sets the
-    # count back to zero for the next layer (every GEMM2 program of the block has passed its
-    # wait by then)
-    _BLOCK_LEAVE = gl.constexpr("""{
-            .reg .pred p, q;
-            .reg .b32 t, old;
-            mov.u32 old, 0;
-            mov.u32 t, %tid.x;
-            setp.eq.u32 p, t, 0;
-            @p atom.relaxed.gpu.global.add.u32 old, [$1], 1;
-            setp.eq.and.u32 q, old, $2, p;
-            @q st.relaxed.gpu.global.u32 [$1], 0;
-            mov.b32 $0, 0;
-            }""")
-
-    @gluon.jit
-    def _leave_block(count_ptr, last_count):
-        """Raise the block's count by one; the program that finds it at ``last_count`` (GEMM1's
-        tiles plus GEMM2's, less one) sets it to zero."""
-        gl.inline_asm_elementwise(_BLOCK_LEAVE, "=r,l,r", [count_ptr, last_count],
-                                  dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
-    def _sum_finished_tokens(c_ptr, o_ptr, counts_ptr, slots, cols, n_tile, num_tiles,
-                             num_valid_slots, stride_cm, stride_om, TOP_K: gl.constexpr,
-                             BLOCK_T: gl.constexpr, num_warps: gl.constexpr,
-                             out_layout: gl.constexpr):
-        """GEMM2's top-k sum (``GEMM2_SUMS_TOPK``), after the tile's store: each real slot
-        ``slots[t]`` of the tile adds 1 to the count of its (token, column tile ``n_tile``)
-        pair; the program that brings a pair's count to ``TOP_K`` (every slot of the token
-        stored for these columns) adds the token's ``TOP_K`` rows of ``C`` in slot order in
-        float32, as :func:`~w4a16moe.kernels.prefill._topk_sum_kernel` does, stores the row
-        of ``O`` and sets the count back to zero. ``slots`` and ``cols`` in ``out_layout``'s
-        slices."""
-        # one element a thread, so that each row's count is raised by exactly one thread and
-        # its old value is that thread's own: [BLOCK_T, threads / BLOCK_T], column 0 counts
-        W: gl.constexpr = 32 * num_warps // BLOCK_T
-        count_layout: gl.constexpr = gl.BlockedLayout([1, 1], [BLOCK_T, 32 // BLOCK_T],
-                                                       [1, num_warps], [1, 0])
-        s = gl.convert_layout(slots, gl.SliceLayout(1, count_layout))
-        w = gl.arange(0, W, layout=gl.SliceLayout(0, count_layout))
-        counter = ((s < num_valid_slots)[:, None] & (w == 0)[None, :])
-        c_ptrs = (counts_ptr + ((s // TOP_K) * num_tiles + n_tile)[:, None]
-                  + (w * 0)[None, :])
-        _cta_release()
-        old = gl.atomic_add(c_ptrs, gl.full([BLOCK_T, W], 1, gl.int32, count_layout),
-                            mask=counter, sem="relaxed", scope="gpu")
-        last = counter & (old == TOP_K - 1)
-        gl.store(c_ptrs, gl.zeros([BLOCK_T, W], gl.int32, count_layout), mask=last)
-        done = gl.max(gl.where(last, 1, 0), axis=1)
-        if gl.max(done, axis=0) > 0:
-            _warp0_acquire()
-            done_o = gl.convert_layout(done, gl.SliceLayout(1, out_layout)) != 0
-            tokens = (slots // TOP_K).to(gl.int64)
-            acc = gl.zeros([BLOCK_T, cols.shape[0]], gl.float32, out_layout)
-            for k in gl.static_range(TOP_K):
-                acc += gl.load(c_ptr + (tokens * TOP_K + k)[:, None] * stride_cm
-                               + cols[None, :], mask=done_o[:, None], other=0.0,
-                               cache_modifier=".cg").to(gl.float32)
-            gl.store(o_ptr + tokens[:, None] * stride_om + cols[None, :],
-                     acc.to(o_ptr.dtype.element_ty), mask=done_o[:, None])
-
     @gluon.jit
     def _wait_upstream():
         """``griddepcontrol.wait`` alone (a kernel that releases the next one later)."""
@@ -543,15 +443,12 @@ if HAVE_GLUON:
         PDL: gl.constexpr, EARLY: gl.constexpr, PREDICATED_RELOADS: gl.constexpr,
         RING_STAGES: gl.constexpr, RING_LAYOUT: gl.constexpr, X_AHEAD: gl.constexpr,
         ROTATE_K: gl.constexpr, ready_ptr, ready_tiles, READY: gl.constexpr,
-        COPY_LAYOUT: gl.constexpr, SUM_TOPK: gl.constexpr = 0, sum_ptr=None, counts_ptr=None,
-        stride_om=0, num_tiles=0, NUM_WARPS: gl.constexpr = 4,
+        COPY_LAYOUT: gl.constexpr,
     ):
         """One tile of :func:`_prefill_mma_kernel`: block ``pid_m`` (of expert ``expert``, -1
         for none: its rows get zeros), output columns ``n0`` onwards; ``pid`` picks the first
         K step (``ROTATE_K``), ``EARLY`` says the program has not yet waited for the kernel
-        before. Nothing past the padded count. ``SUM_TOPK``: then the top-k sum of the tokens
-        whose last slot this tile stored (:func:`_sum_finished_tokens`, column tile ``n0 /
-        BLOCK_N_OUT`` of ``num_tiles``)."""
+        before. Nothing past the padded count."""
         row0 = pid_m * BLOCK_T
         if row0 < num_post_padded:
             out_layout: gl.constexpr = OUT_LAYOUT
@@ -575,13 +472,6 @@ if HAVE_GLUON:
                                           out_layout), mask=c_mask)
                 if READY == 1:
                     _block_done(ready_ptr + pid_m)
-                if SUM_TOPK > 0:
-                    _sum_finished_tokens(c_ptr, sum_ptr, counts_ptr, slots_o, cols,
-                                         n0 // BLOCK_N_OUT, num_tiles, num_valid_slots,
-                                         stride_cm, stride_om, SUM_TOPK, BLOCK_T, NUM_WARPS,
-                                         out_layout)
-                    if READY == 2:
-                        _leave_block(ready_ptr + pid_m, ready_tiles + num_tiles - 1)
             else:
                 e64 = expert.to(gl.int64)
                 # the words: rows of this program in the word-load layout, a step's
@@ -726,13 +616,6 @@ if HAVE_GLUON:
                 gl.store(c_ptrs, res, mask=c_mask)
                 if READY == 1:
                     _block_done(ready_ptr + pid_m)
-                if SUM_TOPK > 0:
-                    _sum_finished_tokens(c_ptr, sum_ptr, counts_ptr, slots_o, cols,
-                                         n0 // BLOCK_N_OUT, num_tiles, num_valid_slots,
-                                         stride_cm, stride_om, SUM_TOPK, BLOCK_T, NUM_WARPS,
-                                         out_layout)
-                    if READY == 2:
-                        _leave_block(ready_ptr + pid_m, ready_tiles + num_tiles - 1)
 
     @gluon.jit
     def _prefill_mma_kernel(
@@ -754,7 +637,6 @@ if HAVE_GLUON:
         timeline_ptr=None, TIMELINE: gl.constexpr = False, ROTATE_K: gl.constexpr = False,
         ready_ptr=None, ready_tiles=0, READY: gl.constexpr = 0,
         PERSISTENT: gl.constexpr = False, COPY_LAYOUT: gl.constexpr = None,
-        SUM_TOPK: gl.constexpr = 0, sum_ptr=None, counts_ptr=None, stride_om=0,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -772,11 +654,7 @@ if HAVE_GLUON:
         waiting for all of GEMM1 (the top-k sum after it sets the counts back to 0).
         ``PERSISTENT`` (:data:`GEMM1_PERSISTENT`): the grid holds no more programs than the GPU
         runs at once, and program ``pid`` takes tiles ``pid``, ``pid + programs``, ... of the
-        padded count's blocks. ``SUM_TOPK`` (:data:`GEMM2_SUMS_TOPK`, GEMM2: ``top_k``, else
-        0): the layer's output ``[M, N]`` at ``sum_ptr`` (``stride_om`` a row) is summed here
-        from ``C`` by the programs that store each token's last slot, counting in int32 zeros
-        ``[M, N / BLOCK_N_OUT]`` at ``counts_ptr`` (zero again after the kernel); with ``READY
-        == 2`` the block counts go back to zero here too."""
+        padded count's blocks."""
         BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
@@ -795,7 +673,6 @@ if HAVE_GLUON:
         # with READY == 2 (GEMM2 waiting per block) only for the block's GEMM1 tiles
         EARLY: gl.constexpr = (PDL and WEIGHTS_BEFORE_WAIT) or READY == 2
         if PERSISTENT:  # (GEMM1 of a chain: never EARLY, the launcher sees to it)
-            gl.static_assert(SUM_TOPK == 0, "the top-k sum is GEMM2's, never persistent")
             # no program of this grid is dispatched only to find its block past the padded
             # count: once all have started (at once: the grid fits the GPU) the next kernel is
             # launched, and its programs take each SM that these leave.
@@ -828,8 +705,7 @@ if HAVE_GLUON:
                     SCALE_WORDS, WORDS_LAYOUT, X_LAYOUT, SZ_LAYOUT, PAIRS_LAYOUT, OUT_LAYOUT,
                     SZW_LAYOUT, a_layout, b_layout, mma_layout, PDL, EARLY,
                     PREDICATED_RELOADS, RING_STAGES, RING_LAYOUT, X_AHEAD, ROTATE_K,
-                    ready_ptr, ready_tiles, READY, COPY_LAYOUT, SUM_TOPK, sum_ptr, counts_ptr,
-                    stride_om, num_pid_n, num_warps)
+                    ready_ptr, ready_tiles, READY, COPY_LAYOUT)
         else:
             pid_m = pid // num_pid_n
             if PDL and READY == 1:
@@ -855,8 +731,7 @@ if HAVE_GLUON:
                 C_SORTED, IS_FP16, BLOCK_T, BLOCK_N, BLOCK_N_OUT, GROUPS, SCALE_WORDS,
                 WORDS_LAYOUT, X_LAYOUT, SZ_LAYOUT, PAIRS_LAYOUT, OUT_LAYOUT, SZW_LAYOUT,
                 a_layout, b_layout, mma_layout, PDL, EARLY, PREDICATED_RELOADS, RING_STAGES,
-                RING_LAYOUT, X_AHEAD, ROTATE_K, ready_ptr, ready_tiles, READY, COPY_LAYOUT,
-                SUM_TOPK, sum_ptr, counts_ptr, stride_om, num_pid_n, num_warps)
+                RING_LAYOUT, X_AHEAD, ROTATE_K, ready_ptr, ready_tiles, READY, COPY_LAYOUT)
         if TIMELINE:
             # when and where this program ran: [SM, start ns, end ns, SM clock cycles]
             c_end = _clock64()
@@ -947,23 +822,6 @@ GEMM1_PERSISTENT = True
 #: understood
 GEMM1_PERSISTENT_MIN_TOKENS = 4
 GEMM1_PERSISTENT_MIN_EXPERTS = 64
-#: GEMM2 on this kernel adds up each token's top-k slots itself instead of a top-k sum kernel
-#: after it: each program, once its tile is stored, raises one count per (token, column tile)
-#: pair it stored a slot of, and the program that stores a pair's last slot adds that token's
-#: slots of those columns in slot order from L2 (bit for bit the top-k sum kernel's float32
-#: sum) and stores the output row. For layers of at most GEMM2_SUMS_TOPK_MAX_TOKENS tokens
-#: with the counts in the workspace (``PrefillWorkspace.token_tile_counts``). Off: on the
-#: H200 the layer was 0.8-5.8 us slower at qwen3-30b M=1-64 (each GEMM2 program's tail grows
-#: by a fence and an atomic round trip, and the completing ones by the sum's L2 reads), 1.0-2.7
-#: us at deepseek-v2-lite and olmoe M=4-64 (``benchmarks/notes_prefill.md``, session 39). The
-#: switch is for A/Bs (``fused_moe_prefill`` reads it)
-GEMM2_SUMS_TOPK = False
-GEMM2_SUMS_TOPK_MAX_TOKENS = 64
-#: ... where the sum would cost a ring program its occupancy: qwen3-30b's GEMM2 tile (8 slots,
-#: 128 rows, 4 warps, waiting per block) compiles to 167 registers a thread without it and to
-#: 176 with it (two programs an SM instead of three); capped at 168, ptxas spills one value
-#: outside the K loop (tests/test_prefill_mma.py)
-SUM_TOPK_RING_REGISTERS = 168
 #: 8-slot programs carry their activations two steps ahead in registers (``X_AHEAD``); off,
 #: they load them at their step like 16- and 32-slot ones (104 registers a thread instead of
 #: 168 on the shipped 4-warp tiles, but qwen3-30b's layer 13-23 % slower on the H200, session
@@ -1187,18 +1045,13 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        group_size: int, a_is_slots: bool, activation_code: int,
                        config: dict, a_sorted: bool = False,
                        out_sorted: bool = False, ready_counts: torch.Tensor | None = None,
-                       ready_wait_tiles: int = 0, topk_sum_out: torch.Tensor | None = None,
-                       topk_sum_counts: torch.Tensor | None = None) -> None:
+                       ready_wait_tiles: int = 0) -> None:
     """Run :func:`_prefill_mma_kernel`; inputs already validated by ``prefill_gemm`` and
     :func:`mma_unsupported`. ``ready_counts`` (int32, one per block, zero; see
     :data:`GEMM2_WAITS_PER_BLOCK`): with ``ready_wait_tiles`` 0 each program adds 1 to its
     block's count once its tile is stored (GEMM1); else each program waits until its block's
     count is ``ready_wait_tiles`` before it reads ``a`` (GEMM2 on GEMM1's output; the caller
-    sets the counts back to zero once GEMM2 is done: ``fused_moe_prefill``'s top-k sum, or this
-    kernel with ``topk_sum_out``). ``topk_sum_out`` ``[slots / top_k, n_out]`` and
-    ``topk_sum_counts`` (int32 zeros, at least ``slots / top_k * n_out / BLOCK_SIZE_N``):
-    GEMM2 also adds each token's top-k rows of ``out`` into ``topk_sum_out``
-    (:data:`GEMM2_SUMS_TOPK`)."""
+    sets the counts back to zero once GEMM2 is done: ``fused_moe_prefill``'s top-k sum)."""
     bt, bn, warps = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["num_warps"]
     rows = 2 * bn if activation_code else bn
     # in a prefill chain the GEMM on slot rows is GEMM2, and the kernel before it (GEMM1)
@@ -1268,14 +1121,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             timeline_ptr=timeline, TIMELINE=timeline is not None,
             ROTATE_K=rotate_k, ready_ptr=ready_counts, ready_tiles=ready_wait_tiles,
             READY=0 if ready_counts is None else (2 if ready_wait_tiles else 1),
-            PERSISTENT=persistent, COPY_LAYOUT=copy_layout,
-            **({"maxnreg": SUM_TOPK_RING_REGISTERS}
-               if topk_sum_out is not None and ring and warps == 4
-               and SUM_TOPK_RING_REGISTERS else {}),
-            SUM_TOPK=top_k if topk_sum_out is not None else 0, sum_ptr=topk_sum_out,
-            counts_ptr=topk_sum_counts,
-            stride_om=topk_sum_out.stride(0) if topk_sum_out is not None else 0,
-            **prefill_pdl_args(a.device))
+            PERSISTENT=persistent, COPY_LAYOUT=copy_layout, **prefill_pdl_args(a.device))
     if persistent and resident_key not in _RESIDENT_PROGRAMS:
         _RESIDENT_PROGRAMS[resident_key] = resident_programs(compiled, a.device)
     if timeline is not None:
@@ -1284,8 +1130,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 
 
 __all__ = ["ACTIVATIONS_AHEAD", "GEMM1_PERSISTENT", "GEMM1_PERSISTENT_MIN_EXPERTS",
-           "GEMM1_PERSISTENT_MIN_TOKENS", "GEMM2_SUMS_TOPK", "GEMM2_SUMS_TOPK_MAX_TOKENS",
-           "GEMM2_WAITS_MAX_TILES",
+           "GEMM1_PERSISTENT_MIN_TOKENS", "GEMM2_WAITS_MAX_TILES",
            "GEMM2_WAITS_MAX_TOKENS", "GEMM2_WAITS_PER_BLOCK", "MMA_BLOCK_K", "PREDICATED_RELOADS",
            "PREDICATED_RELOADS_MAX_STEPS", "RING_COPIES_WHOLE_RUNS", "ROTATE_K_STEPS", "TIMELINE",
            "WORD_RING_MAX_STEPS", "WORD_RING_MIN_BLOCK_K", "WORD_RING_STAGES",

@@ -1000,3 +1000,32 @@ def test_gemm2_waiting_per_block_replays_from_a_cuda_graph(monkeypatch):
         want = fused_moe_prefill(x, experts, w, ids, configs=configs)
         monkeypatch.setattr(prefill_mma, "GEMM2_WAITS_PER_BLOCK", True)
         assert torch.equal(y, want)
+
+
+@gpu_only
+def test_shipped_qwen3_tiles_keep_three_programs_an_sm(monkeypatch):
+    """qwen3-30b's shipped mma tiles (GEMM1: 8 slots, 64 outputs from 128 rows, 4 warps,
+    persistent; GEMM2: 8 slots, 128 rows, 4 warps, sorted rows; both on the words' ring), as
+    the running Triton compiles them for this GPU, still run three programs an SM: the
+    occupancy the layer's measured times rest on. The AOT register tests compile with the
+    local Triton, which need not be the GPU machine's: in session 39 code added to GEMM2's
+    epilogue compiled to 167 registers a thread with triton 3.7.1 and to 176 with the H200
+    machine's triton 3.6 (two programs an SM; the layer 10 % slower at M=64)."""
+    from w4a16moe.kernels import prefill as prefill_mod
+
+    compiled = []
+    real = prefill_mod.launch_prefill_mma
+
+    def keep(*args, **kw):
+        compiled.append(real(*args, **kw))
+        return compiled[-1]
+
+    monkeypatch.setattr(prefill_mod, "launch_prefill_mma", keep)
+    experts, x, w, ids, configs, ws, y = _chain_case(16, 128, 2048, 768, seed=6)
+    fused_moe_prefill(x, experts, w, ids, configs=configs, out=y, workspace=ws)
+    torch.cuda.synchronize()
+    assert len(compiled) == 2
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    for kernel in compiled:
+        an_sm = prefill_mma.resident_programs(kernel, torch.device(DEVICE)) // sms
+        assert an_sm >= 3, (kernel.n_regs, kernel.metadata.shared)

@@ -1045,8 +1045,10 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                        group_size: int, a_is_slots: bool, activation_code: int,
                        config: dict, a_sorted: bool = False,
                        out_sorted: bool = False, ready_counts: torch.Tensor | None = None,
-                       ready_wait_tiles: int = 0) -> None:
-    """Run :func:`_prefill_mma_kernel`; inputs already validated by ``prefill_gemm`` and
+                       ready_wait_tiles: int = 0):
+    """Run :func:`_prefill_mma_kernel` and return the compiled kernel Triton launched (its
+    ``n_regs`` and ``metadata`` say how many programs an SM it runs:
+    :func:`resident_programs`); inputs already validated by ``prefill_gemm`` and
     :func:`mma_unsupported`. ``ready_counts`` (int32, one per block, zero; see
     :data:`GEMM2_WAITS_PER_BLOCK`): with ``ready_wait_tiles`` 0 each program adds 1 to its
     block's count once its tile is stored (GEMM1); else each program waits until its block's
@@ -1127,6 +1129,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     if timeline is not None:
         # the clock reads may take registers of their own: programs an SM can differ
         facts["registers"] = getattr(compiled, "n_regs", None)
+    return compiled
 
 
 __all__ = ["ACTIVATIONS_AHEAD", "GEMM1_PERSISTENT", "GEMM1_PERSISTENT_MIN_EXPERTS",

@@ -484,6 +484,24 @@ def prefill_gemm2_waits_for_gemm1(hidden_states, experts, topk_weights, topk_ids
                          GEMM2_WAITS_PER_BLOCK=False)
 
 
+def _topk_sum_tiles(block_n: int, warps: int):
+    def path(hidden_states, experts, topk_weights, topk_ids, *, activation="silu"):
+        with mock.patch.multiple(prefill_mod, TOPK_SUM_BLOCK_N=block_n, TOPK_SUM_WARPS=warps):
+            return shipped_layer(hidden_states, experts, topk_weights, topk_ids,
+                                 activation=activation)
+
+    path.__name__ = path.__qualname__ = f"prefill_topk_sum_{block_n}_columns"
+    path.__doc__ = (f"The shipped prefill layer with {block_n}-column top-k sum programs on "
+                    f"{warps} warp(s) while it launches (``prefill.TOPK_SUM_BLOCK_N`` and "
+                    "``TOPK_SUM_WARPS``; 1024 on 4 before session 39, 256 on 1 since).")
+    return path
+
+
+prefill_topk_sum_256_columns = _topk_sum_tiles(256, 1)
+prefill_topk_sum_512_columns = _topk_sum_tiles(512, 2)
+prefill_topk_sum_1024_columns = _topk_sum_tiles(1024, 4)
+
+
 def _route_align_layer(enabled: bool, hidden_states, experts, router_logits, *,
                        activation="silu", top_k: int, **routing):
     """The shipped layer from the router logits
@@ -557,6 +575,8 @@ __all__ = ["VARIANTS", "add_switch_argument", "apply_switches", "block_slots", "
            "prefill_one_slab_activations_at_step", "prefill_reload_past_last",
            "prefill_ring_pieces", "prefill_ring_whole_runs", "prefill_rotated_k",
            "prefill_route_align", "prefill_route_then_align",
+           "prefill_topk_sum_1024_columns", "prefill_topk_sum_256_columns",
+           "prefill_topk_sum_512_columns",
            "prefill_unrotated_k", "prefill_wait_first", "prefill_word_ring2",
            "prefill_word_ring3", "prefill_word_ring4", "prefill_word_ring_max8",
            "prefill_words_in_registers", "prefill_workspace", "ship_g1_mma_g2", "shipped_layer",

@@ -1275,6 +1275,18 @@ def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
     return cfg1, cfg2
 
 
+#: columns and warps of a :func:`topk_sum` program (its grid: tokens x column blocks); 8
+#: columns a thread, 16-byte loads of 16-bit values. 256 columns on one warp rather than 1024
+#: on four: four times the programs, spread over more SMs, for the same bytes. H200 layer A/B
+#: (session 39, router included, two runs, each against the 1024-column programs before and
+#: after in the same run): qwen3-30b M=1 / 2 / 4 / 8 -0.2 / -0.1 / 0.0 to -0.1 / -0.1 to -0.2
+#: us, M=16 / 32 / 64 -0.3 to -0.4 / -0.3 to -0.6 / -0.1 to -0.7; deepseek-v2-lite M=2 / 4 / 16
+#: -0.1 to -0.3; olmoe M=4 / 8 -0.1 / -0.2; Mixtral M=2 -0.2 (M=4 under the power cap). The
+#: same bits (each element is added up in its fixed order either way). The switch is for A/Bs
+TOPK_SUM_BLOCK_N = 256
+TOPK_SUM_WARPS = 1
+
+
 def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor, *,
              zero_counts: torch.Tensor | None = None) -> torch.Tensor:
     """``out[m] = sum_k per_slot[m * top_k + k]`` in fp32, in ascending k, one kernel.
@@ -1309,11 +1321,11 @@ def topk_sum(per_slot: torch.Tensor, top_k: int, out: torch.Tensor, *,
         if zero_counts is not None:
             zero_counts.zero_()
         return out
-    block_n = min(1024, triton.next_power_of_2(n))
+    block_n = min(TOPK_SUM_BLOCK_N, triton.next_power_of_2(n))
     _topk_sum_kernel[(m, triton.cdiv(n, block_n))](
         per_slot, out, n, per_slot.stride(-2),
         per_slot.stride(0) if per_slot.dim() == 3 else 0, out.stride(0), TOP_K=top_k,
-        SPLITS=splits, BLOCK_N=block_n, num_warps=4, counts_ptr=zero_counts,
+        SPLITS=splits, BLOCK_N=block_n, num_warps=TOPK_SUM_WARPS, counts_ptr=zero_counts,
         num_counts=0 if zero_counts is None else zero_counts.numel(),
         ZERO_COUNTS=zero_counts is not None, **prefill_pdl_args(out.device))
     return out

@@ -784,3 +784,32 @@ def test_dense_key_in_config_table():
     assert cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "DENSE": True})["DENSE"] is True
     with pytest.raises(ValueError, match=r"DENSE is 1; expected one of \[True, False\]"):
         cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "DENSE": 1})
+
+
+def test_deterministic_configs_take_no_token_tile_below_16(monkeypatch):
+    """The deterministic mode's configs: the reference token count's, with ``BLOCK_SIZE_M``
+    following the batch only for ``SWAP_AB`` pairs and never below
+    ``DETERMINISTIC_MIN_BLOCK_M`` (the tables' 8-slot mma entries gave the Triton kernel
+    8-token tiles, and a batch of 1 then differed in a last bit from one of 4096 on the
+    H200); GEMM2's token tile is GEMM1's; no ``RS`` or ``DENSE``."""
+    experts = random_experts(8, 256, 128, group_size=128, dtype=torch.float16, device=DEVICE,
+                             seed=1)
+
+    def table(m, n, k, e, top_k, dtype, device, swap=True):
+        if m < 256:  # an 8-slot mma entry
+            return {"BLOCK_SIZE_M": 8, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 256,
+                    "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 1, "MMA": True}
+        return {"BLOCK_SIZE_M": 32 if m < 4096 else 128, "BLOCK_SIZE_N": 128,
+                "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1 if m < 4096 else 8, "num_warps": 8,
+                "num_stages": 3, "SWAP_AB": swap, "RS": True, "DENSE": m >= 4096}
+
+    monkeypatch.setattr(prefill_mod, "get_prefill_config", table)
+    for m, want in ((1, 16), (7, 16), (300, 32), (4096, 128), (None, 32)):
+        cfg1, cfg2 = prefill_mod.deterministic_prefill_configs(experts, 2, num_tokens=m)
+        assert cfg1["BLOCK_SIZE_M"] == cfg2["BLOCK_SIZE_M"] == want, (m, cfg1, cfg2)
+        assert not any(c.get("RS") or c.get("DENSE") for c in (cfg1, cfg2))
+    monkeypatch.setattr(prefill_mod, "get_prefill_config",
+                        lambda *a: table(*a, swap=False))
+    for m in (1, 4096):  # tokens on the MMA's M side: the reference tile for every batch
+        cfg1, _ = prefill_mod.deterministic_prefill_configs(experts, 2, num_tokens=m)
+        assert cfg1["BLOCK_SIZE_M"] == 32

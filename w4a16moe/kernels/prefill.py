@@ -1235,6 +1235,11 @@ class PrefillWorkspace:
 #: kernels a token goes through do not change with the batch (see
 #: :func:`deterministic_prefill_configs`)
 DETERMINISTIC_REFERENCE_M = 256
+#: smallest token tile the deterministic mode takes from a smaller batch's tuned config: the
+#: tables' 8-slot ``MMA`` entries (for the mma kernel, which this mode does not run) gave the
+#: Triton kernel 8-token tiles, whose sums differed in a last bit from the 16- to 128-token
+#: tiles of larger batches (H200, session 39: qwen3-30b, a batch of 1 against one of 4096)
+DETERMINISTIC_MIN_BLOCK_M = 16
 
 
 def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
@@ -1252,8 +1257,10 @@ def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
     Only ``BLOCK_SIZE_M`` (and ``GROUP_SIZE_M``, the program order) may follow
     ``num_tokens``, and only when both reference configs are ``SWAP_AB``: there the tokens
     are the N side of the MMA (the weight rows its M side), so a larger token tile issues the
-    same MMA instructions along K per output element. Without ``SWAP_AB`` the tokens are the
-    MMA's M side, where the tile size can change the instruction, so it stays fixed.
+    same MMA instructions along K per output element, from 16 tokens up
+    (:data:`DETERMINISTIC_MIN_BLOCK_M`: an 8-token tile did not). Without ``SWAP_AB`` the
+    tokens are the MMA's M side, where the tile size can change the instruction, so it stays
+    fixed.
     """
     device = torch.device(device) if device is not None else experts.device
     i, h, e = experts.intermediate_size, experts.hidden_size, experts.num_experts
@@ -1268,7 +1275,7 @@ def deterministic_prefill_configs(experts: PackedExperts, top_k: int,
     if (num_tokens is not None and cfg1.get("SWAP_AB", False)
             and cfg2.get("SWAP_AB", False)):
         at_m = get_prefill_config(num_tokens, 2 * i, h, e, top_k, experts.dtype, device)
-        cfg1["BLOCK_SIZE_M"] = at_m["BLOCK_SIZE_M"]
+        cfg1["BLOCK_SIZE_M"] = max(at_m["BLOCK_SIZE_M"], DETERMINISTIC_MIN_BLOCK_M)
         cfg1["GROUP_SIZE_M"] = at_m["GROUP_SIZE_M"]
         cfg2["GROUP_SIZE_M"] = at_m["GROUP_SIZE_M"]
     cfg2["BLOCK_SIZE_M"] = cfg1["BLOCK_SIZE_M"]

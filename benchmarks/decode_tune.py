@@ -40,6 +40,7 @@ from w4a16moe.bench.timing import capture_graph
 from w4a16moe.kernels.decode import (
     DecodeConfig,
     DecodeWorkspace,
+    card_sm_read_rate,
     decode_gemm1,
     decode_gemm2,
     fused_moe_decode,
@@ -276,8 +277,9 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only,
         ws = DecodeWorkspace.create(ex, top_k=top_k, max_tokens=m)
         out1 = torch.empty(m * top_k, I, dtype=dtype, device=device)
         out2 = torch.empty(m, H, dtype=dtype, device=device)
-        d1 = pick_config_gemm1(m, I, H, E, top_k, sms)
-        d2 = pick_config_gemm2(m, H, I, E, top_k, sms)
+        rate = card_sm_read_rate(device)
+        d1 = pick_config_gemm1(m, I, H, E, top_k, sms, sm_read_rate=rate)
+        d2 = pick_config_gemm2(m, H, I, E, top_k, sms, sm_read_rate=rate)
         for gemm, variants, floor, byts in (("gemm1", [d1] + g1_variants, floor1, b1),
                                             ("gemm2", [d2] + g2_variants, floor2, b2)):
             recs = []

@@ -33,6 +33,7 @@ from w4a16moe.kernels.decode import (
     fused_moe_decode,
     pick_config_gemm1,
     pick_config_gemm2,
+    ring_step_words,
 )
 from w4a16moe.quantize import random_experts
 from w4a16moe.reference import activation_and_mul, moe_reference
@@ -217,6 +218,25 @@ def test_ring_with_act_order_zeros_and_expert_map(dtype, split):
                     workspace=DecodeWorkspace.create(local, top_k=2, max_tokens=3))
     _assert_close(res, ref, dtype)
     assert torch.all(res[0] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ring_with_128_word_steps(dtype):
+    """The ring tiles with the 128-word steps of high-rate cards (``ring_step_words``): K of
+    2048 (two steps) and 1152 (one and a half: a masked last step), group 128, zero points,
+    split in two."""
+    for h, i, split in ((2048, 1024, 1), (1152, 1152, 2)):
+        experts = random_experts(2, h, i, group_size=128, symmetric=False, dtype=dtype,
+                                 device=DEVICE, seed=22)
+        x = torch.randn(2, h, dtype=dtype, device=DEVICE)
+        weights, ids = _routing(2, 2, 2)
+        cfg1 = DecodeConfig(block_n=64, block_kw=128, split_k=split, num_warps=1,
+                            num_stages=3)
+        cfg2 = DecodeConfig(block_n=64, block_kw=128, split_k=split, num_warps=1,
+                            num_stages=3)
+        ws = DecodeWorkspace.create(experts, top_k=2, max_tokens=2) if split > 1 else None
+        _assert_close(*_run(experts, x, weights, ids, cfg1=cfg1, cfg2=cfg2, workspace=ws),
+                      dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -477,6 +497,50 @@ def test_heuristics_fill_waves():
     assert d2.split_k == 1 and d2.topk_inner == 2
     _, d2 = deterministic_decode_configs(768, 2048, 128, 8, sms)
     assert d2.split_k == 1 and d2.num_warps == 4
+
+
+H100_SM_READ_RATE = 2 * 2.619e9 * 5120 / 8 / 132  # 3.35 TB/s peak over 132 SMs: 25.4 GB/s
+H200_SM_READ_RATE = 2 * 3.201e9 * 6144 / 8 / 132  # 4.9 TB/s peak over 132 SMs: 37.3 GB/s
+
+
+def test_ring_steps_follow_the_cards_read_rate():
+    """The ring tiles read 64-word steps on the H100's rate (or an unknown one) and 128-word
+    steps from ``WIDE_RING_MIN_SM_READ_RATE`` an SM (the H200: session 40); GEMM2's split
+    stays what the 64-word steps give; the register tiles of short K do not change."""
+    assert ring_step_words(None) == ring_step_words(H100_SM_READ_RATE) == 64
+    assert ring_step_words(H200_SM_READ_RATE) == 128
+    assert ring_step_words(decode.WIDE_RING_MIN_SM_READ_RATE) == 128
+    sms = 132
+    mixtral1 = (14336, 4096, 8, 2, sms)
+    mixtral2 = dict(n=4096, k=14336, num_experts=8, top_k=2, num_sms=sms)
+
+    def shape(c):
+        return c.block_n, c.block_kw, c.split_k, c.num_warps, c.num_stages
+
+    for rate, words in ((None, 64), (H100_SM_READ_RATE, 64), (H200_SM_READ_RATE, 128)):
+        for m in (1, 2, 4):
+            assert shape(pick_config_gemm1(m, *mixtral1, sm_read_rate=rate)) == (
+                4, words, 1, 1, 3), (rate, m)
+        assert shape(pick_config_gemm2(1, **mixtral2, sm_read_rate=rate)) == (
+            16, words, 2, 1, 3)
+        assert shape(pick_config_gemm2(2, **mixtral2, sm_read_rate=rate)) == (
+            16, words, 1, 1, 3)
+        d1, d2 = deterministic_decode_configs(14336, 4096, 8, 2, sms, sm_read_rate=rate)
+        assert d1.block_kw == d2.block_kw == words and d2.split_k == 1
+    for m in (1, 2, 4, 8):  # qwen3-30b: short K, the register tiles whatever the card
+        assert pick_config_gemm1(m, 768, 2048, 128, 8, sms) == pick_config_gemm1(
+            m, 768, 2048, 128, 8, sms, sm_read_rate=H200_SM_READ_RATE)
+        assert pick_config_gemm2(m, 2048, 768, 128, 8, sms) == pick_config_gemm2(
+            m, 2048, 768, 128, 8, sms, sm_read_rate=H200_SM_READ_RATE)
+
+
+def test_card_sm_read_rate():
+    """An SM's share of the card's peak DRAM rate from the driver on the GPU (between a
+    consumer card's and a future HBM card's), None off it."""
+    assert decode.card_sm_read_rate(torch.device("cpu")) is None
+    if ON_GPU:
+        rate = decode.card_sm_read_rate(torch.device(DEVICE))
+        assert rate is not None and 2e9 < rate < 200e9, rate
 
 
 # ------------------------------------------------------------------------------------------

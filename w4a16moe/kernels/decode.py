@@ -40,6 +40,7 @@ host sync) and read memory outside the weights.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -441,6 +442,28 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: few programs keep the CPU tests fast
 
 
+@functools.cache
+def _peak_read_rate_per_sm(index: int) -> float | None:
+    """An SM's share of the peak DRAM rate (bytes/s) of CUDA device ``index``: the driver's
+    memory clock (kHz, double data rate) times its bus width, over the SMs; None where the
+    driver does not report them."""
+    try:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        rate = 2 * props["mem_clock_rate"] * 1e3 * props["mem_bus_width"] / 8
+        sms = props["multiprocessor_count"]
+    except Exception:  # no such driver query (another backend, an old Triton)
+        return None
+    return rate / sms if rate > 0 and sms > 0 else None
+
+
+def card_sm_read_rate(device: torch.device) -> float | None:
+    """:func:`_peak_read_rate_per_sm` of ``device``; None off the GPU (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _peak_read_rate_per_sm(index)
+
+
 def _pow2_at_most(v: int, cap: int) -> int:
     p = 1
     while p * 2 <= min(v, cap):
@@ -481,6 +504,24 @@ GEMM1_RING_WARPS_PER_SM = 21
 #: the ring GEMM1 tile needs this many waves of resident warps to beat the register tiles
 #: (qwen3-235b M=1, 1.1 waves: 26.3 against 23.4 us; M=3, 3.3 waves: 60.7 against 65.6)
 GEMM1_RING_MIN_WAVES = 2.5
+#: words a step of the ring tiles ...
+RING_STEP_WORDS = 64
+#: ... and on cards whose SMs each have :data:`WIDE_RING_MIN_SM_READ_RATE` of DRAM rate or
+#: more: the bytes an SM must keep in flight grow with its share of the rate (Little's law),
+#: and two 64-word steps a warp no longer hold enough. Session 40 on the H200 (4.8 TB/s
+#: peak, ~37 GB/s an SM), Mixtral: GEMM1 M=1 / 2 -5 / -7 %, GEMM2 M=1 / 2 -2 / -9 %; on the
+#: H100 (3.35 TB/s, ~25 GB/s an SM) session 15 found 128-word steps no faster for GEMM1 and
+#: 4-12 % slower for GEMM2 (benchmarks/notes_decode.md)
+WIDE_RING_STEP_WORDS = 128
+WIDE_RING_MIN_SM_READ_RATE = 30e9
+
+
+def ring_step_words(sm_read_rate: float | None) -> int:
+    """Words a step of the ``cp.async`` ring tiles read on a card whose SMs each have
+    ``sm_read_rate`` bytes/s of its peak DRAM rate (None: unknown, the H100's steps)."""
+    if sm_read_rate is not None and sm_read_rate >= WIDE_RING_MIN_SM_READ_RATE:
+        return WIDE_RING_STEP_WORDS
+    return RING_STEP_WORDS
 
 
 def _waves(warps: int, warps_per_sm: int, num_sms: int) -> float:
@@ -495,7 +536,7 @@ def _wave_fill(warps: int, warps_per_sm: int, num_sms: int) -> float:
 
 
 def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
-                      num_sms: int) -> DecodeConfig:
+                      num_sms: int, *, sm_read_rate: float | None = None) -> DecodeConfig:
     """Heuristic config of GEMM1 (w13: ``2*n_half`` rows, ``k`` = hidden size).
 
     From H100 sweeps (benchmarks/notes_decode.md): one warp per tile of 16 rows (8 gate + 8
@@ -508,7 +549,9 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
     23.6 us, deepseek-v2-lite M=2 22.5 -> 19.0, olmoe M=2 22.3 -> 18.7, M=4 35.0 -> 33.8).
     Long K (:data:`RING_MIN_K_WORDS`) with 2.5+ waves of warps: 8-row, 64-word one-warp
     tiles that load through a ``cp.async`` ring two steps ahead (session 15: Mixtral M=1
-    50.7 -> 46.3 us, M=4 171.8 -> 164.8, qwen3-235b M=3 63.1 -> 57.7).
+    50.7 -> 46.3 us, M=4 171.8 -> 164.8, qwen3-235b M=3 63.1 -> 57.7); 128-word steps where
+    an SM's share of the card's DRAM rate, ``sm_read_rate`` (bytes/s), calls for them
+    (:func:`ring_step_words`).
     """
     del num_experts
     k_words = k // PACK_FACTOR
@@ -517,7 +560,8 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
     ring_warps = slots * triton.cdiv(n_half, 4)
     if (k_words >= RING_MIN_K_WORDS
             and _waves(ring_warps, GEMM1_RING_WARPS_PER_SM, num_sms) >= GEMM1_RING_MIN_WAVES):
-        return DecodeConfig(block_n=4, block_kw=64, num_warps=1, num_stages=RING_STAGES)
+        return DecodeConfig(block_n=4, block_kw=ring_step_words(sm_read_rate), num_warps=1,
+                            num_stages=RING_STAGES)
     warps = slots * triton.cdiv(n_half, block_n)
     if warps >= 8 * num_sms:
         num_warps = 1
@@ -555,7 +599,8 @@ HALF_STEP_MAX_K_WORDS = 128
 
 
 def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
-                      num_sms: int, *, allow_split_k: bool = True) -> DecodeConfig:
+                      num_sms: int, *, allow_split_k: bool = True,
+                      sm_read_rate: float | None = None) -> DecodeConfig:
     """Heuristic config of GEMM2 (w2: ``n`` = hidden rows, ``k`` = intermediate size).
 
     From H100 sweeps (``benchmarks/notes_decode.md``): one program per (slot, row tile), the
@@ -584,7 +629,9 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
     * long K (:data:`RING_MIN_K_WORDS`, Mixtral's I = 14336) first of all: 16-row, 64-word
       one-warp tiles loading through a ``cp.async`` ring two steps ahead (127 registers),
       split along K up to ~7 warps per SM (session 15 against the register tiles: Mixtral
-      M=1 27.2 -> 26.0 us, M=2 51.1 -> 47.2, M=3 76.0 -> 69.0, M=4 97.8 -> 92.2);
+      M=1 27.2 -> 26.0 us, M=2 51.1 -> 47.2, M=3 76.0 -> 69.0, M=4 97.8 -> 92.2); 128-word
+      steps where ``sm_read_rate`` calls for them (:func:`ring_step_words`), split as the
+      64-word ones are;
 
     ``allow_split_k=False`` (the deterministic mode, which drops the split) skips the split
     one-warp tiles: unsplit, they are too few programs.
@@ -595,9 +642,12 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
     target = 7 * num_sms
     if k_words >= RING_MIN_K_WORDS:
         warps = slots * triton.cdiv(n, 16)
-        split_k = _split_for(warps, triton.cdiv(k_words, 64), target) if allow_split_k else 1
-        return DecodeConfig(block_n=16, block_kw=64, split_k=split_k, num_warps=1,
-                            num_stages=RING_STAGES)
+        # the split counts 64-word steps whatever the step: with 128-word steps Mixtral M=1
+        # on the H200 was 2 % faster split in two (seven steps a split) than unsplit
+        split_k = (_split_for(warps, triton.cdiv(k_words, RING_STEP_WORDS), target)
+                   if allow_split_k else 1)
+        return DecodeConfig(block_n=16, block_kw=ring_step_words(sm_read_rate),
+                            split_k=split_k, num_warps=1, num_stages=RING_STAGES)
     block_kw = max(int(CHUNK_WORDS), _pow2_at_most(k_words, 32))
     k_steps = triton.cdiv(k_words, block_kw)
     programs = slots * triton.cdiv(n, 32)
@@ -629,7 +679,8 @@ def pick_config_gemm2(m: int, n: int, k: int, num_experts: int, top_k: int,
 
 
 def deterministic_decode_configs(intermediate_size: int, hidden_size: int, num_experts: int,
-                                 top_k: int, num_sms: int) -> tuple[DecodeConfig, DecodeConfig]:
+                                 top_k: int, num_sms: int, *, sm_read_rate: float | None = None
+                                 ) -> tuple[DecodeConfig, DecodeConfig]:
     """(GEMM1, GEMM2) configs of the deterministic mode, the same for every M.
 
     No atomics: GEMM1 without split-K, GEMM2 without split-K and with all ``top_k`` slots of
@@ -639,9 +690,10 @@ def deterministic_decode_configs(intermediate_size: int, hidden_size: int, num_e
     program computes one slot (GEMM1) or one token (GEMM2), so a token's result does not
     depend on the other tokens.
     """
-    cfg1 = pick_config_gemm1(1, intermediate_size, hidden_size, num_experts, top_k, num_sms)
+    cfg1 = pick_config_gemm1(1, intermediate_size, hidden_size, num_experts, top_k, num_sms,
+                             sm_read_rate=sm_read_rate)
     cfg2 = pick_config_gemm2(1, hidden_size, intermediate_size, num_experts, top_k, num_sms,
-                             allow_split_k=False)
+                             allow_split_k=False, sm_read_rate=sm_read_rate)
     return (replace(cfg1, split_k=1),
             replace(cfg2, split_k=1, topk_inner=max(top_k, cfg2.topk_inner)))
 
@@ -859,7 +911,8 @@ def decode_gemm1(
     out = _check_out(out, (m * top_k, i), x.dtype, device)
     if m == 0:
         return out
-    cfg = config or pick_config_gemm1(m, i, h, w13.num_experts, top_k, _num_sms(device))
+    cfg = config or pick_config_gemm1(m, i, h, w13.num_experts, top_k, _num_sms(device),
+                                      sm_read_rate=card_sm_read_rate(device))
     per, split = _kw_per_split(h, cfg)
     n_tiles = triton.cdiv(i, cfg.block_n)
     acc, cnt = _split_buffers(workspace, split, (m * top_k, 2 * i), m * top_k * n_tiles,
@@ -925,7 +978,8 @@ def decode_gemm2(
     out = _check_out(out, (m, h), inter.dtype, device)
     if m == 0:
         return out
-    cfg = config or pick_config_gemm2(m, h, i, w2.num_experts, top_k, _num_sms(device))
+    cfg = config or pick_config_gemm2(m, h, i, w2.num_experts, top_k, _num_sms(device),
+                                      sm_read_rate=card_sm_read_rate(device))
     topk_inner = top_k if cfg.topk_inner >= top_k else 1
     per, split = _kw_per_split(i, cfg)
     num_splits = (top_k // topk_inner) * split
@@ -1023,7 +1077,8 @@ def fused_moe_decode(
     if deterministic:
         if gemm1_config is None or gemm2_config is None:
             d1, d2 = deterministic_decode_configs(i, h, experts.num_experts, top_k,
-                                                  _num_sms(device))
+                                                  _num_sms(device),
+                                                  sm_read_rate=card_sm_read_rate(device))
             gemm1_config = gemm1_config or d1
             gemm2_config = gemm2_config or d2
         gemm1_config = _deterministic(gemm1_config)
@@ -1045,10 +1100,12 @@ __all__ = [
     "ACTIVATIONS",
     "DecodeConfig",
     "DecodeWorkspace",
+    "card_sm_read_rate",
     "decode_gemm1",
     "decode_gemm2",
     "deterministic_decode_configs",
     "fused_moe_decode",
     "pick_config_gemm1",
     "pick_config_gemm2",
+    "ring_step_words",
 ]

@@ -505,8 +505,9 @@ H200_SM_READ_RATE = 2 * 3.201e9 * 6144 / 8 / 132  # 4.9 TB/s peak over 132 SMs: 
 
 def test_ring_steps_follow_the_cards_read_rate():
     """The ring tiles read 64-word steps on the H100's rate (or an unknown one) and 128-word
-    steps from ``WIDE_RING_MIN_SM_READ_RATE`` an SM (the H200: session 40); GEMM2's split
-    stays what the 64-word steps give; the register tiles of short K do not change."""
+    steps from ``WIDE_RING_MIN_SM_READ_RATE`` an SM (the H200: session 40), GEMM1's from one
+    wave of warps; GEMM2's split stays what the 64-word steps give; the register tiles of
+    short K do not change."""
     assert ring_step_words(None) == ring_step_words(H100_SM_READ_RATE) == 64
     assert ring_step_words(H200_SM_READ_RATE) == 128
     assert ring_step_words(decode.WIDE_RING_MIN_SM_READ_RATE) == 128
@@ -527,6 +528,15 @@ def test_ring_steps_follow_the_cards_read_rate():
             16, words, 1, 1, 3)
         d1, d2 = deterministic_decode_configs(14336, 4096, 8, 2, sms, sm_read_rate=rate)
         assert d1.block_kw == d2.block_kw == words and d2.split_k == 1
+    # GEMM1's ring tile with 128-word steps from one wave of warps (qwen3-235b M=1: 1.1
+    # waves, M=2: 2.2), with 64-word steps from 2.5; below one wave the register tiles
+    qwen3_235b = (1536, 4096, 128, 8, sms)
+    for m in (1, 2):
+        assert shape(pick_config_gemm1(m, *qwen3_235b, sm_read_rate=H200_SM_READ_RATE)) == (
+            4, 128, 1, 1, 3)
+        assert pick_config_gemm1(m, *qwen3_235b, sm_read_rate=H100_SM_READ_RATE).num_stages == 1
+    assert pick_config_gemm1(1, 1024, 4096, 8, 2, sms,
+                             sm_read_rate=H200_SM_READ_RATE).num_stages == 1  # 0.18 waves
     for m in (1, 2, 4, 8):  # qwen3-30b: short K, the register tiles whatever the card
         assert pick_config_gemm1(m, 768, 2048, 128, 8, sms) == pick_config_gemm1(
             m, 768, 2048, 128, 8, sms, sm_read_rate=H200_SM_READ_RATE)

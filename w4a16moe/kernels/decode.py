@@ -514,6 +514,10 @@ RING_STEP_WORDS = 64
 #: 4-12 % slower for GEMM2 (benchmarks/notes_decode.md)
 WIDE_RING_STEP_WORDS = 128
 WIDE_RING_MIN_SM_READ_RATE = 30e9
+#: :data:`GEMM1_RING_MIN_WAVES` for the 128-word steps: on the H200 they beat the register
+#: tiles at qwen3-235b M=2 (2.2 waves: 36.3 against 38.7 us) and tied them at M=1 (1.1
+#: waves: 21.3 against 21.4; the kernel alone 20.2 against 21.1)
+GEMM1_WIDE_RING_MIN_WAVES = 1.0
 
 
 def ring_step_words(sm_read_rate: float | None) -> int:
@@ -551,16 +555,20 @@ def pick_config_gemm1(m: int, n_half: int, k: int, num_experts: int, top_k: int,
     tiles that load through a ``cp.async`` ring two steps ahead (session 15: Mixtral M=1
     50.7 -> 46.3 us, M=4 171.8 -> 164.8, qwen3-235b M=3 63.1 -> 57.7); 128-word steps where
     an SM's share of the card's DRAM rate, ``sm_read_rate`` (bytes/s), calls for them
-    (:func:`ring_step_words`).
+    (:func:`ring_step_words`), and those from one wave of warps
+    (:data:`GEMM1_WIDE_RING_MIN_WAVES`).
     """
     del num_experts
     k_words = k // PACK_FACTOR
     block_n = 8
     slots = m * top_k
     ring_warps = slots * triton.cdiv(n_half, 4)
+    ring_words = ring_step_words(sm_read_rate)
+    min_waves = (GEMM1_WIDE_RING_MIN_WAVES if ring_words == WIDE_RING_STEP_WORDS
+                 else GEMM1_RING_MIN_WAVES)
     if (k_words >= RING_MIN_K_WORDS
-            and _waves(ring_warps, GEMM1_RING_WARPS_PER_SM, num_sms) >= GEMM1_RING_MIN_WAVES):
-        return DecodeConfig(block_n=4, block_kw=ring_step_words(sm_read_rate), num_warps=1,
+            and _waves(ring_warps, GEMM1_RING_WARPS_PER_SM, num_sms) >= min_waves):
+        return DecodeConfig(block_n=4, block_kw=ring_words, num_warps=1,
                             num_stages=RING_STAGES)
     warps = slots * triton.cdiv(n_half, block_n)
     if warps >= 8 * num_sms:

@@ -30,8 +30,10 @@ applied per 32-value chunk and the cross-thread reduction happens once, after th
 Loads run one step ahead, held in registers; or, with ``DecodeConfig.num_stages > 1``,
 Triton's software pipeline copies them by ``cp.async`` into a ring of shared-memory steps
 (the heuristics take that for K of 512+ words, where it frees registers for more resident
-warps and keeps two steps in flight). The heuristics aim at four to eight rows per thread,
-which amortises the per-step activation handling (see ``benchmarks/notes_decode.md``).
+warps and keeps two steps in flight; the steps are 128 words instead of 64 on cards whose
+SMs each get more of the DRAM rate than an H100's: :func:`ring_step_words`). The heuristics
+aim at four to eight rows per thread, which amortises the per-step activation handling (see
+``benchmarks/notes_decode.md``).
 
 Out-of-range ``topk_ids`` (not in ``[0, E)``, or ``[0, len(expert_map))`` with an
 ``expert_map``) are the caller's bug: they are not checked on the device (that would need a
@@ -508,10 +510,10 @@ GEMM1_RING_MIN_WAVES = 2.5
 RING_STEP_WORDS = 64
 #: ... and on cards whose SMs each have :data:`WIDE_RING_MIN_SM_READ_RATE` of DRAM rate or
 #: more: the bytes an SM must keep in flight grow with its share of the rate (Little's law),
-#: and two 64-word steps a warp no longer hold enough. Session 40 on the H200 (4.8 TB/s
-#: peak, ~37 GB/s an SM), Mixtral: GEMM1 M=1 / 2 -5 / -7 %, GEMM2 M=1 / 2 -2 / -9 %; on the
-#: H100 (3.35 TB/s, ~25 GB/s an SM) session 15 found 128-word steps no faster for GEMM1 and
-#: 4-12 % slower for GEMM2 (benchmarks/notes_decode.md)
+#: and two 64-word steps a warp no longer hold enough. Session 40 on the H200 (36.5 GB/s an
+#: SM by its driver's memory clock and bus width), Mixtral: GEMM1 M=1 / 2 -5 / -7 %, GEMM2
+#: M=1 / 2 -2 / -9 %; on the H100 (3.35 TB/s, ~25 GB/s an SM) session 15 found 128-word
+#: steps no faster for GEMM1 and 4-12 % slower for GEMM2 (benchmarks/notes_decode.md)
 WIDE_RING_STEP_WORDS = 128
 WIDE_RING_MIN_SM_READ_RATE = 30e9
 #: :data:`GEMM1_RING_MIN_WAVES` for the 128-word steps: on the H200 they beat the register

@@ -21,7 +21,9 @@ olmoe-1b-7b when ``--models`` names them (the timing; the correctness checks cov
    variant: graph replay time per launch (includes the ~launch gap between graph nodes) and
    the kernel's own duration from the profiler (CUPTI).
 4. The floor: active bytes (distinct experts u, averaged over the launches: u*N*K/2 +
-   scales, plus activations in/out) over the measured 2.94 TB/s streaming read rate.
+   scales, plus activations in/out) over this GPU's streaming read rate, measured at the
+   start (``measure_read_bandwidth``; ``--read-gbps`` sets it instead, e.g. 2940 for the
+   H100 rate that the records before session 40 used).
 
 Weights are random int32 words (every word is a valid packed code set) and random scales,
 made on the GPU directly: building them through the CPU quantizer would take minutes.
@@ -36,7 +38,7 @@ import time
 
 import torch
 
-from w4a16moe.bench.timing import capture_graph
+from w4a16moe.bench.timing import capture_graph, measure_read_bandwidth
 from w4a16moe.kernels.decode import (
     DecodeConfig,
     DecodeWorkspace,
@@ -51,7 +53,9 @@ from w4a16moe.layout import PackedExperts, PackedWeights
 from w4a16moe.reference import moe_reference
 from w4a16moe.routing import fused_topk
 
-STREAM_BW = 2.94e12  # H100 streaming read, measured (shared/TESTING_FACTS.md)
+#: H100 streaming read (shared/TESTING_FACTS.md): the floors' rate before session 40, and
+#: where nothing is measured (``--mode warm``)
+H100_STREAM_BW = 2.94e12
 MODELS = {
     "qwen3-30b-a3b": dict(E=128, top_k=8, H=2048, I=768, G=128),
     "mixtral-8x7b": dict(E=8, top_k=2, H=4096, I=14336, G=128),
@@ -255,7 +259,7 @@ ROUTINGS = {"disjoint": routing, "random": random_routing}
 
 
 def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only,
-                route=routing):
+                route=routing, stream_bw=H100_STREAM_BW):
     dtype = torch.bfloat16
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     p = MODELS[name]
@@ -273,7 +277,7 @@ def sweep_model(name, ms, device, results, g1_variants, g2_variants, warm_only,
         inter = torch.randn(m * top_k, I, dtype=dtype, device=device)
         b1 = gemm_bytes(u, 2 * I, H, G, m, H, m * top_k, I)
         b2 = gemm_bytes(u, H, I, G, m * top_k, I, m, H)
-        floor1, floor2 = b1 / STREAM_BW * 1e6, b2 / STREAM_BW * 1e6
+        floor1, floor2 = b1 / stream_bw * 1e6, b2 / stream_bw * 1e6
         ws = DecodeWorkspace.create(ex, top_k=top_k, max_tokens=m)
         out1 = torch.empty(m * top_k, I, dtype=dtype, device=device)
         out2 = torch.empty(m, H, dtype=dtype, device=device)
@@ -354,11 +358,12 @@ def parse_config(text):
 
 
 def sweep(device, results, quick, models, warm_only=False, defaults_only=False,
-          g1=None, g2=None, ms=None, route=routing):
+          g1=None, g2=None, ms=None, route=routing, stream_bw=H100_STREAM_BW):
     """Time every variant (or, with ``warm_only``, launch each once to fill the compile
     cache; run several warm processes side by side to compile in parallel). ``g1``/``g2``
     replace the built-in variant lists, ``ms`` the token counts of every model, ``route``
-    the routing of each launch (one of :data:`ROUTINGS`)."""
+    the routing of each launch (one of :data:`ROUTINGS`), ``stream_bw`` the read rate
+    (bytes/s) of the floors."""
     g1_variants = G1_VARIANTS if g1 is None else g1
     g2_variants = G2_VARIANTS if g2 is None else g2
     if quick:
@@ -369,7 +374,7 @@ def sweep(device, results, quick, models, warm_only=False, defaults_only=False,
         ms_ = tuple(ms) if ms else PLAN.get(name, (1, 2, 4, 8))
         if (not models and name in PLAN) or (models and name in models):
             sweep_model(name, ms_, device, results, g1_variants, g2_variants, warm_only,
-                        route)
+                        route, stream_bw)
             torch.cuda.empty_cache()
     if warm_only:
         return
@@ -399,6 +404,10 @@ def main():
     ap.add_argument("--g2", nargs="*", type=parse_config, default=None,
                     metavar="BN,BKW,SPLIT,WARPS[,PF[,TOPK_INNER[,STAGES]]]",
                     help="GEMM2 variants to time besides the default config")
+    ap.add_argument("--read-gbps", type=float, default=None,
+                    help="streaming read rate of the floors in GB/s (default: measured on "
+                         "this GPU at the start; 2940 gives the H100 floors of the records "
+                         "before session 40)")
     ap.add_argument("--routing", choices=tuple(ROUTINGS), default="disjoint",
                     help="disjoint: every slot of a launch on its own expert (the worst "
                          "case, the default); random: top-k of random logits, so slots "
@@ -417,9 +426,17 @@ def main():
         check_graph(device, results)
         print(f"checks took {time.time() - t0:.1f}s", flush=True)
     if args.mode in ("all", "warm", "time"):
+        if args.read_gbps is not None:
+            read_gbps, how = args.read_gbps, "--read-gbps"
+        elif args.mode == "warm":
+            read_gbps, how = H100_STREAM_BW / 1e9, "not measured (--mode warm)"
+        else:
+            read_gbps, how = measure_read_bandwidth(device)
+        results.update(read_gbps=read_gbps, read_gbps_how=how)
+        print(f"floors at {read_gbps:.0f} GB/s ({how})", flush=True)
         sweep(device, results, args.quick, args.models, warm_only=args.mode == "warm",
               defaults_only=args.defaults_only, g1=args.g1, g2=args.g2, ms=args.ms,
-              route=ROUTINGS[args.routing])
+              route=ROUTINGS[args.routing], stream_bw=read_gbps * 1e9)
     if args.mode == "warm":
         print(f"warm took {time.time() - t0:.1f}s")
         return

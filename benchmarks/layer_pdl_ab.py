@@ -29,7 +29,7 @@ import time
 
 import torch
 import triton
-from decode_tune import MODELS, STREAM_BW, distinct, gemm_bytes, make_experts, time_graph
+from decode_tune import H100_STREAM_BW, MODELS, distinct, gemm_bytes, make_experts, time_graph
 
 from w4a16moe.kernels import pdl
 from w4a16moe.kernels.decode import DecodeWorkspace, fused_moe_decode
@@ -52,7 +52,7 @@ def run_case(name, m, rounds, device, path="decode"):
     ids_all = [fused_topk(lg, top_k)[1] for lg in logits]
     u = sum(distinct(ids) for ids in ids_all) / R
     floor = (gemm_bytes(u, 2 * I, H, G, m, H, m * top_k, I)
-             + gemm_bytes(u, H, I, G, m * top_k, I, m, H)) / STREAM_BW * 1e6
+             + gemm_bytes(u, H, I, G, m * top_k, I, m, H)) / H100_STREAM_BW * 1e6
     ws = DecodeWorkspace.create(ex, top_k=top_k, max_tokens=m)
     pws = PrefillWorkspace.allocate(m, ex, top_k)
     out = torch.empty(m, H, dtype=dtype, device=device)

@@ -1592,13 +1592,12 @@ def fused_moe_prefill_from_logits(
         found = tuple(getattr(hidden_states, "shape", ()))
         raise ValueError(f"hidden_states has shape {found}; expected [M, H]")
     m = hidden_states.shape[0]
-    check_router_args(router_logits, top_k, scoring, num_expert_group, topk_group,
-                      correction_bias)
+    grouped = check_router_args(router_logits, top_k, scoring, num_expert_group, topk_group,
+                                correction_bias)
     if router_logits.shape[0] != m:
         raise ValueError(f"router_logits has shape {tuple(router_logits.shape)}; expected "
                          f"[{m}, E] (a row per token of hidden_states)")
     num_global = router_logits.shape[1]
-    grouped = num_expert_group is not None and num_expert_group > 1
     common = dict(activation=activation, apply_router_weight_on_input=apply_router_weight_on_input,
                   expert_map=expert_map, out=out, workspace=workspace,
                   atomic_topk_sum=atomic_topk_sum, deterministic=deterministic)

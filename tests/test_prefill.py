@@ -786,6 +786,20 @@ def test_dense_key_in_config_table():
         cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "DENSE": 1})
 
 
+def test_word_ring_key_in_config_table():
+    """``WORD_RING`` (the mma kernel's ring stages) on MMA entries only, 0, 2 or 3."""
+    mma = {**cfgmod.INTERPRETER_CONFIG, "BLOCK_SIZE_M": 8, "BLOCK_SIZE_N": 16,
+           "BLOCK_SIZE_K": 512, "num_warps": 1, "MMA": True}
+    for stages in (0, 2, 3):
+        assert cfgmod.validate_config({**mma, "WORD_RING": stages})["WORD_RING"] == stages
+    with pytest.raises(ValueError, match=r"WORD_RING is 4; expected one of \[0, 2, 3\]"):
+        cfgmod.validate_config({**mma, "WORD_RING": 4})
+    with pytest.raises(ValueError, match="WORD_RING is 2 without MMA; expected it only on MMA"):
+        cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "WORD_RING": 2})
+    with pytest.raises(ValueError, match="bucket '2': WORD_RING is True"):
+        cfgmod.parse_table({"4096,14336": {"2": {**mma, "WORD_RING": True}}})
+
+
 def test_deterministic_configs_take_no_token_tile_below_16(monkeypatch):
     """The deterministic mode's configs: the reference token count's, with ``BLOCK_SIZE_M``
     following the batch only for ``SWAP_AB`` pairs and never below

@@ -125,6 +125,17 @@ def test_word_ring_for_short_programs_only():
     assert prefill_mma.word_ring_stages(8192, mma_config(8, 64, 4, 512)) == stages
 
 
+def test_word_ring_key_overrides_the_rule_by_steps():
+    """An entry's ``WORD_RING`` sets the ring's stages at any step count (Mixtral's GEMM2:
+    56 steps of 256, 28 of 512); 0 keeps the words in registers where the rule would ring."""
+    for stages in (2, 3):
+        assert prefill_mma.word_ring_stages(14336, {**mma_config(8, 16, 1, 512),
+                                                    "WORD_RING": stages}) == stages
+        assert prefill_mma.word_ring_stages(14336, {**mma_config(8, 16, 1, 256),
+                                                    "WORD_RING": stages}) == stages
+    assert prefill_mma.word_ring_stages(2048, {**mma_config(8, 64, 4, 256), "WORD_RING": 0}) == 0
+
+
 def test_word_ring_variants_compile_for_sm90_without_barriers_in_the_loop():
     """The words through a ``cp.async`` ring (``WORD_RING_STAGES``): no spills, the words'
     registers freed (at most 168 a thread on the shipped 4-warp tiles: three programs an
@@ -360,6 +371,34 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
                 outs.append(o)
             assert not outs[0].isnan().any()
             assert torch.equal(outs[0], outs[1]), (h, i, kw.get("activation"))
+
+
+@gpu_only
+@pytest.mark.parametrize("stages", [2, 3])
+@pytest.mark.parametrize("bn,warps,bk", [(16, 1, 512), (16, 1, 256), (64, 4, 512)])
+def test_word_ring_key_gives_the_register_path_bits_on_long_programs(stages, bn, warps, bk):
+    """An entry's ``WORD_RING`` on programs of many K steps (GEMM2 with K = 14336, as
+    Mixtral's: 28 or 56 steps) multiplies the same values in the same order as the words in
+    registers (``WORD_RING`` 0), bit for bit into NaN-poisoned outputs, and matches the
+    float32 reference."""
+    e, top_k, m, h, i = 8, 2, 3, 256, 14336
+    experts, _, w, ids = _case(m, h, i, e, top_k, dtype=torch.bfloat16, symmetric=True,
+                               seed=bn + bk)
+    blocks = align_block_size(ids, 8, e)
+    inter = torch.randn(m * top_k, i, dtype=torch.bfloat16, device=DEVICE)
+    outs = []
+    for ring in (0, stages):
+        o = torch.full((m * top_k, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        prefill_gemm(inter, experts.w2, blocks, ids, w, top_k=top_k, mul_routed_weight=True,
+                     a_is_slots=True, out=o,
+                     config={**mma_config(8, bn, warps, bk), "WORD_RING": ring})
+        outs.append(o)
+    assert not outs[0].isnan().any()
+    assert torch.equal(outs[0], outs[1])
+    w2 = experts.w2.dequantize(torch.float32)
+    ref = torch.einsum("sk,snk->sn", inter.float(), w2[ids.flatten().long()])
+    ref = ref * w.flatten()[:, None].float()
+    assert (outs[1].float() - ref).abs().max() <= 1e-2 * ref.abs().max()
 
 
 @gpu_only

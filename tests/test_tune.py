@@ -525,3 +525,17 @@ def test_tune_prefill_picks_each_bucket_by_the_layer(tmp_path):
     us = table["_meta"]["layer_us"]["small"]["8"]
     assert 0 < us < math.inf
     parse_table(json.loads(out.read_text()))
+
+
+def test_mma_space_times_the_word_ring_tiles():
+    """The ``mma`` space holds the one-warp tiles with ``WORD_RING`` (Mixtral's GEMM2 entries
+    at 2-4 tokens), valid entries, labelled with their stages."""
+    from w4a16moe.kernels.configs import validate_config
+    from w4a16moe.kernels.tune import candidate_configs, config_label
+
+    rings = [c for c in candidate_configs(8, 2.0, space="mma") if "WORD_RING" in c]
+    assert sorted((c["BLOCK_SIZE_K"], c["WORD_RING"]) for c in rings) == [(256, 3), (512, 2)]
+    for c in rings:
+        assert c["MMA"] and c["num_warps"] == 1 and c["BLOCK_SIZE_N"] == 16
+        assert validate_config(c) == c
+        assert config_label(c).endswith(f"WORD_RING={c['WORD_RING']}")

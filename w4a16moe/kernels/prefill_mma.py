@@ -54,7 +54,11 @@ it and keep the registers (``benchmarks/notes_prefill.md``, session 30). With K 
 groups or more the copies go in whole 128-byte runs of a row (``RING_COPIES_WHOLE_RUNS``: 8
 lanes a row, each warp copying the rows it computes), half the L2 requests of each lane
 copying its own pieces; a lane then reads back what other lanes of its warp copied, so the
-ring's barriers become warp barriers (session 37).
+ring's barriers become warp barriers (session 37). A table entry's ``WORD_RING`` sets the
+stages itself at any step count: Mixtral's GEMM2 at 2-4 tokens, whose one-warp programs of 56
+(or 28) steps each stream their rows at a pace set by the bytes they keep in flight, so the
+time follows how many such programs fit an SM at once (one wave or two); there the ring frees
+registers or carries wider steps (H200: that layer 9-15 % lower at M=2, session 41).
 
 **The K order.** 8-slot programs walk their K steps from step ``pid % steps`` round
 (``ROTATE_K_STEPS``): a launch's first wave, whose programs all start together, otherwise
@@ -986,9 +990,11 @@ def mma_groups(config: dict) -> int:
 
 def word_ring_stages(k: int, config: dict) -> int:
     """Stages of the words' ``cp.async`` ring for a GEMM of reduction ``k`` on an ``MMA``
-    config: :data:`WORD_RING_STAGES` for programs of at most :data:`WORD_RING_MAX_STEPS` K
-    steps of at least :data:`WORD_RING_MIN_BLOCK_K` columns, else 0 (the words two steps
-    ahead in registers)."""
+    config: the config's ``WORD_RING`` where it has one, else :data:`WORD_RING_STAGES` for
+    programs of at most :data:`WORD_RING_MAX_STEPS` K steps of at least
+    :data:`WORD_RING_MIN_BLOCK_K` columns, else 0 (the words two steps ahead in registers)."""
+    if "WORD_RING" in config:
+        return config["WORD_RING"]
     block_k = config["BLOCK_SIZE_K"]
     short = k // block_k <= WORD_RING_MAX_STEPS and block_k >= WORD_RING_MIN_BLOCK_K
     return WORD_RING_STAGES if short else 0

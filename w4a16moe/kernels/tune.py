@@ -58,22 +58,24 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps, num_stages[,
-#: FRAG_K[, RS[, PAIRED_STAGES[, MMA]]]]) tried at every BLOCK_SIZE_M: "default" for users, "quick"
-#: (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short device sessions,
-#: "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes, with and without
-#: fragment-order weight tiles; the 64-column fragment-order tile with four stages that won
-#: qwen3-30b's GEMM2 at M = 16-64 in session 20) for M buckets of 1-16 rows per expert, "rs" (the
-#: register-operand Gluon kernel on Hopper against the Triton tiles that won before, session 7 of
-#: the notes; four consumer warpgroups on 256-row tiles since session 9; the 128-row tiles that won
-#: with 256 tokens in session 10; GEMM1's 256-row tiles with BLOCK_SIZE_K 32, whose 128-token
-#: version ptxas does not serialize, session 11) for large experts at M >= 1024, "rsmidm" (the
-#: "midm" space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
+#: FRAG_K[, RS[, PAIRED_STAGES[, MMA[, WORD_RING]]]]]) tried at every BLOCK_SIZE_M: "default" for
+#: users, "quick" (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short
+#: device sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
+#: with and without fragment-order weight tiles; the 64-column fragment-order tile with four stages
+#: that won qwen3-30b's GEMM2 at M = 16-64 in session 20) for M buckets of 1-16 rows per expert,
+#: "rs" (the register-operand Gluon kernel on Hopper against the Triton tiles that won before,
+#: session 7 of the notes; four consumer warpgroups on 256-row tiles since session 9; the 128-row
+#: tiles that won with 256 tokens in session 10; GEMM1's 256-row tiles with BLOCK_SIZE_K 32, whose
+#: 128-token version ptxas does not serialize, session 11) for large experts at M >= 1024, "rsmidm"
+#: (the "midm" space plus the Gluon kernel with 16/32-token tiles, session 8; a 6-stage 128x128 tile
 #: since its words come by TMA, session 9; the BLOCK_SIZE_K 128 tiles with two K steps a stage, four
 #: such stages, session 19) for M = 16-256, "mma" (the ``mma.sync`` kernel of ``prefill_mma.py``, a
 #: trailing MMA flag: 8-32-slot blocks, one to four groups a K step; the entries that won
-#: qwen3-30b's and Mixtral's few-slots-an-expert buckets in sessions 25 and 26, down to one
-#: warp of 16 weight rows; 128 rows on one-group steps for a K of an odd group count, such as
-#: deepseek-v2-lite's GEMM2, K = 1408, session 27), which "rsmidm" also takes
+#: qwen3-30b's and Mixtral's few-slots-an-expert buckets in sessions 25 and 26, down to one warp of
+#: 16 weight rows; 128 rows on one-group steps for a K of an odd group count, such as
+#: deepseek-v2-lite's GEMM2, K = 1408, session 27; one-warp tiles with the words' ring at any step
+#: count, which won Mixtral's GEMM2 at 2-4 tokens on the H200, session 41), which "rsmidm" also
+#: takes
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -94,7 +96,11 @@ SPACES: dict[str, list[tuple]] = {
 SPACES["mma"] = [(True, bn, bk, warps, 1, False, False, False, True)
                  for bn, bk, warps in ((64, 256, 4), (128, 256, 4), (32, 256, 4), (64, 512, 4),
                                        (64, 128, 4), (128, 128, 4), (32, 256, 2), (16, 256, 1),
-                                       (8, 256, 1))]
+                                       (8, 256, 1))] + [
+    # one-warp tiles with the words' ring at any step count (WORD_RING): Mixtral's GEMM2 at 2-4
+    # tokens (session 41)
+    (True, 16, 512, 1, 1, False, False, False, True, 2),
+    (True, 16, 256, 1, 1, False, False, False, True, 3)]
 SPACES["rsmidm"] = SPACES["mma"] + SPACES["midm"] + [
     (True, 128, 128, 8, 4, False, True), (True, 128, 128, 8, 6, False, True),
     (True, 128, 64, 8, 6, False, True),
@@ -158,6 +164,8 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
         if len(flags) > 3 and flags[3]:
             cfg["MMA"] = True
             cfg["GROUP_SIZE_M"] = 1
+            if len(flags) > 4 and flags[4] is not None:
+                cfg["WORD_RING"] = flags[4]
             if mma_tiles_unsupported(cfg, activation=fused_activation) is not None:
                 continue
         elif block_m < 16:
@@ -237,12 +245,15 @@ def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int
 
 def config_label(config: dict) -> str:
     """A config in one short line: ``BMxBNxBK w<warps> s<stages>``, then its kernel flags
-    (``RS``, ``paired``, ``FRAG_K``, ``SWAP_AB``) and ``GROUP_SIZE_M`` when not 1."""
+    (``RS``, ``paired``, ``FRAG_K``, ``SWAP_AB``), ``WORD_RING`` when set and ``GROUP_SIZE_M``
+    when not 1."""
     label = (f"{config['BLOCK_SIZE_M']}x{config['BLOCK_SIZE_N']}x{config['BLOCK_SIZE_K']} "
              f"w{config['num_warps']} s{config['num_stages']}")
     flags = [name for key, name in (("MMA", "MMA"), ("RS", "RS"), ("PAIRED_STAGES", "paired"),
                                     ("FRAG_K", "FRAG_K"), ("SWAP_AB", "SWAP_AB"))
              if config.get(key)]
+    if "WORD_RING" in config:
+        flags.append(f"WORD_RING={config['WORD_RING']}")
     if config.get("GROUP_SIZE_M", 1) != 1:
         flags.append(f"GROUP_SIZE_M={config['GROUP_SIZE_M']}")
     return " ".join([label, *flags])

@@ -79,11 +79,17 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: registers in a K order where each lane owns whole words; blocks of 8-32 slots, K steps of
 #: BLOCK_SIZE_K = 128, 256 or 512 columns; GROUP_SIZE_M and num_stages are not used); where it
 #: cannot run, the Triton kernel runs the same entry
+#: WORD_RING (MMA entries): stages of that kernel's ``cp.async`` ring of weight words (2 or 3:
+#: one or two K steps ahead in shared memory; 0: two steps ahead in registers), in place of
+#: its rule by step count (``prefill_mma.word_ring_stages``); for Mixtral's 56-step GEMM2 at
+#: 2-4 tokens, where how many one-warp programs fit an SM at once sets the time
+#: (benchmarks/notes_prefill.md, session 41)
 OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True, False),
                  "DENSE": (True, False), "RS": (True, False), "MMA": (True, False),
                  "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
-                 "PAIRED_STAGES": (True, False), "STREAM_K": (True, False)}
+                 "PAIRED_STAGES": (True, False), "STREAM_K": (True, False),
+                 "WORD_RING": (0, 2, 3)}
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
@@ -151,6 +157,9 @@ def validate_config(config: object) -> dict:
             if type(v) is not type(allowed[0]) or v not in allowed:
                 raise ValueError(f"{key} is {v!r}; expected one of {list(allowed)}")
             out[key] = v
+    if "WORD_RING" in out and out.get("MMA") is not True:
+        raise ValueError(f"WORD_RING is {out['WORD_RING']} without MMA; expected it only on "
+                         "MMA entries (the stages of that kernel's ring of weight words)")
     if out.get("STREAM_K") and (why := stream_k_conflict(out)) is not None:
         raise ValueError(why)
     return out

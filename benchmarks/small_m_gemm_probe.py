@@ -28,11 +28,13 @@ import torch
 from decode_tune import MODELS, ROUTINGS, distinct, gemm_bytes, make_experts, time_graph
 
 from w4a16moe.bench.timing import measure_read_bandwidth
+from w4a16moe.kernels import prefill_mma
 from w4a16moe.kernels.decode import (
     DecodeWorkspace,
     card_sm_read_rate,
     decode_gemm1,
     decode_gemm2,
+    fused_moe_decode,
     pick_config_gemm1,
     pick_config_gemm2,
 )
@@ -43,7 +45,8 @@ DEV = torch.device("cuda")
 
 
 def parse_prefill_config(text: str) -> dict:
-    """``BM,BN,BK,WARPS,STAGES[,FLAG...]`` with flags MMA, RS, SWAP_AB, SPLIT_K=S."""
+    """``BM,BN,BK,WARPS,STAGES[,FLAG...]``: flags such as ``MMA``, ``RS``, ``SWAP_AB`` (True)
+    or ``WORD_RING=S`` (an integer)."""
     parts = text.split(",")
     bm, bn, bk, warps, stages = (int(p) for p in parts[:5])
     cfg = dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=1,
@@ -52,6 +55,60 @@ def parse_prefill_config(text: str) -> dict:
         name, _, value = flag.partition("=")
         cfg[name] = int(value) if value else True
     return cfg
+
+
+def new_mma_kernels(seen: set) -> list[int]:
+    """Registers a thread of the mma kernels compiled since the last call."""
+    found = []
+    for caches in getattr(prefill_mma._prefill_mma_kernel, "device_caches", {}).values():
+        for key, k in caches[0].items():
+            if key not in seen:
+                seen.add(key)
+                found.append(getattr(k, "n_regs", None))
+    return found
+
+
+def time_layers(args, m, routes, x, ex, ws, inter, out, d2, blocks, floor, u, R) -> list:
+    """The layer from routed inputs: ``fused_moe_decode``, and GEMM1 on each prefill config
+    of ``args.layers`` followed by ``decode_gemm2`` (with the alignment, and without it:
+    blocks made before the graph)."""
+    top_k = routes[0][1].shape[1]
+    E = ex.num_experts
+
+    def decode(w, ids):
+        fused_moe_decode(x, ex, w, ids, out=out, workspace=ws)
+
+    def mixed(w, ids, cfg, b=None):
+        if b is None:
+            b = align_block_size(ids, cfg["BLOCK_SIZE_M"], E)
+        prefill_gemm(x, ex.w13, b, ids, w, top_k=top_k, activation="silu", out=inter,
+                     config=cfg)
+        decode_gemm2(inter, ex.w2, ids, w, out=out, workspace=ws, config=d2)
+
+    variants = [("decode", [partial(decode, w, ids) for w, ids in routes])]
+    for text in args.layers:
+        cfg = parse_prefill_config(text)
+        bl = blocks[cfg["BLOCK_SIZE_M"]]
+        variants.append((f"{text} + align", [partial(mixed, w, ids, cfg) for w, ids in routes]))
+        variants.append((f"{text} (blocks given)",
+                         [partial(mixed, w, ids, cfg, b)
+                          for (w, ids), b in zip(routes, bl, strict=True)]))
+    recs, ref = [], None
+    for name, fns in variants:
+        out.fill_(float("nan"))
+        fns[0]()
+        torch.cuda.synchronize()
+        got = out.float()
+        if ref is None:
+            ref = got.clone()
+        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        us = min(time_graph(fns, args.replays, profile=False)[0] for _ in range(2))
+        recs.append(dict(model=args.model, m=m, gemm="layer", name=name, graph_us=us,
+                         floor_us=floor, x_floor=us / floor, rel_diff_vs_decode=err,
+                         distinct_experts=u, launches_per_graph=R))
+        print(f"{args.model} M={m} layer {name:>34s} {us:7.2f} us  floor {floor:6.2f}  "
+              f"{us / floor:5.2f}x  rel diff {err:.1e}", flush=True)
+    return recs
 
 
 def main() -> int:
@@ -65,6 +122,11 @@ def main() -> int:
     ap.add_argument("--g2", nargs="*", default=["8,16,256,1,1,MMA", "8,8,256,1,1,MMA",
                                                 "8,32,256,2,1,MMA", "8,64,256,4,1,MMA",
                                                 "8,16,512,1,1,MMA", "8,32,512,2,1,MMA"])
+    ap.add_argument("--layers", nargs="*", default=None,
+                    help="instead of the GEMMs alone, the layer from routed inputs: the decode "
+                         "kernels against GEMM1 on each of these prefill configs (over aligned "
+                         "blocks, the alignment timed in and, as a bound, left out) and GEMM2 on "
+                         "the decode kernel")
     ap.add_argument("--routing", default="disjoint", choices=sorted(ROUTINGS))
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -79,6 +141,7 @@ def main() -> int:
     sms = torch.cuda.get_device_properties(DEV).multi_processor_count
     rate = card_sm_read_rate(DEV)
     records = []
+    seen: set = set()
     for m in args.ms:
         per_launch = min(m * top_k, E)
         R = max(-(-E // per_launch), 4, int(-(-400e6 // (per_launch * ex.nbytes / E))))
@@ -95,6 +158,10 @@ def main() -> int:
         slots2 = torch.empty(m * top_k, H, dtype=dtype, device=DEV)
         d1 = pick_config_gemm1(m, I, H, E, top_k, sms, sm_read_rate=rate)
         d2 = pick_config_gemm2(m, H, I, E, top_k, sms, sm_read_rate=rate)
+        if args.layers is not None:
+            records += time_layers(args, m, routes, x, ex, ws, out1, out2, d2, blocks,
+                                   sum(floors), u, R)
+            continue
         for gemm, texts, floor in (("gemm1", args.g1, floors[0]), ("gemm2", args.g2, floors[1])):
             if gemm == "gemm1":
                 ref_out, a, w_e, decode_fn, dcfg = out1, x, ex.w13, decode_gemm1, d1
@@ -125,6 +192,7 @@ def main() -> int:
                     records.append(dict(model=args.model, m=m, gemm=gemm, name=name,
                                         error=f"{type(exc).__name__}: {exc}"))
                     continue
+                regs = new_mma_kernels(seen)
                 got = ref_out if check is None else check
                 got = got.float() if gemm == "gemm1" or check is None else \
                     got.float().view(m, top_k, H).sum(1)
@@ -136,10 +204,12 @@ def main() -> int:
                 us = min(us, us2)
                 rec = dict(model=args.model, m=m, gemm=gemm, name=name, config=cfg,
                            graph_us=us, floor_us=floor, x_floor=us / floor,
-                           rel_diff_vs_decode=err, distinct_experts=u, launches_per_graph=R)
+                           rel_diff_vs_decode=err, distinct_experts=u, launches_per_graph=R,
+                           mma_regs=regs)
                 records.append(rec)
                 print(f"{args.model} M={m} {gemm} {name:>22s} {us:7.2f} us  floor "
-                      f"{floor:6.2f}  {us / floor:5.2f}x  rel diff {err:.1e}", flush=True)
+                      f"{floor:6.2f}  {us / floor:5.2f}x  rel diff {err:.1e}  u {u:.2f} "
+                      f"regs {regs}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"small_m_gemm_probe_{args.model}.json")
     with open(path, "w") as f:

@@ -57,8 +57,10 @@ copying its own pieces; a lane then reads back what other lanes of its warp copi
 ring's barriers become warp barriers (session 37). A table entry's ``WORD_RING`` sets the
 stages itself at any step count: Mixtral's GEMM2 at 2-4 tokens, whose one-warp programs of 56
 (or 28) steps each stream their rows at a pace set by the bytes they keep in flight, so the
-time follows how many such programs fit an SM at once (one wave or two); there the ring frees
-registers or carries wider steps (H200: that layer 9-15 % lower at M=2, session 41).
+time follows how many such programs fit an SM at once (one wave or two); there the ring keeps a
+whole 512-column step in flight (two stages, 254 registers: 8 programs an SM) or frees registers
+for more programs (256-column steps, three stages, 136 registers: 15 an SM). H200: that layer
+9-15 % lower at M=2 (session 41).
 
 **The K order.** 8-slot programs walk their K steps from step ``pid % steps`` round
 (``ROTATE_K_STEPS``): a launch's first wave, whose programs all start together, otherwise

@@ -225,12 +225,12 @@ G2_VARIANTS = [_cfg(*c) for c in (
 PLAN = {"qwen3-30b-a3b": (1, 2, 4, 8, 16), "mixtral-8x7b": (1, 2, 4)}
 
 
-def _new_kernels(seen):
-    """Registers and spills of the decode kernels compiled since the last call (Triton's
-    per-device caches; ``seen`` holds the ones already reported)."""
+def _new_kernels(seen, kernels=None):
+    """Registers and spills of the ``kernels`` (default: the decode kernels) compiled since
+    the last call (Triton's per-device caches; ``seen`` holds the ones already reported)."""
     from w4a16moe.kernels import decode as dec
     found = []
-    for fn in (dec._decode_gemm1_kernel, dec._decode_gemm2_kernel):
+    for fn in kernels or (dec._decode_gemm1_kernel, dec._decode_gemm2_kernel):
         for caches in getattr(fn, "device_caches", {}).values():
             for key, k in caches[0].items():
                 if (fn.__name__, key) not in seen:

@@ -25,7 +25,15 @@ import os
 from functools import partial
 
 import torch
-from decode_tune import MODELS, ROUTINGS, distinct, gemm_bytes, make_experts, time_graph
+from decode_tune import (
+    MODELS,
+    ROUTINGS,
+    _new_kernels,
+    distinct,
+    gemm_bytes,
+    make_experts,
+    time_graph,
+)
 
 from w4a16moe.bench.timing import measure_read_bandwidth
 from w4a16moe.kernels import prefill_mma
@@ -55,17 +63,6 @@ def parse_prefill_config(text: str) -> dict:
         name, _, value = flag.partition("=")
         cfg[name] = int(value) if value else True
     return cfg
-
-
-def new_mma_kernels(seen: set) -> list[int]:
-    """Registers a thread of the mma kernels compiled since the last call."""
-    found = []
-    for caches in getattr(prefill_mma._prefill_mma_kernel, "device_caches", {}).values():
-        for key, k in caches[0].items():
-            if key not in seen:
-                seen.add(key)
-                found.append(getattr(k, "n_regs", None))
-    return found
 
 
 def time_layers(args, m, routes, x, ex, ws, inter, out, d2, blocks, floor, u, R) -> list:
@@ -192,7 +189,8 @@ def main() -> int:
                     records.append(dict(model=args.model, m=m, gemm=gemm, name=name,
                                         error=f"{type(exc).__name__}: {exc}"))
                     continue
-                regs = new_mma_kernels(seen)
+                regs = [k["n_regs"] for k in _new_kernels(
+                    seen, kernels=(prefill_mma._prefill_mma_kernel,))]
                 got = ref_out if check is None else check
                 got = got.float() if gemm == "gemm1" or check is None else \
                     got.float().view(m, top_k, H).sum(1)

@@ -28,10 +28,13 @@ captured in a CUDA graph; with preallocated outputs and scratch nothing is alloc
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
+from ..routing import AlignedBlocks, max_num_tokens_padded
 from .pdl import prefill_pdl_args, wait_upstream_release_next
 
 #: largest E handled (the scan holds one row of E counts in registers)
@@ -119,6 +122,61 @@ def scratch_numel(num_slots: int, num_experts: int, chunk: int | None = None) ->
     chunks = max(1, triton.cdiv(num_slots, chunk or chunk_size(num_slots)))
     words = triton.cdiv(min(num_slots, COUNT_RANK_MAX_TOKENS), 8)
     return max(chunks * num_experts + 2 * num_experts, words * num_experts)
+
+
+
+#: BLOCK_SIZE_M values that :class:`AlignmentBuffers` are sized for (every power of two a
+#: config may use)
+ALIGN_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+@dataclass
+class AlignmentBuffers:
+    """Preallocated outputs of :func:`~w4a16moe.routing.align_block_size` (and its Triton
+    kernels' scratch) for up to ``num_slots`` slots over up to ``num_experts`` experts, at any
+    block size in :data:`ALIGN_BLOCK_SIZES`: int32 ``sorted_ids``, ``expert_ids``,
+    ``num_post_padded [1]`` and ``scratch``. :meth:`views` hands out the slices one call
+    needs, so a layer that aligns into them allocates nothing (CUDA-graph capture)."""
+
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_post_padded: torch.Tensor
+    scratch: torch.Tensor
+    num_experts: int
+
+    @classmethod
+    def allocate(cls, num_slots: int, num_experts: int,
+                 device: torch.device | str) -> AlignmentBuffers:
+        if num_slots < 0 or num_experts < 1:
+            raise ValueError(f"num_slots={num_slots} and num_experts={num_experts}; expected "
+                             "num_slots >= 0 and num_experts >= 1")
+        sizes = [max_num_tokens_padded(num_slots, b, num_experts) for b in ALIGN_BLOCK_SIZES]
+        blocks = max(n // b for n, b in zip(sizes, ALIGN_BLOCK_SIZES, strict=True))
+        kw = {"dtype": torch.int32, "device": device}
+        return cls(sorted_ids=torch.empty(max(sizes), **kw),
+                   expert_ids=torch.empty(blocks, **kw),
+                   num_post_padded=torch.empty(1, **kw),
+                   scratch=torch.empty(scratch_numel(num_slots, num_experts), **kw),
+                   num_experts=num_experts)
+
+    @property
+    def max_blocks(self) -> int:
+        return self.expert_ids.numel()
+
+    def views(self, slots: int, block_size: int, num_experts: int
+              ) -> tuple[AlignedBlocks, torch.Tensor] | None:
+        """(outputs, scratch) of ``align_block_size`` for ``slots`` slots over
+        ``num_experts`` experts in blocks of ``block_size``, as views of these buffers; None
+        where they are too small (the caller then allocates)."""
+        if num_experts > self.num_experts:
+            return None
+        n = max_num_tokens_padded(slots, block_size, num_experts)
+        need = scratch_numel(slots, num_experts)
+        if (n > self.sorted_ids.numel() or n // block_size > self.expert_ids.numel()
+                or need > self.scratch.numel()):
+            return None
+        return (AlignedBlocks(self.sorted_ids[:n], self.expert_ids[: n // block_size],
+                              self.num_post_padded), self.scratch[:need])
 
 
 @triton.jit
@@ -495,8 +553,8 @@ def align_block_size_triton(
         BLOCK_B=max(1, min(128, 8192 // e_pow2)), num_warps=4)
 
 
-__all__ = ["COUNT_RANK_MAX_TOKENS", "COUNT_RANK_MIN_SLOTS", "COUNT_TABLE_MAX_ENTRIES",
-           "COUNT_TABLE_MIN_SLOTS", "MAX_EXPERTS", "SINGLE_PROGRAM_CHAIN_SLOTS",
-           "SINGLE_PROGRAM_EXPERTS", "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS",
-           "align_block_size_triton", "chunk_size", "count_table", "count_words",
-           "one_program_slots", "scratch_numel"]
+__all__ = ["ALIGN_BLOCK_SIZES", "AlignmentBuffers", "COUNT_RANK_MAX_TOKENS",
+           "COUNT_RANK_MIN_SLOTS", "COUNT_TABLE_MAX_ENTRIES", "COUNT_TABLE_MIN_SLOTS",
+           "MAX_EXPERTS", "SINGLE_PROGRAM_CHAIN_SLOTS", "SINGLE_PROGRAM_EXPERTS",
+           "SINGLE_PROGRAM_MAX_SLOTS", "SINGLE_PROGRAM_SLOTS", "align_block_size_triton",
+           "chunk_size", "count_table", "count_words", "one_program_slots", "scratch_numel"]

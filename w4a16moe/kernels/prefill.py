@@ -44,7 +44,7 @@ from ..routing import (
     max_num_tokens_padded,
 )
 from . import prefill_mma
-from .align import scratch_numel
+from .align import ALIGN_BLOCK_SIZES, AlignmentBuffers
 from .common import activation, fragment_order, grouped_tile
 from .configs import get_prefill_config, validate_config
 from .pdl import prefill_chain, prefill_pdl_args, wait_upstream_release_next
@@ -1094,9 +1094,8 @@ def _moe_dense(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights
     return out
 
 
-#: BLOCK_SIZE_M values a workspace's alignment buffers are sized for (every power of two a
-#: config may use)
-WORKSPACE_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+#: BLOCK_SIZE_M values a workspace's alignment buffers are sized for
+WORKSPACE_BLOCK_SIZES = ALIGN_BLOCK_SIZES
 
 
 @dataclass
@@ -1156,26 +1155,23 @@ class PrefillWorkspace:
         slots = max_tokens * top_k
         kw = {"dtype": experts.dtype, "device": device}
         e = experts.num_experts if num_global_experts is None else num_global_experts
-        sizes = [max_num_tokens_padded(slots, b, e) for b in WORKSPACE_BLOCK_SIZES]
-        blocks = max(n // b for n, b in zip(sizes, WORKSPACE_BLOCK_SIZES, strict=True))
-        ikw = {"dtype": torch.int32, "device": device}
+        align = AlignmentBuffers.allocate(slots, e, device)
         if sorted_rows < 0:
             raise ValueError(f"sorted_rows is {sorted_rows}; expected >= 0")
         rows = max(slots, sorted_rows,
                    max_num_tokens_padded(slots, sorted_block, e) if sorted_block else 0)
         return cls(intermediate=torch.empty(rows, experts.intermediate_size, **kw),
                    gemm2_out=torch.empty(rows, experts.hidden_size, **kw),
-                   sorted_ids=torch.empty(max(sizes), **ikw),
-                   expert_ids=torch.empty(blocks, **ikw),
-                   num_post_padded=torch.empty(1, **ikw),
-                   align_scratch=torch.empty(scratch_numel(slots, e), **ikw),
+                   sorted_ids=align.sorted_ids, expert_ids=align.expert_ids,
+                   num_post_padded=align.num_post_padded, align_scratch=align.scratch,
                    num_experts_align=e,
                    dense_weights=torch.empty(experts.num_experts * 2 * experts.intermediate_size
                                              * experts.hidden_size, **kw) if dense else None,
                    hidden_fragment=torch.empty(max_tokens, experts.hidden_size, **kw),
                    split_partials=torch.empty(split_partials, dtype=torch.float32,
                                               device=device) if split_partials else None,
-                   block_ready=torch.zeros(blocks, **ikw))
+                   block_ready=torch.zeros(align.max_blocks, dtype=torch.int32,
+                                           device=device))
 
     def views(self, slots: int, experts: PackedExperts) -> tuple[torch.Tensor, torch.Tensor]:
         i, h = experts.intermediate_size, experts.hidden_size
@@ -1220,15 +1216,11 @@ class PrefillWorkspace:
         """(outputs, scratch) of :func:`align_block_size` for ``slots`` slots over
         ``num_experts`` experts, as views of this workspace; None if it has no such buffers
         or they are too small (the caller then allocates)."""
-        if self.sorted_ids is None or num_experts > self.num_experts_align:
+        if self.sorted_ids is None:
             return None
-        n = max_num_tokens_padded(slots, block_size, num_experts)
-        need = scratch_numel(slots, num_experts)
-        if (n > self.sorted_ids.numel() or n // block_size > self.expert_ids.numel()
-                or need > self.align_scratch.numel()):
-            return None
-        return (AlignedBlocks(self.sorted_ids[:n], self.expert_ids[: n // block_size],
-                              self.num_post_padded), self.align_scratch[:need])
+        return AlignmentBuffers(self.sorted_ids, self.expert_ids, self.num_post_padded,
+                                self.align_scratch, self.num_experts_align
+                                ).views(slots, block_size, num_experts)
 
 
 #: deterministic mode: the tuned config of this token count is used for *every* M, so the

@@ -5,6 +5,13 @@ decode kernel (weights streamed at memory bandwidth, no alignment pass); many to
 grouped-GEMM prefill kernel. The switch point (``decode_threshold``: the largest M that runs
 the decode kernel) comes from a measurement on the GPU, shipped per GPU and shape in
 ``kernels/configs/<gpu>_thresholds.json`` (``w4a16moe tune`` writes it), unless given.
+
+Where it measured faster (few, large experts with a long K on a card whose CUDA cores cannot
+keep up with its memory: Mixtral at one token on the H200), the top of the decode range runs
+the *mixed* path instead (:mod:`~w4a16moe.kernels.mixed`): GEMM1 on the grouped GEMM's
+tensor-core tiles, GEMM2 on the decode kernel. Its lower bound (``decode_gemm1_threshold``:
+the largest M whose GEMM1 runs the decode kernel) is measured and shipped the same way, in
+the file's ``"decode_gemm1"`` section.
 """
 
 from __future__ import annotations
@@ -31,6 +38,10 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "kernels", "configs")
 #: ``W4A16MOE_CHECK=1`` turns on the value checks of ``topk_ids`` for GPU tensors (a host
 #: sync per forward); CPU tensors are always checked
 CHECK_ENV = "W4A16MOE_CHECK"
+#: the thresholds file's section of ``decode_gemm1_threshold`` values (same keys)
+DECODE_GEMM1_SECTION = "decode_gemm1"
+#: the paths ``forward`` runs (see ``choose_path``)
+PATHS = ("decode", "mixed", "prefill")
 #: the path of the deterministic mode, for every M: the grouped GEMM stays fast at large M,
 #: where the decode kernel (one program per token) would stream the weights once per token
 DETERMINISTIC_PATH = "prefill"
@@ -48,7 +59,8 @@ def threshold_key(num_experts: int, hidden_size: int, intermediate_size: int, to
 
 
 @cache
-def _read_thresholds(path: str) -> dict[str, int]:
+def _read_thresholds(path: str, section: str | None = None) -> dict[str, int]:
+    """``{threshold_key: M}`` of the file's top level, or of its ``section`` object."""
     if not os.path.exists(path):
         return {}
     try:
@@ -56,10 +68,18 @@ def _read_thresholds(path: str) -> dict[str, int]:
             data = json.load(f)
         if not isinstance(data, dict):
             raise ValueError("top level is not an object")
-        return {str(k): int(v) for k, v in data.items() if not str(k).startswith("_")}
+        if section is not None:
+            data = data.get(section, {})
+            if not isinstance(data, dict):
+                raise ValueError(f"{section!r} is not an object")
+        return {str(k): int(v) for k, v in data.items()
+                if not str(k).startswith("_") and k != DECODE_GEMM1_SECTION}
     except (OSError, ValueError, TypeError) as exc:
-        warnings.warn(f"ignoring decode thresholds file {path}: {exc}; using the default "
-                      f"threshold {DEFAULT_DECODE_THRESHOLD}", stacklevel=3)
+        what = (f"threshold {DEFAULT_DECODE_THRESHOLD}" if section is None
+                else "decode GEMM1 everywhere (no mixed path)")
+        where = "" if section is None else f"'s {section!r} section"
+        warnings.warn(f"ignoring decode thresholds file {path}{where}: {exc}; using the "
+                      f"default {what}", stacklevel=3)
         return {}
 
 
@@ -72,6 +92,20 @@ def measured_decode_threshold(experts: PackedExperts, top_k: int,
     if device.type != "cuda":
         return None
     table = _read_thresholds(str(tuned_file(device, THRESHOLDS_SUFFIX)))
+    key = threshold_key(experts.num_experts, experts.hidden_size, experts.intermediate_size,
+                        top_k, experts.w13.group_size)
+    return table.get(key)
+
+
+def measured_decode_gemm1_threshold(experts: PackedExperts, top_k: int,
+                                    device: torch.device | None = None) -> int | None:
+    """The largest M whose GEMM1 runs the decode kernel, measured for this GPU and layer
+    shape (the thresholds file's ``"decode_gemm1"`` section), or None where none was
+    shipped: then the mixed path is never chosen."""
+    device = device or experts.device
+    if device.type != "cuda":
+        return None
+    table = _read_thresholds(str(tuned_file(device, THRESHOLDS_SUFFIX)), DECODE_GEMM1_SECTION)
     key = threshold_key(experts.num_experts, experts.hidden_size, experts.intermediate_size,
                         top_k, experts.w13.group_size)
     return table.get(key)
@@ -128,6 +162,12 @@ class HybridW4A16MoEExperts(nn.Module):
             experts not on this rank (they contribute nothing).
         decode_threshold: the largest token count that runs the decode kernel (default: the
             measured value for this GPU and shape, else ``DEFAULT_DECODE_THRESHOLD``).
+        decode_gemm1_threshold: the largest token count whose GEMM1 also runs the decode
+            kernel; token counts above it up to ``decode_threshold`` run the mixed path
+            (GEMM1 on the prefill kernel's tensor-core tiles, GEMM2 on the decode kernel)
+            where :func:`~w4a16moe.kernels.mixed.mixed_unsupported` allows, else decode.
+            Default: the measured value for this GPU and shape, else ``decode_threshold``
+            (no mixed path).
         deterministic: bitwise reproducible, batch-invariant results: no atomics, and one
             path (``DETERMINISTIC_PATH``, the prefill kernel) with one kernel config per
             layer shape for every M, so a token's output is bitwise the same alone or inside
@@ -152,7 +192,8 @@ class HybridW4A16MoEExperts(nn.Module):
     def __init__(self, experts: PackedExperts, top_k: int, *, activation: str = "silu",
                  apply_router_weight_on_input: bool = False,
                  expert_map: torch.Tensor | None = None,
-                 decode_threshold: int | None = None, deterministic: bool = False,
+                 decode_threshold: int | None = None,
+                 decode_gemm1_threshold: int | None = None, deterministic: bool = False,
                  validate: bool | None = None) -> None:
         super().__init__()
         if not isinstance(experts, PackedExperts):
@@ -164,14 +205,18 @@ class HybridW4A16MoEExperts(nn.Module):
         num_global = experts.num_experts if expert_map is None else expert_map.shape[0]
         if not 1 <= top_k <= num_global:
             raise ValueError(f"top_k is {top_k}; expected 1 <= top_k <= {num_global} experts")
-        if decode_threshold is not None and decode_threshold < 0:
-            raise ValueError(f"decode_threshold is {decode_threshold}; expected >= 0")
+        for name, value in (("decode_threshold", decode_threshold),
+                            ("decode_gemm1_threshold", decode_gemm1_threshold)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"{name} is {value!r}; expected an int >= 0")
         self.top_k = top_k
         self.deterministic = bool(deterministic)
         self.validate = validate
         self.activation = activation
         self.apply_router_weight_on_input = apply_router_weight_on_input
         self._threshold_arg = decode_threshold
+        self._gemm1_threshold_arg = decode_gemm1_threshold
         self._meta = dict(num_experts=experts.num_experts, hidden_size=experts.hidden_size,
                           intermediate_size=experts.intermediate_size, dtype=experts.dtype)
         self._group_sizes = (experts.w13.group_size, experts.w2.group_size)
@@ -182,6 +227,8 @@ class HybridW4A16MoEExperts(nn.Module):
                              else expert_map.to(device=experts.device, dtype=torch.int32))
         self._experts = experts
         self._decode_ws = None
+        self._mixed_ws = None
+        self._mixed_why: str | None | bool = False   # False: not looked at yet
         self._prefill_ws = None
         self._prefill_tokens = 0   # the token count the prefill workspace was sized for
 
@@ -202,7 +249,8 @@ class HybridW4A16MoEExperts(nn.Module):
             ex = PackedExperts(w13=weights("w13", self._group_sizes[0]),
                                w2=weights("w2", self._group_sizes[1]), **meta)
             self._experts = ex
-            self._decode_ws = self._prefill_ws = None
+            self._decode_ws = self._prefill_ws = self._mixed_ws = None
+            self._mixed_why = False
         return ex
 
     @property
@@ -215,6 +263,23 @@ class HybridW4A16MoEExperts(nn.Module):
             return self._threshold_arg
         measured = measured_decode_threshold(self.experts, self.top_k)
         return DEFAULT_DECODE_THRESHOLD if measured is None else measured
+
+    @property
+    def decode_gemm1_threshold(self) -> int:
+        if self._gemm1_threshold_arg is not None:
+            return self._gemm1_threshold_arg
+        measured = measured_decode_gemm1_threshold(self.experts, self.top_k)
+        return self.decode_threshold if measured is None else measured
+
+    @property
+    def mixed_unsupported(self) -> str | None:
+        """Why GEMM1 of this layer cannot run on the mma kernel (the mixed path is then never
+        chosen), or None (looked at once per weights)."""
+        if self._mixed_why is False:
+            from .kernels.mixed import mixed_unsupported
+
+            self._mixed_why = mixed_unsupported(self.experts)
+        return self._mixed_why
 
     def extra_repr(self) -> str:
         m = self._meta
@@ -233,7 +298,11 @@ class HybridW4A16MoEExperts(nn.Module):
         if self.deterministic:
             self._workspace(DETERMINISTIC_PATH, max(max_tokens, 1))
             return
-        self._workspace("decode", min(max_tokens, max(self.decode_threshold, 1)))
+        decode_max = min(max_tokens, max(self.decode_threshold, 1))
+        self._workspace("decode", decode_max)
+        if (self.decode_gemm1_threshold < min(max_tokens, self.decode_threshold)
+                and self.mixed_unsupported is None):
+            self._workspace("mixed", decode_max)
         if max_tokens > self.decode_threshold:
             self._workspace("prefill", max_tokens)
 
@@ -242,11 +311,20 @@ class HybridW4A16MoEExperts(nn.Module):
         from .kernels.prefill import PrefillWorkspace
 
         ex = self.experts
-        if path == "decode":
+        if path in ("decode", "mixed"):
             ws = self._decode_ws
             if ws is None or ws.max_tokens < m:
                 ws = self._decode_ws = DecodeWorkspace.create(ex, self.top_k, max(m, 1))
-            return ws
+            if path == "decode":
+                return ws
+            from .kernels.mixed import MixedWorkspace
+
+            mws = self._mixed_ws
+            if mws is None or mws.decode is not ws:
+                mws = self._mixed_ws = MixedWorkspace.create(
+                    ex, self.top_k, ws.max_tokens, num_global_experts=self.num_global_experts,
+                    decode=ws)
+            return mws
         ws = self._prefill_ws
         # (not the intermediate's rows: room for sorted rows makes them more than the slots)
         if ws is None or self._prefill_tokens < m:
@@ -313,11 +391,17 @@ class HybridW4A16MoEExperts(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def choose_path(self, num_tokens: int) -> str:
-        """``"decode"`` or ``"prefill"``: the kernel ``forward`` runs for ``num_tokens``
-        (always ``DETERMINISTIC_PATH`` in the deterministic mode)."""
+        """``"decode"``, ``"mixed"`` or ``"prefill"``: what ``forward`` runs for
+        ``num_tokens`` (always ``DETERMINISTIC_PATH`` in the deterministic mode): decode up
+        to ``decode_gemm1_threshold``, mixed above it up to ``decode_threshold`` (decode where
+        :attr:`mixed_unsupported`), prefill above."""
         if self.deterministic:
             return DETERMINISTIC_PATH
-        return "decode" if num_tokens <= self.decode_threshold else "prefill"
+        if num_tokens > self.decode_threshold:
+            return "prefill"
+        if num_tokens > self.decode_gemm1_threshold and self.mixed_unsupported is None:
+            return "mixed"
+        return "decode"
 
     def check_hidden_states(self, hidden_states: torch.Tensor) -> None:
         """Raise ValueError unless ``hidden_states`` is an ``[M, H]`` tensor of the experts'
@@ -384,12 +468,13 @@ class HybridW4A16MoEExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, *, path: str | None = None,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        """``[M, H]`` output; ``path`` forces ``"decode"`` or ``"prefill"``."""
+        """``[M, H]`` output; ``path`` forces ``"decode"``, ``"mixed"`` (not in the
+        deterministic mode) or ``"prefill"``."""
         from .kernels.decode import fused_moe_decode
+        from .kernels.mixed import fused_moe_mixed
         from .kernels.prefill import fused_moe_prefill
 
-        if path is not None and path not in ("decode", "prefill"):
-            raise ValueError(f"path is {path!r}; expected 'decode' or 'prefill'")
+        self._check_path(path)
         self.check_inputs(hidden_states, topk_weights, topk_ids)
         # no copies for contiguous inputs (the graph-capture case)
         hidden_states = hidden_states.contiguous()
@@ -397,13 +482,23 @@ class HybridW4A16MoEExperts(nn.Module):
         topk_ids = topk_ids.contiguous()
         m = hidden_states.shape[0]
         path = path or self.choose_path(m)
+        common = dict(activation=self.activation,
+                      apply_router_weight_on_input=self.apply_router_weight_on_input,
+                      expert_map=self.expert_map, out=out,
+                      workspace=self._workspace(path, max(m, 1)))
+        if path == "mixed":
+            return fused_moe_mixed(hidden_states, self.experts, topk_weights, topk_ids,
+                                   **common)
         run = fused_moe_decode if path == "decode" else fused_moe_prefill
-        return run(hidden_states, self.experts, topk_weights, topk_ids,
-                   activation=self.activation,
-                   apply_router_weight_on_input=self.apply_router_weight_on_input,
-                   expert_map=self.expert_map, out=out,
-                   workspace=self._workspace(path, max(m, 1)),
+        return run(hidden_states, self.experts, topk_weights, topk_ids, **common,
                    deterministic=self.deterministic)
+
+    def _check_path(self, path: str | None) -> None:
+        if path is not None and path not in PATHS:
+            raise ValueError(f"path is {path!r}; expected one of {PATHS}")
+        if path == "mixed" and self.deterministic:
+            raise ValueError("path is 'mixed' with deterministic=True; expected 'decode' or "
+                             "'prefill' (the mixed path is not batch invariant)")
 
     def forward_logits(self, hidden_states: torch.Tensor, router_logits: torch.Tensor, *,
                        renormalize: bool = True, scoring: str = "softmax",
@@ -412,15 +507,16 @@ class HybridW4A16MoEExperts(nn.Module):
                        routed_scaling_factor: float = 1.0, path: str | None = None
                        ) -> torch.Tensor:
         """Route with :func:`~w4a16moe.routing.fused_topk` on ``router_logits [M, E]``, then
-        :meth:`forward`. On the prefill path without grouped top-k the routing and the
-        alignment run as one kernel where they can
-        (:func:`~w4a16moe.kernels.prefill.fused_moe_prefill_from_logits`; not in the
-        deterministic mode): the same output."""
-        if path is not None and path not in ("decode", "prefill"):
-            raise ValueError(f"path is {path!r}; expected 'decode' or 'prefill'")
+        :meth:`forward`. On the prefill and mixed paths without grouped top-k the routing and
+        the alignment run as one kernel where they can
+        (:func:`~w4a16moe.routing.fused_topk_align`; prefill: not in the deterministic
+        mode): the same output."""
+        self._check_path(path)
         grouped = num_expert_group is not None and num_expert_group > 1
-        if (not grouped and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2
-                and (path or self.choose_path(hidden_states.shape[0])) == "prefill"):
+        chosen = None
+        if not grouped and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2:
+            chosen = path or self.choose_path(hidden_states.shape[0])
+        if chosen in ("prefill", "mixed"):
             from .kernels.prefill import fused_moe_prefill_from_logits
 
             self.check_hidden_states(hidden_states)
@@ -433,6 +529,11 @@ class HybridW4A16MoEExperts(nn.Module):
                 raise ValueError(f"router_logits is on {router_logits.device}; expected "
                                  f"{hidden_states.device} (the experts' device)")
             m = hidden_states.shape[0]
+            if chosen == "mixed":
+                return self._mixed_from_logits(
+                    hidden_states.contiguous(), router_logits, renormalize=renormalize,
+                    scoring=scoring, correction_bias=correction_bias,
+                    routed_scaling_factor=routed_scaling_factor)
             return fused_moe_prefill_from_logits(
                 hidden_states.contiguous(), self.experts, router_logits, self.top_k,
                 renormalize=renormalize, scoring=scoring, correction_bias=correction_bias,
@@ -445,3 +546,30 @@ class HybridW4A16MoEExperts(nn.Module):
             num_expert_group=num_expert_group, topk_group=topk_group,
             correction_bias=correction_bias, routed_scaling_factor=routed_scaling_factor)
         return self.forward(hidden_states, topk_weights, topk_ids, path=path)
+
+    def _mixed_from_logits(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                           **routing) -> torch.Tensor:
+        """The mixed path from router logits: one kernel routes and aligns into the mixed
+        workspace (:func:`~w4a16moe.routing.fused_topk_align`) where it can, else
+        ``fused_topk`` and the layer's own alignment."""
+        from .kernels.mixed import MIXED_GEMM1_CONFIG, fused_moe_mixed
+        from .kernels.prefill import ROUTE_ALIGN
+        from .routing import fused_topk_align, fused_topk_align_supported
+
+        m = hidden_states.shape[0]
+        ws = self._workspace("mixed", max(m, 1))
+        blocks = None
+        if ROUTE_ALIGN and m >= 1 and fused_topk_align_supported(
+                m, self.num_global_experts, router_logits.device):
+            bm = MIXED_GEMM1_CONFIG["BLOCK_SIZE_M"]
+            views = ws.align.views(m * self.top_k, bm, self.num_global_experts)
+            weights, ids, blocks = fused_topk_align(
+                router_logits, self.top_k, bm, self.expert_map,
+                out=views[0] if views is not None else None, **routing)
+        else:
+            weights, ids = fused_topk(router_logits, self.top_k, **routing)
+            self.check_inputs(hidden_states, weights, ids)
+        return fused_moe_mixed(hidden_states, self.experts, weights, ids,
+                               activation=self.activation,
+                               apply_router_weight_on_input=self.apply_router_weight_on_input,
+                               expert_map=self.expert_map, workspace=ws, blocks=blocks)

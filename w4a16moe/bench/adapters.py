@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..experts import HybridW4A16MoEExperts
+from ..kernels.mixed import fused_moe_mixed
 from ..kernels.prefill import fused_moe_prefill, fused_moe_prefill_from_logits
 from ..layout import PackedExperts
 
@@ -32,8 +33,8 @@ def _module(experts: PackedExperts, top_k: int, activation: str) -> HybridW4A16M
 
 def hybrid_moe(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
-    """:class:`~w4a16moe.experts.HybridW4A16MoEExperts` (decode or prefill kernel chosen by
-    the token count) as a benchmark path."""
+    """:class:`~w4a16moe.experts.HybridW4A16MoEExperts` (decode, mixed or prefill path chosen
+    by the token count) as a benchmark path."""
     return _module(experts, topk_ids.shape[1], activation)(hidden_states, topk_weights,
                                                            topk_ids)
 
@@ -70,8 +71,29 @@ def prefill_moe_from_logits(hidden_states: torch.Tensor, experts: PackedExperts,
 prefill_moe.from_logits = prefill_moe_from_logits
 
 
+def mixed_moe(hidden_states: torch.Tensor, experts: PackedExperts, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, *, activation: str = "silu") -> torch.Tensor:
+    """:func:`~w4a16moe.kernels.mixed.fused_moe_mixed` as a benchmark path; its layer routes
+    and aligns in one kernel where it can (the hybrid module's mixed path, forced)."""
+    return fused_moe_mixed(hidden_states, experts, topk_weights, topk_ids,
+                           activation=activation)
+
+
+def mixed_moe_from_logits(hidden_states: torch.Tensor, experts: PackedExperts,
+                          router_logits: torch.Tensor, *, activation: str = "silu",
+                          top_k: int, **routing) -> torch.Tensor:
+    """The layer of :func:`mixed_moe`: :meth:`~w4a16moe.experts.HybridW4A16MoEExperts.
+    forward_logits` with ``path="mixed"``."""
+    return _module(experts, top_k, activation).forward_logits(hidden_states, router_logits,
+                                                              path="mixed", **routing)
+
+
+mixed_moe.from_logits = mixed_moe_from_logits
+
+
 def hybrid_choice(experts: PackedExperts, top_k: int, m: int) -> str:
-    """The kernel (``"decode"`` or ``"prefill"``) the hybrid path runs for ``m`` tokens."""
+    """The path (``"decode"``, ``"mixed"`` or ``"prefill"``) the hybrid path runs for ``m``
+    tokens."""
     return HybridW4A16MoEExperts(experts, top_k).choose_path(m)
 
 

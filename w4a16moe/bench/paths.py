@@ -137,8 +137,12 @@ register_path(PathSpec("decode", "w4a16moe.kernels.decode:fused_moe_decode", nee
 register_path(PathSpec("prefill", "w4a16moe.bench.adapters:prefill_moe",
                        needs_triton=True, default=True,
                        description="int4 grouped GEMM kernel (many tokens)"))
+register_path(PathSpec("mixed", "w4a16moe.bench.adapters:mixed_moe", needs_triton=True,
+                       description="GEMM1 on the grouped GEMM's tensor-core tiles, GEMM2 on "
+                                   "the split-K GEMV kernel (few tokens, long K)"))
 register_path(PathSpec("hybrid", "w4a16moe.bench.adapters:hybrid_moe", needs_triton=True,
-                       default=True, description="decode or prefill chosen by token count"))
+                       default=True,
+                       description="decode, mixed or prefill chosen by token count"))
 register_path(PathSpec("reference", "w4a16moe.reference:moe_reference", graph_safe=False,
                        description="plain-torch oracle (dequantizes every call; slow)"))
 register_path(PathSpec("bf16-grouped", baseline.bf16_grouped_mm, weights="bf16",

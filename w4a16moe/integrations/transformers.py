@@ -66,7 +66,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..experts import HybridW4A16MoEExperts
+from ..experts import PATHS, HybridW4A16MoEExperts
 from ..layout import FLOAT_DTYPES, PackedExperts
 from ..quantize import quantize_experts
 from ..reference import ACTIVATIONS
@@ -356,14 +356,15 @@ class W4A16Experts(nn.Module):
         activation: ``"silu"``, ``"gelu"`` or ``"gelu_tanh"``.
         decode_threshold: largest token count that runs the decode kernel (default: measured
             for the GPU, see :class:`~w4a16moe.experts.HybridW4A16MoEExperts`).
-        path: force ``"decode"`` or ``"prefill"`` for every call (default: by token count).
+        path: force ``"decode"``, ``"mixed"`` or ``"prefill"`` for every call (default: by
+            token count).
     """
 
     def __init__(self, experts: PackedExperts, top_k: int, *, activation: str = "silu",
                  decode_threshold: int | None = None, path: str | None = None) -> None:
         super().__init__()
-        if path not in (None, "decode", "prefill"):
-            raise ValueError(f"path is {path!r}; expected None, 'decode' or 'prefill'")
+        if path not in (None, *PATHS):
+            raise ValueError(f"path is {path!r}; expected None or one of {PATHS}")
         self.moe = HybridW4A16MoEExperts(experts, top_k, activation=activation,
                                          decode_threshold=decode_threshold)
         self.num_experts = experts.num_experts

@@ -348,16 +348,22 @@ def thresholds(results: dict, models: list[str], dense: list[str], rep: float, o
                             s.group_size)
         row = {"model": name, "key": key, "threshold": r.threshold, "M": list(r.candidates),
                "decode_us": list(r.decode_us), "prefill_us": list(r.prefill_us),
+               "mixed_us": list(r.mixed_us), "gemm1_threshold": r.gemm1_threshold,
                "seconds": time.time() - t1}
-        for m, td, tp in zip(r.candidates, r.decode_us, r.prefill_us, strict=True):
-            print(f"  {name} M={m:4d}: decode {td:8.1f} us  prefill {tp:8.1f} us "
-                  f"{'<- decode' if td <= tp else ''}", flush=True)
+        # the decode range's time: the faster of decode and mixed (where mixed ran)
+        low = ([min(d, x) for d, x in zip(r.decode_us, r.mixed_us, strict=True)]
+               if r.mixed_us else list(r.decode_us))
+        for j, (m, td, tp) in enumerate(zip(r.candidates, r.decode_us, r.prefill_us,
+                                            strict=True)):
+            tx = f"  mixed {r.mixed_us[j]:8.1f} us" if r.mixed_us else ""
+            print(f"  {name} M={m:4d}: decode {td:8.1f} us{tx}  prefill {tp:8.1f} us "
+                  f"{'<- decode range' if low[j] <= tp else ''}", flush=True)
         if name in dense:
             sub = [i for i, m in enumerate(r.candidates) if m in DEFAULT_THRESHOLD_CANDIDATES]
             sparse_t = select_threshold([r.candidates[i] for i in sub],
-                                        [r.decode_us[i] for i in sub],
+                                        [low[i] for i in sub],
                                         [r.prefill_us[i] for i in sub])
-            costs = threshold_costs(r.candidates, r.decode_us, r.prefill_us)
+            costs = threshold_costs(r.candidates, low, r.prefill_us)
             best_t = min(costs, key=lambda t: (costs[t], t))
             row.update({"threshold_default_candidates": sparse_t, "best_fixed": best_t,
                         "cost_chosen": costs[r.threshold],

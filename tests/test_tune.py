@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from w4a16moe import experts as experts_mod
-from w4a16moe.experts import threshold_key
+from w4a16moe.experts import DECODE_GEMM1_SECTION, threshold_key
 from w4a16moe.kernels import tune
 from w4a16moe.kernels.tune import (
     DEFAULT_THRESHOLD_CANDIDATES,
     MODEL_SHAPES,
+    select_gemm1_threshold,
     select_threshold,
     threshold_costs,
     write_thresholds,
@@ -84,6 +85,50 @@ def test_write_thresholds_merges(tmp_path):
         write_thresholds(path, {"E=9": True})
 
 
+@pytest.mark.parametrize(
+    "decode, mixed, threshold, expected",
+    [
+        # mixed wins at the top of the decode range (M=4 and 8): GEMM1 on decode up to 2
+        ((10, 20, 40, 80), (11, 21, 39, 70), 8, 2),
+        # mixed wins everywhere in the range: 0 (mixed from M=1)
+        ((10, 20, 40, 80), (9, 19, 39, 79), 8, 0),
+        # decode wins at the top: no mixed path (the threshold itself), even where mixed won
+        # lower down
+        ((10, 20, 40, 80), (9, 19, 41, 81), 8, 8),
+        # a tie is not a win
+        ((10, 20, 40, 80), (9, 19, 40, 80), 8, 8),
+        ((10, 20, 40, 80), (9, 19, 40, 79), 8, 4),
+        # candidates above the decode threshold do not count
+        ((10, 20, 40, 80), (9, 19, 41, 70), 4, 4),
+        ((10, 20, 40, 80), (9, 19, 39, 90), 4, 0),
+        # no decode range at all
+        ((10, 20, 40, 80), (9, 19, 39, 79), 0, 0),
+    ],
+)
+def test_select_gemm1_threshold(decode, mixed, threshold, expected):
+    assert select_gemm1_threshold((1, 2, 4, 8), decode, mixed, threshold) == expected
+
+
+def test_select_gemm1_threshold_rejects():
+    with pytest.raises(ValueError, match="expected the same non-zero count"):
+        select_gemm1_threshold((1, 2), (1, 2), (1,), 2)
+    with pytest.raises(ValueError, match="NaN"):
+        select_gemm1_threshold((1, 2), (1, 2), (1, float("nan")), 2)
+
+
+def test_write_thresholds_decode_gemm1_section(tmp_path):
+    """The section merges per key, None removes a key, an empty section disappears."""
+    path = tmp_path / "GPU_thresholds.json"
+    data = write_thresholds(path, {"E=1": 4, "E=2": 2}, gemm1_thresholds={"E=1": 0, "E=2": None})
+    assert data[DECODE_GEMM1_SECTION] == {"E=1": 0}
+    data = write_thresholds(path, {"E=2": 2}, gemm1_thresholds={"E=2": 1})
+    assert json.loads(path.read_text())[DECODE_GEMM1_SECTION] == {"E=1": 0, "E=2": 1}
+    data = write_thresholds(path, {}, gemm1_thresholds={"E=1": None, "E=2": None})
+    assert DECODE_GEMM1_SECTION not in data and data["E=1"] == 4
+    with pytest.raises(ValueError, match=r"decode GEMM1 threshold of 'E=1' is -2"):
+        write_thresholds(path, {}, gemm1_thresholds={"E=1": -2})
+
+
 def test_written_file_is_what_experts_reads(tmp_path):
     s = MODEL_SHAPES["qwen3-30b-a3b"]
     key = threshold_key(s.num_experts, s.hidden_size, s.intermediate_size, s.top_k,
@@ -92,21 +137,46 @@ def test_written_file_is_what_experts_reads(tmp_path):
     write_thresholds(path, {key: 24}, {"timings": {key: {"M": [1, 2]}}})
     experts_mod._read_thresholds.cache_clear()
     assert experts_mod._read_thresholds(str(path)) == {key: 24}
+    write_thresholds(path, {key: 24}, gemm1_thresholds={key: 1})
+    experts_mod._read_thresholds.cache_clear()
+    assert experts_mod._read_thresholds(str(path)) == {key: 24}
+    assert experts_mod._read_thresholds(str(path), DECODE_GEMM1_SECTION) == {key: 1}
+    # a malformed section is ignored with a warning naming it; the thresholds stay
+    raw = json.loads(path.read_text())
+    raw[DECODE_GEMM1_SECTION] = [1, 2]
+    path.write_text(json.dumps(raw))
+    experts_mod._read_thresholds.cache_clear()
+    with pytest.warns(UserWarning, match="'decode_gemm1' section: 'decode_gemm1' is not an"):
+        assert experts_mod._read_thresholds(str(path), DECODE_GEMM1_SECTION) == {}
+    assert experts_mod._read_thresholds(str(path)) == {key: 24}
+    experts_mod._read_thresholds.cache_clear()
 
 
-def test_shipped_h100_thresholds_cover_the_model_shapes():
+@pytest.mark.parametrize("gpu", ["NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"])
+def test_shipped_thresholds_cover_the_model_shapes(gpu):
+    """Each shipped value is what the selection gives on the timings shipped with it: the
+    decode threshold on the faster of decode and mixed, the decode_gemm1 section's values
+    (only where the mixed path won) on decode against mixed."""
     from w4a16moe.kernels.configs import CONFIG_DIR
 
-    path = CONFIG_DIR / "NVIDIA_H100_80GB_HBM3_thresholds.json"
+    path = CONFIG_DIR / f"{gpu}_thresholds.json"
     if not path.exists():
-        pytest.skip("no shipped H100 thresholds")
+        pytest.skip(f"no shipped {gpu} thresholds")
     data = json.loads(path.read_text())
+    gemm1 = data.get(DECODE_GEMM1_SECTION, {})
     for s in MODEL_SHAPES.values():
         key = threshold_key(s.num_experts, s.hidden_size, s.intermediate_size, s.top_k,
                             s.group_size)
         assert isinstance(data[key], int) and 0 <= data[key] <= max(DEFAULT_THRESHOLD_CANDIDATES)
         t = data["_meta"]["timings"][key]
-        assert select_threshold(t["M"], t["decode_us"], t["prefill_us"]) == data[key]
+        low = t["decode_us"]
+        if "mixed_us" in t:
+            low = [min(d, x) for d, x in zip(t["decode_us"], t["mixed_us"], strict=True)]
+            want = select_gemm1_threshold(t["M"], t["decode_us"], t["mixed_us"], data[key])
+            assert gemm1.get(key, data[key]) == want
+        else:
+            assert key not in gemm1
+        assert select_threshold(t["M"], low, t["prefill_us"]) == data[key]
 
 
 def test_measure_needs_a_gpu():

@@ -747,13 +747,19 @@ DEFAULT_THRESHOLD_CANDIDATES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 @dataclass(frozen=True)
 class ThresholdResult:
-    """Measured layer times (us, per call) of both kernels at each candidate M and the
-    threshold chosen from them by :func:`select_threshold`."""
+    """Measured layer times (us, per call) of the paths at each candidate M and the
+    thresholds chosen from them: ``threshold`` (largest M off the prefill path) by
+    :func:`select_threshold` on the faster of decode and mixed against prefill;
+    ``gemm1_threshold`` (largest M whose GEMM1 runs the decode kernel) by
+    :func:`select_gemm1_threshold`. ``mixed_us`` is empty where the mixed path cannot run
+    its GEMM1 on the mma kernel (``gemm1_threshold`` is then ``threshold``)."""
 
     threshold: int
     candidates: tuple[int, ...]
     decode_us: tuple[float, ...]
     prefill_us: tuple[float, ...]
+    mixed_us: tuple[float, ...] = ()
+    gemm1_threshold: int | None = None
 
 
 def select_threshold(candidates: Iterable[int], decode_us: Iterable[float],
@@ -784,6 +790,32 @@ def select_threshold(candidates: Iterable[int], decode_us: Iterable[float],
             break
         threshold = m
     return threshold
+
+
+def select_gemm1_threshold(candidates: Iterable[int], decode_us: Iterable[float],
+                           mixed_us: Iterable[float], threshold: int) -> int:
+    """The largest M whose GEMM1 runs the decode kernel, from per-M timings of the decode and
+    mixed paths: the mixed path takes the candidates at the top of the decode range
+    (``<= threshold``) where it is strictly faster, walking down from ``threshold`` until
+    decode wins; the result is the last candidate below them (0 when the mixed path wins down
+    to the smallest), or ``threshold`` when decode wins at the top (no mixed path). As in
+    :func:`select_threshold`, nothing is known between candidates: the result is conservative
+    (decode) by up to one candidate step."""
+    cands = [int(m) for m in candidates]
+    dec = [float(t) for t in decode_us]
+    mix = [float(t) for t in mixed_us]
+    if not cands or not len(cands) == len(dec) == len(mix):
+        raise ValueError(f"got {len(cands)} candidates, {len(dec)} decode and {len(mix)} "
+                         "mixed times; expected the same non-zero count")
+    if any(math.isnan(t) for t in dec + mix):
+        raise ValueError("timings contain NaN")
+    inside = [j for j, m in enumerate(cands) if m <= threshold]
+    result = threshold
+    for j in reversed(inside):
+        if not mix[j] < dec[j]:
+            break
+        result = cands[j - 1] if j > 0 else 0
+    return result
 
 
 def threshold_costs(candidates: Iterable[int], decode_us: Iterable[float],
@@ -817,15 +849,18 @@ def measure_decode_threshold(
     experts=None,
     on_step: Callable[[int, int, str], None] | None = None,
 ) -> ThresholdResult:
-    """Time ``fused_moe_decode`` and ``fused_moe_prefill`` on the current GPU at each
-    candidate token count and pick the threshold with :func:`select_threshold`.
+    """Time ``fused_moe_decode``, ``fused_moe_mixed`` (where its GEMM1 runs on the mma
+    kernel: :func:`~w4a16moe.kernels.mixed.mixed_unsupported`) and ``fused_moe_prefill`` on
+    the current GPU at each candidate token count and pick the thresholds
+    (:class:`ThresholdResult`).
 
     Each timed call runs ``rotations`` layer calls back to back in one CUDA graph, each with
     its own random softmax routing, and reports the time per call: consecutive calls touch
     different experts, so at small M the weights come from HBM, not from the 50 MB L2 (the
     layer itself, ``E * 3 * H * I / 2`` bytes, is several times the L2 for every shape in
-    :data:`MODEL_SHAPES`; at large M every call reads all experts). Both kernels run with
-    preallocated workspaces and outputs (the alignment pass is included in the prefill time).
+    :data:`MODEL_SHAPES`; at large M every call reads all experts). Every path runs with
+    preallocated workspaces and outputs (the alignment pass is included in the prefill and
+    mixed times).
 
     Args:
         num_experts, top_k, hidden_size, intermediate_size, group_size: the layer shape.
@@ -840,6 +875,7 @@ def measure_decode_threshold(
 
     from ..routing import fused_topk
     from .decode import DecodeWorkspace, fused_moe_decode
+    from .mixed import MixedWorkspace, fused_moe_mixed, mixed_unsupported
     from .prefill import PrefillWorkspace, fused_moe_prefill
 
     if not torch.cuda.is_available():
@@ -857,11 +893,13 @@ def measure_decode_threshold(
     max_m = cands[-1]
     dws = DecodeWorkspace.create(experts, top_k, max_m)
     pws = PrefillWorkspace.allocate(max_m, experts, top_k)
+    mws = (MixedWorkspace.create(experts, top_k, max_m, decode=dws)
+           if mixed_unsupported(experts) is None else None)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     x_all = torch.randn(max_m, hidden_size, device=device, dtype=dtype, generator=gen)
     y_all = torch.empty(max_m, hidden_size, device=device, dtype=dtype)
-    dec_t, pre_t = [], []
+    dec_t, pre_t, mix_t = [], [], []
     for step, m in enumerate(cands):
         x, y = x_all[:m], y_all[:m]
         routes = [fused_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
@@ -875,24 +913,40 @@ def measure_decode_threshold(
             for w, ids in routes:
                 fused_moe_prefill(x, experts, w, ids, out=y, workspace=pws)
 
+        def run_mixed(x=x, y=y, routes=routes):
+            for w, ids in routes:
+                fused_moe_mixed(x, experts, w, ids, out=y, workspace=mws)
+
         times = []
-        for fn in (run_decode, run_prefill):
+        for fn in (run_decode, run_prefill) + ((run_mixed,) if mws is not None else ()):
             fn()
             times.append(time_cuda_graph(fn, rep_ms) / rotations)
         dec_t.append(times[0])
         pre_t.append(times[1])
+        desc = f"M={m}: decode {times[0]:.1f} us, prefill {times[1]:.1f} us"
+        if mws is not None:
+            mix_t.append(times[2])
+            desc += f", mixed {times[2]:.1f} us"
         if on_step is not None:
-            on_step(step + 1, len(cands),
-                    f"M={m}: decode {times[0]:.1f} us, prefill {times[1]:.1f} us")
-    return ThresholdResult(select_threshold(cands, dec_t, pre_t), cands, tuple(dec_t),
-                           tuple(pre_t))
+            on_step(step + 1, len(cands), desc)
+    if not mix_t:
+        threshold = select_threshold(cands, dec_t, pre_t)
+        return ThresholdResult(threshold, cands, tuple(dec_t), tuple(pre_t), (), threshold)
+    threshold = select_threshold(cands, [min(d, x) for d, x in zip(dec_t, mix_t, strict=True)],
+                                 pre_t)
+    return ThresholdResult(threshold, cands, tuple(dec_t), tuple(pre_t), tuple(mix_t),
+                           select_gemm1_threshold(cands, dec_t, mix_t, threshold))
 
 
 def write_thresholds(path: str | os.PathLike, thresholds: dict[str, int],
-                     meta: dict | None = None) -> dict:
+                     meta: dict | None = None,
+                     gemm1_thresholds: dict[str, int | None] | None = None) -> dict:
     """Merge ``{threshold_key: M}`` (and ``meta`` under ``"_meta"``, merged per key) into the
     thresholds JSON at ``path`` (created if missing; an unreadable file is replaced);
-    returns the written object."""
+    ``gemm1_thresholds`` ``{threshold_key: M or None}`` into its ``"decode_gemm1"`` section
+    (None: the key is removed, no mixed path). Returns the written object."""
+    from ..experts import DECODE_GEMM1_SECTION
+
     path = Path(path)
     data: dict = {}
     if path.exists():
@@ -907,6 +961,21 @@ def write_thresholds(path: str | os.PathLike, thresholds: dict[str, int],
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"threshold of {key!r} is {value!r}; expected an int >= 0")
         data[key] = value
+    if gemm1_thresholds:
+        section = data.get(DECODE_GEMM1_SECTION)
+        section = dict(section) if isinstance(section, dict) else {}
+        for key, value in gemm1_thresholds.items():
+            if value is None:
+                section.pop(key, None)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"decode GEMM1 threshold of {key!r} is {value!r}; expected an "
+                                 "int >= 0 or None")
+            section[key] = value
+        if section:
+            data[DECODE_GEMM1_SECTION] = dict(sorted(section.items()))
+        else:
+            data.pop(DECODE_GEMM1_SECTION, None)
     if meta:
         old_meta = data.get("_meta") if isinstance(data.get("_meta"), dict) else {}
         data["_meta"] = {**old_meta, **meta}
@@ -949,7 +1018,9 @@ def measure_thresholds(
                                     s.top_k, s.group_size) for name, s in shapes.items()}
         timings = {keys[n]: {"model": n, "M": list(r.candidates),
                              "decode_us": [round(t, 2) for t in r.decode_us],
-                             "prefill_us": [round(t, 2) for t in r.prefill_us]}
+                             "prefill_us": [round(t, 2) for t in r.prefill_us],
+                             **({"mixed_us": [round(t, 2) for t in r.mixed_us]}
+                                if r.mixed_us else {})}
                    for n, r in results.items()}
         old = {}
         if Path(out).exists():
@@ -964,9 +1035,15 @@ def measure_thresholds(
                 "dtype": str(dtype or torch.bfloat16).removeprefix("torch."),
                 "timings": {**old, **timings},
                 "note": "value: largest M that runs the decode kernel (last candidate before "
-                        "prefill first wins); layer times per call under CUDA graphs, random "
-                        "routing rotated over 8 calls"}
-        write_thresholds(out, {keys[n]: r.threshold for n, r in results.items()}, meta)
+                        "prefill first wins against the faster of decode and mixed); "
+                        "decode_gemm1: largest M whose GEMM1 runs the decode kernel, above it "
+                        "the mixed path (only where it won); layer times per call under CUDA "
+                        "graphs, random routing rotated over 8 calls"}
+        gemm1 = {keys[n]: (r.gemm1_threshold if r.gemm1_threshold is not None
+                           and r.gemm1_threshold < r.threshold else None)
+                 for n, r in results.items()}
+        write_thresholds(out, {keys[n]: r.threshold for n, r in results.items()}, meta,
+                         gemm1_thresholds=gemm1)
     return results
 
 
@@ -1038,7 +1115,9 @@ def run(args) -> int:
             res = measure_thresholds(names, dtype=dtype, candidates=cands, out=out,
                                      rep_ms=min(args.rep_ms, 5.0), on_step=tstep)
         for name, r in res.items():
-            print(f"{name}: decode up to M={r.threshold}")
+            mixed = ("" if r.gemm1_threshold is None or r.gemm1_threshold >= r.threshold
+                     else f" (GEMM1 on the mma kernel from M={r.gemm1_threshold + 1}: mixed)")
+            print(f"{name}: decode up to M={r.threshold}{mixed}")
         print(f"wrote {out}")
         return 0
     out = args.out or str(CONFIG_DIR / device_config_filename())

@@ -8,8 +8,9 @@ Sections (each can be turned off):
   tests     ``python3 -m pytest -q tests -x`` in a subprocess; pass/fail counts.
   rotation  cold (weights rotated over copies) vs warm (one copy) timing of the same graph:
             a layer whose weights fit the L2 must run clearly faster warm.
-  bench     per model: M = 1, 2, 4, 8 with every path that imports (decode, prefill,
-            hybrid, bf16); when the hybrid path exists also the sweep M = 1..8192.
+  bench     per model: M = 1, 2, 4, 8 with every path that imports (decode, mixed, prefill,
+            hybrid, bf16); when the hybrid path exists also the sweep M = 1..8192 (mixed up
+            to M = 8).
   robustness  ``benchmarks/robustness_bench.py``: the deterministic mode's cost.
   e2e       ``w4a16moe bench --e2e`` (Qwen3-30B-A3B config, 48 layers): TTFT / TPOT of
             bf16 and int4 with CUDA graphs and torch.compile + CUDA graphs (~5 min: a
@@ -44,6 +45,9 @@ DECODE_MS = [1, 2, 4, 8]
 SWEEP_MS = [2**i for i in range(14)]  # 1 .. 8192
 #: the decode kernel is timed in the sweep up to this M (it is meant for few tokens)
 DECODE_SWEEP_MAX_M = 256
+#: the mixed path (GEMM1 on the mma tiles, GEMM2 on the decode kernel) is a few-token path:
+#: the sweep times it up to here
+MIXED_SWEEP_MAX_M = 8
 
 
 class Log:
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{rates.matmul_tflops:.0f} TFLOP/s ({rates.matmul_method})  [{elapsed():.0f} s]")
 
     candidates = (args.paths.split(",") if args.paths
-                  else ["decode", "prefill", "hybrid", "bf16"])
+                  else ["decode", "mixed", "prefill", "hybrid", "bf16"])
     paths = []
     for name in candidates:
         reason = PATHS[name].unavailable("cuda") if name in PATHS else None
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         shape = get_shape(model)
         t0 = time.perf_counter()
         recs = bench_layer(shape, ms, ps, "bf16", device, rates=rates, target_ms=target,
-                           max_m={"decode": DECODE_SWEEP_MAX_M} if section == "sweep" else None,
+                           max_m=({"decode": DECODE_SWEEP_MAX_M, "mixed": MIXED_SWEEP_MAX_M}
+                                  if section == "sweep" else None),
                            log=lambda msg: log(f"  {msg}"))
         for r in recs:
             r["section"] = section

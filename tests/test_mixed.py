@@ -180,3 +180,53 @@ def test_mixed_path_is_annotated(m):
     names = [evt.name for evt in prof.events()]
     assert f"hybrid_triton_moe {m}x{2 * I}x{H} E=4 top_k=2" in names   # GEMM1: prefill kernel
     assert f"fused_moe_wvsplitk_int4 {m}x{H}x{I} E=4 top_k=2" in names  # GEMM2: decode kernel
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs: GPU only")
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_mixed_path_in_a_cuda_graph(from_logits):
+    """After ``reserve`` the mixed path allocates nothing, eager or captured, and 50 replays
+    on new inputs match eager calls bit for bit and the reference."""
+    allocs = "allocation.all.allocated"
+    e, m = 8, 3
+    ex = _layer(e=e, dtype=torch.bfloat16, seed=21)
+    moe = HybridW4A16MoEExperts(ex, top_k=2, decode_threshold=4, decode_gemm1_threshold=0)
+    assert moe.choose_path(m) == "mixed", moe.mixed_unsupported
+    moe.reserve(m)
+    gen = torch.Generator(device="cuda").manual_seed(21)
+
+    def batch():
+        x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16, generator=gen)
+        logits = torch.randn(m, e, device="cuda", generator=gen)
+        return (x, logits, *fused_topk(logits, 2))
+
+    sx, slog, stw, sti = batch()
+    sout = torch.empty(m, H, device="cuda", dtype=torch.bfloat16)
+
+    def call():
+        if from_logits:
+            sout.copy_(moe.forward_logits(sx, slog))
+        else:
+            moe(sx, stw, sti, out=sout)
+
+    for _ in range(2):
+        call()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()[allocs]
+    if not from_logits:   # (forward_logits returns a new tensor: its output is allocated)
+        call()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()[allocs] == before, "an eager forward allocated"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for _ in range(50):
+        x, logits, tw, ti = batch()
+        for dst, src in ((sx, x), (slog, logits), (stw, tw), (sti, ti)):
+            dst.copy_(src)
+        sout.fill_(float("nan"))
+        graph.replay()
+        eager = moe.forward_logits(x, logits) if from_logits else moe(x, tw, ti)
+        assert torch.equal(sout, eager)
+    ref = moe_reference(sx, ex, stw, sti, round_intermediate=True)
+    _check(sout, ref, torch.bfloat16)

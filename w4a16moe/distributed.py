@@ -504,7 +504,7 @@ class ParallelHybridMoE(nn.Module):
         return f"mode={self.mode!r}, rank={self.rank}, world_size={self.world_size}"
 
     def choose_path(self, num_tokens: int) -> str | None:
-        """The local kernel (``"decode"``/``"prefill"``) for ``num_tokens``; None without
+        """The local path (``"decode"``/``"mixed"``/``"prefill"``) for ``num_tokens``; None without
         local experts."""
         return None if self.local is None else self.local.choose_path(num_tokens)
 

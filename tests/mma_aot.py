@@ -30,7 +30,7 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  x_ahead: bool | None = None, timeline: bool = False,
                  rotate_k: bool | None = None, ready: int = 0,
                  persistent: bool = False, whole_runs: bool | None = None,
-                 sass: bool = False) -> dict:
+                 split: int = 1, k_range: int = 0, sass: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -60,7 +60,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         ROTATE_K=(prefill_mma.ROTATE_K_STEPS and block_t == 8) if rotate_k is None
         else rotate_k, READY=ready, PERSISTENT=persistent,
         COPY_LAYOUT=(prefill_mma.ring_copy_layout(rows, num_warps, groups) if whole_runs
-                     else None))
+                     else None),
+        SPLIT=split, K_RANGE=k_range)
     if not timeline:
         constexprs["timeline_ptr"] = None
     if not ready:

@@ -64,6 +64,27 @@ def test_mma_config_rules():
                                                                   activation=False)
 
 
+def test_split_k_rules_on_the_mma_kernel():
+    """``SPLIT_K`` runs on the mma kernel where every K range is whole steps and whole groups
+    and there is no fused activation; the reasons name what was wrong."""
+    def why(k, split, bk=256, activation=False, g=128):
+        cfg = {**mma_config(8, 16, 1, bk), "SPLIT_K": split}
+        a = torch.empty(1, k, dtype=torch.bfloat16, device=DEVICE)
+        q = torch.empty(1, 64, k // 8, dtype=torch.int32, device=DEVICE)
+        return prefill_mma.mma_unsupported(
+            device=torch.device(DEVICE), k=k, n_out=64, group_size=g, config=cfg,
+            has_perm=False, a_fragment_order=False, atomic_topk_sum=False,
+            activation=activation, a=a, qweight=q)
+
+    if not ON_MMA_GPU:   # (the device check comes first off an sm_80+ GPU)
+        assert why(14336, 4) is not None
+        return
+    assert why(14336, 4) is None and why(14336, 8) is None and why(14336, 1) is None
+    assert "SPLIT_K = 8 times BLOCK_SIZE_K = 512" in why(14336, 8, bk=512)
+    assert "each K range whole groups" in why(1536, 4, bk=128, g=256)
+    assert "fused activation" in why(14336, 2, activation=True)
+
+
 def test_mma_config_falls_back_off_the_gpu():
     """Where the kernel cannot run (here: no GPU, or a K that is not whole groups), the same
     block size runs on the Triton kernel and the layer is still right."""
@@ -101,6 +122,10 @@ def test_every_variant_compiles_for_sm90_without_spills():
              predicated_reloads=True),
         dict(block_t=8, block_n=128, num_warps=4, activation=False, groups=2, a_sorted=True,
              weights_before_wait=True, predicated_reloads=True),
+        # GEMM2 split in K (SPLIT_K 4 at Mixtral's K = 14336: ranges of 14 steps, the ring)
+        dict(block_t=8, block_n=16, num_warps=1, activation=False, groups=2,
+             mul_routed_weight=True, weights_before_wait=True, ring_stages=2, split=4,
+             k_range=3584),
     ]
     for v, rep in zip(variants, ptxas_reports(variants), strict=True):
         # 8 mmas a group and n-tile, two groups an unrolled iteration
@@ -374,6 +399,59 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
 
 
 @gpu_only
+@gpu_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("split,bn,warps,bk", [(4, 16, 1, 256), (8, 32, 2, 256), (2, 16, 1, 512),
+                                               (8, 64, 4, 256)])
+def test_split_k_partials_add_up_to_the_whole_gemm(dtype, symmetric, split, bn, warps, bk):
+    """GEMM2 on the mma kernel with ``SPLIT_K``: float32 partial sums ``[S, slots, N]`` (one
+    per K range, NaN-poisoned first, remote experts' rows zero) whose sum matches the unsplit
+    GEMM (the same products, summed in another order) and the float32 reference, at Mixtral's
+    K = 14336 (8 ranges: an odd step count a range, 7)."""
+    e, top_k, m, h, i = 8, 2, 3, 256, 14336
+    experts, _, w, ids = _case(m, h, i, e, top_k, dtype=dtype, symmetric=symmetric,
+                               seed=split + bn)
+    if not (ids == 3).any():
+        ids[0, 0] = 3   # a slot of the remote expert
+    emap = torch.tensor([0, 1, 2, -1, 3, 4, 5, 6], dtype=torch.int32, device=DEVICE)
+    local = experts.select_experts(torch.tensor([0, 1, 2, 4, 5, 6, 7], device=DEVICE))
+    blocks = align_block_size(ids, 8, e, emap)
+    inter = torch.randn(m * top_k, i, dtype=dtype, device=DEVICE)
+    cfg = mma_config(8, bn, warps, bk)
+    whole = torch.full((m * top_k, h), float("nan"), dtype=dtype, device=DEVICE)
+    prefill_gemm(inter, local.w2, blocks, ids, w, top_k=top_k, mul_routed_weight=True,
+                 a_is_slots=True, out=whole, config=cfg)
+    parts = torch.full((split, m * top_k, h), float("nan"), dtype=torch.float32, device=DEVICE)
+    got = prefill_gemm(inter, local.w2, blocks, ids, w, top_k=top_k, mul_routed_weight=True,
+                       a_is_slots=True, out=parts, config={**cfg, "SPLIT_K": split})
+    assert got is parts and not parts.isnan().any()
+    total = parts.sum(0)
+    remote = (emap[ids.flatten().long()] < 0)
+    assert remote.any() and (parts[:, remote] == 0).all()
+    w2 = experts.w2.dequantize(torch.float32)
+    ref = torch.einsum("sk,snk->sn", inter.float(), w2[ids.flatten().long()])
+    ref = ref * w.flatten()[:, None].float() * (~remote)[:, None]
+    scale = ref.abs().max()
+    assert (total - whole.float()).abs().max() <= 2e-2 * scale
+    assert (total - ref).abs().max() <= 1e-2 * scale
+
+
+@gpu_only
+def test_layer_with_an_mma_split_k_gemm2_matches_the_reference():
+    """The prefill layer with both GEMMs on the mma kernel and GEMM2 split (its partials added
+    by the top-k sum), Mixtral's shape at one and two tokens."""
+    e, top_k, h, i = 8, 2, 512, 14336
+    cfg1 = mma_config(8, 8, 1, 256)
+    cfg2 = {**mma_config(8, 16, 1, 256), "SPLIT_K": 4}
+    for m in (1, 2):
+        experts, x, w, ids = _case(m, h, i, e, top_k, dtype=torch.bfloat16, symmetric=True,
+                                   seed=40 + m)
+        out = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2), out=out)
+        ref = moe_reference(x, experts, w, ids, round_intermediate=True).float()
+        assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("bn,warps,bk", [(16, 1, 512), (16, 1, 256), (64, 4, 512)])
 def test_word_ring_key_gives_the_register_path_bits_on_long_programs(stages, bn, warps, bk):

@@ -643,6 +643,7 @@ if HAVE_GLUON:
         timeline_ptr=None, TIMELINE: gl.constexpr = False, ROTATE_K: gl.constexpr = False,
         ready_ptr=None, ready_tiles=0, READY: gl.constexpr = 0,
         PERSISTENT: gl.constexpr = False, COPY_LAYOUT: gl.constexpr = None,
+        SPLIT: gl.constexpr = 1, K_RANGE: gl.constexpr = 0, stride_cs=0,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -660,7 +661,10 @@ if HAVE_GLUON:
         waiting for all of GEMM1 (the top-k sum after it sets the counts back to 0).
         ``PERSISTENT`` (:data:`GEMM1_PERSISTENT`): the grid holds no more programs than the GPU
         runs at once, and program ``pid`` takes tiles ``pid``, ``pid + programs``, ... of the
-        padded count's blocks."""
+        padded count's blocks. ``SPLIT`` (``SPLIT_K``; not persistent): program ``pid`` runs K
+        range ``pid % SPLIT`` (``K_RANGE = K / SPLIT`` columns, a compile-time constant so
+        that the ranges' pointers keep their 16-byte alignment for the compiler) of tile
+        ``pid // SPLIT`` into that range's partial sums, ``c_ptr + range * stride_cs``."""
         BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
@@ -713,7 +717,23 @@ if HAVE_GLUON:
                     PREDICATED_RELOADS, RING_STAGES, RING_LAYOUT, X_AHEAD, ROTATE_K,
                     ready_ptr, ready_tiles, READY, COPY_LAYOUT)
         else:
-            pid_m = pid // num_pid_n
+            tile_pid = pid
+            if SPLIT > 1:
+                # the same tile over one K range: that range's words, scales, zero points and
+                # activations, into that range's partial sums (the GEMM over K / SPLIT)
+                gl.static_assert(READY == 0, "a split GEMM neither raises nor waits for counts")
+                # consecutive programs run the K ranges of one tile (on the H200, Mixtral's GEMM2
+                # at M=1-2, 1.7-4.5 us faster than one range of consecutive tiles:
+                # benchmarks/notes_prefill.md, session 42)
+                k_range = pid % SPLIT
+                tile_pid = pid // SPLIT
+                K = K_RANGE
+                a_ptr += k_range * K_RANGE
+                qw_ptr += k_range * (K_RANGE // 8)
+                s_ptr += k_range * (K_RANGE // GROUP_SIZE) * stride_sg
+                z_ptr += k_range * (K_RANGE // GROUP_SIZE) * stride_zg
+                c_ptr += k_range * stride_cs
+            pid_m = tile_pid // num_pid_n
             if PDL and READY == 1:
                 _wait_upstream()
             elif PDL and not EARLY:
@@ -728,7 +748,7 @@ if HAVE_GLUON:
                 # for this kernel to complete, and a program past the blocks reads nothing else
                 _release_next_after(num_post_padded, expert)
             _prefill_mma_tile(
-                pid, pid_m, (pid % num_pid_n) * BLOCK_N_OUT, num_post_padded, expert,
+                tile_pid, pid_m, (tile_pid % num_pid_n) * BLOCK_N_OUT, num_post_padded, expert,
                 a_ptr, qw_ptr, s_ptr, z_ptr, c_ptr, topk_weights_ptr, sorted_ids_ptr,
                 K, num_valid_slots, top_k, up_offset,
                 stride_am, stride_qe, stride_qn, stride_se, stride_sn, stride_sg,
@@ -1029,14 +1049,18 @@ def mma_unsupported(*, device: torch.device, k: int, n_out: int, group_size: int
            or mma_tiles_unsupported(config, activation=activation))
     if why is not None:
         return why
-    if k % config["BLOCK_SIZE_K"] or group_size % MMA_BLOCK_K:
-        return (f"K = {k} must be a multiple of BLOCK_SIZE_K = {config['BLOCK_SIZE_K']} and "
-                f"G = {group_size} a multiple of {MMA_BLOCK_K}")
+    split = config.get("SPLIT_K", 1)
+    if (k % (split * config["BLOCK_SIZE_K"]) or group_size % MMA_BLOCK_K
+            or (k // split) % group_size):
+        return (f"K = {k} must be a multiple of SPLIT_K = {split} times BLOCK_SIZE_K = "
+                f"{config['BLOCK_SIZE_K']}, G = {group_size} a multiple of {MMA_BLOCK_K} and "
+                "each K range whole groups")
     if n_out % config["BLOCK_SIZE_N"]:
         return f"{n_out} output columns are not a multiple of BLOCK_SIZE_N"
-    if has_perm or a_fragment_order or atomic_topk_sum or config.get("SPLIT_K", 1) > 1:
-        return ("act-order, fragment-order inputs, the atomic top-k sum and SPLIT_K are not "
-                "supported")
+    if has_perm or a_fragment_order or atomic_topk_sum:
+        return "act-order, fragment-order inputs and the atomic top-k sum are not supported"
+    if split > 1 and activation:
+        return "SPLIT_K with a fused activation (GEMM1 needs whole sums)"
     if a.stride(1) != 1 or qweight.stride(2) != 1:
         return "the activations' and the packed words' K must be contiguous"
     if a.data_ptr() % 4 or a.stride(0) % 2:
@@ -1061,14 +1085,23 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     :data:`GEMM2_WAITS_PER_BLOCK`): with ``ready_wait_tiles`` 0 each program adds 1 to its
     block's count once its tile is stored (GEMM1); else each program waits until its block's
     count is ``ready_wait_tiles`` before it reads ``a`` (GEMM2 on GEMM1's output; the caller
-    sets the counts back to zero once GEMM2 is done: ``fused_moe_prefill``'s top-k sum)."""
+    sets the counts back to zero once GEMM2 is done: ``fused_moe_prefill``'s top-k sum).
+    ``SPLIT_K`` S in ``config``: ``out`` is ``[S, slots, n_out]`` (float32 partial sums, one
+    per K range) and each program runs one range of one tile."""
     bt, bn, warps = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["num_warps"]
     rows = 2 * bn if activation_code else bn
+    split = config.get("SPLIT_K", 1)
+    if split > 1 and (ready_counts is not None or out.dim() != 3 or out.shape[0] != split):
+        raise ValueError(f"SPLIT_K={split} with out of shape {tuple(out.shape)} and ready "
+                         f"counts {ready_counts is not None}; expected [{split}, slots, N] "
+                         "partial sums and no counts")
+    # what a program reads: one K range
+    k_range = k // split
     # in a prefill chain the GEMM on slot rows is GEMM2, and the kernel before it (GEMM1)
     # writes only its activations: the weights may be read before the wait
     weights_before_wait = a_is_slots and GEMM2_WEIGHTS_BEFORE_WAIT
     predicated_reloads = (PREDICATED_RELOADS
-                          and k // config["BLOCK_SIZE_K"] <= PREDICATED_RELOADS_MAX_STEPS)
+                          and k_range // config["BLOCK_SIZE_K"] <= PREDICATED_RELOADS_MAX_STEPS)
     em = sorted_ids.numel()
     z = zeros if zeros is not None else qweight  # dummy pointer when absent
     tw = topk_weights if topk_weights is not None else scales
@@ -1077,10 +1110,10 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     scale_words = (groups > 1 and group_size == MMA_BLOCK_K and scales.stride(2) == 1
                    and scales.stride(1) % 2 == 0 and scales.stride(0) % 2 == 0
                    and scales.data_ptr() % 4 == 0)
-    grid = ((em // bt) * (n_out // bn),)
+    grid = ((em // bt) * (n_out // bn) * split,)
     # the words' ring (WORD_RING_STAGES) compiles without the CTA barriers Triton's
     # shared-memory analysis puts around it (each thread reads back only its own copies)
-    ring = word_ring_stages(k, config)
+    ring = word_ring_stages(k_range, config)
     # the ring's copies in whole 128-byte runs of a row (two groups or more a step)
     whole_runs = bool(ring) and RING_COPIES_WHOLE_RUNS and groups >= 2
     copy_layout = ring_copy_layout(rows, warps, groups) if whole_runs else None
@@ -1093,7 +1126,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
                   and not weights_before_wait
                   and slots // top_k >= GEMM1_PERSISTENT_MIN_TOKENS
                   and qweight.shape[0] >= GEMM1_PERSISTENT_MIN_EXPERTS)
-    resident_key = (a.device, a.dtype, rows, bt, warps, groups, k, n_out, zeros is not None,
+    resident_key = (a.device, a.dtype, rows, bt, warps, groups, k_range, n_out, zeros is not None,
                     activation_code, topk_weights is not None, a_sorted, out_sorted,
                     scale_words, ring, x_ahead, rotate_k, predicated_reloads,
                     TIMELINE is not None, whole_runs)
@@ -1119,7 +1152,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             n_out, k, slots, top_k, up_offset,
             a.stride(0), qweight.stride(0), qweight.stride(1),
             scales.stride(0), scales.stride(1), scales.stride(2),
-            z.stride(0), z.stride(1), z.stride(2), out.stride(0),
+            z.stride(0), z.stride(1), z.stride(2), out.stride(-2),
             GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, ACTIVATION=activation_code,
             MUL_ROUTED_WEIGHT=topk_weights is not None, A_IS_SLOTS=a_is_slots,
             A_SORTED=a_sorted, C_SORTED=out_sorted, IS_FP16=a.dtype == torch.float16,
@@ -1131,7 +1164,9 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             timeline_ptr=timeline, TIMELINE=timeline is not None,
             ROTATE_K=rotate_k, ready_ptr=ready_counts, ready_tiles=ready_wait_tiles,
             READY=0 if ready_counts is None else (2 if ready_wait_tiles else 1),
-            PERSISTENT=persistent, COPY_LAYOUT=copy_layout, **prefill_pdl_args(a.device))
+            PERSISTENT=persistent, COPY_LAYOUT=copy_layout, SPLIT=split,
+            K_RANGE=k_range if split > 1 else 0, stride_cs=out.stride(0) if split > 1 else 0,
+            **prefill_pdl_args(a.device))
     if persistent and resident_key not in _RESIDENT_PROGRAMS:
         _RESIDENT_PROGRAMS[resident_key] = resident_programs(compiled, a.device)
     if timeline is not None:

@@ -723,7 +723,7 @@ if HAVE_GLUON:
                 # activations, into that range's partial sums (the GEMM over K / SPLIT)
                 gl.static_assert(READY == 0, "a split GEMM neither raises nor waits for counts")
                 # consecutive programs run the K ranges of one tile (on the H200, Mixtral's GEMM2
-                # at M=1-2, 1.7-4.5 us faster than one range of consecutive tiles:
+                # at M=1-2, 1.4-4.5 us faster than one range of consecutive tiles:
                 # benchmarks/notes_prefill.md, session 42)
                 k_range = pid % SPLIT
                 tile_pid = pid // SPLIT

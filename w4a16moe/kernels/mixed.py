@@ -32,7 +32,7 @@ from ..profiling.annotate import DECODE_KERNEL_NAME, PREFILL_KERNEL_NAME, annota
 from ..reference import ACTIVATIONS, check_routing
 from ..routing import AlignedBlocks, align_block_size
 from .align import AlignmentBuffers
-from .decode import DecodeConfig, DecodeWorkspace, decode_gemm2
+from .decode import DecodeConfig, DecodeWorkspace, _check_out, decode_gemm2
 from .pdl import prefill_chain
 from .prefill import _check_given_blocks, prefill_gemm
 from .prefill_mma import mma_unsupported
@@ -139,12 +139,7 @@ def fused_moe_mixed(
         if cfg1.get(flag) and not (flag == "SPLIT_K" and cfg1[flag] == 1):
             raise ValueError(f"gemm1_config has {flag}={cfg1[flag]!r}; the mixed layer's GEMM1 "
                              "writes one row a slot for the decode GEMM2: expected none")
-    if out is None:
-        out = torch.empty(m, h, dtype=experts.dtype, device=hidden_states.device)
-    elif (tuple(out.shape) != (m, h) or out.dtype != experts.dtype
-          or out.device != hidden_states.device):
-        raise ValueError(f"out has shape {tuple(out.shape)}, dtype {out.dtype} on {out.device}; "
-                         f"expected {(m, h)}, {experts.dtype} on {hidden_states.device}")
+    out = _check_out(out, (m, h), experts.dtype, hidden_states.device)
     if m == 0:
         return out
     slots = m * top_k

@@ -1211,13 +1211,15 @@ def register(sub) -> None:
                         "fastest pair is written")
     p.add_argument("--thresholds", action="store_true",
                    help="instead of tuning configs, measure the decode/prefill switch point "
-                        "of each model and merge it into the thresholds JSON (default "
-                        "--out: the package's <gpu>_thresholds.json)")
+                        "of each model, and where the mixed path (GEMM1 on the mma kernel, "
+                        "GEMM2 on the decode kernel) beats decode the point it takes over, and "
+                        "merge them into the thresholds JSON (default --out: the package's "
+                        "<gpu>_thresholds.json)")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="print a line for every timed candidate: GEMM, tile, time and how "
                         "it ran (prefetched scales, sorted rows, SPLIT_K, stream-K) or why it "
-                        "was skipped (with --thresholds: each M's decode and prefill layer "
-                        "times); not only the progress bar")
+                        "was skipped (with --thresholds: each M's decode, mixed and prefill "
+                        "layer times); not only the progress bar")
     p.add_argument("--candidates", default=",".join(map(str, DEFAULT_THRESHOLD_CANDIDATES)),
                    help="with --thresholds: token counts to time (default: %(default)s)")
     p.add_argument("--boundaries", action="store_true",

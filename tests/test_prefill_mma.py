@@ -399,7 +399,6 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
 
 
 @gpu_only
-@gpu_only
 @pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
 @pytest.mark.parametrize("split,bn,warps,bk", [(4, 16, 1, 256), (8, 32, 2, 256), (2, 16, 1, 512),
                                                (8, 64, 4, 256)])
@@ -452,6 +451,7 @@ def test_layer_with_an_mma_split_k_gemm2_matches_the_reference():
         assert (out.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
+@gpu_only
 @pytest.mark.parametrize("stages", [2, 3])
 @pytest.mark.parametrize("bn,warps,bk", [(16, 1, 512), (16, 1, 256), (64, 4, 512)])
 def test_word_ring_key_gives_the_register_path_bits_on_long_programs(stages, bn, warps, bk):

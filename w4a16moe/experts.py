@@ -83,32 +83,26 @@ def _read_thresholds(path: str, section: str | None = None) -> dict[str, int]:
         return {}
 
 
+def measured_thresholds(experts: PackedExperts, top_k: int,
+                        device: torch.device | None = None) -> tuple[int | None, int | None]:
+    """``(decode_threshold, decode_gemm1_threshold)`` measured for this GPU and layer shape,
+    from one lookup of its thresholds file (this GPU's, or a sibling's of the same
+    architecture and size: see :func:`~w4a16moe.kernels.configs.tuned_file`); None for a
+    value not shipped (no ``decode_gemm1`` value: the mixed path is never chosen)."""
+    device = device or experts.device
+    if device.type != "cuda":
+        return None, None
+    path = str(tuned_file(device, THRESHOLDS_SUFFIX))
+    key = threshold_key(experts.num_experts, experts.hidden_size, experts.intermediate_size,
+                        top_k, experts.w13.group_size)
+    return (_read_thresholds(path).get(key),
+            _read_thresholds(path, DECODE_GEMM1_SECTION).get(key))
+
+
 def measured_decode_threshold(experts: PackedExperts, top_k: int,
                               device: torch.device | None = None) -> int | None:
-    """The threshold measured for this GPU and layer shape, or None if none was shipped
-    (for this GPU, or for a sibling GPU of the same architecture and size: see
-    :func:`~w4a16moe.kernels.configs.tuned_file`)."""
-    device = device or experts.device
-    if device.type != "cuda":
-        return None
-    table = _read_thresholds(str(tuned_file(device, THRESHOLDS_SUFFIX)))
-    key = threshold_key(experts.num_experts, experts.hidden_size, experts.intermediate_size,
-                        top_k, experts.w13.group_size)
-    return table.get(key)
-
-
-def measured_decode_gemm1_threshold(experts: PackedExperts, top_k: int,
-                                    device: torch.device | None = None) -> int | None:
-    """The largest M whose GEMM1 runs the decode kernel, measured for this GPU and layer
-    shape (the thresholds file's ``"decode_gemm1"`` section), or None where none was
-    shipped: then the mixed path is never chosen."""
-    device = device or experts.device
-    if device.type != "cuda":
-        return None
-    table = _read_thresholds(str(tuned_file(device, THRESHOLDS_SUFFIX)), DECODE_GEMM1_SECTION)
-    key = threshold_key(experts.num_experts, experts.hidden_size, experts.intermediate_size,
-                        top_k, experts.w13.group_size)
-    return table.get(key)
+    """The decode threshold of :func:`measured_thresholds`."""
+    return measured_thresholds(experts, top_k, device)[0]
 
 
 def _check_expert_map(expert_map: torch.Tensor, num_local: int) -> None:
@@ -257,19 +251,26 @@ class HybridW4A16MoEExperts(nn.Module):
     def num_global_experts(self) -> int:
         return self._meta["num_experts"] if self.expert_map is None else self.expert_map.shape[0]
 
+    def _thresholds(self) -> tuple[int, int]:
+        """``(decode_threshold, decode_gemm1_threshold)``: the arguments, else the measured
+        values (one lookup of the thresholds file for both), else ``DEFAULT_DECODE_THRESHOLD``
+        and the decode threshold (no mixed path)."""
+        thr, gemm1 = self._threshold_arg, self._gemm1_threshold_arg
+        if thr is None or gemm1 is None:
+            measured = measured_thresholds(self.experts, self.top_k)
+            if thr is None:
+                thr = DEFAULT_DECODE_THRESHOLD if measured[0] is None else measured[0]
+            if gemm1 is None:
+                gemm1 = thr if measured[1] is None else measured[1]
+        return thr, gemm1
+
     @property
     def decode_threshold(self) -> int:
-        if self._threshold_arg is not None:
-            return self._threshold_arg
-        measured = measured_decode_threshold(self.experts, self.top_k)
-        return DEFAULT_DECODE_THRESHOLD if measured is None else measured
+        return self._thresholds()[0]
 
     @property
     def decode_gemm1_threshold(self) -> int:
-        if self._gemm1_threshold_arg is not None:
-            return self._gemm1_threshold_arg
-        measured = measured_decode_gemm1_threshold(self.experts, self.top_k)
-        return self.decode_threshold if measured is None else measured
+        return self._thresholds()[1]
 
     @property
     def mixed_unsupported(self) -> str | None:
@@ -298,12 +299,12 @@ class HybridW4A16MoEExperts(nn.Module):
         if self.deterministic:
             self._workspace(DETERMINISTIC_PATH, max(max_tokens, 1))
             return
-        decode_max = min(max_tokens, max(self.decode_threshold, 1))
+        threshold, gemm1_threshold = self._thresholds()
+        decode_max = min(max_tokens, max(threshold, 1))
         self._workspace("decode", decode_max)
-        if (self.decode_gemm1_threshold < min(max_tokens, self.decode_threshold)
-                and self.mixed_unsupported is None):
+        if gemm1_threshold < min(max_tokens, threshold) and self.mixed_unsupported is None:
             self._workspace("mixed", decode_max)
-        if max_tokens > self.decode_threshold:
+        if max_tokens > threshold:
             self._workspace("prefill", max_tokens)
 
     def _workspace(self, path: str, m: int):
@@ -397,9 +398,10 @@ class HybridW4A16MoEExperts(nn.Module):
         :attr:`mixed_unsupported`), prefill above."""
         if self.deterministic:
             return DETERMINISTIC_PATH
-        if num_tokens > self.decode_threshold:
+        threshold, gemm1_threshold = self._thresholds()
+        if num_tokens > threshold:
             return "prefill"
-        if num_tokens > self.decode_gemm1_threshold and self.mixed_unsupported is None:
+        if num_tokens > gemm1_threshold and self.mixed_unsupported is None:
             return "mixed"
         return "decode"
 

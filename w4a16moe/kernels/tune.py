@@ -762,6 +762,24 @@ class ThresholdResult:
     gemm1_threshold: int | None = None
 
 
+def _per_m_timings(candidates: Iterable[int], decode_us: Iterable[float],
+                   other_us: Iterable[float], other: str
+                   ) -> tuple[list[int], list[float], list[float]]:
+    """The candidates and the decode and ``other`` path's times as lists, checked: as many of
+    each (at least one), strictly increasing M >= 1, no NaN."""
+    cands = [int(m) for m in candidates]
+    dec = [float(t) for t in decode_us]
+    oth = [float(t) for t in other_us]
+    if not cands or not len(cands) == len(dec) == len(oth):
+        raise ValueError(f"got {len(cands)} candidates, {len(dec)} decode and {len(oth)} "
+                         f"{other} times; expected the same non-zero count")
+    if any(b <= a for a, b in zip(cands, cands[1:], strict=False)) or cands[0] < 1:
+        raise ValueError(f"candidates are {cands}; expected strictly increasing M >= 1")
+    if any(math.isnan(t) for t in dec + oth):
+        raise ValueError("timings contain NaN")
+    return cands, dec, oth
+
+
 def select_threshold(candidates: Iterable[int], decode_us: Iterable[float],
                      prefill_us: Iterable[float]) -> int:
     """The decode threshold (largest M that runs the decode kernel) from per-M timings.
@@ -774,16 +792,7 @@ def select_threshold(candidates: Iterable[int], decode_us: Iterable[float],
     never exceeds a measured M where prefill won. Between two candidates nothing is known:
     the result is conservative by up to one candidate step.
     """
-    cands = [int(m) for m in candidates]
-    dec = [float(t) for t in decode_us]
-    pre = [float(t) for t in prefill_us]
-    if not cands or not len(cands) == len(dec) == len(pre):
-        raise ValueError(f"got {len(cands)} candidates, {len(dec)} decode and {len(pre)} "
-                         "prefill times; expected the same non-zero count")
-    if any(b <= a for a, b in zip(cands, cands[1:], strict=False)) or cands[0] < 1:
-        raise ValueError(f"candidates are {cands}; expected strictly increasing M >= 1")
-    if any(math.isnan(t) for t in dec + pre):
-        raise ValueError("timings contain NaN")
+    cands, dec, pre = _per_m_timings(candidates, decode_us, prefill_us, "prefill")
     threshold = 0
     for m, td, tp in zip(cands, dec, pre, strict=True):
         if tp < td:
@@ -801,14 +810,7 @@ def select_gemm1_threshold(candidates: Iterable[int], decode_us: Iterable[float]
     to the smallest), or ``threshold`` when decode wins at the top (no mixed path). As in
     :func:`select_threshold`, nothing is known between candidates: the result is conservative
     (decode) by up to one candidate step."""
-    cands = [int(m) for m in candidates]
-    dec = [float(t) for t in decode_us]
-    mix = [float(t) for t in mixed_us]
-    if not cands or not len(cands) == len(dec) == len(mix):
-        raise ValueError(f"got {len(cands)} candidates, {len(dec)} decode and {len(mix)} "
-                         "mixed times; expected the same non-zero count")
-    if any(math.isnan(t) for t in dec + mix):
-        raise ValueError("timings contain NaN")
+    cands, dec, mix = _per_m_timings(candidates, decode_us, mixed_us, "mixed")
     inside = [j for j, m in enumerate(cands) if m <= threshold]
     result = threshold
     for j in reversed(inside):

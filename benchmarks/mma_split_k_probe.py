@@ -1,5 +1,6 @@
-"""Device probe: what a K split would give GEMM2 on the mma kernel at a few tokens, measured
-before building it (the kernel has no ``SPLIT_K``).
+"""Device probe: what a K split gives GEMM2 on the mma kernel at a few tokens, emulated
+through views of the unsplit kernel (session 42, before the kernel had ``SPLIT_K``) and, with
+``--real``, the kernel's own ``SPLIT_K`` in each build of ``--real-variants``.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=.:benchmarks python3 benchmarks/mma_split_k_probe.py \\
         --model mixtral-8x7b --ms 1 2 --splits 1 2 4 --out $OUT
@@ -14,6 +15,8 @@ are stored in the activations' dtype where a split would store float32 (a few KB
 sizes). The blocks are made before the graph, over the used ranges only. Timed per routing
 (cycling as ``decode_tune.py`` does), the GEMM plus its top-k sum, against the decode
 kernel's GEMM2 (its split-K and fused top-k sum), outputs checked against it.
+``--sum-alone`` times a top-k sum as a graph of its own, one launch: the time holds the
+replay's own cost (some microseconds), so only the two sums' difference says something.
 """
 
 from __future__ import annotations
@@ -89,8 +92,11 @@ def run_split(a, w, blocks, ids, weights, slots_a_token, part, out, cfg) -> None
     topk_sum(part, slots_a_token, out)
 
 
-def run_real(a, w, blocks, ids, weights, top_k, parts, out, cfg) -> None:
-    """GEMM2 with the kernel's ``SPLIT_K`` into float32 partials, then the top-k sum."""
+def run_real(a, w, blocks, ids, weights, top_k, parts, out, cfg, runtime_steps=True
+             ) -> None:
+    """GEMM2 with the kernel's ``SPLIT_K`` into float32 partials, then the top-k sum;
+    ``runtime_steps``: the kernel's ``SPLIT_RUNTIME_STEPS`` for this launch."""
+    prefill_mma.SPLIT_RUNTIME_STEPS = runtime_steps
     prefill_gemm(a, w, blocks, ids, weights, top_k=top_k, mul_routed_weight=True,
                  a_is_slots=True, out=parts, config=cfg)
     topk_sum(parts, top_k, out)
@@ -107,6 +113,12 @@ def main() -> int:
     ap.add_argument("--routing", default="random", choices=sorted(ROUTINGS))
     ap.add_argument("--real", action="store_true",
                     help="also time the kernel's own SPLIT_K (float32 partials) on each split")
+    ap.add_argument("--real-variants", nargs="*", default=["runtime"],
+                    help="builds of SPLIT_K to time: const (the range's steps a compile-time "
+                         "count), runtime (counted at run time: SPLIT_RUNTIME_STEPS, the "
+                         "default build)")
+    ap.add_argument("--sum-alone", action="store_true",
+                    help="also time each top-k sum alone (the emulation's and the real one's)")
     ap.add_argument("--replays", type=int, default=30)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -152,10 +164,21 @@ def main() -> int:
                     # sum of each token's slots over the ranges
                     blocks8 = [align_block_size(ids, cfg["BLOCK_SIZE_M"], E) for _, ids in routes]
                     parts = torch.empty(splits, m * top_k, H, dtype=torch.float32, device=DEV)
-                    real = [partial(run_real, inter, ex.w2, b, ids, w, top_k, parts, out,
-                                    {**cfg, "SPLIT_K": splits})
-                            for (w, ids), b in zip(routes, blocks8, strict=True)]
-                    variants.append((f"SPLIT_K {splits} {text}", real))
+                    for v in args.real_variants:
+                        if v not in ("const", "runtime"):
+                            raise SystemExit(f"--real-variants: {v!r}: expected const or "
+                                             "runtime")
+                        variant = v == "runtime"
+                        real = [partial(run_real, inter, ex.w2, b, ids, w, top_k, parts, out,
+                                        {**cfg, "SPLIT_K": splits}, variant)
+                                for (w, ids), b in zip(routes, blocks8, strict=True)]
+                        variants.append((f"SPLIT_K {splits} {text} {v}", real))
+                    if args.sum_alone and not any(n.startswith(f"sum alone {splits} ")
+                                                  for n, _ in variants):
+                        variants.append((f"sum alone {splits} emulated", [partial(
+                            topk_sum, part, top_k * splits, out)]))
+                        variants.append((f"sum alone {splits} real", [partial(
+                            topk_sum, parts, top_k, out)]))
         ref = None
         for name, fns in variants:
             out.fill_(float("nan"))

@@ -30,7 +30,8 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
                  x_ahead: bool | None = None, timeline: bool = False,
                  rotate_k: bool | None = None, ready: int = 0,
                  persistent: bool = False, whole_runs: bool | None = None,
-                 split: int = 1, k_range: int = 0, sass: bool = False) -> dict:
+                 split: int = 1, k_range: int = 0, split_runtime_steps: bool | None = None,
+                 sass: bool = False) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
@@ -61,7 +62,10 @@ def ptxas_report(*, block_t: int, block_n: int, num_warps: int, activation: bool
         else rotate_k, READY=ready, PERSISTENT=persistent,
         COPY_LAYOUT=(prefill_mma.ring_copy_layout(rows, num_warps, groups) if whole_runs
                      else None),
-        SPLIT=split, K_RANGE=k_range)
+        SPLIT=split, K_RANGE=k_range,
+        SPLIT_RUNTIME_STEPS=split > 1 and (prefill_mma.SPLIT_RUNTIME_STEPS
+                                           if split_runtime_steps is None
+                                           else split_runtime_steps))
     if not timeline:
         constexprs["timeline_ptr"] = None
     if not ready:

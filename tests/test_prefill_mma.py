@@ -134,6 +134,25 @@ def test_every_variant_compiles_for_sm90_without_spills():
         assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
 
 
+@pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
+def test_split_tiles_count_their_steps_at_run_time_in_128_registers():
+    """Mixtral's split GEMM2 tiles (SPLIT_K 4, ranges of 14 steps, the words' ring) as the
+    launcher compiles them, the range's steps counted at run time (``SPLIT_RUNTIME_STEPS``):
+    at most 128 registers (sixteen one-warp programs an SM: one wave of 2048 programs on
+    132 SMs), no spills; counted at compile time they took more (136 with triton 3.7, 168
+    with 3.6 on the H200, where GEMM2 + top-k sum was 4.4 us slower)."""
+    from mma_aot import ptxas_reports
+
+    assert prefill_mma.SPLIT_RUNTIME_STEPS
+    base = dict(block_t=8, activation=False, groups=2, mul_routed_weight=True,
+                weights_before_wait=True, ring_stages=2, split=4, k_range=3584)
+    variants = [dict(base, block_n=16, num_warps=1), dict(base, block_n=32, num_warps=2)]
+    for v, rep in zip(variants, ptxas_reports(variants), strict=True):
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
+        regs = int(rep["ptxas"].split("Used ")[1].split(" registers")[0])
+        assert regs <= 128, (v, regs)
+
+
 def test_word_ring_for_short_programs_only():
     """The ring where a program has at most WORD_RING_MAX_STEPS K steps of at least
     WORD_RING_MIN_BLOCK_K columns (qwen3-30b's GEMMs: 8 and 3 steps of 256; Mixtral's GEMM1:

@@ -644,6 +644,7 @@ if HAVE_GLUON:
         ready_ptr=None, ready_tiles=0, READY: gl.constexpr = 0,
         PERSISTENT: gl.constexpr = False, COPY_LAYOUT: gl.constexpr = None,
         SPLIT: gl.constexpr = 1, K_RANGE: gl.constexpr = 0, stride_cs=0,
+        SPLIT_RUNTIME_STEPS: gl.constexpr = False,
     ):
         """Program ``pid``: block ``pid // (N_out / BLOCK_N_OUT)`` of the aligned slots,
         output columns ``BLOCK_N_OUT * (pid % ...)`` onwards, whole K in steps of ``GROUPS``
@@ -664,7 +665,8 @@ if HAVE_GLUON:
         padded count's blocks. ``SPLIT`` (``SPLIT_K``; not persistent): program ``pid`` runs K
         range ``pid % SPLIT`` (``K_RANGE = K / SPLIT`` columns, a compile-time constant so
         that the ranges' pointers keep their 16-byte alignment for the compiler) of tile
-        ``pid // SPLIT`` into that range's partial sums, ``c_ptr + range * stride_cs``."""
+        ``pid // SPLIT`` into that range's partial sums, ``c_ptr + range * stride_cs``;
+        ``SPLIT_RUNTIME_STEPS``: the range's K steps counted from the run-time ``K``."""
         BLOCK_N_OUT: gl.constexpr = BLOCK_N // 2 if ACTIVATION != 0 else BLOCK_N
         mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
@@ -727,7 +729,10 @@ if HAVE_GLUON:
                 # benchmarks/notes_prefill.md, session 42)
                 k_range = pid % SPLIT
                 tile_pid = pid // SPLIT
-                K = K_RANGE
+                if SPLIT_RUNTIME_STEPS:  # (SPLIT_RUNTIME_STEPS in the module: why)
+                    K = K // SPLIT
+                else:
+                    K = K_RANGE
                 a_ptr += k_range * K_RANGE
                 qw_ptr += k_range * (K_RANGE // 8)
                 s_ptr += k_range * (K_RANGE // GROUP_SIZE) * stride_sg
@@ -772,6 +777,14 @@ if HAVE_GLUON:
 #: GEMM2 (``a_is_slots``) launched as a programmatic dependent of GEMM1 issues its first
 #: weight and scale loads before it waits for GEMM1 (benchmarks turn it off to A/B it)
 GEMM2_WEIGHTS_BEFORE_WAIT = True
+#: a split program (``SPLIT_K``) counts its range's K steps at run time (``K // SPLIT``) while
+#: its pointers move by the compile-time ``K_RANGE``: with the count a constant too the
+#: compiler gave Mixtral's GEMM2 tiles 168 registers instead of 128 (8x16x256, S=4: twelve
+#: one-warp programs an SM instead of sixteen, 1.3 waves of 2048 programs instead of one) and
+#: GEMM2 + top-k sum at M=1 on the H200 took 27.4 us instead of 23.0 (8x32x256: 26.7 and
+#: 22.1; a 128-register cap on the constant count, 24.3 and 22.2; session 43,
+#: benchmarks/notes_prefill.md). The switch is for A/Bs
+SPLIT_RUNTIME_STEPS = True
 #: programs of at most PREDICATED_RELOADS_MAX_STEPS K steps predicate off their last two
 #: reloads (two steps ahead, past the end) instead of loading the last step again: on the
 #: H100 with every program so (session 28), qwen3-30b M=64 went 132.6 -> 130.5 us a layer
@@ -1166,6 +1179,7 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
             READY=0 if ready_counts is None else (2 if ready_wait_tiles else 1),
             PERSISTENT=persistent, COPY_LAYOUT=copy_layout, SPLIT=split,
             K_RANGE=k_range if split > 1 else 0, stride_cs=out.stride(0) if split > 1 else 0,
+            SPLIT_RUNTIME_STEPS=split > 1 and SPLIT_RUNTIME_STEPS,
             **prefill_pdl_args(a.device))
     if persistent and resident_key not in _RESIDENT_PROGRAMS:
         _RESIDENT_PROGRAMS[resident_key] = resident_programs(compiled, a.device)
@@ -1178,7 +1192,8 @@ def launch_prefill_mma(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
 __all__ = ["ACTIVATIONS_AHEAD", "GEMM1_PERSISTENT", "GEMM1_PERSISTENT_MIN_EXPERTS",
            "GEMM1_PERSISTENT_MIN_TOKENS", "GEMM2_WAITS_MAX_TILES",
            "GEMM2_WAITS_MAX_TOKENS", "GEMM2_WAITS_PER_BLOCK", "MMA_BLOCK_K", "PREDICATED_RELOADS",
-           "PREDICATED_RELOADS_MAX_STEPS", "RING_COPIES_WHOLE_RUNS", "ROTATE_K_STEPS", "TIMELINE",
+           "PREDICATED_RELOADS_MAX_STEPS", "RING_COPIES_WHOLE_RUNS", "ROTATE_K_STEPS",
+           "SPLIT_RUNTIME_STEPS", "TIMELINE",
            "WORD_RING_MAX_STEPS", "WORD_RING_MIN_BLOCK_K", "WORD_RING_STAGES",
            "launch_prefill_mma", "mma_groups", "mma_layouts", "programs_an_sm",
            "resident_programs", "word_ring_stages",

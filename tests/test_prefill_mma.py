@@ -420,7 +420,7 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
 @gpu_only
 @pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
 @pytest.mark.parametrize("split,bn,warps,bk", [(4, 16, 1, 256), (8, 32, 2, 256), (2, 16, 1, 512),
-                                               (8, 64, 4, 256)])
+                                               (8, 64, 4, 256), (4, 32, 2, 256)])
 def test_split_k_partials_add_up_to_the_whole_gemm(dtype, symmetric, split, bn, warps, bk):
     """GEMM2 on the mma kernel with ``SPLIT_K``: float32 partial sums ``[S, slots, N]`` (one
     per K range, NaN-poisoned first, remote experts' rows zero) whose sum matches the unsplit
@@ -457,11 +457,12 @@ def test_split_k_partials_add_up_to_the_whole_gemm(dtype, symmetric, split, bn, 
 @gpu_only
 def test_layer_with_an_mma_split_k_gemm2_matches_the_reference():
     """The prefill layer with both GEMMs on the mma kernel and GEMM2 split (its partials added
-    by the top-k sum), Mixtral's shape at one and two tokens."""
+    by the top-k sum), Mixtral's shape at one and two tokens (the one-warp 8x16 tile and the
+    H200 table's two-warp 8x32 one)."""
     e, top_k, h, i = 8, 2, 512, 14336
     cfg1 = mma_config(8, 8, 1, 256)
-    cfg2 = {**mma_config(8, 16, 1, 256), "SPLIT_K": 4}
-    for m in (1, 2):
+    for m, cfg2 in ((1, {**mma_config(8, 16, 1, 256), "SPLIT_K": 4}),
+                    (2, {**mma_config(8, 32, 2, 256), "SPLIT_K": 4})):
         experts, x, w, ids = _case(m, h, i, e, top_k, dtype=torch.bfloat16, symmetric=True,
                                    seed=40 + m)
         out = torch.full((m, h), float("nan"), dtype=torch.bfloat16, device=DEVICE)
@@ -757,18 +758,74 @@ def test_scales_and_activations_off_the_32_bit_word_path():
     assert why is not None and "32-bit words" in why
 
 
-def shipped_mma_entries() -> list[tuple[dict, bool]]:
-    """The distinct MMA entries of the shipped H100 table, each with whether it is a GEMM1
-    entry (its ``N,K`` key is ``2I,H`` of a built-in model: it runs with the activation)."""
+def shipped_table_entries() -> list[tuple[str, dict]]:
+    """``(N,K key, config)`` of every entry of every shipped prefill table (one per GPU)."""
     import json
 
+    files = sorted(f for f in cfgmod.CONFIG_DIR.glob("*.json")
+                   if not f.name.endswith(cfgmod.THRESHOLDS_SUFFIX))
+    assert len(files) >= 2, files
+    return [(shape, cfg) for f in files for shape, buckets in json.loads(f.read_text()).items()
+            if not shape.startswith("_") for cfg in buckets.values()]
+
+
+def shipped_mma_entries() -> list[tuple[dict, bool]]:
+    """The distinct unsplit MMA entries of the shipped tables, each with whether it is a GEMM1
+    entry (its ``N,K`` key is ``2I,H`` of a built-in model: it runs with the activation).
+    ``SPLIT_K`` entries write float32 partials: :func:`shipped_split_mma_entries`."""
     from w4a16moe.kernels.tune import MODEL_SHAPES
 
     gemm1 = {f"{2 * s.intermediate_size},{s.hidden_size}" for s in MODEL_SHAPES.values()}
-    table = json.loads((cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
-    seen = {(tuple(sorted(cfg.items())), shape in gemm1) for shape, buckets in table.items()
-            if not shape.startswith("_") for cfg in buckets.values() if cfg.get("MMA")}
+    seen = {(tuple(sorted(cfg.items())), shape in gemm1)
+            for shape, cfg in shipped_table_entries()
+            if cfg.get("MMA") and cfg.get("SPLIT_K", 1) == 1}
     return [(dict(items), act) for items, act in sorted(seen)]
+
+
+def shipped_split_mma_entries() -> list[tuple[dict, int]]:
+    """The distinct MMA entries with ``SPLIT_K`` of the shipped tables (GEMM2 entries), each
+    with the K of its ``N,K`` key."""
+    seen = {(tuple(sorted(cfg.items())), int(shape.split(",")[1]))
+            for shape, cfg in shipped_table_entries()
+            if cfg.get("MMA") and cfg.get("SPLIT_K", 1) > 1}
+    return [(dict(items), k) for items, k in sorted(seen)]
+
+
+def test_shipped_split_mma_entries_are_gemm2_tiles_the_kernel_splits():
+    """Every shipped MMA entry with ``SPLIT_K`` sits on a built-in model's GEMM2 shape, and
+    the kernel takes it there (whole K steps and whole groups a range)."""
+    from w4a16moe.kernels.tune import MODEL_SHAPES
+
+    gemm2 = {s.intermediate_size for s in MODEL_SHAPES.values()}
+    entries = shipped_split_mma_entries()
+    assert entries, "the H200's table has split MMA entries (Mixtral, buckets 1-4)"
+    for cfg, k in entries:
+        cfgmod.validate_config(cfg)
+        assert k in gemm2, (cfg, k)
+        assert prefill_mma.mma_tiles_unsupported(cfg, activation=False) is None, cfg
+        split = cfg["SPLIT_K"]
+        assert k % (split * cfg["BLOCK_SIZE_K"]) == 0 and (k // split) % 128 == 0, (cfg, k)
+
+
+@pytest.mark.skipif(not prefill_mma.HAVE_GLUON, reason="this triton has no Gluon")
+def test_shipped_split_mma_entries_compile_for_sm90_without_spills():
+    """Each shipped split entry as GEMM2 launches it at its K (router weight, weights before
+    the wait, its range's ring and reloads as the launcher picks them): no spills."""
+    from mma_aot import ptxas_reports
+
+    variants = []
+    for cfg, k in shipped_split_mma_entries():
+        k_range = k // cfg["SPLIT_K"]
+        variants.append(dict(
+            block_t=cfg["BLOCK_SIZE_M"], block_n=cfg["BLOCK_SIZE_N"], num_warps=cfg["num_warps"],
+            activation=False, groups=prefill_mma.mma_groups(cfg), mul_routed_weight=True,
+            a_sorted=bool(cfg.get("SORTED_ROWS")), weights_before_wait=True,
+            ring_stages=prefill_mma.word_ring_stages(k_range, cfg),
+            predicated_reloads=(prefill_mma.PREDICATED_RELOADS and k_range // cfg["BLOCK_SIZE_K"]
+                                <= prefill_mma.PREDICATED_RELOADS_MAX_STEPS),
+            split=cfg["SPLIT_K"], k_range=k_range))
+    for v, rep in zip(variants, ptxas_reports(variants), strict=True):
+        assert "0 bytes spill stores" in rep["ptxas"], (v, rep["ptxas"])
 
 
 def test_shipped_mma_entries_are_runnable_tiles():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 
@@ -341,6 +342,17 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     assert ((got_sum.float() - want_sum).abs().max() / want_sum.abs().max()).item() < 2e-3
     with pytest.raises(ValueError, match="SPLIT_K applies to GEMM2"):
         tune.candidate_runs("w13", rs, inter=inter, out=inter, splits=(2,), **kw)
+    # an MMA GEMM2 candidate: gathered, on sorted rows, then split (no prefetched scales)
+    mma = {k: v for k, v in rs.items() if k not in ("RS", "SWAP_AB")} | {"MMA": True}
+    g2m = tune.candidate_runs("w2", {**mma, "BLOCK_SIZE_N": 128}, inter=inter, out=out,
+                              splits=(2, 4), **kw)
+    assert [(c.get("SPLIT_K", 1), bool(c.get("SORTED_ROWS")), "PREFETCH_SCALES" in c)
+            for c, _ in g2m] == [(1, False, False), (1, True, False), (2, False, False),
+                                 (4, False, False)]
+    got_sum = g2m[3][1]()
+    assert ((got_sum.float() - want_sum).abs().max() / want_sum.abs().max()).item() < 2e-3
+    with pytest.raises(ValueError, match="SPLIT_K applies to GEMM2"):
+        tune.candidate_runs("w2", plain, inter=inter, out=out, splits=(2,), **kw)
     # stream_k: the four runs again with STREAM_K (never on the split runs), each within one
     # rounding of the same run without it (its cut tiles add float32 partials in another
     # order on the Gluon kernel; the Triton kernel runs the tiles whole)
@@ -407,6 +419,14 @@ def test_split_k_candidates_only_where_tiles_leave_sms_idle():
     assert tune.split_k_candidates(8, 4096, 256, 132) == tune.SPLIT_K_CANDIDATES  # 128
     assert tune.split_k_candidates(9, 4096, 256, 132) == ()                        # 144
     assert tune.split_k_candidates(100, 2048, 128, 132) == ()
+    # the mma kernel's small tiles: while their warps are under one wave of 16 an SM
+    # (Mixtral's GEMM2 on two-warp 8x32 tiles: 2 blocks at M=1, 256 tiles, 512 warps)
+    mma = functools.partial(tune.split_k_candidates, n=4096, num_sms=132)
+    assert mma(2, block_n=32, mma_warps=2) == tune.SPLIT_K_CANDIDATES
+    assert mma(8, block_n=32, mma_warps=2) == tune.SPLIT_K_CANDIDATES    # 2048 warps
+    assert mma(9, block_n=32, mma_warps=2) == ()                         # 2304
+    assert mma(9, block_n=128, mma_warps=4) == tune.SPLIT_K_CANDIDATES   # 1152
+    assert tune.split_k_candidates(9, 4096, 256, 132) == ()              # RS: 144 tiles
 
 
 def test_auto_space_per_token_count(monkeypatch):
@@ -457,21 +477,27 @@ def test_mma_candidates_are_runnable_tiles_and_take_8_slot_blocks():
     assert tune.block_m_candidates(8.0, space="rsmidm") == (8, 16)
     assert tune.block_m_candidates(9.0, space="rsmidm") == (16,)
     assert tune.block_m_candidates(1.0, space="midm") == (16,)
-    # every shipped H100 MMA entry is among the candidates of its GEMM (GEMM1: the 2I,H
-    # shapes, with the activation) at its block size
+    # every shipped MMA entry (of every GPU's table) is among the candidates of its GEMM
+    # (GEMM1: the 2I,H shapes, with the activation) at its block size, a split one's SPLIT_K
+    # among the splits the tuner times
     import json
 
     from w4a16moe.kernels import configs as cfgmod
 
     tile = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "num_warps", "num_stages")
     gemm1 = {f"{2 * s.intermediate_size},{s.hidden_size}" for s in tune.MODEL_SHAPES.values()}
-    table = json.loads((cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
-    shipped = [(shape in gemm1, cfg) for shape, buckets in table.items()
+    files = [f for f in sorted(cfgmod.CONFIG_DIR.glob("*.json"))
+             if not f.name.endswith(cfgmod.THRESHOLDS_SUFFIX)]
+    shipped = [(shape in gemm1, cfg) for f in files
+               for shape, buckets in json.loads(f.read_text()).items()
                if not shape.startswith("_") for cfg in buckets.values() if cfg.get("MMA")]
     assert len({tuple(c[k] for k in tile) for _, c in shipped}) >= 4
+    assert any(cfg.get("SPLIT_K", 1) > 1 for _, cfg in shipped)
     for fused, cfg in shipped:
         cands = tune.candidate_configs(cfg["BLOCK_SIZE_M"], 1.0, "mma", fused)
         assert tuple(cfg[k] for k in tile) in {tuple(c[k] for k in tile) for c in cands}, cfg
+        assert cfg.get("SPLIT_K", 1) in (1, *tune.SPLIT_K_CANDIDATES) and not (
+            fused and cfg.get("SPLIT_K", 1) > 1), cfg
 
 
 def test_mma_skip_reason_and_sorted_rows_run():

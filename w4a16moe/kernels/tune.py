@@ -6,8 +6,8 @@ with the fused activation, GEMM2) at each token count, under CUDA graphs, and pi
 GEMM1 + GEMM2 time and, for it, the fastest config of each GEMM. An ``RS`` candidate (the
 Gluon kernel) is timed four times: on gathered activations and on rows in sorted order
 (``SORTED_ROWS``, GEMM1 with the gather of its input), each with and without
-``PREFETCH_SCALES`` (see :func:`candidate_runs`); a GEMM2 ``RS`` candidate whose tiles leave
-SMs idle at that M (few touched experts) also with ``SPLIT_K`` 2, 4 and 8
+``PREFETCH_SCALES`` (see :func:`candidate_runs`); a GEMM2 ``RS`` or ``MMA`` candidate whose
+tiles leave SMs idle at that M (few touched experts) also with ``SPLIT_K`` 2, 4 and 8
 (:func:`split_k_candidates`); and an ``RS`` candidate whose last round of tiles the Gluon
 kernel would cut by K steps at that M's routing also with ``STREAM_K``, each of the four
 ways (:func:`stream_k_candidate`). The result is the JSON table read by
@@ -232,14 +232,26 @@ def rs_skip_reason(config: dict, a, weights, out, *, activation: bool,
 SPLIT_K_CANDIDATES = (2, 4, 8)
 
 
-def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int
-                       ) -> tuple[int, ...]:
+#: warps an SM that the mma kernel's split tiles keep resident (128 registers a thread: 16
+#: warps of 32 threads fill 64K registers); an MMA GEMM2 candidate whose tiles' warps are fewer
+#: than this many an SM is also timed split (:func:`split_k_candidates`)
+MMA_SPLIT_WARPS_AN_SM = 16
+
+
+def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int, *,
+                       mma_warps: int | None = None) -> tuple[int, ...]:
     """The SPLIT_K values worth timing for a GEMM2 tile of ``block_n`` of ``n`` output
     columns when the routing fills ``valid_blocks`` aligned blocks: all of
     :data:`SPLIT_K_CANDIDATES` when the tiles (blocks x column tiles) leave SMs idle, none
     otherwise (H100, benchmarks/notes_prefill.md, session 13: splitting only paid below 132
-    tiles)."""
+    tiles). For the mma kernel's tiles of ``mma_warps`` warps, whose small programs share an
+    SM: when their warps are fewer than one wave of :data:`MMA_SPLIT_WARPS_AN_SM` an SM (on the
+    H200, Mixtral's GEMM2 at 1-4 tokens: 256-896 two-warp tiles, split in 4 up to 28 % faster a
+    layer; benchmarks/notes_prefill.md, session 43)."""
     tiles = valid_blocks * -(-n // block_n)
+    if mma_warps is not None:
+        return (SPLIT_K_CANDIDATES if tiles * mma_warps < MMA_SPLIT_WARPS_AN_SM * num_sms
+                else ())
     return SPLIT_K_CANDIDATES if tiles < num_sms else ()
 
 
@@ -300,7 +312,8 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     GEMM1 timed with the gather of its input
     (:func:`~w4a16moe.kernels.prefill.gather_sorted_rows`) and writing sorted rows, GEMM2
     reading ``inter_sorted``. For GEMM2, each ``S`` of ``splits`` adds the RS config (with
-    and without ``PREFETCH_SCALES``) with ``SPLIT_K`` S, timed with the top-k sum that adds
+    and without ``PREFETCH_SCALES``) or the MMA config with ``SPLIT_K`` S, timed with the
+    top-k sum that adds
     its float32 partials (:func:`~w4a16moe.kernels.prefill.topk_sum`, whose ``[M, H]``
     result the run returns; the unsplit runs' top-k sum is not timed, so the split pays for
     its extra reduction). With ``stream_k``, every run but the split ones is also timed with
@@ -318,9 +331,10 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     if gemm not in ("w13", "w2"):
         raise ValueError(f"gemm is {gemm!r}; expected 'w13' or 'w2'")
     splits = tuple(int(v) for v in splits)
-    if splits and (gemm != "w2" or not config.get("RS")):
-        raise ValueError(f"splits={splits} for {gemm!r} with RS={config.get('RS')}; SPLIT_K "
-                         "applies to GEMM2 ('w2') candidates of the Gluon kernel (RS) only")
+    if splits and (gemm != "w2" or not (config.get("RS") or config.get("MMA"))):
+        raise ValueError(f"splits={splits} for {gemm!r} with RS={config.get('RS')} and "
+                         f"MMA={config.get('MMA')}; SPLIT_K applies to GEMM2 ('w2') "
+                         "candidates of the Gluon kernels (RS or MMA) only")
     if stream_k and not stream_k_candidate_config(config):
         raise ValueError(f"stream_k for a config with RS={config.get('RS')}, GROUP_SIZE_M "
                          f"{config.get('GROUP_SIZE_M')}, SPLIT_K {config.get('SPLIT_K', 1)}; "
@@ -571,10 +585,13 @@ def tune_prefill(
                 em = blocks.sorted_token_ids.numel()
                 cands = {"w13": candidate_configs(bm, rows, spaces[m], True),
                          "w2": candidate_configs(bm, rows, spaces[m], False)}
-                # GEMM2 RS candidates whose tiles leave SMs idle are also timed split over K
+                # GEMM2 RS and MMA candidates whose tiles leave SMs idle are also timed split
+                # over K
                 splits = [split_k_candidates(valid_blocks, shape.hidden_size,
-                                             cfg["BLOCK_SIZE_N"], num_sms)
-                          if cfg.get("RS") else () for cfg in cands["w2"]]
+                                             cfg["BLOCK_SIZE_N"], num_sms,
+                                             mma_warps=cfg["num_warps"] if cfg.get("MMA")
+                                             else None)
+                          if cfg.get("RS") or cfg.get("MMA") else () for cfg in cands["w2"]]
                 # RS candidates whose last round the kernel would cut: also with STREAM_K
                 n_k = {"w13": (shape.intermediate_size, shape.hidden_size),
                        "w2": (shape.hidden_size, shape.intermediate_size)}
@@ -586,10 +603,13 @@ def tune_prefill(
                              (weights, ids, blocks)))
     # an RS candidate is timed four times: gathered and on sorted rows, each with and
     # without PREFETCH_SCALES (see candidate_runs), four more with STREAM_K, and twice more
-    # per SPLIT_K value; an MMA candidate twice, gathered and on sorted rows
+    # per SPLIT_K value; an MMA candidate twice, gathered and on sorted rows, and once more
+    # per SPLIT_K value
     total = sum(len(c) + sum(3 if cfg.get("RS") else 1 if cfg.get("MMA") else 0 for cfg in c)
                 for *_, cands, _, _, _ in plan for c in cands.values())
-    total += sum(2 * len(sp) for *_, splits, _, _ in plan for sp in splits)
+    total += sum((2 if cfg.get("RS") else 1) * len(sp)
+                 for *_, cands, splits, _, _ in plan
+                 for cfg, sp in zip(cands["w2"], splits, strict=True))
     total += sum(4 * sum(sk) for *_, stream_k, _ in plan for sk in stream_k.values())
     if layer_check:  # an estimate: a bucket's layer pairs are known once its GEMMs are timed
         total += (LAYER_FINALISTS[0] * LAYER_FINALISTS[1] * len(plan)

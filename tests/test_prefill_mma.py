@@ -420,7 +420,8 @@ def test_word_ring_gives_the_register_path_bits(monkeypatch, stages, dtype, symm
 @gpu_only
 @pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
 @pytest.mark.parametrize("split,bn,warps,bk", [(4, 16, 1, 256), (8, 32, 2, 256), (2, 16, 1, 512),
-                                               (8, 64, 4, 256), (4, 32, 2, 256)])
+                                               (8, 64, 4, 256), (4, 32, 2, 256),
+                                               (2, 64, 4, 512)])
 def test_split_k_partials_add_up_to_the_whole_gemm(dtype, symmetric, split, bn, warps, bk):
     """GEMM2 on the mma kernel with ``SPLIT_K``: float32 partial sums ``[S, slots, N]`` (one
     per K range, NaN-poisoned first, remote experts' rows zero) whose sum matches the unsplit

@@ -313,8 +313,8 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     (:func:`~w4a16moe.kernels.prefill.gather_sorted_rows`) and writing sorted rows, GEMM2
     reading ``inter_sorted``. For GEMM2, each ``S`` of ``splits`` adds the RS config (with
     and without ``PREFETCH_SCALES``) or the MMA config with ``SPLIT_K`` S, timed with the
-    top-k sum that adds
-    its float32 partials (:func:`~w4a16moe.kernels.prefill.topk_sum`, whose ``[M, H]``
+    top-k sum that adds its float32 partials
+    (:func:`~w4a16moe.kernels.prefill.topk_sum`, whose ``[M, H]``
     result the run returns; the unsplit runs' top-k sum is not timed, so the split pays for
     its extra reduction). With ``stream_k``, every run but the split ones is also timed with
     ``STREAM_K`` (see :func:`stream_k_candidate`)."""

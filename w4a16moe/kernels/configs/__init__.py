@@ -24,8 +24,11 @@ problem) fall back to :func:`heuristic_config`; nothing here raises for a bad fi
 
 A GPU without its own files borrows those of a *sibling*: a GPU of the same compute
 capability and multiprocessor count, recorded under ``"_meta": {"gpu": {...}}`` of each file
-(:func:`tuned_file`; it warns once, naming both GPUs). The tiles fit the same SMs: an H200
-runs the H100's table instead of the generic heuristic (and its own measured thresholds).
+(:func:`tuned_file`; it warns once, naming both GPUs). The tiles fit the same SMs: a 132-SM
+Hopper card without files runs the H100's table instead of the generic heuristic. The H200
+has its own files: its thresholds, and a table that began as a copy of the H100's with the
+entries measured on the H200 changed (its ``_meta`` says which); each file changes only with
+measurements on its own GPU.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ capability and multiprocessor count, recorded under ``"_meta": {"gpu": {...}}`` 
 (:func:`tuned_file`; it warns once, naming both GPUs). The tiles fit the same SMs: a 132-SM
 Hopper card without files runs the H100's table instead of the generic heuristic. The H200
 has its own files: its thresholds, and a table that began as a copy of the H100's with the
-entries measured on the H200 changed (its ``_meta`` says which); each file changes only with
-measurements on its own GPU.
+entries measured on the H200 changed (its ``_meta`` says which). The H100's table still
+holds a few entries measured on an H200 before that (sessions 35 and 41; its ``_meta`` says
+which).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ routing, no activation: a lower bound of the bf16 layer), in one run.
 the same format (``w4a16moe tune --out``). Per case every table's layer runs 3 times into a
 NaN-poisoned output against the float32 reference of the same dequantized weights and must
 repeat bit for bit (the dense path's cuBLAS GEMMs need not: reported), then all tables are
-timed in turn twice (CUDA-graph medians; the faster of each pair is kept).
+timed in turn twice (CUDA-graph medians; the faster of each pair is kept). ``--switch
+NAME=VALUE`` sets a module switch of ``prefill_mma`` for every table of the run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from prefill_mma_ab import add_switch_argument, apply_switches  # noqa: E402
 from prefill_rs_ab import check, experts_of, reference, write_records  # noqa: E402
 from prefill_tune import baseline_fn  # noqa: E402
 
@@ -43,7 +45,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=1,
                     help="routings per case: seeds M, M + 1000, ... (default: %(default)s)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    add_switch_argument(ap)
     args = ap.parse_args()
+    apply_switches(ap, args.switch)
     dtype = torch.bfloat16
     cache: dict = {}
     records = []

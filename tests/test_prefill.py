@@ -800,6 +800,23 @@ def test_word_ring_key_in_config_table():
         cfgmod.parse_table({"4096,14336": {"2": {**mma, "WORD_RING": True}}})
 
 
+def test_scale_acc_key_in_config_table():
+    """``SCALE_ACC`` (scales on the Gluon kernel's accumulator) on RS entries of at most 64
+    slots a block only."""
+    rs = {**cfgmod.INTERPRETER_CONFIG, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128,
+          "num_warps": 8, "SWAP_AB": True, "RS": True}
+    for bm in (16, 32, 64):
+        cfg = cfgmod.validate_config({**rs, "BLOCK_SIZE_M": bm, "SCALE_ACC": True})
+        assert cfg["SCALE_ACC"] is True
+    with pytest.raises(ValueError, match=r"SCALE_ACC needs RS and BLOCK_SIZE_M <= 64; found "
+                                         r"RS=True, BLOCK_SIZE_M=128"):
+        cfgmod.validate_config({**rs, "BLOCK_SIZE_M": 128, "SCALE_ACC": True})
+    with pytest.raises(ValueError, match="SCALE_ACC needs RS .* found RS=None"):
+        cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "SCALE_ACC": True})
+    with pytest.raises(ValueError, match=r"SCALE_ACC is 1; expected one of \[True, False\]"):
+        cfgmod.validate_config({**rs, "SCALE_ACC": 1})
+
+
 def test_deterministic_configs_take_no_token_tile_below_16(monkeypatch):
     """The deterministic mode's configs: the reference token count's, with ``BLOCK_SIZE_M``
     following the batch only for ``SWAP_AB`` pairs and never below

@@ -338,18 +338,20 @@ def test_shipped_rs_configs_repeat_bit_for_bit():
 
 @hopper_only
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_rs_scale_loads_for_every_group_size(group_size):
+@pytest.mark.parametrize("scale_acc", [False, True])
+def test_rs_scale_loads_for_every_group_size(group_size, scale_acc):
     """The three ways the kernel loads a loop iteration's scales (one load when both K steps
     share a group, one 32-bit load of two adjacent groups when G == BLOCK_SIZE_K, two loads
     otherwise: here a sliced, odd-strided scale tensor), asymmetric, against the Triton
-    kernel's same tiles."""
+    kernel's same tiles; with ``SCALE_ACC`` each step's scales on its partial sum (a group
+    of one or two steps)."""
     e, h, i, top_k, m = 8, 512, 256, 2, 37
     experts = random_experts(e, h, i, group_size=group_size, symmetric=False,
                              dtype=torch.bfloat16, device=DEVICE, seed=5)
     x = torch.randn(m, h, dtype=torch.bfloat16, device=DEVICE)
     w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
     bk = min(group_size, 64)
-    cfg = rs_config(16, 128, bk, 4)
+    cfg = {**rs_config(16, 128, bk, 4), "SCALE_ACC": scale_acc}
     blocks = align_block_size(ids, 16, e)
     like = torch.empty(m * top_k, i, dtype=torch.bfloat16, device=DEVICE)
     w13 = experts.w13
@@ -363,7 +365,8 @@ def test_rs_scale_loads_for_every_group_size(group_size):
         common = dict(a=x, weights=weights, activation="silu", blocks=blocks, topk_ids=ids,
                       topk_weights=w, top_k=top_k)
         runs = repeat_runs(2, like, config=cfg, **common)
-        want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
+        want = repeat_runs(1, like, config=triton_tiles({**cfg, "SCALE_ACC": False}),
+                           **common)[0]
         assert torch.equal(runs[0], runs[1])
         err = ((runs[0].float() - want.float()).abs().max()
                / want.float().abs().max()).item()
@@ -420,6 +423,45 @@ def test_rs_paired_stages_give_the_same_bits(dtype, symmetric, tiles, sorted_row
     ref = moe_reference(x, experts, w, ids, round_intermediate=True)
     err = ((y.float() - ref).norm() / ref.norm()).item()
     assert err < 2e-2, f"layer {tiles}: {err:.2e}"
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("tiles", [(16, 256, 128, 4, True), (32, 256, 128, 4, True),
+                                   (16, 128, 64, 6, False), (64, 128, 64, 4, False)])
+@pytest.mark.parametrize("sorted_rows,prefetch", [(False, False), (True, True)])
+def test_rs_scales_on_the_accumulator(dtype, symmetric, tiles, sorted_rows, prefetch):
+    """SCALE_ACC: each K step's exact ``v - z`` operand into a fresh float32 partial sum,
+    scaled into the tile's sum once its wgmma is retired. Both GEMMs (GEMM2 also split in K)
+    equal the plain kernel's same tiles within one rounding of the weights (no longer
+    rounded to 16 bits after scaling; an element one kernel leaves unwritten reads 7 and
+    fails that), the same bits on every run; the layer at least as close to the float32
+    reference as without it."""
+    bm, bn, bk, stages, paired = tiles
+
+    def plain(cfg):
+        return {**cfg, "PAIRED_STAGES": paired, "PREFETCH_SCALES": prefetch}
+
+    def scaled(cfg):
+        return {**plain(cfg), "SCALE_ACC": True}
+    outs = gemm_bits_with_and_without(
+        [plain, scaled, scaled], bm=bm, bn=bn, bk=bk, stages=stages, dtype=dtype,
+        symmetric=symmetric, sorted_rows=sorted_rows, seed=71,
+        gemms=("gemm1", "gemm2", "gemm2_split"))
+    for gemm, (off, on, again) in outs.items():
+        assert torch.equal(on, again), f"{gemm} {tiles}: runs differ"
+        err = ((on.float() - off.float()).abs().max() / off.float().abs().max()).item()
+        assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), f"{gemm} {tiles}: {err:.2e}"
+    experts, x, w, ids = make_case(300, 1024, 512, 8, 2, symmetric=symmetric, dtype=dtype,
+                                   seed=71)
+    ref = moe_reference(x, experts, w, ids, round_intermediate=True)
+    errs = []
+    for change in (plain, scaled):
+        cfg1, cfg2 = change(rs_config(bm, bn // 2, bk, stages)), change(rs_config(bm, bn, bk,
+                                                                                 stages))
+        y = fused_moe_prefill(x, experts, w, ids, configs=(cfg1, cfg2))
+        errs.append(((y.float() - ref).norm() / ref.norm()).item())
+    assert errs[1] < 2e-2 and errs[1] <= 1.05 * errs[0], f"layer {tiles}: {errs}"
 
 
 @hopper_only
@@ -641,7 +683,8 @@ def test_stream_k_compiles_with_async_wgmmas():
                                    (64, 128, 64, 4, False)])
 @pytest.mark.parametrize("m", [1, 37, 300])
 @pytest.mark.parametrize("sorted_rows", [False, True])
-def test_rs_stream_k_matches_and_repeats(dtype, symmetric, tiles, m, sorted_rows):
+@pytest.mark.parametrize("scale_acc", [False, True])
+def test_rs_stream_k_matches_and_repeats(dtype, symmetric, tiles, m, sorted_rows, scale_acc):
     """STREAM_K: whole tiles round by round, then the last round's tiles split by K steps
     over the programs, a tile cut between programs summed from float32 partials by the
     program that completes it. Both GEMMs equal the same tiles without it within one
@@ -660,8 +703,8 @@ def test_rs_stream_k_matches_and_repeats(dtype, symmetric, tiles, m, sorted_rows
     for gemm in ("gemm1", "gemm2"):
         n_out = bn // 2 if gemm == "gemm1" else bn
         outs = []
-        for cfg in [sk_config(bm, n_out, bk, stages, paired)] * 3 + [
-                {**sk_config(bm, n_out, bk, stages, paired), "STREAM_K": False}]:
+        sk = {**sk_config(bm, n_out, bk, stages, paired), "SCALE_ACC": scale_acc}
+        for cfg in [sk] * 3 + [{**sk, "STREAM_K": False}]:
             if gemm == "gemm1":
                 a = gather_sorted_rows(x, blocks, top_k=top_k) if sorted_rows else x
                 out = torch.full((em if sorted_rows else slots, i), float("nan"), dtype=dtype,

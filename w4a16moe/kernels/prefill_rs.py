@@ -28,6 +28,13 @@ the stages), so the loader reads each weight row in ``BLOCK_K / 2``-byte runs in
 ``BLOCK_K / 4`` (HBM streams 64-byte runs of a row at about two thirds of the rate of 128-byte
 ones) and the consumer takes each step of its unrolled pair from one half of the stage.
 
+With ``SCALE_ACC`` the operand is the exact ``v - z`` and each step's wgmma writes a fresh
+float32 partial sum, which the consumer adds to the tile's sum times the step's scales once the
+wgmma is retired: one FMA an accumulator element and step instead of one packed multiply a value
+pair (the loop of 16-slot tiles 14 % fewer instructions). It waits for each wgmma before the
+next step, so it pays on four consumer warpgroups (``num_warps`` 16), whose warps hide each
+other's waits.
+
 Consumer warps do not meet once a K step: Triton's shared-memory analysis puts a CTA barrier
 in front of each stage wait (two waits on one barrier array count as a conflict), which the
 launcher's compile hook removes, since the ring keeps every thread within a phase
@@ -263,6 +270,36 @@ if HAVE_GLUON:
         return gl.reshape(probe, [BLOCK_N, BLOCK_K // 8])
 
     @gluon.jit
+    def _rs_dequant_unscaled_pair(words, shift, zz, IS_FP16: gl.constexpr):
+        """:func:`_rs_dequant_pair` without the scale: (bias + v) minus the packed (bias + z),
+        exact in 16 bits (``SCALE_ACC``: the scale multiplies the group's float32 partial
+        sum instead)."""
+        if IS_FP16:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t;
+                shr.u32 t, $2, $3;
+                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
+                sub.f16x2 t, t, $4;
+                mov.b32 {$0, $1}, t;
+                }""",
+                constraints="=h,=h,r,r,r", args=[words, shift, zz],
+                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+        else:
+            lo, hi = gl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t, one;
+                mov.b32 one, 0x3F803F80;
+                shr.u32 t, $2, $3;
+                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
+                fma.rn.bf16x2 t, t, one, $4;
+                mov.b32 {$0, $1}, t;
+                }""",
+                constraints="=h,=h,r,r,r", args=[words, shift, zz],
+                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+        return lo, hi
+
+    @gluon.jit
     def _rs_dequant_pair(words, shift, ss, zz, IS_FP16: gl.constexpr):
         """Values ``2c`` and ``2c+1`` of each word (``shift`` = 4c: ExLlama order keeps them
         at bits 4c and 16+4c) as (bias + v) packed in one 32-bit op, then minus the packed
@@ -349,7 +386,8 @@ if HAVE_GLUON:
                          HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                          PAIRED: gl.constexpr, HALF: gl.constexpr, pairs_layout: gl.constexpr,
-                         row_layout: gl.constexpr, a_layout: gl.constexpr):
+                         row_layout: gl.constexpr, a_layout: gl.constexpr,
+                         SCALED: gl.constexpr = True):
         """A step's weight tile in the wgmma A-operand registers, once its words and
         activations have landed in ring fill ``fill`` (its stage is ``fill % STAGES``; with
         ``PAIRED`` the step is its half ``HALF``, and the second half's wait finds the phase
@@ -360,7 +398,8 @@ if HAVE_GLUON:
         columns ``2c, 2c+1`` of each of the run's four 8-column words, i.e. value pair ``c``
         of each word: the quad's four lanes read the same four words (one 16-byte load) and
         each dequantizes its own pair, so the activations stay in natural K order. The proxy
-        fence is only needed for activations that came by cp.async (not ``A_SORTED``'s TMA)."""
+        fence is only needed for activations that came by cp.async (not ``A_SORTED``'s TMA).
+        ``SCALED`` False (``SCALE_ACC``): the exact ``v - z``, ``sc`` not read."""
         T: gl.constexpr = BLOCK_K // 32
         if HAS_ZEROS:
             zb = (zr.to(gl.int32) + bias).to(vdtype)
@@ -370,7 +409,6 @@ if HAVE_GLUON:
             zz = _packed_pair(zb)
         else:
             zz = _packed_pair(-zb)
-        ss = _packed_pair(sc)
         stage = fill % STAGES
         mbarrier.wait(x_ready_bars.index(stage), (fill // STAGES) & 1)
         # words (row, run, j), the same for the four lanes c of a quad: loaded as the 2-D
@@ -388,9 +426,12 @@ if HAVE_GLUON:
         c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
             3, pairs_layout))))
         words4, shift = gl.broadcast(gl.expand_dims(words, 2), (c * 4)[None, None, :, None])
-        ss4 = gl.broadcast(ss[:, None, None, None], words4)[0]
         zz4 = gl.broadcast(zz[:, None, None, None], words4)[0]
-        lo, hi = _rs_dequant_pair(words4, shift, ss4, zz4, IS_FP16)
+        if SCALED:
+            ss4 = gl.broadcast(_packed_pair(sc)[:, None, None, None], words4)[0]
+            lo, hi = _rs_dequant_pair(words4, shift, ss4, zz4, IS_FP16)
+        else:
+            lo, hi = _rs_dequant_unscaled_pair(words4, shift, zz4, IS_FP16)
         v = gl.reshape(gl.join(lo, hi), [BLOCK_N, T, 4, 2, 2, 2])  # (row, run, c, jh, jl, q)
         v = gl.permute(v, (0, 1, 3, 4, 2, 5))  # (row, run, j_hi, j_lo, c, q): column order
         a = gl.convert_layout(gl.reshape(v, [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True)
@@ -452,11 +493,18 @@ if HAVE_GLUON:
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
                      PAIRED: gl.constexpr, vdtype: gl.constexpr, pairs_layout: gl.constexpr,
                      row_layout: gl.constexpr, a_layout: gl.constexpr,
-                     mma_layout: gl.constexpr):
+                     mma_layout: gl.constexpr, SCALE_ACC: gl.constexpr = False):
         """The consumer's K loop over ``num_steps`` steps of one unit (or of a piece of one)
         from K step ``kstep0``: the float32 accumulator ``[BLOCK_N, BLOCK_T]`` of the tile's
         weight rows (``n0 ...`` of ``expert``), the ring's fills counted from ``ring``, every
-        stage it used released."""
+        stage it used released. With ``SCALE_ACC``: :func:`_rs_unit_acc_scaled`."""
+        if SCALE_ACC:
+            return _rs_unit_acc_scaled(
+                x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
+                up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn, stride_sg,
+                stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, ACTIVATION, IS_FP16,
+                A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, pairs_layout,
+                row_layout, a_layout, mma_layout)
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
         e64 = expert.to(gl.int64)
         w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
@@ -526,6 +574,101 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
+    def _rs_step_scales(step, s_base, sa_offs, z_base, z_offs, stride_sg, stride_zg,
+                        HAS_ZEROS: gl.constexpr, GROUP_SIZE: gl.constexpr,
+                        BLOCK_K: gl.constexpr):
+        """``SCALE_ACC``: K step ``step``'s scales as float32 in the accumulator's row layout
+        (``sa_offs``), and its raw zero points in the operand's (``z_offs``; the scales
+        again when there are none, never read). A step lies in one group: G is a multiple of
+        BLOCK_K (the launcher's rule)."""
+        g = (step * BLOCK_K) // GROUP_SIZE
+        sc = gl.load(s_base + (sa_offs + g * stride_sg)).to(gl.float32)
+        if HAS_ZEROS:
+            zr = gl.load(z_base + (z_offs + g * stride_zg))
+        else:
+            zr = sc
+        return sc, zr
+
+    @gluon.jit
+    def _rs_scaled_step(acc, p, step, fill, x_bufs, wd_bufs, x_ready_bars, s_base, sa_offs,
+                        z_base, z_offs, bias, stride_sg, stride_zg, HALF: gl.constexpr,
+                        HAS_ZEROS: gl.constexpr, GROUP_SIZE: gl.constexpr, IS_FP16: gl.constexpr,
+                        A_SORTED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                        STAGES: gl.constexpr, PAIRED: gl.constexpr, vdtype: gl.constexpr,
+                        pairs_layout: gl.constexpr, row_layout: gl.constexpr,
+                        a_layout: gl.constexpr):
+        """One step of :func:`_rs_unit_acc_scaled`: K step ``step`` (ring fill ``fill``,
+        with ``PAIRED`` its half ``HALF``) into a fresh partial ``p`` (``use_acc=False``),
+        retired, then ``acc += scale * p``; returns ``acc, p``."""
+        sc, zr = _rs_step_scales(step, s_base, sa_offs, z_base, z_offs, stride_sg, stride_zg,
+                                 HAS_ZEROS, GROUP_SIZE, BLOCK_K)
+        a = _rs_step_operand(fill, wd_bufs, x_ready_bars, sc, zr, bias, vdtype, HAS_ZEROS,
+                             IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED, HALF,
+                             pairs_layout, row_layout, a_layout, SCALED=False)
+        p = warpgroup_mma(a, _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF), p,
+                          use_acc=False, is_async=True)
+        p, a = warpgroup_mma_wait(num_outstanding=0, deps=(p, a))
+        acc += p * sc[:, None]
+        return acc, p
+
+    @gluon.jit
+    def _rs_unit_acc_scaled(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert,
+                            n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
+                            stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                            GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                            ACTIVATION: gl.constexpr,
+                            IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
+                            BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+                            BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                            PAIRED: gl.constexpr, vdtype: gl.constexpr,
+                            pairs_layout: gl.constexpr, row_layout: gl.constexpr,
+                            a_layout: gl.constexpr, mma_layout: gl.constexpr):
+        """:func:`_rs_unit_acc` with the scales on the accumulator (``SCALE_ACC``): each
+        step's operand is the exact ``v - z`` in 16 bits (no multiply a value pair), its
+        wgmma writes a fresh float32 partial sum, which is retired (``wait(0)``) and added to
+        the tile's sum times the step's scales: one FMA an accumulator element and step
+        instead of one packed multiply a value pair (a quarter of the dequantization's
+        instructions), and the weights are no longer rounded to 16 bits after scaling.
+
+        One operand register set and a wait a step, so a warpgroup's wgmma overlaps the other
+        warpgroups' dequantization, not its own: ptxas serializes every wgmma when a second
+        operand set and the partial do not fit the consumer's registers (C7511), and when a
+        partial is read while another wgmma may still run (C7514). It pays with four
+        consumer warpgroups (``num_warps`` 16, one SM's 96 registers a thread), whose
+        sixteen warps hide each other's waits (benchmarks/notes_prefill.md, session 45).
+        Each step's scales are loaded at its start (``PREFETCH_SCALES`` does not apply):
+        the step's dequantization and wgmma cover their latency."""
+        STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        acc_rows: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        e64 = expert.to(gl.int64)
+        s_base = s_ptr + e64 * stride_se
+        z_base = z_ptr + e64 * stride_ze
+        sa_offs = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, acc_rows) * stride_sn
+        z_offs = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout) * stride_zn
+        acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+        p = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)  # a step's partial
+        for i in range(0, num_steps, 2):
+            fill0 = ring + i // STEPS
+            fill1 = ring + (i + 1) // STEPS
+            acc, p = _rs_scaled_step(acc, p, kstep0 + i, fill0, x_bufs, wd_bufs, x_ready_bars,
+                                     s_base, sa_offs, z_base, z_offs, bias, stride_sg,
+                                     stride_zg, 0, HAS_ZEROS, GROUP_SIZE, IS_FP16, A_SORTED,
+                                     BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, pairs_layout,
+                                     row_layout, a_layout)
+            if not PAIRED:
+                async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
+                                           increment_count=False)
+            acc, p = _rs_scaled_step(acc, p, kstep0 + i + 1, fill1, x_bufs, wd_bufs,
+                                     x_ready_bars, s_base, sa_offs, z_base, z_offs, bias,
+                                     stride_sg, stride_zg, 1, HAS_ZEROS, GROUP_SIZE, IS_FP16,
+                                     A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype,
+                                     pairs_layout, row_layout, a_layout)
+            # step i + 1's stage (with PAIRED: the stage of both)
+            async_copy.mbarrier_arrive(empty_bars.index(fill1 % STAGES),
+                                       increment_count=False)
+        return acc
+
+    @gluon.jit
     def _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0, num_valid_slots,
                      MUL_ROUTED_WEIGHT: gl.constexpr, ACTIVATION: gl.constexpr,
                      BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
@@ -575,7 +718,8 @@ if HAVE_GLUON:
                      IS_FP16: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
-                     SPLIT_K: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr):
+                     SPLIT_K: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr,
+                     SCALE_ACC: gl.constexpr):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
         row ``row0 + t``, the sorted position, instead of row ``slot``; with ``SPLIT_K`` > 1
@@ -619,7 +763,8 @@ if HAVE_GLUON:
                                        stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
                                        ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N,
                                        BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype,
-                                       pairs_layout, row_layout, a_layout, mma_layout)
+                                       pairs_layout, row_layout, a_layout, mma_layout,
+                                       SCALE_ACC)
                     ring += num_steps // STEPS
                     _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
                                  num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
@@ -726,7 +871,7 @@ if HAVE_GLUON:
                         BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                         PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        num_warps: gl.constexpr, SCALE_ACC: gl.constexpr):
         """:func:`_rs_consumer` over this program's pieces (:func:`_sk_schedule`). A piece
         that is a whole unit ends as there. A piece of part of a unit stores its float32
         accumulator in its program's slot of ``sk_partials`` (``[2 P, BLOCK_N, BLOCK_T]``:
@@ -779,7 +924,7 @@ if HAVE_GLUON:
                                    GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, IS_FP16,
                                    A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES,
                                    PREFETCH_SCALES, PAIRED, vdtype, pairs_layout, row_layout,
-                                   a_layout, mma_layout)
+                                   a_layout, mma_layout, SCALE_ACC)
                 ring += num_steps // STEPS
                 finish = gu1 - gu0 == g_unit
                 if gu1 - gu0 < g_unit:
@@ -829,7 +974,7 @@ if HAVE_GLUON:
         W_TMA: gl.constexpr, PREFETCH_SCALES: gl.constexpr, SPLIT_K: gl.constexpr,
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, PAIRED: gl.constexpr = False,
-        STREAM_K: gl.constexpr = False,
+        STREAM_K: gl.constexpr = False, SCALE_ACC: gl.constexpr = False,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -894,7 +1039,7 @@ if HAVE_GLUON:
                                    GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                                    MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
                                    BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
-                                   PREFETCH_SCALES, PAIRED, num_warps)),
+                                   PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC)),
                 (_rs_loader_sk, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                                  num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                                  x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
@@ -912,7 +1057,7 @@ if HAVE_GLUON:
                                 SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED,
                                 C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
                                 GROUP_SIZE_M, STAGES, PREFETCH_SCALES, SPLIT_K, PAIRED,
-                                num_warps)),
+                                num_warps, SCALE_ACC)),
                 (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                               num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                               x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
@@ -1192,4 +1337,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
             PAIRED=bool(config.get("PAIRED_STAGES", False)), STREAM_K=stream_k,
+            SCALE_ACC=bool(config.get("SCALE_ACC", False)),
             **prefill_pdl_args(a.device))

@@ -14,8 +14,8 @@ File ``<torch.cuda.get_device_name() with spaces as underscores>.json`` in this 
 Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRAG_K"``
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
-``"PREFETCH_SCALES"``, ``"PAIRED_STAGES"`` and ``"STREAM_K"`` (booleans for that kernel;
-see :data:`OPTIONAL_KEYS`),
+``"PREFETCH_SCALES"``, ``"PAIRED_STAGES"``, ``"STREAM_K"`` and ``"SCALE_ACC"`` (booleans for
+that kernel; see :data:`OPTIONAL_KEYS`),
 ``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
@@ -79,6 +79,12 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: round would leave SMs idle long enough to pay for it; a tile split between programs is
 #: summed from float32 partials by the program that completes it (benchmarks/notes_prefill.md,
 #: session 21); the Triton kernel ignores it
+#: SCALE_ACC (RS entries, BLOCK_SIZE_M <= 64): the Gluon kernel multiplies each K step's
+#: float32 partial sum by the step's scales instead of every dequantized value pair (the
+#: operand is the exact ``v - z``; 14 % fewer instructions in the 16-slot tiles' loop), and
+#: waits for each step's wgmma: on sixteen warps, 4-10 % faster 16-slot layers on the H200
+#: (benchmarks/notes_prefill.md, session 45); PREFETCH_SCALES does not apply to it; the
+#: Triton kernel ignores it
 #: MMA: the ``mma.sync`` kernel of :mod:`~w4a16moe.kernels.prefill_mma` (weights streamed into
 #: registers in a K order where each lane owns whole words; blocks of 8-32 slots, K steps of
 #: BLOCK_SIZE_K = 128, 256 or 512 columns; GROUP_SIZE_M and num_stages are not used); where it
@@ -93,7 +99,10 @@ OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True
                  "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
                  "PAIRED_STAGES": (True, False), "STREAM_K": (True, False),
-                 "WORD_RING": (0, 2, 3)}
+                 "SCALE_ACC": (True, False), "WORD_RING": (0, 2, 3)}
+#: SCALE_ACC: the largest BLOCK_SIZE_M (a second float32 accumulator for the step's partial
+#: sum must fit the consumer's registers next to the tile's)
+SCALE_ACC_MAX_BLOCK_M = 64
 
 #: FRAG_K configs run on one warpgroup of the Triton kernel (see OPTIONAL_KEYS)
 MAX_FRAG_WARPS = 4
@@ -164,6 +173,10 @@ def validate_config(config: object) -> dict:
     if "WORD_RING" in out and out.get("MMA") is not True:
         raise ValueError(f"WORD_RING is {out['WORD_RING']} without MMA; expected it only on "
                          "MMA entries (the stages of that kernel's ring of weight words)")
+    if out.get("SCALE_ACC") and (out.get("RS") is not True
+                                 or out["BLOCK_SIZE_M"] > SCALE_ACC_MAX_BLOCK_M):
+        raise ValueError(f"SCALE_ACC needs RS and BLOCK_SIZE_M <= {SCALE_ACC_MAX_BLOCK_M}; "
+                         f"found RS={out.get('RS')}, BLOCK_SIZE_M={out['BLOCK_SIZE_M']}")
     if out.get("STREAM_K") and (why := stream_k_conflict(out)) is not None:
         raise ValueError(why)
     return out

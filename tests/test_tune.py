@@ -12,6 +12,7 @@ import torch
 
 from w4a16moe import experts as experts_mod
 from w4a16moe.experts import DECODE_GEMM1_SECTION, threshold_key
+from w4a16moe.kernels import configs as cfgmod
 from w4a16moe.kernels import tune
 from w4a16moe.kernels.tune import (
     DEFAULT_THRESHOLD_CANDIDATES,
@@ -230,6 +231,18 @@ def test_rs_candidates_only_with_tiles_the_gluon_kernel_has():
     # 512 weight rows (GEMM1 with BLOCK_SIZE_N=256) are not a Gluon tile: skipped there
     g1 = tune.candidate_configs(16, 4.0, "rsmidm", True)
     assert not any(c.get("RS") and c["BLOCK_SIZE_N"] == 256 for c in g1)
+    # SCALE_ACC: eight and sixteen warps on 16- and 32-slot blocks (valid entries), none
+    # above 64 slots
+    for bm in (16, 32, 64):
+        for fused in (True, False):
+            sa = [c for c in tune.candidate_configs(bm, 4.0, "rsmidm", fused)
+                  if c.get("SCALE_ACC")]
+            assert bm == 64 or {c["num_warps"] for c in sa} == {8, 16}, (bm, fused)
+            for c in sa:
+                assert cfgmod.validate_config(c) == c
+                assert tune.config_label(c).startswith(
+                    f"{bm}x{c['BLOCK_SIZE_N']}x128 w{c['num_warps']} s4 RS paired scale-acc")
+    assert not any(c.get("SCALE_ACC") for c in tune.candidate_configs(128, 64.0, "rsmidm"))
 
 
 def test_rs_skip_reason_names_why_a_candidate_is_not_timed():

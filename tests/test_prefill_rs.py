@@ -692,7 +692,7 @@ def test_rs_stream_k_matches_and_repeats(dtype, symmetric, tiles, m, sorted_rows
     repeat on every run (the partials are summed in program order, whichever finishes last)
     and the tile counters reset themselves. K is long enough (32 and 16 steps of 128) for the
     split to pay, so m=1 (fewer tiles than SMs) cuts every tile; at m=37 and 300 the last
-    round is split or not depending on its size."""
+    round is split or not depending on its size. With and without SCALE_ACC."""
     bm, bn, bk, stages, paired = tiles
     e, h, i, top_k = 8, 4096, 2048, 2
     experts, x, w, ids = make_case(m, h, i, e, top_k, symmetric=symmetric, dtype=dtype,

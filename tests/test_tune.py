@@ -340,6 +340,11 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     assert torch.equal(gather_sorted_rows(x, blocks, top_k=top_k)[pos], x[slot_of // top_k])
     plain = {k: v for k, v in rs.items() if k != "RS"}
     assert len(tune.candidate_runs("w13", plain, inter=inter, out=inter, **kw)) == 1
+    # SCALE_ACC ignores PREFETCH_SCALES: gathered and sorted rows only
+    sa = tune.candidate_runs("w13", {**rs, "SCALE_ACC": True}, inter=inter, out=inter, **kw)
+    assert run_flags(sa) == [(False, False), (False, True)]
+    assert [tune.prefetch_variants(c) for c in (rs, {**rs, "SCALE_ACC": True}, plain)] == [
+        2, 1, 1]
     with pytest.raises(ValueError, match="gemm is 'w3'"):
         tune.candidate_runs("w3", rs, inter=inter, out=inter, **kw)
     # SPLIT_K runs of a GEMM2 RS candidate: with and without PREFETCH_SCALES per split,

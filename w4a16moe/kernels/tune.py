@@ -310,6 +310,13 @@ def stream_k_candidate(config: dict, *, valid_blocks: int, em: int, n_out: int, 
     return stream_k_cut_units(units, k // config["BLOCK_SIZE_K"], programs) > 0
 
 
+def prefetch_variants(config: dict) -> int:
+    """How many ways :func:`candidate_runs` times ``config`` for its scale loads: an ``RS``
+    config with and without ``PREFETCH_SCALES`` (2), except one with ``SCALE_ACC``, whose
+    kernel loads each step's scales at its start either way (1); any other config once."""
+    return 2 if config.get("RS") and not config.get("SCALE_ACC") else 1
+
+
 def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, topk_ids,
                    topk_weights, top_k: int, x_sorted=None, inter_sorted=None,
                    splits: Iterable[int] = (), stream_k: bool = False
@@ -318,7 +325,8 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
     (``"w13"``: GEMM1 with the fused SiLU on ``x`` into ``out``; ``"w2"``: GEMM2 on ``inter``
     by slot, router weight applied, into ``out``), as :func:`fused_moe_prefill` would run
     it: activations in fragment order for ``FRAG_K`` tiles. An ``RS`` config is also timed
-    with ``PREFETCH_SCALES``, and when ``x_sorted``/``inter_sorted`` (``[EM, H]``/``[EM, I]``
+    with ``PREFETCH_SCALES`` (not one with ``SCALE_ACC``, which ignores it), and when
+    ``x_sorted``/``inter_sorted`` (``[EM, H]``/``[EM, I]``
     buffers for the blocks' positions) are given, each of those (and an ``MMA`` config) also
     with ``SORTED_ROWS``:
     GEMM1 timed with the gather of its input
@@ -353,7 +361,7 @@ def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, t
                          "STREAM_K needs the Gluon kernel (RS), GROUP_SIZE_M 1 and no SPLIT_K")
     frag = _fragment_tiles(config)
     variants = [config]
-    if config.get("RS"):
+    if prefetch_variants(config) == 2:
         variants.append({**config, "PREFETCH_SCALES": True})
     split_variants = list(variants)
     if stream_k:
@@ -614,15 +622,18 @@ def tune_prefill(
                 plan.append((name, shape, m, bm, cands, splits, stream_k,
                              (weights, ids, blocks)))
     # an RS candidate is timed four times: gathered and on sorted rows, each with and
-    # without PREFETCH_SCALES (see candidate_runs), four more with STREAM_K, and twice more
-    # per SPLIT_K value; an MMA candidate twice, gathered and on sorted rows, and once more
-    # per SPLIT_K value
-    total = sum(len(c) + sum(3 if cfg.get("RS") else 1 if cfg.get("MMA") else 0 for cfg in c)
-                for *_, cands, _, _, _ in plan for c in cands.values())
-    total += sum((2 if cfg.get("RS") else 1) * len(sp)
+    # without PREFETCH_SCALES (see candidate_runs; with SCALE_ACC only without), four more
+    # with STREAM_K, and twice more per SPLIT_K value; an MMA candidate twice, gathered and
+    # on sorted rows, and once more per SPLIT_K value
+    total = sum(2 * prefetch_variants(cfg) if cfg.get("RS") or cfg.get("MMA") else 1
+                for *_, cands, _, _, _ in plan for c in cands.values() for cfg in c)
+    total += sum(prefetch_variants(cfg) * len(sp)
                  for *_, cands, splits, _, _ in plan
                  for cfg, sp in zip(cands["w2"], splits, strict=True))
-    total += sum(4 * sum(sk) for *_, stream_k, _ in plan for sk in stream_k.values())
+    total += sum(2 * prefetch_variants(cfg) * on
+                 for *_, cands, _, stream_k, _ in plan
+                 for gemm, sk in stream_k.items() for cfg, on in zip(cands[gemm], sk,
+                                                                     strict=True))
     if layer_check:  # an estimate: a bucket's layer pairs are known once its GEMMs are timed
         total += (LAYER_FINALISTS[0] * LAYER_FINALISTS[1] * len(plan)
                   + len({(name, m) for name, _, m, *_ in plan}))

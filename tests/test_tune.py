@@ -390,6 +390,16 @@ def test_candidate_runs_time_rs_configs_on_sorted_rows_and_with_prefetched_scale
     for bad in (plain, {**rs, "GROUP_SIZE_M": 8}):
         with pytest.raises(ValueError, match="STREAM_K needs the Gluon kernel"):
             tune.candidate_runs("w13", bad, inter=inter, out=inter, stream_k=True, **kw)
+    # the tuner's progress total counts exactly the runs candidate_runs makes
+    w2 = {"BLOCK_SIZE_N": 128}
+    for cfg, splits, sk in [(plain, (), False), (rs, (), False), (rs, (), True),
+                            ({**rs, **w2}, (2, 4), True), ({**rs, "SCALE_ACC": True}, (), True),
+                            ({**rs, **w2, "SCALE_ACC": True}, (2,), True),
+                            ({**mma, **w2}, (2, 4), False)]:
+        gemm = "w2" if splits else "w13"
+        runs = tune.candidate_runs(gemm, cfg, inter=inter, out=out if splits else inter,
+                                   splits=splits, stream_k=sk, **kw)
+        assert tune.timed_runs(cfg, splits=splits, stream_k=sk) == len(runs), (cfg, splits, sk)
 
 
 def test_stream_k_cut_units_is_the_kernels_rule():

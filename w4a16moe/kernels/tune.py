@@ -317,6 +317,18 @@ def prefetch_variants(config: dict) -> int:
     return 2 if config.get("RS") and not config.get("SCALE_ACC") else 1
 
 
+def timed_runs(config: dict, *, splits: Iterable[int] = (), stream_k: bool = False) -> int:
+    """How many runs :func:`candidate_runs` makes of ``config`` (the tuner's progress total):
+    an ``RS`` candidate gathered and on sorted rows, each in :func:`prefetch_variants` ways,
+    as many again with ``stream_k``, and its scale-load variants once more per ``SPLIT_K``
+    value; an ``MMA`` candidate twice, gathered and on sorted rows, and once more per
+    ``SPLIT_K`` value; any other once."""
+    if not (config.get("RS") or config.get("MMA")):
+        return 1
+    ways = prefetch_variants(config)
+    return 2 * ways * (2 if stream_k else 1) + ways * len(tuple(splits))
+
+
 def candidate_runs(gemm: str, config: dict, *, experts, x, inter, out, blocks, topk_ids,
                    topk_weights, top_k: int, x_sorted=None, inter_sorted=None,
                    splits: Iterable[int] = (), stream_k: bool = False
@@ -621,19 +633,12 @@ def tune_prefill(
                             for gemm, c in cands.items()}
                 plan.append((name, shape, m, bm, cands, splits, stream_k,
                              (weights, ids, blocks)))
-    # an RS candidate is timed four times: gathered and on sorted rows, each with and
-    # without PREFETCH_SCALES (see candidate_runs; with SCALE_ACC only without), four more
-    # with STREAM_K, and twice more per SPLIT_K value; an MMA candidate twice, gathered and
-    # on sorted rows, and once more per SPLIT_K value
-    total = sum(2 * prefetch_variants(cfg) if cfg.get("RS") or cfg.get("MMA") else 1
-                for *_, cands, _, _, _ in plan for c in cands.values() for cfg in c)
-    total += sum(prefetch_variants(cfg) * len(sp)
-                 for *_, cands, splits, _, _ in plan
-                 for cfg, sp in zip(cands["w2"], splits, strict=True))
-    total += sum(2 * prefetch_variants(cfg) * on
-                 for *_, cands, _, stream_k, _ in plan
-                 for gemm, sk in stream_k.items() for cfg, on in zip(cands[gemm], sk,
-                                                                     strict=True))
+    total = 0
+    for *_, cands, splits, stream_k, _ in plan:
+        for gemm, c in cands.items():
+            for n, cfg in enumerate(c):
+                total += timed_runs(cfg, splits=splits[n] if gemm == "w2" else (),
+                                    stream_k=stream_k[gemm][n])
     if layer_check:  # an estimate: a bucket's layer pairs are known once its GEMMs are timed
         total += (LAYER_FINALISTS[0] * LAYER_FINALISTS[1] * len(plan)
                   + len({(name, m) for name, _, m, *_ in plan}))

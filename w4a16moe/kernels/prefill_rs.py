@@ -269,68 +269,37 @@ if HAVE_GLUON:
         probe = gl.full([BLOCK_N, BLOCK_K // 32, 4], 0, gl.int32, words_layout)
         return gl.reshape(probe, [BLOCK_N, BLOCK_K // 8])
 
-    @gluon.jit
-    def _rs_dequant_unscaled_pair(words, shift, zz, IS_FP16: gl.constexpr):
-        """:func:`_rs_dequant_pair` without the scale: (bias + v) minus the packed (bias + z),
-        exact in 16 bits (``SCALE_ACC``: the scale multiplies the group's float32 partial
-        sum instead)."""
+    @gluon.constexpr_function
+    def _rs_dequant_asm(IS_FP16, SCALED):
+        """The PTX of :func:`_rs_dequant_pair` (operands: the two 16-bit halves, the words,
+        the shift, the packed scale, the packed zero term)."""
         if IS_FP16:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t;
-                shr.u32 t, $2, $3;
-                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-                sub.f16x2 t, t, $4;
-                mov.b32 {$0, $1}, t;
-                }""",
-                constraints="=h,=h,r,r,r", args=[words, shift, zz],
-                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+            regs, magic, pre = "t", "0x64006400", []
+            post = ["sub.f16x2 t, t, $5;"] + (["mul.f16x2 t, t, $4;"] if SCALED else [])
         else:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one;
-                mov.b32 one, 0x3F803F80;
-                shr.u32 t, $2, $3;
-                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 t, t, one, $4;
-                mov.b32 {$0, $1}, t;
-                }""",
-                constraints="=h,=h,r,r,r", args=[words, shift, zz],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
-        return lo, hi
+            regs, magic = "t, one, n0", "0x43004300"
+            pre = ["mov.b32 one, 0x3F803F80;", "mov.b32 n0, 0x80008000;"]
+            post = ["fma.rn.bf16x2 t, t, one, $5;"] + (
+                ["fma.rn.bf16x2 t, t, $4, n0;"] if SCALED else [])
+        ops = pre + ["shr.u32 t, $2, $3;", f"lop3.b32 t, t, 0x000F000F, {magic}, 0xEA;"] + post
+        return "{ .reg .b32 " + regs + "; " + " ".join(ops) + " mov.b32 {$0, $1}, t; }"
 
     @gluon.jit
-    def _rs_dequant_pair(words, shift, ss, zz, IS_FP16: gl.constexpr):
+    def _rs_dequant_pair(words, shift, ss, zz, IS_FP16: gl.constexpr,
+                         SCALED: gl.constexpr = True):
         """Values ``2c`` and ``2c+1`` of each word (``shift`` = 4c: ExLlama order keeps them
         at bits 4c and 16+4c) as (bias + v) packed in one 32-bit op, then minus the packed
-        (bias + z) and times the packed scale ``ss``; ``zz`` is (bias + z) packed (fp16) or
-        its negation (bf16, whose packed ops are fma only)."""
+        (bias + z) and, with ``SCALED``, times the packed scale ``ss`` (without: the exact
+        ``v - z``, ``ss`` not read; ``SCALE_ACC`` scales the step's float32 partial sum
+        instead); ``zz`` is (bias + z) packed (fp16) or its negation (bf16, whose packed ops
+        are fma only)."""
+        asm: gl.constexpr = _rs_dequant_asm(IS_FP16, SCALED)
         if IS_FP16:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t;
-                shr.u32 t, $2, $3;
-                lop3.b32 t, t, 0x000F000F, 0x64006400, 0xEA;
-                sub.f16x2 t, t, $5;
-                mul.f16x2 t, t, $4;
-                mov.b32 {$0, $1}, t;
-                }""",
-                constraints="=h,=h,r,r,r,r", args=[words, shift, ss, zz],
-                dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+            lo, hi = gl.inline_asm_elementwise(asm, "=h,=h,r,r,r,r", [words, shift, ss, zz],
+                                               (gl.float16, gl.float16), is_pure=True, pack=1)
         else:
-            lo, hi = gl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t, one, n0;
-                mov.b32 one, 0x3F803F80;
-                mov.b32 n0, 0x80008000;
-                shr.u32 t, $2, $3;
-                lop3.b32 t, t, 0x000F000F, 0x43004300, 0xEA;
-                fma.rn.bf16x2 t, t, one, $5;
-                fma.rn.bf16x2 t, t, $4, n0;
-                mov.b32 {$0, $1}, t;
-                }""",
-                constraints="=h,=h,r,r,r,r", args=[words, shift, ss, zz],
-                dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
+            lo, hi = gl.inline_asm_elementwise(asm, "=h,=h,r,r,r,r", [words, shift, ss, zz],
+                                               (gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
         return lo, hi
 
     @gluon.jit
@@ -429,9 +398,9 @@ if HAVE_GLUON:
         zz4 = gl.broadcast(zz[:, None, None, None], words4)[0]
         if SCALED:
             ss4 = gl.broadcast(_packed_pair(sc)[:, None, None, None], words4)[0]
-            lo, hi = _rs_dequant_pair(words4, shift, ss4, zz4, IS_FP16)
         else:
-            lo, hi = _rs_dequant_unscaled_pair(words4, shift, zz4, IS_FP16)
+            ss4 = zz4  # not read
+        lo, hi = _rs_dequant_pair(words4, shift, ss4, zz4, IS_FP16, SCALED)
         v = gl.reshape(gl.join(lo, hi), [BLOCK_N, T, 4, 2, 2, 2])  # (row, run, c, jh, jl, q)
         v = gl.permute(v, (0, 1, 3, 4, 2, 5))  # (row, run, j_hi, j_lo, c, q): column order
         a = gl.convert_layout(gl.reshape(v, [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True)
@@ -616,9 +585,8 @@ if HAVE_GLUON:
                             n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
                             stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
                             GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                            ACTIVATION: gl.constexpr,
-                            IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
-                            BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+                            ACTIVATION: gl.constexpr, IS_FP16: gl.constexpr,
+                            A_SORTED: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
                             BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                             PAIRED: gl.constexpr, vdtype: gl.constexpr,
                             pairs_layout: gl.constexpr, row_layout: gl.constexpr,

@@ -295,14 +295,13 @@ def assert_layer_with_expert_map(x, local, w, ids, expert_map, configs, on_input
 
 @hopper_only
 def test_shipped_rs_configs_repeat_bit_for_bit():
-    """Every RS entry of the shipped H100 table, run 8 times on NaN-poisoned outputs at a
-    shape with many blocks (GEMM1 and GEMM2 paths), gives the same bits each time and matches
-    the Triton kernel's same tiles within rounding. A SPLIT_K entry runs its GEMM2 on a K
-    the split divides (its float32 partials summed before the comparison) and its GEMM1
-    without the split, as the layer does."""
-    table = json.loads((cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text())
-    seen = {tuple(sorted(cfg.items())) for shape, buckets in table.items()
-            if not shape.startswith("_") for cfg in buckets.values() if cfg.get("RS")}
+    """Every RS entry of the shipped tables (the H100's and the H200's), run 8 times on
+    NaN-poisoned outputs at a shape with many blocks (GEMM1 and GEMM2 paths), gives the same
+    bits each time and matches the Triton kernel's same tiles within rounding. A SPLIT_K entry
+    runs its GEMM2 on a K the split divides (its float32 partials summed before the
+    comparison) and its GEMM1 without the split, as the layer does."""
+    seen = {tuple(sorted(cfg.items())) for table in shipped_tables().values()
+            for buckets in table.values() for cfg in buckets.values() if cfg.get("RS")}
     assert seen, "the shipped table has RS entries"
     e, h, top_k, m = 16, 1024, 4, 512
     cases = {}
@@ -328,7 +327,8 @@ def test_shipped_rs_configs_repeat_bit_for_bit():
                 runs = repeat_runs(8, parts_like, config={**cfg, "SPLIT_K": split}, **common)
             else:
                 runs = repeat_runs(8, like, config=cfg, **common)
-            want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
+            want = repeat_runs(1, like, config=triton_tiles({**cfg, "SCALE_ACC": False}),
+                               **common)[0]
             for r in runs[1:]:
                 assert torch.equal(r, runs[0]), f"{cfg} SPLIT_K={split}: runs differ"
             got = runs[0].sum(0) if split_here else runs[0].float()
@@ -574,15 +574,22 @@ def test_rs_weight_tma_matches_cp_async(tiles, monkeypatch):
         assert torch.equal(with_tma[0], cp_async), f"{name} {cfg}: TMA != cp.async"
 
 
+def shipped_tables() -> dict:
+    """Every shipped prefill table (the H100's, the H200's), parsed, by file name."""
+    return {path.name: cfgmod.parse_table(json.loads(path.read_text()))
+            for path in sorted(cfgmod.CONFIG_DIR.glob("*.json"))
+            if not path.name.endswith(cfgmod.THRESHOLDS_SUFFIX)}
+
+
 def shipped_rs_variants():
-    """The distinct ways the shipped H100 table runs the Gluon kernel: (config tiles,
+    """The distinct ways the shipped tables run the Gluon kernel: (config tiles,
     activation, a_sorted, out_sorted, mul_routed_weight) over the built-in models' entries."""
     from w4a16moe.kernels.tune import MODEL_SHAPES
 
-    table = cfgmod.parse_table(json.loads(
-        (cfgmod.CONFIG_DIR / "NVIDIA_H100_80GB_HBM3.json").read_text()))
+    tables = shipped_tables()
+    assert {"NVIDIA_H100_80GB_HBM3.json", "NVIDIA_H200.json"} <= set(tables)
     variants = set()
-    for shape in MODEL_SHAPES.values():
+    for table, shape in ((t, s) for t in tables.values() for s in MODEL_SHAPES.values()):
         h, i = shape.hidden_size, shape.intermediate_size
         gemm1, gemm2 = table.get((2 * i, h), {}), table.get((h, i), {})
         for m, cfg in gemm1.items():

@@ -378,6 +378,7 @@ if HAVE_GLUON:
             zz = _packed_pair(zb)
         else:
             zz = _packed_pair(-zb)
+        ss = _packed_pair(sc) if SCALED else zz  # not read unless SCALED
         stage = fill % STAGES
         mbarrier.wait(x_ready_bars.index(stage), (fill // STAGES) & 1)
         # words (row, run, j), the same for the four lanes c of a quad: loaded as the 2-D
@@ -395,11 +396,8 @@ if HAVE_GLUON:
         c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(
             3, pairs_layout))))
         words4, shift = gl.broadcast(gl.expand_dims(words, 2), (c * 4)[None, None, :, None])
+        ss4 = gl.broadcast(ss[:, None, None, None], words4)[0]
         zz4 = gl.broadcast(zz[:, None, None, None], words4)[0]
-        if SCALED:
-            ss4 = gl.broadcast(_packed_pair(sc)[:, None, None, None], words4)[0]
-        else:
-            ss4 = zz4  # not read
         lo, hi = _rs_dequant_pair(words4, shift, ss4, zz4, IS_FP16, SCALED)
         v = gl.reshape(gl.join(lo, hi), [BLOCK_N, T, 4, 2, 2, 2])  # (row, run, c, jh, jl, q)
         v = gl.permute(v, (0, 1, 3, 4, 2, 5))  # (row, run, j_hi, j_lo, c, q): column order

@@ -815,6 +815,18 @@ def test_scale_acc_key_in_config_table():
         cfgmod.validate_config({**cfgmod.INTERPRETER_CONFIG, "SCALE_ACC": True})
     with pytest.raises(ValueError, match=r"SCALE_ACC is 1; expected one of \[True, False\]"):
         cfgmod.validate_config({**rs, "SCALE_ACC": 1})
+    # SUB_STEPS: with SCALE_ACC, at least 32 columns a wgmma
+    cfg = cfgmod.validate_config({**rs, "BLOCK_SIZE_K": 64, "SCALE_ACC": True, "SUB_STEPS": 2})
+    assert cfg["SUB_STEPS"] == 2 and cfgmod.scale_acc_wgmmas(cfg) == 2
+    assert cfgmod.scale_acc_wgmmas({**rs, "SUB_STEPS": 2}) == 0
+    assert cfgmod.scale_acc_wgmmas({**rs, "SCALE_ACC": True}) == 1
+    with pytest.raises(ValueError, match=r"SUB_STEPS 2 needs SCALE_ACC and BLOCK_SIZE_K / "
+                       r"SUB_STEPS >= 32; found SCALE_ACC=None, BLOCK_SIZE_K=64"):
+        cfgmod.validate_config({**rs, "BLOCK_SIZE_K": 64, "SUB_STEPS": 2})
+    with pytest.raises(ValueError, match=r"found SCALE_ACC=True, BLOCK_SIZE_K=32"):
+        cfgmod.validate_config({**rs, "BLOCK_SIZE_K": 32, "SCALE_ACC": True, "SUB_STEPS": 2})
+    with pytest.raises(ValueError, match=r"SUB_STEPS is 4; expected one of \[1, 2\]"):
+        cfgmod.validate_config({**rs, "SCALE_ACC": True, "SUB_STEPS": 4})
 
 
 def test_deterministic_configs_take_no_token_tile_below_16(monkeypatch):

@@ -33,8 +33,9 @@ def rs_config(bm=128, bn=128, bk=64, stages=6, warps=8):
 
 
 def triton_tiles(cfg):
-    """The same tiles on the Triton kernel (what the launcher falls back to)."""
-    return {k: v for k, v in cfg.items() if k != "RS"}
+    """The same tiles on the Triton kernel (what the launcher falls back to), without the
+    Gluon kernel's keys that need ``RS``."""
+    return {k: v for k, v in cfg.items() if k not in ("RS", "SCALE_ACC", "SUB_STEPS")}
 
 
 def make_case(m, h, i, e, top_k, *, symmetric=True, dtype=torch.bfloat16, seed=0):
@@ -327,8 +328,7 @@ def test_shipped_rs_configs_repeat_bit_for_bit():
                 runs = repeat_runs(8, parts_like, config={**cfg, "SPLIT_K": split}, **common)
             else:
                 runs = repeat_runs(8, like, config=cfg, **common)
-            want = repeat_runs(1, like, config=triton_tiles({**cfg, "SCALE_ACC": False}),
-                               **common)[0]
+            want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
             for r in runs[1:]:
                 assert torch.equal(r, runs[0]), f"{cfg} SPLIT_K={split}: runs differ"
             got = runs[0].sum(0) if split_here else runs[0].float()
@@ -337,21 +337,22 @@ def test_shipped_rs_configs_repeat_bit_for_bit():
 
 
 @hopper_only
-@pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("scale_acc", [False, True])
+@pytest.mark.parametrize("group_size,scale_acc", [(g, s) for g in (32, 64, 128) for s in (0, 1, 2)
+                                                  if not (g == 32 and s == 2)])
 def test_rs_scale_loads_for_every_group_size(group_size, scale_acc):
     """The three ways the kernel loads a loop iteration's scales (one load when both K steps
     share a group, one 32-bit load of two adjacent groups when G == BLOCK_SIZE_K, two loads
     otherwise: here a sliced, odd-strided scale tensor), asymmetric, against the Triton
-    kernel's same tiles; with ``SCALE_ACC`` each step's scales on its partial sum (a group
-    of one or two steps)."""
+    kernel's same tiles; with ``SCALE_ACC`` (``scale_acc`` > 0: that many wgmmas a K step,
+    ``SUB_STEPS``) each step's scales on its partial sum (a group of one or two steps)."""
     e, h, i, top_k, m = 8, 512, 256, 2, 37
     experts = random_experts(e, h, i, group_size=group_size, symmetric=False,
                              dtype=torch.bfloat16, device=DEVICE, seed=5)
     x = torch.randn(m, h, dtype=torch.bfloat16, device=DEVICE)
     w, ids = fused_topk(torch.randn(m, e, device=DEVICE), top_k)
     bk = min(group_size, 64)
-    cfg = {**rs_config(16, 128, bk, 4), "SCALE_ACC": scale_acc}
+    cfg = {**rs_config(16, 128, bk, 4), "SCALE_ACC": scale_acc > 0,
+           "SUB_STEPS": max(scale_acc, 1)}
     blocks = align_block_size(ids, 16, e)
     like = torch.empty(m * top_k, i, dtype=torch.bfloat16, device=DEVICE)
     w13 = experts.w13
@@ -365,8 +366,7 @@ def test_rs_scale_loads_for_every_group_size(group_size, scale_acc):
         common = dict(a=x, weights=weights, activation="silu", blocks=blocks, topk_ids=ids,
                       topk_weights=w, top_k=top_k)
         runs = repeat_runs(2, like, config=cfg, **common)
-        want = repeat_runs(1, like, config=triton_tiles({**cfg, "SCALE_ACC": False}),
-                           **common)[0]
+        want = repeat_runs(1, like, config=triton_tiles(cfg), **common)[0]
         assert torch.equal(runs[0], runs[1])
         err = ((runs[0].float() - want.float()).abs().max()
                / want.float().abs().max()).item()
@@ -436,7 +436,10 @@ def test_rs_scales_on_the_accumulator(dtype, symmetric, tiles, sorted_rows, pref
     equal the plain kernel's same tiles within one rounding of the weights (no longer
     rounded to 16 bits after scaling; an element one kernel leaves unwritten reads 7 and
     fails that), the same bits on every run; the layer at least as close to the float32
-    reference as without it."""
+    reference as without it. With ``SUB_STEPS`` 2 (on sixteen warps where the tiles allow
+    them: up to 32 slots and 256 weight rows; else the launcher would run the Triton kernel)
+    each step's two half-width wgmmas run the same K16 wgmma instructions in the same order
+    into the partial: the same bits as one wgmma a step."""
     bm, bn, bk, stages, paired = tiles
 
     def plain(cfg):
@@ -444,12 +447,20 @@ def test_rs_scales_on_the_accumulator(dtype, symmetric, tiles, sorted_rows, pref
 
     def scaled(cfg):
         return {**plain(cfg), "SCALE_ACC": True}
+
+    def halves(cfg):
+        out = {**scaled(cfg), "SUB_STEPS": 2, "num_warps": 16 if bm <= 32 and bn >= 256 else 8}
+        # the Gluon kernel's own tiles (GEMM1's configs: half the output columns, gate + up)
+        activation = cfg["BLOCK_SIZE_N"] < bn
+        assert prefill_rs.rs_tiles_unsupported(out, activation=activation) is None, out
+        return out
     outs = gemm_bits_with_and_without(
-        [plain, scaled, scaled], bm=bm, bn=bn, bk=bk, stages=stages, dtype=dtype,
+        [plain, scaled, scaled, halves], bm=bm, bn=bn, bk=bk, stages=stages, dtype=dtype,
         symmetric=symmetric, sorted_rows=sorted_rows, seed=71,
         gemms=("gemm1", "gemm2", "gemm2_split"))
-    for gemm, (off, on, again) in outs.items():
+    for gemm, (off, on, again, half) in outs.items():
         assert torch.equal(on, again), f"{gemm} {tiles}: runs differ"
+        assert torch.equal(on, half), f"{gemm} {tiles}: SUB_STEPS 2 differs"
         err = ((on.float() - off.float()).abs().max() / off.float().abs().max()).item()
         assert err < (2e-2 if dtype == torch.bfloat16 else 3e-3), f"{gemm} {tiles}: {err:.2e}"
     experts, x, w, ids = make_case(300, 1024, 512, 8, 2, symmetric=symmetric, dtype=dtype,
@@ -631,9 +642,11 @@ def test_shipped_rs_configs_keep_their_wgmmas_async():
         report = result["ptxas"]
         assert "Used" in report, report
         # the launcher's compile hook takes out the barrier in front of each of the two
-        # consumer waits of the unrolled K loop (w4a16moe.kernels.membar) and nothing else;
-        # every write of the epilogue's scratch still follows a barrier
-        assert (result["stripped"], result["left"]) == (2, 0), (v, result)
+        # consumer waits of the unrolled K loop (w4a16moe.kernels.membar; with SUB_STEPS
+        # each step's parts wait on their stage each) and nothing else; every write of the
+        # epilogue's scratch still follows a barrier
+        waits = 2 * v["config"].get("SUB_STEPS", 1)
+        assert (result["stripped"], result["left"]) == (waits, 0), (v, result)
         assert result["unguarded"] == [], (v, result["unguarded"])
         if "wgmma.mma_async instructions are serialized" in report:
             cfg = v["config"]

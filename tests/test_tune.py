@@ -231,17 +231,20 @@ def test_rs_candidates_only_with_tiles_the_gluon_kernel_has():
     # 512 weight rows (GEMM1 with BLOCK_SIZE_N=256) are not a Gluon tile: skipped there
     g1 = tune.candidate_configs(16, 4.0, "rsmidm", True)
     assert not any(c.get("RS") and c["BLOCK_SIZE_N"] == 256 for c in g1)
-    # SCALE_ACC: eight and sixteen warps on 16- and 32-slot blocks (valid entries), none
-    # above 64 slots
+    # SCALE_ACC: eight and sixteen warps on 16- and 32-slot blocks (valid entries), sixteen
+    # also with SUB_STEPS 2; none above 64 slots
     for bm in (16, 32, 64):
         for fused in (True, False):
             sa = [c for c in tune.candidate_configs(bm, 4.0, "rsmidm", fused)
                   if c.get("SCALE_ACC")]
             assert bm == 64 or {c["num_warps"] for c in sa} == {8, 16}, (bm, fused)
+            assert bm == 64 or {c["num_warps"] for c in sa if c.get("SUB_STEPS")} == {16}
             for c in sa:
                 assert cfgmod.validate_config(c) == c
-                assert tune.config_label(c).startswith(
+                label = tune.config_label(c)
+                assert label.startswith(
                     f"{bm}x{c['BLOCK_SIZE_N']}x128 w{c['num_warps']} s4 RS paired scale-acc")
+                assert ("SUB_STEPS=2" in label) == (c.get("SUB_STEPS") == 2), label
     assert not any(c.get("SCALE_ACC") for c in tune.candidate_configs(128, 64.0, "rsmidm"))
 
 

@@ -79,7 +79,7 @@ import functools
 import torch
 
 from .common import activation, fragment_order, grouped_tile
-from .configs import stream_k_conflict
+from .configs import scale_acc_wgmmas, stream_k_conflict
 from .membar import stripped_wait_barriers
 from .pdl import prefill_pdl_args
 
@@ -342,12 +342,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _rs_step_x(x_bufs, fill, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
-                   PAIRED: gl.constexpr, HALF: gl.constexpr):
+                   PAIRED: gl.constexpr, HALF: gl.constexpr, SUBS: gl.constexpr = 1,
+                   SUB: gl.constexpr = 0):
         """A step's activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: the stage
-        of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``."""
+        of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``; with ``SUBS`` > 1 only
+        the step's part ``SUB`` of ``SUBS`` (``BLOCK_K / SUBS`` columns)."""
+        KW: gl.constexpr = BLOCK_K // SUBS
+        K0: gl.constexpr = (HALF * BLOCK_K if PAIRED else 0) + SUB * KW  # in the stage
         x = x_bufs.index(fill % STAGES)
-        if PAIRED:
-            x = x.slice(HALF * BLOCK_K, BLOCK_K, dim=1)
+        if PAIRED or SUBS > 1:
+            x = x.slice(K0, KW, dim=1)
         return x.permute((1, 0))
 
     @gluon.jit
@@ -356,7 +360,8 @@ if HAVE_GLUON:
                          BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                          PAIRED: gl.constexpr, HALF: gl.constexpr, pairs_layout: gl.constexpr,
                          row_layout: gl.constexpr, a_layout: gl.constexpr,
-                         SCALED: gl.constexpr = True):
+                         SCALED: gl.constexpr = True, SUBS: gl.constexpr = 1,
+                         SUB: gl.constexpr = 0):
         """A step's weight tile in the wgmma A-operand registers, once its words and
         activations have landed in ring fill ``fill`` (its stage is ``fill % STAGES``; with
         ``PAIRED`` the step is its half ``HALF``, and the second half's wait finds the phase
@@ -368,8 +373,11 @@ if HAVE_GLUON:
         of each word: the quad's four lanes read the same four words (one 16-byte load) and
         each dequantizes its own pair, so the activations stay in natural K order. The proxy
         fence is only needed for activations that came by cp.async (not ``A_SORTED``'s TMA).
-        ``SCALED`` False (``SCALE_ACC``): the exact ``v - z``, ``sc`` not read."""
-        T: gl.constexpr = BLOCK_K // 32
+        ``SCALED`` False (``SCALE_ACC``): the exact ``v - z``, ``sc`` not read. With ``SUBS``
+        > 1 only the step's part ``SUB`` of ``SUBS``, ``BLOCK_K / SUBS`` columns (``SUB_STEPS``;
+        ``pairs_layout`` is then that width's)."""
+        KW: gl.constexpr = BLOCK_K // SUBS  # the operand's columns
+        T: gl.constexpr = KW // 32
         if HAS_ZEROS:
             zb = (zr.to(gl.int32) + bias).to(vdtype)
         else:
@@ -385,10 +393,11 @@ if HAVE_GLUON:
         # [row, word] tile (the ring's layout may be swizzled) in the layout that reshapes to
         # the pairs' word layout without moving data
         words_layout: gl.constexpr = gl.SliceLayout(2, pairs_layout)
-        words2d_layout: gl.constexpr = _rs_words2d_layout(BLOCK_N, BLOCK_K,
+        words2d_layout: gl.constexpr = _rs_words2d_layout(BLOCK_N, KW,
                                                           words_layout).type.layout
-        if PAIRED:
-            wd = wd_bufs.index(stage).slice(HALF * (BLOCK_K // 8), BLOCK_K // 8, dim=1)
+        if PAIRED or SUBS > 1:
+            K0: gl.constexpr = (HALF * BLOCK_K if PAIRED else 0) + SUB * KW  # in the stage
+            wd = wd_bufs.index(stage).slice(K0 // 8, KW // 8, dim=1)
         else:
             wd = wd_bufs.index(stage)
         words = gl.convert_layout(gl.reshape(wd.load(words2d_layout), [BLOCK_N, T, 4]),
@@ -401,7 +410,7 @@ if HAVE_GLUON:
         lo, hi = _rs_dequant_pair(words4, shift, ss4, zz4, IS_FP16, SCALED)
         v = gl.reshape(gl.join(lo, hi), [BLOCK_N, T, 4, 2, 2, 2])  # (row, run, c, jh, jl, q)
         v = gl.permute(v, (0, 1, 3, 4, 2, 5))  # (row, run, j_hi, j_lo, c, q): column order
-        a = gl.convert_layout(gl.reshape(v, [BLOCK_N, BLOCK_K]), a_layout, assert_trivial=True)
+        a = gl.convert_layout(gl.reshape(v, [BLOCK_N, KW]), a_layout, assert_trivial=True)
         if not A_SORTED:
             fence_async_shared()
         return a
@@ -469,9 +478,9 @@ if HAVE_GLUON:
             return _rs_unit_acc_scaled(
                 x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
                 up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn, stride_sg,
-                stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, ACTIVATION, IS_FP16,
-                A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, pairs_layout,
-                row_layout, a_layout, mma_layout)
+                stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
+                IS_FP16, A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, a_layout,
+                mma_layout, SCALE_ACC)
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
         e64 = expert.to(gl.int64)
         w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
@@ -541,41 +550,27 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
-    def _rs_step_scales(step, s_base, sa_offs, z_base, z_offs, stride_sg, stride_zg,
-                        HAS_ZEROS: gl.constexpr, GROUP_SIZE: gl.constexpr,
-                        BLOCK_K: gl.constexpr):
-        """``SCALE_ACC``: K step ``step``'s scales as float32 in the accumulator's row layout
-        (``sa_offs``), and its raw zero points in the operand's (``z_offs``; the scales
-        again when there are none, never read). A step lies in one group: G is a multiple of
-        BLOCK_K (the launcher's rule)."""
-        g = (step * BLOCK_K) // GROUP_SIZE
-        sc = gl.load(s_base + (sa_offs + g * stride_sg)).to(gl.float32)
-        if HAS_ZEROS:
-            zr = gl.load(z_base + (z_offs + g * stride_zg))
-        else:
-            zr = sc
-        return sc, zr
-
-    @gluon.jit
-    def _rs_scaled_step(acc, p, step, fill, x_bufs, wd_bufs, x_ready_bars, s_base, sa_offs,
-                        z_base, z_offs, bias, stride_sg, stride_zg, HALF: gl.constexpr,
-                        HAS_ZEROS: gl.constexpr, GROUP_SIZE: gl.constexpr, IS_FP16: gl.constexpr,
+    def _rs_scaled_step(acc, p, fill, x_bufs, wd_bufs, x_ready_bars, sc, zr, bias,
+                        HALF: gl.constexpr, HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr,
                         A_SORTED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                         STAGES: gl.constexpr, PAIRED: gl.constexpr, vdtype: gl.constexpr,
                         pairs_layout: gl.constexpr, row_layout: gl.constexpr,
-                        a_layout: gl.constexpr):
-        """One step of :func:`_rs_unit_acc_scaled`: K step ``step`` (ring fill ``fill``,
-        with ``PAIRED`` its half ``HALF``) into a fresh partial ``p`` (``use_acc=False``),
-        retired, then ``acc += scale * p``; returns ``acc, p``."""
-        sc, zr = _rs_step_scales(step, s_base, sa_offs, z_base, z_offs, stride_sg, stride_zg,
-                                 HAS_ZEROS, GROUP_SIZE, BLOCK_K)
-        a = _rs_step_operand(fill, wd_bufs, x_ready_bars, sc, zr, bias, vdtype, HAS_ZEROS,
-                             IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED, HALF,
-                             pairs_layout, row_layout, a_layout, SCALED=False)
-        p = warpgroup_mma(a, _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF), p,
-                          use_acc=False, is_async=True)
-        p, a = warpgroup_mma_wait(num_outstanding=0, deps=(p, a))
-        acc += p * sc[:, None]
+                        a_layout: gl.constexpr, SUBS: gl.constexpr):
+        """One step of :func:`_rs_unit_acc_scaled`: the K step of ring fill ``fill`` (with
+        ``PAIRED`` its half ``HALF``) into a fresh partial ``p`` (``use_acc=False``),
+        retired, then ``acc += sc * p`` (``sc``: the step's scales in the accumulator's row
+        layout; ``zr``: its raw zero points in the operand's); returns ``acc, p``. With
+        ``SUBS`` > 1 the step is that many wgmmas of ``BLOCK_K / SUBS`` columns into the
+        partial, one after the other, each from an operand of that width (``pairs_layout``
+        is that width's): fewer registers, one more wait."""
+        for sub in gl.static_range(SUBS):
+            a = _rs_step_operand(fill, wd_bufs, x_ready_bars, sc, zr, bias, vdtype,
+                                 HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED,
+                                 HALF, pairs_layout, row_layout, a_layout, False, SUBS, sub)
+            p = warpgroup_mma(a, _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF, SUBS,
+                                            sub), p, use_acc=sub > 0, is_async=True)
+            p, a = warpgroup_mma_wait(num_outstanding=0, deps=(p, a))
+        acc += p * sc.to(gl.float32)[:, None]
         return acc, p
 
     @gluon.jit
@@ -583,12 +578,13 @@ if HAVE_GLUON:
                             n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
                             stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
                             GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
-                            ACTIVATION: gl.constexpr, IS_FP16: gl.constexpr,
+                            SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
+                            IS_FP16: gl.constexpr,
                             A_SORTED: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
                             BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                             PAIRED: gl.constexpr, vdtype: gl.constexpr,
-                            pairs_layout: gl.constexpr, row_layout: gl.constexpr,
-                            a_layout: gl.constexpr, mma_layout: gl.constexpr):
+                            a_layout: gl.constexpr, mma_layout: gl.constexpr,
+                            SUBS: gl.constexpr):
         """:func:`_rs_unit_acc` with the scales on the accumulator (``SCALE_ACC``): each
         step's operand is the exact ``v - z`` in 16 bits (no multiply a value pair), its
         wgmma writes a fresh float32 partial sum, which is retired (``wait(0)``) and added to
@@ -602,33 +598,45 @@ if HAVE_GLUON:
         partial is read while another wgmma may still run (C7514). It pays with four
         consumer warpgroups (``num_warps`` 16, one SM's 96 registers a thread), whose
         sixteen warps hide each other's waits (benchmarks/notes_prefill.md, session 45).
-        Each step's scales are loaded at its start (``PREFETCH_SCALES`` does not apply):
-        the step's dequantization and wgmma cover their latency."""
+        A step pair's scales are loaded at its start, as few loads as the group size allows
+        (:func:`_rs_pair_scales`, ``PREFETCH_SCALES`` does not apply): the first step's
+        dequantization and wgmma cover their latency."""
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
         acc_rows: gl.constexpr = gl.SliceLayout(1, mma_layout)
+        # the operand's layouts at its width (BLOCK_K / SUBS columns)
+        pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K // SUBS,
+                                                      a_layout).type.layout
+        row_layout: gl.constexpr = _rs_row_layout(pairs_layout)
         e64 = expert.to(gl.int64)
         s_base = s_ptr + e64 * stride_se
         z_base = z_ptr + e64 * stride_ze
-        sa_offs = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, acc_rows) * stride_sn
+        # the scales in the accumulator's row layout, the zero points in the operand's
+        sa_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, acc_rows)
+        sa_offs = sa_rows * stride_sn
         z_offs = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout) * stride_zn
+        # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
+        s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
+            stride_se // 2)
+        s32_offs = sa_rows * (stride_sn // 2)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
         p = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)  # a step's partial
         for i in range(0, num_steps, 2):
+            sc0, zr0, sc1, zr1 = _rs_pair_scales(
+                kstep0 + i, s_base, s32_base, z_base, sa_offs, s32_offs, z_offs, stride_sg,
+                stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
             fill0 = ring + i // STEPS
             fill1 = ring + (i + 1) // STEPS
-            acc, p = _rs_scaled_step(acc, p, kstep0 + i, fill0, x_bufs, wd_bufs, x_ready_bars,
-                                     s_base, sa_offs, z_base, z_offs, bias, stride_sg,
-                                     stride_zg, 0, HAS_ZEROS, GROUP_SIZE, IS_FP16, A_SORTED,
-                                     BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, pairs_layout,
-                                     row_layout, a_layout)
+            acc, p = _rs_scaled_step(acc, p, fill0, x_bufs, wd_bufs, x_ready_bars, sc0, zr0,
+                                     bias, 0, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K,
+                                     STAGES, PAIRED, vdtype, pairs_layout, row_layout,
+                                     a_layout, SUBS)
             if not PAIRED:
                 async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
                                            increment_count=False)
-            acc, p = _rs_scaled_step(acc, p, kstep0 + i + 1, fill1, x_bufs, wd_bufs,
-                                     x_ready_bars, s_base, sa_offs, z_base, z_offs, bias,
-                                     stride_sg, stride_zg, 1, HAS_ZEROS, GROUP_SIZE, IS_FP16,
-                                     A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype,
-                                     pairs_layout, row_layout, a_layout)
+            acc, p = _rs_scaled_step(acc, p, fill1, x_bufs, wd_bufs, x_ready_bars, sc1, zr1,
+                                     bias, 1, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K,
+                                     STAGES, PAIRED, vdtype, pairs_layout, row_layout,
+                                     a_layout, SUBS)
             # step i + 1's stage (with PAIRED: the stage of both)
             async_copy.mbarrier_arrive(empty_bars.index(fill1 % STAGES),
                                        increment_count=False)
@@ -1303,5 +1311,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
             PAIRED=bool(config.get("PAIRED_STAGES", False)), STREAM_K=stream_k,
-            SCALE_ACC=bool(config.get("SCALE_ACC", False)),
+            SCALE_ACC=scale_acc_wgmmas(config),
             **prefill_pdl_args(a.device))

@@ -58,7 +58,8 @@ MODEL_SHAPES: dict[str, ModelShape] = {
 DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps, num_stages[,
-#: FRAG_K[, RS[, PAIRED_STAGES[, MMA[, WORD_RING[, SCALE_ACC]]]]]]) tried at every BLOCK_SIZE_M
+#: FRAG_K[, RS[, PAIRED_STAGES[, MMA[, WORD_RING[, SCALE_ACC[, SUB_STEPS]]]]]]]) tried at every
+#: BLOCK_SIZE_M
 #: (SCALE_ACC candidates only up to ``configs.SCALE_ACC_MAX_BLOCK_M``): "default" for
 #: users, "quick" (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short
 #: device sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
@@ -77,7 +78,9 @@ DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: deepseek-v2-lite's GEMM2, K = 1408, session 27; one-warp tiles with the words' ring at any step
 #: count, which won Mixtral's GEMM2 at 2-4 tokens on the H200, session 41), which "rsmidm" also
 #: takes, with the paired Gluon tiles on SCALE_ACC, on eight or sixteen warps (session 45: on the
-#: H200, sixteen warps with it made the 16-slot layers 4-10 % faster, either alone slower)
+#: H200, sixteen warps with it made the 16-slot layers 4-10 % faster, either alone slower), and on
+#: sixteen warps with SUB_STEPS 2 (session 46: the 32-slot tiles fit 96 registers that way;
+#: Mixtral M=48-96 2-4 % faster on the H200)
 SPACES: dict[str, list[tuple]] = {
     "default": list(itertools.product((True, False), (64, 128, 256), (64, 128), (4, 8),
                                       (3, 4))),
@@ -112,7 +115,9 @@ SPACES["rsmidm"] = SPACES["mma"] + SPACES["midm"] + [
     (True, 128, 128, 8, 4, False, True, True, False, None, True),
     (True, 256, 128, 8, 4, False, True, True, False, None, True),
     (True, 128, 128, 16, 4, False, True, True, False, None, True),
-    (True, 256, 128, 16, 4, False, True, True, False, None, True)]
+    (True, 256, 128, 16, 4, False, True, True, False, None, True),
+    (True, 128, 128, 16, 4, False, True, True, False, None, True, 2),
+    (True, 256, 128, 16, 4, False, True, True, False, None, True, 2)]
 #: "auto" (the default of ``w4a16moe tune``): per M, the space that won such buckets on the
 #: H100 (benchmarks/notes_prefill.md, session 9): on a Hopper GPU with Gluon "rsmidm" up to
 #: this many tokens and "rs" above; on any other GPU "default" (the broadest Triton space)
@@ -187,6 +192,8 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
                 if block_m > SCALE_ACC_MAX_BLOCK_M:
                     continue
                 cfg["SCALE_ACC"] = True
+                if len(flags) > 6 and flags[6] > 1:
+                    cfg["SUB_STEPS"] = flags[6]
         out.append(cfg)
     return out
 
@@ -268,14 +275,16 @@ def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int, *,
 
 def config_label(config: dict) -> str:
     """A config in one short line: ``BMxBNxBK w<warps> s<stages>``, then its kernel flags
-    (``RS``, ``paired``, ``scale-acc``, ``FRAG_K``, ``SWAP_AB``), ``WORD_RING`` when set and
-    ``GROUP_SIZE_M`` when not 1."""
+    (``RS``, ``paired``, ``scale-acc``, ``FRAG_K``, ``SWAP_AB``), ``SUB_STEPS`` when above 1,
+    ``WORD_RING`` when set and ``GROUP_SIZE_M`` when not 1."""
     label = (f"{config['BLOCK_SIZE_M']}x{config['BLOCK_SIZE_N']}x{config['BLOCK_SIZE_K']} "
              f"w{config['num_warps']} s{config['num_stages']}")
     flags = [name for key, name in (("MMA", "MMA"), ("RS", "RS"), ("PAIRED_STAGES", "paired"),
                                     ("SCALE_ACC", "scale-acc"), ("FRAG_K", "FRAG_K"),
                                     ("SWAP_AB", "SWAP_AB"))
              if config.get(key)]
+    if config.get("SUB_STEPS", 1) > 1:
+        flags.append(f"SUB_STEPS={config['SUB_STEPS']}")
     if "WORD_RING" in config:
         flags.append(f"WORD_RING={config['WORD_RING']}")
     if config.get("GROUP_SIZE_M", 1) != 1:

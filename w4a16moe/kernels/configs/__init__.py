@@ -15,7 +15,7 @@ Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRA
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
 ``"PREFETCH_SCALES"``, ``"PAIRED_STAGES"``, ``"STREAM_K"`` and ``"SCALE_ACC"`` (booleans for
-that kernel; see :data:`OPTIONAL_KEYS`),
+that kernel) and ``"SUB_STEPS"`` (1 or 2, with ``SCALE_ACC``; see :data:`OPTIONAL_KEYS`),
 ``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
@@ -85,6 +85,10 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: waits for each step's wgmma: on sixteen warps, 4-10 % faster 16-slot layers on the H200
 #: (benchmarks/notes_prefill.md, session 45); PREFETCH_SCALES does not apply to it; the
 #: Triton kernel ignores it
+#: SUB_STEPS (SCALE_ACC entries, BLOCK_SIZE_K >= 64): each K step as that many wgmmas of
+#: BLOCK_SIZE_K / SUB_STEPS columns into the step's partial sum, each from an operand of
+#: that width: half the operand registers, so that 32-slot tiles fit sixteen warps
+#: (benchmarks/notes_prefill.md, session 46); the Triton kernel ignores it
 #: MMA: the ``mma.sync`` kernel of :mod:`~w4a16moe.kernels.prefill_mma` (weights streamed into
 #: registers in a K order where each lane owns whole words; blocks of 8-32 slots, K steps of
 #: BLOCK_SIZE_K = 128, 256 or 512 columns; GROUP_SIZE_M and num_stages are not used); where it
@@ -99,7 +103,7 @@ OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True
                  "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
                  "PAIRED_STAGES": (True, False), "STREAM_K": (True, False),
-                 "SCALE_ACC": (True, False), "WORD_RING": (0, 2, 3)}
+                 "SCALE_ACC": (True, False), "SUB_STEPS": (1, 2), "WORD_RING": (0, 2, 3)}
 #: SCALE_ACC: the largest BLOCK_SIZE_M (a second float32 accumulator for the step's partial
 #: sum must fit the consumer's registers next to the tile's)
 SCALE_ACC_MAX_BLOCK_M = 64
@@ -177,9 +181,20 @@ def validate_config(config: object) -> dict:
                                  or out["BLOCK_SIZE_M"] > SCALE_ACC_MAX_BLOCK_M):
         raise ValueError(f"SCALE_ACC needs RS and BLOCK_SIZE_M <= {SCALE_ACC_MAX_BLOCK_M}; "
                          f"found RS={out.get('RS')}, BLOCK_SIZE_M={out['BLOCK_SIZE_M']}")
+    if out.get("SUB_STEPS", 1) > 1 and (not out.get("SCALE_ACC")
+                                         or out["BLOCK_SIZE_K"] // out["SUB_STEPS"] < 32):
+        raise ValueError(f"SUB_STEPS {out['SUB_STEPS']} needs SCALE_ACC and BLOCK_SIZE_K / "
+                         f"SUB_STEPS >= 32; found SCALE_ACC={out.get('SCALE_ACC')}, "
+                         f"BLOCK_SIZE_K={out['BLOCK_SIZE_K']}")
     if out.get("STREAM_K") and (why := stream_k_conflict(out)) is not None:
         raise ValueError(why)
     return out
+
+
+def scale_acc_wgmmas(config: dict) -> int:
+    """The Gluon kernel's ``SCALE_ACC`` for ``config``: 0 without the config key, else the
+    wgmmas a K step is cut into (``SUB_STEPS``, default 1)."""
+    return config.get("SUB_STEPS", 1) if config.get("SCALE_ACC") else 0
 
 
 def stream_k_conflict(config: dict) -> str | None:

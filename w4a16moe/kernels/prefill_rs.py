@@ -33,7 +33,10 @@ float32 partial sum, which the consumer adds to the tile's sum times the step's 
 wgmma is retired: one FMA an accumulator element and step instead of one packed multiply a value
 pair (the loop of 16-slot tiles 14 % fewer instructions). It waits for each wgmma before the
 next step, so it pays on four consumer warpgroups (``num_warps`` 16), whose warps hide each
-other's waits.
+other's waits. With ``SUB_STEPS`` 2 each K step is two wgmmas of half its columns into the
+step's partial, one after the other, each from a half-width operand: half the operand
+registers, so that 32-slot tiles fit the 96 registers a thread of sixteen warps without
+spilling; the same K16 wgmma instructions in the same order, so the same bits.
 
 Consumer warps do not meet once a K step: Triton's shared-memory analysis puts a CTA barrier
 in front of each stage wait (two waits on one barrier array count as a conflict), which the

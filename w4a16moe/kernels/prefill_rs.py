@@ -312,6 +312,19 @@ if HAVE_GLUON:
         return bits | (bits << 16)
 
     @gluon.jit
+    def _rs_scale_ptrs(s_ptr, z_ptr, expert, s_rows, z_rows, stride_se, stride_sn, stride_ze,
+                       stride_zn):
+        """The bases and row offsets :func:`_rs_pair_scales` reads for the tile's weight rows
+        of ``expert``: the scales' at ``s_rows``, the zero points' at ``z_rows`` (each in the
+        layout its consumer wants), and the scales again as int32 pairs (only read with
+        ``SCALE_PAIRS``, whose strides are even). Returns ``s_base, s32_base, z_base,
+        s_offs, s32_offs, z_offs``."""
+        e64 = expert.to(gl.int64)
+        s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (stride_se // 2)
+        return (s_ptr + e64 * stride_se, s32_base, z_ptr + e64 * stride_ze,
+                s_rows * stride_sn, s_rows * (stride_sn // 2), z_rows * stride_zn)
+
+    @gluon.jit
     def _rs_pair_scales(i, s_base, s32_base, z_base, s_offs, s32_offs, z_offs, stride_sg,
                         stride_zg, vdtype: gl.constexpr, HAS_ZEROS: gl.constexpr,
                         SCALE_PAIRS: gl.constexpr, GROUP_SIZE: gl.constexpr,
@@ -343,6 +356,12 @@ if HAVE_GLUON:
             zr1 = sc1
         return sc0, zr0, sc1, zr1
 
+    @gluon.constexpr_function
+    def _rs_step_column(BLOCK_K, PAIRED, HALF, SUBS, SUB):
+        """The first of the ``BLOCK_K / SUBS`` stage columns a step's part ``SUB`` reads
+        (with ``PAIRED`` the step is the stage's half ``HALF``)."""
+        return (HALF * BLOCK_K if PAIRED else 0) + SUB * (BLOCK_K // SUBS)
+
     @gluon.jit
     def _rs_step_x(x_bufs, fill, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                    PAIRED: gl.constexpr, HALF: gl.constexpr, SUBS: gl.constexpr = 1,
@@ -350,11 +369,10 @@ if HAVE_GLUON:
         """A step's activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: the stage
         of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``; with ``SUBS`` > 1 only
         the step's part ``SUB`` of ``SUBS`` (``BLOCK_K / SUBS`` columns)."""
-        KW: gl.constexpr = BLOCK_K // SUBS
-        K0: gl.constexpr = (HALF * BLOCK_K if PAIRED else 0) + SUB * KW  # in the stage
         x = x_bufs.index(fill % STAGES)
         if PAIRED or SUBS > 1:
-            x = x.slice(K0, KW, dim=1)
+            x = x.slice(_rs_step_column(BLOCK_K, PAIRED, HALF, SUBS, SUB), BLOCK_K // SUBS,
+                        dim=1)
         return x.permute((1, 0))
 
     @gluon.jit
@@ -399,7 +417,7 @@ if HAVE_GLUON:
         words2d_layout: gl.constexpr = _rs_words2d_layout(BLOCK_N, KW,
                                                           words_layout).type.layout
         if PAIRED or SUBS > 1:
-            K0: gl.constexpr = (HALF * BLOCK_K if PAIRED else 0) + SUB * KW  # in the stage
+            K0: gl.constexpr = _rs_step_column(BLOCK_K, PAIRED, HALF, SUBS, SUB)
             wd = wd_bufs.index(stage).slice(K0 // 8, KW // 8, dim=1)
         else:
             wd = wd_bufs.index(stage)
@@ -485,16 +503,9 @@ if HAVE_GLUON:
                 IS_FP16, A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, a_layout,
                 mma_layout, SCALE_ACC)
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
-        e64 = expert.to(gl.int64)
         w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
-        s_base = s_ptr + e64 * stride_se
-        z_base = z_ptr + e64 * stride_ze
-        s_offs = w_rows * stride_sn
-        z_offs = w_rows * stride_zn
-        # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
-        s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
-            stride_se // 2)
-        s32_offs = w_rows * (stride_sn // 2)
+        s_base, s32_base, z_base, s_offs, s32_offs, z_offs = _rs_scale_ptrs(
+            s_ptr, z_ptr, expert, w_rows, w_rows, stride_se, stride_sn, stride_ze, stride_zn)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
         a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
         # two steps per iteration, each with its own A registers: a wgmma reads
@@ -582,8 +593,8 @@ if HAVE_GLUON:
                             stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
                             GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
                             SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
-                            IS_FP16: gl.constexpr,
-                            A_SORTED: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
+                            IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
+                            BLOCK_T: gl.constexpr, BLOCK_N: gl.constexpr,
                             BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                             PAIRED: gl.constexpr, vdtype: gl.constexpr,
                             a_layout: gl.constexpr, mma_layout: gl.constexpr,
@@ -610,17 +621,11 @@ if HAVE_GLUON:
         pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K // SUBS,
                                                       a_layout).type.layout
         row_layout: gl.constexpr = _rs_row_layout(pairs_layout)
-        e64 = expert.to(gl.int64)
-        s_base = s_ptr + e64 * stride_se
-        z_base = z_ptr + e64 * stride_ze
         # the scales in the accumulator's row layout, the zero points in the operand's
-        sa_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, acc_rows)
-        sa_offs = sa_rows * stride_sn
-        z_offs = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout) * stride_zn
-        # the scales as int32 pairs (only read with SCALE_PAIRS: strides even)
-        s32_base = s_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + e64 * (
-            stride_se // 2)
-        s32_offs = sa_rows * (stride_sn // 2)
+        s_base, s32_base, z_base, sa_offs, s32_offs, z_offs = _rs_scale_ptrs(
+            s_ptr, z_ptr, expert, _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, acc_rows),
+            _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout), stride_se,
+            stride_sn, stride_ze, stride_zn)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
         p = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)  # a step's partial
         for i in range(0, num_steps, 2):

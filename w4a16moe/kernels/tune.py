@@ -59,8 +59,7 @@ DEFAULT_TOKENS = (4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 #: candidate spaces, each a list of (SWAP_AB, BLOCK_SIZE_N, BLOCK_SIZE_K, num_warps, num_stages[,
 #: FRAG_K[, RS[, PAIRED_STAGES[, MMA[, WORD_RING[, SCALE_ACC[, SUB_STEPS]]]]]]]) tried at every
-#: BLOCK_SIZE_M
-#: (SCALE_ACC candidates only up to ``configs.SCALE_ACC_MAX_BLOCK_M``): "default" for
+#: BLOCK_SIZE_M (SCALE_ACC candidates only up to ``configs.SCALE_ACC_MAX_BLOCK_M``): "default" for
 #: users, "quick" (the configs that won the H100 sweeps in benchmarks/notes_prefill.md) for short
 #: device sessions, "midm" (the winners of the few-rows-per-expert sweeps, session 4 of the notes,
 #: with and without fragment-order weight tiles; the 64-column fragment-order tile with four stages
@@ -322,7 +321,7 @@ def stream_k_candidate(config: dict, *, valid_blocks: int, em: int, n_out: int, 
 def prefetch_variants(config: dict) -> int:
     """How many ways :func:`candidate_runs` times ``config`` for its scale loads: an ``RS``
     config with and without ``PREFETCH_SCALES`` (2), except one with ``SCALE_ACC``, whose
-    kernel loads each step's scales at its start either way (1); any other config once."""
+    kernel loads a step pair's scales at its start either way (1); any other config once."""
     return 2 if config.get("RS") and not config.get("SCALE_ACC") else 1
 
 

@@ -666,3 +666,29 @@ def test_mma_space_times_the_word_ring_tiles():
         assert c["MMA"] and c["num_warps"] == 1 and c["BLOCK_SIZE_N"] == 16
         assert validate_config(c) == c
         assert config_label(c).endswith(f"WORD_RING={c['WORD_RING']}")
+
+
+def test_random_routing_skew_loads_some_experts_more():
+    """skew 0 is the unbiased routing; a positive skew piles slots onto popular experts (the
+    busiest expert's load grows, fewer experts are used), and the blocks count every
+    expert's slots rounded up to the block size."""
+    shape = MODEL_SHAPES["mixtral-8x7b"]
+    w0, ids0 = tune.random_routing(64, shape, "cpu", seed=5)
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(64, shape.num_experts, generator=gen)
+    assert torch.equal(ids0, torch.topk(logits, shape.top_k, dim=1).indices.to(ids0.dtype))
+    w1, ids1 = tune.random_routing(64, shape, "cpu", seed=5, skew=0.0)
+    assert torch.equal(ids0, ids1) and torch.equal(w0, w1)
+
+    busiest = {skew: sum(tune.routing_load(tune.random_routing(
+        64, shape, "cpu", seed=s, skew=skew)[1], shape.num_experts)["busiest"]
+        for s in range(20)) / 20 for skew in (0.0, 0.5, 1.0)}
+    assert busiest[0.0] < busiest[0.5] < busiest[1.0]
+    assert 16 < busiest[0.0] < 26 < busiest[0.5]   # uniform mean load: 16 slots
+
+    ids = torch.tensor([[0, 1], [0, 2], [0, 1], [3, 0]])
+    assert tune.routing_load(ids, 8, block_size=2) == {
+        "busiest": 4, "experts": 4, "mean": 2.0, "blocks": 2 + 1 + 1 + 1}
+    for bad in (-0.5, float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="skew must be a finite number >= 0"):
+            tune.random_routing(4, shape, "cpu", skew=bad)

@@ -463,16 +463,43 @@ def time_cuda_graph(fn: Callable[[], object], rep_ms: float = 20.0) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
-def random_routing(m: int, shape: ModelShape, device, seed: int = 0):
-    """Softmax top-k routing of ``m`` tokens over random logits: (weights, ids)."""
+def random_routing(m: int, shape: ModelShape, device, seed: int = 0, skew: float = 0.0):
+    """Softmax top-k routing of ``m`` tokens over random logits: (weights, ids).
+
+    ``skew`` > 0 makes some experts popular, as trained routers do on real text: every
+    token's logits get the same per-expert bias, drawn once per ``seed`` from a normal of
+    standard deviation ``skew`` (the tokens' own logits have 1). ``skew`` 0 draws the same
+    logits as without the bias. Mixtral's busiest expert (:func:`routing_load`) at 32-128
+    tokens holds 1.25-1.5x the mean load with ``skew`` 0, about 2.1x with 0.5 and 2.7-2.9x
+    with 1 (means over 40 seeds)."""
     import torch
 
     from ..routing import fused_topk
 
+    if not (isinstance(skew, (int, float)) and math.isfinite(skew) and skew >= 0):
+        raise ValueError(f"skew must be a finite number >= 0; found {skew!r}")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     logits = torch.randn(m, shape.num_experts, device=device, generator=gen)
+    if skew:
+        logits += skew * torch.randn(shape.num_experts, device=device, generator=gen)
     return fused_topk(logits, shape.top_k)
+
+
+def routing_load(topk_ids, num_experts: int, block_size: int | None = None) -> dict:
+    """How a routing loads its experts: ``busiest`` (slots of the most loaded expert),
+    ``mean`` (slots per expert that has any), ``experts`` (experts with any slot) and, given
+    ``block_size``, ``blocks`` (the aligned blocks of that many slots the prefill kernels run:
+    each expert's slots rounded up)."""
+    import torch
+
+    counts = torch.bincount(topk_ids.flatten().long(), minlength=num_experts)
+    used = counts[counts > 0]
+    load = {"busiest": int(counts.max()), "experts": int(used.numel()),
+            "mean": round(float(used.float().mean()), 2) if used.numel() else 0.0}
+    if block_size is not None:
+        load["blocks"] = int(((used + block_size - 1) // block_size).sum())
+    return load
 
 
 def _write_json(path: Path, data: dict) -> None:

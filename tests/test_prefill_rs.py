@@ -643,9 +643,10 @@ def test_shipped_rs_configs_keep_their_wgmmas_async():
         assert "Used" in report, report
         # the launcher's compile hook takes out the barrier in front of each of the two
         # consumer waits of the unrolled K loop (w4a16moe.kernels.membar; with SUB_STEPS
-        # each step's parts wait on their stage each) and nothing else; every write of the
+        # each step's parts wait on their stage each; with STREAM_K both K loops, the
+        # plain one and the pieces', have them) and nothing else; every write of the
         # epilogue's scratch still follows a barrier
-        waits = 2 * v["config"].get("SUB_STEPS", 1)
+        waits = 2 * v["config"].get("SUB_STEPS", 1) * (2 if v["config"].get("STREAM_K") else 1)
         assert (result["stripped"], result["left"]) == (waits, 0), (v, result)
         assert result["unguarded"] == [], (v, result["unguarded"])
         if "wgmma.mma_async instructions are serialized" in report:
@@ -677,8 +678,9 @@ def test_stream_k_config_rules():
 
 def test_stream_k_compiles_with_async_wgmmas():
     """The Stream-K partitions compile for sm_90 as the launcher compiles them: the two
-    consumer-wait barriers stripped and no other, every shared-memory write of the epilogue
-    behind a barrier, the wgmmas asynchronous. Runs without a GPU."""
+    consumer-wait barriers of each of their two K loops (whole units when the launch cuts
+    nothing, pieces when it does) stripped and no other, every shared-memory write of the
+    epilogue behind a barrier, the wgmmas asynchronous. Runs without a GPU."""
     if not prefill_rs.HAVE_GLUON:
         pytest.skip("triton.experimental.gluon is not available")
     from rs_aot import ptxas_reports
@@ -692,7 +694,7 @@ def test_stream_k_compiles_with_async_wgmmas():
                      out_sorted=True, mul_routed_weight=False)]
     for v, result in zip(variants, ptxas_reports(variants), strict=True):
         assert "Used" in result["ptxas"], result["ptxas"]
-        assert (result["stripped"], result["left"]) == (2, 0), (v, result)
+        assert (result["stripped"], result["left"]) == (4, 0), (v, result)
         assert result["unguarded"] == [], (v, result["unguarded"])
         assert "wgmma.mma_async instructions are serialized" not in result["ptxas"], v
 

@@ -57,7 +57,9 @@ experts a few tokens touch make fewer tiles than the GPU has SMs). With ``STREAM
 the programs take whole tiles round by round, then split the last round's tiles by K steps
 (when the idle part of that round would be long enough to pay for it): a tile cut between
 programs is summed from float32 partials, in program order, by the piece that completes it
-(see ``_sk_schedule`` and ``_rs_consumer_sk``). With ``ACTIVATION`` the
+(see ``_sk_schedule`` and ``_rs_consumer_sk_pieces``). A launch whose valid units leave
+nothing to cut (``_sk_cuts``) runs the loops without STREAM_K, so the flag costs nothing
+there. With ``ACTIVATION`` the
 weight tile holds ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each
 accumulator thread holds a column's gate and up values.
 
@@ -753,6 +755,18 @@ if HAVE_GLUON:
                                  BLOCK_N, BLOCK_N_OUT, mma_layout, out_layout)
 
     @gluon.jit
+    def _sk_cuts(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
+                 BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr):
+        """Whether this ``STREAM_K`` launch cuts units into pieces (:func:`_sk_schedule`'s
+        rule, :func:`stream_k_cut_units` on the host): its last round of valid units would
+        leave at least ``SK_MIN_SAVED`` granules a program idle. The same for every program
+        and both partitions, which take the loops without STREAM_K when it is False."""
+        units = gl.cdiv(gl.load(num_post_padded_ptr), BLOCK_T) * (N // BLOCK_N_OUT)
+        nprog = gl.num_programs(0)
+        rest = units % nprog
+        return (rest > 0) & ((nprog - rest) * (K // BLOCK_K // 2) >= _SK_MIN_SAVED * nprog)
+
+    @gluon.jit
     def _sk_schedule(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
                      BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr):
         """This program's work under ``STREAM_K``. The launch's valid units (aligned blocks up
@@ -815,6 +829,33 @@ if HAVE_GLUON:
                       BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr,
                       BLOCK_K: gl.constexpr, STAGES: gl.constexpr, W_TMA: gl.constexpr,
                       A_SORTED: gl.constexpr, PAIRED: gl.constexpr):
+        """The loader of a ``STREAM_K`` launch: :func:`_rs_loader_sk_pieces` when the launch
+        cuts units (:func:`_sk_cuts`), else :func:`_rs_loader` (whole units, as without the
+        flag)."""
+        if _sk_cuts(num_post_padded_ptr, N, K, BLOCK_T, BLOCK_N_OUT, BLOCK_K):
+            _rs_loader_sk_pieces(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                                 num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
+                                 x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
+                                 stride_am, stride_qe, stride_qn, A_IS_SLOTS, ACTIVATION,
+                                 BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES, W_TMA,
+                                 A_SORTED, PAIRED)
+        else:
+            _rs_loader(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                       num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars,
+                       N, K, EM, num_valid_slots, top_k, up_offset, stride_am, stride_qe,
+                       stride_qn, A_IS_SLOTS, ACTIVATION, BLOCK_T, BLOCK_N_OUT, BLOCK_N,
+                       BLOCK_K, 1, STAGES, W_TMA, A_SORTED, 1, PAIRED)
+
+    @gluon.jit
+    def _rs_loader_sk_pieces(a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
+                             num_post_padded_ptr,
+                             x_bufs, wd_bufs, wd_tma, empty_bars, x_ready_bars, N, K, EM,
+                             num_valid_slots, top_k, up_offset, stride_am, stride_qe,
+                             stride_qn, A_IS_SLOTS: gl.constexpr, ACTIVATION: gl.constexpr,
+                             BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
+                             BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                             STAGES: gl.constexpr, W_TMA: gl.constexpr,
+                             A_SORTED: gl.constexpr, PAIRED: gl.constexpr):
         """:func:`_rs_loader` over this program's pieces (:func:`_sk_schedule`): whole units,
         then the K steps of the last round's units that fall in the program's range."""
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
@@ -854,6 +895,44 @@ if HAVE_GLUON:
                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                         PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr,
                         num_warps: gl.constexpr, SCALE_ACC: gl.constexpr):
+        """The consumer of a ``STREAM_K`` launch: :func:`_rs_consumer_sk_pieces` when the
+        launch cuts units (:func:`_sk_cuts`, as the loader decides), else
+        :func:`_rs_consumer` (whole units, as without the flag)."""
+        if _sk_cuts(num_post_padded_ptr, N, K, BLOCK_T, BLOCK_N_OUT, BLOCK_K):
+            _rs_consumer_sk_pieces(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
+                                   z_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+                                   num_post_padded_ptr, sk_partials_ptr, sk_counters_ptr, N, K,
+                                   EM, num_valid_slots, up_offset, stride_cm, stride_se,
+                                   stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                                   GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
+                                   MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
+                                   BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
+                                   PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC)
+        else:
+            _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
+                         topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
+                         N, K, EM, num_valid_slots, up_offset, stride_cm, 0, stride_se,
+                         stride_sn, stride_sg, stride_ze, stride_zn, stride_zg, GROUP_SIZE,
+                         HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG,
+                         A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
+                         1, STAGES, PREFETCH_SCALES, 1, PAIRED, num_warps, SCALE_ACC)
+
+    @gluon.jit
+    def _rs_consumer_sk_pieces(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
+                               topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
+                               num_post_padded_ptr, sk_partials_ptr, sk_counters_ptr,
+                               N, K, EM, num_valid_slots, up_offset, stride_cm, stride_se,
+                               stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                               GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                               SCALE_PAIRS: gl.constexpr,
+                               ACTIVATION: gl.constexpr, MUL_ROUTED_WEIGHT: gl.constexpr,
+                               OUT_FRAG: gl.constexpr, A_SORTED: gl.constexpr,
+                               C_SORTED: gl.constexpr, IS_FP16: gl.constexpr,
+                               BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
+                               BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                               STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
+                               PAIRED: gl.constexpr, num_warps: gl.constexpr,
+                               SCALE_ACC: gl.constexpr):
         """:func:`_rs_consumer` over this program's pieces (:func:`_sk_schedule`). A piece
         that is a whole unit ends as there. A piece of part of a unit stores its float32
         accumulator in its program's slot of ``sk_partials`` (``[2 P, BLOCK_N, BLOCK_T]``:

@@ -692,3 +692,22 @@ def test_random_routing_skew_loads_some_experts_more():
     for bad in (-0.5, float("nan"), float("inf"), "1"):
         with pytest.raises(ValueError, match="skew must be a finite number >= 0"):
             tune.random_routing(4, shape, "cpu", skew=bad)
+
+
+def test_cli_skew_option_and_random_logits():
+    """``--skew`` (default 0) is checked before anything runs; ``random_logits`` adds one
+    per-expert bias that every token shares, drawn after the logits skew 0 draws."""
+    parser = argparse.ArgumentParser()
+    tune.register(parser.add_subparsers())
+    assert parser.parse_args(["tune", "--model", "all"]).skew == 0.0
+    args = parser.parse_args(["tune", "--model", "mixtral-8x7b", "--skew", "0.5"])
+    assert args.skew == 0.5
+    for bad in ("-1", "nan"):
+        args = parser.parse_args(["tune", "--model", "mixtral-8x7b", "--skew", bad])
+        with pytest.raises(ValueError, match=r"--skew must be a finite number >= 0; found"):
+            tune.run(args)
+    plain = tune.random_logits(6, 8, torch.Generator().manual_seed(3))
+    skewed = tune.random_logits(6, 8, torch.Generator().manual_seed(3), skew=2.0)
+    assert torch.equal(plain, torch.randn(6, 8, generator=torch.Generator().manual_seed(3)))
+    bias = skewed - plain
+    assert torch.allclose(bias, bias[:1].expand_as(bias)) and bias.abs().max() > 0

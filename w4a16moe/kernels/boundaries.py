@@ -184,11 +184,12 @@ def refine_boundaries(table: dict, models: dict, *, measure: Measure,
     return new, changes
 
 
-def gpu_measure(models: dict, dtype=None, rep_ms: float = 10.0) -> Measure:
+def gpu_measure(models: dict, dtype=None, rep_ms: float = 10.0, skew: float = 0.0) -> Measure:
     """A :data:`Measure` for the running GPU and the shapes ``models`` (``{name:
     ModelShape}``): the prefill layer (``fused_moe_prefill``) on random weights (one set per
-    model, kept while that model's times are taken) and the softmax routing of ``seed``,
-    the median of CUDA-graph replays."""
+    model, kept while that model's times are taken) and the softmax routing of ``seed``
+    (with routing skew ``skew``: :func:`~w4a16moe.kernels.tune.random_routing`), the median
+    of CUDA-graph replays."""
     import torch
 
     from .prefill import PrefillWorkspace, fused_moe_prefill
@@ -208,7 +209,7 @@ def gpu_measure(models: dict, dtype=None, rep_ms: float = 10.0) -> Measure:
             cache.update(model=model, experts=random_packed_experts(shape, dtype, device))
         experts = cache["experts"]
         if cache.get("m") != (m, seed):
-            weights, ids = random_routing(m, shape, device, seed=seed)
+            weights, ids = random_routing(m, shape, device, seed=seed, skew=skew)
             cache.update(m=(m, seed), weights=weights, ids=ids,
                          x=torch.randn(m, shape.hidden_size, device=device, dtype=dtype),
                          out=torch.empty(m, shape.hidden_size, device=device, dtype=dtype),

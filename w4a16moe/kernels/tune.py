@@ -463,6 +463,27 @@ def time_cuda_graph(fn: Callable[[], object], rep_ms: float = 20.0) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
 
 
+def check_skew(skew: object, name: str = "skew") -> float:
+    """``skew`` as a float, or ValueError naming ``name`` unless it is a finite number >= 0."""
+    if isinstance(skew, bool) or not isinstance(skew, (int, float)) or not (
+            math.isfinite(skew) and skew >= 0):
+        raise ValueError(f"{name} must be a finite number >= 0; found {skew!r}")
+    return float(skew)
+
+
+def random_logits(m: int, num_experts: int, gen, skew: float = 0.0):
+    """``[m, num_experts]`` float32 router logits from ``gen`` (a ``torch.Generator`` on the
+    device): standard normal per token and expert, plus with ``skew`` > 0 one per-expert bias
+    of standard deviation ``skew`` that every token shares (drawn after the logits, so
+    ``skew`` 0 draws what it always drew)."""
+    import torch
+
+    logits = torch.randn(m, num_experts, device=gen.device, generator=gen)
+    if skew:
+        logits += skew * torch.randn(num_experts, device=gen.device, generator=gen)
+    return logits
+
+
 def random_routing(m: int, shape: ModelShape, device, seed: int = 0, skew: float = 0.0):
     """Softmax top-k routing of ``m`` tokens over random logits: (weights, ids).
 
@@ -476,14 +497,10 @@ def random_routing(m: int, shape: ModelShape, device, seed: int = 0, skew: float
 
     from ..routing import fused_topk
 
-    if not (isinstance(skew, (int, float)) and math.isfinite(skew) and skew >= 0):
-        raise ValueError(f"skew must be a finite number >= 0; found {skew!r}")
+    skew = check_skew(skew)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    logits = torch.randn(m, shape.num_experts, device=device, generator=gen)
-    if skew:
-        logits += skew * torch.randn(shape.num_experts, device=device, generator=gen)
-    return fused_topk(logits, shape.top_k)
+    return fused_topk(random_logits(m, shape.num_experts, gen, skew), shape.top_k)
 
 
 def routing_load(topk_ids, num_experts: int, block_size: int | None = None) -> dict:
@@ -598,6 +615,7 @@ def tune_prefill(
     rep_ms: float = 20.0,
     on_step: Callable[[int, int, str], None] | None = None,
     layer_check: bool = True,
+    skew: float = 0.0,
 ) -> dict:
     """Search prefill configs on the current GPU.
 
@@ -618,6 +636,8 @@ def tune_prefill(
             each layer timing.
         layer_check: pick each bucket's pair by the layer's time (default), or by the sum
             of the two GEMMs' own times (``False``: faster, and blind to what the layer adds).
+        skew: routing skew of every timed routing (:func:`random_routing`; 0: uniform).
+            Recorded in the table's ``_meta`` as ``routing_skew`` when not 0.
 
     Returns:
         The table ``{"_meta": ..., "N,K": {"M": config}}`` (also written to ``out``).
@@ -638,6 +658,7 @@ def tune_prefill(
     tokens = tuple(tokens)
     if not tokens or any(m <= 0 for m in tokens):
         raise ValueError(f"tokens are {tokens}; expected positive token counts")
+    skew = check_skew(skew)
 
     spaces = {m: resolve_space(space, m) for m in tokens}
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -645,7 +666,7 @@ def tune_prefill(
     for name, shape in shapes.items():
         for m in tokens:
             rows = m * shape.top_k / shape.num_experts
-            weights, ids = random_routing(m, shape, device)
+            weights, ids = random_routing(m, shape, device, skew=skew)
             for bm in block_m_candidates(rows, space=spaces[m]):
                 blocks = align_block_size(ids, bm, shape.num_experts)
                 valid_blocks = int(blocks.num_tokens_post_padded.item()) // bm
@@ -758,7 +779,7 @@ def tune_prefill(
     if layer_check and results:
         from .boundaries import gpu_measure
 
-        measure = gpu_measure(shapes, dtype, rep_ms=min(rep_ms, 10.0))
+        measure = gpu_measure(shapes, dtype, rep_ms=min(rep_ms, 10.0), skew=skew)
     for (name, m), per_bm in results.items():
         shape = shapes[name]
         h, i = shape.hidden_size, shape.intermediate_size
@@ -803,7 +824,7 @@ def tune_prefill(
         by_space.setdefault(sp, []).append(m)
     provenance = ("auto: " if space == "auto" else "") + ", ".join(
         f"{sp} ({', '.join(shapes)}; M {', '.join(str(m) for m in ms)})"
-        for sp, ms in by_space.items())
+        for sp, ms in by_space.items()) + (f" at routing skew {skew}" if skew else "")
     if old_space:
         provenance = f"{old_space}; then {provenance}"
     result = {"_meta": {"device": torch.cuda.get_device_name(), GPU_META_KEY: gpu_traits(),
@@ -816,6 +837,8 @@ def tune_prefill(
                                 "both GEMMs, top-k sum), the mean over routings"}}
     if meta_layer:
         result["_meta"]["layer_us"] = meta_layer
+    if skew:
+        result["_meta"]["routing_skew"] = skew
     result.update(dict(sorted(table.items())))
     if out is not None:
         _write_json(Path(out), result)
@@ -933,6 +956,7 @@ def measure_decode_threshold(
     seed: int = 0,
     experts=None,
     on_step: Callable[[int, int, str], None] | None = None,
+    skew: float = 0.0,
 ) -> ThresholdResult:
     """Time ``fused_moe_decode``, ``fused_moe_mixed`` (where its GEMM1 runs on the mma
     kernel: :func:`~w4a16moe.kernels.mixed.mixed_unsupported`) and ``fused_moe_prefill`` on
@@ -955,6 +979,7 @@ def measure_decode_threshold(
         rep_ms: timing budget per measurement (``do_bench_cudagraph``'s ``rep``).
         experts: optional :class:`PackedExperts` of that shape (random ones otherwise).
         on_step: ``on_step(done, total, description)`` after each timed candidate.
+        skew: routing skew of each call's logits (:func:`random_logits`; 0: uniform).
     """
     import torch
 
@@ -970,6 +995,7 @@ def measure_decode_threshold(
         raise ValueError(f"candidates are {cands}; expected strictly increasing M >= 1")
     if rotations < 1:
         raise ValueError(f"rotations is {rotations}; expected >= 1")
+    skew = check_skew(skew)
     dtype = dtype or torch.bfloat16
     device = torch.device("cuda")
     shape = ModelShape(num_experts, top_k, hidden_size, intermediate_size, group_size)
@@ -987,7 +1013,7 @@ def measure_decode_threshold(
     dec_t, pre_t, mix_t = [], [], []
     for step, m in enumerate(cands):
         x, y = x_all[:m], y_all[:m]
-        routes = [fused_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
+        routes = [fused_topk(random_logits(m, num_experts, gen, skew), top_k)
                   for _ in range(rotations)]
 
         def run_decode(x=x, y=y, routes=routes):
@@ -1077,6 +1103,7 @@ def measure_thresholds(
     out: str | os.PathLike | None = None,
     rep_ms: float = 5.0,
     on_step: Callable[[int, int, str], None] | None = None,
+    skew: float = 0.0,
 ) -> dict[str, ThresholdResult]:
     """:func:`measure_decode_threshold` for each model shape; with ``out``, merge the results
     into that thresholds JSON (keys :func:`w4a16moe.experts.threshold_key`, timings under
@@ -1097,7 +1124,7 @@ def measure_thresholds(
         torch.cuda.empty_cache()
         results[name] = measure_decode_threshold(
             s.num_experts, s.top_k, s.hidden_size, s.intermediate_size, s.group_size,
-            dtype=dtype, candidates=candidates, rep_ms=rep_ms, on_step=step)
+            dtype=dtype, candidates=candidates, rep_ms=rep_ms, on_step=step, skew=skew)
     if out is not None:
         keys = {name: threshold_key(s.num_experts, s.hidden_size, s.intermediate_size,
                                     s.top_k, s.group_size) for name, s in shapes.items()}
@@ -1123,7 +1150,8 @@ def measure_thresholds(
                         "prefill first wins against the faster of decode and mixed); "
                         "decode_gemm1: largest M whose GEMM1 runs the decode kernel, above it "
                         "the mixed path (only where it won); layer times per call under CUDA "
-                        "graphs, random routing rotated over 8 calls"}
+                        "graphs, random routing rotated over 8 calls"
+                        + (f", routing skew {skew}" if skew else "")}
         gemm1 = {keys[n]: (r.gemm1_threshold if r.gemm1_threshold is not None
                            and r.gemm1_threshold < r.threshold else None)
                  for n, r in results.items()}
@@ -1188,6 +1216,7 @@ def run(args) -> int:
         if n not in MODEL_SHAPES:
             raise ValueError(f"--model {n!r} is unknown; expected one of "
                              f"{', '.join(MODEL_SHAPES)} or all")
+    skew = check_skew(getattr(args, "skew", 0.0), "--skew")
     if not torch.cuda.is_available():
         raise ValueError("w4a16moe tune needs a CUDA GPU; none is available")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
@@ -1198,7 +1227,8 @@ def run(args) -> int:
         cands = _parse_tokens(args.candidates, "--candidates")
         with _progress("thresholds", args.verbose, time_left=False) as tstep:
             res = measure_thresholds(names, dtype=dtype, candidates=cands, out=out,
-                                     rep_ms=min(args.rep_ms, 5.0), on_step=tstep)
+                                     rep_ms=min(args.rep_ms, 5.0), on_step=tstep,
+                                     skew=skew)
         for name, r in res.items():
             mixed = ("" if r.gemm1_threshold is None or r.gemm1_threshold >= r.threshold
                      else f" (GEMM1 on the mma kernel from M={r.gemm1_threshold + 1}: mixed)")
@@ -1207,18 +1237,18 @@ def run(args) -> int:
         return 0
     out = args.out or str(CONFIG_DIR / device_config_filename())
     if args.boundaries:
-        return _run_boundaries(args, names, out, dtype)
+        return _run_boundaries(args, names, out, dtype, skew)
     with _progress("tuning", args.verbose) as step:
         tune_prefill(names, _parse_tokens(args.tokens), dtype=dtype, space=args.space,
                      out=out, rep_ms=args.rep_ms, on_step=step,
-                     layer_check=getattr(args, "layer_check", True))
+                     layer_check=getattr(args, "layer_check", True), skew=skew)
     print(f"wrote {out}")
     print(f"next, to move where its M buckets hand over: w4a16moe tune --model {args.model} "
           f"--boundaries --out {out}")
     return 0
 
 
-def _run_boundaries(args, names: list[str], out: str, dtype) -> int:
+def _run_boundaries(args, names: list[str], out: str, dtype, skew: float = 0.0) -> int:
     """``w4a16moe tune --boundaries``: move the handovers between the buckets of ``out``."""
     from rich.console import Console
     from rich.table import Table
@@ -1239,7 +1269,8 @@ def _run_boundaries(args, names: list[str], out: str, dtype) -> int:
     models = {n: MODEL_SHAPES[n] for n in names}
     with _progress("bucket handovers", args.verbose) as step:
         new, changes = refine_boundaries(
-            data, models, measure=gpu_measure(models, dtype, rep_ms=min(args.rep_ms, 10.0)),
+            data, models,
+            measure=gpu_measure(models, dtype, rep_ms=min(args.rep_ms, 10.0), skew=skew),
             points=args.points, seeds=args.routings, on_step=step)
     table = Table(title=f"bucket handovers moved ({len(changes)})")
     for col in ("model", "buckets", "low's entries up to M", "added bucket", "times at M (us)"):
@@ -1316,6 +1347,13 @@ def register(sub) -> None:
     p.add_argument("--points", type=int, default=DEFAULT_POINTS,
                    help="with --boundaries: token counts timed between two buckets (default: "
                         "%(default)s)")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="routing skew of every timed routing: each routing's logits get a "
+                        "per-expert bias of this standard deviation, as trained routers favour "
+                        "some experts (0: uniform, the default; 0.5 puts about twice the mean "
+                        "load on Mixtral's busiest expert). Tiles whose blocks sit at the SM "
+                        "count can lose 15 %% when one expert passes a block; tune for the "
+                        "imbalance your traffic has")
     p.add_argument("--routings", type=int, default=DEFAULT_SEEDS,
                    help="with --boundaries: random routings each time is the mean of "
                         "(default: %(default)s)")

@@ -58,8 +58,9 @@ the programs take whole tiles round by round, then split the last round's tiles 
 (when the idle part of that round would be long enough to pay for it): a tile cut between
 programs is summed from float32 partials, in program order, by the piece that completes it
 (see ``_sk_schedule`` and ``_rs_consumer_sk_pieces``). A launch whose valid units leave
-nothing to cut (``_sk_cuts``) runs the loops without STREAM_K, so the flag costs nothing
-there. With ``ACTIVATION`` the
+nothing to cut (``_sk_cuts``) runs the loops without STREAM_K (the same SASS for the K loop;
+the layer measured about 1 % slower with the flag there all the same, notes session 47).
+With ``ACTIVATION`` the
 weight tile holds ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each
 accumulator thread holds a column's gate and up values.
 
@@ -757,10 +758,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _sk_cuts(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
                  BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr):
-        """Whether this ``STREAM_K`` launch cuts units into pieces (:func:`_sk_schedule`'s
-        rule, :func:`stream_k_cut_units` on the host): its last round of valid units would
-        leave at least ``SK_MIN_SAVED`` granules a program idle. The same for every program
-        and both partitions, which take the loops without STREAM_K when it is False."""
+        """Whether this ``STREAM_K`` launch cuts units into pieces (:func:`_sk_schedule`
+        then says which; :func:`stream_k_cut_units` on the host): its last round of valid
+        units would leave at least ``SK_MIN_SAVED`` granules a program idle. The same for
+        every program and both partitions, which take the loops without STREAM_K when it is
+        False."""
         units = gl.cdiv(gl.load(num_post_padded_ptr), BLOCK_T) * (N // BLOCK_N_OUT)
         nprog = gl.num_programs(0)
         rest = units % nprog
@@ -769,16 +771,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _sk_schedule(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
                      BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr):
-        """This program's work under ``STREAM_K``. The launch's valid units (aligned blocks up
-        to ``num_post_padded`` x output tiles), ``U = F P + R`` for ``P`` programs: the first
-        ``F P`` go to the programs whole, units ``p, p + P, ...`` as without STREAM_K. The
-        last ``R``, when their round would leave at least :data:`SK_MIN_SAVED` granules of
-        two K steps a program idle (``(P - R) G >= SK_MIN_SAVED P``, ``G`` granules a
-        unit), are split by K steps instead: their ``W = R G``
-        granules in ``P' = min(P, R SK_PIECES)`` contiguous
-        ranges ``[p W / P', (p + 1) W / P')`` of the first ``P'`` programs (Stream-K; a unit
-        in at most ``SK_PIECES + 1`` pieces, whose sums one program adds up); else program
-        ``p < R`` takes unit ``F P + p`` whole.
+        """This program's work in a ``STREAM_K`` launch that cuts (:func:`_sk_cuts`: its
+        last round would leave at least :data:`SK_MIN_SAVED` granules of two K steps a
+        program idle; the pieces loops run only then). The launch's valid units (aligned
+        blocks up to ``num_post_padded`` x output tiles), ``U = F P + R`` for ``P``
+        programs: the first ``F P`` go to the programs whole, units ``p, p + P, ...`` as
+        without STREAM_K; the last ``R`` are split by K steps: their ``W = R G`` granules
+        (``G`` a unit) in ``P' = min(P, R SK_PIECES)`` contiguous ranges ``[p W / P',
+        (p + 1) W / P')`` of the first ``P'`` programs (Stream-K; a unit in at most
+        ``SK_PIECES + 1`` pieces, whose sums one program adds up).
 
         Returns (tiles a block row, G, F, W, P', this program's granule range [t0, t1) of
         the last round's)."""
@@ -791,15 +792,10 @@ if HAVE_GLUON:
         full = units // nprog
         rest = units - full * nprog
         w = rest * g_unit
-        if (rest > 0) & ((nprog - rest) * g_unit >= _SK_MIN_SAVED * nprog):
-            # at most SK_PIECES pieces a unit: fewer, longer pieces when few units remain
-            tail_progs = gl.minimum(nprog, rest * _SK_PIECES)
-            t0 = gl.minimum(p, tail_progs) * w // tail_progs
-            t1 = gl.minimum(p + 1, tail_progs) * w // tail_progs
-        else:
-            tail_progs = nprog
-            t0 = gl.minimum(p, rest) * g_unit
-            t1 = gl.minimum(p + 1, rest) * g_unit
+        # at most SK_PIECES pieces a unit: fewer, longer pieces when few units remain
+        tail_progs = gl.minimum(nprog, rest * _SK_PIECES)
+        t0 = gl.minimum(p, tail_progs) * w // tail_progs
+        t1 = gl.minimum(p + 1, tail_progs) * w // tail_progs
         return num_pid_n, g_unit, full, w, tail_progs, t0, t1
 
     @gluon.jit
@@ -1291,7 +1287,7 @@ def stream_k_cut_units(units: int, k_steps: int, programs: int) -> int:
     round's ``R = units mod P`` when that round would leave at least :data:`SK_MIN_SAVED`
     granules of two K steps a program idle (``(P - R) G >= SK_MIN_SAVED P``, ``G = k_steps
     // 2``), else 0 (every unit runs whole, as without the flag). The host's copy of
-    ``_sk_schedule``'s rule, for the tuner."""
+    ``_sk_cuts``' rule, for the tuner."""
     if units < 0 or k_steps < 1 or programs < 1:
         raise ValueError(f"units={units}, k_steps={k_steps}, programs={programs}; expected "
                          "units >= 0, k_steps >= 1 and programs >= 1")

@@ -37,6 +37,7 @@ from w4a16moe.kernels.configs import get_prefill_config  # noqa: E402
 from w4a16moe.kernels.prefill import PrefillWorkspace, fused_moe_prefill  # noqa: E402
 from w4a16moe.kernels.tune import (  # noqa: E402
     MODEL_SHAPES,
+    check_skew,
     random_routing,
     routing_load,
     time_cuda_graph,
@@ -66,9 +67,9 @@ def main() -> int:
     cache: dict = {}
     records = []
     try:
-        skews = [float(v) for v in args.skews.split(",")]
-    except ValueError:
-        ap.error(f"--skews: expected comma-separated numbers; found {args.skews!r}")
+        skews = [check_skew(float(v), "--skews") for v in args.skews.split(",")]
+    except ValueError as exc:
+        ap.error(f"--skews {args.skews!r}: expected comma-separated numbers >= 0 ({exc})")
     cases = [(*case.split(":"), r, skew) for case in args.cases.split(",")
              for skew in skews for r in range(args.seeds)]
     for model, m, r, skew in cases:

@@ -767,6 +767,60 @@ def test_rs_stream_k_layer_with_expert_map(on_input):
         assert_layer_with_expert_map(x, local, w, ids, expert_map, (cfg1, cfg2), on_input)
 
 
+def routing_that_cuts(cfg, *, e, h, i, top_k, sms, tries=200):
+    """(ids, weights, blocks) of a random routing of ``e`` experts on which a ``STREAM_K``
+    GEMM2 launch of ``cfg`` (``h`` outputs, K ``i``) cuts its last round, by the host's copy
+    of the kernel's rule: logits biased per expert (as a trained router's are) until the
+    busiest experts pass a block multiple."""
+    bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    for attempt in range(tries):
+        m = (bm * e // top_k) * (1 + attempt % 3) // 2 + attempt
+        logits = (torch.randn(m, e, device=DEVICE, generator=gen)
+                  + torch.randn(1, e, device=DEVICE, generator=gen))
+        w, ids = fused_topk(logits, top_k)
+        blocks = align_block_size(ids, bm, e)
+        units = int(blocks.num_tokens_post_padded.item()) // bm * (h // bn)
+        programs, _, _ = prefill_rs.stream_k_sizes(cfg, em=blocks.sorted_token_ids.numel(),
+                                                   n_out=h, k=i, activation=False, sms=sms)
+        if prefill_rs.stream_k_cut_units(units, i // bk, programs):
+            return ids, w, blocks
+    raise AssertionError(f"no routing of {tries} cuts a STREAM_K launch of {cfg}")
+
+
+@hopper_only
+def test_shipped_stream_k_entries_cut_and_repeat():
+    """Every shipped RS entry with STREAM_K, as the layer runs it (sorted rows where the entry
+    says so) on a GEMM2 routing whose last round the kernel cuts into K pieces: every element
+    written, the bits the same on every run, and within one rounding of the same tiles
+    without STREAM_K."""
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    seen = {tuple(sorted(cfg.items())) for table in shipped_tables().values()
+            for buckets in table.values() for cfg in buckets.values()
+            if cfg.get("RS") and cfg.get("STREAM_K")}
+    assert seen, "the shipped tables have STREAM_K RS entries"
+    e, h, i, top_k = 8, 4096, 2048, 2
+    experts = random_experts(e, h, i, group_size=128, symmetric=True, dtype=torch.bfloat16,
+                             device=DEVICE, seed=17)
+    for items in sorted(seen):
+        cfg = dict(items)
+        ids, w, blocks = routing_that_cuts(cfg, e=e, h=h, i=i, top_k=top_k, sms=sms)
+        slots = ids.numel()
+        inter = torch.randn(slots, i, dtype=torch.bfloat16, device=DEVICE)
+        sorted_rows = bool(cfg.get("SORTED_ROWS"))
+        a = gather_sorted_rows(inter, blocks, top_k=top_k, a_is_slots=True) if sorted_rows \
+            else inter
+        like = torch.empty(slots, h, dtype=torch.bfloat16, device=DEVICE)
+        common = dict(a=a, weights=experts.w2, blocks=blocks, topk_ids=ids, topk_weights=w,
+                      top_k=top_k, a_is_slots=True, mul_routed_weight=True, a_sorted=sorted_rows)
+        runs = repeat_runs(3, like, config=cfg, **common)
+        plain = repeat_runs(1, like, config={**cfg, "STREAM_K": False}, **common)[0]
+        assert torch.isfinite(runs[0]).all(), f"{cfg}: unwritten elements"
+        assert all(torch.equal(runs[0], r) for r in runs[1:]), f"{cfg}: runs differ"
+        err = ((runs[0].float() - plain.float()).abs().max() / plain.float().abs().max()).item()
+        assert err < 1e-2, f"{cfg}: {err:.2e} from the same tiles without STREAM_K"
+
+
 @hopper_only
 @pytest.mark.parametrize("tiles_a_block", [1, 2])
 def test_rs_stream_k_whole_rounds_are_the_plain_kernel_bit_for_bit(tiles_a_block):

@@ -274,6 +274,24 @@ def test_rs_space_has_256_token_tiles():
         assert rs, fused
 
 
+def test_group_sizes_timed_above_64_slots_an_expert():
+    """At most 64 slots an expert every candidate has GROUP_SIZE_M 1; above, each tile but the
+    mma kernel's comes with every GROUP_SIZE_M of LARGE_M_GROUP_SIZES (1 first, so a tie
+    keeps the one that does not spread a column tile over experts), the rest of it equal."""
+    assert tune.LARGE_M_GROUP_SIZES[0] == 1 and len(tune.LARGE_M_GROUP_SIZES) > 1
+    for space, bm in (("rs", 128), ("rs", 256), ("default", 128), ("rsmidm", 64)):
+        for fused in (True, False):
+            small = tune.candidate_configs(bm, 64.0, space, fused)
+            assert small and all(c["GROUP_SIZE_M"] == 1 for c in small), (space, bm)
+            large = tune.candidate_configs(bm, 65.0, space, fused)
+            tiles = [{k: v for k, v in c.items() if k != "GROUP_SIZE_M"} for c in small]
+            want = [{**t, "GROUP_SIZE_M": g} for t in tiles
+                    for g in ((1,) if t.get("MMA") else tune.LARGE_M_GROUP_SIZES)]
+            assert large == want, (space, bm, fused)
+    mma = [c for c in tune.candidate_configs(16, 100.0, "rsmidm", True) if c.get("MMA")]
+    assert mma and all(c["GROUP_SIZE_M"] == 1 for c in mma)
+
+
 def _fp16_case(m: int, h: int, i: int, e: int, top_k: int, group_size: int):
     """Random fp16 experts, hidden states and a routing of ``m`` tokens on the test device:
     ``(experts, x, topk_weights, topk_ids)``."""

@@ -135,6 +135,15 @@ MAX_ACC_REGS = 128
 MMA_SMALL_BLOCK_ROWS = 8.0
 
 
+#: GROUP_SIZE_M values timed where experts get more than 64 slots each (at most 64: 1 only).
+#: Blocks side by side per column tile (8) share an expert's weights through L2 when it has
+#: several blocks, but where an expert has about one block they read the same column tile of
+#: eight experts at once. On the H200 (session 48) the H100's picks of 8 were slower than 1 at
+#: 64-2048 slots an expert: Mixtral's layer at M=256-8192 1-6 % (up to 24 % under a skewed
+#: routing), deepseek-v2-lite and olmoe 1-7 %, qwen3-235b-a22b even.
+LARGE_M_GROUP_SIZES = (1, 8)
+
+
 def block_m_candidates(rows_per_expert: float, count: int = 2, space: str = "default"
                        ) -> tuple[int, ...]:
     """The ``count`` largest BLOCK_SIZE_M values worth trying when each expert gets
@@ -155,7 +164,9 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
     (GEMM1 with the fused activation holds two); ``RS`` and ``MMA`` candidates only with tiles
     their kernel is built for (else they would time the Triton fallback under their name).
     Blocks of fewer than 16 slots take only ``MMA`` candidates (the other kernels' tiles were
-    never tuned below 16)."""
+    never tuned below 16). ``GROUP_SIZE_M`` is 1, and where experts get more than 64 slots
+    each every tile but the mma kernel's (always 1) comes once for each of
+    :data:`LARGE_M_GROUP_SIZES`."""
     from .configs import SCALE_ACC_MAX_BLOCK_M
     from .prefill_mma import mma_tiles_unsupported
     from .prefill_rs import rs_tiles_unsupported
@@ -168,13 +179,11 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
         if acc_regs > MAX_ACC_REGS:
             continue
         cfg = {"BLOCK_SIZE_M": block_m, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk,
-               "GROUP_SIZE_M": 1 if rows_per_expert <= 64 else 8, "num_warps": warps,
-               "num_stages": stages, "SWAP_AB": swap}
+               "GROUP_SIZE_M": 1, "num_warps": warps, "num_stages": stages, "SWAP_AB": swap}
         if flags and flags[0]:
             cfg["FRAG_K"] = True
         if len(flags) > 3 and flags[3]:
             cfg["MMA"] = True
-            cfg["GROUP_SIZE_M"] = 1
             if len(flags) > 4 and flags[4] is not None:
                 cfg["WORD_RING"] = flags[4]
             if mma_tiles_unsupported(cfg, activation=fused_activation) is not None:
@@ -193,7 +202,10 @@ def candidate_configs(block_m: int, rows_per_expert: float, space: str = "defaul
                 cfg["SCALE_ACC"] = True
                 if len(flags) > 6 and flags[6] > 1:
                     cfg["SUB_STEPS"] = flags[6]
-        out.append(cfg)
+        if rows_per_expert > 64 and not cfg.get("MMA"):
+            out.extend({**cfg, "GROUP_SIZE_M": group} for group in LARGE_M_GROUP_SIZES)
+        else:
+            out.append(cfg)
     return out
 
 
@@ -1316,7 +1328,9 @@ def register(sub) -> None:
                         "register-operand Gluon tiles with the Triton winners and the mma.sync "
                         f"tiles, 'rsmidm' up to {AUTO_SPLIT_TOKENS} tokens and 'rs' above; "
                         "elsewhere 'default'; 'mma': the mma.sync tiles alone, 8-slot blocks "
-                        f"up to {MMA_SMALL_BLOCK_ROWS} slots an expert)")
+                        f"up to {MMA_SMALL_BLOCK_ROWS} slots an expert; where experts get more "
+                        "than 64 slots each, every tile but the mma kernel's is timed with "
+                        "GROUP_SIZE_M " + " and ".join(map(str, LARGE_M_GROUP_SIZES)) + ")")
     p.add_argument("--rep-ms", type=float, default=20.0,
                    help="timing budget per candidate in ms (default: %(default)s)")
     p.add_argument("--no-layer-check", dest="layer_check", action="store_false",

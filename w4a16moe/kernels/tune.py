@@ -139,8 +139,8 @@ MMA_SMALL_BLOCK_ROWS = 8.0
 #: Blocks side by side per column tile (8) share an expert's weights through L2 when it has
 #: several blocks, but where an expert has about one block they read the same column tile of
 #: eight experts at once. On the H200 (session 48) the H100's picks of 8 were slower than 1 at
-#: 64-2048 slots an expert: Mixtral's layer at M=256-8192 1-6 % (up to 24 % under a skewed
-#: routing), deepseek-v2-lite and olmoe 1-7 %, qwen3-235b-a22b even.
+#: 64-2048 slots an expert: Mixtral's layer at M=256-8192 mostly by 1-6 % (up to 24 % under a
+#: skewed routing), deepseek-v2-lite and olmoe by 1-7 %; qwen3-235b-a22b's came out even.
 LARGE_M_GROUP_SIZES = (1, 8)
 
 

@@ -756,6 +756,12 @@ if HAVE_GLUON:
                                  BLOCK_N, BLOCK_N_OUT, mma_layout, out_layout)
 
     @gluon.jit
+    def _sk_units(num_post_padded_ptr, N, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr):
+        """A ``STREAM_K`` launch's valid units: aligned blocks up to ``num_post_padded`` x
+        output tiles (what :func:`_sk_cuts` and :func:`_sk_schedule` share out)."""
+        return gl.cdiv(gl.load(num_post_padded_ptr), BLOCK_T) * (N // BLOCK_N_OUT)
+
+    @gluon.jit
     def _sk_cuts(num_post_padded_ptr, N, K, BLOCK_T: gl.constexpr,
                  BLOCK_N_OUT: gl.constexpr, BLOCK_K: gl.constexpr):
         """Whether this ``STREAM_K`` launch cuts units into pieces (:func:`_sk_schedule`
@@ -763,7 +769,7 @@ if HAVE_GLUON:
         units would leave at least ``SK_MIN_SAVED`` granules a program idle. The same for
         every program and both partitions, which take the loops without STREAM_K when it is
         False."""
-        units = gl.cdiv(gl.load(num_post_padded_ptr), BLOCK_T) * (N // BLOCK_N_OUT)
+        units = _sk_units(num_post_padded_ptr, N, BLOCK_T, BLOCK_N_OUT)
         nprog = gl.num_programs(0)
         rest = units % nprog
         return (rest > 0) & ((nprog - rest) * (K // BLOCK_K // 2) >= _SK_MIN_SAVED * nprog)
@@ -785,8 +791,7 @@ if HAVE_GLUON:
         the last round's)."""
         num_pid_n = N // BLOCK_N_OUT
         g_unit = K // BLOCK_K // 2
-        num_post_padded = gl.load(num_post_padded_ptr)
-        units = gl.cdiv(num_post_padded, BLOCK_T) * num_pid_n
+        units = _sk_units(num_post_padded_ptr, N, BLOCK_T, BLOCK_N_OUT)
         p = gl.program_id(0)
         nprog = gl.num_programs(0)
         full = units // nprog

@@ -18,6 +18,7 @@ from conftest import DEVICE, ON_GPU
 from w4a16moe.kernels import configs as cfgmod
 from w4a16moe.kernels import prefill_rs
 from w4a16moe.kernels.prefill import fused_moe_prefill, gather_sorted_rows, prefill_gemm
+from w4a16moe.kernels.tune import random_logits
 from w4a16moe.quantize import random_experts
 from w4a16moe.reference import moe_reference
 from w4a16moe.routing import align_block_size, fused_topk
@@ -771,14 +772,13 @@ def routing_that_cuts(cfg, *, e, h, i, top_k, sms, tries=200):
     """(ids, weights, blocks) of a random routing of ``e`` experts on which a ``STREAM_K``
     GEMM2 launch of ``cfg`` (``h`` outputs, K ``i``) cuts its last round, by the host's copy
     of the kernel's rule: logits biased per expert (as a trained router's are) until the
-    busiest experts pass a block multiple."""
+    busiest experts pass a block multiple (:func:`~w4a16moe.kernels.tune.random_logits`
+    with skew 1)."""
     bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     gen = torch.Generator(device=DEVICE).manual_seed(5)
     for attempt in range(tries):
         m = (bm * e // top_k) * (1 + attempt % 3) // 2 + attempt
-        logits = (torch.randn(m, e, device=DEVICE, generator=gen)
-                  + torch.randn(1, e, device=DEVICE, generator=gen))
-        w, ids = fused_topk(logits, top_k)
+        w, ids = fused_topk(random_logits(m, e, gen, skew=1.0), top_k)
         blocks = align_block_size(ids, bm, e)
         units = int(blocks.num_tokens_post_padded.item()) // bm * (h // bn)
         programs, _, _ = prefill_rs.stream_k_sizes(cfg, em=blocks.sorted_token_ids.numel(),

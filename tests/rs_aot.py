@@ -85,7 +85,8 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         SPLIT_K=config.get("SPLIT_K", 1), PAIRED=bool(config.get("PAIRED_STAGES", False)),
         LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"],
         STREAM_K=bool(config.get("STREAM_K", False)),
-        SCALE_ACC=scale_acc_wgmmas(config))
+        SCALE_ACC=scale_acc_wgmmas(config),
+        SHORT_T=config.get("SHORT_BLOCK_T", 0) if config.get("SHORT_BLOCK_T", 0) < bt else 0)
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
     stage_k = prefill_rs.stage_columns(config)
     w_layout = prefill_rs.weight_smem_layout(stage_k)

@@ -36,7 +36,8 @@ def rs_config(bm=128, bn=128, bk=64, stages=6, warps=8):
 def triton_tiles(cfg):
     """The same tiles on the Triton kernel (what the launcher falls back to), without the
     Gluon kernel's keys that need ``RS``."""
-    return {k: v for k, v in cfg.items() if k not in ("RS", "SCALE_ACC", "SUB_STEPS")}
+    return {k: v for k, v in cfg.items()
+            if k not in ("RS", "SCALE_ACC", "SUB_STEPS", "SHORT_BLOCK_T")}
 
 
 def make_case(m, h, i, e, top_k, *, symmetric=True, dtype=torch.bfloat16, seed=0):
@@ -644,10 +645,12 @@ def test_shipped_rs_configs_keep_their_wgmmas_async():
         assert "Used" in report, report
         # the launcher's compile hook takes out the barrier in front of each of the two
         # consumer waits of the unrolled K loop (w4a16moe.kernels.membar; with SUB_STEPS
-        # each step's parts wait on their stage each; with STREAM_K both K loops, the
-        # plain one and the pieces', have them) and nothing else; every write of the
-        # epilogue's scratch still follows a barrier
-        waits = 2 * v["config"].get("SUB_STEPS", 1) * (2 if v["config"].get("STREAM_K") else 1)
+        # each step's parts wait on their stage each; with STREAM_K the pieces' K loop and
+        # with SHORT_BLOCK_T the short blocks' have them too) and nothing else; every write
+        # of the epilogue's scratch still follows a barrier
+        cfg = v["config"]
+        loops = 1 + bool(cfg.get("STREAM_K")) + bool(cfg.get("SHORT_BLOCK_T"))
+        waits = 2 * cfg.get("SUB_STEPS", 1) * loops
         assert (result["stripped"], result["left"]) == (waits, 0), (v, result)
         assert result["unguarded"] == [], (v, result["unguarded"])
         if "wgmma.mma_async instructions are serialized" in report:
@@ -877,3 +880,116 @@ def test_reserve_sizes_the_stream_k_scratch(monkeypatch):
                                                 sms=sms)
     assert partials.numel() >= elems and counters.numel() >= units
     assert not counters.any()
+
+
+def test_short_block_config_rules():
+    """SHORT_BLOCK_T needs an RS entry and a BLOCK_SIZE_M above it; the rules name what they
+    found. It goes with STREAM_K (a launch that cuts runs its pieces on all columns)."""
+    cfg = {**rs_config(64, 64, 128, 6), "SHORT_BLOCK_T": 32}
+    assert cfgmod.validate_config(cfg)["SHORT_BLOCK_T"] == 32
+    assert cfgmod.validate_config({**cfg, "GROUP_SIZE_M": 1, "STREAM_K": True})["STREAM_K"]
+    with pytest.raises(ValueError, match="SHORT_BLOCK_T needs RS and a BLOCK_SIZE_M above it; "
+                                         "found SHORT_BLOCK_T=64, RS=True, BLOCK_SIZE_M=64"):
+        cfgmod.validate_config({**cfg, "SHORT_BLOCK_T": 64})
+    with pytest.raises(ValueError, match="found SHORT_BLOCK_T=32, RS=None"):
+        cfgmod.validate_config({k: v for k, v in cfg.items() if k != "RS"})
+    with pytest.raises(ValueError, match=r"SHORT_BLOCK_T is 48; expected one of \[16, 32"):
+        cfgmod.validate_config({**cfg, "SHORT_BLOCK_T": 48})
+
+
+#: tiles the short blocks are checked on: (BLOCK_SIZE_M, weight rows, BLOCK_SIZE_K, stages,
+#: SHORT_BLOCK_T, flags): the H200's Mixtral tiles of 64 slots (PREFETCH_SCALES), of 32 on
+#: sixteen warps (SCALE_ACC, SUB_STEPS 2, paired stages), and a 128-slot tile
+SHORT_TILES = [(64, 128, 128, 6, 32, {"PREFETCH_SCALES": True}),
+               (32, 256, 128, 4, 16, {"SCALE_ACC": True, "SUB_STEPS": 2, "PAIRED_STAGES": True,
+                                      "num_warps": 16}),
+               (128, 128, 64, 6, 64, {})]
+
+
+def short_block_config(tiles, n_out, *, stream_k=False):
+    """The RS config of ``tiles`` (:data:`SHORT_TILES`) for ``n_out`` output columns a tile,
+    without SHORT_BLOCK_T; with ``stream_k`` STREAM_K (GROUP_SIZE_M 1)."""
+    bm, _, bk, stages, _, flags = tiles
+    cfg = {**rs_config(bm, n_out, bk, stages), **flags}
+    return {**cfg, "GROUP_SIZE_M": 1, "STREAM_K": True} if stream_k else cfg
+
+
+def test_short_blocks_compile_with_async_wgmmas():
+    """With SHORT_BLOCK_T the consumer has a second K loop for the short blocks: it compiles
+    for sm_90 with that loop's wait barriers stripped as well (and those of the pieces' loop
+    with STREAM_K), every scratch write behind a barrier and the wgmmas of every loop
+    asynchronous. Runs without a GPU."""
+    if not prefill_rs.HAVE_GLUON:
+        pytest.skip("triton.experimental.gluon is not available")
+    from rs_aot import ptxas_reports
+
+    variants = []
+    for tiles in SHORT_TILES:
+        rows, short = tiles[1], tiles[4]
+        variants.append(dict(config={**short_block_config(tiles, rows // 2),
+                                     "SHORT_BLOCK_T": short, "SORTED_ROWS": True},
+                             activation=True, a_sorted=True, out_sorted=True,
+                             mul_routed_weight=False))
+        variants.append(dict(config={**short_block_config(tiles, rows, stream_k=True),
+                                     "SHORT_BLOCK_T": short},
+                             activation=False, a_sorted=False, out_sorted=False,
+                             mul_routed_weight=True))
+    for v, result in zip(variants, ptxas_reports(variants), strict=True):
+        cfg = v["config"]
+        loops = 2 + bool(cfg.get("STREAM_K"))
+        assert "Used" in result["ptxas"], result["ptxas"]
+        assert (result["stripped"], result["left"]) == (
+            2 * cfg.get("SUB_STEPS", 1) * loops, 0), (v, result)
+        assert result["unguarded"] == [], (v, result["unguarded"])
+        assert "wgmma.mma_async instructions are serialized" not in result["ptxas"], v
+
+
+def routing_with_counts(counts, top_k, e, seed):
+    """(weights, ids) of ``counts[j]`` slots on expert j, shuffled into tokens of ``top_k``
+    (a token may repeat an expert: the GEMMs treat slots independently)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ids = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
+    ids = ids[torch.randperm(ids.numel(), generator=gen)].view(-1, top_k)
+    w = torch.rand(ids.shape, generator=gen) + 0.1
+    return (w / w.sum(1, keepdim=True)).to(DEVICE), ids.to(torch.int32).to(DEVICE)
+
+
+@hopper_only
+@pytest.mark.parametrize("dtype,symmetric", [(torch.bfloat16, True), (torch.float16, False)])
+@pytest.mark.parametrize("tiles", SHORT_TILES, ids=lambda t: f"{t[0]}x{t[1]}x{t[2]}/{t[4]}")
+@pytest.mark.parametrize("sorted_rows", [False, True])
+@pytest.mark.parametrize("stream_k", [False, True])
+def test_rs_short_blocks_give_the_same_bits(dtype, symmetric, tiles, sorted_rows, stream_k):
+    """SHORT_BLOCK_T runs the blocks whose real slots fit in their first SHORT_BLOCK_T
+    positions on SHORT_BLOCK_T-column wgmmas: each output column is the same sum in the same
+    order, so the layer gives the same bits as without it (NaN-poisoned outputs, so an
+    unwritten element fails), on every run, and matches the float32 reference. The routing
+    puts experts on every side of the rule: whole blocks, a last block of 1 slot, of exactly
+    SHORT_BLOCK_T slots, of one more, and an empty expert. With STREAM_K on both GEMMs the
+    launches that cut run every block on all its columns, the others take the short path."""
+    bm, rows, short = tiles[0], tiles[1], tiles[4]
+    e, h, i, top_k = 8, 1024, 1024, 2
+    counts = [2 * bm + 3, 5, short, short + 1, bm + 1, 0, 2 * bm, 2]
+    if sum(counts) % top_k:
+        counts[1] += 1
+    experts = random_experts(e, h, i, group_size=128, symmetric=symmetric, dtype=dtype,
+                             device=DEVICE, seed=61)
+    w, ids = routing_with_counts(counts, top_k, e, seed=61)
+    x = torch.randn(ids.shape[0], h, dtype=dtype, device=DEVICE)
+    flags = {"SORTED_ROWS": sorted_rows}
+    cfg1 = {**short_block_config(tiles, rows // 2, stream_k=stream_k), **flags}
+    cfg2 = {**short_block_config(tiles, rows, stream_k=stream_k), **flags}
+    for cfg, activation in ((cfg1, True), (cfg2, False)):
+        assert prefill_rs.rs_tiles_unsupported(cfg, activation) is None, cfg
+    outs = []
+    for extra in ({}, {"SHORT_BLOCK_T": short}, {"SHORT_BLOCK_T": short}):
+        y = torch.full((ids.shape[0], h), float("nan"), dtype=dtype, device=DEVICE)
+        fused_moe_prefill(x, experts, w, ids, out=y,
+                          configs=({**cfg1, **extra}, {**cfg2, **extra}))
+        outs.append(y)
+    assert not outs[1].isnan().any()
+    assert torch.equal(outs[0], outs[1]), f"{tiles} sorted={sorted_rows}: short path differs"
+    assert torch.equal(outs[1], outs[2]), f"{tiles}: runs differ"
+    ref = moe_reference(x, experts, w, ids, round_intermediate=True)
+    err = ((outs[1].float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, f"layer {tiles}: {err:.2e}"

@@ -60,7 +60,10 @@ programs is summed from float32 partials, in program order, by the piece that co
 (see ``_sk_schedule`` and ``_rs_consumer_sk_pieces``). A launch whose valid units leave
 nothing to cut (``_sk_cuts``) runs the loops without STREAM_K (the same SASS for the K loop;
 the layer measured about 1 % slower with the flag there all the same, notes session 47).
-With ``ACTIVATION`` the
+With ``SHORT_T``
+(config ``SHORT_BLOCK_T``) a block whose real slots all lie in its first ``SHORT_T`` positions
+runs ``SHORT_T``-column wgmmas on them, from the same staged tiles (``_rs_consumer``): half the
+multiply-adds of a half-empty block, the same bits. With ``ACTIVATION`` the
 weight tile holds ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each
 accumulator thread holds a column's gate and up values.
 
@@ -368,11 +371,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _rs_step_x(x_bufs, fill, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                    PAIRED: gl.constexpr, HALF: gl.constexpr, SUBS: gl.constexpr = 1,
-                   SUB: gl.constexpr = 0):
+                   SUB: gl.constexpr = 0, ROWS: gl.constexpr = 0):
         """A step's activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: the stage
         of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``; with ``SUBS`` > 1 only
-        the step's part ``SUB`` of ``SUBS`` (``BLOCK_K / SUBS`` columns)."""
+        the step's part ``SUB`` of ``SUBS`` (``BLOCK_K / SUBS`` columns); with ``ROWS`` > 0
+        only the stage's first ``ROWS`` token rows (``[BLOCK_K, ROWS]``: a short block)."""
         x = x_bufs.index(fill % STAGES)
+        if ROWS > 0:
+            x = x.slice(0, ROWS, dim=0)
         if PAIRED or SUBS > 1:
             x = x.slice(_rs_step_column(BLOCK_K, PAIRED, HALF, SUBS, SUB), BLOCK_K // SUBS,
                         dim=1)
@@ -493,18 +499,21 @@ if HAVE_GLUON:
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
                      PAIRED: gl.constexpr, vdtype: gl.constexpr, pairs_layout: gl.constexpr,
                      row_layout: gl.constexpr, a_layout: gl.constexpr,
-                     mma_layout: gl.constexpr, SCALE_ACC: gl.constexpr = False):
+                     mma_layout: gl.constexpr, SCALE_ACC: gl.constexpr = False,
+                     X_ROWS: gl.constexpr = 0):
         """The consumer's K loop over ``num_steps`` steps of one unit (or of a piece of one)
         from K step ``kstep0``: the float32 accumulator ``[BLOCK_N, BLOCK_T]`` of the tile's
         weight rows (``n0 ...`` of ``expert``), the ring's fills counted from ``ring``, every
-        stage it used released. With ``SCALE_ACC``: :func:`_rs_unit_acc_scaled`."""
+        stage it used released. With ``SCALE_ACC``: :func:`_rs_unit_acc_scaled`. ``X_ROWS`` >
+        0 (= ``BLOCK_T``): the staged activation tiles have more rows, and the wgmmas read
+        only their first ``X_ROWS`` (a short block, see :func:`_rs_consumer`)."""
         if SCALE_ACC:
             return _rs_unit_acc_scaled(
                 x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
                 up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn, stride_sg,
                 stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                 IS_FP16, A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, a_layout,
-                mma_layout, SCALE_ACC)
+                mma_layout, SCALE_ACC, X_ROWS)
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
         w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
         s_base, s32_base, z_base, s_offs, s32_offs, z_offs = _rs_scale_ptrs(
@@ -541,7 +550,7 @@ if HAVE_GLUON:
                                   BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
                                   row_layout, a_layout)
             acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
-                                               PAIRED, 0), acc, is_async=True)
+                                               PAIRED, 0, ROWS=X_ROWS), acc, is_async=True)
             acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
             if i > 0:
                 # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
@@ -552,7 +561,7 @@ if HAVE_GLUON:
                                   BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
                                   pairs_layout, row_layout, a_layout)
             acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
-                                               PAIRED, 1), acc, is_async=True)
+                                               PAIRED, 1, ROWS=X_ROWS), acc, is_async=True)
             acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
             if not PAIRED:
                 # step i's stage (with PAIRED step i + 1's wgmma still reads it)
@@ -572,7 +581,8 @@ if HAVE_GLUON:
                         A_SORTED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                         STAGES: gl.constexpr, PAIRED: gl.constexpr, vdtype: gl.constexpr,
                         pairs_layout: gl.constexpr, row_layout: gl.constexpr,
-                        a_layout: gl.constexpr, SUBS: gl.constexpr):
+                        a_layout: gl.constexpr, SUBS: gl.constexpr,
+                        X_ROWS: gl.constexpr = 0):
         """One step of :func:`_rs_unit_acc_scaled`: the K step of ring fill ``fill`` (with
         ``PAIRED`` its half ``HALF``) into a fresh partial ``p`` (``use_acc=False``),
         retired, then ``acc += sc * p`` (``sc``: the step's scales in the accumulator's row
@@ -585,7 +595,7 @@ if HAVE_GLUON:
                                  HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED,
                                  HALF, pairs_layout, row_layout, a_layout, False, SUBS, sub)
             p = warpgroup_mma(a, _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF, SUBS,
-                                            sub), p, use_acc=sub > 0, is_async=True)
+                                            sub, X_ROWS), p, use_acc=sub > 0, is_async=True)
             p, a = warpgroup_mma_wait(num_outstanding=0, deps=(p, a))
         acc += p * sc.to(gl.float32)[:, None]
         return acc, p
@@ -601,7 +611,7 @@ if HAVE_GLUON:
                             BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                             PAIRED: gl.constexpr, vdtype: gl.constexpr,
                             a_layout: gl.constexpr, mma_layout: gl.constexpr,
-                            SUBS: gl.constexpr):
+                            SUBS: gl.constexpr, X_ROWS: gl.constexpr = 0):
         """:func:`_rs_unit_acc` with the scales on the accumulator (``SCALE_ACC``): each
         step's operand is the exact ``v - z`` in 16 bits (no multiply a value pair), its
         wgmma writes a fresh float32 partial sum, which is retired (``wait(0)``) and added to
@@ -640,14 +650,14 @@ if HAVE_GLUON:
             acc, p = _rs_scaled_step(acc, p, fill0, x_bufs, wd_bufs, x_ready_bars, sc0, zr0,
                                      bias, 0, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K,
                                      STAGES, PAIRED, vdtype, pairs_layout, row_layout,
-                                     a_layout, SUBS)
+                                     a_layout, SUBS, X_ROWS)
             if not PAIRED:
                 async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
                                            increment_count=False)
             acc, p = _rs_scaled_step(acc, p, fill1, x_bufs, wd_bufs, x_ready_bars, sc1, zr1,
                                      bias, 1, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K,
                                      STAGES, PAIRED, vdtype, pairs_layout, row_layout,
-                                     a_layout, SUBS)
+                                     a_layout, SUBS, X_ROWS)
             # step i + 1's stage (with PAIRED: the stage of both)
             async_copy.mbarrier_arrive(empty_bars.index(fill1 % STAGES),
                                        increment_count=False)
@@ -692,6 +702,37 @@ if HAVE_GLUON:
                  mask=c_mask)
 
     @gluon.jit
+    def _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs, c_mask, s_ptr, z_ptr,
+                 topk_weights_ptr, sorted_ids_ptr, expert, row0, n0, up_offset, kstep0,
+                 num_steps, ring, bias, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                 stride_zg, num_valid_slots, GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                 SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
+                 MUL_ROUTED_WEIGHT: gl.constexpr, IS_FP16: gl.constexpr,
+                 A_SORTED: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
+                 BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+                 PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr,
+                 SCALE_ACC: gl.constexpr, X_ROWS: gl.constexpr):
+        """One whole unit of a valid expert on ``BLOCK_T`` token columns: its K loop
+        (:func:`_rs_unit_acc`) and its epilogue into ``c_ptrs`` (:func:`_rs_out_tile` at that
+        width; with ``X_ROWS`` > 0 the wgmmas read the first ``X_ROWS`` = ``BLOCK_T`` rows of
+        larger staged activation tiles)."""
+        mma_layout: gl.constexpr = _rs_mma_layout(num_warps, BLOCK_T)
+        a_layout: gl.constexpr = _rs_a_layout(mma_layout)
+        pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
+        row_layout: gl.constexpr = _rs_row_layout(pairs_layout)
+        out_layout: gl.constexpr = _rs_out_layout(num_warps, BLOCK_T)
+        vdtype: gl.constexpr = gl.float16 if IS_FP16 else gl.bfloat16
+        acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
+                           up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn,
+                           stride_sg, stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS,
+                           SCALE_PAIRS, ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N,
+                           BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype, pairs_layout,
+                           row_layout, a_layout, mma_layout, SCALE_ACC, X_ROWS)
+        _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
+                     num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T, BLOCK_N,
+                     BLOCK_N_OUT, mma_layout, out_layout)
+
+    @gluon.jit
     def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
                      topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_padded_ptr,
                      N, K, EM, num_valid_slots, up_offset, stride_cm, stride_cs, stride_se,
@@ -704,19 +745,18 @@ if HAVE_GLUON:
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
                      SPLIT_K: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr,
-                     SCALE_ACC: gl.constexpr):
+                     SCALE_ACC: gl.constexpr, SHORT_T: gl.constexpr = 0):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
         row ``row0 + t``, the sorted position, instead of row ``slot``; with ``SPLIT_K`` > 1
         the unit's partial sums into ``C[split]``, ``stride_cs`` apart). With ``PAIRED`` the
         two steps of an iteration come from the two halves of one stage, which is released
-        once the second step's wgmma is retired."""
-        mma_layout: gl.constexpr = _rs_mma_layout(num_warps, BLOCK_T)
-        a_layout: gl.constexpr = _rs_a_layout(mma_layout)
-        pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
-        row_layout: gl.constexpr = _rs_row_layout(pairs_layout)
+        once the second step's wgmma is retired. ``SHORT_T`` > 0: a block whose real slots
+        all lie in its first ``SHORT_T`` positions (the alignment puts a block's padding
+        last, so its position ``SHORT_T`` tells) runs ``SHORT_T``-column wgmmas on those
+        columns only, from the same ring stages: it costs its dequantization and ``SHORT_T /
+        BLOCK_T`` of the multiply-adds (a second K loop in the code, chosen per unit)."""
         out_layout: gl.constexpr = _rs_out_layout(num_warps, BLOCK_T)
-        vdtype: gl.constexpr = gl.float16 if IS_FP16 else gl.bfloat16
         bias = 1024 if IS_FP16 else 128  # the magic exponent's value in vdtype
 
         num_pid_m = gl.cdiv(EM, BLOCK_T)
@@ -734,26 +774,48 @@ if HAVE_GLUON:
             if row0 < num_post_padded:
                 expert = gl.load(expert_ids_ptr + pid_m)
                 n0 = pid_n * BLOCK_N_OUT
-                c_ptrs, c_mask = _rs_out_tile(c_ptr + split.to(gl.int64) * stride_cs,
-                                              sorted_ids_ptr, row0, n0, stride_cm,
+                c_base = c_ptr + split.to(gl.int64) * stride_cs
+                c_ptrs, c_mask = _rs_out_tile(c_base, sorted_ids_ptr, row0, n0, stride_cm,
                                               num_valid_slots, OUT_FRAG, C_SORTED, BLOCK_T,
                                               BLOCK_N_OUT, out_layout)
                 if expert == -1:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
                                               out_layout), mask=c_mask)
                 else:
-                    acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr,
-                                       expert, n0, up_offset, kstep0, num_steps, ring, bias,
-                                       stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                       stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
-                                       ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N,
-                                       BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype,
-                                       pairs_layout, row_layout, a_layout, mma_layout,
-                                       SCALE_ACC)
+                    # (SHORT_T is a compile-time branch: without it one K loop, as before)
+                    if SHORT_T > 0:
+                        if gl.load(sorted_ids_ptr + row0 + SHORT_T) >= num_valid_slots:
+                            out_layout_s: gl.constexpr = _rs_out_layout(num_warps, SHORT_T)
+                            c_ptrs_s, c_mask_s = _rs_out_tile(
+                                c_base, sorted_ids_ptr, row0, n0, stride_cm, num_valid_slots,
+                                OUT_FRAG, C_SORTED, SHORT_T, BLOCK_N_OUT, out_layout_s)
+                            _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs_s,
+                                     c_mask_s, s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr,
+                                     expert, row0, n0, up_offset, kstep0, num_steps, ring, bias,
+                                     stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                                     stride_zg, num_valid_slots, GROUP_SIZE, HAS_ZEROS,
+                                     SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16,
+                                     A_SORTED, SHORT_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
+                                     PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, SHORT_T)
+                        else:
+                            _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs, c_mask,
+                                     s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr, expert,
+                                     row0, n0, up_offset, kstep0, num_steps, ring, bias,
+                                     stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                                     stride_zg, num_valid_slots, GROUP_SIZE, HAS_ZEROS,
+                                     SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16,
+                                     A_SORTED, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
+                                     PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, 0)
+                    else:
+                        _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs, c_mask,
+                                 s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr, expert, row0,
+                                 n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
+                                 stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                                 num_valid_slots, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
+                                 ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16, A_SORTED, BLOCK_T,
+                                 BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED,
+                                 num_warps, SCALE_ACC, 0)
                     ring += num_steps // STEPS
-                    _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
-                                 num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T,
-                                 BLOCK_N, BLOCK_N_OUT, mma_layout, out_layout)
 
     @gluon.jit
     def _sk_units(num_post_padded_ptr, N, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr):
@@ -895,10 +957,12 @@ if HAVE_GLUON:
                         BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr,
                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                         PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr,
-                        num_warps: gl.constexpr, SCALE_ACC: gl.constexpr):
+                        num_warps: gl.constexpr, SCALE_ACC: gl.constexpr,
+                        SHORT_T: gl.constexpr = 0):
         """The consumer of a ``STREAM_K`` launch: :func:`_rs_consumer_sk_pieces` when the
         launch cuts units (:func:`_sk_cuts`, as the loader decides), else
-        :func:`_rs_consumer` (whole units, as without the flag)."""
+        :func:`_rs_consumer` (whole units, as without the flag, with its short blocks:
+        ``SHORT_T``; the pieces run every block on all its columns)."""
         if _sk_cuts(num_post_padded_ptr, N, K, BLOCK_T, BLOCK_N_OUT, BLOCK_K):
             _rs_consumer_sk_pieces(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
                                    z_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
@@ -916,7 +980,7 @@ if HAVE_GLUON:
                          stride_sn, stride_sg, stride_ze, stride_zn, stride_zg, GROUP_SIZE,
                          HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG,
                          A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
-                         1, STAGES, PREFETCH_SCALES, 1, PAIRED, num_warps, SCALE_ACC)
+                         1, STAGES, PREFETCH_SCALES, 1, PAIRED, num_warps, SCALE_ACC, SHORT_T)
 
     @gluon.jit
     def _rs_consumer_sk_pieces(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
@@ -1037,6 +1101,7 @@ if HAVE_GLUON:
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, PAIRED: gl.constexpr = False,
         STREAM_K: gl.constexpr = False, SCALE_ACC: gl.constexpr = False,
+        SHORT_T: gl.constexpr = 0,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -1101,7 +1166,7 @@ if HAVE_GLUON:
                                    GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                                    MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
                                    BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
-                                   PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC)),
+                                   PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, SHORT_T)),
                 (_rs_loader_sk, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                                  num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                                  x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
@@ -1119,7 +1184,7 @@ if HAVE_GLUON:
                                 SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED,
                                 C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
                                 GROUP_SIZE_M, STAGES, PREFETCH_SCALES, SPLIT_K, PAIRED,
-                                num_warps, SCALE_ACC)),
+                                num_warps, SCALE_ACC, SHORT_T)),
                 (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                               num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                               x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
@@ -1343,7 +1408,9 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     range's partial sums. ``config["PAIRED_STAGES"]``: each ring stage (``num_stages`` of
     them) holds two K steps, so the loader reads ``BLOCK_SIZE_K / 2``-byte runs of each
     weight row instead of ``BLOCK_SIZE_K / 4``-byte ones (HBM streams runs under 128 bytes a
-    row at about two thirds of its rate: ``benchmarks/row_chunk_bandwidth.py``)."""
+    row at about two thirds of its rate: ``benchmarks/row_chunk_bandwidth.py``).
+    ``config["SHORT_BLOCK_T"]``: blocks whose real slots all lie in their first that many
+    positions multiply only those columns (see ``_rs_consumer``)."""
     bt, bn, bk = config["BLOCK_SIZE_M"], config["BLOCK_SIZE_N"], config["BLOCK_SIZE_K"]
     split = config.get("SPLIT_K", 1)
     stage_k = stage_columns(config)
@@ -1355,6 +1422,11 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     grid = (min(units, _sm_count(index)),)
     activation = activation_code != 0
     stream_k = bool(config.get("STREAM_K", False))
+    # SHORT_BLOCK_T: blocks with no real slot past it take the short path (none when the
+    # entry runs at a BLOCK_SIZE_M not above it: GEMM2's entry runs at GEMM1's block size)
+    short_t = config.get("SHORT_BLOCK_T", 0)
+    if short_t >= bt:
+        short_t = 0
     sk_partials = sk_counters = out  # dummy pointers without STREAM_K
     if stream_k:
         if (why := stream_k_conflict(config)) is not None:
@@ -1399,5 +1471,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
             PAIRED=bool(config.get("PAIRED_STAGES", False)), STREAM_K=stream_k,
-            SCALE_ACC=scale_acc_wgmmas(config),
+            SCALE_ACC=scale_acc_wgmmas(config), SHORT_T=short_t,
             **prefill_pdl_args(a.device))

@@ -15,7 +15,8 @@ Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRA
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
 ``"PREFETCH_SCALES"``, ``"PAIRED_STAGES"``, ``"STREAM_K"`` and ``"SCALE_ACC"`` (booleans for
-that kernel) and ``"SUB_STEPS"`` (1 or 2, with ``SCALE_ACC``; see :data:`OPTIONAL_KEYS`),
+that kernel), ``"SUB_STEPS"`` (1 or 2, with ``SCALE_ACC``) and ``"SHORT_BLOCK_T"`` (16, 32, 64
+or 128, below ``BLOCK_SIZE_M``; see :data:`OPTIONAL_KEYS`),
 ``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
@@ -89,6 +90,14 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: BLOCK_SIZE_K / SUB_STEPS columns into the step's partial sum, each from an operand of
 #: that width: half the operand registers, so that 32-slot tiles fit sixteen warps
 #: (benchmarks/notes_prefill.md, session 46); the Triton kernel ignores it
+#: SHORT_BLOCK_T (RS entries, below BLOCK_SIZE_M): a block whose real slots all lie in its
+#: first SHORT_BLOCK_T positions (an expert's last or only block, part empty) runs
+#: SHORT_BLOCK_T-column wgmmas on those alone, from the same staged tiles: it costs its
+#: dequantization and SHORT_BLOCK_T / BLOCK_SIZE_M of the multiply-adds of a full block (on
+#: the H200, Mixtral's 64-slot tiles ran a third slower than 32-slot ones on the same eight
+#: blocks: benchmarks/notes_prefill.md, session 49; tried at large M in session 24, not taken
+#: then); a STREAM_K launch that cuts runs its pieces on all columns; the Triton kernel ignores
+#: it
 #: MMA: the ``mma.sync`` kernel of :mod:`~w4a16moe.kernels.prefill_mma` (weights streamed into
 #: registers in a K order where each lane owns whole words; blocks of 8-32 slots, K steps of
 #: BLOCK_SIZE_K = 128, 256 or 512 columns; GROUP_SIZE_M and num_stages are not used); where it
@@ -103,7 +112,8 @@ OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True
                  "SORTED_ROWS": (True, False),
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
                  "PAIRED_STAGES": (True, False), "STREAM_K": (True, False),
-                 "SCALE_ACC": (True, False), "SUB_STEPS": (1, 2), "WORD_RING": (0, 2, 3)}
+                 "SCALE_ACC": (True, False), "SUB_STEPS": (1, 2), "WORD_RING": (0, 2, 3),
+                 "SHORT_BLOCK_T": (16, 32, 64, 128)}
 #: SCALE_ACC: the largest BLOCK_SIZE_M (a second float32 accumulator for the step's partial
 #: sum must fit the consumer's registers next to the tile's)
 SCALE_ACC_MAX_BLOCK_M = 64
@@ -188,6 +198,11 @@ def validate_config(config: object) -> dict:
                          f"BLOCK_SIZE_K={out['BLOCK_SIZE_K']}")
     if out.get("STREAM_K") and (why := stream_k_conflict(out)) is not None:
         raise ValueError(why)
+    if "SHORT_BLOCK_T" in out and (out.get("RS") is not True
+                                   or out["SHORT_BLOCK_T"] >= out["BLOCK_SIZE_M"]):
+        raise ValueError(f"SHORT_BLOCK_T needs RS and a BLOCK_SIZE_M above it; found "
+                         f"SHORT_BLOCK_T={out['SHORT_BLOCK_T']}, RS={out.get('RS')}, "
+                         f"BLOCK_SIZE_M={out['BLOCK_SIZE_M']}")
     return out
 
 

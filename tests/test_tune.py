@@ -608,6 +608,32 @@ def test_layer_finalists_pair_the_fastest_of_each_block_size_and_the_current_ent
                                 current=(a, g2a)) == [swapped]
 
 
+def _rs(bt: int, bn: int) -> dict:
+    return {"BLOCK_SIZE_M": bt, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1,
+            "num_warps": 8, "num_stages": 6, "SWAP_AB": True, "RS": True}
+
+
+def test_layer_finalists_add_short_block_pairs_for_rs_tiles_of_32_slots_or_more():
+    """Each finalist pair with an RS config of 32 slots a block or more is followed by the
+    same pair with SHORT_BLOCK_T half the block on those configs (the others unchanged), so
+    the layer over several routings decides whether the short blocks pay; 16-slot and
+    non-RS pairs get none, and an entry that already has it is not repeated."""
+    g1, g2 = _rs(64, 64), _rs(64, 128)
+    triton_g2 = {**_rs(64, 128), "RS": False}
+    pairs = tune.layer_finalists({64: ([(10.0, g1)], [(5.0, g2), (6.0, triton_g2)])},
+                                 current=None)
+    half = lambda c: {**c, "SHORT_BLOCK_T": 32}  # noqa: E731
+    assert pairs == [(g1, g2), (half(g1), half(g2)), (g1, triton_g2), (half(g1), triton_g2)]
+    assert tune.short_block_pair((_rs(16, 64), _rs(16, 128))) is None
+    assert tune.short_block_pair((_mma(32, 64), triton_g2)) is None
+    # the shipped entries may already have it: no second short pair, no repeat
+    now = (half(g1), half(g2))
+    assert tune.short_block_pair(now) is None
+    assert tune.layer_finalists({64: ([(10.0, g1)], [(5.0, g2)])}, current=now) == [
+        (g1, g2), now]
+    assert "SHORT_BLOCK_T=32" in tune.config_label(half(g1))
+
+
 def test_pick_layer_pair_keeps_the_fastest_layer_not_the_fastest_gemms():
     """The pair whose layer is fastest wins even where its GEMMs alone were slower (the H200's
     qwen3-30b case of session 36); each time is the mean over the routings; a pair whose layer

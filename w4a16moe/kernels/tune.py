@@ -287,7 +287,7 @@ def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int, *,
 def config_label(config: dict) -> str:
     """A config in one short line: ``BMxBNxBK w<warps> s<stages>``, then its kernel flags
     (``RS``, ``paired``, ``scale-acc``, ``FRAG_K``, ``SWAP_AB``), ``SUB_STEPS`` when above 1,
-    ``WORD_RING`` when set and ``GROUP_SIZE_M`` when not 1."""
+    ``WORD_RING`` and ``SHORT_BLOCK_T`` when set and ``GROUP_SIZE_M`` when not 1."""
     label = (f"{config['BLOCK_SIZE_M']}x{config['BLOCK_SIZE_N']}x{config['BLOCK_SIZE_K']} "
              f"w{config['num_warps']} s{config['num_stages']}")
     flags = [name for key, name in (("MMA", "MMA"), ("RS", "RS"), ("PAIRED_STAGES", "paired"),
@@ -298,6 +298,8 @@ def config_label(config: dict) -> str:
         flags.append(f"SUB_STEPS={config['SUB_STEPS']}")
     if "WORD_RING" in config:
         flags.append(f"WORD_RING={config['WORD_RING']}")
+    if "SHORT_BLOCK_T" in config:
+        flags.append(f"SHORT_BLOCK_T={config['SHORT_BLOCK_T']}")
     if config.get("GROUP_SIZE_M", 1) != 1:
         flags.append(f"GROUP_SIZE_M={config['GROUP_SIZE_M']}")
     return " ".join([label, *flags])
@@ -553,8 +555,26 @@ LAYER_FINALISTS = (3, 2)
 #: routings (seeds 0, 1, ...) each finalist pair's layer time is the mean of
 LAYER_ROUTINGS = 2
 
+#: the layer check also times each finalist pair with ``SHORT_BLOCK_T`` (half the block) on its
+#: ``RS`` configs of at least this many slots a block (:func:`short_block_pair`): whether the
+#: short blocks pay depends on the routing and the tile, so the layer over several routings
+#: decides. On the H200 (session 49) they made Mixtral's layer 3-20 % faster at M=48-300 and
+#: deepseek-v2-lite's and olmoe-1b-7b's 64- and 128-slot ones 2-4 % slower (benchmarks/
+#: notes_prefill.md)
+SHORT_BLOCK_MIN_M = 32
+
 #: ``measure(model, m, seed, (gemm1 config, gemm2 config)) -> us``: the prefill layer's time
 LayerMeasure = Callable[[str, int, int, tuple[dict, dict]], float]
+
+
+def short_block_pair(pair: tuple[dict, dict]) -> tuple[dict, dict] | None:
+    """``pair`` with ``SHORT_BLOCK_T`` half the block on each of its ``RS`` configs of
+    :data:`SHORT_BLOCK_MIN_M` slots a block or more that lacks it, or None where none
+    takes it."""
+    out = tuple({**c, "SHORT_BLOCK_T": c["BLOCK_SIZE_M"] // 2}
+                if c.get("RS") and c["BLOCK_SIZE_M"] >= SHORT_BLOCK_MIN_M
+                and "SHORT_BLOCK_T" not in c else c for c in pair)
+    return None if out == tuple(pair) else out
 
 
 def layer_finalists(ranked: dict[int, tuple[list, list]], current: tuple[dict, dict] | None,
@@ -562,13 +582,17 @@ def layer_finalists(ranked: dict[int, tuple[list, list]], current: tuple[dict, d
     """The config pairs to time as the whole layer: for each block size ``bm`` of ``ranked``
     (``{bm: (GEMM1 [(us, config), ...], GEMM2 [...])}``, timed alone) every pair of its
     ``counts[0]`` fastest GEMM1 and ``counts[1]`` fastest GEMM2 configs (finite times
-    only), the pair of the fastest GEMMs first; then ``current`` (the entries the layer runs
+    only), the pair of the fastest GEMMs first, each followed by its
+    :func:`short_block_pair` where it has one; then ``current`` (the entries the layer runs
     now) unless it is one of them. No pair twice."""
     candidates: list[tuple[dict, dict]] = []
     for bm in sorted(ranked, key=lambda b: _fastest(ranked[b][0]) + _fastest(ranked[b][1])):
         g1 = [c for t, c in sorted(ranked[bm][0], key=lambda r: r[0]) if math.isfinite(t)]
         g2 = [c for t, c in sorted(ranked[bm][1], key=lambda r: r[0]) if math.isfinite(t)]
-        candidates += [(c1, c2) for c1 in g1[:counts[0]] for c2 in g2[:counts[1]]]
+        for pair in ((c1, c2) for c1 in g1[:counts[0]] for c2 in g2[:counts[1]]):
+            candidates.append(pair)
+            if (short := short_block_pair(pair)) is not None:
+                candidates.append(short)
     if current is not None:
         candidates.append(tuple(current))
     pairs, seen = [], []
@@ -708,7 +732,7 @@ def tune_prefill(
                 total += timed_runs(cfg, splits=splits[n] if gemm == "w2" else (),
                                     stream_k=stream_k[gemm][n])
     if layer_check:  # an estimate: a bucket's layer pairs are known once its GEMMs are timed
-        total += (LAYER_FINALISTS[0] * LAYER_FINALISTS[1] * len(plan)
+        total += (2 * LAYER_FINALISTS[0] * LAYER_FINALISTS[1] * len(plan)
                   + len({(name, m) for name, _, m, *_ in plan}))
     done = 0
 
@@ -1337,8 +1361,10 @@ def register(sub) -> None:
                    help="pick each M bucket's GEMM1 and GEMM2 configs by their own times "
                         "alone; by default the pairs of the fastest few of each, and the "
                         "entries the layer runs now, are then timed as the whole prefill "
-                        "layer (the PDL chain, GEMM2 waiting for GEMM1's blocks) and the "
-                        "fastest pair is written")
+                        "layer (the PDL chain, GEMM2 waiting for GEMM1's blocks), each RS pair "
+                        f"of {SHORT_BLOCK_MIN_M} slots a block or more also with "
+                        "SHORT_BLOCK_T (blocks whose slots fit half a block run half-width "
+                        "wgmmas), and the fastest pair is written")
     p.add_argument("--thresholds", action="store_true",
                    help="instead of tuning configs, measure the decode/prefill switch point "
                         "of each model, and where the mixed path (GEMM1 on the mma kernel, "

@@ -895,6 +895,11 @@ def test_short_block_config_rules():
         cfgmod.validate_config({k: v for k, v in cfg.items() if k != "RS"})
     with pytest.raises(ValueError, match=r"SHORT_BLOCK_T is 48; expected one of \[16, 32"):
         cfgmod.validate_config({**cfg, "SHORT_BLOCK_T": 48})
+    # what the kernel is compiled with: none without the key or at a block size not above it
+    # (GEMM2's entry runs at GEMM1's BLOCK_SIZE_M)
+    assert cfgmod.short_block_rows(cfg) == 32
+    assert cfgmod.short_block_rows({**cfg, "BLOCK_SIZE_M": 32}) == 0
+    assert cfgmod.short_block_rows(rs_config(64, 64, 128, 6)) == 0
 
 
 #: tiles the short blocks are checked on: (BLOCK_SIZE_M, weight rows, BLOCK_SIZE_K, stages,

@@ -88,7 +88,7 @@ import functools
 import torch
 
 from .common import activation, fragment_order, grouped_tile
-from .configs import scale_acc_wgmmas, stream_k_conflict
+from .configs import scale_acc_wgmmas, short_block_rows, stream_k_conflict
 from .membar import stripped_wait_barriers
 from .pdl import prefill_pdl_args
 
@@ -1422,11 +1422,6 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     grid = (min(units, _sm_count(index)),)
     activation = activation_code != 0
     stream_k = bool(config.get("STREAM_K", False))
-    # SHORT_BLOCK_T: blocks with no real slot past it take the short path (none when the
-    # entry runs at a BLOCK_SIZE_M not above it: GEMM2's entry runs at GEMM1's block size)
-    short_t = config.get("SHORT_BLOCK_T", 0)
-    if short_t >= bt:
-        short_t = 0
     sk_partials = sk_counters = out  # dummy pointers without STREAM_K
     if stream_k:
         if (why := stream_k_conflict(config)) is not None:
@@ -1471,5 +1466,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             PREFETCH_SCALES=bool(config.get("PREFETCH_SCALES", False)), SPLIT_K=split,
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
             PAIRED=bool(config.get("PAIRED_STAGES", False)), STREAM_K=stream_k,
-            SCALE_ACC=scale_acc_wgmmas(config), SHORT_T=short_t,
+            SCALE_ACC=scale_acc_wgmmas(config), SHORT_T=short_block_rows(config),
             **prefill_pdl_args(a.device))

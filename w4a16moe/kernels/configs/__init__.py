@@ -212,6 +212,14 @@ def scale_acc_wgmmas(config: dict) -> int:
     return config.get("SUB_STEPS", 1) if config.get("SCALE_ACC") else 0
 
 
+def short_block_rows(config: dict) -> int:
+    """The Gluon kernel's ``SHORT_T`` for ``config``: its ``SHORT_BLOCK_T``, or 0 without the
+    key or where the entry runs at a ``BLOCK_SIZE_M`` not above it (GEMM2's entry runs at
+    GEMM1's block size)."""
+    short = config.get("SHORT_BLOCK_T", 0)
+    return short if short < config["BLOCK_SIZE_M"] else 0
+
+
 def stream_k_conflict(config: dict) -> str | None:
     """Why ``STREAM_K`` cannot go with ``config``'s other keys (it needs GROUP_SIZE_M 1 and
     no SPLIT_K: its programs already share a tile's K steps), or None if it can."""
@@ -438,4 +446,4 @@ __all__ = ["BORROW_SIBLING_FILES", "CONFIGS_SUFFIX", "CONFIG_DIR", "CONFIG_KEYS"
            "GPU_META_KEY", "INTERPRETER_CONFIG", "THRESHOLDS_SUFFIX", "device_config_filename",
            "get_prefill_config", "gpu_file_name", "gpu_traits", "heuristic_config",
            "lookup_config", "parse_table", "recorded_gpu", "resolve_tuned_file",
-           "sibling_file", "stream_k_conflict", "tuned_file", "validate_config"]
+           "short_block_rows", "sibling_file", "stream_k_conflict", "tuned_file", "validate_config"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -904,11 +905,18 @@ def test_short_block_config_rules():
 
 #: tiles the short blocks are checked on: (BLOCK_SIZE_M, weight rows, BLOCK_SIZE_K, stages,
 #: SHORT_BLOCK_T, flags): the H200's Mixtral tiles of 64 slots (PREFETCH_SCALES), of 32 on
-#: sixteen warps (SCALE_ACC, SUB_STEPS 2, paired stages), and a 128-slot tile
+#: sixteen warps (SCALE_ACC, SUB_STEPS 2, paired stages), a 128-slot tile, and the 64-slot
+#: sixteen-warp tile of the small experts' GEMM2 (whose wgmmas ptxas serialized before the
+#: short loop waited for each step's: session 50)
 SHORT_TILES = [(64, 128, 128, 6, 32, {"PREFETCH_SCALES": True}),
                (32, 256, 128, 4, 16, {"SCALE_ACC": True, "SUB_STEPS": 2, "PAIRED_STAGES": True,
                                       "num_warps": 16}),
-               (128, 128, 64, 6, 64, {})]
+               (128, 128, 64, 6, 64, {}),
+               (64, 256, 64, 6, 32, {"num_warps": 16})]
+#: a tile compiled ahead of time only: the eight-warp 32-slot GEMM1 of 256 weight rows and
+#: 128-column K steps, which ptxas serialized with a second loop keeping wgmmas in flight
+#: (the tuner's short pair that ran 21 % slower in session 49)
+SHORT_AOT_TILES = [(32, 256, 128, 6, 16, {"PREFETCH_SCALES": True})]
 
 
 def short_block_config(tiles, n_out, *, stream_k=False):
@@ -922,24 +930,26 @@ def short_block_config(tiles, n_out, *, stream_k=False):
 def test_short_blocks_compile_with_async_wgmmas():
     """With SHORT_BLOCK_T the consumer has a second K loop for the short blocks: it compiles
     for sm_90 with that loop's wait barriers stripped as well (and those of the pieces' loop
-    with STREAM_K), every scratch write behind a barrier and the wgmmas of every loop
-    asynchronous. Runs without a GPU."""
+    with STREAM_K), every scratch write behind a barrier, the wgmmas of every loop
+    asynchronous and no more bytes spilled than without the key (the short loop retires
+    each step's wgmma, so it needs no registers the full loop does not). Runs without a
+    GPU."""
     if not prefill_rs.HAVE_GLUON:
         pytest.skip("triton.experimental.gluon is not available")
     from rs_aot import ptxas_reports
 
     variants = []
-    for tiles in SHORT_TILES:
+    for tiles in SHORT_TILES + SHORT_AOT_TILES:
         rows, short = tiles[1], tiles[4]
-        variants.append(dict(config={**short_block_config(tiles, rows // 2),
-                                     "SHORT_BLOCK_T": short, "SORTED_ROWS": True},
-                             activation=True, a_sorted=True, out_sorted=True,
-                             mul_routed_weight=False))
-        variants.append(dict(config={**short_block_config(tiles, rows, stream_k=True),
-                                     "SHORT_BLOCK_T": short},
-                             activation=False, a_sorted=False, out_sorted=False,
-                             mul_routed_weight=True))
-    for v, result in zip(variants, ptxas_reports(variants), strict=True):
+        for cfg, activation in (({**short_block_config(tiles, rows // 2), "SORTED_ROWS": True},
+                                 True),
+                                (short_block_config(tiles, rows, stream_k=True), False)):
+            for extra in ({"SHORT_BLOCK_T": short}, {}):
+                variants.append(dict(config={**cfg, **extra}, activation=activation,
+                                     a_sorted=activation, out_sorted=activation,
+                                     mul_routed_weight=not activation))
+    results = ptxas_reports(variants)
+    for v, result, plain in zip(variants[::2], results[::2], results[1::2], strict=True):
         cfg = v["config"]
         loops = 2 + bool(cfg.get("STREAM_K"))
         assert "Used" in result["ptxas"], result["ptxas"]
@@ -947,6 +957,15 @@ def test_short_blocks_compile_with_async_wgmmas():
             2 * cfg.get("SUB_STEPS", 1) * loops, 0), (v, result)
         assert result["unguarded"] == [], (v, result["unguarded"])
         assert "wgmma.mma_async instructions are serialized" not in result["ptxas"], v
+        spilled = [int(re.search(r"(\d+) bytes spill stores", r["ptxas"]).group(1))
+                   for r in (result, plain)]
+        # (up to 8 bytes more: a value kept across the loops, as the 64-slot GEMM1 on
+        # sixteen warps has (4 bytes); the full loop's wgmmas in flight on the short loop had
+        # cost 32-40 bytes on the 128-slot tiles. The SCALE_ACC loops on sixteen warps, 96
+        # registers, spill more with a third loop: the 32-slot GEMM2 with STREAM_K, 40 -> 60
+        # bytes; shipped so, measured faster)
+        if not (cfg.get("SCALE_ACC") and cfg.get("STREAM_K")):
+            assert spilled[0] <= spilled[1] + 8, (v, spilled)
 
 
 def routing_with_counts(counts, top_k, e, seed):

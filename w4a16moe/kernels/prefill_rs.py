@@ -506,7 +506,14 @@ if HAVE_GLUON:
         weight rows (``n0 ...`` of ``expert``), the ring's fills counted from ``ring``, every
         stage it used released. With ``SCALE_ACC``: :func:`_rs_unit_acc_scaled`. ``X_ROWS`` >
         0 (= ``BLOCK_T``): the staged activation tiles have more rows, and the wgmmas read
-        only their first ``X_ROWS`` (a short block, see :func:`_rs_consumer`)."""
+        only their first ``X_ROWS`` (a short block, see :func:`_rs_consumer`); that loop
+        retires each step's wgmma before the next step's dequantization (``wait(0)``), as
+        the scaled loop does. Its wgmmas are narrow, so little is lost, and the kernel keeps
+        the registers its full-width loop needs: with both loops keeping a wgmma in flight
+        ptxas ran out of registers for the pair on some tiles and then serialized every
+        wgmma of the kernel (C7512: the 32-slot GEMM1 of 128-column K steps on eight warps,
+        the 64-slot GEMM2 of 256 rows on sixteen) or spilled (32-40 bytes on the 128-slot
+        tiles; benchmarks/notes_prefill.md, session 50)."""
         if SCALE_ACC:
             return _rs_unit_acc_scaled(
                 x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
@@ -515,6 +522,8 @@ if HAVE_GLUON:
                 IS_FP16, A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, a_layout,
                 mma_layout, SCALE_ACC, X_ROWS)
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
+        # wgmmas a step leaves in flight: one on the full-width loop, none on the short one
+        IN_FLIGHT: gl.constexpr = 0 if X_ROWS > 0 else 1
         w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
         s_base, s32_base, z_base, s_offs, s32_offs, z_offs = _rs_scale_ptrs(
             s_ptr, z_ptr, expert, w_rows, w_rows, stride_se, stride_sn, stride_ze, stride_zn)
@@ -551,7 +560,7 @@ if HAVE_GLUON:
                                   row_layout, a_layout)
             acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
                                                PAIRED, 0, ROWS=X_ROWS), acc, is_async=True)
-            acc, a1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a1))
+            acc, a1 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a1))
             if i > 0:
                 # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
                 async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
@@ -562,7 +571,7 @@ if HAVE_GLUON:
                                   pairs_layout, row_layout, a_layout)
             acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
                                                PAIRED, 1, ROWS=X_ROWS), acc, is_async=True)
-            acc, a0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a0))
+            acc, a0 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a0))
             if not PAIRED:
                 # step i's stage (with PAIRED step i + 1's wgmma still reads it)
                 async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),

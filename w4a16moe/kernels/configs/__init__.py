@@ -96,8 +96,9 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: dequantization and SHORT_BLOCK_T / BLOCK_SIZE_M of the multiply-adds of a full block (on
 #: the H200, Mixtral's 64-slot tiles ran a third slower than 32-slot ones on the same eight
 #: blocks: benchmarks/notes_prefill.md, session 49; tried at large M in session 24, not taken
-#: then); a STREAM_K launch that cuts runs its pieces on all columns; the Triton kernel ignores
-#: it
+#: then); the short blocks' K loop retires each step's wgmma before the next (so the full
+#: loop keeps its registers: session 50); a STREAM_K launch that cuts runs its pieces on all
+#: columns; the Triton kernel ignores it
 #: MMA: the ``mma.sync`` kernel of :mod:`~w4a16moe.kernels.prefill_mma` (weights streamed into
 #: registers in a K order where each lane owns whole words; blocks of 8-32 slots, K steps of
 #: BLOCK_SIZE_K = 128, 256 or 512 columns; GROUP_SIZE_M and num_stages are not used); where it

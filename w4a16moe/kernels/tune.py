@@ -558,9 +558,10 @@ LAYER_ROUTINGS = 2
 #: the layer check also times each finalist pair with ``SHORT_BLOCK_T`` (half the block) on its
 #: ``RS`` configs of at least this many slots a block (:func:`short_block_pair`): whether the
 #: short blocks pay depends on the routing and the tile, so the layer over several routings
-#: decides. On the H200 (session 49) they made Mixtral's layer 3-20 % faster at M=48-300 and
-#: deepseek-v2-lite's and olmoe-1b-7b's 64- and 128-slot ones 2-4 % slower (benchmarks/
-#: notes_prefill.md)
+#: decides. On the H200 they made Mixtral's layer 3-20 % faster at M=48-300 (session 49) and,
+#: once the short loop stopped making ptxas serialize some kernels' wgmmas (session 50), the
+#: other models' layers 1-9 % faster at 128-2048 tokens; where few blocks are short (uniform
+#: routings at some M) up to 4 % slower (benchmarks/notes_prefill.md)
 SHORT_BLOCK_MIN_M = 32
 
 #: ``measure(model, m, seed, (gemm1 config, gemm2 config)) -> us``: the prefill layer's time

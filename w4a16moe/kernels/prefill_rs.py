@@ -791,30 +791,21 @@ if HAVE_GLUON:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
                                               out_layout), mask=c_mask)
                 else:
-                    # (SHORT_T is a compile-time branch: without it one K loop, as before)
-                    if SHORT_T > 0:
-                        if gl.load(sorted_ids_ptr + row0 + SHORT_T) >= num_valid_slots:
-                            out_layout_s: gl.constexpr = _rs_out_layout(num_warps, SHORT_T)
-                            c_ptrs_s, c_mask_s = _rs_out_tile(
-                                c_base, sorted_ids_ptr, row0, n0, stride_cm, num_valid_slots,
-                                OUT_FRAG, C_SORTED, SHORT_T, BLOCK_N_OUT, out_layout_s)
-                            _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs_s,
-                                     c_mask_s, s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr,
-                                     expert, row0, n0, up_offset, kstep0, num_steps, ring, bias,
-                                     stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                     stride_zg, num_valid_slots, GROUP_SIZE, HAS_ZEROS,
-                                     SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16,
-                                     A_SORTED, SHORT_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
-                                     PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, SHORT_T)
-                        else:
-                            _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs, c_mask,
-                                     s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr, expert,
-                                     row0, n0, up_offset, kstep0, num_steps, ring, bias,
-                                     stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
-                                     stride_zg, num_valid_slots, GROUP_SIZE, HAS_ZEROS,
-                                     SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16,
-                                     A_SORTED, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
-                                     PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, 0)
+                    # a constexpr SHORT_T of 0 drops the short branch at compile time: one
+                    # K loop, as without the key
+                    if SHORT_T > 0 and gl.load(sorted_ids_ptr + row0 + SHORT_T) >= num_valid_slots:
+                        out_layout_s: gl.constexpr = _rs_out_layout(num_warps, SHORT_T)
+                        c_ptrs_s, c_mask_s = _rs_out_tile(
+                            c_base, sorted_ids_ptr, row0, n0, stride_cm, num_valid_slots,
+                            OUT_FRAG, C_SORTED, SHORT_T, BLOCK_N_OUT, out_layout_s)
+                        _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs_s, c_mask_s,
+                                 s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr, expert, row0,
+                                 n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
+                                 stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
+                                 num_valid_slots, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
+                                 ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16, A_SORTED, SHORT_T,
+                                 BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED,
+                                 num_warps, SCALE_ACC, SHORT_T)
                     else:
                         _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs, c_mask,
                                  s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr, expert, row0,

@@ -24,7 +24,7 @@ import torch
 from aot import kernel_signature, run_in_child
 
 from w4a16moe.kernels import prefill_rs
-from w4a16moe.kernels.configs import scale_acc_wgmmas, short_block_rows
+from w4a16moe.kernels.configs import quarter_block_rows, scale_acc_wgmmas, short_block_rows
 
 
 def _signature(fn, constexprs: dict, tensor_descs: dict, c_type: str = "*bf16"
@@ -86,7 +86,7 @@ def ptxas_report(config: dict, *, activation: bool, a_sorted: bool = False,
         LOADER_REGS=prefill_rs.LOADER_REGS, STRIPPED_WAITS=True, num_warps=config["num_warps"],
         STREAM_K=bool(config.get("STREAM_K", False)),
         SCALE_ACC=scale_acc_wgmmas(config),
-        SHORT_T=short_block_rows(config))
+        SHORT_T=short_block_rows(config), QUARTER_T=quarter_block_rows(config))
     # the launcher's layouts: the words' box [1, rows/8, 1 or 2, 8, words] and the tile
     stage_k = prefill_rs.stage_columns(config)
     w_layout = prefill_rs.weight_smem_layout(stage_k)

@@ -63,7 +63,11 @@ the layer measured about 1 % slower with the flag there all the same, notes sess
 With ``SHORT_T``
 (config ``SHORT_BLOCK_T``) a block whose real slots all lie in its first ``SHORT_T`` positions
 runs ``SHORT_T``-column wgmmas on them, from the same staged tiles (``_rs_consumer``): half the
-multiply-adds of a half-empty block, the same bits. With ``ACTIVATION`` the
+multiply-adds of a half-empty block, the same bits. With ``QUARTER_T`` (config
+``QUARTER_BLOCKS``, ``SHORT_T`` half the block) a block that fits its first quarter runs
+quarter-width wgmmas, and one that fits three quarters a half- and a quarter-width wgmma a step
+from the same operand registers (``_rs_part_unit``): one dequantization, the multiply-adds of
+its slots rounded up to a quarter of the tile. With ``ACTIVATION`` the
 weight tile holds ``BLOCK_N_OUT`` gate and as many up rows interleaved in runs of 8, so each
 accumulator thread holds a column's gate and up values.
 
@@ -88,7 +92,7 @@ import functools
 import torch
 
 from .common import activation, fragment_order, grouped_tile
-from .configs import scale_acc_wgmmas, short_block_rows, stream_k_conflict
+from .configs import quarter_block_rows, scale_acc_wgmmas, short_block_rows, stream_k_conflict
 from .membar import stripped_wait_barriers
 from .pdl import prefill_pdl_args
 
@@ -371,14 +375,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _rs_step_x(x_bufs, fill, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                    PAIRED: gl.constexpr, HALF: gl.constexpr, SUBS: gl.constexpr = 1,
-                   SUB: gl.constexpr = 0, ROWS: gl.constexpr = 0):
+                   SUB: gl.constexpr = 0, ROWS: gl.constexpr = 0, ROW0: gl.constexpr = 0):
         """A step's activation tile as the wgmma B operand ``[BLOCK_K, BLOCK_T]``: the stage
         of ring fill ``fill``, or with ``PAIRED`` its half ``HALF``; with ``SUBS`` > 1 only
         the step's part ``SUB`` of ``SUBS`` (``BLOCK_K / SUBS`` columns); with ``ROWS`` > 0
-        only the stage's first ``ROWS`` token rows (``[BLOCK_K, ROWS]``: a short block)."""
+        only the stage's ``ROWS`` token rows from row ``ROW0`` (``[BLOCK_K, ROWS]``: a short
+        block, or the second piece of a three-quarter block)."""
         x = x_bufs.index(fill % STAGES)
         if ROWS > 0:
-            x = x.slice(0, ROWS, dim=0)
+            x = x.slice(ROW0, ROWS, dim=0)
         if PAIRED or SUBS > 1:
             x = x.slice(_rs_step_column(BLOCK_K, PAIRED, HALF, SUBS, SUB), BLOCK_K // SUBS,
                         dim=1)
@@ -457,6 +462,26 @@ if HAVE_GLUON:
         return gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
 
     @gluon.constexpr_function
+    def _rs_mma_layout_like(mma_layout, BLOCK_T):
+        """``mma_layout``'s warps on a wgmma of ``BLOCK_T`` columns (a second piece's
+        accumulator: the same rows in the same threads, so the A operand and the row values
+        of one convert to the other's without moving); ``mma_layout`` itself for 0."""
+        if BLOCK_T == 0:
+            return mma_layout
+        return gl.NVMMADistributedLayout(version=[3, 0],
+                                         warps_per_cta=mma_layout.warps_per_cta,
+                                         instr_shape=[16, BLOCK_T, 16])
+
+    @gluon.constexpr_function
+    def _rs_pair_in_flight(mma_layout, X_ROWS):
+        """1 where a three-quarter block's loop keeps a step's two wgmmas in flight (eight
+        consumer warps, its half-width piece ``X_ROWS`` of 32 columns or more), else 0: ptxas
+        serialized every wgmma of the kernel with them in flight on sixteen warps (96
+        registers; the 64-slot GEMM2 of 256 rows) and on the 32-slot eight-warp GEMM1 of
+        128-column K steps, as it had with session 49's short loop."""
+        return 1 if mma_layout.warps_per_cta[0] <= 8 and X_ROWS >= 32 else 0
+
+    @gluon.constexpr_function
     def _rs_row_layout(pairs_layout):
         """One value a weight row, as the pairs hold them (scales, zero points)."""
         return gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, pairs_layout)))
@@ -500,34 +525,47 @@ if HAVE_GLUON:
                      PAIRED: gl.constexpr, vdtype: gl.constexpr, pairs_layout: gl.constexpr,
                      row_layout: gl.constexpr, a_layout: gl.constexpr,
                      mma_layout: gl.constexpr, SCALE_ACC: gl.constexpr = False,
-                     X_ROWS: gl.constexpr = 0):
+                     X_ROWS: gl.constexpr = 0, X_ROWS2: gl.constexpr = 0):
         """The consumer's K loop over ``num_steps`` steps of one unit (or of a piece of one)
         from K step ``kstep0``: the float32 accumulator ``[BLOCK_N, BLOCK_T]`` of the tile's
         weight rows (``n0 ...`` of ``expert``), the ring's fills counted from ``ring``, every
-        stage it used released. With ``SCALE_ACC``: :func:`_rs_unit_acc_scaled`. ``X_ROWS`` >
-        0 (= ``BLOCK_T``): the staged activation tiles have more rows, and the wgmmas read
-        only their first ``X_ROWS`` (a short block, see :func:`_rs_consumer`); that loop
-        retires each step's wgmma before the next step's dequantization (``wait(0)``), as
-        the scaled loop does. Its wgmmas are narrow, so little is lost, and the kernel keeps
-        the registers its full-width loop needs: with both loops keeping a wgmma in flight
-        ptxas ran out of registers for the pair on some tiles and then serialized every
-        wgmma of the kernel (C7512: the 32-slot GEMM1 of 128-column K steps on eight warps,
-        the 64-slot GEMM2 of 256 rows on sixteen) or spilled (32-40 bytes on the 128-slot
-        tiles; benchmarks/notes_prefill.md, session 50)."""
+        stage it used released; returned with a second accumulator ``[BLOCK_N, X_ROWS2]``
+        (the first again when ``X_ROWS2`` is 0). With ``SCALE_ACC``:
+        :func:`_rs_unit_acc_scaled`. ``X_ROWS`` > 0 (= ``BLOCK_T``): the staged activation
+        tiles have more rows, and the wgmmas read only their first ``X_ROWS`` (a short block,
+        see :func:`_rs_consumer`); ``X_ROWS2`` > 0: each step's operand also goes to a second
+        wgmma on the ``X_ROWS2`` rows after those, into the second accumulator (a block that
+        fits three quarters of its tile, as a half and a quarter: one dequantization). The
+        short loop retires each step's wgmma before the next step's dequantization
+        (``wait(0)``), as the scaled loop does. Its wgmmas are narrow, so little is lost, and
+        the kernel keeps the registers its full-width loop needs: with both loops keeping a
+        wgmma in flight ptxas ran out of registers for the pair on some tiles and then
+        serialized every wgmma of the kernel (C7512: the 32-slot GEMM1 of 128-column K steps
+        on eight warps, the 64-slot GEMM2 of 256 rows on sixteen) or spilled (32-40 bytes on
+        the 128-slot tiles; benchmarks/notes_prefill.md, session 50). The three-quarter loop
+        keeps its step's two wgmmas in flight on eight warps from 64-slot tiles, as the full
+        loop does (retiring them cost the 64-slot tiles 2-5 % on the H200, session 51), and
+        retires them elsewhere (:func:`_rs_pair_in_flight`)."""
         if SCALE_ACC:
             return _rs_unit_acc_scaled(
                 x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
                 up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn, stride_sg,
                 stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                 IS_FP16, A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype, a_layout,
-                mma_layout, SCALE_ACC, X_ROWS)
+                mma_layout, SCALE_ACC, X_ROWS, X_ROWS2)
         STEPS: gl.constexpr = 2 if PAIRED else 1  # K steps a stage holds
         # wgmmas a step leaves in flight: one on the full-width loop, none on the short one
         IN_FLIGHT: gl.constexpr = 0 if X_ROWS > 0 else 1
+        # ... and a step's pair on the three-quarter loop on eight warps (see above)
+        IN_FLIGHT2: gl.constexpr = _rs_pair_in_flight(mma_layout, X_ROWS)
         w_rows = _rs_tile_rows(n0, up_offset, BLOCK_N, ACTIVATION, row_layout)
         s_base, s32_base, z_base, s_offs, s32_offs, z_offs = _rs_scale_ptrs(
             s_ptr, z_ptr, expert, w_rows, w_rows, stride_se, stride_sn, stride_ze, stride_zn)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+        if X_ROWS2 > 0:
+            mma_layout2: gl.constexpr = _rs_mma_layout_like(mma_layout, X_ROWS2)
+            a_layout2: gl.constexpr = _rs_a_layout(mma_layout2)
+            acc2 = gl.zeros([BLOCK_N, X_ROWS2], gl.float32, layout=mma_layout2)
         a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
         # two steps per iteration, each with its own A registers: a wgmma reads
         # its register operand while it runs, so step i + 1 must not dequantize
@@ -560,7 +598,15 @@ if HAVE_GLUON:
                                   row_layout, a_layout)
             acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
                                                PAIRED, 0, ROWS=X_ROWS), acc, is_async=True)
-            acc, a1 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a1))
+            if X_ROWS2 > 0:
+                acc2 = warpgroup_mma(gl.convert_layout(a0, a_layout2, assert_trivial=True),
+                                     _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES, PAIRED, 0,
+                                                ROWS=X_ROWS2, ROW0=X_ROWS), acc2,
+                                     is_async=True)
+                acc, acc2, a1 = warpgroup_mma_wait(num_outstanding=2 * IN_FLIGHT2,
+                                                        deps=(acc, acc2, a1))
+            else:
+                acc, a1 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a1))
             if i > 0:
                 # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
                 async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
@@ -571,43 +617,71 @@ if HAVE_GLUON:
                                   pairs_layout, row_layout, a_layout)
             acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
                                                PAIRED, 1, ROWS=X_ROWS), acc, is_async=True)
-            acc, a0 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a0))
+            if X_ROWS2 > 0:
+                acc2 = warpgroup_mma(gl.convert_layout(a1, a_layout2, assert_trivial=True),
+                                     _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES, PAIRED, 1,
+                                                ROWS=X_ROWS2, ROW0=X_ROWS), acc2,
+                                     is_async=True)
+                acc, acc2, a0 = warpgroup_mma_wait(num_outstanding=2 * IN_FLIGHT2,
+                                                        deps=(acc, acc2, a0))
+            else:
+                acc, a0 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a0))
             if not PAIRED:
                 # step i's stage (with PAIRED step i + 1's wgmma still reads it)
                 async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
                                            increment_count=False)
             if PREFETCH_SCALES:
                 sc0, zr0, sc1, zr1 = nsc0, nzr0, nsc1, nzr1
-        acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
+        if X_ROWS2 > 0:
+            acc, acc2, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, acc2, a1))
+        else:
+            acc, a1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a1))
         last = ring + (num_steps - 1) // STEPS
         async_copy.mbarrier_arrive(empty_bars.index(last % STAGES),
                                    increment_count=False)
-        return acc
+        if X_ROWS2 == 0:
+            acc2 = acc
+        return acc, acc2
 
     @gluon.jit
-    def _rs_scaled_step(acc, p, fill, x_bufs, wd_bufs, x_ready_bars, sc, zr, bias,
+    def _rs_scaled_step(acc, p, acc2, p2, fill, x_bufs, wd_bufs, x_ready_bars, sc, zr, bias,
                         HALF: gl.constexpr, HAS_ZEROS: gl.constexpr, IS_FP16: gl.constexpr,
                         A_SORTED: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
                         STAGES: gl.constexpr, PAIRED: gl.constexpr, vdtype: gl.constexpr,
                         pairs_layout: gl.constexpr, row_layout: gl.constexpr,
                         a_layout: gl.constexpr, SUBS: gl.constexpr,
-                        X_ROWS: gl.constexpr = 0):
+                        X_ROWS: gl.constexpr, X_ROWS2: gl.constexpr,
+                        mma_layout2: gl.constexpr):
         """One step of :func:`_rs_unit_acc_scaled`: the K step of ring fill ``fill`` (with
         ``PAIRED`` its half ``HALF``) into a fresh partial ``p`` (``use_acc=False``),
         retired, then ``acc += sc * p`` (``sc``: the step's scales in the accumulator's row
-        layout; ``zr``: its raw zero points in the operand's); returns ``acc, p``. With
-        ``SUBS`` > 1 the step is that many wgmmas of ``BLOCK_K / SUBS`` columns into the
-        partial, one after the other, each from an operand of that width (``pairs_layout``
-        is that width's): fewer registers, one more wait."""
+        layout; ``zr``: its raw zero points in the operand's); returns ``acc, p, acc2, p2``
+        (with ``X_ROWS2`` > 0 the same for the second piece's ``acc2, p2``, in
+        ``mma_layout2``, else those two as given). With ``SUBS`` > 1 the step is that many
+        wgmmas of ``BLOCK_K / SUBS`` columns into the partial, one after the other, each
+        from an operand of that width (``pairs_layout`` is that width's): fewer registers,
+        one more wait."""
+        a_layout2: gl.constexpr = _rs_a_layout(mma_layout2)
         for sub in gl.static_range(SUBS):
             a = _rs_step_operand(fill, wd_bufs, x_ready_bars, sc, zr, bias, vdtype,
                                  HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED,
                                  HALF, pairs_layout, row_layout, a_layout, False, SUBS, sub)
             p = warpgroup_mma(a, _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF, SUBS,
                                             sub, X_ROWS), p, use_acc=sub > 0, is_async=True)
-            p, a = warpgroup_mma_wait(num_outstanding=0, deps=(p, a))
+            if X_ROWS2 > 0:
+                p2 = warpgroup_mma(gl.convert_layout(a, a_layout2, assert_trivial=True),
+                                   _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF, SUBS,
+                                              sub, X_ROWS2, X_ROWS), p2, use_acc=sub > 0,
+                                   is_async=True)
+                p, p2, a = warpgroup_mma_wait(num_outstanding=0, deps=(p, p2, a))
+            else:
+                p, a = warpgroup_mma_wait(num_outstanding=0, deps=(p, a))
         acc += p * sc.to(gl.float32)[:, None]
-        return acc, p
+        if X_ROWS2 > 0:
+            rows2: gl.constexpr = gl.SliceLayout(1, mma_layout2)
+            sc2 = gl.convert_layout(sc, rows2, assert_trivial=True)
+            acc2 += p2 * sc2.to(gl.float32)[:, None]
+        return acc, p, acc2, p2
 
     @gluon.jit
     def _rs_unit_acc_scaled(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert,
@@ -620,7 +694,8 @@ if HAVE_GLUON:
                             BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                             PAIRED: gl.constexpr, vdtype: gl.constexpr,
                             a_layout: gl.constexpr, mma_layout: gl.constexpr,
-                            SUBS: gl.constexpr, X_ROWS: gl.constexpr = 0):
+                            SUBS: gl.constexpr, X_ROWS: gl.constexpr = 0,
+                            X_ROWS2: gl.constexpr = 0):
         """:func:`_rs_unit_acc` with the scales on the accumulator (``SCALE_ACC``): each
         step's operand is the exact ``v - z`` in 16 bits (no multiply a value pair), its
         wgmma writes a fresh float32 partial sum, which is retired (``wait(0)``) and added to
@@ -650,27 +725,37 @@ if HAVE_GLUON:
             stride_sn, stride_ze, stride_zn)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
         p = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)  # a step's partial
+        # the second piece's accumulators' layout (mma_layout without one)
+        mma_layout2: gl.constexpr = _rs_mma_layout_like(mma_layout, X_ROWS2)
+        if X_ROWS2 > 0:  # the second piece's sum and partial
+            acc2 = gl.zeros([BLOCK_N, X_ROWS2], gl.float32, layout=mma_layout2)
+            p2 = gl.zeros([BLOCK_N, X_ROWS2], gl.float32, layout=mma_layout2)
+        else:  # passed through the steps unread
+            acc2 = acc
+            p2 = p
         for i in range(0, num_steps, 2):
             sc0, zr0, sc1, zr1 = _rs_pair_scales(
                 kstep0 + i, s_base, s32_base, z_base, sa_offs, s32_offs, z_offs, stride_sg,
                 stride_zg, vdtype, HAS_ZEROS, SCALE_PAIRS, GROUP_SIZE, BLOCK_K)
             fill0 = ring + i // STEPS
             fill1 = ring + (i + 1) // STEPS
-            acc, p = _rs_scaled_step(acc, p, fill0, x_bufs, wd_bufs, x_ready_bars, sc0, zr0,
-                                     bias, 0, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K,
-                                     STAGES, PAIRED, vdtype, pairs_layout, row_layout,
-                                     a_layout, SUBS, X_ROWS)
+            acc, p, acc2, p2 = _rs_scaled_step(
+                acc, p, acc2, p2, fill0, x_bufs, wd_bufs, x_ready_bars, sc0, zr0, bias, 0,
+                HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype,
+                pairs_layout, row_layout, a_layout, SUBS, X_ROWS, X_ROWS2, mma_layout2)
             if not PAIRED:
                 async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
                                            increment_count=False)
-            acc, p = _rs_scaled_step(acc, p, fill1, x_bufs, wd_bufs, x_ready_bars, sc1, zr1,
-                                     bias, 1, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K,
-                                     STAGES, PAIRED, vdtype, pairs_layout, row_layout,
-                                     a_layout, SUBS, X_ROWS)
+            acc, p, acc2, p2 = _rs_scaled_step(
+                acc, p, acc2, p2, fill1, x_bufs, wd_bufs, x_ready_bars, sc1, zr1, bias, 1,
+                HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N, BLOCK_K, STAGES, PAIRED, vdtype,
+                pairs_layout, row_layout, a_layout, SUBS, X_ROWS, X_ROWS2, mma_layout2)
             # step i + 1's stage (with PAIRED: the stage of both)
             async_copy.mbarrier_arrive(empty_bars.index(fill1 % STAGES),
                                        increment_count=False)
-        return acc
+        if X_ROWS2 == 0:
+            acc2 = acc
+        return acc, acc2
 
     @gluon.jit
     def _tile_result(acc, topk_weights_ptr, sorted_ids_ptr, row0, num_valid_slots,
@@ -720,26 +805,72 @@ if HAVE_GLUON:
                  A_SORTED: gl.constexpr, BLOCK_T: gl.constexpr, BLOCK_N_OUT: gl.constexpr,
                  BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                  PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr,
-                 SCALE_ACC: gl.constexpr, X_ROWS: gl.constexpr):
+                 SCALE_ACC: gl.constexpr, X_ROWS: gl.constexpr, X_ROWS2: gl.constexpr = 0,
+                 c_ptrs2=None, c_mask2=None):
         """One whole unit of a valid expert on ``BLOCK_T`` token columns: its K loop
         (:func:`_rs_unit_acc`) and its epilogue into ``c_ptrs`` (:func:`_rs_out_tile` at that
         width; with ``X_ROWS`` > 0 the wgmmas read the first ``X_ROWS`` = ``BLOCK_T`` rows of
-        larger staged activation tiles)."""
+        larger staged activation tiles). ``X_ROWS2`` > 0: the block's ``X_ROWS2`` slots after
+        those as a second piece from the same operands, stored into ``c_ptrs2`` (the tile's
+        pointers at that width from position ``row0 + X_ROWS``)."""
         mma_layout: gl.constexpr = _rs_mma_layout(num_warps, BLOCK_T)
         a_layout: gl.constexpr = _rs_a_layout(mma_layout)
         pairs_layout: gl.constexpr = _rs_pairs_layout(BLOCK_N, BLOCK_K, a_layout).type.layout
         row_layout: gl.constexpr = _rs_row_layout(pairs_layout)
         out_layout: gl.constexpr = _rs_out_layout(num_warps, BLOCK_T)
         vdtype: gl.constexpr = gl.float16 if IS_FP16 else gl.bfloat16
-        acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
-                           up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn,
-                           stride_sg, stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS,
-                           SCALE_PAIRS, ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N,
-                           BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype, pairs_layout,
-                           row_layout, a_layout, mma_layout, SCALE_ACC, X_ROWS)
+        acc, acc2 = _rs_unit_acc(
+            x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0, up_offset,
+            kstep0, num_steps, ring, bias, stride_se, stride_sn, stride_sg, stride_ze,
+            stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, IS_FP16,
+            A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED, vdtype,
+            pairs_layout, row_layout, a_layout, mma_layout, SCALE_ACC, X_ROWS, X_ROWS2)
         _rs_epilogue(acc, c_ptrs, c_mask, topk_weights_ptr, sorted_ids_ptr, row0,
                      num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, BLOCK_T, BLOCK_N,
                      BLOCK_N_OUT, mma_layout, out_layout)
+        if X_ROWS2 > 0:
+            mma_layout2: gl.constexpr = _rs_mma_layout_like(mma_layout, X_ROWS2)
+            out_layout2: gl.constexpr = _rs_out_layout(num_warps, X_ROWS2)
+            _rs_epilogue(acc2, c_ptrs2, c_mask2, topk_weights_ptr, sorted_ids_ptr,
+                         row0 + X_ROWS, num_valid_slots, MUL_ROUTED_WEIGHT, ACTIVATION, X_ROWS2,
+                         BLOCK_N, BLOCK_N_OUT, mma_layout2, out_layout2)
+
+    @gluon.jit
+    def _rs_part_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_base, s_ptr, z_ptr,
+                      topk_weights_ptr, sorted_ids_ptr, expert, row0, n0, up_offset, kstep0,
+                      num_steps, ring, bias, stride_cm, stride_se, stride_sn, stride_sg,
+                      stride_ze, stride_zn, stride_zg, num_valid_slots,
+                      GROUP_SIZE: gl.constexpr, HAS_ZEROS: gl.constexpr,
+                      SCALE_PAIRS: gl.constexpr, ACTIVATION: gl.constexpr,
+                      MUL_ROUTED_WEIGHT: gl.constexpr, OUT_FRAG: gl.constexpr,
+                      C_SORTED: gl.constexpr, IS_FP16: gl.constexpr, A_SORTED: gl.constexpr,
+                      BLOCK_N_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
+                      PAIRED: gl.constexpr, num_warps: gl.constexpr, SCALE_ACC: gl.constexpr,
+                      WIDTH: gl.constexpr, WIDTH2: gl.constexpr):
+        """:func:`_rs_unit` of a block whose real slots all lie in its first ``WIDTH +
+        WIDTH2`` positions: wgmmas of ``WIDTH`` columns on its first slots and, with
+        ``WIDTH2`` > 0, of ``WIDTH2`` on the next (the same operands), each piece stored from
+        its own output pointers (:func:`_rs_out_tile` at that width)."""
+        out_layout: gl.constexpr = _rs_out_layout(num_warps, WIDTH)
+        c_ptrs, c_mask = _rs_out_tile(c_base, sorted_ids_ptr, row0, n0, stride_cm,
+                                      num_valid_slots, OUT_FRAG, C_SORTED, WIDTH, BLOCK_N_OUT,
+                                      out_layout)
+        if WIDTH2 > 0:
+            out_layout2: gl.constexpr = _rs_out_layout(num_warps, WIDTH2)
+            c_ptrs2, c_mask2 = _rs_out_tile(c_base, sorted_ids_ptr, row0 + WIDTH, n0,
+                                            stride_cm, num_valid_slots, OUT_FRAG, C_SORTED,
+                                            WIDTH2, BLOCK_N_OUT, out_layout2)
+        else:
+            c_ptrs2 = c_ptrs
+            c_mask2 = c_mask
+        _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs, c_mask, s_ptr, z_ptr,
+                 topk_weights_ptr, sorted_ids_ptr, expert, row0, n0, up_offset, kstep0,
+                 num_steps, ring, bias, stride_se, stride_sn, stride_sg, stride_ze, stride_zn,
+                 stride_zg, num_valid_slots, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
+                 MUL_ROUTED_WEIGHT, IS_FP16, A_SORTED, WIDTH, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
+                 STAGES, PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, WIDTH, WIDTH2, c_ptrs2,
+                 c_mask2)
 
     @gluon.jit
     def _rs_consumer(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
@@ -754,7 +885,8 @@ if HAVE_GLUON:
                      BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, GROUP_SIZE_M: gl.constexpr,
                      STAGES: gl.constexpr, PREFETCH_SCALES: gl.constexpr,
                      SPLIT_K: gl.constexpr, PAIRED: gl.constexpr, num_warps: gl.constexpr,
-                     SCALE_ACC: gl.constexpr, SHORT_T: gl.constexpr = 0):
+                     SCALE_ACC: gl.constexpr, SHORT_T: gl.constexpr = 0,
+                     QUARTER_T: gl.constexpr = 0):
         """Default partition: dequantize each step's words straight into the wgmma A-operand
         registers, wgmma against the staged activation tile, epilogue (with ``C_SORTED`` into
         row ``row0 + t``, the sorted position, instead of row ``slot``; with ``SPLIT_K`` > 1
@@ -764,7 +896,11 @@ if HAVE_GLUON:
         all lie in its first ``SHORT_T`` positions (the alignment puts a block's padding
         last, so its position ``SHORT_T`` tells) runs ``SHORT_T``-column wgmmas on those
         columns only, from the same ring stages: it costs its dequantization and ``SHORT_T /
-        BLOCK_T`` of the multiply-adds (a second K loop in the code, chosen per unit)."""
+        BLOCK_T`` of the multiply-adds (a second K loop in the code, chosen per unit).
+        ``QUARTER_T`` > 0 (= ``BLOCK_T / 4``, with ``SHORT_T`` half the block): a block that
+        fits its first quarter runs ``QUARTER_T``-column wgmmas, and one that fits three
+        quarters (but not half) a ``SHORT_T``- and a ``QUARTER_T``-column wgmma a step from
+        the same operand (:func:`_rs_part_unit`): two more K loops in the code."""
         out_layout: gl.constexpr = _rs_out_layout(num_warps, BLOCK_T)
         bias = 1024 if IS_FP16 else 128  # the magic exponent's value in vdtype
 
@@ -791,21 +927,38 @@ if HAVE_GLUON:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
                                               out_layout), mask=c_mask)
                 else:
-                    # a constexpr SHORT_T of 0 drops the short branch at compile time: one
-                    # K loop, as without the key
-                    if SHORT_T > 0 and gl.load(sorted_ids_ptr + row0 + SHORT_T) >= num_valid_slots:
-                        out_layout_s: gl.constexpr = _rs_out_layout(num_warps, SHORT_T)
-                        c_ptrs_s, c_mask_s = _rs_out_tile(
-                            c_base, sorted_ids_ptr, row0, n0, stride_cm, num_valid_slots,
-                            OUT_FRAG, C_SORTED, SHORT_T, BLOCK_N_OUT, out_layout_s)
-                        _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs_s, c_mask_s,
-                                 s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr, expert, row0,
-                                 n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
-                                 stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
-                                 num_valid_slots, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
-                                 ACTIVATION, MUL_ROUTED_WEIGHT, IS_FP16, A_SORTED, SHORT_T,
-                                 BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES, PREFETCH_SCALES, PAIRED,
-                                 num_warps, SCALE_ACC, SHORT_T)
+                    # constexpr SHORT_T / QUARTER_T of 0 drop their branches at compile
+                    # time: one K loop, as without the keys
+                    block_ids = sorted_ids_ptr + row0  # the block's slots, padding last
+                    if QUARTER_T > 0 and gl.load(block_ids + QUARTER_T) >= num_valid_slots:
+                        _rs_part_unit(
+                            x_bufs, wd_bufs, empty_bars, x_ready_bars, c_base, s_ptr, z_ptr,
+                            topk_weights_ptr, sorted_ids_ptr, expert, row0, n0, up_offset,
+                            kstep0, num_steps, ring, bias, stride_cm, stride_se, stride_sn,
+                            stride_sg, stride_ze, stride_zn, stride_zg, num_valid_slots,
+                            GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
+                            OUT_FRAG, C_SORTED, IS_FP16, A_SORTED, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
+                            STAGES, PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, QUARTER_T, 0)
+                    elif SHORT_T > 0 and gl.load(block_ids + SHORT_T) >= num_valid_slots:
+                        _rs_part_unit(
+                            x_bufs, wd_bufs, empty_bars, x_ready_bars, c_base, s_ptr, z_ptr,
+                            topk_weights_ptr, sorted_ids_ptr, expert, row0, n0, up_offset,
+                            kstep0, num_steps, ring, bias, stride_cm, stride_se, stride_sn,
+                            stride_sg, stride_ze, stride_zn, stride_zg, num_valid_slots,
+                            GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
+                            OUT_FRAG, C_SORTED, IS_FP16, A_SORTED, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
+                            STAGES, PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, SHORT_T, 0)
+                    elif QUARTER_T > 0 and (gl.load(block_ids + SHORT_T + QUARTER_T)
+                                            >= num_valid_slots):
+                        _rs_part_unit(
+                            x_bufs, wd_bufs, empty_bars, x_ready_bars, c_base, s_ptr, z_ptr,
+                            topk_weights_ptr, sorted_ids_ptr, expert, row0, n0, up_offset,
+                            kstep0, num_steps, ring, bias, stride_cm, stride_se, stride_sn,
+                            stride_sg, stride_ze, stride_zn, stride_zg, num_valid_slots,
+                            GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT,
+                            OUT_FRAG, C_SORTED, IS_FP16, A_SORTED, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
+                            STAGES, PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, SHORT_T,
+                            QUARTER_T)
                     else:
                         _rs_unit(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptrs, c_mask,
                                  s_ptr, z_ptr, topk_weights_ptr, sorted_ids_ptr, expert, row0,
@@ -958,11 +1111,11 @@ if HAVE_GLUON:
                         BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
                         PREFETCH_SCALES: gl.constexpr, PAIRED: gl.constexpr,
                         num_warps: gl.constexpr, SCALE_ACC: gl.constexpr,
-                        SHORT_T: gl.constexpr = 0):
+                        SHORT_T: gl.constexpr = 0, QUARTER_T: gl.constexpr = 0):
         """The consumer of a ``STREAM_K`` launch: :func:`_rs_consumer_sk_pieces` when the
         launch cuts units (:func:`_sk_cuts`, as the loader decides), else
         :func:`_rs_consumer` (whole units, as without the flag, with its short blocks:
-        ``SHORT_T``; the pieces run every block on all its columns)."""
+        ``SHORT_T``, ``QUARTER_T``; the pieces run every block on all its columns)."""
         if _sk_cuts(num_post_padded_ptr, N, K, BLOCK_T, BLOCK_N_OUT, BLOCK_K):
             _rs_consumer_sk_pieces(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr,
                                    z_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr,
@@ -980,7 +1133,8 @@ if HAVE_GLUON:
                          stride_sn, stride_sg, stride_ze, stride_zn, stride_zg, GROUP_SIZE,
                          HAS_ZEROS, SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG,
                          A_SORTED, C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
-                         1, STAGES, PREFETCH_SCALES, 1, PAIRED, num_warps, SCALE_ACC, SHORT_T)
+                         1, STAGES, PREFETCH_SCALES, 1, PAIRED, num_warps, SCALE_ACC, SHORT_T,
+                         QUARTER_T)
 
     @gluon.jit
     def _rs_consumer_sk_pieces(x_bufs, wd_bufs, empty_bars, x_ready_bars, c_ptr, s_ptr, z_ptr,
@@ -1044,13 +1198,13 @@ if HAVE_GLUON:
                     gl.store(c_ptrs, gl.zeros([BLOCK_N_OUT, BLOCK_T], c_ptr.dtype.element_ty,
                                               out_layout), mask=c_mask)
             else:
-                acc = _rs_unit_acc(x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert,
-                                   n0, up_offset, kstep0, num_steps, ring, bias, stride_se,
-                                   stride_sn, stride_sg, stride_ze, stride_zn, stride_zg,
-                                   GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION, IS_FP16,
-                                   A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES,
-                                   PREFETCH_SCALES, PAIRED, vdtype, pairs_layout, row_layout,
-                                   a_layout, mma_layout, SCALE_ACC)
+                acc, _ = _rs_unit_acc(
+                    x_bufs, wd_bufs, empty_bars, x_ready_bars, s_ptr, z_ptr, expert, n0,
+                    up_offset, kstep0, num_steps, ring, bias, stride_se, stride_sn, stride_sg,
+                    stride_ze, stride_zn, stride_zg, GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS,
+                    ACTIVATION, IS_FP16, A_SORTED, BLOCK_T, BLOCK_N, BLOCK_K, STAGES,
+                    PREFETCH_SCALES, PAIRED, vdtype, pairs_layout, row_layout, a_layout,
+                    mma_layout, SCALE_ACC)
                 ring += num_steps // STEPS
                 finish = gu1 - gu0 == g_unit
                 if gu1 - gu0 < g_unit:
@@ -1101,7 +1255,7 @@ if HAVE_GLUON:
         LOADER_REGS: gl.constexpr, STRIPPED_WAITS: gl.constexpr, num_warps: gl.constexpr,
         PDL: gl.constexpr = False, PAIRED: gl.constexpr = False,
         STREAM_K: gl.constexpr = False, SCALE_ACC: gl.constexpr = False,
-        SHORT_T: gl.constexpr = 0,
+        SHORT_T: gl.constexpr = 0, QUARTER_T: gl.constexpr = 0,
     ):
         """C[slot, n] = sum_k A[row(slot), k] * W[e, n, k] over the tiles of this persistent
         program (see the module docstring); grid ``min(tiles, SMs)``, ``num_warps`` + the loader.
@@ -1166,7 +1320,8 @@ if HAVE_GLUON:
                                    GROUP_SIZE, HAS_ZEROS, SCALE_PAIRS, ACTIVATION,
                                    MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED, C_SORTED, IS_FP16,
                                    BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K, STAGES,
-                                   PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, SHORT_T)),
+                                   PREFETCH_SCALES, PAIRED, num_warps, SCALE_ACC, SHORT_T,
+                                   QUARTER_T)),
                 (_rs_loader_sk, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                                  num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                                  x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
@@ -1184,7 +1339,7 @@ if HAVE_GLUON:
                                 SCALE_PAIRS, ACTIVATION, MUL_ROUTED_WEIGHT, OUT_FRAG, A_SORTED,
                                 C_SORTED, IS_FP16, BLOCK_T, BLOCK_N_OUT, BLOCK_N, BLOCK_K,
                                 GROUP_SIZE_M, STAGES, PREFETCH_SCALES, SPLIT_K, PAIRED,
-                                num_warps, SCALE_ACC, SHORT_T)),
+                                num_warps, SCALE_ACC, SHORT_T, QUARTER_T)),
                 (_rs_loader, (a_ptr, a_desc, qw_ptr, w_desc, sorted_ids_ptr, expert_ids_ptr,
                               num_post_padded_ptr, x_bufs, wd_bufs, wd_tma, empty_bars,
                               x_ready_bars, N, K, EM, num_valid_slots, top_k, up_offset,
@@ -1467,4 +1622,5 @@ def launch_prefill_rs(a: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
             LOADER_REGS=LOADER_REGS, STRIPPED_WAITS=strip, num_warps=config["num_warps"],
             PAIRED=bool(config.get("PAIRED_STAGES", False)), STREAM_K=stream_k,
             SCALE_ACC=scale_acc_wgmmas(config), SHORT_T=short_block_rows(config),
+            QUARTER_T=quarter_block_rows(config),
             **prefill_pdl_args(a.device))

@@ -15,8 +15,9 @@ Entries may also hold ``"SWAP_AB"`` (boolean), ``"DEQUANT"`` (0, 1 or 2), ``"FRA
 (boolean: weight tiles in fragment order, see ``common.fragment_order``), ``"RS"``
 (boolean: the register-operand Gluon kernel of ``prefill_rs`` on Hopper), ``"SORTED_ROWS"``
 ``"PREFETCH_SCALES"``, ``"PAIRED_STAGES"``, ``"STREAM_K"`` and ``"SCALE_ACC"`` (booleans for
-that kernel), ``"SUB_STEPS"`` (1 or 2, with ``SCALE_ACC``) and ``"SHORT_BLOCK_T"`` (16, 32, 64
-or 128, below ``BLOCK_SIZE_M``; see :data:`OPTIONAL_KEYS`),
+that kernel), ``"SUB_STEPS"`` (1 or 2, with ``SCALE_ACC``), ``"SHORT_BLOCK_T"`` (16, 32, 64
+or 128, below ``BLOCK_SIZE_M``) and ``"QUARTER_BLOCKS"`` (boolean, with ``SHORT_BLOCK_T`` half
+the block; see :data:`OPTIONAL_KEYS`),
 ``"SPLIT_K"`` (1, 2, 4 or 8, GEMM2 entries: K split over that many programs) and
 ``"DENSE"`` (boolean, read from GEMM1's entry: dequantize + ``torch._grouped_mm`` for the
 whole layer).
@@ -99,6 +100,11 @@ CONFIG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "
 #: then); the short blocks' K loop retires each step's wgmma before the next (so the full
 #: loop keeps its registers: session 50); a STREAM_K launch that cuts runs its pieces on all
 #: columns; the Triton kernel ignores it
+#: QUARTER_BLOCKS (with SHORT_BLOCK_T half of a BLOCK_SIZE_M of 32 or more): two more widths
+#: for such blocks, a quarter of the block and three quarters (a half-width and a
+#: quarter-width wgmma from the same operand registers, so one dequantization): the
+#: multiply-adds follow the block's real slots to a quarter of the tile instead of a half
+#: (benchmarks/notes_prefill.md, session 51); the Triton kernel ignores it
 #: MMA: the ``mma.sync`` kernel of :mod:`~w4a16moe.kernels.prefill_mma` (weights streamed into
 #: registers in a K order where each lane owns whole words; blocks of 8-32 slots, K steps of
 #: BLOCK_SIZE_K = 128, 256 or 512 columns; GROUP_SIZE_M and num_stages are not used); where it
@@ -114,7 +120,7 @@ OPTIONAL_KEYS = {"SWAP_AB": (True, False), "DEQUANT": (0, 1, 2), "FRAG_K": (True
                  "PREFETCH_SCALES": (True, False), "SPLIT_K": (1, 2, 4, 8),
                  "PAIRED_STAGES": (True, False), "STREAM_K": (True, False),
                  "SCALE_ACC": (True, False), "SUB_STEPS": (1, 2), "WORD_RING": (0, 2, 3),
-                 "SHORT_BLOCK_T": (16, 32, 64, 128)}
+                 "SHORT_BLOCK_T": (16, 32, 64, 128), "QUARTER_BLOCKS": (True, False)}
 #: SCALE_ACC: the largest BLOCK_SIZE_M (a second float32 accumulator for the step's partial
 #: sum must fit the consumer's registers next to the tile's)
 SCALE_ACC_MAX_BLOCK_M = 64
@@ -204,6 +210,11 @@ def validate_config(config: object) -> dict:
         raise ValueError(f"SHORT_BLOCK_T needs RS and a BLOCK_SIZE_M above it; found "
                          f"SHORT_BLOCK_T={out['SHORT_BLOCK_T']}, RS={out.get('RS')}, "
                          f"BLOCK_SIZE_M={out['BLOCK_SIZE_M']}")
+    if out.get("QUARTER_BLOCKS") and (out.get("SHORT_BLOCK_T", 0) * 2 != out["BLOCK_SIZE_M"]
+                                      or out["BLOCK_SIZE_M"] < 32):
+        raise ValueError(f"QUARTER_BLOCKS needs SHORT_BLOCK_T half of a BLOCK_SIZE_M of 32 or "
+                         f"more; found SHORT_BLOCK_T={out.get('SHORT_BLOCK_T')}, "
+                         f"BLOCK_SIZE_M={out['BLOCK_SIZE_M']}")
     return out
 
 
@@ -219,6 +230,16 @@ def short_block_rows(config: dict) -> int:
     GEMM1's block size)."""
     short = config.get("SHORT_BLOCK_T", 0)
     return short if short < config["BLOCK_SIZE_M"] else 0
+
+
+def quarter_block_rows(config: dict) -> int:
+    """The Gluon kernel's ``QUARTER_T`` for ``config``: a quarter of its ``BLOCK_SIZE_M`` with
+    ``QUARTER_BLOCKS`` where its ``SHORT_T`` (:func:`short_block_rows`) is half of it, else
+    0 (GEMM2's entry runs at GEMM1's block size)."""
+    bt = config["BLOCK_SIZE_M"]
+    if config.get("QUARTER_BLOCKS") and short_block_rows(config) * 2 == bt and bt >= 32:
+        return bt // 4
+    return 0
 
 
 def stream_k_conflict(config: dict) -> str | None:
@@ -447,4 +468,5 @@ __all__ = ["BORROW_SIBLING_FILES", "CONFIGS_SUFFIX", "CONFIG_DIR", "CONFIG_KEYS"
            "GPU_META_KEY", "INTERPRETER_CONFIG", "THRESHOLDS_SUFFIX", "device_config_filename",
            "get_prefill_config", "gpu_file_name", "gpu_traits", "heuristic_config",
            "lookup_config", "parse_table", "recorded_gpu", "resolve_tuned_file",
-           "short_block_rows", "sibling_file", "stream_k_conflict", "tuned_file", "validate_config"]
+           "quarter_block_rows", "short_block_rows", "sibling_file", "stream_k_conflict",
+           "tuned_file", "validate_config"]

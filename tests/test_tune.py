@@ -634,6 +634,30 @@ def test_layer_finalists_add_short_block_pairs_for_rs_tiles_of_32_slots_or_more(
     assert "SHORT_BLOCK_T=32" in tune.config_label(half(g1))
 
 
+def test_layer_finalists_add_quarter_block_pairs_for_rs_tiles_of_128_slots_or_more():
+    """From 128 slots a block each short pair is followed by the same pair with
+    QUARTER_BLOCKS on its RS configs whose SHORT_BLOCK_T is half the block; smaller blocks
+    get none (slower there on the H200), nor does a pair that has it already."""
+    g1, g2 = _rs(128, 64), _rs(128, 128)
+    pairs = tune.layer_finalists({128: ([(10.0, g1)], [(5.0, g2)])}, current=None)
+    half = lambda c: {**c, "SHORT_BLOCK_T": 64}  # noqa: E731
+    quarter = lambda c: {**half(c), "QUARTER_BLOCKS": True}  # noqa: E731
+    assert pairs == [(g1, g2), (half(g1), half(g2)), (quarter(g1), quarter(g2))]
+    assert tune.quarter_block_pair((half(g1), half(g2))) == (quarter(g1), quarter(g2))
+    # 64-slot blocks: the short pair only
+    assert tune.quarter_block_pair(({**_rs(64, 64), "SHORT_BLOCK_T": 32},
+                                    {**_rs(64, 128), "SHORT_BLOCK_T": 32})) is None
+    assert len(tune.layer_finalists({64: ([(10.0, _rs(64, 64))], [(5.0, _rs(64, 128))])},
+                                    current=None)) == 2
+    # only where SHORT_BLOCK_T is half the block, and not twice
+    assert tune.quarter_block_pair((g1, g2)) is None
+    assert tune.quarter_block_pair((quarter(g1), quarter(g2))) is None
+    assert tune.layer_finalists({128: ([(10.0, g1)], [(5.0, g2)])},
+                                current=(quarter(g1), quarter(g2)))[-1] == (quarter(g1),
+                                                                             quarter(g2))
+    assert tune.config_label(quarter(g1)).endswith("SHORT_BLOCK_T=64 QUARTER_BLOCKS")
+
+
 def test_pick_layer_pair_keeps_the_fastest_layer_not_the_fastest_gemms():
     """The pair whose layer is fastest wins even where its GEMMs alone were slower (the H200's
     qwen3-30b case of session 36); each time is the mean over the routings; a pair whose layer

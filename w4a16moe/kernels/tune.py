@@ -287,7 +287,8 @@ def split_k_candidates(valid_blocks: int, n: int, block_n: int, num_sms: int, *,
 def config_label(config: dict) -> str:
     """A config in one short line: ``BMxBNxBK w<warps> s<stages>``, then its kernel flags
     (``RS``, ``paired``, ``scale-acc``, ``FRAG_K``, ``SWAP_AB``), ``SUB_STEPS`` when above 1,
-    ``WORD_RING`` and ``SHORT_BLOCK_T`` when set and ``GROUP_SIZE_M`` when not 1."""
+    ``WORD_RING``, ``SHORT_BLOCK_T`` and ``QUARTER_BLOCKS`` when set and ``GROUP_SIZE_M`` when
+    not 1."""
     label = (f"{config['BLOCK_SIZE_M']}x{config['BLOCK_SIZE_N']}x{config['BLOCK_SIZE_K']} "
              f"w{config['num_warps']} s{config['num_stages']}")
     flags = [name for key, name in (("MMA", "MMA"), ("RS", "RS"), ("PAIRED_STAGES", "paired"),
@@ -300,6 +301,8 @@ def config_label(config: dict) -> str:
         flags.append(f"WORD_RING={config['WORD_RING']}")
     if "SHORT_BLOCK_T" in config:
         flags.append(f"SHORT_BLOCK_T={config['SHORT_BLOCK_T']}")
+    if config.get("QUARTER_BLOCKS"):
+        flags.append("QUARTER_BLOCKS")
     if config.get("GROUP_SIZE_M", 1) != 1:
         flags.append(f"GROUP_SIZE_M={config['GROUP_SIZE_M']}")
     return " ".join([label, *flags])
@@ -563,6 +566,13 @@ LAYER_ROUTINGS = 2
 #: other models' layers 1-9 % faster at 128-2048 tokens; where few blocks are short (uniform
 #: routings at some M) up to 4 % slower (benchmarks/notes_prefill.md)
 SHORT_BLOCK_MIN_M = 32
+#: ... and each short pair of ``RS`` configs of at least this many slots a block again with
+#: ``QUARTER_BLOCKS`` (:func:`quarter_block_pair`: blocks that fit a quarter or three quarters of
+#: the tile on wgmmas of that width). On the H200 it made Mixtral's layer 2-17 % faster at
+#: M=256-600 (its 128- and 256-slot tiles) and olmoe's and qwen3-235b's 1-3 % at 560-1280 tokens;
+#: on 32- and 64-slot tiles it was up to 5 % slower, not MMA-bound enough for what the two more K
+#: loops cost (benchmarks/notes_prefill.md, session 51)
+QUARTER_BLOCK_MIN_M = 128
 
 #: ``measure(model, m, seed, (gemm1 config, gemm2 config)) -> us``: the prefill layer's time
 LayerMeasure = Callable[[str, int, int, tuple[dict, dict]], float]
@@ -578,14 +588,26 @@ def short_block_pair(pair: tuple[dict, dict]) -> tuple[dict, dict] | None:
     return None if out == tuple(pair) else out
 
 
+def quarter_block_pair(pair: tuple[dict, dict]) -> tuple[dict, dict] | None:
+    """``pair`` with ``QUARTER_BLOCKS`` on each of its ``RS`` configs of
+    :data:`QUARTER_BLOCK_MIN_M` slots a block or more whose ``SHORT_BLOCK_T`` is half the
+    block and that lacks it, or None where none takes it."""
+    out = tuple({**c, "QUARTER_BLOCKS": True}
+                if c.get("RS") and c["BLOCK_SIZE_M"] >= QUARTER_BLOCK_MIN_M
+                and c.get("SHORT_BLOCK_T", 0) * 2 == c["BLOCK_SIZE_M"]
+                and not c.get("QUARTER_BLOCKS") else c for c in pair)
+    return None if out == tuple(pair) else out
+
+
 def layer_finalists(ranked: dict[int, tuple[list, list]], current: tuple[dict, dict] | None,
                     counts: tuple[int, int] = LAYER_FINALISTS) -> list[tuple[dict, dict]]:
     """The config pairs to time as the whole layer: for each block size ``bm`` of ``ranked``
     (``{bm: (GEMM1 [(us, config), ...], GEMM2 [...])}``, timed alone) every pair of its
     ``counts[0]`` fastest GEMM1 and ``counts[1]`` fastest GEMM2 configs (finite times
     only), the pair of the fastest GEMMs first, each followed by its
-    :func:`short_block_pair` where it has one; then ``current`` (the entries the layer runs
-    now) unless it is one of them. No pair twice."""
+    :func:`short_block_pair` where it has one and that pair's :func:`quarter_block_pair`
+    where that has one; then ``current`` (the entries the layer runs now) unless it is one of
+    them. No pair twice."""
     candidates: list[tuple[dict, dict]] = []
     for bm in sorted(ranked, key=lambda b: _fastest(ranked[b][0]) + _fastest(ranked[b][1])):
         g1 = [c for t, c in sorted(ranked[bm][0], key=lambda r: r[0]) if math.isfinite(t)]
@@ -594,6 +616,8 @@ def layer_finalists(ranked: dict[int, tuple[list, list]], current: tuple[dict, d
             candidates.append(pair)
             if (short := short_block_pair(pair)) is not None:
                 candidates.append(short)
+                if (quarter := quarter_block_pair(short)) is not None:
+                    candidates.append(quarter)
     if current is not None:
         candidates.append(tuple(current))
     pairs, seen = [], []
@@ -1365,7 +1389,9 @@ def register(sub) -> None:
                         "layer (the PDL chain, GEMM2 waiting for GEMM1's blocks), each RS pair "
                         f"of {SHORT_BLOCK_MIN_M} slots a block or more also with "
                         "SHORT_BLOCK_T (blocks whose slots fit half a block run half-width "
-                        "wgmmas), and the fastest pair is written")
+                        "wgmmas) and, from "
+                        f"{QUARTER_BLOCK_MIN_M} slots a block, with QUARTER_BLOCKS as well "
+                        "(quarter and three-quarter widths), and the fastest pair is written")
     p.add_argument("--thresholds", action="store_true",
                    help="instead of tuning configs, measure the decode/prefill switch point "
                         "of each model, and where the mixed path (GEMM1 on the mma kernel, "

@@ -562,10 +562,13 @@ if HAVE_GLUON:
         s_base, s32_base, z_base, s_offs, s32_offs, z_offs = _rs_scale_ptrs(
             s_ptr, z_ptr, expert, w_rows, w_rows, stride_se, stride_sn, stride_ze, stride_zn)
         acc = gl.zeros([BLOCK_N, BLOCK_T], gl.float32, layout=mma_layout)
+        # the second piece's accumulator (passed through the steps unread without one)
+        mma_layout2: gl.constexpr = _rs_mma_layout_like(mma_layout, X_ROWS2)
+        a_layout2: gl.constexpr = _rs_a_layout(mma_layout2)
         if X_ROWS2 > 0:
-            mma_layout2: gl.constexpr = _rs_mma_layout_like(mma_layout, X_ROWS2)
-            a_layout2: gl.constexpr = _rs_a_layout(mma_layout2)
             acc2 = gl.zeros([BLOCK_N, X_ROWS2], gl.float32, layout=mma_layout2)
+        else:
+            acc2 = acc
         a1 = gl.zeros([BLOCK_N, BLOCK_K], vdtype, layout=a_layout)
         # two steps per iteration, each with its own A registers: a wgmma reads
         # its register operand while it runs, so step i + 1 must not dequantize
@@ -596,17 +599,9 @@ if HAVE_GLUON:
                                   vdtype, HAS_ZEROS, IS_FP16, A_SORTED, BLOCK_N,
                                   BLOCK_K, STAGES, PAIRED, 0, pairs_layout,
                                   row_layout, a_layout)
-            acc = warpgroup_mma(a0, _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES,
-                                               PAIRED, 0, ROWS=X_ROWS), acc, is_async=True)
-            if X_ROWS2 > 0:
-                acc2 = warpgroup_mma(gl.convert_layout(a0, a_layout2, assert_trivial=True),
-                                     _rs_step_x(x_bufs, fill0, BLOCK_K, STAGES, PAIRED, 0,
-                                                ROWS=X_ROWS2, ROW0=X_ROWS), acc2,
-                                     is_async=True)
-                acc, acc2, a1 = warpgroup_mma_wait(num_outstanding=2 * IN_FLIGHT2,
-                                                        deps=(acc, acc2, a1))
-            else:
-                acc, a1 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a1))
+            acc, acc2, a1 = _rs_step_mmas(a0, a1, acc, acc2, x_bufs, fill0, BLOCK_K,
+                                            STAGES, PAIRED, 0, X_ROWS, X_ROWS2, IN_FLIGHT,
+                                            IN_FLIGHT2, a_layout2)
             if i > 0:
                 # the stage of step i - 1 (with PAIRED: of steps i - 2, i - 1)
                 async_copy.mbarrier_arrive(empty_bars.index((fill0 - 1) % STAGES),
@@ -615,17 +610,9 @@ if HAVE_GLUON:
                                   bias, vdtype, HAS_ZEROS, IS_FP16, A_SORTED,
                                   BLOCK_N, BLOCK_K, STAGES, PAIRED, 1,
                                   pairs_layout, row_layout, a_layout)
-            acc = warpgroup_mma(a1, _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES,
-                                               PAIRED, 1, ROWS=X_ROWS), acc, is_async=True)
-            if X_ROWS2 > 0:
-                acc2 = warpgroup_mma(gl.convert_layout(a1, a_layout2, assert_trivial=True),
-                                     _rs_step_x(x_bufs, fill1, BLOCK_K, STAGES, PAIRED, 1,
-                                                ROWS=X_ROWS2, ROW0=X_ROWS), acc2,
-                                     is_async=True)
-                acc, acc2, a0 = warpgroup_mma_wait(num_outstanding=2 * IN_FLIGHT2,
-                                                        deps=(acc, acc2, a0))
-            else:
-                acc, a0 = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, a0))
+            acc, acc2, a0 = _rs_step_mmas(a1, a0, acc, acc2, x_bufs, fill1, BLOCK_K,
+                                            STAGES, PAIRED, 1, X_ROWS, X_ROWS2, IN_FLIGHT,
+                                            IN_FLIGHT2, a_layout2)
             if not PAIRED:
                 # step i's stage (with PAIRED step i + 1's wgmma still reads it)
                 async_copy.mbarrier_arrive(empty_bars.index(fill0 % STAGES),
@@ -642,6 +629,28 @@ if HAVE_GLUON:
         if X_ROWS2 == 0:
             acc2 = acc
         return acc, acc2
+
+    @gluon.jit
+    def _rs_step_mmas(a, other, acc, acc2, x_bufs, fill, BLOCK_K: gl.constexpr,
+                      STAGES: gl.constexpr, PAIRED: gl.constexpr, HALF: gl.constexpr,
+                      X_ROWS: gl.constexpr, X_ROWS2: gl.constexpr, IN_FLIGHT: gl.constexpr,
+                      IN_FLIGHT2: gl.constexpr, a_layout2: gl.constexpr):
+        """A step's wgmma of :func:`_rs_unit_acc` from operand ``a`` into ``acc`` (and with
+        ``X_ROWS2`` > 0 the second piece's into ``acc2``), then the wait that leaves this
+        step's in flight (``IN_FLIGHT``, or ``IN_FLIGHT2`` pairs) and retires the previous
+        step's, which read ``other``; returns ``acc, acc2, other`` (``acc2`` as given
+        without a second piece)."""
+        acc = warpgroup_mma(a, _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF,
+                                          ROWS=X_ROWS), acc, is_async=True)
+        if X_ROWS2 > 0:
+            acc2 = warpgroup_mma(gl.convert_layout(a, a_layout2, assert_trivial=True),
+                                 _rs_step_x(x_bufs, fill, BLOCK_K, STAGES, PAIRED, HALF,
+                                            ROWS=X_ROWS2, ROW0=X_ROWS), acc2, is_async=True)
+            acc, acc2, other = warpgroup_mma_wait(num_outstanding=2 * IN_FLIGHT2,
+                                                  deps=(acc, acc2, other))
+        else:
+            acc, other = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc, other))
+        return acc, acc2, other
 
     @gluon.jit
     def _rs_scaled_step(acc, p, acc2, p2, fill, x_bufs, wd_bufs, x_ready_bars, sc, zr, bias,

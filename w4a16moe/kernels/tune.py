@@ -568,8 +568,9 @@ LAYER_ROUTINGS = 2
 SHORT_BLOCK_MIN_M = 32
 #: ... and each short pair of ``RS`` configs of at least this many slots a block again with
 #: ``QUARTER_BLOCKS`` (:func:`quarter_block_pair`: blocks that fit a quarter or three quarters of
-#: the tile on wgmmas of that width). On the H200 it made Mixtral's layer 2-17 % faster at
-#: M=256-600 (its 128- and 256-slot tiles) and olmoe's and qwen3-235b's 1-3 % at 560-1280 tokens;
+#: the tile on wgmmas of that width). On the H200 it made Mixtral's layer up to 17 % faster at
+#: M=256-600 (its 128- and 256-slot tiles; -4.4 / -1.9 / -10.1 % on average at 256 / 400 / 600)
+#: and olmoe's and qwen3-235b's up to 3 % at 560-1280 tokens;
 #: on 32- and 64-slot tiles it was up to 5 % slower, not MMA-bound enough for what the two more K
 #: loops cost (benchmarks/notes_prefill.md, session 51)
 QUARTER_BLOCK_MIN_M = 128

@@ -960,7 +960,8 @@ def test_short_blocks_compile_with_async_wgmmas():
     those loops' wait barriers stripped as well (and those of the pieces' loop with
     STREAM_K), every scratch write behind a barrier, the wgmmas of every loop asynchronous
     and no more bytes spilled than without the keys (the short loops retire each step's
-    wgmmas, so they need no registers the full loop does not). Runs without a GPU."""
+    wgmmas, or keep fewer columns in flight than the full loop: three-quarter blocks on eight
+    warps, so they need no registers the full loop does not). Runs without a GPU."""
     if not prefill_rs.HAVE_GLUON:
         pytest.skip("triton.experimental.gluon is not available")
     from rs_aot import ptxas_reports

@@ -468,9 +468,7 @@ if HAVE_GLUON:
         of one convert to the other's without moving); ``mma_layout`` itself for 0."""
         if BLOCK_T == 0:
             return mma_layout
-        return gl.NVMMADistributedLayout(version=[3, 0],
-                                         warps_per_cta=mma_layout.warps_per_cta,
-                                         instr_shape=[16, BLOCK_T, 16])
+        return _rs_mma_layout(mma_layout.warps_per_cta[0], BLOCK_T)
 
     @gluon.constexpr_function
     def _rs_pair_in_flight(mma_layout, X_ROWS):
